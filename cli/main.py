@@ -1,0 +1,227 @@
+"""
+The `nanochat` command line: argument parsing and wiring only; the work lives in trainer/ and serving/.
+
+Notable:
+- global options (--config, --set, --storage, --ray-address, --run, --preset) go before or after the subcommand
+- exit status: 0 success, 2 bad usage or configuration (the message names the field), 1 any other failure
+- every stage prints one JSON line last on stdout, for scripts (see SPEC.md)
+- heavy imports (torch, ray) happen inside the handlers so `nanochat --help` is instant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nanochat.config import Config, ConfigError, load_config
+
+log = logging.getLogger("nanochat")
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason outside the user's arguments; exit status 1."""
+
+
+# ---------------------------------------------------------------------------
+# argument parsing
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The same options on the main parser and on every subcommand, so they may come before or after it.
+
+    On subparsers the defaults are SUPPRESS so a value given before the subcommand is not reset."""
+    default = argparse.SUPPRESS if suppress else None
+    listed = argparse.SUPPRESS if suppress else []
+    g = parser.add_argument_group("global options")
+    g.add_argument("--config", action="append", default=listed, metavar="FILE", help="YAML config file (repeatable, later wins)")
+    g.add_argument("--set", action="append", default=listed, metavar="KEY=VALUE", dest="overrides", help="override one config key, e.g. train.max_steps=50 (repeatable)")
+    g.add_argument("--preset", default=default, help="preset from configs/ (tiny-cpu, d12, d20, d26)")
+    g.add_argument("--storage", default=default, metavar="URI", help="local folder or s3://bucket/prefix (default: $NANOCHAT_STORAGE or ~/.cache/nanochat)")
+    g.add_argument("--ray-address", default=default, metavar="ADDR", help="existing Ray cluster (omit: start an embedded local Ray)")
+    g.add_argument("--run", default=default, metavar="NAME", help="run name: checkpoints go to runs/<NAME>/")
+    g.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+
+
+def _add(subparsers: Any, name: str, help: str, handler: Callable[[argparse.Namespace, Config], int]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=help)
+    _global_options(p, suppress=True)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanochat",
+        description="Train a small ChatGPT-like model from scratch and serve it.",
+        epilog="Run `nanochat COMMAND --help` for a command's options.",
+    )
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="corpus preparation").add_subparsers(dest="action", required=True)
+    _add(data, "prepare", "write the configured corpus as parquet shards into storage", _data_prepare)
+
+    tok = commands.add_parser("tok", help="tokenizer training and evaluation").add_subparsers(dest="action", required=True)
+    _add(tok, "train", "train the BPE tokenizer on the corpus", _tok_train)
+    p = _add(tok, "eval", "print the tokenizer's compression table (bytes per token)", _tok_eval)
+    p.add_argument("--vocab-sizes", default="", help="also train and compare these vocab sizes, e.g. 1024,2048")
+
+    train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
+    for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
+        p = _add(train, stage, text, _not_built(f"train {stage}"))
+        p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
+        p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
+
+    evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
+    _add(evals, "loss", "bits per byte on the validation split", _not_built("eval loss"))
+    _add(evals, "core", "the CORE metric", _not_built("eval core"))
+    p = _add(evals, "chat", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling)", _not_built("eval chat"))
+    p.add_argument("--tasks", default="", help="comma-separated task names")
+
+    p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun)
+    p.add_argument("--rl", action="store_true", help="include the RL stage")
+
+    p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _not_built("serve"))
+    p.add_argument("--model", metavar="URI", help="checkpoint to serve (default: the newest SFT checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, default=8080)
+
+    p = _add(commands, "chat", "chat in the terminal", _not_built("chat"))
+    p.add_argument("-p", "--prompt", help="one-shot prompt")
+
+    _add(commands, "report", "write report.md from what storage holds", _not_built("report"))
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# shared wiring
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides or [])
+    if args.run:
+        overrides.append(f"run={args.run}")
+    for flag, key in [("workers", "train.workers"), ("gpus_per_worker", "train.gpus_per_worker")]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(preset=args.preset, config_files=args.config or [], overrides=overrides)
+
+
+def storage_from_args(args: argparse.Namespace):
+    from services.storage import open_storage
+
+    return open_storage(args.storage)
+
+
+def emit_result(stage: str, cfg: Config, started: float, **fields: Any) -> None:
+    """The stage's last line on stdout: one JSON object for scripts."""
+    result = {"stage": stage, "run": cfg.run, "steps": 0, "tokens": 0, "seconds": round(time.time() - started, 3),
+              "tokens_per_second": 0.0, "metrics": {}}
+    result.update(fields)
+    print(json.dumps(result), flush=True)
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace, Config], int]:
+    def handler(args: argparse.Namespace, cfg: Config) -> int:
+        raise StageError(f"`nanochat {name}` is not built yet in this version")
+
+    return handler
+
+
+# ---------------------------------------------------------------------------
+# handlers
+
+
+def _data_prepare(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.data import prepare_corpus
+
+    started = time.time()
+    summary = prepare_corpus(cfg.data, storage_from_args(args))
+    emit_result("data_prepare", cfg, started, metrics=summary)
+    return 0
+
+
+def _tok_train(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.tok import train_tokenizer
+
+    started = time.time()
+    summary = train_tokenizer(cfg, storage_from_args(args))
+    emit_result("tok_train", cfg, started, metrics=summary.get("metrics", summary))
+    return 0
+
+
+def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.tok import evaluate_tokenizer
+
+    started = time.time()
+    try:
+        sizes = [int(s) for s in args.vocab_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--vocab-sizes expects comma-separated integers, got {args.vocab_sizes!r}") from None
+    table, results = evaluate_tokenizer(cfg, storage_from_args(args), sizes or None)
+    print(table)
+    emit_result("tok_eval", cfg, started, metrics=results)
+    return 0
+
+
+NOT_BUILT = ["base", "eval loss/core", "mid", "chat eval", "sft", "rl", "report"]
+
+
+def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.data import prepare_corpus
+    from trainer.tok import tokenizer_is_current, train_tokenizer
+
+    started = time.time()
+    storage = storage_from_args(args)
+    stages: dict[str, str] = {}
+    print(f"speedrun: preset {cfg.preset}, run {cfg.run}, storage {storage.uri}", flush=True)
+    prepare_corpus(cfg.data, storage)
+    stages["data"] = "done"
+    if tokenizer_is_current(cfg, storage):
+        print("speedrun: tokenizer is current, skipped", flush=True)
+        stages["tokenizer"] = "skipped (current)"
+    else:
+        train_tokenizer(cfg, storage)
+        stages["tokenizer"] = "done"
+    print(f"speedrun: not built yet in this version: {', '.join(NOT_BUILT)}", flush=True)
+    stages.update({name: "not built yet" for name in NOT_BUILT})
+    emit_result("speedrun", cfg, started, metrics={"stages": stages})
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        # the configuration is validated before any stage starts, so a typo costs nothing
+        return args.handler(args, config_from_args(args))
+    except ConfigError as e:
+        print(f"nanochat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanochat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the top level names the stage and cause, then exits 1
+        log.debug("failure", exc_info=True)
+        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        print(f"nanochat: {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

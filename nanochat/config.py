@@ -1,0 +1,202 @@
+"""
+Typed run configuration: one pydantic model per concern, loaded from layered YAML files.
+
+Notable:
+- every section forbids unknown keys, so a typo in a YAML file or in `--set` is an error, not a silent default
+- the depth dial (`model.depth`) derives width and heads, as in nanochat; the preset files only set what differs
+- `load_config` layers: preset -> `--config` files (later wins) -> `--set a.b=c` overrides (values parsed as YAML)
+- errors are raised as `ConfigError` whose message names the field path and what is allowed; the CLI exits 2
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix: the message names the field and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    depth: int = Field(4, ge=1, le=128, description="number of transformer layers; width = aspect_ratio * depth")
+    aspect_ratio: int = Field(64, ge=8, description="model width per layer of depth (nanochat's dial)")
+    head_dim: int = Field(128, ge=8, description="target attention head dimension; heads = ceil(width / head_dim)")
+    n_kv_head: int | None = Field(None, ge=1, description="key/value heads for grouped-query attention (default: all heads)")
+    window_pattern: str = Field("L", pattern=r"^[SL]+$", description="per-layer attention: L = full, S = sliding window; cycled over layers, the last layer is always L")
+    softcap: float = Field(15.0, gt=0, description="tanh soft-capping of the logits")
+    rope_base: float = Field(10000.0, gt=0)
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    activation: Literal["relu2", "gelu", "swiglu"] = "relu2"
+    qk_norm: bool = True
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=256 + 9, description="BPE vocabulary size including the special tokens")
+    max_chars: int = Field(20_000_000, ge=1, description="characters of the corpus used to train the tokenizer")
+    doc_cap: int = Field(10_000, ge=1, description="characters taken from any one document for tokenizer training")
+
+
+class DataConfig(Section):
+    source: Literal["stdlib", "fineweb-edu", "climbmix", "local"] = Field(
+        "stdlib", description="stdlib: Python's own library sources (no download); fineweb-edu/climbmix: hub parquet shards; local: a folder of parquet or text files"
+    )
+    corpus: str | None = Field(None, description="name under data/ in storage (default: the source name)")
+    local_path: str | None = Field(None, description="folder read when source = local")
+    base_url: str | None = Field(None, description="override the download URL of the hub shards (a mirror)")
+    num_shards: int = Field(-1, ge=-1, description="shards to download for hub sources (-1: all the source has)")
+    docs_per_shard: int = Field(2000, ge=1, description="documents per parquet shard written by `data prepare`")
+    row_group_size: int = Field(256, ge=1, description="documents per parquet row group (the unit a worker streams)")
+    val_shards: int = Field(1, ge=1, description="the last N shards form the validation split")
+
+    @property
+    def corpus_name(self) -> str:
+        return self.corpus or self.source
+
+
+class TrainConfig(Section):
+    seq_len: int = Field(256, ge=8, description="tokens per training row")
+    device_batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
+    total_batch_size: int = Field(4096, ge=1, description="tokens per optimizer step across all workers (gradient accumulation fills the gap)")
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: derive from target_param_data_ratio)")
+    target_param_data_ratio: float = Field(20.0, gt=0, description="tokens = ratio * parameters, when max_steps = -1")
+    workers: int = Field(2, ge=1, description="Ray Train workers (processes or GPU pods)")
+    gpus_per_worker: float = Field(0, ge=0)
+    embedding_lr: float = Field(0.3, gt=0)
+    unembedding_lr: float = Field(0.004, gt=0)
+    matrix_lr: float = Field(0.02, gt=0)
+    scalar_lr: float = Field(0.5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmdown_ratio: float = Field(0.4, ge=0, le=1)
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    eval_every: int = Field(100, ge=-1, description="validation bits per byte every N steps (-1: only at the end)")
+    eval_tokens: int = Field(65536, ge=1, description="validation tokens per evaluation")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept per stage")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may make")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        rows = self.device_batch_size * self.seq_len
+        if self.total_batch_size % rows != 0:
+            raise ValueError(
+                f"train.total_batch_size ({self.total_batch_size}) must be a multiple of "
+                f"train.device_batch_size * train.seq_len ({rows})"
+            )
+        return self
+
+
+class Config(Section):
+    preset: str = "tiny-cpu"
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: checkpoints go to runs/<run>/")
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_set(item: str) -> dict[str, Any]:
+    """`a.b=c` -> {"a": {"b": c}} with c parsed as a YAML scalar (so 4 is an int, true a bool)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.path=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc) or "config"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Config, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown config key {field!r}{did_you_mean}; allowed here: {', '.join(allowed)}"
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    return f"{field}: {error['msg']} (got {got!r})"
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(err) for err in e.errors())) from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_files: list[str | Path] = (),
+    overrides: list[str] = (),
+) -> Config:
+    """Layer preset, files and `--set` overrides into one validated Config."""
+    layers = [_read_yaml(Path(f)) for f in config_files]
+    sets = [_parse_set(s) for s in overrides]
+    # the preset may be chosen by a config file or --set as well as by the argument
+    merged: dict[str, Any] = {}
+    for layer in layers + sets:
+        merged = _merge(merged, layer)
+    name = preset or merged.get("preset") or "tiny-cpu"
+    if name not in available_presets():
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
+    data = _merge(_read_yaml(PRESETS_DIR / f"{name}.yaml"), merged)
+    data["preset"] = name
+    return validate(data)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv and installs nanochat into it; cheap when nothing changed (a stamp holds the hash of
+# pyproject.toml and the extras). Usage: scripts/setup-venv.sh [EXTRAS]   e.g. "test" or "test,bench"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-}
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+  echo "nanochat needs Python 3.10 or newer; $python is $("$python" --version 2>&1)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.nanochat-installed
+want="$(cat pyproject.toml | sha256sum | cut -c1-16) extras=[$extras]"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "Installing nanochat into .venv (extras: ${extras:-none}) ..." >&2
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned, with pip: pip picks a local CPU build where one is offered; uv would fetch a CUDA build.
+.venv/bin/pip install -q "torch==2.13.0"
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/pip install -q -e "$spec"
+echo "$want" > "$stamp"
