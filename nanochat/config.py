@@ -69,17 +69,17 @@ class TrainConfig(Section):
     device_batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
     total_batch_size: int = Field(4096, ge=1, description="tokens per optimizer step across all workers (gradient accumulation fills the gap)")
     max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: derive from target_param_data_ratio)")
-    target_param_data_ratio: float = Field(20.0, gt=0, description="tokens = ratio * parameters, when max_steps = -1")
+    target_param_data_ratio: float = Field(12.0, gt=0, description="tokens = ratio * parameters, when max_steps = -1")
     workers: int = Field(2, ge=1, description="Ray Train workers (processes or GPU pods)")
     gpus_per_worker: float = Field(0, ge=0)
     embedding_lr: float = Field(0.3, gt=0)
-    unembedding_lr: float = Field(0.004, gt=0)
+    unembedding_lr: float = Field(0.008, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
     scalar_lr: float = Field(0.5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    warmdown_ratio: float = Field(0.4, ge=0, le=1)
-    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.28, ge=0, description="Muon's cautious weight decay, decayed on a cosine to zero")
+    warmup_ratio: float = Field(0.01, ge=0, le=1)
+    warmdown_ratio: float = Field(0.65, ge=0, le=1)
+    final_lr_frac: float = Field(0.05, ge=0, le=1)
     eval_every: int = Field(100, ge=-1, description="validation bits per byte every N steps (-1: only at the end)")
     eval_tokens: int = Field(65536, ge=1, description="validation tokens per evaluation")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
@@ -98,6 +98,13 @@ class TrainConfig(Section):
         return self
 
 
+class LogConfig(Section):
+    every: int = Field(1, ge=1, description="steps between metric reports (Ray Train, TensorBoard, W&B, Prometheus)")
+    tensorboard: bool = Field(True, description="write TensorBoard event files under runs/<run>/tensorboard/")
+    wandb: Literal["disabled", "offline", "online"] = Field("disabled", description="Weights & Biases: offline needs no key; online needs WANDB_API_KEY")
+    wandb_project: str = "nanochat"
+
+
 class Config(Section):
     preset: str = "tiny-cpu"
     run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: checkpoints go to runs/<run>/")
@@ -105,6 +112,7 @@ class Config(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
 
 
 def available_presets() -> list[str]:

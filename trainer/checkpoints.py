@@ -1,0 +1,259 @@
+"""
+Checkpoints in object storage: runs/<run>/<stage>/step_XXXXXX/ folders, a `latest` pointer, a DONE marker.
+
+Notable:
+- the commit order is files, then manifest.json, then `latest`: a save that dies anywhere leaves the
+  previous checkpoint and `latest` as they were, and the half-written step has no manifest
+- under Ray Train, Ray uploads the step folder (RunConfig(storage_path=.../runs/<run>, name=<stage>),
+  checkpoint_dir_name="step_XXXXXX", see ray_run_location) and prunes it (CheckpointConfig.num_to_keep);
+  rank 0 then calls mark_latest. save() and prune() do the same without Ray
+- loading trusts nothing: latest_valid downloads the step `latest` names, verifies every file against the
+  manifest, and on damage logs a WARNING naming the step and the problem and falls back to older steps.
+  Steps newer than `latest` are uncommitted (their save never finished) and are not used
+- DONE.json says a stage finished and which step it ended on; it only counts while that step is complete
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nanochat.checkpoint import MANIFEST, CorruptCheckpoint, read_manifest, verify_checkpoint
+from services.storage import KeyNotFound, Storage
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+DONE = "DONE.json"
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """The folder name of a step; Ray Train's checkpoint_dir_name must be exactly this."""
+    return f"step_{step:06d}"
+
+
+class CheckpointManager:
+    def __init__(self, storage: Storage, run: str, stage: str):
+        self.storage = storage
+        self.run = run
+        self.stage = stage
+        self.stage_prefix = f"runs/{run}/{stage}/"
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.storage.uri}/{self.stage_prefix})"
+
+    def _step_prefix(self, step: int) -> str:
+        return f"{self.stage_prefix}{step_dir_name(step)}/"
+
+    def _where(self, step: int) -> str:
+        return f"{self.storage.uri}/{self._step_prefix(step)}"
+
+    def ray_run_location(self) -> tuple[pyarrow.fs.FileSystem, str, str]:
+        """(storage_filesystem, storage_path, name) for Ray's RunConfig, so Ray uploads into our layout."""
+        fs, base = self.storage.arrow_filesystem()
+        return fs, f"{base}/runs/{self.run}", self.stage
+
+    # -- listing
+
+    def list_steps(self) -> list[int]:
+        """Steps that have a folder (complete or not), ascending."""
+        steps = set()
+        for key in self.storage.list(self.stage_prefix + "step_"):
+            folder = key[len(self.stage_prefix) :].split("/", 1)[0]
+            if m := _STEP_DIR.match(folder):
+                steps.add(int(m.group(1)))
+        return sorted(steps)
+
+    def _remote_problem(self, step: int) -> str | None:
+        """Why the step is not complete in storage (no manifest, a listed file absent); None if it is.
+
+        A cheap check (no download): only latest_valid verifies sizes and hashes.
+        """
+        prefix = self._step_prefix(step)
+        try:
+            manifest = json.loads(self.storage.read_text(prefix + MANIFEST))
+        except KeyNotFound:
+            return f"incomplete (no {MANIFEST})"
+        except ValueError as e:
+            return f"damaged ({MANIFEST} unreadable: {e})"
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            return f"damaged ({MANIFEST} has no 'files' table)"
+        present = {key[len(prefix) :] for key in self.storage.list(prefix)}
+        missing = sorted(set(files) - present)
+        return f"damaged (missing {', '.join(missing)})" if missing else None
+
+    def latest_step(self) -> int | None:
+        """The step `latest` names, or None if it is missing or unreadable."""
+        try:
+            name = self.storage.read_text(self.stage_prefix + LATEST).strip()
+        except KeyNotFound:
+            return None
+        if m := _STEP_DIR.match(name):
+            return int(m.group(1))
+        logger.warning(
+            "%s/%s%s holds %r, not a step folder name; ignoring it",
+            self.storage.uri,
+            self.stage_prefix,
+            LATEST,
+            name,
+        )
+        return None
+
+    # -- saving
+
+    def save(self, step: int, local_dir: str | Path) -> None:
+        """Upload a checkpoint folder written by write_checkpoint: files, then manifest.json, then `latest`."""
+        local_dir = Path(local_dir)
+        problems = verify_checkpoint(local_dir)
+        if problems:  # never publish what we could not load back
+            raise CorruptCheckpoint(local_dir, problems)
+        prefix = self._step_prefix(step)
+        if self.storage.list(prefix):
+            # leftovers of a save that died, or an earlier run's step: the manifest goes first, so the
+            # folder is incomplete (never trusted) from here until the new manifest lands
+            logger.info("replacing existing %s", self._where(step))
+            self.storage.delete(prefix + MANIFEST)
+            self.storage.delete_prefix(prefix)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+        t0 = time.perf_counter()
+        for path in files:
+            self.storage.upload_file(path, prefix + path.relative_to(local_dir).as_posix())
+        self.storage.upload_file(local_dir / MANIFEST, prefix + MANIFEST)
+        self.mark_latest(step)
+        logger.info(
+            "saved %s (%d files) in %.2fs", self._where(step), len(files) + 1, time.perf_counter() - t0
+        )
+
+    def mark_latest(self, step: int) -> None:
+        """Point `latest` at step; it must already be in storage with its manifest."""
+        problem = self._remote_problem(step)
+        if problem:
+            raise ValueError(f"cannot mark {self._where(step)} latest: it is {problem}")
+        self.storage.write_text(self.stage_prefix + LATEST, step_dir_name(step) + "\n")
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete all but the `keep` newest steps (never the ones `latest` and DONE.json name); the deleted."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        steps = self.list_steps()
+        done = self._done_record()
+        protected = set(steps[-keep:]) | {self.latest_step(), done[0] if done else None}
+        doomed = [s for s in steps if s not in protected]
+        for step in doomed:
+            prefix = self._step_prefix(step)
+            self.storage.delete(prefix + MANIFEST)  # first: a step half-deleted reads as incomplete
+            self.storage.delete_prefix(prefix)
+        if doomed:
+            logger.info("pruned %d old checkpoints of %s%s", len(doomed), self.storage.uri, self.stage_prefix)
+        return doomed
+
+    # -- loading
+
+    def _candidates(self) -> list[int]:
+        steps = self.list_steps()
+        latest = self.latest_step()
+        if latest is None:
+            return steps[::-1]
+        newer = [s for s in steps if s > latest]
+        if newer:
+            logger.info("ignoring uncommitted steps newer than latest (%s): %s", step_dir_name(latest), newer)
+        if latest not in steps:
+            logger.warning("latest names %s, which is not in storage", self._where(latest))
+        return [s for s in reversed(steps) if s <= latest]
+
+    def _download(self, step: int, dest: Path) -> list[str]:
+        """Download the step's manifest and the files it lists into dest; the problems found."""
+        prefix = self._step_prefix(step)
+        try:
+            self.storage.download_file(prefix + MANIFEST, dest / MANIFEST)
+        except KeyNotFound:
+            return [f"{MANIFEST}: missing (unfinished save?)"]
+        try:
+            names = read_manifest(dest)
+        except (ValueError, OSError) as e:
+            return [f"{MANIFEST}: unreadable: {e}"]
+        missing = []
+        for name in names:
+            try:
+                self.storage.download_file(prefix + name, dest / name)
+            except KeyNotFound:
+                missing.append(f"{name}: missing")
+        return missing or verify_checkpoint(dest)
+
+    def latest_valid(self, download_to: str | Path) -> tuple[int, Path] | None:
+        """(step, local folder) of the newest intact committed checkpoint, downloaded under download_to.
+
+        download_to must be private to the calling process (one per rank): its step folders are replaced.
+        """
+        download_to = Path(download_to)
+        for step in self._candidates():
+            dest = download_to / step_dir_name(step)
+            shutil.rmtree(dest, ignore_errors=True)  # stale files from an earlier download must not mix in
+            dest.mkdir(parents=True)
+            problems = self._download(step, dest)
+            if not problems:
+                logger.info("using checkpoint %s", self._where(step))
+                return step, dest
+            logger.warning(
+                "checkpoint %s is damaged, falling back to an older one: %s",
+                self._where(step),
+                "; ".join(problems),
+            )
+            shutil.rmtree(dest, ignore_errors=True)
+        return None
+
+    # -- stage completion
+
+    def mark_done(self, summary: dict, step: int | None = None) -> None:
+        """Record that the stage finished at step (default: the one `latest` names), with its summary."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(
+                f"cannot mark {self.storage.uri}/{self.stage_prefix} done: nothing is marked latest"
+            )
+        problem = self._remote_problem(step)
+        if problem:
+            raise ValueError(f"cannot mark {self.stage} done at {self._where(step)}: {problem}")
+        record = {"checkpoint": step_dir_name(step), "summary": summary}
+        self.storage.write_text(self.stage_prefix + DONE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def _done_record(self) -> tuple[int, dict] | None:
+        """(step, summary) from DONE.json, None if it is missing or malformed."""
+        try:
+            record = json.loads(self.storage.read_text(self.stage_prefix + DONE))
+            m = _STEP_DIR.match(record["checkpoint"])
+            if not m or not isinstance(record["summary"], dict):
+                raise ValueError(f"checkpoint {record['checkpoint']!r}, summary {record['summary']!r}")
+        except KeyNotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning(
+                "%s/%s%s is malformed (%s): stage not done", self.storage.uri, self.stage_prefix, DONE, e
+            )
+            return None
+        return int(m.group(1)), record["summary"]
+
+    def done_summary(self) -> dict | None:
+        """The summary given to mark_done; None if the stage is not done or the step it names is incomplete."""
+        record = self._done_record()
+        if record is None:
+            return None
+        step, summary = record
+        problem = self._remote_problem(step)
+        if problem:
+            logger.warning("%s names %s, which is %s: stage not done", DONE, self._where(step), problem)
+            return None
+        return summary
+
+    def is_complete(self) -> bool:
+        return self.done_summary() is not None
