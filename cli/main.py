@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
     for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _not_built(f"train {stage}"))
+        p = _add(train, stage, text, _train if stage == "base" else _not_built(f"train {stage}"))
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
 
@@ -169,6 +169,15 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
     table, results = evaluate_tokenizer(cfg, storage_from_args(args), sizes or None)
     print(table)
     emit_result("tok_eval", cfg, started, metrics=results)
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.base_train import train_base
+    from trainer.runner import run_stage
+
+    summary = run_stage(args.action, train_base, cfg, storage_from_args(args), ray_address=args.ray_address)
+    print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -1,0 +1,93 @@
+"""Base pretraining as a real Ray Train job: 2 CPU workers, checkpoints in a real S3 server (moto), resume,
+and a worker crash restarted by Ray Train that continues exactly where an uninterrupted run would be."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from nanochat.checkpoint import read_checkpoint
+from nanochat.config import load_config
+from services.storage import open_storage
+from tests.conftest import create_bucket, set_s3_env
+from trainer.base_train import train_base
+from trainer.checkpoints import CheckpointManager
+from trainer.data import prepare_corpus
+from trainer.runner import run_stage
+from trainer.tok import train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+# the tiny preset, shrunk so each step takes tens of milliseconds: what is tested is the machinery
+SMALL = [
+    "model.depth=2", "model.head_dim=32", "tokenizer.vocab_size=512", "tokenizer.max_chars=400000",
+    "train.seq_len=64", "train.device_batch_size=4", "train.total_batch_size=512", "train.max_steps=12",
+    "train.checkpoint_every=4", "train.eval_every=6", "train.eval_tokens=1024", "train.workers=2",
+    "train.keep_checkpoints=5", "log.tensorboard=false", "data.docs_per_shard=80", "data.row_group_size=16",
+]
+
+
+def config(run: str, *extra: str):
+    return load_config(preset="tiny-cpu", overrides=[*SMALL, f"run={run}", *extra])
+
+
+def history(storage, run: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        step, folder = CheckpointManager(storage, run, "base").latest_valid(Path(tmp))
+        return read_checkpoint(folder, load_optimizer=False).meta["history"]
+
+
+@pytest.fixture(scope="module")
+def s3_storage(s3_server):
+    """One bucket for the module, with the AWS variables set before Ray starts (workers inherit them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        set_s3_env(mp, s3_server)
+        bucket = create_bucket(s3_server)
+        storage = open_storage(f"s3://{bucket}/nanochat")
+        cfg = config("prep")
+        prepare_corpus(cfg.data, storage, limit=240)
+        train_tokenizer(cfg, storage)
+        yield storage
+
+
+@pytest.fixture(scope="module")
+def reference(s3_storage):
+    """An uninterrupted 12-step run: its summary and per-step losses."""
+    summary = run_stage("base", train_base, config("reference"), s3_storage, show_progress=False)
+    return summary, history(s3_storage, "reference")
+
+
+def test_training_writes_checkpoints_into_the_bucket(s3_storage, reference):
+    summary, steps = reference
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 512
+    assert summary["tokens_per_second"] > 0 and summary["metrics"]["resumed_from"] == []
+    keys = s3_storage.list("runs/reference/base/")
+    for step in (4, 8, 12):
+        assert f"runs/reference/base/step_{step:06d}/manifest.json" in keys
+        assert f"runs/reference/base/step_{step:06d}/model.safetensors" in keys
+    assert s3_storage.read_text("runs/reference/base/latest").strip() == "step_000012"
+    assert [h["step"] for h in steps] == list(range(1, 13))
+    assert steps[-1]["loss"] < steps[0]["loss"], "the model should learn something in 12 steps"
+    json.dumps(summary)  # the stage's JSON line
+
+
+def test_second_run_resumes_from_the_bucket(s3_storage, reference):
+    summary = run_stage("base", train_base, config("reference", "train.max_steps=16"), s3_storage, show_progress=False)
+    assert summary["metrics"]["resumed_from"] == [12]
+    assert summary["steps"] == 16
+    assert "runs/reference/base/step_000016/manifest.json" in s3_storage.list("runs/reference/base/")
+    resumed = history(s3_storage, "reference")
+    assert resumed[:12] == reference[1], "the history before the resume is carried over, not recomputed"
+
+
+def test_crashed_worker_is_restarted_and_continues_exactly(s3_storage, reference):
+    # rank 1 calls os._exit(1) before step 10 (once); Ray Train restarts the group, which resumes
+    # from the newest valid checkpoint (step 8) and must reproduce the uninterrupted losses
+    summary = run_stage("base", train_base, config("crash"), s3_storage, fail_at_step=9, show_progress=False)
+    assert s3_storage.exists("runs/crash/base/fault_injected_at_9")
+    assert summary["metrics"]["resumed_from"] == [8]
+    crashed, uninterrupted = history(s3_storage, "crash"), reference[1]
+    assert [h["step"] for h in crashed] == list(range(1, 13))
+    for ours, theirs in zip(crashed, uninterrupted):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5), f"step {ours['step']}"
