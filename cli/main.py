@@ -78,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
 
     evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
-    _add(evals, "loss", "bits per byte on the validation split", _not_built("eval loss"))
-    _add(evals, "core", "the CORE metric", _not_built("eval core"))
+    for kind, text in [("loss", "bits per byte on the train and validation splits"), ("core", "the CORE metric (DCLM task bundle)")]:
+        p = _add(evals, kind, text, _eval)
+        p.add_argument("--stage", default="base", help="which stage's newest checkpoint to evaluate (default: base)")
+        if kind == "core":
+            p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
     p = _add(evals, "chat", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling)", _not_built("eval chat"))
     p.add_argument("--tasks", default="", help="comma-separated task names")
 
@@ -175,34 +178,41 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.base_train import train_base
     from trainer.runner import run_stage
+    from trainer.tok import load_tokenizer
 
-    summary = run_stage(args.action, train_base, cfg, storage_from_args(args), ray_address=args.ray_address)
+    storage = storage_from_args(args)
+    # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
+    # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
+    load_tokenizer(storage)
+    summary = run_stage(args.action, train_base, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 
 
-NOT_BUILT = ["base", "eval loss/core", "mid", "chat eval", "sft", "rl", "report"]
+def _eval(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.evaluate import core_bundle_dir
+    from trainer.runner import run_eval
+
+    started, storage = time.time(), storage_from_args(args)
+    tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()] or None
+    if args.action == "core":
+        core_bundle_dir(cfg, storage)  # fail here, before Ray starts, if the bundle cannot be had
+    result = run_eval(args.action, cfg, storage, stage=args.stage, tasks=tasks, ray_address=args.ray_address)
+    metrics = {k: v for k, v in result.items() if k not in ("stage", "kind")}
+    emit_result(f"eval_{args.action}", cfg, started, metrics=metrics)
+    return 0
 
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.data import prepare_corpus
-    from trainer.tok import tokenizer_is_current, train_tokenizer
+    from services.checkpoints import CheckpointManager
+    from trainer.speedrun import speedrun
 
-    started = time.time()
-    storage = storage_from_args(args)
-    stages: dict[str, str] = {}
+    started, storage = time.time(), storage_from_args(args)
     print(f"speedrun: preset {cfg.preset}, run {cfg.run}, storage {storage.uri}", flush=True)
-    prepare_corpus(cfg.data, storage)
-    stages["data"] = "done"
-    if tokenizer_is_current(cfg, storage):
-        print("speedrun: tokenizer is current, skipped", flush=True)
-        stages["tokenizer"] = "skipped (current)"
-    else:
-        train_tokenizer(cfg, storage)
-        stages["tokenizer"] = "done"
-    print(f"speedrun: not built yet in this version: {', '.join(NOT_BUILT)}", flush=True)
-    stages.update({name: "not built yet" for name in NOT_BUILT})
-    emit_result("speedrun", cfg, started, metrics={"stages": stages})
+    stages = speedrun(cfg, storage, ray_address=args.ray_address)
+    summary = CheckpointManager(storage, cfg.run, "base").done_summary() or {}
+    emit_result("speedrun", cfg, started, steps=summary.get("steps", 0), tokens=summary.get("tokens", 0),
+                tokens_per_second=summary.get("tokens_per_second", 0.0), metrics={"stages": stages})
     return 0
 
 

@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanochat.gpt import GPT, GPTConfig
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -286,3 +288,18 @@ def restore_rng_state(state: dict) -> None:
                 len(cuda),
                 torch.cuda.device_count(),
             )
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> GPT:
+    """The GPT a checkpoint describes (meta["model_config"]), with its weights, in eval mode."""
+    config = GPTConfig(**ckpt.meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers that are not saved (rotary tables); the weights are overwritten below
+    model.load_state_dict(ckpt.model_state)
+    return model.eval()

@@ -98,6 +98,12 @@ class TrainConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    core_bundle: str | None = Field(None, description="folder holding the CORE eval bundle's jsonl files (default: download it into the cache)")
+    core_max_per_task: int = Field(-1, ge=-1, description="items per CORE task (-1: all)")
+    loss_tokens: int = Field(1_048_576, ge=1, description="tokens per split for `eval loss`")
+
+
 class LogConfig(Section):
     every: int = Field(1, ge=1, description="steps between metric reports (Ray Train, TensorBoard, W&B, Prometheus)")
     tensorboard: bool = Field(True, description="write TensorBoard event files under runs/<run>/tensorboard/")
@@ -112,6 +118,7 @@ class Config(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
 
 

@@ -26,7 +26,7 @@ from nanochat.checkpoint import (
     write_checkpoint,
 )
 from services.storage import open_storage
-from trainer.checkpoints import CheckpointManager
+from services.checkpoints import CheckpointManager
 
 
 class TinyLM(nn.Module):
@@ -277,7 +277,7 @@ def test_truncated_weights_in_the_newest_step_fall_back_to_the_previous_with_a_w
     save_steps(manager, tmp_path, 1, 2)
     key = "runs/r1/base/step_000002/model.safetensors"
     manager.storage.write_bytes(key, manager.storage.read_bytes(key)[:100])
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="services.checkpoints"):
         step, folder = manager.latest_valid(tmp_path / "dl")
     assert step == 1 and read_checkpoint(folder).meta == {"step": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -314,7 +314,7 @@ def test_without_latest_a_step_missing_its_manifest_is_skipped(manager, tmp_path
     local = make_checkpoint(tmp_path / "out" / "2", step=2)
     for name in ("model.safetensors", "optimizer.pt"):  # a crash before the manifest went up
         manager.storage.upload_file(local / name, f"runs/r1/base/step_000002/{name}")
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="services.checkpoints"):
         assert manager.latest_valid(tmp_path / "dl")[0] == 1
     assert any(
         "step_000002" in r.getMessage() and "manifest.json: missing" in r.getMessage() for r in caplog.records
@@ -325,7 +325,7 @@ def test_latest_pointing_to_a_damaged_step_falls_back_past_it(manager, tmp_path,
     save_steps(manager, tmp_path, 1, 2, 3)
     manager.storage.write_text("runs/r1/base/latest", "step_000002\n")  # step 3 saved, never committed
     manager.storage.delete("runs/r1/base/step_000002/optimizer.pt")
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="services.checkpoints"):
         assert manager.latest_valid(tmp_path / "dl")[0] == 1
     assert any(
         "step_000002" in r.getMessage() and "optimizer.pt: missing" in r.getMessage() for r in caplog.records

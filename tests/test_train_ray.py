@@ -12,7 +12,7 @@ from nanochat.config import load_config
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
 from trainer.base_train import train_base
-from trainer.checkpoints import CheckpointManager
+from services.checkpoints import CheckpointManager
 from trainer.data import prepare_corpus
 from trainer.runner import run_stage
 from trainer.tok import train_tokenizer
@@ -72,13 +72,17 @@ def test_training_writes_checkpoints_into_the_bucket(s3_storage, reference):
     json.dumps(summary)  # the stage's JSON line
 
 
-def test_second_run_resumes_from_the_bucket(s3_storage, reference):
+def test_second_run_resumes_past_a_truncated_newest_checkpoint(s3_storage, reference):
+    # damage the newest checkpoint as an interrupted upload would: its manifest no longer matches
+    key = "runs/reference/base/step_000012/model.safetensors"
+    s3_storage.write_bytes(key, s3_storage.read_bytes(key)[:1000])
     summary = run_stage("base", train_base, config("reference", "train.max_steps=16"), s3_storage, show_progress=False)
-    assert summary["metrics"]["resumed_from"] == [12]
+    assert summary["metrics"]["resumed_from"] == [8], "step 12 is damaged: the previous checkpoint is used"
     assert summary["steps"] == 16
     assert "runs/reference/base/step_000016/manifest.json" in s3_storage.list("runs/reference/base/")
     resumed = history(s3_storage, "reference")
-    assert resumed[:12] == reference[1], "the history before the resume is carried over, not recomputed"
+    assert resumed[:8] == reference[1][:8], "the history before the resume is carried over, not recomputed"
+    assert [h["step"] for h in resumed] == list(range(1, 17))
 
 
 def test_crashed_worker_is_restarted_and_continues_exactly(s3_storage, reference):

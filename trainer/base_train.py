@@ -30,9 +30,9 @@ import torch.distributed as dist
 from nanochat.checkpoint import capture_rng_state, read_checkpoint, restore_rng_state, write_checkpoint
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
+from services.checkpoints import CheckpointManager
 from services.storage import Storage, open_storage
 from services.telemetry import TrainTelemetry
-from trainer.checkpoints import CheckpointManager
 from trainer.data import list_shards, split_shards
 from trainer.dataloader import DataLoader, token_bytes
 from trainer.loss_eval import evaluate_bpb

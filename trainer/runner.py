@@ -12,6 +12,7 @@ Notable:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.config import Config
+from services.checkpoints import CheckpointManager
 from services.ray_cluster import connect
 from services.settings import default_storage_uri
 from services.storage import LocalStorage, Storage
-from trainer.checkpoints import CheckpointManager
 from trainer.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,53 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+def _fit(
+    name: str,
+    train_fn: Callable[[dict[str, Any]], None],
+    job: dict[str, Any],
+    cfg: Config,
+    storage: Storage,
+    *,
+    ray_address: str | None,
+    show_progress: bool,
+) -> None:
+    """One TorchTrainer.fit(): Ray Train state and checkpoints under runs/<run>/<name>/."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    connect(ray_address)
+    fs, storage_path, ray_name = CheckpointManager(storage, cfg.run, name).ray_run_location()
+    progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
+    job = {**job, "config": cfg.model_dump(), "storage": storage.uri,
+           "progress_actor": progress_actor if show_progress else None}
+    use_gpu = t.gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=ray_name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+    log.info("%s: %d workers, storage %s/runs/%s/%s", name, t.workers, storage.uri, cfg.run, name)
+    try:
+        if show_progress:
+            with ProgressBar(progress_actor, name):
+                trainer.fit()
+        else:
+            trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise StageFailed(f"{name} failed after {t.max_failures} restarts: {e}") from e
+
+
 def run_stage(
     stage: str,
     train_fn: Callable[[dict[str, Any]], None],
@@ -56,45 +104,30 @@ def run_stage(
     fail_at_step: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run one stage to completion (or resume it) and return the summary its rank 0 recorded."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    t = cfg.train
-    connect(ray_address)
-    fs, storage_path, name = CheckpointManager(storage, cfg.run, stage).ray_run_location()
-    progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
-    job = {
-        "config": cfg.model_dump(), "storage": storage.uri, "stage": stage, "fail_at_step": fail_at_step,
-        "progress_actor": progress_actor if show_progress else None,
-        "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None,
-    }
-    use_gpu = t.gpus_per_worker > 0
-    resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=job,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
-    )
-    log.info("%s: %d workers, checkpoints in %s/runs/%s/%s", stage, t.workers, storage.uri, cfg.run, stage)
-    try:
-        if show_progress:
-            with ProgressBar(progress_actor, f"train {stage}"):
-                trainer.fit()
-        else:
-            trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise StageFailed(f"{stage} training failed after {t.max_failures} restarts: {e}") from e
+    """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
+    job = {"stage": stage, "fail_at_step": fail_at_step,
+           "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
+    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")
     return summary
+
+
+def run_eval(
+    kind: str,
+    cfg: Config,
+    storage: Storage,
+    *,
+    stage: str = "base",
+    tasks: list[str] | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """`eval loss|core` of a stage's newest checkpoint, spread over the workers; returns the saved result."""
+    from trainer.evaluate import eval_worker, result_key
+
+    key = result_key(cfg.run, stage, kind)
+    storage.delete(key)
+    job = {"kind": kind, "stage": stage, "tasks": tasks}
+    _fit(f"eval-{stage}-{kind}", eval_worker, job, cfg, storage, ray_address=ray_address, show_progress=False)
+    return json.loads(storage.read_text(key))

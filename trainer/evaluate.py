@@ -1,0 +1,94 @@
+"""
+Evaluations of a trained checkpoint, run as Ray Train jobs so they spread over the same workers as training.
+
+Notable:
+- `eval loss`: bits per byte on the train and validation splits (nanochat's base_loss), each rank
+  evaluating its own share of row groups and the sums all-reduced
+- `eval core`: the CORE metric over the DCLM task bundle, items split across ranks
+- results go to runs/<run>/evals/<stage>_<kind>.json, which the report and the speedrun read
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.checkpoint import model_from_checkpoint, read_checkpoint
+from nanochat.config import Config
+from services.checkpoints import CheckpointManager
+from services.settings import default_storage_uri
+from services.storage import Storage, open_storage
+from trainer.base_train import current_worker
+from trainer.core_eval import download_eval_bundle, evaluate_core
+from trainer.data import list_shards, split_shards
+from trainer.dataloader import DataLoader, token_bytes
+from trainer.loss_eval import evaluate_bpb
+from trainer.tok import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def result_key(run: str, stage: str, kind: str) -> str:
+    return f"runs/{run}/evals/{stage}_{kind}.json"
+
+
+def load_stage_model(storage: Storage, run: str, stage: str, device: torch.device):
+    """The newest valid checkpoint of a stage as a model in eval mode, and its step."""
+    with tempfile.TemporaryDirectory(prefix="nanochat-eval-") as tmp:
+        found = CheckpointManager(storage, run, stage).latest_valid(Path(tmp))
+        if found is None:
+            raise FileNotFoundError(f"no valid checkpoint in runs/{run}/{stage}/: run `nanochat train {stage}` first")
+        step, folder = found
+        model = model_from_checkpoint(read_checkpoint(folder, load_optimizer=False), device)
+    return model, step
+
+
+def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[str]) -> float:
+    t = cfg.train
+    steps = max(1, cfg.eval.loss_tokens // (t.device_batch_size * t.seq_len * worker.world_size))
+    loader = DataLoader(storage, shards, tokenizer, batch_size=t.device_batch_size, seq_len=t.seq_len,
+                        rank=worker.rank, world_size=worker.world_size, device=worker.device, loop=False)
+    with worker.autocast():
+        return evaluate_bpb(model, iter(loader), steps, token_bytes(tokenizer).to(worker.device))
+
+
+def core_bundle_dir(cfg: Config, storage: Storage, attempts: int = 5) -> Path:
+    """The CORE bundle: eval.core_bundle if set, else the cached copy, the zip in storage or the download."""
+    if cfg.eval.core_bundle:
+        folder = Path(cfg.eval.core_bundle).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"eval.core_bundle: no such folder {folder}")
+        return folder
+    cache = Path(default_storage_uri()).expanduser() / "eval_cache"
+    return download_eval_bundle(cache, storage, attempts=attempts)
+
+
+def eval_worker(job: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for `nanochat eval loss|core`."""
+    cfg = Config.model_validate(job["config"])
+    kind, stage = job["kind"], job["stage"]
+    worker = current_worker(job.get("threads_per_worker", 1))
+    storage = open_storage(job["storage"])
+    tokenizer = load_tokenizer(storage)
+    model, step = load_stage_model(storage, cfg.run, stage, worker.device)
+    result: dict[str, Any] = {"stage": stage, "step": step, "kind": kind}
+    with torch.no_grad():
+        if kind == "loss":
+            train, val = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
+            result["train_bpb"] = _bpb(model, cfg, storage, tokenizer, worker, train)
+            result["val_bpb"] = _bpb(model, cfg, storage, tokenizer, worker, val)
+        elif kind == "core":
+            limit = cfg.eval.core_max_per_task if cfg.eval.core_max_per_task > 0 else None
+            with worker.autocast():
+                result.update(evaluate_core(model, tokenizer, core_bundle_dir(cfg, storage), tasks=job.get("tasks"),
+                                            max_per_task=limit, device=worker.device))
+        else:
+            raise ValueError(f"unknown evaluation {kind!r}")
+    if worker.is_main:
+        import json
+
+        storage.write_text(result_key(cfg.run, stage, kind), json.dumps(result, indent=2))
