@@ -1,0 +1,124 @@
+"""
+Paged KV cache: the memory of the serving engine, and the per-forward view the model attends through.
+
+Notable:
+- one pool per layer for keys and one for values, (num_blocks, block_size, n_kv_head, head_dim),
+  allocated once (vLLM's PagedAttention layout). A sequence owns a list of block ids, its block table;
+  the token at position p lives in block table[p // block_size] at offset p % block_size. Blocks need
+  not be contiguous or ordered, and sequences with a common prefix may share blocks.
+- `PagedView` implements nanochat/kv_cache.py's KVCacheLike for one forward over a batch of rows, each
+  row being one sequence's new tokens (a prefill chunk, or one decode token) at consecutive positions.
+- rows of different lengths are right-padded to the longest. A padded token repeats its row's last real
+  position: it is never written to the pool and it attends exactly like the last real token, so no
+  query row is ever fully masked (SDPA would return NaN). Its outputs are simply never read.
+- attention gathers each row's blocks into a contiguous (B, n_blocks * block_size, ...) tensor and runs
+  SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
+  of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU; a paged
+  attention kernel would skip the gather copy.
+- the pools are written only at the slots of real new tokens (one index_copy per layer), so what a
+  sequence shares with others (prefix blocks) or what freed blocks still hold is never disturbed.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PagedKVCache:
+    """Keys and values of all layers: k[layer], v[layer] are (num_blocks, block_size, n_kv_head, head_dim)."""
+
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: both must be >= 1")
+        # one allocation; k[layer] is that layer's pool
+        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @classmethod
+    def for_model(cls, model: nn.Module, num_blocks: int, block_size: int,
+                  dtype: torch.dtype | None = None) -> "PagedKVCache":
+        """Pools shaped for `model` (a GPT), on its device, in its parameters' dtype unless told."""
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim, dtype or param.dtype,
+                   param.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> "PagedView":
+        """A view for one forward over len(starts) rows: row b holds lengths[b] new tokens at positions
+        starts[b] .. starts[b] + lengths[b] - 1 and attends to positions 0 .. starts[b] - 1 already in
+        its blocks block_tables[b], which must cover every position up to its last new token."""
+        if not (len(block_tables) == len(starts) == len(lengths)) or not starts:
+            raise ValueError("block_tables, starts and lengths need one entry per row, and at least one row")
+        for b, (table, start, length) in enumerate(zip(block_tables, starts, lengths, strict=True)):
+            if start < 0 or length < 1:
+                raise ValueError(f"row {b}: start={start}, length={length}: need start >= 0, length >= 1")
+            if len(table) * self.block_size < start + length:
+                raise ValueError(f"row {b}: {len(table)} blocks of {self.block_size} cannot hold "
+                                 f"{start + length} positions")
+            if any(not 0 <= block < self.num_blocks for block in table):
+                raise ValueError(f"row {b}: block ids must lie in [0, {self.num_blocks})")
+        n_blocks = max(len(table) for table in block_tables)
+        # short tables are padded with block 0: those slots lie past the row's context, causality hides them
+        padded = [table + [0] * (n_blocks - len(table)) for table in block_tables]
+        device = self.device
+        return PagedView(self, torch.tensor(padded, dtype=torch.long, device=device),
+                         torch.tensor(starts, dtype=torch.long, device=device),
+                         torch.tensor(lengths, dtype=torch.long, device=device), max(lengths))
+
+
+class PagedView:
+    """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded."""
+
+    def __init__(self, cache: PagedKVCache, block_tables: Tensor, starts: Tensor, lengths: Tensor, T: int):
+        self.cache, self.block_tables, self.T = cache, block_tables, T
+        bs = cache.block_size
+        offsets = torch.arange(T, device=starts.device)
+        self.real = offsets < lengths[:, None]  # (B, T): False on padding
+        # padding repeats the row's last real position (see the module docstring)
+        self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
+        block_ids = block_tables.gather(1, self.pos // bs)
+        self.slots = (block_ids * bs + self.pos % bs)[self.real]  # flat pool index of each real new token
+        # the gathered keys of a row are its positions in order: key j is position j
+        self.key_pos = torch.arange(block_tables.size(1) * bs, device=starts.device)
+        self._masks: dict[int | None, Tensor] = {}
+
+    def positions(self, T: int) -> Tensor:
+        if T != self.T:
+            raise ValueError(f"this view was built for {self.T} new tokens per row, the model sent {T}")
+        return self.pos
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        n_slots = k_pool.size(0) * k_pool.size(1)
+        for pool, new in ((k_pool, k), (v_pool, v)):
+            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new[self.real].to(pool.dtype))
+        B = q.size(0)
+        keys = k_pool[self.block_tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
+        values = v_pool[self.block_tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        if keys.size(1) != q.size(1):
+            # the masked SDPA kernels do not all take GQA: give every query head its own key/value head
+            keys, values = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (keys, values))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(window))
+        return y.transpose(1, 2)
+
+    def advance(self, T: int) -> None:
+        """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
+
+    def _mask(self, window: int | None) -> Tensor:
+        """(B, 1, T, K): key j is visible to the query at position p iff 0 <= p - j (<= window). Built
+        once per window size and shared by the layers that use it."""
+        if window not in self._masks:
+            delta = self.pos[:, :, None] - self.key_pos
+            mask = delta >= 0
+            if window is not None:
+                mask &= delta <= window
+            self._masks[window] = mask[:, None]
+        return self._masks[window]

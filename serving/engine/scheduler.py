@@ -1,0 +1,193 @@
+"""
+Continuous batching: every step decides which tokens of which sequences the model computes next.
+
+Notable:
+- One token budget per step (max_num_batched_tokens) shared by decodes and prefill chunks, and at most
+  max_num_seqs running sequences. Order of service: decodes of running sequences first (one token each,
+  for steady inter-token latency), then the next chunk of running sequences still prefilling, then new
+  sequences from the waiting queue, first come first served.
+- Chunked prefill: a prompt longer than the budget left is computed over several steps; each chunk is
+  (sequence, start, length) with start == seq.num_cached_tokens, and only the chunk that reaches the end
+  of the sequence samples a token.
+- A sequence gets blocks for all its tokens when admitted, so only decodes need new blocks. When none is
+  left, the newest running sequence is preempted by recompute: its blocks are freed and it goes back to
+  the front of the waiting queue, keeping its generated tokens (prefix caching makes most of the
+  recompute cheap). No new sequence is admitted in a step that preempted.
+- add() refuses a sequence that could never fit in the cache (prompt + max_tokens), which would
+  otherwise block the queue forever.
+- The scheduler is not thread safe: the engine calls schedule, postprocess, abort and finish from one
+  loop. A sequence aborted while its step ran is skipped by postprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from serving.engine.block_manager import BlockManager
+from serving.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int  # == seq.num_cached_tokens when scheduled
+    length: int
+    # the chunk reaches the end of the sequence, so its last logits give the next token; fixed at
+    # schedule time because postprocess then appends to the sequence
+    samples: bool
+
+
+@dataclass
+class ScheduledBatch:
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decodes: list[Sequence] = field(default_factory=list)  # each computes its last token, at len(seq) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.prefills) + len(self.decodes)
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        """The sequences that get a new token this step, in the order postprocess expects the tokens."""
+        return [c.seq for c in self.prefills if c.samples] + self.decodes
+
+
+def _is_decode(seq: Sequence) -> bool:
+    # prefill done and one sampled token to compute; a 1-token prompt's first step is still a prefill
+    return seq.num_cached_tokens == len(seq) - 1 and seq.num_output_tokens > 0
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, {max_num_batched_tokens}"
+            )
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id, for abort
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def add(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        needed = bm.num_blocks_for(seq.num_prompt_tokens + seq.sampling.max_tokens)
+        if needed > bm.num_blocks:
+            raise ValueError(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.sampling.max_tokens}) needs "
+                f"{needed} KV cache blocks, the cache has {bm.num_blocks}"
+            )
+        assert seq.status is SequenceStatus.WAITING and seq.id not in self.seqs
+        self.seqs[seq.id] = seq
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:  # decodes; preemption only shortens the list's tail
+            seq = self.running[i]
+            if not _is_decode(seq):
+                i += 1
+                continue
+            while not self.block_manager.can_append(seq):
+                preempted = True
+                if self._preempt(self.running.pop()) is seq:
+                    break
+            else:
+                self.block_manager.append(seq)
+                batch.decodes.append(seq)
+                budget -= 1
+                i += 1
+        for seq in self.running:  # chunks of sequences admitted in an earlier step and still prefilling
+            if budget > 0 and not _is_decode(seq):
+                budget -= self._add_chunk(batch, seq, budget)
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break  # strict FIFO: a smaller request behind it waits too, so big ones never starve
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget -= self._add_chunk(batch, seq, budget)
+        return batch
+
+    def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        length = min(len(seq) - seq.num_cached_tokens, budget)
+        assert length > 0, f"sequence {seq.id} has nothing to compute: was postprocess skipped?"
+        samples = seq.num_cached_tokens + length == len(seq)
+        batch.prefills.append(PrefillChunk(seq, seq.num_cached_tokens, length, samples))
+        return length
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        logger.debug("preempting sequence %d (%d tokens) for lack of KV cache blocks", seq.id, len(seq))
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        return seq
+
+    def postprocess(self, batch: ScheduledBatch, new_token_ids: list[int]) -> list[Sequence]:
+        """Record a step's results: new_token_ids[i] is batch.sampled_seqs[i]'s. Returns what finished."""
+        sampled = batch.sampled_seqs
+        if len(new_token_ids) != len(sampled):
+            raise ValueError(f"{len(new_token_ids)} new tokens for {len(sampled)} sampled sequences")
+        computed = [(c.seq, c.length) for c in batch.prefills] + [(s, 1) for s in batch.decodes]
+        for seq, length in computed:
+            if seq.status is SequenceStatus.RUNNING:  # not aborted meanwhile
+                seq.num_cached_tokens += length
+                self.block_manager.cache_computed_blocks(seq)
+        finished = []
+        for seq, token_id in zip(sampled, new_token_ids, strict=True):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.token_ids.append(token_id)
+            if token_id in seq.sampling.stop_token_ids:
+                self.finish(seq, "stop")
+            elif seq.num_output_tokens >= seq.sampling.max_tokens:
+                self.finish(seq, "length")
+            else:
+                continue
+            finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End seq now (stop token or string, length, abort): its blocks go back at once."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self.seqs[seq.id]
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Cancel a sequence (client gone). Returns it, or None if it had already finished or is unknown."""
+        seq = self.seqs.get(seq_id)
+        if seq is not None:
+            self.finish(seq, "abort")
+        return seq

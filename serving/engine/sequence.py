@@ -1,0 +1,105 @@
+"""
+One request's state as the engine sees it: its tokens, where their KV lives, and how far it has got.
+
+Notable:
+- No tensors: the scheduler and block manager work on these plain objects; the model runner reads
+  token_ids, block_table, num_cached_tokens and sampling to build its batch.
+- token_ids holds the prompt followed by the generated tokens; the first num_prompt_tokens are the prompt.
+- num_cached_tokens counts the leading tokens whose KV is in the cache (prefix-cache hits plus what
+  earlier steps computed). The next step computes token_ids[num_cached_tokens:], a chunk at a time
+  while prefilling, one token while decoding. Preemption resets it to 0 (recompute).
+- SamplingParams validates on construction, so a bad request fails with a ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+_next_id = itertools.count()
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; True as max_tokens is a client bug, not 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None  # None: no top-k filtering
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 keeps every token
+    seed: int | None = None  # per-request generator, so one request's output is reproducible
+    max_tokens: int = 256  # generated tokens, not counting the prompt
+    stop: list[str] = field(default_factory=list)  # stop strings: matched by the engine on the text
+    stop_token_ids: list[int] = field(default_factory=list)  # the engine adds the end-of-turn tokens
+    n: int = 1  # completions per prompt: the engine forks n sequences, which share the prompt's blocks
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 1)
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise ValueError(f"top_p must be a number, got {self.top_p!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("n", self.n, 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        for token_id in self.stop_token_ids:
+            _check_int("each of stop_token_ids", token_id, 0)
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: two requests with the same prompt are different sequences
+class Sequence:
+    token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    id: int = field(default_factory=lambda: next(_next_id))
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_prompt_tokens: int = field(init=False)
+    status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
+    block_table: list[int] = field(default_factory=list, init=False)  # physical block of each logical one
+    num_cached_tokens: int = field(default=0, init=False)
+    finish_reason: FinishReason | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.token_ids = list(self.token_ids)  # ours to append to; the caller's list stays untouched
+        self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

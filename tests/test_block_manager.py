@@ -1,0 +1,133 @@
+"""Block manager: allocation, reference counts, exhaustion and prefix caching by hash chain."""
+
+import pytest
+
+from serving.engine.block_manager import BlockManager, chain_hash
+from serving.engine.sequence import Sequence
+
+BS = 4
+
+
+def computed(bm: BlockManager, seq: Sequence) -> Sequence:
+    """Stand in for the model step that computes all of seq's tokens, then key its full blocks."""
+    seq.num_cached_tokens = len(seq)
+    bm.cache_computed_blocks(seq)
+    return seq
+
+
+def admitted(bm: BlockManager, tokens: list[int]) -> Sequence:
+    seq = Sequence(tokens)
+    assert bm.can_allocate(seq)
+    bm.allocate(seq)
+    return seq
+
+
+def test_allocate_append_free_and_refcounts():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    seq = admitted(bm, list(range(6)))  # 6 tokens: 2 blocks, the second half full
+    assert len(seq.block_table) == 2 and len(set(seq.block_table)) == 2
+    assert all(bm.ref_counts[b] == 1 for b in seq.block_table)
+    assert bm.num_free_blocks == 6 and bm.usage == pytest.approx(2 / 8)
+
+    for token in (6, 7):  # fills the second block: no new block
+        seq.token_ids.append(token)
+        assert bm.can_append(seq)
+        bm.append(seq)
+    assert len(seq.block_table) == 2
+    seq.token_ids.append(8)  # first token of a third block
+    bm.append(seq)
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
+
+    bm.free(seq)
+    assert seq.block_table == [] and seq.num_cached_tokens == 0
+    assert bm.num_free_blocks == 8 and bm.usage == 0.0 and not any(bm.ref_counts)
+
+
+def test_exhaustion_can_allocate_and_can_append_false():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    a = admitted(bm, list(range(8)))  # 2 blocks
+    b = Sequence(list(range(100, 108)))  # needs 2, only 1 free
+    assert not bm.can_allocate(b)
+    c = admitted(bm, [1, 2, 3, 4])  # takes the last block
+    assert bm.num_free_blocks == 0 and bm.usage == 1.0
+    c.token_ids.append(5)  # needs a second block: none left
+    assert not bm.can_append(c)
+    bm.free(a)
+    assert bm.can_append(c) and bm.can_allocate(b)
+
+
+def test_shared_prefix_reuses_blocks_and_counts_hits():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    system = list(range(10, 18))  # two full blocks
+    a = computed(bm, admitted(bm, system + [1, 2]))
+    b = admitted(bm, system + [3, 4, 5])
+    assert b.block_table[:2] == a.block_table[:2]
+    assert b.block_table[2] != a.block_table[2]
+    assert [bm.ref_counts[x] for x in b.block_table] == [2, 2, 1]
+    assert b.num_cached_tokens == 2 * BS
+    assert bm.prefix_cache_queries == len(a) + len(b)  # tokens, as in vLLM
+    assert bm.prefix_cache_hits == 2 * BS
+    bm.free(a)
+    assert [bm.ref_counts[x] for x in b.block_table] == [1, 1, 1]
+    bm.free(b)
+    assert bm.num_free_blocks == 8
+
+
+def test_uncomputed_blocks_do_not_hit():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    admitted(bm, list(range(9)))  # allocated, but the model has not computed it yet
+    b = admitted(bm, list(range(9)))
+    assert b.num_cached_tokens == 0 and bm.prefix_cache_hits == 0
+
+
+def test_same_block_after_a_different_prefix_does_not_hit():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    second = [7, 7, 7, 7]
+    computed(bm, admitted(bm, [1, 2, 3, 4] + second + [9]))
+    b = admitted(bm, [5, 6, 7, 8] + second + [9])
+    assert b.num_cached_tokens == 0 and bm.prefix_cache_hits == 0
+    assert chain_hash(None, second) != chain_hash(chain_hash(None, [1, 2, 3, 4]), second)
+
+
+def test_last_prompt_token_is_always_recomputed():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    prompt = list(range(2 * BS))  # exactly two full blocks
+    a = computed(bm, admitted(bm, prompt))
+    b = admitted(bm, prompt)
+    # only the first block hits: the second holds the last token, whose logits the step needs
+    assert b.num_cached_tokens == BS
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
+
+
+def test_freed_cached_block_hits_until_reused():
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    prefix = list(range(2 * BS))
+    a = computed(bm, admitted(bm, prefix + [99]))
+    cached = a.block_table[:2]
+    bm.free(a)
+    assert bm.num_free_blocks == 4
+
+    b = admitted(bm, prefix + [42])  # hits blocks that sit on the free list
+    assert b.block_table[:2] == cached and b.num_cached_tokens == 2 * BS
+    assert bm.num_free_blocks == 1
+    bm.free(b)
+
+    c = admitted(bm, prefix + [7])
+    assert c.block_table[:2] == cached
+    bm.free(c)
+
+    # a sequence that needs every block overwrites the cached ones: the prefix no longer hits
+    big = computed(bm, admitted(bm, list(range(1000, 1000 + 4 * BS))))
+    bm.free(big)
+    d = admitted(bm, prefix + [7])
+    assert d.num_cached_tokens == 0
+
+
+def test_blocks_without_a_hash_are_reused_before_cached_ones():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    prefix = list(range(2 * BS))
+    bm.free(computed(bm, admitted(bm, prefix + [99])))  # 2 cached blocks + 1 plain one, all free
+    bm.free(admitted(bm, [500]))  # a plain block freed after the cached ones
+    bm.free(admitted(bm, [600]))  # must take that plain block, not evict a cached one
+    c = admitted(bm, prefix + [7])
+    assert c.num_cached_tokens == 2 * BS

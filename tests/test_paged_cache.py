@@ -1,0 +1,205 @@
+"""The paged KV cache (serving/engine/paged_cache.py) through the model runner (model_runner.py): every
+logit the runner returns must equal the full forward model(idx) of that sequence at that position."""
+
+import random
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from serving.engine.model_runner import ModelRunner
+from serving.engine.scheduler import PrefillChunk
+from serving.engine.sequence import Sequence
+
+VOCAB, BLOCK, NUM_BLOCKS = 300, 4, 64
+ATOL = 1e-4
+CONFIGS = {
+    "mha-full": dict(n_kv_head=4, window_pattern="L"),
+    "gqa-window": dict(n_kv_head=2, window_pattern="SL"),  # layer 0 sees 4 keys back: sequence_len 16 // 4
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scrambled(name: str) -> GPT:
+    """Random weights everywhere: nanochat's init zeroes the output projections, which would let a
+    broken cache pass without any attention happening."""
+    config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, **CONFIGS[name])
+    model = GPT(config)
+    torch.manual_seed(0)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return model.eval()
+
+
+def runner_for(model: GPT) -> ModelRunner:
+    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, "cpu")
+    # stale values, as freed blocks hold: any slot attended by mistake changes the logits
+    runner.cache.k.normal_(0.0, 10.0)
+    runner.cache.v.normal_(0.0, 10.0)
+    return runner
+
+
+def random_tokens(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def reference(model: GPT, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0]  # (T, V)
+
+
+def chunk_of(seq: Sequence, start: int, length: int) -> PrefillChunk:
+    """The chunk the scheduler would make: it samples when it reaches the end of the sequence."""
+    return PrefillChunk(seq, start, length, samples=start + length == len(seq))
+
+
+def scattered_tables(lengths: list[int], seed: int) -> list[list[int]]:
+    """Block tables for sequences of these lengths, from shuffled block ids: not contiguous, not ordered."""
+    ids = list(range(NUM_BLOCKS))
+    random.Random(seed).shuffle(ids)
+    tables = []
+    for n in lengths:
+        k = -(-n // BLOCK)
+        tables.append(ids[:k])
+        ids = ids[k:]
+    return tables
+
+
+def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chunk: int, stagger: int) -> int:
+    """Runs every sequence to the end of full[i], teacher-forced, as the engine would: sequence i joins at
+    step i * stagger, prefills chunk tokens a step, then decodes one token a step in a batch with the
+    others. Checks each returned row against the full forward; returns the number of rows checked."""
+    refs = [reference(runner.model, tokens) for tokens in full]
+    checked, step = 0, 0
+    while any(len(s) < len(f) or s.num_cached_tokens < len(s) for s, f in zip(seqs, full, strict=True)):
+        prefills, decodes = [], []
+        for i, seq in enumerate(seqs):
+            if step < i * stagger or seq.num_cached_tokens == len(seq):
+                continue
+            if seq.num_cached_tokens < seq.num_prompt_tokens:
+                length = min(chunk, seq.num_prompt_tokens - seq.num_cached_tokens)
+                prefills.append(chunk_of(seq, seq.num_cached_tokens, length))
+            else:
+                decodes.append(seq)
+        logits = runner.run(prefills, decodes)
+        sampled = [c.seq for c in prefills if c.samples] + decodes
+        assert logits.shape == (len(sampled), VOCAB)
+        for row, seq in zip(logits, sampled, strict=True):
+            i = seqs.index(seq)
+            torch.testing.assert_close(row, refs[i][len(seq) - 1], atol=ATOL, rtol=0)
+            checked += 1
+        for c in prefills:  # what the scheduler's postprocess does
+            c.seq.num_cached_tokens += c.length
+        for seq in decodes:
+            seq.num_cached_tokens += 1
+        for seq in sampled:
+            i = seqs.index(seq)
+            if len(seq) < len(full[i]):
+                seq.token_ids.append(full[i][len(seq)])
+        step += 1
+    return checked
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(("chunk", "stagger"), [(100, 0), (100, 1), (4, 1), (3, 2)],
+                         ids=["one-chunk-together", "one-chunk-staggered", "chunks-of-4", "chunks-of-3"])
+def test_paged_logits_match_the_full_forward(name, chunk, stagger):
+    """Prefill in one chunk or in chunks, padded together or beside decodes of the others, then decode in
+    a mixed batch: every logit row equals the full forward at its position."""
+    rng = random.Random(7)
+    prompts, new_tokens = [5, 13, 22, 9], 6
+    full = [random_tokens(n + new_tokens, rng) for n in prompts]
+    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, prompts, strict=True)]
+    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
+        seq.block_table = table
+    checked = drive(runner_for(scrambled(name)), seqs, full, chunk, stagger)
+    assert checked == len(prompts) * (new_tokens + 1)  # one row at each prompt's end, then one per decode
+
+
+def test_the_window_matters_in_the_windowed_config():
+    """Guards the test above: a cache that ignored the window would not match these references."""
+    windowed = scrambled("gqa-window")
+    full_context = GPT(GPTConfig(**{**windowed.config.__dict__, "window_pattern": "L"}))
+    full_context.load_state_dict(windowed.state_dict())
+    tokens = random_tokens(20, random.Random(1))
+    diff = (reference(windowed, tokens) - reference(full_context.eval(), tokens)).abs().amax(dim=-1)
+    assert diff[:5].max() < 1e-5  # within the window both see everything
+    assert diff[10:].min() > 1e-3
+
+
+def test_sequences_sharing_prefix_blocks():
+    """A second sequence reuses the first one's two full prefix blocks (prefix caching) and computes only
+    its own tail; both then decode together and neither disturbs the shared blocks."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(5)
+    prefix = random_tokens(2 * BLOCK, rng)
+    full = [prefix + random_tokens(5 + 4, rng), prefix + random_tokens(7 + 4, rng)]
+    a, b = Sequence(full[0][:-4]), Sequence(full[1][:-4])
+    a_table, b_own = scattered_tables([len(full[0]), len(full[1]) - 2 * BLOCK], seed=9)
+    a.block_table, b.block_table = a_table, a_table[:2] + b_own
+    runner.run([chunk_of(a, 0, len(a))], [])
+    a.num_cached_tokens = len(a)
+    a.token_ids.append(full[0][len(a)])
+    b.num_cached_tokens = 2 * BLOCK  # the prefix cache hit
+    checked = drive(runner, [a, b], full, chunk=100, stagger=0)
+    assert checked == 4 + 5  # a's 4 decodes; b's prefill end and 4 decodes
+
+
+def test_short_chunk_late_in_its_sequence_padded_beside_a_long_one():
+    """Block tables as tight as the scheduler makes them: the 1-token row's padding would run 8 positions
+    past its last block if padded tokens took positions of their own."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(6)
+    fresh, late = Sequence(random_tokens(9, rng)), Sequence(random_tokens(17, rng))
+    fresh.block_table, late.block_table = scattered_tables([9, 17], seed=2)
+    runner.run([chunk_of(late, 0, 16)], [])
+    logits = runner.run([chunk_of(fresh, 0, 9), chunk_of(late, 16, 1)], [])
+    torch.testing.assert_close(logits[0], reference(model, fresh.token_ids)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], reference(model, late.token_ids)[-1], atol=ATOL, rtol=0)
+
+
+def test_runner_writes_only_the_slots_of_new_tokens():
+    runner = runner_for(scrambled("gqa-window"))
+    k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
+    seq = Sequence(random_tokens(7, random.Random(2)))
+    seq.block_table = [41, 3]
+    runner.run([chunk_of(seq, 0, 7)], [])
+    k_changed = (runner.cache.k != k_before).flatten(3).any(dim=-1)  # (n_layer, num_blocks, block_size)
+    v_changed = (runner.cache.v != v_before).flatten(3).any(dim=-1)
+    expected = torch.zeros_like(k_changed)
+    expected[:, 41, :] = True  # positions 0-3
+    expected[:, 3, :3] = True  # positions 4-6; offset 3 stays as it was
+    assert torch.equal(k_changed, expected) and torch.equal(v_changed, expected)
+
+
+def test_only_rows_that_need_a_next_token_come_back():
+    model = scrambled("mha-full")
+    runner = runner_for(model)
+    rng = random.Random(4)
+    long, short = Sequence(random_tokens(10, rng)), Sequence(random_tokens(3, rng))
+    long.block_table, short.block_table = scattered_tables([10, 3], seed=1)
+    logits = runner.run([chunk_of(long, 0, 6), chunk_of(short, 0, 3)], [])
+    assert logits.shape == (1, VOCAB)  # the 6-token chunk of the 10-token prompt samples nothing
+    torch.testing.assert_close(logits[0], reference(model, short.token_ids)[-1], atol=ATOL, rtol=0)
+    assert runner.run([], []).shape == (0, VOCAB)
+
+
+def test_block_table_too_short_is_refused():
+    runner = runner_for(scrambled("mha-full"))
+    seq = Sequence(random_tokens(9, random.Random(0)))
+    seq.block_table = [5, 6]  # 8 slots for 9 tokens
+    with pytest.raises(ValueError, match="cannot hold 9 positions"):
+        runner.run([chunk_of(seq, 0, 9)], [])

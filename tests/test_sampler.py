@@ -1,0 +1,139 @@
+"""The sampler (serving/engine/sampler.py): greedy, temperature, top-k, top-p and per-request seeds."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from serving.engine.sampler import make_generator, sample
+from serving.engine.sequence import SamplingParams
+
+V = 50
+
+
+def random_logits(B: int, seed: int = 0) -> torch.Tensor:
+    return 3 * torch.randn(B, V, generator=torch.Generator().manual_seed(seed))
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> Counter:
+    """n tokens drawn for the one row of logits, as one batch of n rows sharing one generator."""
+    generator = make_generator(seed)
+    tokens = sample(logits.expand(n, -1), [params] * n, [generator] * n)
+    return Counter(tokens.tolist())
+
+
+def test_temperature_zero_is_argmax():
+    logits = random_logits(8)
+    tokens = sample(logits, [SamplingParams(temperature=0.0)] * 8, [make_generator(None) for _ in range(8)])
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    logits = random_logits(8)
+    params = [SamplingParams(temperature=t, top_k=1) for t in (0.5, 1.0, 2.0, 5.0, 0.5, 1.0, 2.0, 5.0)]
+    tokens = sample(logits, params, [make_generator(b) for b in range(8)])
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def test_greedy_rows_are_exact_in_a_mixed_batch():
+    logits = random_logits(6, seed=3)
+    params = [SamplingParams(temperature=0.0 if b % 2 else 1.0) for b in range(6)]
+    tokens = sample(logits, params, [make_generator(b) for b in range(6)])
+    assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))
+
+
+def test_top_k_never_samples_outside_the_k_most_likely():
+    logits = random_logits(1, seed=5)
+    counts = draws(logits, SamplingParams(temperature=3.0, top_k=4), 2000)
+    allowed = set(logits[0].topk(4).indices.tolist())
+    assert set(counts) == allowed  # all four drawn (high temperature), nothing else
+
+
+def test_top_p_samples_only_the_nucleus_in_proportion():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.full((1, V), -30.0)
+    logits[0, [7, 3, 11, 0]] = probs.log()  # most likely first: 7, then 3
+    counts = draws(logits, SamplingParams(temperature=1.0, top_p=0.75), 4000)
+    assert set(counts) == {7, 3}  # 0.5 < 0.75 <= 0.8: the nucleus is the two most likely tokens
+    assert counts[7] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_top_p_one_keeps_every_token():
+    logits = torch.zeros(1, V)
+    counts = draws(logits, SamplingParams(temperature=1.0, top_p=1.0), 5000)
+    assert len(counts) == V
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_frequencies_follow_softmax_of_logits_over_temperature(temperature):
+    logits = torch.full((1, V), -1e4)
+    logits[0, :4] = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n = 4000
+    counts = draws(logits, SamplingParams(temperature=temperature), n, seed=11)
+    expected = torch.softmax(logits[0, :4] / temperature, dim=-1)
+    for token in range(4):
+        sigma = math.sqrt(expected[token] * (1 - expected[token]) / n)
+        assert counts[token] / n == pytest.approx(float(expected[token]), abs=5 * sigma + 1e-3)
+    assert set(counts) <= {0, 1, 2, 3}
+
+
+def test_higher_temperature_flattens_the_distribution():
+    logits = torch.zeros(1, V)
+    logits[0, 0] = 3.0
+    cold = draws(logits, SamplingParams(temperature=0.3), 2000)
+    hot = draws(logits, SamplingParams(temperature=3.0), 2000)
+    assert cold[0] > 1900 and hot[0] < 200 and len(hot) > len(cold)
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    logits = random_logits(5, seed=9)
+    mine = SamplingParams(temperature=1.2, top_p=0.9, top_k=20, seed=1234)
+
+    def my_tokens(batch_rows: list[int], my_row: int, steps: int = 20) -> list[int]:
+        """My request at row my_row of a batch whose other rows are other requests with their own seeds."""
+        generators = [make_generator(1234 if b == my_row else 100 + b) for b in range(len(batch_rows))]
+        params = [mine if b == my_row else SamplingParams(temperature=0.7, seed=100 + b)
+                  for b in range(len(batch_rows))]
+        out = []
+        for _ in range(steps):
+            out.append(int(sample(logits[batch_rows], params, generators)[my_row]))
+        return out
+
+    alone = my_tokens([0], 0)
+    assert my_tokens([3, 0, 4], 1) == alone
+    assert my_tokens([2, 1, 3, 4, 0], 4) == alone
+    assert len(set(alone)) > 1  # it does sample: 20 draws at temperature 1.2 are not all one token
+
+
+def test_different_seeds_give_different_tokens():
+    logits = random_logits(1, seed=2)
+    params = SamplingParams(temperature=1.0)
+    one = [int(sample(logits, [params], [g])[0]) for g in [make_generator(1)] for _ in range(20)]
+    two = [int(sample(logits, [params], [g])[0]) for g in [make_generator(2)] for _ in range(20)]
+    assert one != two
+
+
+def test_half_precision_logits_are_sampled_in_float32():
+    logits = random_logits(4).to(torch.bfloat16)
+    tokens = sample(logits, [SamplingParams(temperature=0.0)] * 4, [make_generator(0)] * 4)
+    assert tokens.dtype == torch.long
+    assert torch.equal(tokens, logits.float().argmax(dim=-1))
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -0.1), ("temperature", math.nan), ("top_k", 0),
+                                          ("top_p", 0.0), ("top_p", 1.5)])
+def test_invalid_params_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+    params = SamplingParams()
+    setattr(params, field, value)  # params are mutable: the sampler checks again
+    with pytest.raises(ValueError, match=field):
+        sample(random_logits(1), [params], [make_generator(0)])
+
+
+def test_one_params_and_one_generator_per_row():
+    with pytest.raises(ValueError, match="3 rows"):
+        sample(random_logits(3), [SamplingParams()] * 2, [make_generator(0)] * 3)
+    with pytest.raises(ValueError, match="3 rows"):
+        sample(random_logits(3), [SamplingParams()] * 3, [make_generator(0)] * 2)

@@ -1,0 +1,267 @@
+"""
+Scheduler: continuous batching, chunked prefill, preemption, abort and finishing, driven by a fake model.
+
+FakeModel is a test driver standing in for the model runner: it writes each computed token into a
+shadow KV cache at the slot the block table gives, checks that every position a step attends to reads
+back the sequence's own token (so a wrongly shared or overwritten block fails the test), and
+"generates" (last token + 1) % V, which makes every sequence's expected output known in advance.
+"""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving.engine.block_manager import BlockManager
+from serving.engine.scheduler import ScheduledBatch, Scheduler
+from serving.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+V = 50
+BS = 4
+
+
+class FakeModel:
+    def __init__(self, bm: BlockManager):
+        self.bs = bm.block_size
+        self.kv: dict[tuple[int, int], int] = {}  # (block id, slot) -> token whose KV is there
+
+    def step(self, sched: Scheduler) -> tuple[ScheduledBatch, list[Sequence]]:
+        busy = sched.has_unfinished()
+        batch = sched.schedule()
+        assert batch.num_tokens > 0 or not busy, "unfinished sequences but nothing scheduled"
+        spans = [(c.seq, c.start, c.length) for c in batch.prefills]
+        spans += [(s, len(s) - 1, 1) for s in batch.decodes]
+        for seq, start, length in spans:
+            assert start == seq.num_cached_tokens and length > 0
+            assert len(seq.block_table) * self.bs >= len(seq)
+            for pos in range(start, start + length):
+                self.kv[seq.block_table[pos // self.bs], pos % self.bs] = seq.token_ids[pos]
+            for pos in range(start + length):  # the context this step attends to
+                assert self.kv[seq.block_table[pos // self.bs], pos % self.bs] == seq.token_ids[pos]
+        new_tokens = [(s.token_ids[-1] + 1) % V for s in batch.sampled_seqs]
+        return batch, sched.postprocess(batch, new_tokens)
+
+
+def expected_output(prompt: list[int], n: int) -> list[int]:
+    return [(prompt[-1] + k) % V for k in range(1, n + 1)]
+
+
+def make(num_blocks=32, max_num_seqs=8, max_num_batched_tokens=64) -> tuple[Scheduler, FakeModel]:
+    bm = BlockManager(num_blocks, BS)
+    return Scheduler(bm, max_num_seqs, max_num_batched_tokens), FakeModel(bm)
+
+
+def run_to_completion(sched: Scheduler, model: FakeModel, max_steps: int = 1000) -> int:
+    for step in range(max_steps):
+        if not sched.has_unfinished():
+            return step
+        model.step(sched)
+    raise AssertionError("sequences did not finish")
+
+
+def seq(prompt: list[int], max_tokens: int = 5, **kw) -> Sequence:
+    return Sequence(prompt, SamplingParams(max_tokens=max_tokens, **kw))
+
+
+def test_admits_several_sequences_in_one_step_then_decodes_them_together():
+    sched, model = make()
+    seqs = [seq([i, i + 1, i + 2]) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch, _ = model.step(sched)
+    assert [c.seq for c in batch.prefills] == seqs and not batch.decodes
+    assert sched.num_running == 3 and sched.num_waiting == 0
+    batch, _ = model.step(sched)
+    assert batch.decodes == seqs and not batch.prefills
+    run_to_completion(sched, model)
+    for s in seqs:
+        assert s.output_token_ids == expected_output(s.token_ids[:3], 5) and s.finish_reason == "length"
+
+
+def test_respects_max_num_seqs():
+    sched, model = make(max_num_seqs=2)
+    seqs = [seq([i]) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    while sched.has_unfinished():
+        model.step(sched)
+        assert sched.num_running <= 2
+    assert all(s.num_output_tokens == 5 for s in seqs)
+
+
+def test_chunked_prefill_within_the_token_budget():
+    sched, model = make(max_num_batched_tokens=16)
+    short, long = seq([1, 2, 3]), seq(list(range(40)), max_tokens=2)
+    sched.add(short)
+    sched.add(long)
+    chunks = []
+    while long.num_output_tokens == 0:
+        batch, _ = model.step(sched)
+        assert batch.num_tokens <= 16
+        chunks += [(c.start, c.length, c.samples) for c in batch.prefills if c.seq is long]
+    # 13 tokens left after the short prompt, then 15 beside its decode, then the last 12
+    assert chunks == [(0, 13, False), (13, 15, False), (28, 12, True)]
+    run_to_completion(sched, model)
+    assert long.output_token_ids == expected_output(list(range(40)), 2)
+
+
+def test_preempts_the_newest_when_blocks_run_out_and_it_still_finishes_correctly():
+    sched, model = make(num_blocks=6, max_num_seqs=4)
+    prompts = [[10 + i] * 3 for i in range(3)]  # 1 block each now, 4 blocks each at the end
+    seqs = [seq(p, max_tokens=12) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    model.step(sched)
+    newest = seqs[-1]
+    while newest.status is SequenceStatus.RUNNING:
+        model.step(sched)
+    assert sched.num_preemptions >= 1 and sched.waiting[0] is newest and newest.block_table == []
+    run_to_completion(sched, model)
+    for s, p in zip(seqs, prompts, strict=True):
+        assert s.output_token_ids == expected_output(p, 12) and s.finish_reason == "length"
+    assert sched.block_manager.num_free_blocks == 6
+
+
+def test_abort_frees_every_block_waiting_prefilling_or_decoding():
+    sched, model = make(num_blocks=16, max_num_batched_tokens=10)
+    decoding, prefilling, waiting = seq([1, 2]), seq(list(range(20))), seq(list(range(30)))
+    for s in (decoding, prefilling, waiting):
+        sched.add(s)
+    model.step(sched)
+    model.step(sched)
+    assert decoding.num_output_tokens == 2 and 0 < prefilling.num_cached_tokens < 20
+    for s in (waiting, prefilling, decoding):
+        assert sched.abort(s.id) is s and s.finish_reason == "abort" and s.block_table == []
+    assert sched.block_manager.num_free_blocks == 16 and not sched.has_unfinished()
+    assert sched.abort(decoding.id) is None
+
+
+def test_sequence_aborted_during_its_step_is_skipped():
+    sched, model = make()
+    s = seq([1, 2, 3])
+    sched.add(s)
+    batch = sched.schedule()
+    sched.abort(s.id)
+    assert sched.postprocess(batch, [7]) == [] and s.token_ids == [1, 2, 3]
+
+
+def test_finish_by_stop_token_and_by_max_tokens():
+    sched, model = make()
+    stopped = seq([5], max_tokens=10, stop_token_ids=[8])
+    capped = seq([20], max_tokens=4)
+    sched.add(stopped)
+    sched.add(capped)
+    run_to_completion(sched, model)
+    assert stopped.output_token_ids == [6, 7, 8] and stopped.finish_reason == "stop"
+    assert capped.output_token_ids == [21, 22, 23, 24] and capped.finish_reason == "length"
+    assert sched.block_manager.num_free_blocks == 32
+
+
+def test_finish_called_by_the_engine_for_a_stop_string():
+    sched, model = make()
+    s = seq([1, 2, 3], max_tokens=10)
+    sched.add(s)
+    model.step(sched)
+    sched.finish(s, "stop")
+    assert s.is_finished and s.finish_reason == "stop" and sched.num_running == 0
+    assert sched.block_manager.num_free_blocks == 32
+
+
+def test_next_turn_reuses_the_previous_turns_blocks():
+    sched, model = make()
+    first = seq(list(range(10)), max_tokens=6)  # 16 tokens: 4 full blocks once finished
+    sched.add(first)
+    run_to_completion(sched, model)
+    second = seq(first.token_ids + [1, 2, 3])
+    sched.add(second)
+    batch, _ = model.step(sched)
+    # the decoded tokens' blocks hit too; the last generated token's KV was never computed
+    assert batch.prefills[0].start == 12 and sched.block_manager.prefix_cache_hits == 12
+    run_to_completion(sched, model)
+    assert second.output_token_ids == expected_output([3], 5)
+
+
+def test_add_refuses_a_sequence_that_can_never_fit():
+    sched, _ = make(num_blocks=4)
+    with pytest.raises(ValueError, match="needs 5 KV cache blocks"):
+        sched.add(seq(list(range(10)), max_tokens=10))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"seed": -1},
+        {"max_tokens": 0},
+        {"max_tokens": True},
+        {"n": 0},
+        {"stop": "END"},
+        {"stop": [""]},
+        {"stop_token_ids": [-3]},
+    ],
+)
+def test_sampling_params_reject_bad_values(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
+
+
+add_op = st.tuples(st.just("add"), st.integers(0, 2), st.integers(1, 6), st.integers(1, 20))
+ops = st.lists(
+    st.one_of(
+        add_op,
+        add_op,  # twice as likely as the others: a busy server, where preemption happens
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+        st.tuples(st.just("step"), st.integers(1, 6)),
+    ),
+    min_size=8,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, num_blocks=st.integers(6, 12), budget=st.integers(1, 24), max_num_seqs=st.integers(1, 6))
+def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, budget, max_num_seqs):
+    sched, model = make(num_blocks, max_num_seqs, budget)
+    bm = sched.block_manager
+    prefixes = [[1] * 8, [2] * 4, [3] * 2]  # shared prefixes, so prefix caching is exercised
+    added: list[Sequence] = []
+    for op in ops:
+        if op[0] == "add":
+            _, which, extra, max_tokens = op
+            s = seq(prefixes[which] + [len(added) % V] * extra, max_tokens=max_tokens)
+            if bm.num_blocks_for(len(s) + max_tokens) <= num_blocks:
+                sched.add(s)
+                added.append(s)
+        elif op[0] == "abort":
+            if added:
+                sched.abort(added[op[1] % len(added)].id)
+        else:
+            for _ in range(op[1]):
+                model.step(sched)
+        check_block_accounting(sched)
+    run_to_completion(sched, model)
+    assert bm.num_free_blocks == num_blocks and not any(bm.ref_counts)
+    for s in added:
+        if s.finish_reason != "abort":
+            prompt = s.token_ids[: s.num_prompt_tokens]
+            assert s.finish_reason == "length"
+            assert s.output_token_ids == expected_output(prompt, s.sampling.max_tokens)
+
+
+def check_block_accounting(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    holders = [0] * bm.num_blocks
+    for s in sched.running:
+        assert len(set(s.block_table)) == len(s.block_table)
+        for b in s.block_table:
+            holders[b] += 1
+    for s in sched.waiting:
+        assert s.block_table == []
+    assert holders == bm.ref_counts
+    # a block is shared only through the prefix cache (the fake model checks that its tokens match)
+    assert all(bm.block_hash[b] is not None for b in range(bm.num_blocks) if holders[b] > 1)
+    assert set(bm.free_blocks) == {b for b in range(bm.num_blocks) if holders[b] == 0}
