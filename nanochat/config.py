@@ -58,6 +58,8 @@ class DataConfig(Section):
     docs_per_shard: int = Field(2000, ge=1, description="documents per parquet shard written by `data prepare`")
     row_group_size: int = Field(256, ge=1, description="documents per parquet row group (the unit a worker streams)")
     val_shards: int = Field(1, ge=1, description="the last N shards form the validation split")
+    tasks_dir: str | None = Field(None, description="folder of local task files (jsonl/parquet) used instead of Hugging Face downloads")
+    offline: bool = Field(False, description="never download: tasks without local files are skipped (with the reason)")
 
     @property
     def corpus_name(self) -> str:
@@ -98,6 +100,49 @@ class TrainConfig(Section):
         return self
 
 
+class ChatStageConfig(Section):
+    """A chat training stage (midtraining or SFT): conversations rendered with the special tokens, loss on
+    assistant tokens only, starting from the previous stage's newest checkpoint."""
+
+    tasks: dict[str, float] = Field(description="task mixture: task name -> weight (epochs of that task per mixture epoch; 0 leaves it out)")
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: one pass over the mixture)")
+    device_batch_size: int = Field(4, ge=1, description="conversations (mid: rows) per worker per micro-step")
+    examples_per_step: int = Field(8, ge=1, description="conversations (mid: rows) per optimizer step across workers")
+    lr_frac: float = Field(1.0, gt=0, description="learning rates as a fraction of the base stage's")
+    max_examples: int = Field(-1, ge=-1, description="cap on examples drawn from each task (-1: all)")
+    eval_every: int = Field(-1, ge=-1, description="validation loss every N steps (-1: only at the end)")
+
+
+class MidConfig(ChatStageConfig):
+    tasks: dict[str, float] = Field(default_factory=lambda: {"smoltalk": 1.0, "identity": 2.0, "spelling": 1.0, "gsm8k": 1.0, "mmlu": 1.0})
+
+
+class SFTConfig(ChatStageConfig):
+    tasks: dict[str, float] = Field(default_factory=lambda: {"smoltalk": 1.0, "identity": 2.0, "spelling": 1.0, "gsm8k": 1.0, "arc-easy": 1.0, "arc-challenge": 1.0})
+    lr_frac: float = Field(0.02, gt=0, description="nanochat's SFT starts at 2% of the base learning rates")
+
+
+class RLConfig(Section):
+    tasks: dict[str, float] = Field(default_factory=lambda: {"gsm8k": 1.0})
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: one pass over the prompts)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per optimizer step across workers")
+    samples_per_prompt: int = Field(8, ge=1, description="k samples per prompt; advantage = reward - mean of the k")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(50, ge=0)
+    lr_frac: float = Field(0.05, gt=0)
+    max_examples: int = Field(-1, ge=-1)
+
+
+class ChatEvalConfig(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spelling"])
+    max_problems: int = Field(-1, ge=-1, description="problems per task (-1: all)")
+    num_samples: int = Field(1, ge=1, description="samples per problem for generative tasks (pass@k)")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(50, ge=0)
+
+
 class EvalConfig(Section):
     core_bundle: str | None = Field(None, description="folder holding the CORE eval bundle's jsonl files (default: download it into the cache)")
     core_max_per_task: int = Field(-1, ge=-1, description="items per CORE task (-1: all)")
@@ -119,6 +164,10 @@ class Config(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    mid: MidConfig = MidConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    chat_eval: ChatEvalConfig = ChatEvalConfig()
     log: LogConfig = LogConfig()
 
 
