@@ -22,12 +22,12 @@ from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.settings import default_storage_uri
 from services.storage import Storage, open_storage
-from trainer.base_train import current_worker
 from trainer.core_eval import download_eval_bundle, evaluate_core
 from trainer.data import list_shards, split_shards
 from trainer.dataloader import DataLoader, token_bytes
 from trainer.loss_eval import evaluate_bpb
 from trainer.tok import load_tokenizer
+from trainer.worker import current_worker
 
 log = logging.getLogger(__name__)
 
