@@ -64,6 +64,14 @@ class KVCache:
         """A view of rows [start, stop): what is written through it lands in this cache."""
         return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop])
 
+    def copy_row_to_all(self, row: int = 0) -> None:
+        """Give every row the history of `row`: prefill a prompt once, then sample it many times."""
+        n = int(self.lengths[row])
+        # a copy first: the source row is also one of the destinations
+        self.k[:, :, :n] = self.k[:, row : row + 1, :n].clone()
+        self.v[:, :, :n] = self.v[:, row : row + 1, :n].clone()
+        self.lengths.fill_(n)
+
     def reset(self) -> None:
         """Forget every row's history (old entries are simply overwritten later)."""
         self.lengths.zero_()
