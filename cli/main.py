@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
     for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _train if stage == "base" else _not_built(f"train {stage}"))
+        p = _add(train, stage, text, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(commands, "chat", "chat in the terminal", _not_built("chat"))
     p.add_argument("-p", "--prompt", help="one-shot prompt")
 
-    _add(commands, "report", "write report.md from what storage holds", _not_built("report"))
+    _add(commands, "report", "write report.md from what storage holds", _report)
     return parser
 
 
@@ -209,10 +209,20 @@ def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
 
     started, storage = time.time(), storage_from_args(args)
     print(f"speedrun: preset {cfg.preset}, run {cfg.run}, storage {storage.uri}", flush=True)
-    stages = speedrun(cfg, storage, ray_address=args.ray_address)
+    stages = speedrun(cfg, storage, ray_address=args.ray_address, with_rl=args.rl)
     summary = CheckpointManager(storage, cfg.run, "base").done_summary() or {}
     emit_result("speedrun", cfg, started, steps=summary.get("steps", 0), tokens=summary.get("tokens", 0),
                 tokens_per_second=summary.get("tokens_per_second", 0.0), metrics={"stages": stages})
+    return 0
+
+
+def _report(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.report import write_report
+
+    started = time.time()
+    path = write_report(cfg, storage_from_args(args))
+    print(f"report: {path}", flush=True)
+    emit_result("report", cfg, started, metrics={"path": str(path)})
     return 0
 
 

@@ -88,6 +88,10 @@ class Stage(ABC):
     def eval_every(self) -> int:
         return -1
 
+    def summary_extra(self) -> dict[str, Any]:
+        """Stage-specific facts for the stage's summary (DONE.json)."""
+        return {}
+
 
 @dataclass
 class Progress:
@@ -279,7 +283,9 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
                 tracker.update.remote(progress.step, horizon, metrics)
 
     if worker.is_main:
-        manager.mark_done(summary(stage.name, progress, model, cfg, horizon))
+        record = summary(stage.name, progress, model, cfg, horizon)
+        record["metrics"].update(stage.summary_extra())
+        manager.mark_done(record)
     telemetry.close()
 
 

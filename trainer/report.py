@@ -74,7 +74,7 @@ class StageRecord:
     meta: dict[str, Any]
     config: dict[str, Any]
 
-    def _metric(self, key: str) -> Any:
+    def metric(self, key: str) -> Any:
         return (self.summary.get("metrics") or {}).get(key)
 
     @property
@@ -98,19 +98,19 @@ class StageRecord:
 
     @property
     def final_loss(self) -> float | None:
-        loss = self._metric("final_loss")
+        loss = self.metric("final_loss")
         return loss if loss is not None else (self.history[-1]["loss"] if self.history else None)
 
     @property
     def val_bpb(self) -> float | None:
-        bpb = self._metric("val_bpb")
+        bpb = self.metric("val_bpb")
         evals = [e for e in self.meta.get("evals", []) if e.get("val_bpb") is not None]
         return bpb if bpb is not None else (evals[-1]["val_bpb"] if evals else None)
 
     @property
     def params(self) -> int | None:
-        if self._metric("params") is not None:
-            return self._metric("params")
+        if self.metric("params") is not None:
+            return self.metric("params")
         model_config = self.meta.get("model_config")
         if not model_config:
             return None
@@ -311,6 +311,8 @@ def _png(fig) -> bytes:
 
 def plot_losses(f: Findings) -> bytes | None:
     """Training loss against step, one panel per stage: stages differ in data and length, so no shared axis."""
+    from matplotlib.ticker import MaxNLocator
+
     stages = [s for s in STAGES if s in f.stages and f.stages[s].history]
     if not stages:
         return None
@@ -319,6 +321,7 @@ def plot_losses(f: Findings) -> bytes | None:
         history = f.stages[stage].history
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], linewidth=1)
         ax.set(title=stage.upper(), xlabel="step", ylabel="training loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -331,7 +334,8 @@ def plot_evals(table: dict[str, dict[str, float]]) -> bytes | None:
         return None
     panels = [p for p in (scores, bpb) if p]
     fig = _figure(max(5.0, 1.3 * len(scores) + 3) + (3 if bpb and scores else 0), 3.6)
-    axes = list(fig.subplots(1, len(panels), squeeze=False, width_ratios=[max(len(scores), 1), 1][: len(panels)])[0])
+    ratios = [max(len(scores), 1), 2][: len(panels)] if scores else [1]
+    axes = list(fig.subplots(1, len(panels), squeeze=False, width_ratios=ratios)[0])
     if scores:
         ax = axes.pop(0)
         stages = [s for s in STAGES if any(s in v for v in scores.values())]
@@ -348,7 +352,8 @@ def plot_evals(table: dict[str, dict[str, float]]) -> bytes | None:
         stages = [s for s in STAGES if s in bpb]
         bars = ax.bar([s.upper() for s in stages], [bpb[s] for s in stages], color="tab:gray")
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
-        ax.set(title="validation bits per byte", ylabel="bits per byte (lower is better)")
+        ax.margins(y=0.15)  # room for the labels
+        ax.set(title="val bits per byte", ylabel="lower is better")
     return _png(fig)
 
 
@@ -362,7 +367,8 @@ def plot_throughput(f: Findings) -> bytes | None:
     ax = fig.subplots()
     bars = ax.bar(list(rates), list(rates.values()), color="tab:green")
     ax.bar_label(bars, fmt="%.0f", fontsize="small")
-    ax.set(title="training throughput", ylabel="tokens / second")
+    ax.margins(y=0.15)
+    ax.set(title="training throughput (steady state)", ylabel="tokens / second")
     return _png(fig)
 
 
@@ -380,6 +386,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} s"
 
 
 def _cell(text: Any) -> str:
@@ -432,7 +442,7 @@ def _section_tokenizer(f: Findings) -> list[str]:
         m = f.tokenizer_meta
         lines += _items({"Vocabulary": _fmt(m.get("vocab_size")), "Trained on": f"{_fmt(m.get('chars'))} characters "
                          f"of {_fmt(m.get('documents'))} documents ({m.get('corpus')})",
-                         "Training time": f"{_fmt(m.get('seconds'), 1)} s"}) + [""]
+                         "Training time": _seconds(m.get("seconds"))}) + [""]
     if f.tokenizer_eval is None:
         return lines + ["No compression table: run `nanochat tok eval`.", ""]
     return lines + ["Compression, in bytes per token (higher is better):", "", format_table(f.tokenizer_eval), ""]
@@ -457,7 +467,7 @@ def _training_config(record: StageRecord) -> dict[str, Any]:
         return {
             "Batch": f"{_fmt(t.get('total_batch_size'))} tokens per step ({t.get('device_batch_size')} rows of "
                      f"{t.get('seq_len')} tokens per worker per micro-step)",
-            "Horizon": _fmt((record.summary.get("metrics") or {}).get("horizon", t.get("max_steps"))),
+            "Horizon": f"{_fmt(record.metric('horizon'))} steps",
             "Learning rates": lrs or "-",
             "Schedule": f"warmup {t.get('warmup_ratio')}, warmdown {t.get('warmdown_ratio')}, "
                         f"final {t.get('final_lr_frac')}",
@@ -486,13 +496,13 @@ def _section_stage(f: Findings, stage: str) -> list[str]:
     lines += [f"Status: {status}, checkpoint {step_dir_name(record.step)}", "", "### Configuration", ""]
     lines += _items({"Model": _model_line(record), "Parameters": _fmt(record.params),
                      "Workers": record.meta.get("world_size", "-"), **_training_config(record)})
-    resumed = (record.summary.get("metrics") or {}).get("resumed_from") or record.meta.get("resumed_from")
+    resumed = record.metric("resumed_from") or record.meta.get("resumed_from")
     lines += ["", "### Results", ""]
     lines += _items({
         "Steps": _fmt(record.summary.get("steps", record.meta.get("step", record.step))),
         "Tokens": _fmt(record.tokens),
-        "Training time (steady state)": f"{_fmt(record.seconds, 1)} s",
-        "Wall clock (speedrun)": f"{_fmt(_wall_seconds(f, stage), 1)} s",
+        "Training time (steady state)": _seconds(record.seconds),
+        "Wall clock (speedrun)": _seconds(_wall_seconds(f, stage)),
         "Tokens per second": _fmt(record.tokens_per_second, 0),
         "Final training loss": _fmt(record.final_loss),
         "Validation bits per byte": _fmt(record.val_bpb),

@@ -12,6 +12,7 @@ Notable:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -39,6 +40,20 @@ def tensorboard_dir(storage: Storage, cfg: Config, stage: str) -> Path:
     if isinstance(storage, LocalStorage):
         return storage.root / "runs" / cfg.run / "tensorboard" / stage
     return Path(default_storage_uri()).expanduser() / "tensorboard" / cfg.run / stage
+
+
+STAGE_FUNCTIONS = {
+    "base": "trainer.base_train:train_base",
+    "mid": "trainer.chat_train:train_mid",
+    "sft": "trainer.chat_train:train_sft",
+    "rl": "trainer.rl_train:train_rl",
+}
+
+
+def stage_function(stage: str) -> Callable[[dict[str, Any]], None]:
+    """The Ray Train worker function of a stage, imported on demand."""
+    module, _, name = STAGE_FUNCTIONS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def worker_env() -> dict[str, str]:

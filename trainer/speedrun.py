@@ -23,9 +23,6 @@ from trainer.evaluate import core_bundle_dir, result_key
 
 log = logging.getLogger(__name__)
 
-NOT_BUILT = ["train mid", "eval chat", "train sft", "train rl", "report"]
-
-
 class SpeedrunFailed(RuntimeError):
     pass
 
@@ -46,22 +43,26 @@ def _stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> 
     return "done"
 
 
-def _stage_base(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-    from trainer.base_train import train_base
-    from trainer.runner import run_stage
+def _train_stage(name: str) -> Callable[[Config, Storage, str | None], str]:
+    def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
+        from trainer.runner import run_stage, stage_function
 
-    if CheckpointManager(storage, cfg.run, "base").done_summary() is not None:
-        return "skipped (complete)"
-    run_stage("base", train_base, cfg, storage, ray_address=ray_address)
-    return "done"
+        if CheckpointManager(storage, cfg.run, name).done_summary() is not None:
+            return "skipped (complete)"
+        run_stage(name, stage_function(name), cfg, storage, ray_address=ray_address)
+        return "done"
+
+    return stage
 
 
-def _eval_stage(kind: str) -> Callable[[Config, Storage, str | None], str]:
+def _eval_stage(kind: str, of: str) -> Callable[[Config, Storage, str | None], str]:
+    """An evaluation of stage `of`, skipped when its result is for that stage's final step."""
+
     def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
         from trainer.runner import run_eval
 
-        done = CheckpointManager(storage, cfg.run, "base").done_summary()
-        key = result_key(cfg.run, "base", kind)
+        done = CheckpointManager(storage, cfg.run, of).done_summary()
+        key = result_key(cfg.run, of, kind)
         if storage.exists(key) and done and json.loads(storage.read_text(key)).get("step") == done["steps"]:
             return "skipped (complete)"
         if kind == "core":
@@ -69,25 +70,42 @@ def _eval_stage(kind: str) -> Callable[[Config, Storage, str | None], str]:
                 core_bundle_dir(cfg, storage, attempts=2)
             except Exception as e:  # noqa: BLE001 - offline machines have no bundle: skip, say why
                 return f"skipped: CORE eval bundle unavailable ({type(e).__name__}: {e})"
-        run_eval(kind, cfg, storage, stage="base", ray_address=ray_address)
-        return "done"
+        result = run_eval(kind, cfg, storage, stage=of, ray_address=ray_address)
+        skipped = result.get("skipped") or {}
+        return f"done ({len(skipped)} task(s) skipped: {', '.join(sorted(skipped))})" if skipped else "done"
 
     return stage
 
 
-STAGES: list[tuple[str, Callable[[Config, Storage, str | None], str]]] = [
-    ("data", _stage_data),
-    ("tokenizer", _stage_tokenizer),
-    ("base", _stage_base),
-    ("eval loss", _eval_stage("loss")),
-    ("eval core", _eval_stage("core")),
-]
+def _report(cfg: Config, storage: Storage, ray_address: str | None) -> str:
+    from trainer.report import write_report
+
+    return f"done ({write_report(cfg, storage)})"
 
 
-def speedrun(cfg: Config, storage: Storage, ray_address: str | None = None) -> dict[str, Any]:
-    """Run every stage; returns {stage: outcome}. Raises SpeedrunFailed naming the stage that failed."""
+def stages(with_rl: bool) -> list[tuple[str, Callable[[Config, Storage, str | None], str]]]:
+    pipeline = [
+        ("data", _stage_data),
+        ("tokenizer", _stage_tokenizer),
+        ("base", _train_stage("base")),
+        ("base loss", _eval_stage("loss", "base")),
+        ("base core", _eval_stage("core", "base")),
+        ("mid", _train_stage("mid")),
+        ("mid chat eval", _eval_stage("chat", "mid")),
+        ("sft", _train_stage("sft")),
+        ("sft chat eval", _eval_stage("chat", "sft")),
+    ]
+    if with_rl:
+        pipeline += [("rl", _train_stage("rl")), ("rl chat eval", _eval_stage("chat", "rl"))]
+    return pipeline
+
+
+def speedrun(cfg: Config, storage: Storage, ray_address: str | None = None, with_rl: bool = False) -> dict[str, Any]:
+    """Run every stage, then the report; returns {stage: outcome}. Raises SpeedrunFailed naming the stage
+    that failed. The outcomes are kept in runs/<run>/speedrun.json for the report."""
     outcomes: dict[str, Any] = {}
-    for name, stage in STAGES:
+    record = f"runs/{cfg.run}/speedrun.json"
+    for name, stage in [*stages(with_rl), ("report", _report)]:
         started = time.time()
         print(f"speedrun: {name} ...", flush=True)
         try:
@@ -95,8 +113,6 @@ def speedrun(cfg: Config, storage: Storage, ray_address: str | None = None) -> d
         except Exception as e:
             raise SpeedrunFailed(f"stage {name!r} failed: {type(e).__name__}: {e}") from e
         outcomes[name] = {"outcome": outcome, "seconds": round(time.time() - started, 1)}
+        storage.write_text(record, json.dumps({"stages": outcomes}, indent=2))
         print(f"speedrun: {name}: {outcome} ({outcomes[name]['seconds']} s)", flush=True)
-    for name in NOT_BUILT:
-        outcomes[name] = {"outcome": "not built yet in this version"}
-    print(f"speedrun: not built yet in this version: {', '.join(NOT_BUILT)}", flush=True)
     return outcomes
