@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
     for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _train)
+        p = _add(train, stage, text, _train_rl if stage == "rl" else _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
 
@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stage", default="base", help="which stage's newest checkpoint to evaluate (default: base)")
         if kind == "core":
             p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
-    p = _add(evals, "chat", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling)", _not_built("eval chat"))
-    p.add_argument("--tasks", default="", help="comma-separated task names")
+    p = _add(evals, "chat", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling) and ChatCORE", _eval_chat)
+    p.add_argument("--stage", default="sft", help="which stage's newest checkpoint to evaluate (default: sft)")
+    p.add_argument("--tasks", default="", help="comma-separated task names (default: chat_eval.tasks)")
 
     p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun)
     p.add_argument("--rl", action="store_true", help="include the RL stage")
@@ -189,6 +190,21 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _train_rl(args: argparse.Namespace, cfg: Config) -> int:
+    from services.checkpoints import CheckpointManager
+    from trainer.rl_train import SOURCE_STAGE, train_rl
+    from trainer.runner import run_stage
+    from trainer.tok import load_tokenizer
+
+    storage = storage_from_args(args)
+    load_tokenizer(storage)  # as _train: fail in seconds, before Ray starts
+    if CheckpointManager(storage, cfg.run, SOURCE_STAGE).latest_step() is None:
+        raise StageError(f"no {SOURCE_STAGE} checkpoint in runs/{cfg.run}/{SOURCE_STAGE}/: run `nanochat train {SOURCE_STAGE}` first")
+    summary = run_stage("rl", train_rl, cfg, storage, ray_address=args.ray_address)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.evaluate import core_bundle_dir
     from trainer.runner import run_eval
@@ -201,6 +217,16 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
     metrics = {k: v for k, v in result.items() if k not in ("stage", "kind")}
     emit_result(f"eval_{args.action}", cfg, started, metrics=metrics)
     return 0
+
+
+def _eval_chat(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.tasks import TASKS
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] or cfg.chat_eval.tasks
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:  # a typo is a usage error, found before Ray starts
+        raise ConfigError(f"unknown chat task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+    return _eval(args, cfg)
 
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:

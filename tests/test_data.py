@@ -184,7 +184,7 @@ def test_local_folder_of_text_and_parquet_files_is_resharded(local_storage, tmp_
 
     cfg = DataConfig(source="local", local_path=str(folder), corpus="mine", docs_per_shard=4, row_group_size=2)
     summary = prepare_corpus(cfg, local_storage)
-    assert summary["documents"] == 9 and summary["shards"] == 3
+    assert summary["documents"] == 9 and summary["shards"] == 2  # 4 + 5: the odd one joins the last shard
     docs = [d for _, _, t in iter_row_groups(local_storage, list_shards(local_storage, "mine")) for d in t]
     assert docs == ["first document", *[f"row {i}" for i in range(7)], "last document"]
     assert prepare_corpus(cfg, local_storage)["skipped"] is True
@@ -325,3 +325,17 @@ def test_interrupted_hub_prepare_downloads_only_what_is_missing(hub, local_stora
     assert not hub.requests
     assert len(list_shards(local_storage, "fineweb-edu")) == 2
     assert not local_storage.exists("data/fineweb-edu/shard_00002.parquet")
+
+
+def test_a_short_remainder_joins_the_last_shard_so_validation_is_not_a_sliver(local_storage):
+    from nanochat.config import DataConfig
+    from trainer.data import list_shards, prepare_corpus
+
+    cfg = DataConfig(source="stdlib", docs_per_shard=40, row_group_size=8)
+    summary = prepare_corpus(cfg, local_storage, limit=85)  # 40 + 40 + 5: the 5 join the second shard
+    shards = list_shards(local_storage, "stdlib")
+    assert len(shards) == 2 and summary["documents"] == 85
+    import pyarrow.parquet as pq
+
+    sizes = [pq.read_metadata(local_storage.root / key).num_rows for key in shards]
+    assert sizes == [40, 45]

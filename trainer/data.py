@@ -189,9 +189,15 @@ def _summary(record: dict[str, Any], skipped: bool, seconds: float) -> dict[str,
 
 
 def _write_shards(docs: Iterable[str], storage, prefix: str, docs_per_shard: int, row_group_size: int) -> list[str]:
-    names = []
+    """Shards of docs_per_shard documents; a short remainder (under half a shard) joins the last full shard,
+    since the last shards are the validation split and a sliver of one would starve the workers' share."""
+    names: list[str] = []
     it = iter(docs)
-    while batch := list(islice(it, docs_per_shard)):
+    batch = list(islice(it, docs_per_shard))
+    while batch:
+        following = list(islice(it, docs_per_shard))
+        if following and len(following) < max(1, docs_per_shard // 2):  # a short read: the last documents
+            batch, following = batch + following, []
         name = shard_name(len(names))
         table = pa.table({"text": pa.array(batch, type=pa.string())})
         sink = pa.BufferOutputStream()
@@ -199,6 +205,7 @@ def _write_shards(docs: Iterable[str], storage, prefix: str, docs_per_shard: int
         storage.write_bytes(prefix + name, sink.getvalue().to_pybytes())
         names.append(name)
         log.info("wrote %s%s (%d documents)", prefix, name, len(batch))
+        batch = following
     return names
 
 
