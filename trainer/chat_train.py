@@ -26,48 +26,23 @@ from trainer.base_train import optim_config
 from trainer.evaluate import load_stage_model
 from trainer.loop import Stage, train_stage
 from trainer.optim import OptimConfig
-from trainer.tasks import build_task
+from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 
 log = logging.getLogger(__name__)
 
 PREVIOUS = {"mid": ["base"], "sft": ["mid", "base"]}
-VAL_CONVERSATIONS = 64  # per evaluation, across all ranks
+VAL_CONVERSATIONS = 32  # per task per evaluation, across all ranks
 
 
-def build_mixture(stage_cfg: ChatStageConfig, cfg: Config, split: str, storage) -> tuple[TaskMixture, dict[str, str]]:
+def stage_mixture(stage_cfg: ChatStageConfig, cfg: Config, split: str, storage, max_examples: int = -1
+                  ) -> tuple[TaskMixture, dict[str, str]]:
     """The stage's weighted mixture of the tasks that can be had, and {task: reason} for those that cannot."""
-    tasks, weights, skipped = [], [], {}
-    for name, weight in stage_cfg.tasks.items():
-        if weight <= 0:
-            continue
-        try:
-            task = build_task(name, cfg, split, storage)
-        except TaskUnavailable as e:
-            skipped[name] = e.reason
-            log.warning("task %s left out: %s", name, e.reason)
-            continue
-        if stage_cfg.max_examples >= 0 and len(task) > stage_cfg.max_examples:
-            task = _Truncated(task, stage_cfg.max_examples)
-        tasks.append(task)
-        weights.append(weight)
-    if not tasks:
+    cap = max_examples if max_examples >= 0 else stage_cfg.max_examples
+    mixture, skipped = build_mixture(stage_cfg.tasks, cfg, split, storage, cap)
+    if not mixture.tasks:
         raise TaskUnavailable(",".join(stage_cfg.tasks), f"no task of the mixture is available: {skipped}")
-    return TaskMixture(tasks, weights), skipped
-
-
-class _Truncated(Task):
-    """The first n examples of a task (tasks serve their rows already shuffled)."""
-
-    def __init__(self, task: Task, n: int):
-        self.task, self.n = task, n
-        self.name, self.eval_type = task.name, task.eval_type
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get_example(self, index: int) -> dict:
-        return self.task.get_example(index)
+    return mixture, skipped
 
 
 class ConversationLoader:
@@ -124,7 +99,7 @@ class ChatStage(Stage):
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.stage_cfg: ChatStageConfig = getattr(self.cfg, self.name)
-        self.mixture, self.skipped = build_mixture(self.stage_cfg, self.cfg, "train", self.storage)
+        self.mixture, self.skipped = stage_mixture(self.stage_cfg, self.cfg, "train", self.storage)
         self.worker_batch = self.stage_cfg.device_batch_size
         if self.worker_batch == 0 or self.stage_cfg.examples_per_step % (self.worker_batch * self.worker.world_size):
             raise ValueError(
@@ -168,11 +143,11 @@ class ChatStage(Stage):
     def evaluate(self, model: GPT) -> dict[str, float]:
         """Mean loss on assistant tokens of held-out conversations (the tasks' test splits where they exist)."""
         try:
-            val, _ = build_mixture(self.stage_cfg, self.cfg, "test", self.storage)
+            val, _ = stage_mixture(self.stage_cfg, self.cfg, "test", self.storage, VAL_CONVERSATIONS)
         except TaskUnavailable:
             return {}
         w = self.worker
-        loader = ConversationLoader(_Truncated(val, min(len(val), VAL_CONVERSATIONS)), self.tokenizer,
+        loader = ConversationLoader(val, self.tokenizer,
                                     self.worker_batch, self.cfg.train.seq_len, w.rank, w.world_size, w.device, loop=False)
         loss_sum = torch.zeros((), device=w.device, dtype=torch.float64)
         count = torch.zeros((), device=w.device, dtype=torch.float64)

@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -120,12 +121,16 @@ def run_stage(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
+    started = time.time()
     job = {"stage": stage, "fail_at_step": fail_at_step,
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
     _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")
+    # the workers measured steady-state step time; the caller wants this command's wall time too
+    summary["metrics"]["train_seconds"] = summary["seconds"]
+    summary["seconds"] = round(time.time() - started, 3)
     return summary
 
 

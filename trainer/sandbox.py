@@ -21,6 +21,8 @@ Notable:
   - `ok` means the program ran to its last line: an exception, a timeout, a kill and also an early
     `sys.exit()`/`exit()` are failures, so a completion cannot skip the tests that follow it and pass
 - output: stdout and stderr together, the first 64 KiB
+- safe to call from several threads at once (no `preexec_fn`, no shared state but the cached probe), so
+  an eval can grade HumanEval samples in a thread pool
 
 What this is not: a security boundary against adversarial code. It runs as the calling user (root in
 most containers: the Python install is usually not readable by an unprivileged user, so dropping to
@@ -32,6 +34,7 @@ evaluation in a container or VM for more.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -192,7 +195,8 @@ def run_program(code: str, timeout_s: float = 5.0, memory_mb: int = 256) -> tupl
                 timed_out = False
             except subprocess.TimeoutExpired:
                 # not yet reaped, so the process group id cannot have been reused
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 timed_out = True
             out.seek(0)

@@ -3,7 +3,7 @@ Where task data comes from: a local folder, the cache, object storage, or the Hu
 
 Notable:
 - the order for each file a task needs: `data.tasks_dir` (local files, see below) -> the local cache
-  -> storage under tasks/<repo>/<path> (so that every worker and pod downloads a file once) -> HTTPS from
+  (~/.cache/nanochat/task_cache) -> storage under tasks/<repo>/<path> (so that every worker and pod downloads a file once) -> HTTPS from
   https://huggingface.co/datasets/<repo>/resolve/main/<path> (a mirror via HF_ENDPOINT, the variable the
   Hugging Face tools read). A download goes to a temp file, is checked (a parquet footer, or non-empty
   text), then renamed into the cache and put into storage
@@ -15,8 +15,8 @@ Notable:
   Stems: arc_easy, arc_challenge, mmlu, gsm8k, humaneval, smoltalk, identity; words_alpha.txt for the
   spelling tasks. Rows in the Hugging Face schema of each data set (see the task modules); ARC also in
   llm-foundry's {"query", "choices", "gold"}, HumanEval also in llm-foundry's code-eval jsonl
-- rows stay in Arrow (parquet) or as parsed dicts (jsonl); `subset` reads only the rows a task keeps, one
-  file at a time, so a capped task never holds a whole large split in memory
+- rows stay in Arrow (parquet) or as parsed dicts (jsonl); `subset` reads the files one at a time and
+  keeps only the rows the task serves, so a capped task holds at most one file besides its own rows
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def extract_program(response: str) -> str:
     return (match.group(1) if match else response).strip()
 
 
-def test_program(conversation: dict, response: str) -> str:
+def program_for(conversation: dict, response: str) -> str:
     prompt = conversation["messages"][0]["content"]
     return "\n\n".join([
         extract_imports(prompt),
@@ -71,7 +71,7 @@ class HumanEval(RowTask):
         }
 
     def evaluate(self, conversation: dict, response: str) -> bool:
-        ok, _ = run_program(test_program(conversation, response), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+        ok, _ = run_program(program_for(conversation, response), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
         return ok
 
 
