@@ -177,15 +177,14 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.base_train import train_base
-    from trainer.runner import run_stage
+    from trainer.runner import run_stage, stage_function
     from trainer.tok import load_tokenizer
 
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
     load_tokenizer(storage)
-    summary = run_stage(args.action, train_base, cfg, storage, ray_address=args.ray_address)
+    summary = run_stage(args.action, stage_function(args.action), cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 
