@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
     for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _train_rl if stage == "rl" else _train)
+        p = _add(train, stage, text, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
 
@@ -177,29 +177,18 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.runner import run_stage, stage_function
+    from services.checkpoints import CheckpointManager
+    from trainer.runner import STARTS_FROM, run_stage, stage_function
     from trainer.tok import load_tokenizer
 
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
     load_tokenizer(storage)
+    sources = STARTS_FROM[args.action]
+    if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
+        raise StageError(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
     summary = run_stage(args.action, stage_function(args.action), cfg, storage, ray_address=args.ray_address)
-    print(json.dumps(summary), flush=True)
-    return 0
-
-
-def _train_rl(args: argparse.Namespace, cfg: Config) -> int:
-    from services.checkpoints import CheckpointManager
-    from trainer.rl_train import SOURCE_STAGE, train_rl
-    from trainer.runner import run_stage
-    from trainer.tok import load_tokenizer
-
-    storage = storage_from_args(args)
-    load_tokenizer(storage)  # as _train: fail in seconds, before Ray starts
-    if CheckpointManager(storage, cfg.run, SOURCE_STAGE).latest_step() is None:
-        raise StageError(f"no {SOURCE_STAGE} checkpoint in runs/{cfg.run}/{SOURCE_STAGE}/: run `nanochat train {SOURCE_STAGE}` first")
-    summary = run_stage("rl", train_rl, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 

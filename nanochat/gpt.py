@@ -304,7 +304,8 @@ class GPT(nn.Module):
         """Grow the rotary tables (doubling) when positions run past them, e.g. long generations."""
         if n_pos > self.cos.size(0):
             size = max(n_pos, 2 * self.cos.size(0))
-            self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base, self.cos.device)
+            with torch.inference_mode(False):  # grown during generation, the tables must still serve training
+                self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base, self.cos.device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimizer treatment, each exactly once: block matrices go to Muon, the rest to AdamW."""

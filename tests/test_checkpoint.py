@@ -25,8 +25,8 @@ from nanochat.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from services.storage import open_storage
 from services.checkpoints import CheckpointManager
+from services.storage import open_storage
 
 
 class TinyLM(nn.Module):

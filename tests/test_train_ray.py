@@ -9,12 +9,12 @@ import pytest
 
 from nanochat.checkpoint import read_checkpoint
 from nanochat.config import load_config
+from services.checkpoints import CheckpointManager
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
 from trainer.base_train import train_base
-from services.checkpoints import CheckpointManager
 from trainer.data import prepare_corpus
-from trainer.runner import run_stage
+from trainer.runner import run_stage, stage_function
 from trainer.tok import train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -95,3 +95,17 @@ def test_crashed_worker_is_restarted_and_continues_exactly(s3_storage, reference
     assert [h["step"] for h in crashed] == list(range(1, 13))
     for ours, theirs in zip(crashed, uninterrupted):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5), f"step {ours['step']}"
+
+
+def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
+    chat = ["mid.max_steps=3", "sft.max_steps=3", "mid.tasks={identity: 1, simple-spelling: 1}",
+            "sft.tasks={identity: 1, smoltalk: 1}", "mid.device_batch_size=2", "mid.examples_per_step=4",
+            "sft.device_batch_size=2", "sft.examples_per_step=4", "train.checkpoint_every=2"]
+    mid = run_stage("mid", stage_function("mid"), config("reference", *chat), s3_storage, show_progress=False)
+    assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}
+    sft = run_stage("sft", stage_function("sft"), config("reference", *chat), s3_storage, show_progress=False)
+    assert sft["steps"] == 3
+    assert "smoltalk" in sft["metrics"]["skipped_tasks"], "offline, SmolTalk is skipped with its reason"
+    keys = s3_storage.list("runs/reference/")
+    assert "runs/reference/mid/step_000003/manifest.json" in keys
+    assert "runs/reference/sft/step_000003/manifest.json" in keys

@@ -26,12 +26,12 @@ from trainer.base_train import optim_config
 from trainer.evaluate import load_stage_model
 from trainer.loop import Stage, train_stage
 from trainer.optim import OptimConfig
+from trainer.runner import STARTS_FROM
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 
 log = logging.getLogger(__name__)
 
-PREVIOUS = {"mid": ["base"], "sft": ["mid", "base"]}
 VAL_CONVERSATIONS = 32  # per task per evaluation, across all ranks
 
 
@@ -108,12 +108,12 @@ class ChatStage(Stage):
             )
 
     def build_model(self) -> GPT:
-        for previous in PREVIOUS[self.name]:
+        for previous in STARTS_FROM[self.name]:
             if CheckpointManager(self.storage, self.cfg.run, previous).latest_step() is not None:
                 model, step = load_stage_model(self.storage, self.cfg.run, previous, torch.device("cpu"))
                 log.info("%s starts from %s step %d", self.name, previous, step)
                 return model
-        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(PREVIOUS[self.name])} in runs/{self.cfg.run}/")
+        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(STARTS_FROM[self.name])} in runs/{self.cfg.run}/")
 
     def optim_config(self) -> OptimConfig:
         return optim_config(self.cfg, lr_frac=self.stage_cfg.lr_frac, **self.schedule())

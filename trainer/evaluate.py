@@ -5,6 +5,7 @@ Notable:
 - `eval loss`: bits per byte on the train and validation splits (nanochat's base_loss), each rank
   evaluating its own share of row groups and the sums all-reduced
 - `eval core`: the CORE metric over the DCLM task bundle, items split across ranks
+- `eval chat`: the chat tasks and ChatCORE (trainer/chat_eval.py); tasks without data are listed as skipped
 - results go to runs/<run>/evals/<stage>_<kind>.json, which the report and the speedrun read
 """
 
@@ -22,6 +23,7 @@ from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.settings import default_storage_uri
 from services.storage import Storage, open_storage
+from trainer.chat_eval import run_chat_eval
 from trainer.core_eval import download_eval_bundle, evaluate_core
 from trainer.data import list_shards, split_shards
 from trainer.dataloader import DataLoader, token_bytes
@@ -68,7 +70,7 @@ def core_bundle_dir(cfg: Config, storage: Storage, attempts: int = 5) -> Path:
 
 
 def eval_worker(job: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker for `nanochat eval loss|core`."""
+    """Ray Train's train_loop_per_worker for `nanochat eval loss|core|chat`."""
     cfg = Config.model_validate(job["config"])
     kind, stage = job["kind"], job["stage"]
     worker = current_worker(job.get("threads_per_worker", 1))
@@ -86,6 +88,8 @@ def eval_worker(job: dict[str, Any]) -> None:
             with worker.autocast():
                 result.update(evaluate_core(model, tokenizer, core_bundle_dir(cfg, storage), tasks=job.get("tasks"),
                                             max_per_task=limit, device=worker.device))
+        elif kind == "chat":
+            result.update(run_chat_eval(model, tokenizer, cfg, storage, worker, tasks=job.get("tasks")))
         else:
             raise ValueError(f"unknown evaluation {kind!r}")
     if worker.is_main:

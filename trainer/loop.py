@@ -166,7 +166,7 @@ def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, o
 # the loop
 
 
-def _maybe_inject_fault(job: dict[str, Any], storage: Storage, step: int, worker: Worker, stage_prefix: str) -> None:
+def maybe_inject_fault(job: dict[str, Any], storage: Storage, step: int, worker: Worker, stage_prefix: str) -> None:
     """Test hook: kill one worker process once at a chosen step, as a crashed node would."""
     fault = job.get("fail_at_step")
     if fault is None or step != fault or worker.rank != job.get("fail_rank", worker.world_size - 1):
@@ -179,7 +179,7 @@ def _maybe_inject_fault(job: dict[str, Any], storage: Storage, step: int, worker
     os._exit(1)
 
 
-def _progress_tracker(job: dict[str, Any]):
+def progress_tracker(job: dict[str, Any]):
     import ray
 
     try:
@@ -188,7 +188,7 @@ def _progress_tracker(job: dict[str, Any]):
         return None
 
 
-def _telemetry(job: dict[str, Any], stage: Stage) -> TrainTelemetry:
+def make_telemetry(job: dict[str, Any], stage: Stage) -> TrainTelemetry:
     main, cfg = stage.worker.is_main, stage.cfg
     tensorboard_dir = Path(job["tensorboard_dir"]) if main and job.get("tensorboard_dir") else None
     return TrainTelemetry(cfg.run, stage.name, tensorboard_dir=tensorboard_dir,
@@ -226,15 +226,15 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
     horizon, accum = stage.horizon(model), stage.micro_steps()
     ddp = DistributedDataParallel(model) if worker.world_size > 1 else model
     flops_per_token, peak = model.estimate_flops(), peak_flops(worker.device)
-    telemetry = _telemetry(job, stage)
-    tracker = _progress_tracker(job) if worker.is_main else None
+    telemetry = make_telemetry(job, stage)
+    tracker = progress_tracker(job) if worker.is_main else None
     if worker.is_main:
         log.info("%s: %s params, %d steps, %d micro-steps per step, %d workers",
                  stage.name, f"{model.num_params():,}", horizon, accum, worker.world_size)
 
     steps_this_attempt, eval_every = 0, stage.eval_every()
     while progress.step < horizon:
-        _maybe_inject_fault(job, storage, progress.step, worker, manager.stage_prefix)
+        maybe_inject_fault(job, storage, progress.step, worker, manager.stage_prefix)
         schedule = apply_schedule(optimizers, progress.step, horizon, optim_cfg)
         started = time.time()
         loss_sum = torch.zeros((), device=worker.device)

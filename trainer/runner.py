@@ -51,6 +51,10 @@ STAGE_FUNCTIONS = {
 }
 
 
+# the stages whose newest checkpoint a stage starts from, in order of preference
+STARTS_FROM = {"base": [], "mid": ["base"], "sft": ["mid", "base"], "rl": ["sft"]}
+
+
 def stage_function(stage: str) -> Callable[[dict[str, Any]], None]:
     """The Ray Train worker function of a stage, imported on demand."""
     module, _, name = STAGE_FUNCTIONS[stage].partition(":")
@@ -143,7 +147,7 @@ def run_eval(
     tasks: list[str] | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """`eval loss|core` of a stage's newest checkpoint, spread over the workers; returns the saved result."""
+    """`eval loss|core|chat` of a stage's newest checkpoint, spread over the workers; returns the saved result."""
     from trainer.evaluate import eval_worker, result_key
 
     key = result_key(cfg.run, stage, kind)
