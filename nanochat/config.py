@@ -187,11 +187,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def _section(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    field = model.model_fields.get(key) if model else None
+    annotation = field.annotation if field else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Later layers win key by key inside sections; a mapping-valued setting (a task mixture) is replaced whole."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        section = _section(model, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and (section or model is None):
+            merged[key] = _merge(merged[key], value, section)
         else:
             merged[key] = value
     return merged
@@ -257,10 +265,10 @@ def load_config(
     # the preset may be chosen by a config file or --set as well as by the argument
     merged: dict[str, Any] = {}
     for layer in layers + sets:
-        merged = _merge(merged, layer)
+        merged = _merge(merged, layer, Config)
     name = preset or merged.get("preset") or "tiny-cpu"
     if name not in available_presets():
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
-    data = _merge(_read_yaml(PRESETS_DIR / f"{name}.yaml"), merged)
+    data = _merge(_read_yaml(PRESETS_DIR / f"{name}.yaml"), merged, Config)
     data["preset"] = name
     return validate(data)

@@ -85,3 +85,9 @@ def test_malformed_set_and_yaml(tmp_path):
         load_config(config_files=[bad])
     with pytest.raises(ConfigError, match="not found"):
         load_config(config_files=[tmp_path / "missing.yaml"])
+
+
+def test_a_task_mixture_is_replaced_whole_not_merged():
+    cfg = load_config(preset="tiny-cpu", overrides=["mid.tasks={identity: 1}", "mid.max_steps=3"])
+    assert cfg.mid.tasks == {"identity": 1.0}
+    assert cfg.mid.device_batch_size == load_config(preset="tiny-cpu").mid.device_batch_size  # sections still merge

@@ -235,7 +235,7 @@ def test_rl_stage_on_ray_resumes_after_a_worker_crash(tok, local_storage, shared
     cfg = load_config(preset="tiny-cpu", overrides=[
         "run=rl", f"data.tasks_dir={tasks_dir}", "data.offline=true", "train.workers=2", "train.checkpoint_every=2",
         "log.tensorboard=false", "rl.max_steps=4", "rl.prompts_per_step=2", "rl.samples_per_prompt=3",
-        "rl.max_new_tokens=6"])
+        "rl.max_new_tokens=6", "rl.tasks={gsm8k: 1}"])
     summary = run_stage("rl", train_rl, cfg, local_storage, fail_at_step=3, show_progress=False)
     assert summary["stage"] == "rl" and summary["steps"] == 4
     assert summary["metrics"]["resumed_from"] == [2], "the crash at step 3 resumes from the step-2 checkpoint"
