@@ -149,6 +149,25 @@ class EvalConfig(Section):
     loss_tokens: int = Field(1_048_576, ge=1, description="tokens per split for `eval loss`")
 
 
+class ServeConfig(Section):
+    model_name: str = Field("nanochat", description="the model id the API answers to (/v1/models)")
+    stage: str = Field("sft", description="serve the newest checkpoint of this stage when --model is not given")
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica")
+    max_num_seqs: int = Field(16, ge=1, description="sequences decoded together in one step")
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunks + decodes)")
+    max_queue: int = Field(64, ge=1, description="running + waiting requests per replica before 429")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(8, ge=1, description="autoscaling target per engine replica")
+    max_ongoing_requests: int = Field(32, ge=1, description="Ray Serve's per-replica cap; near the batch size")
+    max_queued_requests: int = Field(64, ge=-1, description="Ray Serve's queue bound before 503 (-1: unbounded)")
+    num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per engine replica")
+
+
 class LogConfig(Section):
     every: int = Field(1, ge=1, description="steps between metric reports (Ray Train, TensorBoard, W&B, Prometheus)")
     tensorboard: bool = Field(True, description="write TensorBoard event files under runs/<run>/tensorboard/")
@@ -168,6 +187,7 @@ class Config(Section):
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
     chat_eval: ChatEvalConfig = ChatEvalConfig()
+    serve: ServeConfig = ServeConfig()
     log: LogConfig = LogConfig()
 
 

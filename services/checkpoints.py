@@ -19,11 +19,22 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanochat.checkpoint import MANIFEST, CorruptCheckpoint, read_manifest, verify_checkpoint
+import torch
+
+from nanochat.checkpoint import (
+    MANIFEST,
+    CorruptCheckpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    read_manifest,
+    verify_checkpoint,
+)
+from nanochat.gpt import GPT
 from services.storage import KeyNotFound, Storage
 
 if TYPE_CHECKING:
@@ -211,6 +222,30 @@ class CheckpointManager:
             )
             shutil.rmtree(dest, ignore_errors=True)
         return None
+
+    def fetch(self, step: int, download_to: str | Path) -> Path:
+        """Download one given step and verify it; CorruptCheckpoint naming the damaged files otherwise."""
+        dest = Path(download_to) / step_dir_name(step)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        problems = self._download(step, dest)
+        if problems:
+            raise CorruptCheckpoint(self._where(step), problems)
+        return dest
+
+    def load_model(self, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, int]:
+        """The stage's newest valid checkpoint (or the given step) as a model in eval mode, and its step."""
+        with tempfile.TemporaryDirectory(prefix="nanochat-model-") as tmp:
+            if step is None:
+                found = self.latest_valid(tmp)
+                if found is None:
+                    raise FileNotFoundError(f"no valid checkpoint in {self.storage.uri}/{self.stage_prefix}: "
+                                            f"run `nanochat train {self.stage}` first")
+                step, folder = found
+            else:
+                folder = self.fetch(step, tmp)
+            model = model_from_checkpoint(read_checkpoint(folder, load_optimizer=False), device)
+        return model, step
 
     # -- stage completion
 

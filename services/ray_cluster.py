@@ -22,8 +22,9 @@ _TRAIN_ENV_DEFAULTS = {
 }
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Initialise Ray once per process: attach to `address` (or $RAY_ADDRESS), else start a local cluster."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+    """Initialise Ray once per process: attach to `address` (or $RAY_ADDRESS), else start a local cluster
+    (whose metrics agent serves Prometheus text at :metrics_port/metrics when given)."""
     import ray
 
     if ray.is_initialized():
@@ -36,4 +37,5 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting an embedded local Ray cluster")
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+        ray.init(num_cpus=num_cpus, log_to_driver=True, **extra)

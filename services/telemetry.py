@@ -45,12 +45,13 @@ class Gauges:
 
     _local: dict[str, Any] = {}  # prometheus_client refuses to register a name twice per process
 
-    def __init__(self, specs: dict[str, tuple[str, str]], labels: dict[str, str]):
+    def __init__(self, specs: dict[str, tuple[str, str]], labels: dict[str, str], use_ray: bool | None = None):
         self.labels = labels
         self.gauges: dict[str, Any] = {}
         keys = tuple(labels)
+        use_ray = _in_ray() if use_ray is None else use_ray
         for key, (name, description) in specs.items():
-            if _in_ray():
+            if use_ray:
                 from ray.util.metrics import Gauge
 
                 # Ray's exporter refuses ':' and adds its own prefix: nanochat:x -> ray_nanochat_x
@@ -83,8 +84,9 @@ class TrainTelemetry:
         wandb_mode: str = "disabled",
         wandb_project: str = "nanochat",
         config: dict[str, Any] | None = None,
+        use_ray: bool | None = None,
     ):
-        self.gauges = Gauges(TRAIN_METRICS, {"run": run, "stage": stage})
+        self.gauges = Gauges(TRAIN_METRICS, {"run": run, "stage": stage}, use_ray)
         self.writer = None
         if tensorboard_dir is not None:
             from tensorboardX import SummaryWriter

@@ -174,7 +174,7 @@ def test_stage_sections_give_config_time_tokens_and_losses(full):
 
     sft = section(full["text"], "Supervised fine-tuning (sft)")
     assert f"- Parameters: {full['params']:,}" in sft
-    assert "- tasks: arc-challenge x1.0, arc-easy x1.0, gsm8k x1.0, identity x2.0" in sft and "- learning rates: 0.03 x base (embedding 0.3" in sft
+    assert "- tasks: identity x1.0, spelling x0.5, stdlib-docs x1.0" in sft and "- learning rates: 0.03 x base (embedding 0.3" in sft
     assert f"- Final training loss: {full['sft_history'][-1]['loss']:.4f}" in sft
     assert "- HumanEval: skipped (no local file for humaneval" in sft
 

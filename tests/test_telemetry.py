@@ -26,7 +26,7 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 def test_metrics_reach_prometheus_tensorboard_and_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     telemetry = TrainTelemetry("telemetry-test", "base", tensorboard_dir=tmp_path / "tb", wandb_mode="offline",
-                               wandb_project="nanochat-tests", config={"model": {"depth": 2}})
+                               wandb_project="nanochat-tests", config={"model": {"depth": 2}}, use_ray=False)
     for step, loss in [(1, 5.0), (2, 4.5), (3, 4.25)]:
         telemetry.log(step, {"loss": loss, "tokens_per_second": 1000.0 * step, "lr_multiplier": 1.0})
     telemetry.close()
@@ -44,7 +44,7 @@ def test_metrics_reach_prometheus_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 
 def test_non_finite_values_leave_gauges_unchanged(tmp_path):
-    telemetry = TrainTelemetry("nan-test", "base", tensorboard_dir=None)
+    telemetry = TrainTelemetry("nan-test", "base", tensorboard_dir=None, use_ray=False)
     telemetry.log(1, {"loss": 3.0})
     telemetry.log(2, {"loss": float("nan")})
     assert REGISTRY.get_sample_value("nanochat:train_loss", {"run": "nan-test", "stage": "base"}) == 3.0

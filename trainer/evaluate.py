@@ -12,13 +12,11 @@ Notable:
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanochat.checkpoint import model_from_checkpoint, read_checkpoint
 from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.settings import default_storage_uri
@@ -40,13 +38,7 @@ def result_key(run: str, stage: str, kind: str) -> str:
 
 def load_stage_model(storage: Storage, run: str, stage: str, device: torch.device):
     """The newest valid checkpoint of a stage as a model in eval mode, and its step."""
-    with tempfile.TemporaryDirectory(prefix="nanochat-eval-") as tmp:
-        found = CheckpointManager(storage, run, stage).latest_valid(Path(tmp))
-        if found is None:
-            raise FileNotFoundError(f"no valid checkpoint in runs/{run}/{stage}/: run `nanochat train {stage}` first")
-        step, folder = found
-        model = model_from_checkpoint(read_checkpoint(folder, load_optimizer=False), device)
-    return model, step
+    return CheckpointManager(storage, run, stage).load_model(device)
 
 
 def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[str]) -> float:

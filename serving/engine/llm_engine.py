@@ -1,0 +1,475 @@
+"""
+The serving engine's front: requests in, token events out. LLMEngine is the synchronous core (one step =
+schedule, run the model, sample, postprocess); AsyncEngine runs it on a thread for asyncio servers.
+
+Notable:
+- a request with n choices is n sequences (one per choice index), each with its own torch.Generator:
+  choice 0 is seeded with the request's seed, choice i > 0 with a seed derived from (seed, i), so a
+  seeded request reproduces every choice and its choices differ. The choices are independent sequences;
+  when admitted in different steps they share the prompt's full blocks through the prefix cache.
+- every request also stops at <|assistant_end|> and <|bos|> (end of turn, start of a new document),
+  besides its own stop_token_ids; a stop token is reported as a token (no text) and counts as a
+  completion token, like vLLM's EOS.
+- the context is bounded by max_model_len (the model's training sequence_len unless given, and never
+  more than the KV cache holds): a prompt that leaves no room to generate is refused with a ValueError
+  naming the limits; max_tokens is cut to the room the prompt leaves, and a choice that reaches the end
+  of the context finishes with "length".
+- incremental detokenisation: each token's exact bytes (tokenizer.id_to_bytes; special tokens have none)
+  go through an incremental UTF-8 decoder, so only complete characters are emitted and a character
+  split across tokens appears with its last token. Stop strings are matched on the decoded text; text
+  that could still be the start of a stop string is held back until it cannot, so a stop string never
+  reaches the client even in part. A matched stop string ends the choice ("stop"), the text cut just
+  before it, and its blocks are freed at once.
+- the calculator tool runs per choice, as in nanochat/engine.py: tokens between <|python_start|> and
+  <|python_end|> go through safe_eval, and a result is forced as <|output_start|> result <|output_end|>.
+  Forced tokens wait in the choice's queue and take the place of the sampled token, one per step: they
+  are appended to the sequence like sampled ones, so the next step computes their KV like any token;
+  they count as completion tokens and are streamed as text.
+- abort(request_id) frees every block of the request at once; its "abort" final events come with the
+  next step(), so a consumer sees every choice end.
+- AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
+  are not thread safe). generate() posts the request through a locked inbox and reads the events from an
+  asyncio.Queue fed with loop.call_soon_threadsafe; closing or cancelling the iteration (a client that
+  disconnected) posts an abort. The queue bound counts requests accepted and not yet finished, including
+  those still in the inbox, so a burst can never overshoot it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanochat.gpt import GPT
+from nanochat.tokenizer import Tokenizer
+from nanochat.tools import safe_eval
+from serving.engine.block_manager import BlockManager
+from serving.engine.model_runner import ModelRunner
+from serving.engine.sampler import make_generator, sample
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from serving.metrics import MetricsRecorder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one choice, or (token_id None) the end of that choice."""
+
+    request_id: str
+    index: int  # choice index, for n > 1
+    token_id: int | None  # None on the final event
+    text: str  # new text: "" while a character is incomplete or held back for a stop string, and on the end
+    finish_reason: FinishReason | None  # set on the final event only
+    prompt_tokens: int
+    completion_tokens: int  # so far, for this choice
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it, so n=1 and the first
+    of n choices agree; the others get a hash of (seed, index), unrelated to other requests' seeds."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit int
+
+
+@dataclass(eq=False)
+class _Choice:
+    """Engine-side state of one sequence: detokenisation, stop strings and the calculator tool."""
+
+    request_id: str
+    index: int
+    seq: Sequence
+    generator: torch.Generator
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    text: str = ""  # everything decoded so far (cut at a stop string)
+    emitted: int = 0  # characters of text already sent
+    forced: deque[int] = field(default_factory=deque)  # calculator output waiting to be fed
+    expr: list[int] | None = None  # tool call being written, None outside one
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache; every method runs on one thread."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
+                 max_model_len: int | None = None):
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                             f"tokenizer's ({tokenizer.vocab_size})")
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        # a sequence can never outgrow the cache, whatever the model would accept
+        self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
+        self.vocab_size = model.config.vocab_size
+        sp = tokenizer.encode_special
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.end_of_turn = [sp("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+        self.requests: dict[str, list[_Choice]] = {}  # unfinished choices of each request
+        self.choices: dict[int, _Choice] = {}  # by sequence id
+        self.pending: list[TokenEvent] = []  # final events of aborted choices, returned by the next step
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """The params the request's sequences run with (max_tokens cut to the context left, end-of-turn
+        stop tokens added), or a ValueError saying what does not fit. Reads only fixed configuration,
+        so any thread may call it (AsyncEngine does, to refuse a request before queueing it)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[0]!r}")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the model's maximum context length "
+                             f"is {self.max_model_len} tokens, including at least 1 to generate")
+        stops = params.stop_token_ids + [t for t in self.end_of_turn if t not in params.stop_token_ids]
+        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already running")
+        seq_params = self.validate(prompt_ids, params)
+        choices = []
+        for index in range(params.n):
+            seq = Sequence(list(prompt_ids), seq_params)
+            choices.append(_Choice(request_id, index, seq, make_generator(choice_seed(params.seed, index))))
+        for choice in choices:
+            self.scheduler.add(choice.seq)
+            self.choices[choice.seq.id] = choice
+        self.requests[request_id] = choices
+
+    def abort(self, request_id: str) -> None:
+        """Free the request's blocks now; its unfinished choices end with "abort" at the next step().
+        An unknown or already finished request is ignored (its client may go just after the end)."""
+        for choice in self.requests.pop(request_id, []):
+            self.scheduler.abort(choice.seq.id)
+            del self.choices[choice.seq.id]
+            self.pending.append(self._event(choice, None, "", "abort"))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[TokenEvent]:
+        """Advance every scheduled sequence by one step; the token (and final) events it produced."""
+        events, self.pending = self.pending, []
+        batch = self.scheduler.schedule()
+        if batch.num_tokens == 0:
+            return events
+        logits = self.runner.run(batch.prefills, batch.decodes)
+        choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
+        tokens = self._next_tokens(logits, choices)
+        self.scheduler.postprocess(batch, tokens)
+        for choice, token in zip(choices, tokens, strict=True):
+            events.extend(self._advance(choice, token))
+        return events
+
+    def _next_tokens(self, logits: torch.Tensor, choices: list[_Choice]) -> list[int]:
+        """Each choice's next token: its waiting tool output if any, else a sample. Only choices that
+        sample draw from their generator."""
+        tokens = [c.forced.popleft() if c.forced else -1 for c in choices]
+        rows = [i for i, t in enumerate(tokens) if t == -1]
+        if rows:
+            drawn = sample(logits[rows], [choices[i].seq.sampling for i in rows],
+                           [choices[i].generator for i in rows]).tolist()
+            for i, token in zip(rows, drawn, strict=True):
+                tokens[i] = token
+        return tokens
+
+    def _advance(self, choice: _Choice, token: int) -> list[TokenEvent]:
+        """Account for the token postprocess just appended: tool state, text, stop strings, the end."""
+        seq = choice.seq
+        if not seq.is_finished:
+            self._tool(choice, token)
+        before = len(choice.text)
+        choice.text += choice.decoder.decode(self.tokenizer.id_to_bytes(token))
+        reason = seq.finish_reason
+        stop_at = _find_stop(choice.text, seq.sampling.stop, before)
+        if stop_at is not None:
+            choice.text = choice.text[:stop_at]
+            reason = "stop"
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+        elif reason is not None:
+            choice.text += choice.decoder.decode(b"", final=True)  # a cut character becomes U+FFFD
+        if reason is None:
+            end = len(choice.text) - _held_back(choice.text, choice.emitted, seq.sampling.stop)
+            return [self._event(choice, token, self._emit(choice, end), None)]
+        del self.choices[seq.id]
+        remaining = self.requests[choice.request_id]
+        remaining.remove(choice)
+        if not remaining:
+            del self.requests[choice.request_id]
+        return [self._event(choice, token, self._emit(choice, len(choice.text)), None),
+                self._event(choice, None, "", reason)]
+
+    def _tool(self, choice: _Choice, token: int) -> None:
+        """The calculator state machine of nanochat/engine.py, on the token just appended."""
+        if token == self.python_start:
+            choice.expr = []
+        elif token == self.python_end and choice.expr is not None:
+            result = safe_eval(self.tokenizer.decode(choice.expr))
+            if result is not None:
+                choice.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            choice.expr = None
+        elif choice.expr is not None:
+            choice.expr.append(token)
+
+    @staticmethod
+    def _emit(choice: _Choice, end: int) -> str:
+        text = choice.text[choice.emitted : end]
+        choice.emitted = max(choice.emitted, end)
+        return text
+
+    @staticmethod
+    def _event(choice: _Choice, token: int | None, text: str, reason: FinishReason | None) -> TokenEvent:
+        seq = choice.seq
+        return TokenEvent(choice.request_id, choice.index, token, text, reason, seq.num_prompt_tokens,
+                          seq.num_output_tokens)
+
+    # ------------------------------------------------------------------ numbers
+
+    def stats(self) -> dict:
+        """Requests running (some choice computing) and waiting (none yet), and the cache's counters."""
+        running = sum(1 for choices in self.requests.values()
+                      if any(c.seq.status is SequenceStatus.RUNNING for c in choices))
+        bm = self.block_manager
+        return {
+            "running": running,
+            "waiting": len(self.requests) - running,
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "free_blocks": bm.num_free_blocks,
+            "total_blocks": bm.num_blocks,
+        }
+
+
+def _find_stop(text: str, stops: list[str], before: int) -> int | None:
+    """Where the earliest stop string in text starts, looking only at matches that end in the new text."""
+    found = [i for s in stops if (i := text.find(s, max(0, before - len(s) + 1))) != -1]
+    return min(found) if found else None
+
+
+def _held_back(text: str, emitted: int, stops: list[str]) -> int:
+    """How many trailing characters might begin a stop string: the longest suffix that is a prefix of
+    one, never reaching back into text already sent."""
+    longest = max((len(s) - 1 for s in stops), default=0)
+    for k in range(min(longest, len(text) - emitted), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# asyncio front
+
+
+class QueueFull(Exception):
+    """The engine already holds max_queue unfinished requests: the server should answer 429/503."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n: int
+
+
+@dataclass
+class _Progress:
+    """Engine-thread bookkeeping of a request, for metrics and for ending it."""
+
+    n: int
+    finished: int = 0
+    tokens_seen: bool = False
+
+
+class AsyncEngine:
+    """LLMEngine on a background thread; generate() streams a request's TokenEvents to asyncio."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int = 64, *, metrics: MetricsRecorder | None = None):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._inbox: list[tuple] = []  # ("add", id, prompt, params, arrival) or ("abort", id), in order
+        self._streams: dict[str, _Stream] = {}  # accepted and not finished: what the queue bound counts
+        self._stopped = False
+        self._stats = engine.stats()
+        self._progress: dict[str, _Progress] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Stream the request's events until every choice has ended. Before the first event: ValueError
+        for a request that cannot run, QueueFull when max_queue requests are unfinished. Closing or
+        cancelling the iteration aborts the request and frees its blocks."""
+        self.engine.validate(prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("the engine is shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request {request_id!r} is already running")
+            if len(self._streams) >= self.max_queue:
+                raise QueueFull(f"{len(self._streams)} requests are already queued or running (max_queue "
+                                f"{self.max_queue})")
+            self._streams[request_id] = stream
+            self._inbox.append(("add", request_id, list(prompt_ids), params, time.monotonic()))
+            self._cond.notify()
+        finished = 0
+        try:
+            while finished < params.n:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished += item.finish_reason is not None
+                yield item
+        finally:
+            with self._cond:
+                self._streams.pop(request_id, None)
+                if finished < params.n:  # client gone (or engine failure): free what it holds
+                    self._inbox.append(("abort", request_id))
+                    self._cond.notify()
+
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (a replica's health check)."""
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        """LLMEngine.stats() as of the last step (safe from any thread)."""
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        """Abort what is left (its streams end with "abort"), stop the engine thread and wait for it."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._inbox or self.engine.has_work()):
+                    self._cond.wait()
+                commands, self._inbox = self._inbox, []
+                stopping = self._stopped
+            for command in commands:
+                self._apply(command)
+            if stopping:
+                for request_id in list(self._progress):
+                    self.engine.abort(request_id)
+            try:
+                events = self.engine.step() if self.engine.has_work() else []
+            except Exception as e:  # a broken step must not hang every client: fail them and carry on
+                logger.exception("engine step failed")
+                self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                events = []
+            self._stats = self.engine.stats()
+            self._record(events)
+            self._deliver(events)
+            if stopping and not self.engine.has_work():
+                return
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort(command[1])
+            return
+        _, request_id, prompt_ids, params, arrival = command
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except Exception as e:  # validated already; this is a bug, which only this request pays for
+            logger.exception("adding request %s failed", request_id)
+            self._send(request_id, [e])
+            return
+        self._progress[request_id] = _Progress(params.n)
+        if self.metrics is not None:
+            self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._progress):
+            self._send(request_id, [error])
+            self.engine.abort(request_id)
+            del self._progress[request_id]
+            if self.metrics is not None:
+                self.metrics.on_finish(request_id)
+        self.engine.pending.clear()  # their streams have already ended with the error
+
+    def _record(self, events: list[TokenEvent]) -> None:
+        """Per-request progress (and metrics) from a step's events."""
+        now = time.monotonic()
+        tokens: dict[str, int] = {}
+        for event in events:
+            if event.token_id is not None:
+                tokens[event.request_id] = tokens.get(event.request_id, 0) + 1
+        for request_id, count in tokens.items():
+            progress = self._progress[request_id]
+            if self.metrics is not None:
+                if progress.tokens_seen:
+                    self.metrics.on_token(request_id, count, now=now)
+                else:
+                    self.metrics.on_first_token(request_id, count, now=now)
+            progress.tokens_seen = True
+        for event in events:
+            if event.finish_reason is None:
+                continue
+            progress = self._progress[event.request_id]
+            progress.finished += 1
+            if progress.finished == progress.n:
+                del self._progress[event.request_id]
+                if self.metrics is not None:
+                    self.metrics.on_finish(event.request_id, now=now)
+        if self.metrics is not None:
+            self.metrics.update(self._stats)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        by_request: dict[str, list[TokenEvent]] = {}
+        for event in events:
+            by_request.setdefault(event.request_id, []).append(event)
+        for request_id, items in by_request.items():
+            self._send(request_id, items)
+
+    def _send(self, request_id: str, items: list) -> None:
+        with self._cond:
+            stream = self._streams.get(request_id)
+        if stream is None:  # its consumer has gone; the abort it posted is in the inbox
+            return
+        try:
+            stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read or abort
+            with self._cond:
+                self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+
+def _put_all(queue: asyncio.Queue, items: list) -> None:
+    for item in items:
+        queue.put_nowait(item)
