@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh test,bench
+scripts/setup-test-tools.sh
+export PATH="$PWD/.tools/bin:$PATH"
 export PYTHONUNBUFFERED=1
 exec .venv/bin/python -m pytest "$@"
