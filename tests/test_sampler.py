@@ -137,3 +137,15 @@ def test_one_params_and_one_generator_per_row():
         sample(random_logits(3), [SamplingParams()] * 2, [make_generator(0)] * 3)
     with pytest.raises(ValueError, match="3 rows"):
         sample(random_logits(3), [SamplingParams()] * 3, [make_generator(0)] * 2)
+
+
+def test_degenerate_temperature_and_top_p_do_not_crash():
+    import torch
+
+    from serving.engine.sampler import make_generator, sample
+    from serving.engine.sequence import SamplingParams
+
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(temperature=5e-324), SamplingParams(temperature=1.0, top_p=2.7e-308)]
+    tokens = sample(logits, params, [make_generator(0), make_generator(1)])
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()

@@ -38,12 +38,16 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         _check(p)  # SamplingParams validates on construction, but it is mutable
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    sampled = [b for b, p in enumerate(params) if p.temperature > 0]
+    # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
+    sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if not sampled:
         return greedy
     rows = torch.tensor(sampled, device=logits.device)
     chosen = _draw(logits[rows], [params[b] for b in sampled], [generators[b] for b in sampled])
     return greedy.index_copy(0, rows, chosen)
+
+
+MIN_TEMPERATURE = 1e-5
 
 
 def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
@@ -57,6 +61,7 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     # a token is in the nucleus if the mass before it has not reached top_p yet; top_p = 1 keeps every
     # token outright, as rounding can push the cumulative mass to 1 before the last ones
     keep &= (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep[:, 0] = True  # the most likely token is always in the nucleus, however small top_p (it may round to 0)
     cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
     position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)

@@ -1,0 +1,431 @@
+"""
+The OpenAI-compatible HTTP API and the web UI's files, as a plain FastAPI app over an AsyncEngine.
+
+Notable:
+- create_app takes anything with AsyncEngine's generate() and alive(): the engine itself (tests, one
+  process) or serving/app.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
+- a request's fate is decided before its first byte: the route waits for the engine's first event, so
+  a full queue (QueueFull) is a 429 and a prompt the context cannot hold (ValueError) a 400, never a
+  stream that breaks off. Errors are OpenAI-shaped (errors.py).
+- a client that goes away stops its generation. While the route waits (for the first event, or for the
+  whole completion when not streaming) it also listens for the disconnect and cancels the wait; once
+  streaming, Starlette cancels the stream on disconnect and SSEResponse closes the event generator
+  whatever happened, which aborts the request in the engine and frees its KV blocks.
+- chat: messages -> conversation -> tokenizer.render_for_completion (ends with <|assistant_start|>), the
+  turn ends at <|assistant_end|>; completions: the prompt text after <|bos|>, ending at the next <|bos|>.
+  The engine adds both stop tokens to every request anyway; a stop token counts as a completion token.
+- usage counts the prompt's tokens and, summed over the n choices, the generated ones, stop tokens and
+  the calculator's forced tokens included.
+- API keys: a pure ASGI middleware guards /v1/ before the body is even parsed, so a caller without a key
+  learns nothing about the API; /health and the UI stay open (the UI sends the key the user types).
+- the UI is static files served with a strict Content-Security-Policy (the page has no inline script or
+  style) and the usual hardening headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from nanochat.tokenizer import Tokenizer
+from serving.api.errors import (
+    APIError,
+    ClientDisconnected,
+    bad_request,
+    engine_failed,
+    install_error_handlers,
+    invalid_api_key,
+    model_not_found,
+    queue_full,
+    unavailable,
+)
+from serving.api.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    SamplingRequest,
+    Usage,
+    now,
+)
+from serving.engine.llm_engine import QueueFull, TokenEvent
+from serving.engine.sequence import SamplingParams
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+CONTENT_TYPES = {  # the only files served: a name with another suffix is a 404
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+
+SAMPLING_EPS = 1e-5  # temperatures under it are 0 (greedy), top_p under it is it
+
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """What the API needs of an engine: AsyncEngine's generate() and alive()."""
+
+    def generate(self, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams) -> AsyncGenerator[TokenEvent, None]: ...
+
+    def alive(self) -> bool: ...
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "nanochat",
+               api_keys: list[str] | None = None, max_prompt_tokens: int = 2048,
+               max_tokens_limit: int = 1024) -> FastAPI:
+    """The API over engine. api_keys: when given, /v1/ needs `Authorization: Bearer <one of them>`.
+    max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond)."""
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
+    install_error_handlers(app)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    created = now()
+    end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+    end_of_document = [tokenizer.get_bos_token_id()]
+
+    def sampling_params(body: SamplingRequest, stop_token_ids: list[int]) -> SamplingParams:
+        if body.model is not None and body.model != model_name:
+            raise model_not_found(body.model)
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:
+            max_tokens = max_tokens_limit  # the engine cuts it to the context the prompt leaves
+        elif max_tokens > max_tokens_limit:
+            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{param} is {max_tokens}, more than this server's limit of {max_tokens_limit}",
+                              param=param)
+        # a top_k beyond the vocabulary keeps every token; cutting it also keeps it in int64
+        top_k = None if body.top_k is None else min(body.top_k, tokenizer.vocab_size)
+        # the sampler works in float32: dividing by a tiny temperature overflows it (vLLM's rule: below
+        # 1e-5 is greedy), and a tiny top_p rounds to 0, keeping no token; 1e-5 keeps just the top one
+        temperature = 0.0 if body.temperature < SAMPLING_EPS else body.temperature
+        top_p = max(body.top_p, SAMPLING_EPS)
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
+                              max_tokens=max_tokens, stop=body.stop or [], stop_token_ids=stop_token_ids,
+                              n=body.n)
+
+    def check_prompt_length(prompt_ids: list[int], param: str) -> None:
+        if len(prompt_ids) > max_prompt_tokens:
+            raise bad_request(f"The prompt has {len(prompt_ids)} tokens, more than this server's limit of "
+                              f"{max_prompt_tokens}", param=param, code="context_length_exceeded")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        if not engine.alive():
+            raise unavailable("The engine has stopped")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=created)])
+
+    @app.get("/v1/models/{model}")
+    async def retrieve_model(model: str) -> ModelCard:
+        if model != model_name:
+            raise model_not_found(model)
+        return ModelCard(id=model_name, created=created)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        params = sampling_params(body, end_of_turn)
+        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
+        check_prompt_length(prompt_ids, "messages")
+        run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
+        if body.stream:
+            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage))
+        await until_disconnected(request, run.collect())
+        choices = [ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
+                   for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
+        return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
+                                            usage=run.usage()))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        params = sampling_params(body, end_of_document)
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt[0], prepend="<|bos|>")
+        check_prompt_length(prompt_ids, "prompt")
+        run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")
+        if body.stream:
+            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage))
+        await until_disconnected(request, run.collect())
+        choices = [CompletionChoice(index=i, text=text, finish_reason=reason)
+                   for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
+        return json_response(Completion(id=run.id, created=run.created, model=model_name, choices=choices,
+                                        usage=run.usage()))
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return static_file("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        return static_file(name)
+
+    return app
+
+
+def json_response(body: BaseModel) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The prompt that asks for the assistant's next message."""
+    last = len(messages) - 1
+    if messages[last].role != "user":
+        # render_for_completion would silently drop a final assistant message: say so instead
+        raise bad_request("The last message must be from the user", param=f"messages[{last}].role")
+    conversation = {"messages": [{"role": m.role, "content": m.text} for m in messages]}
+    try:
+        return tokenizer.render_for_completion(conversation)
+    except ValueError as e:  # roles out of order: the chat format alternates user and assistant
+        raise bad_request(str(e), param="messages") from None
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Run:
+    """One request in the engine: its first event (already received) and the rest to come."""
+
+    id: str
+    n: int
+    prompt_tokens: int
+    first: TokenEvent
+    events: AsyncGenerator[TokenEvent, None]
+    created: int = field(default_factory=now)
+    texts: list[str] = field(init=False)
+    finish_reasons: list[str | None] = field(init=False)
+    completion_tokens: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.texts = [""] * self.n
+        self.finish_reasons = [None] * self.n
+        self.completion_tokens = [0] * self.n
+
+    async def stream(self) -> AsyncIterator[TokenEvent]:
+        """Every event, each one also recorded in texts, finish_reasons and completion_tokens."""
+        yield self._record(self.first)
+        async for event in self.events:
+            yield self._record(event)
+
+    async def collect(self) -> None:
+        try:
+            async for _ in self.stream():
+                pass
+        except Exception:
+            # answered here rather than by the catch-all handler, after which uvicorn drops the connection
+            log.exception("request %s failed", self.id)
+            raise engine_failed() from None
+        if "abort" in self.finish_reasons:  # only the engine shutting down aborts a request we still want
+            raise unavailable("The server is shutting down: retry on another replica")
+
+    async def close(self) -> None:
+        await self.events.aclose()  # aborts the request in the engine if it is still running
+
+    def usage(self) -> Usage:
+        completion = sum(self.completion_tokens)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
+
+    def _record(self, event: TokenEvent) -> TokenEvent:
+        self.texts[event.index] += event.text
+        self.completion_tokens[event.index] = event.completion_tokens
+        if event.finish_reason is not None:
+            self.finish_reasons[event.index] = event.finish_reason
+        return event
+
+
+async def start(engine: Engine, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                prompt_param: str) -> Run:
+    """Submit the request and wait for its first event, turning the engine's refusals into API errors.
+    Whatever goes wrong here comes out of the event generator (or cancels it), which has then ended:
+    nothing is left running in the engine."""
+    events = engine.generate(request_id, prompt_ids, params)
+    try:
+        first = await until_disconnected(request, anext(events))
+    except QueueFull:
+        raise queue_full() from None
+    except ValueError as e:  # the prompt does not fit the model's context
+        raise bad_request(str(e), param=prompt_param) from None
+    except RuntimeError as e:  # the engine is shut down, or its step failed
+        log.warning("request %s refused: %s", request_id, e)
+        raise unavailable("The engine is unavailable: retry shortly") from None
+    except StopAsyncIteration:
+        raise engine_failed() from None
+    except Exception:
+        log.exception("request %s failed", request_id)
+        raise engine_failed() from None
+    return Run(request_id, params.n, len(prompt_ids), first, events)
+
+
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """awaitable's result, unless the client disconnects first: then it is cancelled (which closes an
+    engine stream it was reading) and ClientDisconnected raised."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})  # let it unwind before anyone touches what it was reading
+    if work.cancelled():
+        raise ClientDisconnected()
+    return work.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # the body has been read: the only message left to receive is the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that close their run however the response ends: finished, failed, or
+    cancelled by Starlette when the client disconnects (which leaves the body iterator suspended)."""
+
+    def __init__(self, run: Run, chunks: AsyncGenerator[str, None]):
+        super().__init__(_guarded(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self.run.close()
+
+
+def sse(data: BaseModel | str) -> str:
+    """One server-sent event: a model as JSON, or a bare string ("[DONE]")."""
+    return f"data: {data.model_dump_json() if isinstance(data, BaseModel) else data}\n\n"
+
+
+async def _guarded(chunks: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    """The chunks, and an error event in OpenAI's shape if producing them fails half-way (the status
+    line has gone: an error event is the only way left to tell the client)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception:
+        log.exception("stream failed")
+        yield sse(ErrorResponse(error=engine_failed().detail))
+    finally:
+        await chunks.aclose()
+
+
+async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerator[str, None]:
+    """chat.completion.chunk events: each choice's role, its content deltas, its finish_reason; then the
+    usage (if asked) and [DONE]."""
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
+
+    for index in range(run.n):
+        yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+    async for event in run.stream():
+        if event.text:
+            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text})])
+        if event.finish_reason is not None:
+            yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)])
+    if include_usage:
+        yield chunk([], run.usage())
+    yield sse("[DONE]")
+
+
+async def completion_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerator[str, None]:
+    """text_completion events: text pieces, each choice's finish_reason; then the usage (if asked) and [DONE]."""
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
+
+    async for event in run.stream():
+        if event.text or event.finish_reason is not None:
+            yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason)])
+    if include_usage:
+        yield chunk([], run.usage())
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+
+
+class APIKeyMiddleware:
+    """Refuses /v1/ requests without `Authorization: Bearer <key>` for one of keys (compared in
+    constant time), before routing or body parsing."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+            await invalid_api_key().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        # check every key, so the time taken does not tell which one came close
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+
+def static_file(name: str) -> Response:
+    """A file of the web UI, with its content type and the hardening headers."""
+    content_type = CONTENT_TYPES.get(Path(name).suffix)
+    path = STATIC_DIR / name
+    if content_type is None or name.startswith(".") or path.parent != STATIC_DIR:
+        raise APIError(404, f"No such file: {name}", code="not_found")
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        if name == "index.html":
+            raise unavailable("The web UI is not installed (serving/static/index.html is missing)") from None
+        raise APIError(404, f"No such file: {name}", code="not_found") from None
+    return Response(content, headers={**UI_HEADERS, "Content-Type": content_type})
