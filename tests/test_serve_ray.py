@@ -1,0 +1,125 @@
+"""`nanochat serve` for real: Ray Serve on an embedded local Ray, a checkpoint from storage, and the official
+`openai` client; metrics through Ray's metrics agent; SIGTERM shuts it down cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint import write_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from services.checkpoints import CheckpointManager
+from services.storage import open_storage
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+NANOCHAT = str(Path(sys.executable).parent / "nanochat")
+
+
+def publish_sft_checkpoint(root: Path) -> None:
+    """A tokenizer and a small random-weight SFT checkpoint, laid out in storage as training leaves them."""
+    storage = open_storage(str(root))
+    texts = [Path(torch.__file__).read_text()] * 2 + ["Hello there. How are you today? I am fine."] * 50
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=400)
+    storage.write_text("tokenizer/tokenizer.json", tokenizer.to_json())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
+    model.init_weights()
+    folder = root.parent / "ckpt"
+    write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
+                     meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
+    CheckpointManager(storage, "default", "sft").save(5, folder)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve") / "storage"
+    publish_sft_checkpoint(root)
+    port, metrics_port = free_port(), free_port()
+    log = open(root.parent / "serve.log", "w")
+    env = {**os.environ, "NANOCHAT_STORAGE": str(root)}
+    proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(metrics_port),
+                             "--set", "serve.num_blocks=64"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        assert proc.poll() is None, (root.parent / "serve.log").read_text()[-3000:]
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("nanochat serve did not become healthy in 150 s")
+    yield {"base": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "proc": proc}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["nanochat"]
+
+
+def test_chat_completion_with_usage(client):
+    reply = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_equals_the_unstreamed_reply(client):
+    messages = [{"role": "user", "content": "How are you?"}]
+    whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_streamed_and_not(client):
+    whole = client.completions.create(model="nanochat", prompt="Hello", max_tokens=10, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="nanochat", prompt="Hello", max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text and whole.usage.completion_tokens <= 10
+
+
+def test_metrics_are_exported_through_ray(server, client):
+    client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline and "ray_nanochat_generation_tokens_total" not in text:
+        time.sleep(2)
+        text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
+    for name in ["ray_nanochat_generation_tokens_total", "ray_nanochat_prompt_tokens_total",
+                 "ray_nanochat_time_to_first_token_seconds_bucket", "ray_nanochat_kv_cache_usage_perc"]:
+        assert name in text, name
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
