@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -90,15 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun)
     p.add_argument("--rl", action="store_true", help="include the RL stage")
 
-    p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _not_built("serve"))
+    p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _serve)
     p.add_argument("--model", metavar="URI", help="checkpoint to serve (default: the newest SFT checkpoint)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--metrics-port", type=int, default=8080)
 
-    p = _add(commands, "chat", "chat in the terminal", _not_built("chat"))
+    p = _add(commands, "chat", "chat in the terminal", _chat)
     p.add_argument("-p", "--prompt", help="one-shot prompt")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server to talk to; when none answers, the newest SFT checkpoint runs here")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), metavar="KEY",
+                   help="the server's API key (default: $NANOCHAT_API_KEY)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-tokens", type=int, default=512)
 
     _add(commands, "report", "write report.md from what storage holds", _report)
     return parser
@@ -131,13 +138,6 @@ def emit_result(stage: str, cfg: Config, started: float, **fields: Any) -> None:
               "tokens_per_second": 0.0, "metrics": {}}
     result.update(fields)
     print(json.dumps(result), flush=True)
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace, Config], int]:
-    def handler(args: argparse.Namespace, cfg: Config) -> int:
-        raise StageError(f"`nanochat {name}` is not built yet in this version")
-
-    return handler
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +215,47 @@ def _eval_chat(args: argparse.Namespace, cfg: Config) -> int:
     if unknown:  # a typo is a usage error, found before Ray starts
         raise ConfigError(f"unknown chat task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
     return _eval(args, cfg)
+
+
+def _check_model_exists(source) -> None:
+    """Fail in seconds, before Ray starts, when there is nothing to serve."""
+    from services.checkpoints import CheckpointManager
+    from services.storage import open_storage
+    from serving.model_source import TOKENIZER_KEY
+
+    storage = open_storage(source.storage)
+    if not storage.exists(TOKENIZER_KEY):
+        raise StageError(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
+    if CheckpointManager(storage, source.run, source.stage).latest_step() is None:
+        raise StageError(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
+
+
+def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    from serving.model_source import ModelSource
+    from serving.server import run_server
+
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"min_replicas": args.replicas,
+                                                                       "max_replicas": args.replicas})})
+    if args.model:
+        try:
+            source = ModelSource.parse(args.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        source = ModelSource(storage_from_args(args).uri, cfg.run, cfg.serve.stage)
+    _check_model_exists(source)
+    run_server(cfg, source, host=args.host, port=args.port, metrics_port=args.metrics_port,
+               ray_address=args.ray_address)
+    return 0
+
+
+def _chat(args: argparse.Namespace, cfg: Config) -> int:
+    from serving.chat_cli import run_chat
+
+    return run_chat(args.prompt, url=args.url, api_key=args.api_key, temperature=args.temperature,
+                    max_tokens=args.max_tokens, storage=args.storage, run=cfg.run, stage=cfg.serve.stage)
 
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
