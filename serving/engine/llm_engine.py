@@ -307,6 +307,9 @@ class _Progress:
     tokens_seen: bool = False
 
 
+IDLE_METRICS_REFRESH_S = 5.0
+
+
 class AsyncEngine:
     """LLMEngine on a background thread; generate() streams a request's TokenEvents to asyncio."""
 
@@ -379,7 +382,9 @@ class AsyncEngine:
         while True:
             with self._cond:
                 while not (self._stopped or self._inbox or self.engine.has_work()):
-                    self._cond.wait()
+                    # idle: wake now and then to re-set the gauges, as exporters drop stale ones
+                    if not self._cond.wait(timeout=IDLE_METRICS_REFRESH_S):
+                        break
                 commands, self._inbox = self._inbox, []
                 stopping = self._stopped
             for command in commands:
