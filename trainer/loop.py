@@ -206,7 +206,6 @@ def _evaluate(stage: Stage, model: GPT) -> dict[str, float]:
 
 def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
     """Ray Train's train_loop_per_worker body for any stage."""
-    import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
     cfg = Config.model_validate(job["config"])
@@ -272,19 +271,33 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
             metrics.update(results)
             if results:
                 progress.evals.append({"step": progress.step, **results})
-        if progress.step % cfg.train.checkpoint_every == 0 or last:
-            metrics["checkpoint_seconds"] = save_checkpoint(stage, manager, model, optimizers, loader, progress,
-                                                            {**metrics, "step": progress.step})
-        elif progress.step % cfg.log.every == 0:
-            ray.train.report({**metrics, "step": progress.step})
-        if worker.is_main:
-            telemetry.log(progress.step, metrics)
-            if tracker is not None:
-                tracker.update.remote(progress.step, horizon, metrics)
+        publish_step(stage, manager, model, optimizers, loader, progress, metrics, horizon, telemetry, tracker)
+    finish_stage(stage, manager, model, progress, horizon, telemetry, stage.summary_extra())
 
-    if worker.is_main:
-        record = summary(stage.name, progress, model, cfg, horizon)
-        record["metrics"].update(stage.summary_extra())
+
+def publish_step(stage: Stage, manager: CheckpointManager, model: GPT, optimizers, loader: Loader, progress: Progress,
+                 metrics: dict[str, float], horizon: int, telemetry: TrainTelemetry, tracker) -> None:
+    """After an optimizer step: checkpoint (every checkpoint_every steps and at the end) or report, then publish."""
+    import ray.train
+
+    cfg = stage.cfg
+    if progress.step % cfg.train.checkpoint_every == 0 or progress.step == horizon:
+        metrics["checkpoint_seconds"] = save_checkpoint(stage, manager, model, optimizers, loader, progress,
+                                                        {**metrics, "step": progress.step})
+    elif progress.step % cfg.log.every == 0:
+        ray.train.report({**metrics, "step": progress.step})
+    if stage.worker.is_main:
+        telemetry.log(progress.step, metrics)
+        if tracker is not None:
+            tracker.update.remote(progress.step, horizon, metrics)
+
+
+def finish_stage(stage: Stage, manager: CheckpointManager, model: GPT, progress: Progress, horizon: int,
+                 telemetry: TrainTelemetry, extra: dict[str, Any]) -> None:
+    """Record the stage as done (DONE.json, rank 0) with its summary."""
+    if stage.worker.is_main:
+        record = summary(stage.name, progress, model, stage.cfg, horizon)
+        record["metrics"].update(extra)
         manager.mark_done(record)
     telemetry.close()
 

@@ -42,12 +42,12 @@ from trainer.evaluate import load_stage_model
 from trainer.loop import (
     WARMUP_STEPS_EXCLUDED,
     Stage,
+    finish_stage,
     make_telemetry,
     maybe_inject_fault,
     progress_tracker,
+    publish_step,
     restore_checkpoint,
-    save_checkpoint,
-    summary,
 )
 from trainer.optim import OptimConfig, apply_schedule, build_optimizers
 from trainer.tasks import build_mixture
@@ -243,7 +243,6 @@ class RLStage(Stage):
 
 def train_rl(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for `nanochat train rl`."""
-    import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
     cfg = Config.model_validate(job["config"])
@@ -292,22 +291,9 @@ def train_rl(job: dict[str, Any]) -> None:
                    "tokens_per_second": stats.tokens / step_seconds}
         progress.history.append({"step": progress.step, **step_metrics, "lr_multiplier": schedule["lr_multiplier"]})
 
-        last = progress.step == horizon
-        if progress.step % cfg.train.checkpoint_every == 0 or last:
-            metrics["checkpoint_seconds"] = save_checkpoint(stage, manager, model, optimizers, prompts, progress,
-                                                            {**metrics, "step": progress.step})
-        elif progress.step % cfg.log.every == 0:
-            ray.train.report({**metrics, "step": progress.step})
-        if worker.is_main:
-            telemetry.log(progress.step, metrics)
-            if tracker is not None:
-                tracker.update.remote(progress.step, horizon, metrics)
-
-    if worker.is_main:
-        record = summary(stage.name, progress, model, cfg, horizon)
-        record["metrics"].update({**stage.summary_extra(), **reward_summary(progress.history)})
-        manager.mark_done(record)
-    telemetry.close()
+        publish_step(stage, manager, model, optimizers, prompts, progress, metrics, horizon, telemetry, tracker)
+    finish_stage(stage, manager, model, progress, horizon, telemetry,
+                 {**stage.summary_extra(), **reward_summary(progress.history)})
 
 
 def reward_summary(history: list[dict[str, float]]) -> dict[str, float]:
