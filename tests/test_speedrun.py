@@ -1,0 +1,61 @@
+"""The speedrun end to end on a shrunken tiny preset: interrupted during base training, then run again, it
+continues without redoing the corpus or the tokenizer and ends with report.md."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NANOCHAT = str(Path(sys.executable).parent / "nanochat")
+SMALL = [
+    "model.depth=2", "model.head_dim=32", "tokenizer.vocab_size=512", "tokenizer.max_chars=400000",
+    "train.seq_len=64", "train.device_batch_size=4", "train.total_batch_size=512", "train.max_steps=40",
+    "train.checkpoint_every=5", "train.eval_every=-1", "train.eval_tokens=1024", "eval.loss_tokens=2048",
+    "data.docs_per_shard=200", "mid.max_steps=4", "sft.max_steps=4", "mid.device_batch_size=2",
+    "mid.examples_per_step=4", "sft.device_batch_size=2", "sft.examples_per_step=4",
+    "chat_eval.max_problems=4", "chat_eval.max_new_tokens=8", "log.tensorboard=false",
+]
+
+
+def speedrun(storage: Path, workdir: Path, **popen) -> subprocess.Popen:
+    args = [NANOCHAT, "speedrun", "--preset", "tiny-cpu", "--storage", str(storage)]
+    for item in SMALL:
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "NANOCHAT_STORAGE": str(storage)}, **popen)
+
+
+def test_an_interrupted_speedrun_continues_where_it_stopped(tmp_path):
+    storage, workdir = tmp_path / "storage", tmp_path / "work"
+    workdir.mkdir()
+    first = speedrun(storage, workdir, start_new_session=True)
+    base = storage / "runs" / "default" / "base"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (base / "latest").exists():
+        assert first.poll() is None, "the first run ended before base training wrote a checkpoint"
+        time.sleep(0.5)
+    assert (base / "latest").exists(), "base training wrote no checkpoint in 240 s"
+    os.killpg(first.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    first.wait(timeout=120)
+    assert not (base / "DONE.json").exists(), "interrupted before base finished"
+
+    second = speedrun(storage, workdir)
+    out, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, out[-3000:]
+    assert "speedrun: data: skipped (complete)" in out
+    assert "speedrun: tokenizer: skipped (current)" in out
+    done = json.loads((base / "DONE.json").read_text())["summary"]
+    assert done["steps"] == 40 and done["metrics"]["resumed_from"], "base resumed from its checkpoint"
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["stage"] == "speedrun" and result["steps"] == 40
+    for stage in ["mid", "sft"]:
+        assert result["metrics"]["stages"][stage]["outcome"] == "done"
+    report = (workdir / "report.md").read_text()
+    assert "## Speedrun" in report and (workdir / "report" / "loss.png").stat().st_size > 0
