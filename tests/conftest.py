@@ -32,6 +32,14 @@ S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay rel
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

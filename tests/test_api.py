@@ -111,15 +111,6 @@ def all_blocks_free(engine: AsyncEngine) -> bool:
 # fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return tiny_tokenizer()

@@ -40,14 +40,6 @@ QUESTIONS = ["Which is a gas?", "What do plants need to grow?", "Which planet is
 GOLD = ["A", "C", "B", "D", "C", "A", "B"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     # no merges: every byte is one token, so every letter is a single token

@@ -9,15 +9,6 @@ from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     # 256 bytes + the special tokens and no merges: every character is one token

@@ -11,15 +11,6 @@ from nanochat.kv_cache import KVCache
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> GPTConfig:
     fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=4, n_embd=64)
     return GPTConfig(**{**fields, **overrides})

@@ -18,15 +18,6 @@ from serving.engine.sequence import SamplingParams
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. calculator 0123456789 +-*/ "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.train_from_iterator([TEXT * 4], 300)

@@ -19,15 +19,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scrambled(name: str) -> GPT:
     """Random weights everywhere: nanochat's init zeroes the output projections, which would let a
     broken cache pass without any attention happening."""

@@ -32,14 +32,6 @@ CPU = Worker(rank=0, world_size=1, device=torch.device("cpu"))
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.train_from_iterator(["abc 0123456789"], 256 + len(SPECIAL_TOKENS))
