@@ -102,9 +102,10 @@ class MetricsRecorder:
     """The serving metrics of one model: request hooks for latencies and tokens, update() for the rest."""
 
     def __init__(self, model_name: str = "nanochat", registry: Any = None, *, use_ray: bool | None = None):
-        """registry: a prometheus_client CollectorRegistry (a fresh one if None), unused inside Ray.
-        use_ray: Ray's metrics instead of prometheus_client; by default when Ray is initialised."""
-        self.use_ray = ray_initialized() if use_ray is None else use_ray
+        """registry: a prometheus_client CollectorRegistry to record into (a fresh one if None and not in Ray).
+        use_ray: Ray's metrics instead of prometheus_client; by default when Ray is initialised and no
+        registry was given."""
+        self.use_ray = (registry is None and ray_initialized()) if use_ray is None else use_ray
         labels = {"model_name": model_name}
         if self.use_ray:
             self.registry = None
