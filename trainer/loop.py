@@ -204,10 +204,24 @@ def _evaluate(stage: Stage, model: GPT) -> dict[str, float]:
     return result
 
 
-def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
-    """Ray Train's train_loop_per_worker body for any stage."""
-    from torch.nn.parallel import DistributedDataParallel
+@dataclass
+class Setup:
+    """A stage ready to train in this worker: restored from its newest valid checkpoint when there is one."""
 
+    stage: Stage
+    manager: CheckpointManager
+    model: GPT
+    optim_cfg: OptimConfig
+    optimizers: list
+    progress: Progress
+    loader: Loader
+    horizon: int
+    telemetry: TrainTelemetry
+    tracker: Any
+
+
+def set_up(job: dict[str, Any], stage_class: type[Stage]) -> Setup:
+    """What every stage's worker function does first: config, storage, model, optimizers, resume, data."""
     cfg = Config.model_validate(job["config"])
     worker = current_worker(job.get("threads_per_worker", 1))
     storage = open_storage(job["storage"])
@@ -221,12 +235,22 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
     progress, cursor = restore_checkpoint(manager, worker, model, optimizers)
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
-    loader = stage.make_loader(cursor)
-    horizon, accum = stage.horizon(model), stage.micro_steps()
+    return Setup(stage, manager, model, optim_cfg, optimizers, progress, stage.make_loader(cursor),
+                 stage.horizon(model), make_telemetry(job, stage),
+                 progress_tracker(job) if worker.is_main else None)
+
+
+def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
+    """Ray Train's train_loop_per_worker body for any stage."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    run = set_up(job, stage_class)
+    stage, manager, model, optim_cfg, optimizers = run.stage, run.manager, run.model, run.optim_cfg, run.optimizers
+    progress, loader, horizon, telemetry, tracker = run.progress, run.loader, run.horizon, run.telemetry, run.tracker
+    worker, storage = stage.worker, stage.storage
+    accum = stage.micro_steps()
     ddp = DistributedDataParallel(model) if worker.world_size > 1 else model
     flops_per_token, peak = model.estimate_flops(), peak_flops(worker.device)
-    telemetry = make_telemetry(job, stage)
-    tracker = progress_tracker(job) if worker.is_main else None
     if worker.is_main:
         log.info("%s: %s params, %d steps, %d micro-steps per step, %d workers",
                  stage.name, f"{model.num_params():,}", horizon, accum, worker.world_size)

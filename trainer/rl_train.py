@@ -34,8 +34,6 @@ from nanochat.config import Config, RLConfig
 from nanochat.engine import generate_batch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from services.checkpoints import CheckpointManager
-from services.storage import open_storage
 from trainer.base_train import optim_config
 from trainer.chat_eval import response_text
 from trainer.evaluate import load_stage_model
@@ -43,17 +41,14 @@ from trainer.loop import (
     WARMUP_STEPS_EXCLUDED,
     Stage,
     finish_stage,
-    make_telemetry,
     maybe_inject_fault,
-    progress_tracker,
     publish_step,
-    restore_checkpoint,
+    set_up,
 )
-from trainer.optim import OptimConfig, apply_schedule, build_optimizers
+from trainer.optim import OptimConfig, apply_schedule
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
-from trainer.tok import load_tokenizer
-from trainer.worker import Worker, current_worker
+from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -245,25 +240,14 @@ def train_rl(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for `nanochat train rl`."""
     from torch.nn.parallel import DistributedDataParallel
 
-    cfg = Config.model_validate(job["config"])
-    worker = current_worker(job.get("threads_per_worker", 1))
-    storage = open_storage(job["storage"])
-    stage = RLStage(cfg, worker, storage, load_tokenizer(storage))
-    manager = CheckpointManager(storage, cfg.run, stage.name)
-
-    model = stage.build_model().to(worker.device).train()
-    optim_cfg = stage.optim_config()
-    optimizers = build_optimizers(model, optim_cfg)
-    progress, cursor = restore_checkpoint(manager, worker, model, optimizers)
-    if cursor is None:
-        torch.manual_seed(cfg.train.seed + worker.rank)
-    prompts = stage.make_loader(cursor)
-    horizon, per_rank = stage.horizon(model), stage.micro_steps()
+    run = set_up(job, RLStage)
+    stage, manager, model, optim_cfg, optimizers = run.stage, run.manager, run.model, run.optim_cfg, run.optimizers
+    progress, prompts, horizon, telemetry, tracker = run.progress, run.loader, run.horizon, run.telemetry, run.tracker
+    cfg, worker, storage = stage.cfg, stage.worker, stage.storage
+    per_rank = stage.micro_steps()
     # the rotary tables are the only buffers, alike on every rank but grown by each rank's own longest
     # sequence: syncing them at every forward would be wasted at best
     ddp = DistributedDataParallel(model, forward_sync_buffers=False) if worker.world_size > 1 else model
-    telemetry = make_telemetry(job, stage)
-    tracker = progress_tracker(job) if worker.is_main else None
     if worker.is_main:
         log.info("rl: %d steps of %d prompts x %d samples, %d workers", horizon, cfg.rl.prompts_per_step,
                  cfg.rl.samples_per_prompt, worker.world_size)
