@@ -3,7 +3,7 @@
 # e.g. ./test.sh -m "not slow" for a quick loop, or ./test.sh tests/test_config.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup-venv.sh test,bench
+scripts/setup-venv.sh test,bench,jax
 scripts/setup-test-tools.sh
 export PATH="$PWD/.tools/bin:$PATH"
 export PYTHONUNBUFFERED=1

@@ -88,6 +88,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept per stage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may make")
     seed: int = 42
+    backend: Literal["torch", "jax"] = Field("torch", description="base pretraining in PyTorch (DDP) or JAX (sharded over a device mesh; the jax section)")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
@@ -168,6 +169,30 @@ class ServeConfig(Section):
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica")
 
 
+class JaxConfig(Section):
+    """The JAX backend of base pretraining (train.backend = jax): one process per host, every local device in
+    a (data, fsdp) mesh; batches split over both axes, parameters and optimizer state over fsdp."""
+
+    platform: Literal["cpu", "gpu", "tpu"] | None = Field(None, description="the devices JAX trains on (default: what JAX finds first)")
+    fsdp: int = Field(1, ge=-1, description="mesh devices that shard parameters and optimizer state (-1: all; must divide the device count)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="matmul compute dtype; parameters and optimizer state stay float32")
+    cpu_devices: int = Field(1, ge=1, description="virtual CPU devices per process (XLA's host device count) when platform is cpu")
+    tpu_topology: str | None = Field(None, description="TPU slice topology for Ray's scheduler, e.g. 2x4 (with tpu_accelerator)")
+    tpu_accelerator: str | None = Field(None, description="TPU generation for Ray's scheduler, e.g. TPU-V5E")
+
+
+class ExperimentConfig(Section):
+    """An architecture sweep (`nanochat experiment sweep`): each variant is a set of `--set`-style overrides
+    trained at the same FLOPs budget."""
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$", description="results go to runs/<run>/experiments/<name>/")
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="variant name -> {dotted config key: value}")
+    flops_budget: float | None = Field(None, gt=0, description="training FLOPs per variant (default: the first variant at train.max_steps)")
+    eval_points: int = Field(4, ge=1, description="validation evaluations per variant, evenly spaced in FLOPs (the plot's points)")
+    cpus_per_variant: float = Field(1, gt=0, description="CPUs each variant's Ray task reserves")
+    gpus_per_variant: float = Field(0, ge=0, description="GPUs each variant's Ray task reserves")
+
+
 class LogConfig(Section):
     every: int = Field(1, ge=1, description="steps between metric reports (Ray Train, TensorBoard, W&B, Prometheus)")
     tensorboard: bool = Field(True, description="write TensorBoard event files under runs/<run>/tensorboard/")
@@ -188,6 +213,8 @@ class Config(Section):
     rl: RLConfig = RLConfig()
     chat_eval: ChatEvalConfig = ChatEvalConfig()
     serve: ServeConfig = ServeConfig()
+    jax: JaxConfig = JaxConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
     log: LogConfig = LogConfig()
 
 
