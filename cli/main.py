@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun)
     p.add_argument("--rl", action="store_true", help="include the RL stage")
 
+    experiment = commands.add_parser("experiment", help="research experiments").add_subparsers(dest="action", required=True)
+    _add(experiment, "sweep", "train each variant of experiment.variants at an equal FLOPs budget, in parallel as "
+         "Ray tasks; results table and plot into storage", _experiment_sweep)
+
     p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _serve)
     p.add_argument("--model", metavar="URI", help="checkpoint to serve (default: the newest SFT checkpoint)")
     p.add_argument("--host", default="127.0.0.1")
@@ -268,6 +272,18 @@ def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
     summary = CheckpointManager(storage, cfg.run, "base").done_summary() or {}
     emit_result("speedrun", cfg, started, steps=summary.get("steps", 0), tokens=summary.get("tokens", 0),
                 tokens_per_second=summary.get("tokens_per_second", 0.0), metrics={"stages": stages})
+    return 0
+
+
+def _experiment_sweep(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.experiment import plan_sweep, results_table, run_sweep, summary
+
+    started = time.time()
+    plan_sweep(cfg)  # a bad variant is a usage error, found before storage or Ray is touched
+    storage = storage_from_args(args)
+    sweep = run_sweep(cfg, storage, ray_address=args.ray_address)
+    print(results_table(sweep["variants"]), flush=True)
+    emit_result("experiment", cfg, started, **summary(sweep, storage))
     return 0
 
 

@@ -186,9 +186,9 @@ class ExperimentConfig(Section):
     trained at the same FLOPs budget."""
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$", description="results go to runs/<run>/experiments/<name>/")
-    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="variant name -> {dotted config key: value}")
-    flops_budget: float | None = Field(None, gt=0, description="training FLOPs per variant (default: the first variant at train.max_steps)")
-    eval_points: int = Field(4, ge=1, description="validation evaluations per variant, evenly spaced in FLOPs (the plot's points)")
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="variant name -> {dotted model.* or train.* key: value}; the corpus and tokenizer are shared")
+    flops_budget: float | None = Field(None, gt=0, description="training FLOPs per variant (default: the first variant at train.max_steps, or its depth-dial horizon)")
+    eval_points: int = Field(4, ge=1, description="validation evaluations per variant, evenly spaced in steps (so in FLOPs), the last at the end: the plot's points")
     cpus_per_variant: float = Field(1, gt=0, description="CPUs each variant's Ray task reserves")
     gpus_per_variant: float = Field(0, ge=0, description="GPUs each variant's Ray task reserves")
 
@@ -261,9 +261,14 @@ def _parse_set(item: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
+    return _nest(key.strip(), value)
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """`a.b`, c -> {"a": {"b": c}}"""
     nested: dict[str, Any] = {}
     node = nested
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
@@ -318,4 +323,12 @@ def load_config(
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
     data = _merge(_read_yaml(PRESETS_DIR / f"{name}.yaml"), merged, Config)
     data["preset"] = name
+    return validate(data)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """cfg with {dotted key: value} settings layered on top, as `--set` layers them (values already parsed)."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        data = _merge(data, _nest(key, value), Config)
     return validate(data)

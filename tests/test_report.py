@@ -117,7 +117,8 @@ def table_row(text: str, metric: str) -> list[str]:
 
 
 SECTIONS = ["Environment", "Missing from storage", "Speedrun", "Corpus", "Tokenizer", "Base training (base)",
-            "Midtraining (mid)", "Supervised fine-tuning (sft)", "Reinforcement learning (rl)", "Summary", "Plots"]
+            "Midtraining (mid)", "Supervised fine-tuning (sft)", "Reinforcement learning (rl)", "Summary", "Plots",
+            "Architecture experiments"]
 
 
 def test_report_has_every_section_in_order(full):

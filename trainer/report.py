@@ -13,6 +13,8 @@ Notable:
   linked relatively from the markdown; a plot with no data is not drawn, and a stale one is removed
 - report.md and report/ go to storage and to a local folder (the working directory by default)
 - the environment section describes the machine writing the report; each stage records its own worker count
+- architecture sweeps (`nanochat experiment sweep`) found under runs/<run>/experiments/ get their table and their
+  bits-per-byte-against-FLOPs plot (copied to report/experiment-<name>.png)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from services.checkpoints import DONE, CheckpointManager, step_dir_name
 from services.storage import KeyNotFound, Storage
 from trainer.data import SUCCESS, corpus_prefix
 from trainer.evaluate import result_key
+from trainer.experiment import PLOT, RESULTS, describe, results_table
 from trainer.tok import EVAL_KEY, META_KEY, format_table
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,8 @@ class Findings:
     stages: dict[str, StageRecord] = field(default_factory=dict)
     evals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> kind -> result
     missing: list[str] = field(default_factory=list)
+    experiments: list[dict[str, Any]] = field(default_factory=list)  # each sweep's results.json
+    experiment_plots: dict[str, bytes] = field(default_factory=dict)  # sweep name -> its bpb_vs_flops.png
 
 
 def _read_json(storage: Storage, key: str, missing: list[str], what: str, how: str) -> dict[str, Any] | None:
@@ -187,6 +192,14 @@ def gather(cfg: Config, storage: Storage) -> Findings:
                 f.evals.setdefault(stage, {})[kind] = result
     f.speedrun = _read_json(storage, f"runs/{cfg.run}/speedrun.json", f.missing, "speedrun record",
                             "run `nanochat speedrun`")
+    for key in storage.list(f"runs/{cfg.run}/experiments/"):
+        if key.endswith(f"/{RESULTS}"):  # sweeps are optional: an absent one is not missing
+            sweep = _read_json(storage, key, f.missing, "architecture sweep", "run `nanochat experiment sweep` again")
+            plot = key.removesuffix(RESULTS) + PLOT
+            if sweep is not None:
+                f.experiments.append(sweep)
+                if storage.exists(plot):
+                    f.experiment_plots[sweep["name"]] = storage.read_bytes(plot)
     return f
 
 
@@ -560,6 +573,24 @@ def _section_plots(plots: dict[str, bytes | None]) -> list[str]:
     return lines
 
 
+def _experiment_plot(name: str) -> str:
+    return f"{PLOTS_DIR}/experiment-{name}.png"
+
+
+def _section_experiments(f: Findings) -> list[str]:
+    lines = ["## Architecture experiments", ""]
+    if not f.experiments:
+        return lines + ["No sweep in storage: run `nanochat experiment sweep --config configs/sweeps/arch-tiny.yaml`.", ""]
+    for sweep in f.experiments:
+        lines += [f"### {sweep['name']}", "", describe(sweep), "", results_table(sweep["variants"]), ""]
+        failed = sweep.get("failed") or {}
+        if failed:
+            lines += [*[f"- {name}: failed ({_cell(cause)})" for name, cause in failed.items()], ""]
+        if sweep["name"] in f.experiment_plots:
+            lines += [f"![{sweep['name']}: bits per byte against FLOPs]({_experiment_plot(sweep['name'])})", ""]
+    return lines
+
+
 def render(f: Findings, plots: dict[str, bytes | None]) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     lines = ["# nanochat training report", "", f"Generated: {now}", "", f"Run: `{f.run}` in `{f.storage_uri}`", ""]
@@ -567,7 +598,7 @@ def render(f: Findings, plots: dict[str, bytes | None]) -> str:
     lines += _section_corpus(f) + _section_tokenizer(f)
     for stage in STAGES:
         lines += _section_stage(f, stage)
-    lines += _section_summary(f) + _section_plots(plots)
+    lines += _section_summary(f) + _section_plots(plots) + _section_experiments(f)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -591,6 +622,9 @@ def write_report(cfg: Config, storage: Storage, out_dir: Path | None = None) -> 
         else:
             storage.write_bytes(key, png)
             local.write_bytes(png)
+    for name, png in f.experiment_plots.items():
+        storage.write_bytes(_experiment_plot(name), png)
+        (out_dir / _experiment_plot(name)).write_bytes(png)
     storage.write_text(REPORT_KEY, markdown)
     path = out_dir / REPORT_KEY
     path.write_text(markdown)

@@ -27,14 +27,14 @@ class SpeedrunFailed(RuntimeError):
     pass
 
 
-def _stage_data(cfg: Config, storage: Storage, ray_address: str | None) -> str:
+def stage_data(cfg: Config, storage: Storage, ray_address: str | None) -> str:
     from trainer.data import prepare_corpus
 
     summary = prepare_corpus(cfg.data, storage)
     return "skipped (complete)" if summary.get("skipped") else "done"
 
 
-def _stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> str:
+def stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> str:
     from trainer.tok import tokenizer_is_current, train_tokenizer
 
     if tokenizer_is_current(cfg, storage):
@@ -45,11 +45,11 @@ def _stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> 
 
 def _train_stage(name: str) -> Callable[[Config, Storage, str | None], str]:
     def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-        from trainer.runner import run_stage, stage_function
+        from trainer.runner import run_stage, stage_backend, stage_function
 
         if CheckpointManager(storage, cfg.run, name).done_summary() is not None:
             return "skipped (complete)"
-        run_stage(name, stage_function(name), cfg, storage, ray_address=ray_address)
+        run_stage(name, stage_function(name, stage_backend(name, cfg)), cfg, storage, ray_address=ray_address)
         return "done"
 
     return stage
@@ -85,8 +85,8 @@ def _report(cfg: Config, storage: Storage, ray_address: str | None) -> str:
 
 def stages(with_rl: bool) -> list[tuple[str, Callable[[Config, Storage, str | None], str]]]:
     pipeline = [
-        ("data", _stage_data),
-        ("tokenizer", _stage_tokenizer),
+        ("data", stage_data),
+        ("tokenizer", stage_tokenizer),
         ("base", _train_stage("base")),
         ("base loss", _eval_stage("loss", "base")),
         ("base core", _eval_stage("core", "base")),
