@@ -11,6 +11,7 @@ Notable:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = _add(train, stage, text, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
+        if stage == "base":
+            p.add_argument("--backend", choices=["torch", "jax"], help="PyTorch DDP or JAX on a device mesh (overrides train.backend)")
 
     evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
     for kind, text in [("loss", "bits per byte on the train and validation splits"), ("core", "the CORE metric (DCLM task bundle)")]:
@@ -123,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides or [])
     if args.run:
         overrides.append(f"run={args.run}")
-    for flag, key in [("workers", "train.workers"), ("gpus_per_worker", "train.gpus_per_worker")]:
+    for flag, key in [("workers", "train.workers"), ("gpus_per_worker", "train.gpus_per_worker"), ("backend", "train.backend")]:
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -182,9 +185,13 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.runner import STARTS_FROM, run_stage, stage_function
+    from trainer.runner import STARTS_FROM, run_stage, stage_backend, stage_function
     from trainer.tok import load_tokenizer
 
+    backend = stage_backend(args.action, cfg)
+    if backend == "jax" and importlib.util.find_spec("jax") is None:
+        raise ConfigError("train.backend=jax needs JAX: install the jax extra (pip install -e '.[jax]'; "
+                          "on a TPU VM also jax[tpu])")
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
@@ -192,7 +199,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     sources = STARTS_FROM[args.action]
     if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
         raise StageError(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
-    summary = run_stage(args.action, stage_function(args.action), cfg, storage, ray_address=args.ray_address)
+    summary = run_stage(args.action, stage_function(args.action, backend), cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 

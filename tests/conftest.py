@@ -30,6 +30,8 @@ S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay rel
 # 2 cores: one torch thread per process beats oversubscription (10-100x slower under load otherwise).
 # Set before any test imports torch; Ray workers started by the tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# JAX tests shard over 8 virtual CPU devices; XLA reads this once, when jax is first imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,8 @@ def save_checkpoint(
             write_checkpoint(
                 Path(tmp), model_state=model.state_dict(), optimizer_state={"optimizers": optimizers_state_dict(optimizers)},
                 cursor=cursors, config=stage.cfg.model_dump(), rng={"ranks": rngs},
-                meta={"stage": stage.name, "world_size": worker.world_size, "model_config": vars(model.config),
+                meta={"stage": stage.name, "backend": "torch", "world_size": worker.world_size,
+                      "model_config": vars(model.config),
                       **progress.__dict__},
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -147,6 +149,10 @@ def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, o
             return Progress(), None
         step, folder = found
         ckpt = read_checkpoint(folder, map_location=worker.device)
+    backend = ckpt.meta.get("backend", "torch")
+    if backend != "torch":
+        raise RuntimeError(f"checkpoint step {step} was written by the {backend} backend; resume with "
+                           f"--backend {backend} or start a new run (--run NAME)")
     saved_world = ckpt.meta["world_size"]
     if saved_world != worker.world_size:
         raise RuntimeError(
@@ -295,19 +301,20 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
             metrics.update(results)
             if results:
                 progress.evals.append({"step": progress.step, **results})
-        publish_step(stage, manager, model, optimizers, loader, progress, metrics, horizon, telemetry, tracker)
+        publish_step(stage, progress, metrics, horizon, telemetry, tracker,
+                     lambda m: save_checkpoint(stage, manager, model, optimizers, loader, progress, m))
     finish_stage(stage, manager, model, progress, horizon, telemetry, stage.summary_extra())
 
 
-def publish_step(stage: Stage, manager: CheckpointManager, model: GPT, optimizers, loader: Loader, progress: Progress,
-                 metrics: dict[str, float], horizon: int, telemetry: TrainTelemetry, tracker) -> None:
-    """After an optimizer step: checkpoint (every checkpoint_every steps and at the end) or report, then publish."""
+def publish_step(stage: Stage, progress: Progress, metrics: dict[str, float], horizon: int,
+                 telemetry: TrainTelemetry, tracker, save: Callable[[dict[str, float]], float]) -> None:
+    """After an optimizer step: checkpoint (every checkpoint_every steps and at the end) through save(metrics),
+    which reports to Ray Train and returns its seconds, or just report; then publish the metrics."""
     import ray.train
 
     cfg = stage.cfg
     if progress.step % cfg.train.checkpoint_every == 0 or progress.step == horizon:
-        metrics["checkpoint_seconds"] = save_checkpoint(stage, manager, model, optimizers, loader, progress,
-                                                        {**metrics, "step": progress.step})
+        metrics["checkpoint_seconds"] = save({**metrics, "step": progress.step})
     elif progress.step % cfg.log.every == 0:
         ray.train.report({**metrics, "step": progress.step})
     if stage.worker.is_main:

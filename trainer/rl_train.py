@@ -43,6 +43,7 @@ from trainer.loop import (
     finish_stage,
     maybe_inject_fault,
     publish_step,
+    save_checkpoint,
     set_up,
 )
 from trainer.optim import OptimConfig, apply_schedule
@@ -275,7 +276,8 @@ def train_rl(job: dict[str, Any]) -> None:
                    "tokens_per_second": stats.tokens / step_seconds}
         progress.history.append({"step": progress.step, **step_metrics, "lr_multiplier": schedule["lr_multiplier"]})
 
-        publish_step(stage, manager, model, optimizers, prompts, progress, metrics, horizon, telemetry, tracker)
+        publish_step(stage, progress, metrics, horizon, telemetry, tracker,
+                     lambda m: save_checkpoint(stage, manager, model, optimizers, prompts, progress, m))
     finish_stage(stage, manager, model, progress, horizon, telemetry,
                  {**stage.summary_extra(), **reward_summary(progress.history)})
 

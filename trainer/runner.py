@@ -55,15 +55,59 @@ STAGE_FUNCTIONS = {
 STARTS_FROM = {"base": [], "mid": ["base"], "sft": ["mid", "base"], "rl": ["sft"]}
 
 
-def stage_function(stage: str) -> Callable[[dict[str, Any]], None]:
-    """The Ray Train worker function of a stage, imported on demand."""
-    module, _, name = STAGE_FUNCTIONS[stage].partition(":")
+JAX_STAGE_FUNCTIONS = {"base": "trainer.jaxgpt.train:train_base_jax"}
+
+
+def stage_backend(stage: str, cfg: Config) -> str:
+    """train.backend for the stages that have a JAX path (base pretraining); torch for the others."""
+    return cfg.train.backend if stage in JAX_STAGE_FUNCTIONS else "torch"
+
+
+def stage_function(stage: str, backend: str = "torch") -> Callable[[dict[str, Any]], None]:
+    """The Ray Train worker function of a stage on a backend, imported on demand."""
+    functions = JAX_STAGE_FUNCTIONS if backend == "jax" else STAGE_FUNCTIONS
+    module, _, name = functions[stage].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cfg: Config, backend: str,
+             run_config):
+    """TorchTrainer (DDP over train.workers) or JaxTrainer (one worker per host; on CPU a single worker
+    drives jax.cpu_devices virtual devices, and jax.distributed joins the hosts of a GPU or TPU slice)."""
+    import ray.train
+
+    t = cfg.train
+    if backend == "jax":
+        from ray.train.v2.jax import JaxTrainer
+
+        platform = cfg.jax.platform
+        workers = t.workers if platform in ("gpu", "tpu") else 1
+        if workers != t.workers:
+            log.info("jax on CPU: one worker drives %d devices (train.workers=%d applies to GPU/TPU hosts)",
+                     cfg.jax.cpu_devices, t.workers)
+        resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if platform == "gpu" else {})}
+        tpu = dict(use_tpu=True, topology=cfg.jax.tpu_topology, accelerator_type=cfg.jax.tpu_accelerator) \
+            if platform == "tpu" else {}
+        scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=platform == "gpu",
+                                          resources_per_worker=None if tpu else resources, **tpu)
+        return JaxTrainer(train_fn, train_loop_config=job, scaling_config=scaling, run_config=run_config)
+
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = t.gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=run_config,
+    )
 
 
 def worker_env() -> dict[str, str]:
     """Settings the workers must share with the driver: object-storage credentials and endpoint."""
-    keys = [k for k in os.environ if k.startswith("AWS_")] + ["NANOCHAT_STORAGE", "OMP_NUM_THREADS"]
+    keys = [k for k in os.environ if k.startswith("AWS_")] + ["NANOCHAT_STORAGE", "OMP_NUM_THREADS", "JAX_PLATFORMS"]
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -76,10 +120,10 @@ def _fit(
     *,
     ray_address: str | None,
     show_progress: bool,
+    backend: str = "torch",
 ) -> None:
-    """One TorchTrainer.fit(): Ray Train state and checkpoints under runs/<run>/<name>/."""
+    """One Ray Train fit(): Ray Train state and checkpoints under runs/<run>/<name>/."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
     connect(ray_address)
@@ -87,22 +131,15 @@ def _fit(
     progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
     job = {**job, "config": cfg.model_dump(), "storage": storage.uri,
            "progress_actor": progress_actor if show_progress else None}
-    use_gpu = t.gpus_per_worker > 0
-    resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=job,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=ray_name,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
+    run_config = ray.train.RunConfig(
+        name=ray_name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        worker_runtime_env={"env_vars": worker_env()},
     )
+    trainer = _trainer(train_fn, job, cfg, backend, run_config)
     log.info("%s: %d workers, storage %s/runs/%s/%s", name, t.workers, storage.uri, cfg.run, name)
     try:
         if show_progress:
@@ -128,7 +165,8 @@ def run_stage(
     started = time.time()
     job = {"stage": stage, "fail_at_step": fail_at_step,
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
-    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress)
+    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress,
+         backend=stage_backend(stage, cfg))
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")
