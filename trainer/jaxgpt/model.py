@@ -9,14 +9,12 @@ Notable:
   which layers have value embeddings, the rotary tables' definition) are nanochat/gpt.py's own; every
   variant the torch model has (norm, activation, QK-norm, GQA/MQA, window pattern, rotary base) is here
 - numerics follow torch's defaults: RMSNorm eps is the dtype's machine epsilon, LayerNorm's 1e-5, exact
-  (erf) GELU; attention scales by 1/sqrt(head_dim) and masks with -inf before a float32 softmax
+  (erf) GELU; attention scales by 1/sqrt(head_dim)
 - compute_dtype casts weights and activations for the matmuls (bf16 on TPU/GPU); logits, softcap and
   the loss are float32
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -80,17 +78,10 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
     """(B, T, H, D) queries against (B, T, KV, D) keys/values: query head h reads kv head h // (H / KV),
-    as torch's enable_gqa. A window w lets a query see itself and the w tokens before it."""
-    B, T, H, D = q.shape
-    kv = k.shape[2]
-    q = q.reshape(B, T, kv, H // kv, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(D)
-    delta = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
-    allowed = delta >= 0 if window is None else (delta >= 0) & (delta <= window)
-    scores = jnp.where(allowed, scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return y.reshape(B, T, H, D)
+    as torch's enable_gqa. A window w lets a query see itself and the w tokens before it. JAX picks the
+    kernel (cuDNN flash attention on GPU where it applies, XLA elsewhere)."""
+    local_window = None if window is None else (window, 0)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window)
 
 
 def attention(p: Params, prefix: str, cfg: GPTConfig, x: jax.Array, ve: jax.Array | None,
