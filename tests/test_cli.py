@@ -16,7 +16,7 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     out = run("--help")
     assert out.returncode == 0
-    for command in ["data", "tok", "train", "eval", "speedrun", "serve", "chat", "report"]:
+    for command in ["data", "tok", "train", "eval", "speedrun", "serve", "chat", "report", "experiment"]:
         assert f"    {command} " in out.stdout, command
 
 
@@ -37,3 +37,13 @@ def test_bad_flag_value_exits_2():
 
 def test_unknown_command_exits_2():
     assert run("bogus").returncode == 2
+
+
+def test_backend_flag_sets_train_backend_for_base_only():
+    from cli.main import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "base", "--backend", "jax"])
+    assert config_from_args(args).train.backend == "jax"
+    assert run("train", "mid", "--backend", "jax").returncode == 2  # only base pretraining has a JAX path
+    out = run("train", "base", "--backend", "tensorflow")
+    assert out.returncode == 2 and "jax" in out.stderr
