@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nanochat.config import Config, ConfigError, load_config
+from nanochat.config import Config, ConfigError, available_presets, load_config
 
 log = logging.getLogger("nanochat")
 
@@ -42,7 +42,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g = parser.add_argument_group("global options")
     g.add_argument("--config", action="append", default=listed, metavar="FILE", help="YAML config file (repeatable, later wins)")
     g.add_argument("--set", action="append", default=listed, metavar="KEY=VALUE", dest="overrides", help="override one config key, e.g. train.max_steps=50 (repeatable)")
-    g.add_argument("--preset", default=default, help="preset from configs/ (tiny-cpu, d12, d20, d26)")
+    g.add_argument("--preset", default=default, help=f"preset from configs/ ({', '.join(available_presets())})")
     g.add_argument("--storage", default=default, metavar="URI", help="local folder or s3://bucket/prefix (default: $NANOCHAT_STORAGE or ~/.cache/nanochat)")
     g.add_argument("--ray-address", default=default, metavar="ADDR", help="existing Ray cluster (omit: start an embedded local Ray)")
     g.add_argument("--run", default=default, metavar="NAME", help="run name: checkpoints go to runs/<NAME>/")
