@@ -7,6 +7,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
+from tests.gpt_fixtures import scrambled_model as scrambled
 
 VOCAB = 97
 
@@ -21,17 +22,6 @@ def fresh(config: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model.init_weights()
     return model
-
-
-def scrambled(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose every path matters: nanochat's init zeroes the output projections, which would
-    make the cache comparisons pass without any attention happening."""
-    model = fresh(config, seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
+from tests.gpt_fixtures import scrambled_model
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -27,16 +28,8 @@ VARIANTS = {
 
 
 def scrambled(**overrides) -> GPT:
-    """Random weights everywhere: nanochat's init zeroes output projections, which would hide attention."""
     fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
-    model = GPT(GPTConfig(**{**fields, **overrides}))
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
+    return scrambled_model(GPTConfig(**{**fields, **overrides}))
 
 
 def tokens(B: int, T: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from nanochat.gpt import GPT, GPTConfig
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
+from tests.gpt_fixtures import scrambled_model
 
 VOCAB, BLOCK, NUM_BLOCKS = 300, 4, 64
 ATOL = 1e-4
@@ -20,17 +21,7 @@ CONFIGS = {
 
 
 def scrambled(name: str) -> GPT:
-    """Random weights everywhere: nanochat's init zeroes the output projections, which would let a
-    broken cache pass without any attention happening."""
-    config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, **CONFIGS[name])
-    model = GPT(config)
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
+    return scrambled_model(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, **CONFIGS[name]))
 
 
 def runner_for(model: GPT) -> ModelRunner:
