@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from nanochat.engine import generate_batch
@@ -23,6 +22,7 @@ from nanochat.tokenizer import Tokenizer
 from serving.api import app as api_app
 from serving.api.app import create_app
 from serving.engine.llm_engine import AsyncEngine, LLMEngine, TokenEvent
+from tests.gpt_fixtures import scrambled_model
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. how are you today? fine, thanks. "
 MODEL = "nanochat-test"
@@ -45,14 +45,7 @@ def tiny_model(tok: Tokenizer) -> GPT:
     model ignore its context), so that different prompts and seeds give different text."""
     config = GPTConfig(sequence_len=CONTEXT, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=64)
-    model = GPT(config)
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2 * p.size(1) ** -0.5)
-    return model.eval()
+    return scrambled_model(config, scale=2.0)
 
 
 class RecordingEngine(LLMEngine):

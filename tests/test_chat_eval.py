@@ -20,6 +20,7 @@ from nanochat.engine import complete_chat
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from services.checkpoints import CheckpointManager
+from tests.gpt_fixtures import scrambled_model
 from trainer.chat_eval import (
     Score,
     chatcore,
@@ -48,14 +49,8 @@ def tok() -> Tokenizer:
 
 def tiny_model(vocab_size: int, seed: int = 0) -> GPT:
     """A tiny GPT with weights large enough that its predictions depend on the prompt."""
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-    torch.manual_seed(seed)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2 * p.size(1) ** -0.5)
-    return model.eval()
+    config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    return scrambled_model(config, seed, scale=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import math
-import multiprocessing as mp
 import threading
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from services.storage import LocalStorage
+from tests.ranks import run_ranks
 from trainer import core_eval as ce
 from trainer.core_eval import CORE_TASKS, TaskSpec
 
@@ -341,14 +341,8 @@ def test_items_are_split_across_ranks_and_counts_summed(core_dir, tokenizer, tmp
     model = tiny_gpt(tokenizer.vocab_size, seed=3)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     expected = ce.evaluate_task(model, tokenizer, items, SPECS["copa"])
-    ctx = mp.get_context("spawn")
     args = (str(tmp_path / "store"), tokenizer.to_json(), str(tmp_path / "weights.pt"), items, str(tmp_path / "out"))
-    procs = [ctx.Process(target=_rank_main, args=(rank, 2, *args)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    run_ranks(_rank_main, args)
     per_rank = [tuple(json.loads((tmp_path / f"out.{rank}").read_text())) for rank in range(2)]
     assert per_rank == [expected, expected]  # both ranks return the all-reduced totals
     assert expected[1] == 25

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "helm" / "nanochat" / "dashboards"
@@ -130,16 +129,6 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -
         return e.code, e.read()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 SYSTEM = "You are nanochat, a small helpful assistant. Answer briefly."  # > 2 KV blocks: prefix-cache hits
 
 
@@ -225,5 +214,5 @@ def test_serving_dashboard_queries_return_data_from_a_live_server(tmp_path):
             missing = empty()
         assert not missing, "panels without data:\n  " + "\n  ".join(missing)
     finally:
-        stop(serve)
-        stop(prometheus)
+        stop_process(serve, timeout=30)
+        stop_process(prometheus, timeout=30)

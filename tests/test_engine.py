@@ -7,6 +7,8 @@ from nanochat.engine import DONE, complete_chat, generate, generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from tests.bigram import bigram_model, chain, tool_model
+from tests.gpt_fixtures import scrambled_model
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,7 @@ def model(tok) -> GPT:
     would make the model ignore its context and the cache comparisons pass without attention."""
     config = GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
-    model = GPT(config)
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2 * p.size(1) ** -0.5)
-    return model.eval()
+    return scrambled_model(config, scale=2.0)
 
 
 def prompt(tok: Tokenizer, text: str = "calculator") -> list[int]:
@@ -116,31 +111,6 @@ def test_invalid_sampling_arguments_are_rejected(model, tok):
 # a scripted model: stopping and the calculator tool
 
 
-def bigram_model(tok: Tokenizer, successors: dict[int, int | tuple[int, ...]], default: int) -> GPT:
-    """A real GPT whose next token depends only on the current one: successors[token] (a tuple: one
-    of them, equally likely), else default.
-
-    With nanochat's init every block starts as the identity (zero output projections), so the final
-    hidden state is the normalised token embedding; one-hot embeddings make it sqrt(n_embd) * e_token,
-    and lm_head maps each such direction to its successor's logit."""
-    V = tok.vocab_size
-    n_embd = V + (-V) % 8  # one dimension per token, split into 4 heads of even size
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=4, n_embd=n_embd))
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        model.transformer.wte.weight.copy_(torch.eye(V, n_embd))
-        head = torch.zeros(V, n_embd)
-        for token in range(V):
-            head[successors.get(token, default), token] = 1.0  # a tuple index sets each of its rows
-        model.lm_head.weight.copy_(head)  # logit sqrt(n_embd) ~ 17, softcapped to ~14, the others 0
-    return model.eval()
-
-
-def chain(*tokens: int) -> dict[int, int]:
-    return dict(zip(tokens, tokens[1:], strict=False))
-
-
 def test_a_row_stops_at_assistant_end_and_keeps_it(tok):
     sp = tok.encode_special
     text = tok.encode("hi")
@@ -177,16 +147,6 @@ def test_streaming_reports_done_for_rows_that_stopped(tok):
         streamed = [column[i] for column, _ in columns]
         assert streamed == row + [DONE] * (len(columns) - len(row))
         assert all(mask[i] == 0 for _, mask in columns)
-
-
-def tool_model(tok: Tokenizer, expr: str) -> GPT:
-    """Writes <|python_start|> expr <|python_end|>; after the tool output (or, without one, after
-    <|python_end|>) it ends its turn. expr must not repeat a token (a bigram model cannot count)."""
-    sp = tok.encode_special
-    call = [sp("<|python_start|>"), *tok.encode(expr), sp("<|python_end|>")]
-    successors = chain(sp("<|assistant_start|>"), *call)
-    successors[sp("<|python_end|>")] = successors[sp("<|output_end|>")] = sp("<|assistant_end|>")
-    return bigram_model(tok, successors, default=tok.encode("?")[0])
 
 
 def test_the_calculator_result_is_forced_into_the_row(tok):

@@ -7,13 +7,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from nanochat.engine import generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import AsyncEngine, LLMEngine, QueueFull, TokenEvent
 from serving.engine.sequence import SamplingParams
+from tests.bigram import bigram_model, chain, tool_model
+from tests.gpt_fixtures import scrambled_model
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. calculator 0123456789 +-*/ "
 
@@ -29,35 +30,7 @@ def model(tok) -> GPT:
     model ignore its context), sliding-window layers, GQA: every path of the paged cache matters."""
     config = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
-    model = GPT(config)
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2 * p.size(1) ** -0.5)
-    return model.eval()
-
-
-def bigram_model(tok: Tokenizer, successors: dict[int, int], default: int) -> GPT:
-    """A real GPT whose next token depends only on the current one: successors[token], else default
-    (tests/test_engine.py's construction: identity blocks, one-hot embeddings, lm_head as the table)."""
-    V = tok.vocab_size
-    n_embd = V + (-V) % 8
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=4, n_embd=n_embd))
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():
-        model.transformer.wte.weight.copy_(torch.eye(V, n_embd))
-        head = torch.zeros(V, n_embd)
-        for token in range(V):
-            head[successors.get(token, default), token] = 1.0
-        model.lm_head.weight.copy_(head)
-    return model.eval()
-
-
-def chain(*tokens: int) -> dict[int, int]:
-    return dict(zip(tokens, tokens[1:]))
+    return scrambled_model(config, scale=2.0)
 
 
 def byte_token(tok: Tokenizer, byte: int) -> int:
@@ -311,15 +284,6 @@ def test_stats_count_requests_and_cache_use(model, tok):
 
 # ---------------------------------------------------------------------------------------------
 # the calculator tool
-
-
-def tool_model(tok: Tokenizer, expr: str) -> GPT:
-    """Writes <|python_start|> expr <|python_end|>, then ends its turn after the tool output."""
-    sp = tok.encode_special
-    call = [sp("<|python_start|>"), *tok.encode(expr), sp("<|python_end|>")]
-    successors = chain(sp("<|assistant_start|>"), *call)
-    successors[sp("<|python_end|>")] = successors[sp("<|output_end|>")] = sp("<|assistant_end|>")
-    return bigram_model(tok, successors, default=tok.encode("?")[0])
 
 
 def test_the_calculator_result_is_forced_streamed_and_counted(tok):

@@ -4,7 +4,6 @@ sum over ranks."""
 import functools
 import json
 import math
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from tests.ranks import run_ranks
 from trainer.loss_eval import evaluate_bpb
 
 B, T = 4, 64
@@ -130,14 +130,8 @@ def test_ranks_sum_their_batches(corpus, tmp_path):
     data = batches(ids, 0, 4)
     expected = evaluate_bpb(model, iter(data), 4, table)
     shards = [data[:1], data[1:]]
-    ctx = mp.get_context("spawn")
     args = (str(tmp_path / "store"), str(tmp_path / "weights.pt"), tokenizer.vocab_size, shards, table, str(tmp_path / "out"))
-    procs = [ctx.Process(target=_rank_main, args=(rank, 2, *args)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    run_ranks(_rank_main, args)
     got = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
     assert got == [pytest.approx(expected, rel=1e-6)] * 2
     single = evaluate_bpb(model, iter(data[:1]), 1, table)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from services.storage import open_storage
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 BIN = Path(sys.executable).parent
 RAY, NANOCHAT = str(BIN / "ray"), str(BIN / "nanochat")
@@ -126,12 +126,7 @@ def stop_nodes(procs: list[subprocess.Popen]) -> None:
     """SIGTERM each `ray start --block` (it stops what it started), then SIGKILL whatever they left behind."""
     family = descendants([p.pid for p in procs])
     for proc in reversed(procs):  # the joining node first, so the head does not wait for it
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
     for pid, started in family.items():
         if (stat := _stat(pid)) and stat[1] == started:
             with contextlib.suppress(ProcessLookupError):

@@ -4,14 +4,14 @@ request hooks, counters that follow the engine's totals, and the numbers a real 
 import asyncio
 
 import pytest
-import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
+from tests.gpt_fixtures import scrambled_model
 
 SPEC_NAMES = [
     "nanochat:num_requests_running",
@@ -106,15 +106,10 @@ def test_inside_ray_the_names_use_underscores_and_counters_leave_total_to_the_ex
 def engine_parts():
     tok = Tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 4],
                                         256 + len(SPECIAL_TOKENS) + 20)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                          n_embd=64))
-    torch.manual_seed(0)
-    model.init_weights()
-    with torch.no_grad():  # random weights everywhere: nanochat's init gives every token the same logits
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2 * p.size(1) ** -0.5)
-    return model.eval(), tok
+    # random weights everywhere: nanochat's init gives every token the same logits
+    model = scrambled_model(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                                      n_embd=64), scale=2.0)
+    return model, tok
 
 
 def test_an_engine_run_exports_its_usage_and_cache_numbers(engine_parts):
