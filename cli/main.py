@@ -189,9 +189,15 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.tok import load_tokenizer
 
     backend = stage_backend(args.action, cfg)
-    if backend == "jax" and importlib.util.find_spec("jax") is None:
-        raise ConfigError("train.backend=jax needs JAX: install the jax extra (pip install -e '.[jax]'; "
-                          "on a TPU VM also jax[tpu])")
+    if backend == "jax":
+        if importlib.util.find_spec("jax") is None:
+            raise ConfigError("train.backend=jax needs JAX: install the jax extra (pip install -e '.[jax]'; "
+                              "on a TPU VM also jax[tpu])")
+        from trainer.jaxgpt.train import expected_devices, micro_steps
+
+        devices = expected_devices(cfg)
+        if devices is not None:
+            micro_steps(cfg, devices)  # a batch that does not split over the devices fails here, not in Ray
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause

@@ -47,3 +47,10 @@ def test_backend_flag_sets_train_backend_for_base_only():
     assert run("train", "mid", "--backend", "jax").returncode == 2  # only base pretraining has a JAX path
     out = run("train", "base", "--backend", "tensorflow")
     assert out.returncode == 2 and "jax" in out.stderr
+
+
+def test_jax_batch_that_does_not_split_over_the_devices_exits_2_before_ray(tmp_path):
+    out = run("--storage", str(tmp_path), "train", "base", "--backend", "jax", "--set", "jax.cpu_devices=8")
+    assert out.returncode == 2  # tiny-cpu: 4 rows x 512 tokens x 8 devices > 4096 tokens per step
+    assert "train.device_batch_size" in out.stderr and "8 = 16384" in out.stderr
+    assert not any(tmp_path.iterdir())

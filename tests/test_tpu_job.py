@@ -24,7 +24,7 @@ from k8s_validation import assert_secure_pod, pod_specs, pod_templates, validate
 
 from cli.main import build_parser, config_from_args
 from nanochat.config import Config, load_config
-from trainer.optim import grad_accum_steps
+from trainer.jaxgpt.train import expected_devices, micro_steps
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_PATH = REPO / "k8s" / "tpu-base-job.yaml"
@@ -93,7 +93,8 @@ def test_preset_trains_d20_on_jax_on_tpus() -> None:
 def test_preset_batch_arithmetic_is_whole_for_its_slice() -> None:
     cfg = load_config(preset=PRESET)
     devices = _chips(cfg.jax.tpu_topology)
-    steps = grad_accum_steps(cfg.train.total_batch_size, cfg.train.device_batch_size, cfg.train.seq_len, devices)
+    assert expected_devices(cfg) == devices
+    steps = micro_steps(cfg, devices)
     assert steps * cfg.train.device_batch_size * cfg.train.seq_len * devices == cfg.train.total_batch_size
     assert steps == 32  # 1 row x 2048 tokens x 8 chips per micro-step
     assert devices % cfg.jax.fsdp == 0  # make_mesh needs fsdp to divide the devices
@@ -249,7 +250,7 @@ def test_documented_4x4_adaptation_adds_up(job: dict) -> None:
     workers, per_worker = get_tpu_worker_resources(cfg.jax.tpu_topology, cfg.jax.tpu_accelerator)
     assert cfg.train.workers == workers == hosts and per_worker["TPU"] == chips
     devices = hosts * chips
-    assert grad_accum_steps(cfg.train.total_batch_size, cfg.train.device_batch_size, cfg.train.seq_len, devices) == 16
+    assert expected_devices(cfg) == devices and micro_steps(cfg, devices) == 16
     assert devices % cfg.jax.fsdp == 0
 
 

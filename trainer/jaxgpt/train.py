@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from nanochat.checkpoint import read_checkpoint, write_checkpoint
-from nanochat.config import Config, JaxConfig
+from nanochat.config import Config, ConfigError, JaxConfig
 from nanochat.gpt import GPT, GPTConfig
 from services.checkpoints import CheckpointManager, step_dir_name
 from services.storage import open_storage
@@ -45,7 +46,7 @@ from trainer.loop import (
     progress_tracker,
     publish_step,
 )
-from trainer.optim import OptimConfig, grad_accum_steps, lr_multiplier, muon_momentum, weight_decay_multiplier
+from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
 from trainer.tok import load_tokenizer
 from trainer.worker import Worker
 
@@ -62,6 +63,31 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
     if jax_cfg.platform in (None, "cpu") and jax_cfg.cpu_devices > 1:
         flag = f"--xla_force_host_platform_device_count={jax_cfg.cpu_devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def expected_devices(cfg: Config) -> int | None:
+    """The devices the run's mesh will hold, as far as the config says: virtual CPU devices, the chips of the
+    TPU topology, or workers x GPUs; None when JAX picks the platform itself."""
+    j, t = cfg.jax, cfg.train
+    if j.platform == "cpu" or (j.platform is None and j.cpu_devices > 1):
+        return j.cpu_devices
+    if j.platform == "tpu" and j.tpu_topology:
+        return math.prod(int(d) for d in j.tpu_topology.lower().split("x"))
+    if j.platform == "gpu" and t.gpus_per_worker >= 1:
+        return t.workers * int(t.gpus_per_worker)
+    return None
+
+
+def micro_steps(cfg: Config, devices: int) -> int:
+    """Gradient-accumulation steps: train.device_batch_size rows of train.seq_len tokens on every device per
+    micro-step, train.total_batch_size tokens per optimizer step; a split that does not divide names the fields."""
+    t = cfg.train
+    rows = t.device_batch_size * t.seq_len * devices
+    if t.total_batch_size % rows:
+        raise ConfigError(
+            f"train.total_batch_size ({t.total_batch_size}) must be a multiple of train.device_batch_size x "
+            f"train.seq_len x JAX devices ({t.device_batch_size} x {t.seq_len} x {devices} = {rows})")
+    return t.total_batch_size // rows
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +292,7 @@ class JaxRun:
         self.manager = CheckpointManager(storage, cfg.run, "base")
         self.mesh = make_mesh(cfg.jax.fsdp)
         t = cfg.train
-        self.micro_steps = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, jax.device_count())
+        self.micro_steps = micro_steps(cfg, jax.device_count())
         self.rows = t.device_batch_size * jax.local_device_count()  # this host's rows per micro-step
 
         torch.manual_seed(t.seed)  # torch's init: both backends start from the same weights
