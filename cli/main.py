@@ -11,7 +11,6 @@ Notable:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -190,14 +189,9 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
     backend = stage_backend(args.action, cfg)
     if backend == "jax":
-        if importlib.util.find_spec("jax") is None:
-            raise ConfigError("train.backend=jax needs JAX: install the jax extra (pip install -e '.[jax]'; "
-                              "on a TPU VM also jax[tpu])")
-        from trainer.jaxgpt.train import expected_devices, micro_steps
+        from trainer.jaxgpt.train import preflight
 
-        devices = expected_devices(cfg)
-        if devices is not None:
-            micro_steps(cfg, devices)  # a batch that does not split over the devices fails here, not in Ray
+        preflight(cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause

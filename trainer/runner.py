@@ -163,10 +163,14 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
     started = time.time()
+    backend = stage_backend(stage, cfg)
+    if backend == "jax":
+        from trainer.jaxgpt.train import preflight
+
+        preflight(cfg)  # a missing JAX or a batch that does not split fails here, before Ray starts
     job = {"stage": stage, "fail_at_step": fail_at_step,
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
-    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress,
-         backend=stage_backend(stage, cfg))
+    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")

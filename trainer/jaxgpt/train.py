@@ -18,6 +18,7 @@ Notable:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -88,6 +89,16 @@ def micro_steps(cfg: Config, devices: int) -> int:
             f"train.total_batch_size ({t.total_batch_size}) must be a multiple of train.device_batch_size x "
             f"train.seq_len x JAX devices ({t.device_batch_size} x {t.seq_len} x {devices} = {rows})")
     return t.total_batch_size // rows
+
+
+def preflight(cfg: Config) -> None:
+    """What the driver can check before Ray starts: JAX is installed, and the batch splits over the devices."""
+    if importlib.util.find_spec("jax") is None:
+        raise ConfigError("train.backend=jax needs JAX: install the jax extra (pip install -e '.[jax]'; "
+                          "on a TPU VM also jax[tpu])")
+    devices = expected_devices(cfg)
+    if devices is not None:
+        micro_steps(cfg, devices)
 
 
 # -----------------------------------------------------------------------------
