@@ -31,8 +31,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.cpu_devices > 1:  # read by XLA once, at import
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
+    from nanochat.config import JaxConfig
+    from trainer.jaxgpt.train import configure_platform
+
+    configure_platform(JaxConfig(cpu_devices=args.cpu_devices))  # read by XLA once, when jax is imported
     import jax
     import numpy as np
     import torch

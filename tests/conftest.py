@@ -31,7 +31,9 @@ S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay rel
 # Set before any test imports torch; Ray workers started by the tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # JAX tests shard over 8 virtual CPU devices; XLA reads this once, when jax is first imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# On this busy 2-core machine, collectives between those virtual devices get minutes before XLA aborts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -54,6 +54,10 @@ from trainer.worker import Worker
 log = logging.getLogger(__name__)
 
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device of the mesh
+# virtual CPU devices are threads sharing the cores: on a busy machine a collective can wait longer than XLA's
+# default before it aborts the process, so give them minutes
+CPU_COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_timeout_seconds=900",
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 
 
 def configure_platform(jax_cfg: JaxConfig) -> None:
@@ -62,8 +66,8 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
     if jax_cfg.platform:
         os.environ.setdefault("JAX_PLATFORMS", platforms[jax_cfg.platform])
     if jax_cfg.platform in (None, "cpu") and jax_cfg.cpu_devices > 1:
-        flag = f"--xla_force_host_platform_device_count={jax_cfg.cpu_devices}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        flags = [f"--xla_force_host_platform_device_count={jax_cfg.cpu_devices}", *CPU_COLLECTIVE_TIMEOUTS]
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def expected_devices(cfg: Config) -> int | None:
