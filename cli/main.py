@@ -184,14 +184,10 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.runner import STARTS_FROM, run_stage, stage_backend, stage_function
+    from trainer.runner import STARTS_FROM, run_stage, stage_function
     from trainer.tok import load_tokenizer
 
-    backend = stage_backend(args.action, cfg)
-    if backend == "jax":
-        from trainer.jaxgpt.train import preflight
-
-        preflight(cfg)  # configuration first: before storage is opened or Ray starts
+    train_fn = stage_function(args.action, cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
@@ -199,7 +195,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     sources = STARTS_FROM[args.action]
     if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
         raise StageError(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
-    summary = run_stage(args.action, stage_function(args.action, backend), cfg, storage, ray_address=args.ray_address)
+    summary = run_stage(args.action, train_fn, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -160,8 +160,8 @@ def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus):
              "train.total_batch_size=1024", "train.checkpoint_every=3", "train.eval_every=-1", "train.eval_tokens=1024",
              "log.tensorboard=false", "train.max_failures=0", "run=jax"]
     jax_run = [*small, "train.backend=jax", "jax.cpu_devices=4", "jax.fsdp=2"]
-    summary = run_stage("base", stage_function("base", "jax"), load_config(preset="tiny-cpu", overrides=[*jax_run, "train.max_steps=6"]),
-                        corpus, show_progress=False)
+    first = load_config(preset="tiny-cpu", overrides=[*jax_run, "train.max_steps=6"])
+    summary = run_stage("base", stage_function("base", first), first, corpus, show_progress=False)
     assert summary["steps"] == 6 and summary["tokens"] == 6 * 1024
     assert summary["metrics"]["backend"] == "jax" and summary["metrics"]["devices"] == 4
     assert 0 < summary["metrics"]["val_bpb"] < 10 and summary["tokens_per_second"] > 0
@@ -175,10 +175,10 @@ def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus):
     got = np.asarray(forward(params_from_torch(model.state_dict()), jnp.asarray(idx.numpy()), model.config))
     assert np.abs(got - expected).max() < 1e-4
 
-    resumed = run_stage("base", stage_function("base", "jax"), load_config(preset="tiny-cpu", overrides=[*jax_run, "train.max_steps=9"]),
-                        corpus, show_progress=False)
+    again = load_config(preset="tiny-cpu", overrides=[*jax_run, "train.max_steps=9"])
+    resumed = run_stage("base", stage_function("base", again), again, corpus, show_progress=False)
     assert resumed["steps"] == 9 and resumed["metrics"]["resumed_from"] == [6]
 
+    torch_run = load_config(preset="tiny-cpu", overrides=[*small, "train.max_steps=12"])
     with pytest.raises(StageFailed, match="written by the jax backend"):
-        run_stage("base", stage_function("base"), load_config(preset="tiny-cpu", overrides=[*small, "train.max_steps=12"]),
-                  corpus, show_progress=False)
+        run_stage("base", stage_function("base", torch_run), torch_run, corpus, show_progress=False)

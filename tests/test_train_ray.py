@@ -101,9 +101,10 @@ def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
     chat = ["mid.max_steps=3", "sft.max_steps=3", "mid.tasks={identity: 1, simple-spelling: 1}",
             "sft.tasks={identity: 1, smoltalk: 1}", "mid.device_batch_size=2", "mid.examples_per_step=4",
             "sft.device_batch_size=2", "sft.examples_per_step=4", "train.checkpoint_every=2"]
-    mid = run_stage("mid", stage_function("mid"), config("reference", *chat), s3_storage, show_progress=False)
+    cfg = config("reference", *chat)
+    mid = run_stage("mid", stage_function("mid", cfg), cfg, s3_storage, show_progress=False)
     assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}
-    sft = run_stage("sft", stage_function("sft"), config("reference", *chat), s3_storage, show_progress=False)
+    sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, show_progress=False)
     assert sft["steps"] == 3
     assert "smoltalk" in sft["metrics"]["skipped_tasks"], "offline, SmolTalk is skipped with its reason"
     keys = s3_storage.list("runs/reference/")

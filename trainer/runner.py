@@ -63,8 +63,14 @@ def stage_backend(stage: str, cfg: Config) -> str:
     return cfg.train.backend if stage in JAX_STAGE_FUNCTIONS else "torch"
 
 
-def stage_function(stage: str, backend: str = "torch") -> Callable[[dict[str, Any]], None]:
-    """The Ray Train worker function of a stage on a backend, imported on demand."""
+def stage_function(stage: str, cfg: Config) -> Callable[[dict[str, Any]], None]:
+    """The Ray Train worker function of a stage on its configured backend, imported on demand. For JAX it
+    first checks what the driver can (JAX installed, the batch splits over the devices): before Ray starts."""
+    backend = stage_backend(stage, cfg)
+    if backend == "jax":
+        from trainer.jaxgpt.train import preflight
+
+        preflight(cfg)
     functions = JAX_STAGE_FUNCTIONS if backend == "jax" else STAGE_FUNCTIONS
     module, _, name = functions[stage].partition(":")
     return getattr(importlib.import_module(module), name)
@@ -163,14 +169,10 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
     started = time.time()
-    backend = stage_backend(stage, cfg)
-    if backend == "jax":
-        from trainer.jaxgpt.train import preflight
-
-        preflight(cfg)  # a missing JAX or a batch that does not split fails here, before Ray starts
     job = {"stage": stage, "fail_at_step": fail_at_step,
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
-    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
+    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress,
+         backend=stage_backend(stage, cfg))
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")

@@ -45,11 +45,11 @@ def stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> s
 
 def _train_stage(name: str) -> Callable[[Config, Storage, str | None], str]:
     def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-        from trainer.runner import run_stage, stage_backend, stage_function
+        from trainer.runner import run_stage, stage_function
 
         if CheckpointManager(storage, cfg.run, name).done_summary() is not None:
             return "skipped (complete)"
-        run_stage(name, stage_function(name, stage_backend(name, cfg)), cfg, storage, ray_address=ray_address)
+        run_stage(name, stage_function(name, cfg), cfg, storage, ray_address=ray_address)
         return "done"
 
     return stage
