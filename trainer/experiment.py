@@ -36,7 +36,7 @@ from services.storage import Storage, open_storage
 from trainer.base_train import model_config, optim_config
 from trainer.data import list_shards, split_shards
 from trainer.dataloader import DataLoader, token_bytes
-from trainer.loop import WARMUP_STEPS_EXCLUDED
+from trainer.loop import WARMUP_STEPS_EXCLUDED, optimizer_step
 from trainer.loss_eval import evaluate_bpb
 from trainer.optim import (
     apply_schedule,
@@ -173,14 +173,7 @@ def train_variant(job: dict[str, Any]) -> dict[str, Any]:
     for step in range(steps):
         apply_schedule(optimizers, step, steps, optim_cfg)
         step_started = time.perf_counter()
-        for _ in range(accum):
-            inputs, targets = next(loader)
-            with worker.autocast():
-                loss = model(inputs, targets)
-            (loss / accum).backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss, _ = optimizer_step(model, model, optimizers, loader, accum, worker)
         train_loss = loss.item()  # a sync point: the step time is honest on GPU too
         if step >= first_timed:
             timed_seconds += time.perf_counter() - step_started

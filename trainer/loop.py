@@ -28,7 +28,13 @@ from typing import Any, Protocol
 
 import torch
 
-from nanochat.checkpoint import capture_rng_state, read_checkpoint, restore_rng_state, write_checkpoint
+from nanochat.checkpoint import (
+    Checkpoint,
+    capture_rng_state,
+    read_checkpoint,
+    restore_rng_state,
+    write_checkpoint,
+)
 from nanochat.config import Config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
@@ -141,31 +147,44 @@ def save_checkpoint(
     return time.time() - started
 
 
-def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, optimizers) -> tuple[Progress, dict | None]:
-    """Load the stage's newest valid checkpoint into model and optimizers; returns progress and this rank's cursor."""
+def load_latest(manager: CheckpointManager, worker: Worker, backend: str) -> tuple[int, Checkpoint] | None:
+    """The stage's newest valid checkpoint, refused unless this backend and worker group wrote it."""
     with tempfile.TemporaryDirectory(prefix=f"nanochat-restore-{worker.rank}-") as tmp:
         found = manager.latest_valid(Path(tmp))
         if found is None:
-            return Progress(), None
+            return None
         step, folder = found
         ckpt = read_checkpoint(folder, map_location=worker.device)
-    backend = ckpt.meta.get("backend", "torch")
-    if backend != "torch":
-        raise RuntimeError(f"checkpoint step {step} was written by the {backend} backend; resume with "
-                           f"--backend {backend} or start a new run (--run NAME)")
+    written_by = ckpt.meta.get("backend", "torch")
+    if written_by != backend:
+        raise RuntimeError(f"checkpoint step {step} was written by the {written_by} backend; resume with "
+                           f"--backend {written_by} or start a new run (--run NAME)")
     saved_world = ckpt.meta["world_size"]
     if saved_world != worker.world_size:
         raise RuntimeError(
             f"checkpoint step {step} was written by {saved_world} workers; resume with --workers {saved_world} "
             f"or start a new run (--run NAME)"
         )
+    return step, ckpt
+
+
+def resumed_progress(step: int, ckpt: Checkpoint) -> Progress:
+    progress = Progress(**{k: ckpt.meta[k] for k in Progress.__dataclass_fields__})
+    progress.resumed_from.append(step)
+    return progress
+
+
+def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, optimizers) -> tuple[Progress, dict | None]:
+    """Load the stage's newest valid checkpoint into model and optimizers; returns progress and this rank's cursor."""
+    found = load_latest(manager, worker, "torch")
+    if found is None:
+        return Progress(), None
+    step, ckpt = found
     model.load_state_dict(ckpt.model_state)
     load_optimizers_state_dict(optimizers, ckpt.optimizer_state["optimizers"])
     restore_rng_state(ckpt.rng["ranks"][worker.rank])
-    progress = Progress(**{k: ckpt.meta[k] for k in Progress.__dataclass_fields__})
-    progress.resumed_from.append(step)
     log.info("rank %d resumed from step %d", worker.rank, step)
-    return progress, ckpt.cursor[worker.rank]
+    return resumed_progress(step, ckpt), ckpt.cursor[worker.rank]
 
 
 # ---------------------------------------------------------------------------
@@ -266,20 +285,8 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
         maybe_inject_fault(job, storage, progress.step, worker, manager.stage_prefix)
         schedule = apply_schedule(optimizers, progress.step, horizon, optim_cfg)
         started = time.time()
-        loss_sum = torch.zeros((), device=worker.device)
-        tokens = torch.zeros((), device=worker.device, dtype=torch.long)
-        for micro in range(accum):
-            inputs, targets = next(loader)
-            sync = ddp.no_sync() if worker.world_size > 1 and micro < accum - 1 else nullcontext()
-            with sync, worker.autocast():
-                loss = ddp(inputs, targets)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            tokens += (targets >= 0).sum()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_value = worker.mean(loss_sum / accum)
+        loss, tokens = optimizer_step(ddp, model, optimizers, loader, accum, worker)
+        loss_value = worker.mean(loss)
         step_tokens = int(worker.sum(tokens).item())  # also a sync point, so the step time is honest on GPU
         step_seconds = time.time() - started
         progress.step += 1
@@ -304,6 +311,27 @@ def train_stage(job: dict[str, Any], stage_class: type[Stage]) -> None:
         publish_step(stage, progress, metrics, horizon, telemetry, tracker,
                      lambda m: save_checkpoint(stage, manager, model, optimizers, loader, progress, m))
     finish_stage(stage, manager, model, progress, horizon, telemetry, stage.summary_extra())
+
+
+def optimizer_step(forward, model: GPT, optimizers, loader: Loader, accum: int, worker: Worker
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `accum` micro-batches: gradients accumulate (DDP, as `forward`, synchronises
+    only on the last), every optimizer steps, gradients are cleared. Returns this rank's mean micro-batch
+    loss and its target-token count, as tensors on the device (reading them is the caller's sync point)."""
+    loss_sum = torch.zeros((), device=worker.device)
+    tokens = torch.zeros((), device=worker.device, dtype=torch.long)
+    for micro in range(accum):
+        inputs, targets = next(loader)
+        sync = forward.no_sync() if worker.world_size > 1 and micro < accum - 1 else nullcontext()
+        with sync, worker.autocast():
+            loss = forward(inputs, targets)
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+        tokens += (targets >= 0).sum()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum / accum, tokens
 
 
 def publish_step(stage: Stage, progress: Progress, metrics: dict[str, float], horizon: int,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanochat.checkpoint import read_checkpoint, write_checkpoint
+from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config, ConfigError, JaxConfig
 from nanochat.gpt import GPT, GPTConfig
 from services.checkpoints import CheckpointManager, step_dir_name
@@ -42,10 +42,12 @@ from trainer.loop import (
     WARMUP_STEPS_EXCLUDED,
     Progress,
     finish_stage,
+    load_latest,
     make_telemetry,
     maybe_inject_fault,
     progress_tracker,
     publish_step,
+    resumed_progress,
 )
 from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
 from trainer.tok import load_tokenizer
@@ -191,7 +193,6 @@ class ShardedTrainer:
             out_shardings=(self.param_sharding, self.state_sharding, replicated))
         self._eval_sums = jax.jit(eval_sums, in_shardings=(self.param_sharding, self.row_sharding, self.row_sharding,
                                                            replicated))
-        self._hyper_type = optim.Hyper
 
     def _global(self, local: np.ndarray, sharding):
         """This host's rows as its part of the global batch."""
@@ -203,7 +204,9 @@ class ShardedTrainer:
         """One optimizer step over (micro-steps, rows, T) batches of this host; returns the mean loss."""
         import jax.numpy as jnp
 
-        hyper = self._hyper_type(*(jnp.float32(schedule[k]) for k in self._hyper_type._fields))
+        from trainer.jaxgpt.optim import Hyper
+
+        hyper = Hyper(*(jnp.float32(schedule[k]) for k in Hyper._fields))
         self.params, self.opt_state, loss = self._train_step(
             self.params, self.opt_state, self._global(inputs, self.batch_sharding),
             self._global(targets, self.batch_sharding), hyper)
@@ -327,24 +330,13 @@ class JaxRun:
                           rank=self.worker.rank, world_size=self.worker.world_size, state=cursor, loop=loop)
 
     def _restore(self) -> tuple[Progress, dict | None]:
-        with tempfile.TemporaryDirectory(prefix="nanochat-jax-restore-") as tmp:
-            found = self.manager.latest_valid(Path(tmp))
-            if found is None:
-                return Progress(), None
-            step, folder = found
-            ckpt = read_checkpoint(folder)
-        backend = ckpt.meta.get("backend", "torch")
-        if backend != "jax":
-            raise RuntimeError(f"checkpoint step {step} was written by the {backend} backend; resume with "
-                               f"--backend {backend} or start a new run (--run NAME)")
-        if ckpt.meta["world_size"] != self.worker.world_size:
-            raise RuntimeError(f"checkpoint step {step} was written by {ckpt.meta['world_size']} hosts, "
-                               f"this run has {self.worker.world_size}; start a new run (--run NAME)")
+        found = load_latest(self.manager, self.worker, "jax")
+        if found is None:
+            return Progress(), None
+        step, ckpt = found
         self.trainer.load(ckpt.model_state, ckpt.optimizer_state["jax"])
-        progress = Progress(**{k: ckpt.meta[k] for k in Progress.__dataclass_fields__})
-        progress.resumed_from.append(step)
         log.info("host %d resumed from step %d", self.worker.rank, step)
-        return progress, ckpt.cursor[self.worker.rank]
+        return resumed_progress(step, ckpt), ckpt.cursor[self.worker.rank]
 
     def save(self, metrics: dict[str, float]) -> float:
         """Write the step's checkpoint (host 0) and report it to Ray Train; returns the seconds it took."""
