@@ -283,16 +283,16 @@ def _allgather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]
 
 
-def _batches(loader: DataLoader, micro_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [next(loader) for _ in range(micro_steps)]
-    inputs = np.stack([x.numpy() for x, _ in pairs]).astype(np.int32)
-    targets = np.stack([y.numpy() for _, y in pairs]).astype(np.int32)
-    return inputs, targets
-
-
 def _numpy_batches(loader: DataLoader):
+    """The loader's (inputs, targets) as int32 arrays, read lazily, so the loader's cursor stays exact."""
     for x, y in loader:
         yield x.numpy().astype(np.int32), y.numpy().astype(np.int32)
+
+
+def _stacked(batches, micro_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next micro_steps batches as (micro_steps, rows, T) inputs and targets."""
+    inputs, targets = zip(*(next(batches) for _ in range(micro_steps)))
+    return np.stack(inputs), np.stack(targets)
 
 
 class JaxRun:
@@ -375,11 +375,12 @@ class JaxRun:
             log.info("base (jax): %s params, %d steps, %d micro-steps per step, mesh %s", f"{self.model.num_params():,}",
                      horizon, self.micro_steps, dict(self.mesh.shape))
         steps_this_attempt, eval_every = 0, self.cfg.train.eval_every
+        batches = _numpy_batches(self.loader)
         while progress.step < horizon:
             maybe_inject_fault(self.job, stage.storage, progress.step, self.worker, self.manager.stage_prefix)
             schedule = schedule_at(progress.step, horizon, self.optim_cfg)
             started = time.time()
-            inputs, targets = _batches(self.loader, self.micro_steps)
+            inputs, targets = _stacked(batches, self.micro_steps)
             loss = self.trainer.step(inputs, targets, schedule)  # float(): waits for the step to finish
             step_seconds = time.time() - started
             progress.step += 1
