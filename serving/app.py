@@ -41,10 +41,10 @@ class EngineReplica:
         if device == "cpu":
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
         model, tokenizer, step = source.load(device)
-        log.info("engine replica serving %s step %d on %s", source.describe(), step, device)
+        log.info("engine replica serving %s step %d on %s (dtype %s)", source.describe(), step, device, cfg.dtype)
         engine = LLMEngine(model, tokenizer, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                           device=device)
+                           device=device, dtype=cfg.dtype)
         # inside Ray the recorder publishes through Ray's metrics agent (ray_nanochat_* on every replica)
         self.engine = AsyncEngine(engine, max_queue=cfg.max_queue, metrics=MetricsRecorder(cfg.model_name))
 

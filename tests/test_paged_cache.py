@@ -1,13 +1,14 @@
 """The paged KV cache (serving/engine/paged_cache.py) through the model runner (model_runner.py): every
 logit the runner returns must equal the full forward model(idx) of that sequence at that position."""
 
+import copy
 import random
 
 import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, resolve_dtype
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
 from tests.gpt_fixtures import scrambled_model
@@ -185,3 +186,37 @@ def test_block_table_too_short_is_refused():
     seq.block_table = [5, 6]  # 8 slots for 9 tokens
     with pytest.raises(ValueError, match="cannot hold 9 positions"):
         runner.run([chunk_of(seq, 0, 9)], [])
+
+
+def test_bfloat16_runner_tracks_the_float32_forward():
+    """dtype=bfloat16 (what "auto" serves on a GPU) casts the weights and the pools; each logit row stays
+    within bf16 rounding of the float32 full forward, through a chunked prefill and teacher-forced decodes."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(copy.deepcopy(model), NUM_BLOCKS, BLOCK, "cpu", dtype="bfloat16")
+    assert runner.cache.k.dtype == torch.bfloat16
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    full = random_tokens(16, random.Random(8))
+    ref = reference(model, full)
+    seq = Sequence(full[:10])
+    seq.block_table = scattered_tables([len(full)], seed=4)[0]
+    rows = [runner.run([chunk_of(seq, 0, 6)], []), runner.run([chunk_of(seq, 6, 4)], [])[0]]
+    assert rows[0].shape == (0, VOCAB)  # the first chunk samples nothing
+    rows = rows[1:]
+    seq.num_cached_tokens = len(seq)
+    while len(seq) < len(full):
+        seq.token_ids.append(full[len(seq)])
+        rows.append(runner.run([], [seq])[0])
+        seq.num_cached_tokens += 1
+    got = torch.stack(rows)
+    assert got.dtype == torch.float32
+    expected = ref[9:]
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < relative < 2e-2, relative  # not float32 (0 would mean the cast did not happen), not garbage
+
+
+def test_dtype_auto_is_bfloat16_on_gpus_only():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="dtype='float16': must be one of auto, float32, bfloat16"):
+        resolve_dtype("float16", "cpu")

@@ -54,7 +54,7 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, ServeDtype
 from serving.engine.sampler import make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -108,14 +108,14 @@ class LLMEngine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, dtype: ServeDtype = "auto"):
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        self.runner = ModelRunner(model, num_blocks, block_size, device, dtype)
         # a sequence can never outgrow the cache, whatever the model would accept
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.vocab_size = model.config.vocab_size

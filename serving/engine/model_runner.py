@@ -13,24 +13,45 @@ Notable:
   chunks first, then decodes.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
+- weights and KV pools in one dtype: "auto" is bfloat16 on a GPU (half the bytes each decode step reads,
+  and the tensor cores) and float32 on a CPU, where bfloat16 matmuls are slower; logits stay float32.
 """
+
+from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT
 from serving.engine.paged_cache import PagedKVCache
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
 
+ServeDtype = Literal["auto", "float32", "bfloat16"]
+# cuDNN's attention is left out: it builds a plan for each new shape, and a decode's key length grows every step
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def resolve_dtype(dtype: ServeDtype, device: torch.device | str) -> torch.dtype:
+    """The torch dtype the engine serves in on `device` (vLLM's --dtype auto picks bfloat16 likewise)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: must be one of auto, float32, bfloat16")
+    return getattr(torch, dtype)
+
 
 class ModelRunner:
-    def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str):
-        self.model = model.to(device).eval()
+    def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
+                 dtype: ServeDtype = "auto"):
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.cache = PagedKVCache.for_model(self.model, num_blocks, block_size)
 
     @torch.inference_mode()
+    @sdpa_kernel(ATTENTION_BACKENDS)
     def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence]) -> Tensor:
         """float32 logits (N, vocab_size), one row per sequence that gets a next token this step."""
         logits = []

@@ -17,6 +17,9 @@ Notable:
   attention kernel would skip the gather copy.
 - the pools are written only at the slots of real new tokens (one index_copy per layer), so what a
   sequence shares with others (prefix blocks) or what freed blocks still hold is never disturbed.
+- no step waits on the GPU inside the forward: which tokens are real is known on the host, so they are
+  picked by an index built there, not by a boolean mask (masked selection must read the mask's count back
+  from the device: two stalls per layer, which on an H200 made a decode step several times slower).
 """
 
 import torch
@@ -67,24 +70,28 @@ class PagedKVCache:
         n_blocks = max(len(table) for table in block_tables)
         # short tables are padded with block 0: those slots lie past the row's context, causality hides them
         padded = [table + [0] * (n_blocks - len(table)) for table in block_tables]
+        T = max(lengths)
+        real = [b * T + t for b, length in enumerate(lengths) for t in range(length)]  # in the flat (B * T) order
         device = self.device
         return PagedView(self, torch.tensor(padded, dtype=torch.long, device=device),
                          torch.tensor(starts, dtype=torch.long, device=device),
-                         torch.tensor(lengths, dtype=torch.long, device=device), max(lengths))
+                         torch.tensor(lengths, dtype=torch.long, device=device), T,
+                         torch.tensor(real, dtype=torch.long, device=device))
 
 
 class PagedView:
     """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded."""
 
-    def __init__(self, cache: PagedKVCache, block_tables: Tensor, starts: Tensor, lengths: Tensor, T: int):
-        self.cache, self.block_tables, self.T = cache, block_tables, T
+    def __init__(self, cache: PagedKVCache, block_tables: Tensor, starts: Tensor, lengths: Tensor, T: int,
+                 real: Tensor):
+        """real: the flat (B * T) indices of the real new tokens, in order (the rest is padding)."""
+        self.cache, self.block_tables, self.T, self.real = cache, block_tables, T, real
         bs = cache.block_size
         offsets = torch.arange(T, device=starts.device)
-        self.real = offsets < lengths[:, None]  # (B, T): False on padding
         # padding repeats the row's last real position (see the module docstring)
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
         block_ids = block_tables.gather(1, self.pos // bs)
-        self.slots = (block_ids * bs + self.pos % bs)[self.real]  # flat pool index of each real new token
+        self.slots = (block_ids * bs + self.pos % bs).flatten()[real]  # flat pool index of each real new token
         # the gathered keys of a row are its positions in order: key j is position j
         self.key_pos = torch.arange(block_tables.size(1) * bs, device=starts.device)
         self._masks: dict[int | None, Tensor] = {}
@@ -98,7 +105,7 @@ class PagedView:
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
         n_slots = k_pool.size(0) * k_pool.size(1)
         for pool, new in ((k_pool, k), (v_pool, v)):
-            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new[self.real].to(pool.dtype))
+            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[self.real].to(pool.dtype))
         B = q.size(0)
         keys = k_pool[self.block_tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
         values = v_pool[self.block_tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)

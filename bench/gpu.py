@@ -1,0 +1,327 @@
+"""
+What one CUDA GPU does with nanochat, in one run sized for a short lease: correctness first (the GPU's
+bf16/fp32 paths against float64 and float32 references), then training and serving throughput.
+
+Checks (relative error ||got - ref|| / ||ref|| unless said otherwise):
+- forward: logits on the GPU, fp32 (TF32 off) and bf16 autocast (what training runs), against float64 on the CPU
+- kv_cache: the inference path (forward_cached through nanochat/kv_cache.py) against the full forward, fp32
+- paged: the serving runner (paged KV cache, chunked prefill, then decodes) against the float32 full forward,
+  serving in float32 and in bfloat16 (serve.dtype auto on a GPU)
+- train_step: one optimizer step (bf16 autocast, Muon in bf16) against the same step in float32 on the CPU:
+  the loss, and the parameter change
+Throughput:
+- train: the trainer's optimizer_step (forward, backward, Muon + AdamW) on random batches, eager and under
+  torch.compile, tokens/s, MFU and peak memory, per depth
+- serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
+  prompts, output tokens/s, float32 against bfloat16, and one request alone
+
+    .venv/bin/python bench/gpu.py --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
+    .venv/bin/python bench/gpu.py --small               # the same on tiny models: runs on a CPU in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sysconfig
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
+from nanochat.tokenizer import Tokenizer
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.model_runner import ModelRunner
+from serving.engine.scheduler import PrefillChunk
+from serving.engine.sequence import SamplingParams, Sequence
+from trainer.loop import optimizer_step
+from trainer.optim import OptimConfig, build_optimizers
+from trainer.worker import Worker, peak_flops
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny models and workloads (CPU smoke run)")
+    parser.add_argument("--depths", type=int, nargs="*", default=None, help="training depths (default 12 20)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training runs")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run: checks, train, serve")
+    return parser.parse_args()
+
+
+def scrambled(config: GPTConfig, device: torch.device | str, seed: int = 0) -> GPT:
+    """Random weights everywhere (nanochat's init zeroes output projections, hiding attention and MLPs)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return model.to(device).eval()
+
+
+def relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(got).all():
+        return float("nan")
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_forward(config: GPTConfig, device: torch.device) -> dict[str, float]:
+    model = scrambled(config, "cpu")
+    idx = torch.randint(0, config.vocab_size, (4, config.sequence_len))
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(idx)
+        gpu = model.to(device)
+        fp32 = gpu(idx.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            bf16 = gpu(idx.to(device))
+    return {"forward_fp32_vs_fp64": relative(fp32, ref), "forward_bf16_vs_fp64": relative(bf16, ref)}
+
+
+def check_kv_cache(config: GPTConfig, device: torch.device) -> dict[str, float]:
+    model = scrambled(config, device)
+    idx = torch.randint(0, config.vocab_size, (2, 48), device=device)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, batch_size=2, max_len=64)
+        rows = [model.forward_cached(idx[:, :32], cache)]
+        rows += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(32, 48)]
+    return {"kv_cache_fp32_vs_full": relative(torch.cat(rows, dim=1), full)}
+
+
+def check_paged(config: GPTConfig, device: torch.device) -> dict[str, float]:
+    """Two sequences: a prompt prefilled in two chunks, then teacher-forced decodes of both together."""
+    model = scrambled(config, device)
+    tokens = torch.randint(0, config.vocab_size, (2, 64)).tolist()
+    with torch.no_grad():
+        refs = [model(torch.tensor([t], device=device))[0] for t in tokens]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = ModelRunner(copy.deepcopy(model), num_blocks=16, block_size=16, device=device, dtype=dtype)
+        seqs = [Sequence(t[:40]) for t in tokens]
+        for i, seq in enumerate(seqs):
+            seq.block_table = list(range(8 * i, 8 * i + 4))
+        got: list[list[torch.Tensor]] = [[], []]
+        first = runner.run([PrefillChunk(s, 0, 24, samples=False) for s in seqs], [])
+        assert first.shape[0] == 0
+        last = runner.run([PrefillChunk(s, 24, 16, samples=True) for s in seqs], [])
+        for i, seq in enumerate(seqs):
+            got[i].append(last[i])
+            seq.num_cached_tokens = len(seq)
+        while len(seqs[0]) < 64:
+            for i, seq in enumerate(seqs):
+                seq.token_ids.append(tokens[i][len(seq)])
+            rows = runner.run([], seqs)
+            for i, seq in enumerate(seqs):
+                got[i].append(rows[i])
+                seq.num_cached_tokens += 1
+        stacked = torch.cat([torch.stack(g) for g in got])
+        expected = torch.cat([ref[39:] for ref in refs])
+        results[f"paged_{dtype}_vs_full_fp32"] = relative(stacked, expected)
+    return results
+
+
+def check_train_step(config: GPTConfig, device: torch.device) -> dict[str, float]:
+    """The same optimizer step on the CPU in float32 and on the device as training runs it there."""
+    idx = torch.randint(0, config.vocab_size, (4, config.sequence_len + 1))
+    batch = (idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+    before = scrambled(config, "cpu").train()
+    results = {}
+    outcomes = {}
+    for where in ("cpu", device.type):
+        dev = torch.device(where)
+        model = copy.deepcopy(before).to(dev).train()
+        optimizers = build_optimizers(model, OptimConfig())
+        loader = iter([(batch[0].to(dev), batch[1].to(dev))])
+        loss, _ = optimizer_step(model, model, optimizers, loader, 1, Worker(0, 1, dev))
+        delta = torch.cat([(p.detach().cpu().double() - q.detach().double()).flatten()
+                           for p, q in zip(model.parameters(), before.parameters(), strict=True)])
+        outcomes[where] = (loss.item(), delta)
+    (cpu_loss, cpu_delta), (dev_loss, dev_delta) = outcomes["cpu"], outcomes[device.type]
+    results["train_loss_rel_diff"] = abs(dev_loss - cpu_loss) / abs(cpu_loss)
+    results["train_update_vs_cpu_fp32"] = relative(dev_delta, cpu_delta)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ throughput
+
+
+def random_batches(vocab: int, rows: int, seq_len: int, device: torch.device, n: int) -> Iterator:
+    batches = [torch.randint(0, vocab, (rows, seq_len + 1), device=device) for _ in range(n)]
+    while True:
+        for b in batches:
+            yield b[:, :-1].contiguous(), b[:, 1:].contiguous()
+
+
+def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, warmup: int,
+                  compiled: bool, device: torch.device) -> dict[str, Any]:
+    config = GPTConfig.from_depth(depth, vocab, seq_len)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    model.init_weights()
+    model.train()
+    optimizers = build_optimizers(model, OptimConfig())
+    forward = torch.compile(model) if compiled else model
+    worker = Worker(0, 1, device)
+    loader = random_batches(vocab, rows, seq_len, device, 4)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(warmup):
+        optimizer_step(forward, model, optimizers, loader, 1, worker)
+    sync(device)
+    warm_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = optimizer_step(forward, model, optimizers, loader, 1, worker)
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    tokens_per_second = rows * seq_len / seconds
+    peak = peak_flops(device)
+    result = {"depth": depth, "params": model.num_params(), "compiled": compiled, "rows": rows, "seq_len": seq_len,
+              "step_seconds": seconds, "tokens_per_second": tokens_per_second, "warmup_seconds": warm_seconds,
+              "loss": loss.item()}
+    if peak:
+        result["mfu_percent"] = 100 * model.estimate_flops() * tokens_per_second / peak
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, optimizers, forward
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def stdlib_text(max_chars: int) -> list[str]:
+    texts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, requests: int, prompt_len: int, max_tokens: int,
+                 device: torch.device) -> dict[str, Any]:
+    block_size = 16
+    per_request = -(-(prompt_len + max_tokens) // block_size)
+    engine = LLMEngine(copy.deepcopy(model), tokenizer, num_blocks=requests * per_request + 8, block_size=block_size,
+                       max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
+                       dtype=dtype)
+    plain = tokenizer.vocab_size - 16  # below the special tokens
+    generator = torch.Generator().manual_seed(1)
+
+    def run(n: int) -> tuple[float, int, float]:
+        for i in range(n):
+            prompt = torch.randint(0, plain, (prompt_len,), generator=generator).tolist()
+            engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt,
+                               SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens))
+        started, first_token, generated = time.perf_counter(), None, 0
+        while engine.has_work():
+            events = engine.step()
+            generated += sum(1 for e in events if e.token_id is not None)
+            if first_token is None and generated:
+                first_token = time.perf_counter() - started
+        sync(device)
+        return time.perf_counter() - started, generated, first_token or 0.0
+
+    run(min(requests, 4))  # warm-up: allocator, kernels
+    seconds, generated, ttft = run(requests)
+    alone_seconds, alone_generated, _ = run(1)
+    return {"dtype": dtype, "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
+            "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
+            "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
+            "single_request_tokens_per_second": alone_generated / alone_seconds}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def section(name: str, results: dict[str, Any], fn: Callable[[], Any]) -> None:
+    started = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as error:  # a failing section must not cost the rest of the lease
+        traceback.print_exc()
+        results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(f"[{time.perf_counter() - started:6.1f}s] {name}: {json.dumps(results[name], default=str)}", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks are fp32; bf16 runs use autocast
+    torch.backends.cudnn.allow_tf32 = False
+    small = args.small or device.type == "cpu"
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__}
+    check_config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                             window_pattern="SL")
+    wanted = set(args.only.split(",")) if args.only else {"checks", "train", "serve"}
+    if "checks" in wanted:
+        section("forward", results, lambda: check_forward(check_config, device))
+        section("kv_cache", results, lambda: check_kv_cache(check_config, device))
+        section("paged", results, lambda: check_paged(check_config, device))
+        section("train_step", results, lambda: check_train_step(check_config, device))
+
+    # eager training and serving first, the compiled runs (slow to compile) last
+    depths = [] if "train" not in wanted else args.depths if args.depths is not None else ([2] if small else [12, 20])
+    vocab, seq_len, rows, steps = (512, 128, 4, 3) if small else (32768, 2048, 32, 10)
+
+    def train(depth: int, compiled: bool) -> None:
+        section(f"train_d{depth}{'_compiled' if compiled else ''}", results,
+                lambda: time_training(depth, vocab, seq_len, rows, steps, 2, compiled, device))
+
+    for depth in depths:
+        train(depth, compiled=False)
+
+    serve_depth, serve_vocab, requests, prompt_len, max_tokens = (2, 512, 4, 32, 16) if small else (20, 8192, 64, 512, 256)
+    tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
+    serve_model = scrambled(GPTConfig.from_depth(serve_depth, tokenizer.vocab_size, 2048), "cpu")
+    for dtype in ("float32", "bfloat16") if "serve" in wanted else ():
+        section(f"serve_d{serve_depth}_{dtype}", results,
+                lambda dt=dtype: time_serving(serve_model, tokenizer, dt, requests, prompt_len, max_tokens, device))
+
+    for depth in [] if args.no_compile else depths:
+        train(depth, compiled=True)
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    print_table(results)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\n{results['device']}, torch {results['torch']}")
+    for name, value in results.items():
+        if not isinstance(value, dict):
+            continue
+        figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        print(f"{name:24s} {figures}")
+
+
+if __name__ == "__main__":
+    main()
