@@ -409,3 +409,59 @@ def test_ddp_ranks_stay_identical():
     for a, b in zip(r0["end"], r1["end"], strict=True):
         assert torch.equal(a, b)
     assert all(not torch.equal(s, e) for s, e in zip(r0["start"], r0["end"], strict=True))
+
+
+# ---------------------------------------------------------------------------
+# train.compile: the loop's optimizer step through torch.compile
+
+
+def test_compile_is_on_by_default_on_gpus_only():
+    from trainer.loop import compiled
+
+    model = TinyModel()
+    assert compiled(model, None, torch.device("cpu")) is model
+    assert compiled(model, False, torch.device("cuda")) is model
+    # torch.compile wraps lazily: building the wrapper needs no GPU
+    assert isinstance(compiled(model, None, torch.device("cuda")), torch._dynamo.eval_frame.OptimizedModule)
+
+
+@pytest.mark.slow
+def test_compiled_optimizer_steps_track_eager_ones():
+    """The loop's optimizer_step (two micro-batches, Muon + AdamW) through the compiled GPT: the same
+    gradients as eager (1e-5), then losses that stay with eager's over three steps (Muon's orthogonalisation
+    lifts rounding-level differences in a gradient's weak directions to full size, so the weights themselves
+    part within a few steps, compiled or not), and the model that is checkpointed is the plain one, updated in
+    place."""
+    from nanochat.gpt import GPT, GPTConfig
+    from trainer.loop import compiled, optimizer_step
+    from trainer.worker import Worker
+
+    config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                       window_pattern="SL")
+    torch.manual_seed(0)
+    batches = [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in torch.randint(0, VOCAB, (6, 2, 17))]
+    worker = Worker(0, 1, torch.device("cpu"))
+    runs = {}
+    for compile in (False, True):
+        torch.manual_seed(1)
+        model = GPT(config)
+        model.init_weights()
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        forward = compiled(model, compile, worker.device)
+        assert (forward is model) != compile
+        forward(*batches[0]).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        optimizers = build_optimizers(model, OptimConfig())
+        loader = iter(batches)
+        losses = [optimizer_step(forward, model, optimizers, loader, 2, worker)[0].item() for _ in range(3)]
+        runs[compile] = grads, losses, model.state_dict()
+        with torch.no_grad():  # the compiled module computes with the plain model's (updated) parameters
+            assert forward(*batches[0]).item() == pytest.approx(model(*batches[0]).item(), rel=1e-5)
+    (eager_grads, eager_losses, eager_state), (grads, losses, state) = runs[False], runs[True]
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
+    assert losses == pytest.approx(eager_losses, rel=2e-3)
+    assert state.keys() == eager_state.keys()  # no _orig_mod. prefix: checkpoints stay as they are
+    assert all(not torch.equal(state[k], v) for k, v in initial.items() if "c_proj" in k)  # trained in place
