@@ -5,15 +5,16 @@ bf16/fp32 paths against float64 and float32 references), then training and servi
 Checks (relative error ||got - ref|| / ||ref|| unless said otherwise):
 - forward: logits on the GPU, fp32 (TF32 off) and bf16 autocast (what training runs), against float64 on the CPU
 - kv_cache: the inference path (forward_cached through nanochat/kv_cache.py) against the full forward, fp32
-- paged: the serving runner (paged KV cache, chunked prefill, then decodes) against the float32 full forward,
-  serving in float32 and in bfloat16 (serve.dtype auto on a GPU)
+- paged: the serving runner (paged KV cache, chunked prefill, then decodes, replayed as CUDA graphs on a GPU)
+  against the float32 full forward, serving in float32 and in bfloat16 (serve.dtype auto on a GPU)
 - train_step: one optimizer step (bf16 autocast, Muon in bf16) against the same step in float32 on the CPU:
   the loss, and the parameter change
 Throughput:
 - train: the trainer's optimizer_step (forward, backward, Muon + AdamW) on random batches, eager and under
   torch.compile, tokens/s, MFU and peak memory, per depth
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
-  prompts, output tokens/s, float32 against bfloat16, and one request alone
+  prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones, and one request
+  alone
 
     .venv/bin/python bench/gpu.py --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
     .venv/bin/python bench/gpu.py --small               # the same on tiny models: runs on a CPU in seconds
@@ -222,13 +223,13 @@ def stdlib_text(max_chars: int) -> list[str]:
     return texts
 
 
-def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, requests: int, prompt_len: int, max_tokens: int,
-                 device: torch.device) -> dict[str, Any]:
+def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, requests: int, prompt_len: int,
+                 max_tokens: int, device: torch.device) -> dict[str, Any]:
     block_size = 16
     per_request = -(-(prompt_len + max_tokens) // block_size)
     engine = LLMEngine(copy.deepcopy(model), tokenizer, num_blocks=requests * per_request + 8, block_size=block_size,
                        max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
-                       dtype=dtype)
+                       dtype=dtype, enforce_eager=enforce_eager)
     plain = tokenizer.vocab_size - 16  # below the special tokens
     generator = torch.Generator().manual_seed(1)
 
@@ -249,7 +250,7 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, requests: int, pr
     run(min(requests, 4))  # warm-up: allocator, kernels
     seconds, generated, ttft = run(requests)
     alone_seconds, alone_generated, _ = run(1)
-    return {"dtype": dtype, "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
+    return {"dtype": dtype, "cuda_graphs": engine.runner.graphs is not None, "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
             "single_request_tokens_per_second": alone_generated / alone_seconds}
@@ -302,9 +303,11 @@ def main() -> None:
     serve_depth, serve_vocab, requests, prompt_len, max_tokens = (2, 512, 4, 32, 16) if small else (20, 8192, 64, 512, 256)
     tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
     serve_model = scrambled(GPTConfig.from_depth(serve_depth, tokenizer.vocab_size, 2048), "cpu")
-    for dtype in ("float32", "bfloat16") if "serve" in wanted else ():
-        section(f"serve_d{serve_depth}_{dtype}", results,
-                lambda dt=dtype: time_serving(serve_model, tokenizer, dt, requests, prompt_len, max_tokens, device))
+    # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio
+    for dtype, eager in (("float32", False), ("bfloat16", False), ("bfloat16", True)) if "serve" in wanted else ():
+        section(f"serve_d{serve_depth}_{dtype}{'_eager' if eager else ''}", results,
+                lambda dt=dtype, e=eager: time_serving(serve_model, tokenizer, dt, e, requests, prompt_len,
+                                                       max_tokens, device))
 
     for depth in [] if args.no_compile else depths:
         train(depth, compiled=True)

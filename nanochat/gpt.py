@@ -280,8 +280,8 @@ class GPT(nn.Module):
     def forward_cached(self, idx: Tensor, cache: KVCacheLike) -> Tensor:
         """Inference path: float32 logits (B, T, vocab_size) for new tokens idx (B, T), which attend to
         everything the cache holds and to each other; the cache then holds them too."""
-        positions = cache.positions(idx.size(1))
-        self._ensure_rotary(int(positions.max()) + 1)
+        positions, bound = cache.positions(idx.size(1))
+        self._ensure_rotary(bound)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         x = self._trunk(idx, cos, sin, cache)
         cache.advance(idx.size(1))

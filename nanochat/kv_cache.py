@@ -14,7 +14,9 @@ Notable:
   at positions p-W .. p (flash-attn's `window_size=(W, 0)`); None is the full causal context.
 
 The protocol, in the order `GPT.forward_cached(idx, cache)` calls it for new tokens idx of shape (B, T):
-1. `positions(T)` -> LongTensor (B, T): the absolute position of each new token (for rotary).
+1. `positions(T)` -> (LongTensor (B, T), int): the absolute position of each new token (for rotary), and a
+   bound known on the host that every position lies below (the rotary tables must cover it: reading it off
+   the tensor would wait for the device, and a captured CUDA graph may not wait at all).
 2. `attend(layer_idx, q, k, v, window)` -> y (B, T, n_head, head_dim), once per layer: store k, v at
    those positions, then attend q to everything the row holds plus the new tokens, causally.
 3. `advance(T)`, once after the last layer: the T new tokens become part of every row's history.
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 
 class KVCacheLike(Protocol):
-    def positions(self, T: int) -> Tensor: ...
+    def positions(self, T: int) -> tuple[Tensor, int]: ...
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor: ...
 
@@ -76,12 +78,12 @@ class KVCache:
         """Forget every row's history (old entries are simply overwritten later)."""
         self.lengths.zero_()
 
-    def positions(self, T: int) -> Tensor:
+    def positions(self, T: int) -> tuple[Tensor, int]:
         n_keys = int(self.lengths.max()) + T  # the one host sync of a forward
         if n_keys > self.max_len:
             raise RuntimeError(f"KV cache full: {n_keys} positions needed, max_len={self.max_len}")
         self._n_keys = n_keys
-        return self._positions(T)
+        return self._positions(T), n_keys
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         B, T = q.shape[:2]

@@ -44,7 +44,7 @@ class EngineReplica:
         log.info("engine replica serving %s step %d on %s (dtype %s)", source.describe(), step, device, cfg.dtype)
         engine = LLMEngine(model, tokenizer, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                           device=device, dtype=cfg.dtype)
+                           device=device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager)
         # inside Ray the recorder publishes through Ray's metrics agent (ray_nanochat_* on every replica)
         self.engine = AsyncEngine(engine, max_queue=cfg.max_queue, metrics=MetricsRecorder(cfg.model_name))
 

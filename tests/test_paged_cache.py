@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
+from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from serving.engine.model_runner import ModelRunner, resolve_dtype
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
@@ -220,3 +221,50 @@ def test_dtype_auto_is_bfloat16_on_gpus_only():
     assert resolve_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="dtype='float16': must be one of auto, float32, bfloat16"):
         resolve_dtype("float16", "cpu")
+
+
+# ---------------------------------------------------------------------------
+# decode through the static buffers the CUDA graphs replay (run eagerly here: capture needs a GPU)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def test_decode_through_the_graph_buffers_equals_the_eager_decode():
+    """Three sequences of different lengths in scattered blocks decode through DecodeGraphs' static buffers
+    (bucket 4: one padding row, block tables padded to the longest context with the scratch block): the same
+    logits as the eager decode, and the pools untouched outside the scratch block."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")  # block NUM_BLOCKS is the scratch block
+    graphs = DecodeGraphs(model, runner.cache, NUM_BLOCKS, max_num_seqs=6, max_model_len=40, capture=False)
+    rng = random.Random(11)
+    seqs = [Sequence(random_tokens(n, rng)) for n in (5, 13, 22)]
+    for seq, table in zip(seqs, scattered_tables([n + 3 for n in (5, 13, 22)], seed=12), strict=True):
+        seq.block_table = table
+        runner.run([chunk_of(seq, 0, len(seq))], [])
+        seq.num_cached_tokens = len(seq)
+    others = [b for b in range(NUM_BLOCKS) if not any(b in seq.block_table for seq in seqs)]
+    for _ in range(3):
+        for seq in seqs:
+            seq.token_ids.append(rng.randrange(VOCAB))
+        eager = runner.run([], seqs)  # writes each last token's key and value
+        k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
+        with torch.inference_mode():  # as ModelRunner.run calls it
+            through_buffers = graphs.run(seqs)  # the same keys and values again; padding into the scratch block
+        torch.testing.assert_close(through_buffers, eager, atol=ATOL, rtol=0)
+        for pool, before in ((runner.cache.k, k_before), (runner.cache.v, v_before)):
+            torch.testing.assert_close(pool[:, :NUM_BLOCKS], before[:, :NUM_BLOCKS], atol=ATOL, rtol=0)
+            assert torch.equal(pool[:, others], before[:, others])  # blocks of no sequence: not a bit changed
+        for seq in seqs:
+            seq.num_cached_tokens += 1
+    assert torch.equal(graphs.inputs[3, 2:], torch.full((graphs.max_blocks,), NUM_BLOCKS))  # the padding row
+
+
+def test_scratch_block_must_be_in_the_cache():
+    runner = ModelRunner(scrambled("mha-full"), NUM_BLOCKS, BLOCK, "cpu")
+    with pytest.raises(ValueError, match="scratch block 64 is not in the cache's 64 blocks"):
+        DecodeGraphs(runner.model, runner.cache, NUM_BLOCKS, max_num_seqs=4, max_model_len=16, capture=False)

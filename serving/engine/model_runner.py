@@ -13,6 +13,9 @@ Notable:
   chunks first, then decodes.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
+- on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
+  enforce_eager; the pools then hold one block more than the block manager hands out, the graphs' scratch
+  block.
 - weights and KV pools in one dtype: "auto" is bfloat16 on a GPU (half the bytes each decode step reads,
   and the tensor cores) and float32 on a CPU, where bfloat16 matmuls are slower; logits stay float32.
 """
@@ -24,6 +27,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT
+from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.paged_cache import PagedKVCache
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
@@ -44,11 +48,18 @@ def resolve_dtype(dtype: ServeDtype, device: torch.device | str) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
-                 dtype: ServeDtype = "auto"):
+                 dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 enforce_eager: bool = False):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.cache = PagedKVCache.for_model(self.model, num_blocks, block_size)
+        graphs = self.device.type == "cuda" and not enforce_eager
+        self.cache = PagedKVCache.for_model(self.model, num_blocks + graphs, block_size)
+        self.graphs = None
+        if graphs:
+            with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
+                self.graphs = DecodeGraphs(self.model, self.cache, num_blocks, max_num_seqs,
+                                           max_model_len or num_blocks * block_size, capture=True)
 
     @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
@@ -59,7 +70,9 @@ class ModelRunner:
             rows = [(c.seq, c.start, c.length) for c in prefill_chunks]
             last = self._forward(rows)
             logits.append(last[[i for i, c in enumerate(prefill_chunks) if c.samples]])
-        if decode_seqs:
+        if decode_seqs and self.graphs is not None and len(decode_seqs) <= self.graphs.buckets[-1]:
+            logits.append(self.graphs.run(decode_seqs))
+        elif decode_seqs:
             logits.append(self._forward([(seq, len(seq) - 1, 1) for seq in decode_seqs]))
         if not logits:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)

@@ -76,16 +76,19 @@ class PagedKVCache:
         return PagedView(self, torch.tensor(padded, dtype=torch.long, device=device),
                          torch.tensor(starts, dtype=torch.long, device=device),
                          torch.tensor(lengths, dtype=torch.long, device=device), T,
-                         torch.tensor(real, dtype=torch.long, device=device))
+                         torch.tensor(real, dtype=torch.long, device=device),
+                         max(start + length for start, length in zip(starts, lengths, strict=True)))
 
 
 class PagedView:
     """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded."""
 
     def __init__(self, cache: PagedKVCache, block_tables: Tensor, starts: Tensor, lengths: Tensor, T: int,
-                 real: Tensor):
-        """real: the flat (B * T) indices of the real new tokens, in order (the rest is padding)."""
+                 real: Tensor, n_positions: int):
+        """real: the flat (B * T) indices of the real new tokens, in order (the rest is padding);
+        n_positions: every new token's position lies below it."""
         self.cache, self.block_tables, self.T, self.real = cache, block_tables, T, real
+        self.n_positions = n_positions
         bs = cache.block_size
         offsets = torch.arange(T, device=starts.device)
         # padding repeats the row's last real position (see the module docstring)
@@ -96,10 +99,10 @@ class PagedView:
         self.key_pos = torch.arange(block_tables.size(1) * bs, device=starts.device)
         self._masks: dict[int | None, Tensor] = {}
 
-    def positions(self, T: int) -> Tensor:
+    def positions(self, T: int) -> tuple[Tensor, int]:
         if T != self.T:
             raise ValueError(f"this view was built for {self.T} new tokens per row, the model sent {T}")
-        return self.pos
+        return self.pos, self.n_positions
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
