@@ -38,6 +38,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """The decode forward over static input buffers: one CUDA graph per batch bucket, or (capture=False) run
+    eagerly through the same buffers."""
+
     def __init__(self, model: GPT, cache: PagedKVCache, scratch_block: int, max_num_seqs: int,
                  max_model_len: int, capture: bool):
         if not 0 <= scratch_block < cache.num_blocks:
@@ -71,8 +74,8 @@ class DecodeGraphs:
             table = seq.block_table + [self.scratch] * (self.max_blocks - len(seq.block_table))
             rows.append([seq.token_ids[-1], len(seq) - 1, *table])
         rows += [[0, 0] + [self.scratch] * self.max_blocks] * (bucket - len(seqs))
-        return torch.tensor(rows, dtype=torch.long).pin_memory() if self.cache.device.type == "cuda" \
-            else torch.tensor(rows, dtype=torch.long)
+        host = torch.tensor(rows, dtype=torch.long)
+        return host.pin_memory() if self.cache.device.type == "cuda" else host  # pinned: the copy is async
 
     def _forward(self, bucket: int) -> Tensor:
         inputs = self.inputs[:bucket]
