@@ -26,7 +26,6 @@ import argparse
 import copy
 import gc
 import json
-import sysconfig
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -42,7 +41,8 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
-from trainer.loop import optimizer_step
+from trainer.data import stdlib_documents
+from trainer.loop import compiled, optimizer_step
 from trainer.optim import OptimConfig, build_optimizers
 from trainer.worker import Worker, peak_flops
 
@@ -144,7 +144,6 @@ def check_train_step(config: GPTConfig, device: torch.device) -> dict[str, float
     idx = torch.randint(0, config.vocab_size, (4, config.sequence_len + 1))
     batch = (idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
     before = scrambled(config, "cpu").train()
-    results = {}
     outcomes = {}
     for where in ("cpu", device.type):
         dev = torch.device(where)
@@ -156,9 +155,8 @@ def check_train_step(config: GPTConfig, device: torch.device) -> dict[str, float
                            for p, q in zip(model.parameters(), before.parameters(), strict=True)])
         outcomes[where] = (loss.item(), delta)
     (cpu_loss, cpu_delta), (dev_loss, dev_delta) = outcomes["cpu"], outcomes[device.type]
-    results["train_loss_rel_diff"] = abs(dev_loss - cpu_loss) / abs(cpu_loss)
-    results["train_update_vs_cpu_fp32"] = relative(dev_delta, cpu_delta)
-    return results
+    return {"train_loss_rel_diff": abs(dev_loss - cpu_loss) / abs(cpu_loss),
+            "train_update_vs_cpu_fp32": relative(dev_delta, cpu_delta)}
 
 
 # ------------------------------------------------------------------------------------------ throughput
@@ -172,14 +170,14 @@ def random_batches(vocab: int, rows: int, seq_len: int, device: torch.device, n:
 
 
 def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, warmup: int,
-                  compiled: bool, device: torch.device) -> dict[str, Any]:
+                  compile: bool, device: torch.device) -> dict[str, Any]:
     config = GPTConfig.from_depth(depth, vocab, seq_len)
     torch.manual_seed(0)
     model = GPT(config).to(device)
     model.init_weights()
     model.train()
     optimizers = build_optimizers(model, OptimConfig())
-    forward = torch.compile(model) if compiled else model
+    forward = compiled(model, compile, device)  # as the training loop does
     worker = Worker(0, 1, device)
     loader = random_batches(vocab, rows, seq_len, device, 4)
     if device.type == "cuda":
@@ -196,7 +194,7 @@ def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, w
     seconds = (time.perf_counter() - started) / steps
     tokens_per_second = rows * seq_len / seconds
     peak = peak_flops(device)
-    result = {"depth": depth, "params": model.num_params(), "compiled": compiled, "rows": rows, "seq_len": seq_len,
+    result = {"depth": depth, "params": model.num_params(), "compiled": compile, "rows": rows, "seq_len": seq_len,
               "step_seconds": seconds, "tokens_per_second": tokens_per_second, "warmup_seconds": warm_seconds,
               "loss": loss.item()}
     if peak:
@@ -210,12 +208,9 @@ def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, w
 
 
 def stdlib_text(max_chars: int) -> list[str]:
+    """About max_chars of the tiny preset's corpus (whole standard-library files), to train a tokenizer on."""
     texts, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
+    for text in stdlib_documents():
         texts.append(text)
         total += len(text)
         if total >= max_chars:
@@ -293,12 +288,12 @@ def main() -> None:
     depths = [] if "train" not in wanted else args.depths if args.depths is not None else ([2] if small else [12, 20])
     vocab, seq_len, rows, steps = (512, 128, 4, 3) if small else (32768, 2048, 32, 10)
 
-    def train(depth: int, compiled: bool) -> None:
-        section(f"train_d{depth}{'_compiled' if compiled else ''}", results,
-                lambda: time_training(depth, vocab, seq_len, rows, steps, 2, compiled, device))
+    def train(depth: int, compile: bool) -> None:
+        section(f"train_d{depth}{'_compiled' if compile else ''}", results,
+                lambda: time_training(depth, vocab, seq_len, rows, steps, 2, compile, device))
 
     for depth in depths:
-        train(depth, compiled=False)
+        train(depth, compile=False)
 
     serve_depth, serve_vocab, requests, prompt_len, max_tokens = (2, 512, 4, 32, 16) if small else (20, 8192, 64, 512, 256)
     tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
@@ -310,7 +305,7 @@ def main() -> None:
                                                        max_tokens, device))
 
     for depth in [] if args.no_compile else depths:
-        train(depth, compiled=True)
+        train(depth, compile=True)
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -109,7 +109,7 @@ def prepare_corpus(cfg: DataConfig, storage, limit: int | None = None) -> dict[s
     else:
         for name in sorted(present):  # regenerated below; stale extras must not be listed
             storage.delete(prefix + name)
-        docs = _stdlib_documents() if cfg.source == "stdlib" else _local_documents(cfg)
+        docs = stdlib_documents() if cfg.source == "stdlib" else _local_documents(cfg)
         names = _write_shards(islice(docs, limit), storage, prefix, cfg.docs_per_shard, cfg.row_group_size)
     if not names:
         raise DataError(f"data.source={cfg.source} produced no documents for corpus {corpus}")
@@ -213,7 +213,7 @@ def _write_shards(docs: Iterable[str], storage, prefix: str, docs_per_shard: int
 # sources
 
 
-def _stdlib_documents() -> Iterator[str]:
+def stdlib_documents() -> Iterator[str]:
     """Python's standard library sources, one document per .py file, in a seeded shuffled order."""
     paths = []
     for folder, subfolders, files in os.walk(sysconfig.get_paths()["stdlib"]):
