@@ -52,11 +52,15 @@ class DecodeGraphs:
         # one buffer, one copy per step: column 0 the token, 1 the position, then the block table
         self.inputs = torch.zeros(B, 2 + self.max_blocks, dtype=torch.long, device=device)
         self.ones = torch.ones(B, dtype=torch.long, device=device)  # every row computes one new token
-        self.rows = torch.arange(B, device=device)  # so every row is real: its flat index is its row
+        self.real = torch.arange(B, device=device)  # every row is a real new token: its flat index is its row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
         if capture:
             self._capture()
+
+    def serves(self, n: int) -> bool:
+        """Whether a decode batch of n sequences has a bucket (larger ones are left to the eager path)."""
+        return n <= self.buckets[-1]
 
     def run(self, seqs: list[Sequence]) -> Tensor:
         """float32 logits (len(seqs), vocab_size) of each sequence's next token; its last token is computed."""
@@ -79,7 +83,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int) -> Tensor:
         inputs = self.inputs[:bucket]
-        view = PagedView(self.cache, inputs[:, 2:], inputs[:, 1], self.ones[:bucket], 1, self.rows[:bucket],
+        view = PagedView(self.cache, inputs[:, 2:], inputs[:, 1], self.ones[:bucket], 1, self.real[:bucket],
                          self.max_blocks * self.cache.block_size)
         return self.model.forward_cached(inputs[:, :1], view)
 

@@ -54,7 +54,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         graphs = self.device.type == "cuda" and not enforce_eager
-        self.cache = PagedKVCache.for_model(self.model, num_blocks + graphs, block_size)
+        # with graphs, one block past those the block manager hands out: the graphs' scratch block
+        self.cache = PagedKVCache.for_model(self.model, num_blocks + 1 if graphs else num_blocks, block_size)
         self.graphs = None
         if graphs:
             with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
@@ -70,7 +71,7 @@ class ModelRunner:
             rows = [(c.seq, c.start, c.length) for c in prefill_chunks]
             last = self._forward(rows)
             logits.append(last[[i for i, c in enumerate(prefill_chunks) if c.samples]])
-        if decode_seqs and self.graphs is not None and len(decode_seqs) <= self.graphs.buckets[-1]:
+        if decode_seqs and self.graphs is not None and self.graphs.serves(len(decode_seqs)):
             logits.append(self.graphs.run(decode_seqs))
         elif decode_seqs:
             logits.append(self._forward([(seq, len(seq) - 1, 1) for seq in decode_seqs]))
