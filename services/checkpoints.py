@@ -28,6 +28,7 @@ import torch
 
 from nanochat.checkpoint import (
     MANIFEST,
+    META,
     CorruptCheckpoint,
     model_from_checkpoint,
     read_checkpoint,
@@ -221,6 +222,17 @@ class CheckpointManager:
                 "; ".join(problems),
             )
             shutil.rmtree(dest, ignore_errors=True)
+        return None
+
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta.json) of the newest committed step that is complete in storage, without downloading
+        its weights: enough for the driver to check a resume before it starts workers (they verify every file)."""
+        for step in self._candidates():
+            if self._remote_problem(step) is None:
+                try:
+                    return step, json.loads(self.storage.read_text(self._step_prefix(step) + META))
+                except (KeyNotFound, ValueError):
+                    continue
         return None
 
     def fetch(self, step: int, download_to: str | Path) -> Path:

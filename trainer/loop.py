@@ -159,17 +159,24 @@ def load_latest(manager: CheckpointManager, worker: Worker, backend: str) -> tup
             return None
         step, folder = found
         ckpt = read_checkpoint(folder, map_location=worker.device)
-    written_by = ckpt.meta.get("backend", "torch")
-    if written_by != backend:
-        raise RuntimeError(f"checkpoint step {step} was written by the {written_by} backend; resume with "
-                           f"--backend {written_by} or start a new run (--run NAME)")
-    saved_world = ckpt.meta["world_size"]
-    if saved_world != worker.world_size:
-        raise RuntimeError(
-            f"checkpoint step {step} was written by {saved_world} workers; resume with --workers {saved_world} "
-            f"or start a new run (--run NAME)"
-        )
+    problem = resume_problem(step, ckpt.meta, backend, worker.world_size)
+    if problem:
+        raise RuntimeError(problem)
     return step, ckpt
+
+
+def resume_problem(step: int, meta: dict[str, Any], backend: str, world_size: int) -> str | None:
+    """Why a checkpoint with this meta.json cannot be resumed by this backend and number of workers; None if
+    it can. The driver asks first (trainer/runner.py), the workers again on the checkpoint they load."""
+    written_by = meta.get("backend", "torch")
+    if written_by != backend:
+        return (f"checkpoint step {step} was written by the {written_by} backend; resume with "
+                f"--backend {written_by} or start a new run (--run NAME)")
+    saved_world = meta.get("world_size")
+    if saved_world != world_size:
+        return (f"checkpoint step {step} was written by {saved_world} workers; resume with --workers {saved_world} "
+                f"or start a new run (--run NAME)")
+    return None
 
 
 def resumed_progress(step: int, ckpt: Checkpoint) -> Progress:

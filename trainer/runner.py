@@ -76,6 +76,23 @@ def stage_function(stage: str, cfg: Config) -> Callable[[dict[str, Any]], None]:
     return getattr(importlib.import_module(module), name)
 
 
+def worker_count(cfg: Config, backend: str) -> int:
+    """Ray Train workers of a stage: train.workers, except JAX on CPU, where one worker drives the devices."""
+    if backend == "jax" and cfg.jax.platform not in ("gpu", "tpu"):
+        return 1
+    return cfg.train.workers
+
+
+def check_resumable(stage: str, cfg: Config, storage: Storage, backend: str) -> None:
+    """Refuse before Ray starts what the workers would refuse after theirs have started (and again on every
+    restart): resuming a stage whose newest checkpoint another backend or another number of workers wrote."""
+    from trainer.loop import resume_problem
+
+    found = CheckpointManager(storage, cfg.run, stage).newest_meta()
+    if found is not None and (problem := resume_problem(*found, backend, worker_count(cfg, backend))):
+        raise StageFailed(f"{stage}: {problem}")
+
+
 def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cfg: Config, backend: str,
              run_config):
     """TorchTrainer (DDP over train.workers) or JaxTrainer (one worker per host; on CPU a single worker
@@ -87,7 +104,7 @@ def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cf
         from ray.train.v2.jax import JaxTrainer
 
         platform = cfg.jax.platform
-        workers = t.workers if platform in ("gpu", "tpu") else 1
+        workers = worker_count(cfg, backend)
         if workers != t.workers:
             log.info("jax on CPU: one worker drives %d devices (train.workers=%d applies to GPU/TPU hosts)",
                      cfg.jax.cpu_devices, t.workers)
@@ -169,10 +186,11 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
     started = time.time()
+    backend = stage_backend(stage, cfg)
+    check_resumable(stage, cfg, storage, backend)
     job = {"stage": stage, "fail_at_step": fail_at_step,
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
-    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress,
-         backend=stage_backend(stage, cfg))
+    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")

@@ -1,0 +1,48 @@
+"""trainer/runner.py's checks in the driver, made before Ray starts: a resume that the workers would refuse
+after their start-up (and again after every restart) is refused at once, with the same words."""
+
+from pathlib import Path
+
+import pytest
+
+from nanochat.checkpoint import capture_rng_state, write_checkpoint
+from nanochat.config import load_config
+from services.checkpoints import CheckpointManager
+from tests.test_checkpoint import TinyLM
+from trainer.base_train import train_base
+from trainer.runner import StageFailed, run_stage
+
+
+def saved_by(storage, tmp_path: Path, step: int, **meta) -> None:
+    folder = tmp_path / "out" / str(step)
+    write_checkpoint(folder, model_state=TinyLM().state_dict(), optimizer_state=None, cursor=None,
+                     config={}, rng=capture_rng_state(), meta={"stage": "base", **meta})
+    CheckpointManager(storage, "default", "base").save(step, folder)
+
+
+def base(*overrides: str):
+    return load_config(preset="tiny-cpu", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("meta, overrides, refusal", [
+    ({"backend": "jax", "world_size": 1}, ["train.workers=1"],
+     "base: checkpoint step 3 was written by the jax backend; resume with --backend jax or start a new run"),
+    ({"backend": "torch", "world_size": 2}, ["train.workers=1"],
+     "base: checkpoint step 3 was written by 2 workers; resume with --workers 2 or start a new run"),
+    ({"backend": "torch", "world_size": 2}, ["train.backend=jax", "jax.cpu_devices=4"],
+     "base: checkpoint step 3 was written by the torch backend; resume with --backend torch"),
+])
+def test_a_resume_the_workers_would_refuse_is_refused_before_ray(local_storage, tmp_path, meta, overrides, refusal):
+    saved_by(local_storage, tmp_path, 3, **meta)
+    with pytest.raises(StageFailed) as refused:
+        run_stage("base", train_base, base(*overrides), local_storage, show_progress=False)
+    assert str(refused.value).startswith(refusal)  # the driver's words, not "failed after N restarts"
+
+
+def test_only_the_newest_complete_step_counts(local_storage, tmp_path):
+    """A newest step that lost a file is not what the workers would load: the check looks past it too."""
+    saved_by(local_storage, tmp_path, 3, backend="torch", world_size=2)
+    saved_by(local_storage, tmp_path, 6, backend="jax", world_size=1)
+    local_storage.delete("runs/default/base/step_000006/model.safetensors")  # `latest` still names step 6
+    with pytest.raises(StageFailed, match="step 3 was written by 2 workers"):
+        run_stage("base", train_base, base("train.workers=1"), local_storage, show_progress=False)
