@@ -17,7 +17,7 @@ NANOCHAT = str(Path(sys.executable).parent / "nanochat")
 SMALL = [
     "model.depth=2", "model.head_dim=32", "tokenizer.vocab_size=512", "tokenizer.max_chars=400000",
     "train.seq_len=64", "train.device_batch_size=4", "train.total_batch_size=512", "train.max_steps=40",
-    "train.checkpoint_every=5", "train.eval_every=-1", "train.eval_tokens=1024", "eval.loss_tokens=2048",
+    "train.checkpoint_every=10", "train.eval_every=-1", "train.eval_tokens=1024", "eval.loss_tokens=2048",
     "data.docs_per_shard=200", "mid.max_steps=4", "sft.max_steps=4", "mid.device_batch_size=2",
     "mid.examples_per_step=4", "sft.device_batch_size=2", "sft.examples_per_step=4",
     "chat_eval.max_problems=4", "chat_eval.max_new_tokens=8", "log.tensorboard=false",
@@ -55,7 +55,12 @@ def test_an_interrupted_speedrun_continues_where_it_stopped(tmp_path):
     assert done["steps"] == 40 and done["metrics"]["resumed_from"], "base resumed from its checkpoint"
     result = json.loads(out.strip().splitlines()[-1])
     assert result["stage"] == "speedrun" and result["steps"] == 40
-    for stage in ["mid", "sft"]:
-        assert result["metrics"]["stages"][stage]["outcome"] == "done"
+    outcomes = {name: entry["outcome"] for name, entry in result["metrics"]["stages"].items()}
+    # each training job also evaluated its final checkpoint, so the evaluation stages found their results
+    assert outcomes["base"] == "done (and its loss evaluation)"
+    assert outcomes["mid"] == outcomes["sft"] == "done (and its chat evaluation)"
+    for stage, kind, step in [("base", "loss", 40), ("mid", "chat", 4), ("sft", "chat", 4)]:
+        assert outcomes[f"{stage} {kind if kind == 'loss' else 'chat eval'}"] == f"done in the {stage} training job"
+        assert json.loads((storage / "runs" / "default" / "evals" / f"{stage}_{kind}.json").read_text())["step"] == step
     report = (workdir / "report.md").read_text()
     assert "## Speedrun" in report and (workdir / "report" / "loss.png").stat().st_size > 0

@@ -1,5 +1,6 @@
 """
-Evaluations of a trained checkpoint, run as Ray Train jobs so they spread over the same workers as training.
+Evaluations of a trained checkpoint, run as Ray Train jobs so they spread over the same workers as training,
+or in the training job itself, after its last step (the speedrun: one Ray Train start fewer per evaluation).
 
 Notable:
 - `eval loss`: bits per byte on the train and validation splits (nanochat's base_loss), each rank
@@ -12,6 +13,7 @@ Notable:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,8 @@ def eval_worker(job: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(storage)
     model, step = load_stage_model(storage, cfg.run, stage, worker.device)
     result: dict[str, Any] = {"stage": stage, "step": step, "kind": kind}
+    if job.get("evaluated_in"):
+        result["evaluated_in"] = job["evaluated_in"]  # the speedrun says where its evaluation stage was done
     with torch.no_grad():
         if kind == "loss":
             train, val = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
@@ -88,3 +92,15 @@ def eval_worker(job: dict[str, Any]) -> None:
         import json
 
         storage.write_text(result_key(cfg.run, stage, kind), json.dumps(result, indent=2))
+
+
+def train_then_evaluate(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for a training stage followed by evaluations (job["evaluations"]) of
+    the checkpoint it ends with, in the same workers. An evaluation that fails fails the job, as a crash would:
+    a rank that skipped ahead would leave the others waiting in a collective."""
+    train_fn(job)
+    for kind in job["evaluations"]:
+        try:
+            eval_worker({**job, "kind": kind, "evaluated_in": f"{job['stage']} training job"})
+        except Exception as e:
+            raise RuntimeError(f"{job['stage']} trained, then its {kind} evaluation failed: {e}") from e

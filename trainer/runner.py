@@ -12,13 +12,14 @@ Notable:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +184,21 @@ def run_stage(
     ray_address: str | None = None,
     fail_at_step: int | None = None,
     show_progress: bool = True,
+    evaluations: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded."""
+    """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded.
+    evaluations (loss, core, chat; torch stages) then run in the same job on the checkpoint it ends with."""
     started = time.time()
     backend = stage_backend(stage, cfg)
     check_resumable(stage, cfg, storage, backend)
-    job = {"stage": stage, "fail_at_step": fail_at_step,
+    job = {"stage": stage, "fail_at_step": fail_at_step, "evaluations": list(evaluations),
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
+    if evaluations:
+        if backend != "torch":
+            raise ValueError(f"evaluations run in torch training jobs only, not in {stage}'s {backend} job")
+        from trainer.evaluate import train_then_evaluate
+
+        train_fn = functools.partial(train_then_evaluate, train_fn)
     _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
