@@ -183,6 +183,7 @@ class JaxConfig(Section):
     cpu_devices: int = Field(1, ge=1, description="virtual CPU devices per process (XLA's host device count) when platform is cpu")
     tpu_topology: str | None = Field(None, description="TPU slice topology for Ray's scheduler, e.g. 2x4 (with tpu_accelerator)")
     tpu_accelerator: str | None = Field(None, description="TPU generation for Ray's scheduler, in Ray's spelling: TPU-V6E, TPU-V5P, TPU-V4, or TPU-V5LITEPOD for v5e")
+    compilation_cache: str = Field("~/.cache/nanochat/jax-cache", description="folder for XLA's persistent compilation cache, so a resumed or repeated run reuses its compiled steps (empty: off)")
 
 
 class ExperimentConfig(Section):

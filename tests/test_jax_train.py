@@ -148,10 +148,11 @@ def test_loss_tracks_torch_over_the_first_30_steps_of_the_tiny_preset(corpus):
 
 
 @pytest.mark.slow
-def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus):
+def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus, tmp_path):
     """`train base --backend jax`: a JaxTrainer job on 4 virtual devices (data 2 x fsdp 2) that writes the
     stage's usual checkpoints, which the torch model (serving, chat stages) loads with the same logits,
-    resumes from its own checkpoint, and refuses to be resumed by the torch backend."""
+    resumes from its own checkpoint (its compiled steps kept in the compilation cache), and refuses to be
+    resumed by the torch backend."""
     from services.checkpoints import CheckpointManager
     from trainer.jaxgpt.model import forward
     from trainer.runner import StageFailed, run_stage, stage_function
@@ -159,12 +160,14 @@ def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus):
     small = ["model.depth=2", "model.head_dim=32", "train.seq_len=64", "train.device_batch_size=2",
              "train.total_batch_size=1024", "train.checkpoint_every=3", "train.eval_every=-1", "train.eval_tokens=1024",
              "log.tensorboard=false", "train.max_failures=0", "run=jax"]
-    jax_run = [*small, "train.backend=jax", "jax.cpu_devices=4", "jax.fsdp=2"]
+    cache = tmp_path / "jax-cache"
+    jax_run = [*small, "train.backend=jax", "jax.cpu_devices=4", "jax.fsdp=2", f"jax.compilation_cache={cache}"]
     first = load_config(preset="tiny-cpu", overrides=[*jax_run, "train.max_steps=6"])
     summary = run_stage("base", stage_function("base", first), first, corpus, show_progress=False)
     assert summary["steps"] == 6 and summary["tokens"] == 6 * 1024
     assert summary["metrics"]["backend"] == "jax" and summary["metrics"]["devices"] == 4
     assert 0 < summary["metrics"]["val_bpb"] < 10 and summary["tokens_per_second"] > 0
+    assert any(cache.iterdir()), "the compiled train step went into the compilation cache"
 
     manager = CheckpointManager(corpus, "jax", "base")
     assert manager.latest_step() == 6 and set(manager.list_steps()) >= {3, 6}

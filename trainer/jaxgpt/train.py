@@ -72,6 +72,15 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
+def use_compilation_cache(folder: str) -> None:
+    """XLA's persistent compilation cache in folder (none if empty): a run resumed after a crash or a
+    preemption reuses its compiled train and eval steps instead of compiling them again (minutes on a TPU)."""
+    if folder:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+
+
 def expected_devices(cfg: Config) -> int | None:
     """The devices the run's mesh will hold, as far as the config says: virtual CPU devices, the chips of the
     TPU topology, or workers x GPUs; None when JAX picks the platform itself."""
@@ -303,6 +312,7 @@ class JaxRun:
         configure_platform(cfg.jax)
         import jax
 
+        use_compilation_cache(cfg.jax.compilation_cache)
         self.job, self.cfg = job, cfg
         storage = open_storage(job["storage"])
         self.worker = Worker(jax.process_index(), jax.process_count(), torch.device("cpu"))
