@@ -74,7 +74,8 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
 
 def use_compilation_cache(folder: str) -> None:
     """XLA's persistent compilation cache in folder (none if empty): a run resumed after a crash or a
-    preemption reuses its compiled train and eval steps instead of compiling them again (minutes on a TPU)."""
+    preemption loads its compiled steps instead of compiling them again (JAX keeps those that took over a
+    second to compile; bench/jax_compile_cache.py: d20 on an H200, 40 s -> 9 s to the first step)."""
     if folder:
         import jax
 
