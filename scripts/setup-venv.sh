@@ -18,9 +18,11 @@ echo "Installing nanochat into .venv (extras: ${extras:-none}) ..." >&2
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned, with pip: pip picks a local CPU build where one is offered; uv would fetch a CUDA build.
 # Then the rest with uv (installed into .venv by pip): it keeps that torch, which satisfies the pin, and takes
-# seconds where pip takes a minute and a half.
+# seconds where pip takes a minute and a half. Unlike pip, uv writes no bytecode unless asked; without it, and
+# with PYTHONDONTWRITEBYTECODE set (as on CI machines), every process (each Ray worker) compiles ray, jax,
+# fastapi... from source again.
 .venv/bin/pip install -q "torch==2.13.0" uv
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-.venv/bin/uv pip install -q --python .venv/bin/python -e "$spec"
+.venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python -e "$spec"
 echo "$want" > "$stamp"
