@@ -65,10 +65,9 @@ def first_steps(args: argparse.Namespace) -> dict[str, float | str]:
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
 
 
-def measure(args: argparse.Namespace, cache: str) -> dict[str, float | str]:
-    argv = [sys.executable, __file__, "--preset", args.preset, "--cpu-devices", str(args.cpu_devices),
-            "--fsdp", str(args.fsdp), "--cache", cache, *[a for o in args.overrides for a in ("--set", o)],
-            *(["--rows", str(args.rows)] if args.rows else [])]
+def measure(cache: str) -> dict[str, float | str]:
+    """first_steps() in a fresh process given this command's own arguments and the cache folder."""
+    argv = [sys.executable, __file__, *sys.argv[1:], "--cache", cache]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -79,8 +78,8 @@ def main() -> None:
         print(json.dumps(first_steps(args)), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="jax-cache-") as cache:
-        cold = measure(args, cache)
-        warm = measure(args, cache)
+        cold = measure(cache)
+        warm = measure(cache)
     print(f"preset {args.preset} {' '.join(args.overrides)}: {cold['params']:,} params on {cold['devices']}, "
           f"fsdp {args.fsdp}")
     print(f"{'':<28}{'empty cache':>12}{'filled cache':>14}{'ratio':>8}")
