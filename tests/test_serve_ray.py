@@ -123,3 +123,26 @@ def test_sigterm_shuts_down_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_during_start_up_shuts_down_cleanly(tmp_path):
+    """A pod can be stopped while it is still starting: once Ray runs (and Serve starts), SIGTERM ends the
+    start-up and shuts down cleanly, instead of Ray's own handler aborting the process."""
+    root = tmp_path / "storage"
+    publish_sft_checkpoint(root)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(free_port()), "--metrics-port", str(free_port())],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NANOCHAT_STORAGE": str(root)})
+    try:
+        deadline = time.time() + 120
+        while b"Started Serve" not in log.read_bytes():  # logged by serve.start(), before the app deploys
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "SIGTERM: shutting down" in text and "nanochat serve:" not in text, "stopped before it was ready"
