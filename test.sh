@@ -7,4 +7,6 @@ scripts/setup-venv.sh test,bench,jax
 scripts/setup-test-tools.sh
 export PATH="$PWD/.tools/bin:$PATH"
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist), each taking whole files: a third of a serial run is waiting on Ray, servers and
+# clusters starting, which the other worker fills. NANOCHAT_TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -n "${NANOCHAT_TEST_WORKERS:-2}" --dist loadfile "$@"
