@@ -136,9 +136,3 @@ def shared_data() -> Path:
         pytest.skip(f"test data not found at {SHARED_DATA} (the shared/ folder beside the repository)")
     return SHARED_DATA
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with slow tests first, the order otherwise kept: ./test.sh's two xdist workers take whole files
-    in this order, so the long ones start early instead of leaving one worker alone with one at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
