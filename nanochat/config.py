@@ -200,6 +200,8 @@ class ExperimentConfig(Section):
 
 class LogConfig(Section):
     every: int = Field(10, ge=1, description="steps between metric reports to Ray Train, besides those with each checkpoint (each waits for Ray Train's controller to take it); TensorBoard, W&B, Prometheus and the progress bar get every step")
+    ray_train: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of Ray Train's own messages on the console (at INFO: the worker group starting, every report and checkpoint); its log files in the Ray session folder keep all of them")
     tensorboard: bool = Field(True, description="write TensorBoard event files under runs/<run>/tensorboard/")
     wandb: Literal["disabled", "offline", "online"] = Field("disabled", description="Weights & Biases: offline needs no key; online needs WANDB_API_KEY")
     wandb_project: str = "nanochat"

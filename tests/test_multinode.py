@@ -199,6 +199,9 @@ def test_train_base_runs_unchanged_on_a_two_node_cluster(s3_env: str, cluster: C
     assert summary["stage"] == "base" and summary["run"] == "multinode"
     assert summary["steps"] == STEPS and summary["tokens"] == STEPS * 512
     assert summary["metrics"]["resumed_from"] == [], "one uninterrupted run, no worker-group restart"
+    # the workers' own lines reach the job's log; Ray Train's per-report INFO lines do not (log.ray_train=WARNING)
+    assert re.search(r"RayTrainWorker pid=\d+[^)]*\)\S* base: [\d,]+ params", logs.stdout), logs.stdout[-3000:]
+    assert "Reporting training result" not in logs.stdout
 
     # one worker of 1 CPU on each 1-CPU node: Ray Train spanned the cluster
     workers = ray_list(cluster, "actors", "class_name=RayTrainWorker")

@@ -129,6 +129,15 @@ def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cf
     )
 
 
+def _with_ray_train_log_level(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:
+    """train_fn in a worker, with Ray Train's console level (log.ray_train) on the one logger LoggingConfig
+    misses: Ray 2.60 logs every report at INFO through a logger named by its file path, not under `ray.train`."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(job["config"]["log"]["ray_train"])
+    train_fn(job)
+
+
 def worker_env() -> dict[str, str]:
     """Settings the workers must share with the driver: object-storage credentials and endpoint."""
     keys = [k for k in os.environ if k.startswith("AWS_")] + ["NANOCHAT_STORAGE", "OMP_NUM_THREADS", "JAX_PLATFORMS"]
@@ -161,9 +170,10 @@ def _fit(
         storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        logging_config=ray.train.LoggingConfig(log_level=cfg.log.ray_train),
         worker_runtime_env={"env_vars": worker_env()},
     )
-    trainer = _trainer(train_fn, job, cfg, backend, run_config)
+    trainer = _trainer(functools.partial(_with_ray_train_log_level, train_fn), job, cfg, backend, run_config)
     log.info("%s: %d workers, storage %s/runs/%s/%s", name, t.workers, storage.uri, cfg.run, name)
     try:
         if show_progress:
