@@ -135,4 +135,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"test data not found at {SHARED_DATA} (the shared/ folder beside the repository)")
     return SHARED_DATA
-
