@@ -61,17 +61,19 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
-def _wait_until_answers(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
+def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 30.0) -> None:
+    """Wait until url answers 2xx, for a server the test started as proc (writing log); fail with that log
+    if proc exits or timeout_s passes first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {timeout_s} s:\n{log.read_text()}")
+    raise RuntimeError(f"{what} at {url} did not answer within {timeout_s} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +89,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_answers(f"{endpoint}/moto-api/", proc, log)
+        wait_until_answers(f"{endpoint}/moto-api/", proc, log, "moto server")
         yield endpoint
     finally:
         stop_process(proc, timeout=10)

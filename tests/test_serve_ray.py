@@ -24,7 +24,7 @@ from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
 from services.storage import open_storage
 from tests import dashboards
-from tests.conftest import free_port, stop_process
+from tests.conftest import free_port, stop_process, wait_until_answers
 
 pytestmark = pytest.mark.slow
 
@@ -144,10 +144,7 @@ def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_pa
              f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=out, stderr=subprocess.STDOUT)
     prom = f"http://127.0.0.1:{prom_port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{prom}/-/ready"):
-            assert prometheus.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_answers(f"{prom}/-/ready", prometheus, log, "prometheus", timeout_s=60)
         start = time.time()
         board = dashboards.dashboard("serving")
         queries = [*dashboards.panel_queries(board), *(("variable " + name, expr) for name, expr in dashboards.variable_queries(board))]
@@ -166,13 +163,6 @@ def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_pa
         assert not missing, "panels without data:\n  " + "\n  ".join(missing)
     finally:
         stop_process(prometheus, timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return dashboards.http("GET", url, timeout=2)[0] == 200
-    except OSError:
-        return False
 
 
 def test_sigterm_shuts_down_cleanly(server):
