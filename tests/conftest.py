@@ -27,9 +27,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay relative to it
 
 
-# 2 cores: one torch thread per process beats oversubscription (10-100x slower under load otherwise).
-# Set before any test imports torch; Ray workers started by the tests inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite's thread counts, set here and nowhere else, whatever the machine's core count or the caller's
+# environment: one thread per process beats oversubscription on 2 cores (10-100x slower under load
+# otherwise), and fixed counts keep a run's numbers from depending on the machine (tests/numerics.py).
+# Set before any test imports torch or numpy; every process the tests start (spawned ranks, Ray workers,
+# servers) inherits them.
+THREADS = 1
+os.environ.update({name: str(THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
 # JAX tests shard over 8 virtual CPU devices; XLA reads this once, when jax is first imported.
 # On this busy 2-core machine, collectives between those virtual devices get minutes before XLA aborts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900 "
@@ -37,11 +41,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
 
 
 @pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
+def pinned_torch_threads():
+    """THREADS for torch even where it was imported before the variables above were set."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
 
 
 def free_port() -> int:

@@ -255,7 +255,6 @@ def test_unavailable_tasks_are_skipped_with_the_reason(model, tok, tmp_path, mon
 
 
 def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         tok = Tokenizer.train_from_iterator(["abc"], 256 + len(SPECIAL_TOKENS))

@@ -324,7 +324,6 @@ def test_a_bundle_in_eval_bundle_layout_is_found(core_dir, tmp_path):
 def _rank_main(rank: int, world: int, store: str, tokenizer_json: str, weights: str, items: list, out: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         tokenizer = Tokenizer.from_json(tokenizer_json)

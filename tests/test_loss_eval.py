@@ -107,7 +107,6 @@ def test_untrained_model_is_uniform_and_training_lowers_bpb(corpus):
 def _rank_main(rank: int, world: int, store: str, weights: str, vocab_size: int, shards: list, table, out: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = tiny_gpt(vocab_size)

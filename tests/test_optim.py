@@ -378,7 +378,6 @@ def test_batch_size_corrections():
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = make_model(seed=rank)  # DDP broadcasts rank 0's weights at wrap time
