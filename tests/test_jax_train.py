@@ -139,7 +139,9 @@ def test_loss_tracks_torch_over_the_first_30_steps_of_the_tiny_preset(corpus):
     sharded over 8 devices (mesh data=4 x fsdp=2). Muon at full learning rate amplifies float rounding into
     single-step excursions on these 512-token batches, so the stated tolerance is: the first 5 steps within
     0.02 nats each (before trajectories can drift), every 10-step mean within 5%, and the final models'
-    validation loss within 2%."""
+    validation loss within 3%. The last two are set by how far rounding alone moves this run: torch against
+    itself at another thread count or with its unvectorized kernels ends 1.2% apart in validation loss and
+    up to 2.9% apart in a 10-step mean, and each backend carries that noise."""
     T, steps = 64, 30
     cfg = load_config(preset="tiny-cpu", overrides=[f"train.seq_len={T}", "train.device_batch_size=1",
                                                     f"train.total_batch_size={8 * T}"])
@@ -181,7 +183,7 @@ def test_loss_tracks_torch_over_the_first_30_steps_of_the_tiny_preset(corpus):
     final = jax.device_get(trainer.params)  # gathered: the comparison runs on one device
     jax_val = np.mean([float(loss_fn(final, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()), model.config))
                        for x, y in batches])
-    assert abs(jax_val - torch_val) / torch_val < 0.02, (jax_val, torch_val)
+    assert abs(jax_val - torch_val) / torch_val < 0.03, (jax_val, torch_val)
 
 
 @pytest.mark.slow
