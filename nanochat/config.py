@@ -74,6 +74,7 @@ class TrainConfig(Section):
     target_param_data_ratio: float = Field(12.0, gt=0, description="tokens = ratio * parameters, when max_steps = -1")
     workers: int = Field(2, ge=1, description="Ray Train workers (processes or GPU pods)")
     gpus_per_worker: float = Field(0, ge=0)
+    threads_per_worker: int = Field(0, ge=0, description="torch threads of a CPU worker (0: the command's OMP_NUM_THREADS where set, else the node's CPUs divided among the workers on that node)")
     embedding_lr: float = Field(0.3, gt=0)
     unembedding_lr: float = Field(0.008, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
@@ -108,8 +109,8 @@ class ChatStageConfig(Section):
 
     tasks: dict[str, float] = Field(description="task mixture: task name -> weight (epochs of that task per mixture epoch; 0 leaves it out)")
     max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: one pass over the mixture)")
-    device_batch_size: int = Field(4, ge=1, description="conversations (mid: rows) per worker per micro-step")
-    examples_per_step: int = Field(8, ge=1, description="conversations (mid: rows) per optimizer step across workers")
+    device_batch_size: int = Field(4, ge=1, description="rows of train.seq_len tokens, packed with whole conversations, per worker per micro-step (at most: the budget sets how many)")
+    tokens_per_step: int = Field(524288, ge=1, description="tokens per optimizer step across workers, padding included (nanochat's midtraining batch); split into rows per worker and micro-steps for any worker count")
     lr_frac: float = Field(1.0, gt=0, description="learning rates as a fraction of the base stage's")
     max_examples: int = Field(-1, ge=-1, description="cap on examples drawn from each task (-1: all)")
     eval_every: int = Field(-1, ge=-1, description="validation loss every N steps (-1: only at the end)")

@@ -10,7 +10,8 @@ from nanochat.config import load_config
 from services.checkpoints import CheckpointManager
 from tests.test_checkpoint import TinyLM
 from trainer.base_train import train_base
-from trainer.runner import StageFailed, run_stage
+from trainer.runner import StageFailed, configured_threads, run_stage
+from trainer.worker import cpu_threads
 
 
 def saved_by(storage, tmp_path: Path, step: int, **meta) -> None:
@@ -46,3 +47,27 @@ def test_only_the_newest_complete_step_counts(local_storage, tmp_path):
     local_storage.delete("runs/default/base/step_000006/model.safetensors")  # `latest` still names step 6
     with pytest.raises(StageFailed, match="step 3 was written by 2 workers"):
         run_stage("base", train_base, base("train.workers=1"), local_storage, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch threads of CPU workers
+
+
+@pytest.mark.parametrize("setting, omp, expected", [(3, "1", 3), (0, "2", 2), (0, None, 0), (0, "", 0)])
+def test_threads_come_from_the_config_then_the_commands_omp_num_threads(monkeypatch, setting, omp, expected):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert configured_threads(base(f"train.threads_per_worker={setting}")) == expected
+
+
+@pytest.mark.parametrize("configured, node_cpus, workers, expected", [
+    (0, 2, 1, 2),  # one worker alone uses both cores
+    (0, 2, 2, 1),  # two share them
+    (0, 16, 3, 5),
+    (0, 2, 4, 1),  # never below one
+    (4, 2, 2, 4),  # the setting wins
+])
+def test_a_cpu_worker_takes_its_share_of_the_node(configured, node_cpus, workers, expected):
+    assert cpu_threads(configured, node_cpus, workers) == expected

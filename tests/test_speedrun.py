@@ -19,7 +19,7 @@ SMALL = [
     "train.seq_len=64", "train.device_batch_size=4", "train.total_batch_size=512", "train.max_steps=40",
     "train.checkpoint_every=10", "train.eval_every=-1", "train.eval_tokens=1024", "eval.loss_tokens=2048",
     "data.docs_per_shard=200", "mid.max_steps=4", "sft.max_steps=4", "mid.device_batch_size=2",
-    "mid.examples_per_step=4", "sft.device_batch_size=2", "sft.examples_per_step=4",
+    "mid.tokens_per_step=256", "sft.device_batch_size=2", "sft.tokens_per_step=256",
     "chat_eval.max_problems=4", "chat_eval.max_new_tokens=8", "log.tensorboard=false",
 ]
 

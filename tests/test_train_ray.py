@@ -99,8 +99,8 @@ def test_crashed_worker_is_restarted_and_continues_exactly(s3_storage, reference
 
 def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
     chat = ["mid.max_steps=3", "sft.max_steps=3", "mid.tasks={identity: 1, simple-spelling: 1}",
-            "sft.tasks={identity: 1, smoltalk: 1}", "mid.device_batch_size=2", "mid.examples_per_step=4",
-            "sft.device_batch_size=2", "sft.examples_per_step=4", "train.checkpoint_every=2"]
+            "sft.tasks={identity: 1, smoltalk: 1}", "mid.device_batch_size=1", "mid.tokens_per_step=256",
+            "sft.device_batch_size=2", "sft.tokens_per_step=256", "train.checkpoint_every=2"]
     cfg = config("reference", *chat)
     mid = run_stage("mid", stage_function("mid", cfg), cfg, s3_storage, show_progress=False)
     assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}

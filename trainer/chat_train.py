@@ -5,7 +5,11 @@ Notable:
 - conversations are rendered with the special tokens (nanochat/tokenizer.py); the loss falls on assistant
   tokens only (tool outputs excluded), padding and user turns get target -1
 - a task mixture (mid.tasks / sft.tasks, with weights) is served in one fixed shuffled order; rank r takes
-  every world_size-th conversation, and the cursor is just the next index, so resume is exact
+  every world_size-th conversation, and the cursor is the next index (plus one conversation carried over
+  to the next batch), so resume is exact
+- a step is a token budget (tokens_per_step), not a count of conversations: whole conversations are packed
+  into rows of train.seq_len tokens, and the rows per worker and micro-steps follow from the budget and
+  the worker count (chat_batch_plan), so every preset's stages run at its own worker count
 - tasks whose data cannot be had (offline, no local files) are left out with the reason logged and recorded
 - mid starts from base; sft from mid (or base when there is no mid); optimizers start fresh, as nanochat's;
   learning rates are the base ones times lr_frac; sft decays them linearly to zero
@@ -14,6 +18,8 @@ Notable:
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +52,14 @@ def stage_mixture(stage_cfg: ChatStageConfig, cfg: Config, split: str, storage, 
 
 
 class ConversationLoader:
-    """This rank's conversations as padded (inputs, targets) batches, resumable to the conversation."""
+    """This rank's conversations packed into rows, batch_size rows a batch, resumable to the conversation.
+
+    A row holds max_len + 1 tokens (inputs and targets are its two shifted views) and takes whole
+    conversations in order while they fit; one that does not fit opens the next row (carried into the next
+    batch if this one is full), one longer than a row is cut to it. Packing keeps a step's tokens near its
+    budget whatever the conversations' lengths, where a row per conversation is mostly padding. A row's
+    unused tail is padding with target -1; a batch is as wide as its longest row.
+    """
 
     def __init__(self, task: Task, tokenizer: Tokenizer, batch_size: int, max_len: int, rank: int, world_size: int,
                  device: torch.device, state: dict | None = None, loop: bool = True):
@@ -54,43 +67,85 @@ class ConversationLoader:
         self.world_size, self.device, self.loop = world_size, device, loop
         self.index = state["index"] if state else rank  # the next conversation this rank renders
         self.epoch = state["epoch"] if state else 0
+        self.carry: int | None = state.get("carry") if state else None  # rendered, but did not fit the last batch
         self.pad_id = tokenizer.get_bos_token_id()
 
     def state_dict(self) -> dict:
-        return {"index": self.index, "epoch": self.epoch}
+        return {"index": self.index, "epoch": self.epoch, "carry": self.carry}
 
     def __iter__(self) -> ConversationLoader:
         return self
 
-    def _next_conversation(self) -> dict:
+    def _next_index(self) -> int:
+        if self.carry is not None:
+            index, self.carry = self.carry, None
+            return index
         if self.index >= len(self.task):
             if not self.loop:
                 raise StopIteration
             self.index -= len(self.task)
             self.epoch += 1
-        conversation = self.task[self.index]
+        index = self.index
         self.index += self.world_size
-        return conversation
+        return index
+
+    def _render(self, index: int) -> tuple[list[int], list[int]]:
+        return self.tokenizer.render_conversation(self.task[index], max_tokens=self.max_len + 1)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for _ in range(self.batch_size):
+        rows: list[tuple[list[int], list[int]]] = [([], [])]
+        while True:
             try:
-                conversation = self._next_conversation()
+                index = self._next_index()
             except StopIteration:
                 break
-            ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.max_len + 1)
-            targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
-            rows.append((ids[:-1], targets))
+            ids, mask = self._render(index)
+            row_ids, row_mask = rows[-1]
+            if len(row_ids) + len(ids) > self.max_len + 1:
+                if len(rows) == self.batch_size:
+                    self.carry = index
+                    break
+                rows.append(([], []))
+                row_ids, row_mask = rows[-1]
+            row_ids.extend(ids)
+            row_mask.extend(mask)
+        rows = [row for row in rows if row[0]]
         if not rows:
             raise StopIteration
-        width = max(len(ids) for ids, _ in rows)
+        width = max(len(ids) for ids, _ in rows) - 1
         inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), -1, dtype=torch.long)
-        for i, (ids, tgt) in enumerate(rows):
-            inputs[i, : len(ids)] = torch.tensor(ids)
-            targets[i, : len(tgt)] = torch.tensor(tgt)
+        for i, (ids, mask) in enumerate(rows):
+            inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+            targets[i, : len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
         return inputs.to(self.device), targets.to(self.device)
+
+
+@dataclass(frozen=True)
+class ChatBatchPlan:
+    """How a chat stage fills its token budget per optimizer step with the workers it has."""
+
+    rows: int  # packed rows of seq_len tokens per worker per micro-step
+    micro_steps: int  # gradient accumulation
+    tokens_per_step: int  # what a step holds: rows x seq_len x workers x micro_steps (padding included)
+
+
+def chat_batch_plan(stage_cfg: ChatStageConfig, seq_len: int, world_size: int) -> ChatBatchPlan:
+    """The budget (tokens_per_step) split over world_size workers in micro-steps of at most device_batch_size
+    rows each; a budget that does not split evenly is rounded to whole rows, at least one per worker, so any
+    worker count works."""
+    rows_per_step = max(1, round(stage_cfg.tokens_per_step / (seq_len * world_size)))  # per worker
+    micro_steps = math.ceil(rows_per_step / stage_cfg.device_batch_size)
+    rows = math.ceil(rows_per_step / micro_steps)
+    return ChatBatchPlan(rows, micro_steps, rows * micro_steps * seq_len * world_size)
+
+
+def mixture_tokens(mixture: Task, tokenizer: Tokenizer, max_len: int, sample: int = 256) -> int:
+    """Tokens in one pass over the mixture, estimated from an evenly spaced sample of its conversations
+    (rendering all of SmolTalk only to count it would take minutes)."""
+    picks = range(0, len(mixture), max(1, len(mixture) // sample))
+    lengths = [len(tokenizer.render_conversation(mixture[i], max_tokens=max_len + 1)[0]) for i in picks]
+    return round(sum(lengths) / len(lengths) * len(mixture))
 
 
 class ChatStage(Stage):
@@ -100,12 +155,12 @@ class ChatStage(Stage):
         super().__init__(*args)
         self.stage_cfg: ChatStageConfig = getattr(self.cfg, self.name)
         self.mixture, self.skipped = stage_mixture(self.stage_cfg, self.cfg, "train", self.storage)
-        self.worker_batch = self.stage_cfg.device_batch_size
-        if self.worker_batch == 0 or self.stage_cfg.examples_per_step % (self.worker_batch * self.worker.world_size):
-            raise ValueError(
-                f"{self.name}.examples_per_step ({self.stage_cfg.examples_per_step}) must be a multiple of "
-                f"{self.name}.device_batch_size x workers ({self.worker_batch} x {self.worker.world_size})"
-            )
+        self.plan = chat_batch_plan(self.stage_cfg, self.cfg.train.seq_len, self.worker.world_size)
+        if self.worker.is_main and self.plan.tokens_per_step != self.stage_cfg.tokens_per_step:
+            log.info("%s: %d tokens per step (%d rows x %d tokens x %d workers x %d micro-steps), the nearest "
+                     "to %s.tokens_per_step=%d", self.name, self.plan.tokens_per_step, self.plan.rows,
+                     self.cfg.train.seq_len, self.worker.world_size, self.plan.micro_steps, self.name,
+                     self.stage_cfg.tokens_per_step)
 
     def build_model(self) -> GPT:
         for previous in STARTS_FROM[self.name]:
@@ -123,16 +178,17 @@ class ChatStage(Stage):
 
     def make_loader(self, cursor: dict | None) -> ConversationLoader:
         w = self.worker
-        return ConversationLoader(self.mixture, self.tokenizer, self.worker_batch, self.cfg.train.seq_len,
+        return ConversationLoader(self.mixture, self.tokenizer, self.plan.rows, self.cfg.train.seq_len,
                                   w.rank, w.world_size, w.device, state=cursor)
 
     def horizon(self, model: GPT) -> int:
         if self.stage_cfg.max_steps > 0:
             return self.stage_cfg.max_steps
-        return max(1, len(self.mixture) // self.stage_cfg.examples_per_step)
+        tokens = mixture_tokens(self.mixture, self.tokenizer, self.cfg.train.seq_len)
+        return max(1, round(tokens / self.plan.tokens_per_step))
 
     def micro_steps(self) -> int:
-        return self.stage_cfg.examples_per_step // (self.worker_batch * self.worker.world_size)
+        return self.plan.micro_steps
 
     def eval_every(self) -> int:
         return self.stage_cfg.eval_every
@@ -147,8 +203,8 @@ class ChatStage(Stage):
         except TaskUnavailable:
             return {}
         w = self.worker
-        loader = ConversationLoader(val, self.tokenizer,
-                                    self.worker_batch, self.cfg.train.seq_len, w.rank, w.world_size, w.device, loop=False)
+        loader = ConversationLoader(val, self.tokenizer, self.plan.rows, self.cfg.train.seq_len, w.rank,
+                                    w.world_size, w.device, loop=False)
         loss_sum = torch.zeros((), device=w.device, dtype=torch.float64)
         count = torch.zeros((), device=w.device, dtype=torch.float64)
         with w.autocast():

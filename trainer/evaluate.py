@@ -67,7 +67,7 @@ def eval_worker(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for `nanochat eval loss|core|chat`."""
     cfg = Config.model_validate(job["config"])
     kind, stage = job["kind"], job["stage"]
-    worker = current_worker(job.get("threads_per_worker", 1))
+    worker = current_worker(job["threads_per_worker"])
     storage = open_storage(job["storage"])
     tokenizer = load_tokenizer(storage)
     model, step = load_stage_model(storage, cfg.run, stage, worker.device)

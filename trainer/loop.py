@@ -259,7 +259,7 @@ class Setup:
 def set_up(job: dict[str, Any], stage_class: type[Stage]) -> Setup:
     """What every stage's worker function does first: config, storage, model, optimizers, resume, data."""
     cfg = Config.model_validate(job["config"])
-    worker = current_worker(job.get("threads_per_worker", 1))
+    worker = current_worker(job["threads_per_worker"])
     storage = open_storage(job["storage"])
     stage = stage_class(cfg, worker, storage, load_tokenizer(storage))
     manager = CheckpointManager(storage, cfg.run, stage.name)

@@ -5,7 +5,7 @@ Notable:
 - starts from the SFT stage's newest valid checkpoint (from its own "rl" checkpoints when resuming)
 - the prompts: the rl.tasks mixture's train split (tasks without data left out and recorded, as the chat
   stages do), rank r taking prompts r, r + world, ...; each step every rank takes prompts_per_step / world
-  of them, and the cursor is its next prompt
+  of them (rounded up), and the cursor is its next prompt
 - per prompt, k completions sampled with the shared generate function (calculator included) from the
   unwrapped model in eval mode, each prompt seeded by its place in the stream (exact on resume)
 - reward from the task (GSM8K: 1 for the right final answer); advantage = reward - mean of the k. No
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -196,6 +197,12 @@ def rl_prompts(cfg: Config, storage: Any) -> tuple[TaskMixture, dict[str, str]]:
     return mixture, skipped
 
 
+def prompts_per_worker(rl: RLConfig, world_size: int) -> int:
+    """rl.prompts_per_step split over the workers, rounded up so that any worker count works (every rank
+    must take part in each step's gradient all-reduce)."""
+    return math.ceil(rl.prompts_per_step / world_size)
+
+
 def rl_optim_config(cfg: Config) -> OptimConfig:
     """nanochat's RL settings: lr_frac of the base rates at step 0, linearly down to 0 at the last step, and
     no weight decay: a step whose samples all earned the same reward has no gradient, and must not shrink
@@ -210,10 +217,7 @@ class RLStage(Stage):
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.task, self.skipped = rl_prompts(self.cfg, self.storage)
-        world = self.worker.world_size
-        if self.cfg.rl.prompts_per_step % world:
-            raise ValueError(f"rl.prompts_per_step ({self.cfg.rl.prompts_per_step}) must be a multiple of the "
-                             f"number of workers ({world})")
+        self.prompts_per_worker = prompts_per_worker(self.cfg.rl, self.worker.world_size)
 
     def build_model(self) -> GPT:
         model, step = load_stage_model(self.storage, self.cfg.run, SOURCE_STAGE, self.worker.device)
@@ -228,10 +232,11 @@ class RLStage(Stage):
 
     def horizon(self, model: GPT) -> int:
         rl = self.cfg.rl
-        return rl.max_steps if rl.max_steps > 0 else max(1, len(self.task) // rl.prompts_per_step)
+        prompts_per_step = self.prompts_per_worker * self.worker.world_size
+        return rl.max_steps if rl.max_steps > 0 else max(1, len(self.task) // prompts_per_step)
 
     def micro_steps(self) -> int:
-        return self.cfg.rl.prompts_per_step // self.worker.world_size
+        return self.prompts_per_worker
 
     def summary_extra(self) -> dict[str, Any]:
         return {"mixture": self.task.counts(), "skipped_tasks": self.skipped}
@@ -250,7 +255,7 @@ def train_rl(job: dict[str, Any]) -> None:
     # sequence: syncing them at every forward would be wasted at best
     ddp = DistributedDataParallel(model, forward_sync_buffers=False) if worker.world_size > 1 else model
     if worker.is_main:
-        log.info("rl: %d steps of %d prompts x %d samples, %d workers", horizon, cfg.rl.prompts_per_step,
+        log.info("rl: %d steps of %d prompts x %d samples, %d workers", horizon, per_rank * worker.world_size,
                  cfg.rl.samples_per_prompt, worker.world_size)
 
     steps_this_attempt = 0

@@ -138,6 +138,15 @@ def _with_ray_train_log_level(train_fn: Callable[[dict[str, Any]], None], job: d
     train_fn(job)
 
 
+def configured_threads(cfg: Config) -> int:
+    """Torch threads per CPU worker: train.threads_per_worker, else this command's OMP_NUM_THREADS (read here:
+    Ray sets its own in every worker), else 0, each worker's share of its node's CPUs."""
+    if cfg.train.threads_per_worker > 0:
+        return cfg.train.threads_per_worker
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() and int(omp) > 0 else 0
+
+
 def worker_env() -> dict[str, str]:
     """Settings the workers must share with the driver: object-storage credentials and endpoint."""
     keys = [k for k in os.environ if k.startswith("AWS_")] + ["NANOCHAT_STORAGE", "OMP_NUM_THREADS", "JAX_PLATFORMS"]
@@ -162,7 +171,7 @@ def _fit(
     connect(ray_address)
     fs, storage_path, ray_name = CheckpointManager(storage, cfg.run, name).ray_run_location()
     progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
-    job = {**job, "config": cfg.model_dump(), "storage": storage.uri,
+    job = {**job, "config": cfg.model_dump(), "storage": storage.uri, "threads_per_worker": configured_threads(cfg),
            "progress_actor": progress_actor if show_progress else None}
     run_config = ray.train.RunConfig(
         name=ray_name,

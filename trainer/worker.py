@@ -2,19 +2,23 @@
 Where a training process stands in its Ray Train worker group, and what its device can do.
 
 Notable:
-- one torch thread per CPU worker: oversubscribed cores make every step slower (STACK-NOTES)
+- a CPU worker's torch threads: its share of the node's CPUs (train.threads_per_worker overrides): one
+  worker alone uses every core, and workers sharing a node never oversubscribe it, which slows every step
 - bf16 autocast on GPU, fp32 on CPU
 - small collectives (mean, all_gather of Python objects) that degrade to no-ops with one worker
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 # bf16 dense peak FLOP/s per device, for MFU; unknown devices (CPUs included) report no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "B200": 2250e12}
@@ -59,13 +63,32 @@ class Worker:
         return (self.sum(value) / self.world_size).item()
 
 
-def current_worker(threads: int = 1) -> Worker:
-    """The Worker of this Ray Train process."""
+def cpu_threads(configured: int, node_cpus: float, workers_on_node: int) -> int:
+    """A CPU worker's torch threads: `configured` if set (> 0), else its share of the node's CPUs (at least
+    one). Not OMP_NUM_THREADS: Ray sets that to a worker's reserved CPUs (1) in every worker."""
+    if configured > 0:
+        return configured
+    return max(1, int(node_cpus) // max(1, workers_on_node))
+
+
+def _node_cpus() -> float:
+    """CPUs of this Ray node as Ray counts them (a pod's CPU limit, not the host's cores)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["NodeID"] == node_id), 1)
+
+
+def current_worker(threads_per_worker: int) -> Worker:
+    """The Worker of this Ray Train process; on a CPU, torch gets cpu_threads() threads (threads_per_worker:
+    the job's setting, 0 for a share of the node)."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
+        threads = cpu_threads(threads_per_worker, _node_cpus(), ctx.get_local_world_size())
         torch.set_num_threads(threads)
+        log.info("rank %d: %d torch threads", ctx.get_world_rank(), threads)
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), device)

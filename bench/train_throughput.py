@@ -1,0 +1,177 @@
+"""
+Base pretraining throughput, side by side in one run on the same model, batch and data: a plain
+single-process torch loop, plain torch DDP (spawned processes, gloo or NCCL), and our Ray Train stage
+(`nanochat train base`) at 1 and at N workers. What the framework costs, not what the model costs.
+
+Every arm runs the trainer's own optimizer step (trainer/loop.py's optimizer_step: forward, backward, Muon +
+AdamW) on the data loader's batches of the prepared corpus; the first --warmup steps of each are not timed
+(our stage excludes the same number from its own figure). Each arm gets the whole machine in turn: the
+plain loop every core, the DDP ranks and our workers a share each (our stage picks it itself,
+train.threads_per_worker=0). Printed: steady-state tokens/s of each arm and the ratios ours / plain
+(1 worker) and ours / DDP (N workers).
+
+    .venv/bin/python bench/train_throughput.py                      # tiny-cpu: d4, 8 x 512 tokens a step
+    .venv/bin/python bench/train_throughput.py --preset d20 --workers 8 --steps 20 --set train.max_steps=30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat.config import Config, load_config
+from nanochat.gpt import GPT
+from services.storage import LocalStorage
+from trainer.base_train import model_config, optim_config
+from trainer.data import list_shards, prepare_corpus, split_shards
+from trainer.dataloader import DataLoader
+from trainer.loop import compiled, optimizer_step
+from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps
+from trainer.tok import load_tokenizer, train_tokenizer
+from trainer.worker import Worker
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny-cpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=2, help="DDP ranks and Ray Train workers of the N arm")
+    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per arm")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (our stage's own exclusion)")
+    parser.add_argument("--rows", type=int, default=8, help="rows per optimizer step, all workers together")
+    parser.add_argument("--docs", type=int, default=2000, help="corpus documents to prepare")
+    return parser.parse_args()
+
+
+def bench_config(args: argparse.Namespace, workers: int, *extra: str) -> Config:
+    """One step = --rows rows of seq_len tokens, split over `workers` with no accumulation; no evaluation or
+    checkpoint within the timed steps."""
+    if args.rows % workers:
+        raise SystemExit(f"--rows ({args.rows}) must split over {workers} workers")
+    seq_len = load_config(preset=args.preset, overrides=args.overrides).train.seq_len
+    steps = args.warmup + args.steps
+    return load_config(preset=args.preset, overrides=[
+        *args.overrides, f"train.workers={workers}", f"train.device_batch_size={args.rows // workers}",
+        f"train.total_batch_size={args.rows * seq_len}", f"train.max_steps={steps}", "train.eval_every=-1",
+        f"train.checkpoint_every={steps + 1}", "log.tensorboard=false", *extra])
+
+
+def prepare(args: argparse.Namespace, root: Path) -> LocalStorage:
+    storage = LocalStorage(root)
+    cfg = load_config(preset=args.preset, overrides=args.overrides)
+    prepare_corpus(cfg.data, storage, limit=args.docs)
+    train_tokenizer(cfg, storage)
+    return storage
+
+
+def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: torch.device) -> list[float]:
+    """The plain loop (DDP when world > 1): every step's seconds, synchronised at its end as our stage's are."""
+    storage = LocalStorage(storage_root)
+    tokenizer = load_tokenizer(storage)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = GPT(model_config(cfg, tokenizer.vocab_size))
+    model.init_weights()
+    model = model.to(device).train()
+    ocfg = optim_config(cfg)
+    optimizers = build_optimizers(model, ocfg)
+    forward = compiled(model, t.compile, device)
+    ddp = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 else forward
+    train, _ = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
+    loader = DataLoader(storage, train, tokenizer, t.device_batch_size, t.seq_len, rank=rank, world_size=world,
+                        device=device)
+    worker = Worker(rank, world, device)
+    accum = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, world)
+    seconds = []
+    for step in range(t.max_steps):
+        apply_schedule(optimizers, step, t.max_steps, ocfg)
+        started = time.time()
+        loss, tokens = optimizer_step(ddp, model, optimizers, loader, accum, worker)
+        worker.sum(tokens).item()  # the sync our stage makes at the end of every step
+        loss.item()
+        seconds.append(time.time() - started)
+    return seconds
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: str, threads: int, out: str) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(threads)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        seconds = train_loop(cfg, storage_root, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(" ".join(map(str, seconds)))
+
+
+def steady_tokens_per_second(seconds: list[float], warmup: int, tokens_per_step: int) -> float:
+    timed = seconds[warmup:]
+    return tokens_per_step * len(timed) / sum(timed)
+
+
+def plain(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
+    cfg = bench_config(args, 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(cores)
+    seconds = train_loop(cfg, str(storage.root), 0, 1, device)
+    return steady_tokens_per_second(seconds, args.warmup, cfg.train.total_batch_size)
+
+
+def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
+    cfg = bench_config(args, args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/seconds"
+        mp.start_processes(_ddp_rank, args=(args.workers, f"{tmp}/init", cfg, str(storage.root),
+                                            max(1, cores // args.workers), out),
+                           nprocs=args.workers, start_method="spawn")
+        seconds = [float(s) for s in Path(out).read_text().split()]
+    return steady_tokens_per_second(seconds, args.warmup, cfg.train.total_batch_size)
+
+
+def ours(args: argparse.Namespace, storage: LocalStorage, workers: int) -> float:
+    """`nanochat train base` on an embedded Ray: its own steady-state figure (steps after its warm-up)."""
+    from trainer.runner import run_stage, stage_function
+
+    gpus = 1 if torch.cuda.is_available() else 0
+    cfg = bench_config(args, workers, f"run=bench-{workers}", "train.threads_per_worker=0",
+                       f"train.gpus_per_worker={gpus}")
+    summary = run_stage("base", stage_function("base", cfg), cfg, storage, show_progress=False)
+    return summary["tokens_per_second"]
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.pop("OMP_NUM_THREADS", None)  # else our stage would take it as its threads per worker
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = prepare(args, Path(tmp))
+        figures = {
+            "plain loop, 1 process": plain(args, storage, cores),
+            f"plain DDP, {args.workers} processes": ddp(args, storage, cores),
+            "ours (Ray Train), 1 worker": ours(args, storage, 1),
+            f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
+        }
+    cfg = bench_config(args, 1)
+    print(f"\nbase pretraining, preset {args.preset}: {args.rows} rows x {cfg.train.seq_len} tokens a step, "
+          f"{args.steps} timed steps after {args.warmup}, {cores} cores")
+    for name, tps in figures.items():
+        print(f"  {name:<32} {tps:>10,.0f} tokens/s")
+    values = list(figures.values())
+    print(f"  ours / plain loop (1 worker)      {values[2] / values[0]:.2f}x")
+    print(f"  ours / plain DDP ({args.workers} workers)      {values[3] / values[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
