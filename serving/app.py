@@ -5,7 +5,9 @@ Notable:
 - `EngineReplica` holds one continuous-batching engine (its own paged KV cache) and streams TokenEvents;
   it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it
 - `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
-  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`)
+  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits every request
+  the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and gets a
+  429 with Retry-After, as it does without Ray
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
 - `app_builder` is the import path for KubeRay's RayService (`serving.app:app_builder`) and `serve run`
@@ -122,7 +124,8 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(source, s.model_dump())
     tokenizer_json = open_storage(source.storage).read_text(TOKENIZER_KEY)
-    return Ingress.bind(engine, tokenizer_json, s.model_dump(), api_keys_from_env())
+    ingress = Ingress.options(max_ongoing_requests=s.ingress_max_ongoing_requests)
+    return ingress.bind(engine, tokenizer_json, s.model_dump(), api_keys_from_env())
 
 
 def default_source(cfg: Config, storage_uri: str) -> ModelSource:

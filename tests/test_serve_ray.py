@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,29 @@ def test_metrics_are_exported_through_ray(server, client):
     for name in ["ray_nanochat_generation_tokens_total", "ray_nanochat_prompt_tokens_total",
                  "ray_nanochat_time_to_first_token_seconds_bucket", "ray_nanochat_kv_cache_usage_perc"]:
         assert name in text, name
+
+
+def summed_gauge(text: str, name: str) -> float:
+    """The sum of a gauge's series in Prometheus's text format."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_the_ingress_lets_more_than_five_requests_reach_the_engine(server, client):
+    """Ray Serve admits 5 requests at a time into a replica unless told otherwise; the API ingress admits
+    all that the engine can run or queue, so 12 concurrent requests are in the engine together."""
+    peak = 0.0
+    with ThreadPoolExecutor(12) as pool:
+        replies = [pool.submit(client.chat.completions.create, model="nanochat", max_tokens=64,
+                               messages=[{"role": "user", "content": f"Count to {i}"}]) for i in range(12)]
+        while not all(reply.done() for reply in replies):
+            text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
+            peak = max(peak, summed_gauge(text, "ray_nanochat_num_requests_running")
+                       + summed_gauge(text, "ray_nanochat_num_requests_waiting"))
+            time.sleep(0.2)
+        for reply in replies:
+            reply.result()
+    assert peak > 5, peak
 
 
 def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_path):
