@@ -170,16 +170,17 @@ class ServeConfig(Section):
     target_ongoing_requests: int = Field(8, ge=1, description="autoscaling target per engine replica")
     max_ongoing_requests: int = Field(32, ge=1, description="Ray Serve's per-replica cap; near the batch size")
     max_queued_requests: int = Field(64, ge=-1, description="Ray Serve's queue bound per engine replica, past which a request gets a 429 (-1: unbounded)")
-    api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once (0: all that the engine replicas can run or queue, (max_ongoing_requests + max_queued_requests) x max_replicas, so that an overload meets the engines' bound and gets a 429 with Retry-After; Ray Serve's own default, 5, would hold the rest in its proxy unanswered)")
+    api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once, and holds queued beyond that before Serve's proxy answers 503 (0: twice what the engine replicas can run or queue, 2 x (max_ongoing_requests + max_queued_requests) x max_replicas, so that requests past the engines' bound reach it and get a 429 with Retry-After; Ray Serve's own default, 5, would hold the rest in its proxy unanswered)")
     num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica")
 
     @property
     def ingress_max_ongoing_requests(self) -> int:
-        """api_max_ongoing_requests, or by default every request the engine replicas run or queue."""
+        """api_max_ongoing_requests, or by default twice what the engine replicas run or queue: the other
+        half are the requests past the engines' bound, answered 429 at once."""
         if self.api_max_ongoing_requests:
             return self.api_max_ongoing_requests
-        return (self.max_ongoing_requests + max(self.max_queued_requests, 0)) * self.max_replicas
+        return 2 * (self.max_ongoing_requests + max(self.max_queued_requests, 0)) * self.max_replicas
 
 
 class JaxConfig(Section):

@@ -5,9 +5,9 @@ Notable:
 - `EngineReplica` holds one continuous-batching engine (its own paged KV cache) and streams TokenEvents;
   it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it
 - `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
-  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits every request
-  the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and gets a
-  429 with Retry-After, as it does without Ray
+  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
+  than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
+  gets a 429 with Retry-After, as it does without Ray
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
 - `app_builder` is the import path for KubeRay's RayService (`serving.app:app_builder`) and `serve run`
@@ -77,10 +77,11 @@ class RemoteEngine:
         try:
             async for event in stream:
                 yield event
-        except BackPressureError as e:  # Ray Serve's own queue bound in front of the replicas
-            raise QueueFull(str(e)) from e
-        finally:
-            stream.cancel()  # a closed client stream aborts the request in the replica (no-op when finished)
+        except BackPressureError as e:  # Ray Serve's queue bound: the request never reached a replica
+            raise QueueFull(str(e)) from e  # (and cancelling it would raise this error again)
+        except BaseException:  # a closed client stream (GeneratorExit), a cancellation, an error
+            stream.cancel()  # aborts the request in the replica
+            raise
 
     def alive(self) -> bool:
         return True  # Serve health-checks the engine replicas themselves (EngineReplica.check_health)
@@ -124,7 +125,8 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(source, s.model_dump())
     tokenizer_json = open_storage(source.storage).read_text(TOKENIZER_KEY)
-    ingress = Ingress.options(max_ongoing_requests=s.ingress_max_ongoing_requests)
+    bound = s.ingress_max_ongoing_requests
+    ingress = Ingress.options(max_ongoing_requests=bound, max_queued_requests=bound)
     return ingress.bind(engine, tokenizer_json, s.model_dump(), api_keys_from_env())
 
 
