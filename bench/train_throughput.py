@@ -163,8 +163,8 @@ def main() -> None:
             "ours (Ray Train), 1 worker": ours(args, storage, 1),
             f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
         }
-    cfg = bench_config(args, 1)
-    print(f"\nbase pretraining, preset {args.preset}: {args.rows} rows x {cfg.train.seq_len} tokens a step, "
+    seq_len = load_config(preset=args.preset, overrides=args.overrides).train.seq_len
+    print(f"\nbase pretraining, preset {args.preset}: {args.rows} rows x {seq_len} tokens a step, "
           f"{args.steps} timed steps after {args.warmup}, {cores} cores")
     for name, tps in figures.items():
         print(f"  {name:<32} {tps:>10,.0f} tokens/s")

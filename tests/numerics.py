@@ -1,4 +1,4 @@
-"""Floats compared across machines: the thread counts the suite runs at, and the precision each dtype gives.
+"""Floats compared across machines: the precision each dtype gives, and another thread count to test against.
 
 Two CPUs (or one CPU at another thread count) may order a sum differently, so a comparison between two
 computations of the same quantity holds only to the rounding of the dtype it runs in, never to the bit.
