@@ -175,7 +175,7 @@ def test_the_report_shows_each_sweep_with_its_table_and_plot(local_storage, tmp_
     assert "### demo" in section and results_table(SWEEP["variants"]) in section
     assert "![demo: bits per byte against FLOPs](report/experiment-demo.png)" in section
     assert (tmp_path / "report" / "experiment-demo.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert local_storage.read_bytes("report/experiment-demo.png").startswith(PNG_SIGNATURE)
+    assert local_storage.read_bytes("runs/r1/report/experiment-demo.png").startswith(PNG_SIGNATURE)
 
 
 def test_the_report_says_how_to_run_a_sweep_when_there_is_none(local_storage, tmp_path):

@@ -130,7 +130,19 @@ def test_report_has_every_section_in_order(full):
 
 def test_report_is_in_storage_and_in_the_local_folder(full):
     assert full["path"] == full["out"] / "report.md"
-    assert full["storage"].read_text("report.md") == full["text"]
+    assert full["storage"].read_text(f"runs/{RUN}/report.md") == full["text"]
+    assert not full["storage"].exists("report.md"), "the report is kept per run, not at the storage root"
+
+
+def test_each_run_keeps_its_own_report(full, tmp_path):
+    """A second run's report lands beside its own stages; the first run's stays as it was."""
+    storage, first = full["storage"], full["text"]
+    other = load_config("tiny-cpu", overrides=[*SMALL, "run=r2"])
+    text = write_report(other, storage, out_dir=tmp_path).read_text()
+    assert "Run: `r2`" in text and storage.read_text("runs/r2/report.md") == text
+    assert storage.read_text(f"runs/{RUN}/report.md") == first
+    assert all(storage.read_bytes(f"runs/{RUN}/report/{name}.png").startswith(PNG_SIGNATURE) for name in PLOTS)
+    assert (tmp_path / "report.md").read_text() == text  # the newest is the local copy
 
 
 def test_environment_names_code_and_software_versions(full):
@@ -221,7 +233,7 @@ def test_missing_lists_what_storage_lacks(full):
 def test_plots_are_valid_pngs_embedded_with_relative_links(full):
     for name in PLOTS:
         assert f"![{name}](report/{name}.png)" in section(full["text"], "Plots")
-        data = full["storage"].read_bytes(f"report/{name}.png")
+        data = full["storage"].read_bytes(f"runs/{RUN}/report/{name}.png")
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         local = full["out"] / "report" / f"{name}.png"
         assert local.read_bytes() == data
@@ -236,7 +248,7 @@ def test_report_from_almost_empty_storage_lists_what_is_missing(tmp_path):
     out = tmp_path / "out"
     # plots from an earlier report must not survive into one that has nothing to draw
     for name in PLOTS:
-        storage.write_bytes(f"report/{name}.png", PNG_SIGNATURE)
+        storage.write_bytes(f"runs/{RUN}/report/{name}.png", PNG_SIGNATURE)
         (out / "report").mkdir(parents=True, exist_ok=True)
         (out / "report" / f"{name}.png").write_bytes(PNG_SIGNATURE)
     storage.write_text(result_key(RUN, "sft", "chat"), json.dumps(SFT_CHAT))  # an eval without its stage is ignored
@@ -252,7 +264,7 @@ def test_report_from_almost_empty_storage_lists_what_is_missing(tmp_path):
         assert f"- {expected}" in missing
     assert set(table_row(text, "ARC-Easy") + table_row(text, "CORE")) == {"-"}
     assert "No training loss plot" in section(text, "Plots") and "![" not in text
-    assert not list((out / "report").iterdir()) and not storage.list("report/")
+    assert not list((out / "report").iterdir()) and not storage.list(f"runs/{RUN}/report/")
 
 
 def test_unreadable_result_is_reported_not_fatal(tmp_path):
@@ -267,12 +279,12 @@ def test_report_works_on_s3_storage(full, s3_server, monkeypatch, tmp_path):
     s3 = open_storage(f"s3://{create_bucket(s3_server)}/nanochat")
     local = full["storage"]
     for key in local.list():
-        if not key.startswith("report"):
+        if not key.startswith(f"runs/{RUN}/report"):
             s3.write_bytes(key, local.read_bytes(key))
     text = write_report(full["cfg"], s3, out_dir=tmp_path).read_text()
     assert section(text, "Summary") == section(full["text"], "Summary")
-    assert s3.read_text("report.md") == text
-    assert all(s3.read_bytes(f"report/{name}.png").startswith(PNG_SIGNATURE) for name in PLOTS)
+    assert s3.read_text(f"runs/{RUN}/report.md") == text
+    assert all(s3.read_bytes(f"runs/{RUN}/report/{name}.png").startswith(PNG_SIGNATURE) for name in PLOTS)
 
 
 def test_cli_report_prints_the_path_and_ends_with_the_result_line(full, tmp_path):

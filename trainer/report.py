@@ -11,7 +11,11 @@ Notable:
   where absent; evals skipped for lack of data are listed below it with their reason
 - plots are drawn with matplotlib's Agg canvas (no display, no global pyplot state) into report/*.png,
   linked relatively from the markdown; a plot with no data is not drawn, and a stale one is removed
-- report.md and report/ go to storage and to a local folder (the working directory by default)
+- each run keeps its own report in storage, runs/<run>/report.md with its plots in runs/<run>/report/, so a
+  second run does not overwrite the first's; the newest is also copied to a local folder (the working
+  directory by default) as report.md and report/. Fetch one later with
+  `aws s3 cp s3://BUCKET/PREFIX/runs/<run>/report.md .`, or write it again from storage with
+  `nanochat --storage s3://BUCKET/PREFIX --run <run> report`
 - the environment section describes the machine writing the report; each stage records its own worker count
 - architecture sweeps (`nanochat experiment sweep`) found under runs/<run>/experiments/ get their table and their
   bits-per-byte-against-FLOPs plot (copied to report/experiment-<name>.png)
@@ -46,7 +50,7 @@ from trainer.tok import EVAL_KEY, META_KEY, format_table
 
 log = logging.getLogger(__name__)
 
-REPORT_KEY = "report.md"
+REPORT_NAME = "report.md"
 PLOTS_DIR = "report"  # report/*.png, beside report.md both in storage and locally
 STAGES = ["base", "mid", "sft", "rl"]
 TITLES = {"base": "Base training", "mid": "Midtraining", "sft": "Supervised fine-tuning", "rl": "Reinforcement learning"}
@@ -605,17 +609,23 @@ def render(f: Findings, plots: dict[str, bytes | None]) -> str:
 # ---------------------------------------------------------------------------
 
 
+def report_prefix(run: str) -> str:
+    """Where a run's report lives in storage: beside its stages, so every run keeps its own."""
+    return f"runs/{run}/"
+
+
 def write_report(cfg: Config, storage: Storage, out_dir: Path | None = None) -> Path:
-    """Write report.md and report/*.png into storage and into out_dir (default: the working directory).
-    Returns the local report.md."""
+    """Write report.md and report/*.png into storage under runs/<run>/ and into out_dir (default: the working
+    directory). Returns the local report.md."""
     out_dir = Path.cwd() if out_dir is None else Path(out_dir)
+    prefix = report_prefix(cfg.run)
     f = gather(cfg, storage)
     table, _ = metric_table(f)
     plots = {"loss": plot_losses(f), "evals": plot_evals(table), "throughput": plot_throughput(f)}
     markdown = render(f, plots)
     (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     for name, png in plots.items():
-        key, local = f"{PLOTS_DIR}/{name}.png", out_dir / PLOTS_DIR / f"{name}.png"
+        key, local = f"{prefix}{PLOTS_DIR}/{name}.png", out_dir / PLOTS_DIR / f"{name}.png"
         if png is None:  # an earlier report's plot must not pass for this one's
             storage.delete(key)
             local.unlink(missing_ok=True)
@@ -623,10 +633,11 @@ def write_report(cfg: Config, storage: Storage, out_dir: Path | None = None) -> 
             storage.write_bytes(key, png)
             local.write_bytes(png)
     for name, png in f.experiment_plots.items():
-        storage.write_bytes(_experiment_plot(name), png)
+        storage.write_bytes(prefix + _experiment_plot(name), png)
         (out_dir / _experiment_plot(name)).write_bytes(png)
-    storage.write_text(REPORT_KEY, markdown)
-    path = out_dir / REPORT_KEY
+    storage.write_text(prefix + REPORT_NAME, markdown)
+    path = out_dir / REPORT_NAME
     path.write_text(markdown)
-    log.info("report written to %s/%s and %s (%d missing items)", storage.uri, REPORT_KEY, path, len(f.missing))
+    log.info("report written to %s/%s%s and %s (%d missing items)", storage.uri, prefix, REPORT_NAME, path,
+             len(f.missing))
     return path
