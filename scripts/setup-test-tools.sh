@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Tools the test suite drives for real, beyond Python packages: Chromium (web UI tests), Prometheus (dashboard
-# queries), helm and kubectl (chart checks). Installed once; tests that need a missing tool skip and say why.
+# queries), helm and kubectl (chart checks), the Docker engine and mmdebstrap (image builds and container tests;
+# tests/containers.py starts dockerd through scripts/start-docker.sh). Installed once; tests that need a
+# missing tool skip and say why.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 need_apt=()
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "Installing ${need_apt[*]} with apt-get ..." >&2
