@@ -3,8 +3,8 @@ GPT model, after karpathy/nanochat's gpt.py.
 
 Notable features:
 - rotary position embeddings (no learned positions); tables cover 4x sequence_len and grow on demand
-- QK-norm; every norm is parameter-free (RMSNorm, or LayerNorm as a variant), including one right
-  after the token embedding
+- QK-norm, then q and k each scaled by qk_scale (nanochat's record: 1.2, sharper attention); every norm
+  is parameter-free (RMSNorm, or LayerNorm as a variant), including one right after the token embedding
 - ReLU² MLP (GELU and SwiGLU as variants); no biases anywhere
 - grouped-query attention: n_kv_head key/value heads shared by n_head query heads
 - untied token embedding and lm_head; logits soft-capped: softcap * tanh(logits / softcap)
@@ -52,7 +52,8 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "L"  # cycled over layers: L = full context, S = a quarter of it; last layer always L
     softcap: float = 15.0  # logits are squashed smoothly into (-softcap, softcap)
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # nanochat's record uses 100000; this default is what older checkpoints were trained with
+    qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm (record: 1.2); 1.0 for older checkpoints
     # architecture variants (research experiments choose these from config)
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (both parameter-free)
     activation: str = "relu2"  # "relu2" | "gelu" | "swiglu"
@@ -72,6 +73,8 @@ class GPTConfig:
         self._require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"}, "window_pattern",
                       "must be a non-empty string of S and L")
         self._require(self.softcap > 0, "softcap", "must be > 0")
+        self._require(self.rope_base > 0, "rope_base", "must be > 0")
+        self._require(self.qk_scale > 0, "qk_scale", "must be > 0")
         self._require(self.norm in NORMS, "norm", f"must be one of {sorted(NORMS)}")
         self._require(self.activation in ACTIVATIONS, "activation", f"must be one of {list(ACTIVATIONS)}")
 
@@ -159,6 +162,7 @@ class CausalSelfAttention(nn.Module):
         has_ve = has_value_embedding(layer_idx, config.n_layer)
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
         self.qk_norm = NORMS[config.norm] if config.qk_norm else None
+        self.qk_scale = config.qk_scale
 
     def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
         B, T, _ = x.shape
@@ -172,6 +176,9 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
+        if self.qk_scale != 1.0:
+            # unit-RMS q and k give logits of RMS ~1 after SDPA's 1/sqrt(head_dim): scaling both sharpens them
+            q, k = q * self.qk_scale, k * self.qk_scale
         if cache is None:
             y = causal_attention(q, k, v, self.window)
         else:
@@ -307,14 +314,22 @@ class GPT(nn.Module):
             with torch.inference_mode(False):  # grown during generation, the tables must still serve training
                 self.cos, self.sin = rotary_tables(size, self.config.head_dim, self.config.rope_base, self.cos.device)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer treatment, each exactly once: block matrices go to Muon, the rest to AdamW."""
-        return {
+    def param_groups(self, fine: bool = False) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer treatment, each exactly once: block matrices go to Muon, the rest to AdamW.
+        fine=True splits the AdamW parameters as nanochat's record recipe treats them: value embeddings
+        apart from the token embedding, resid_lambdas apart from x0_lambdas."""
+        groups = {
             "matrix": [p for p in self.transformer.h.parameters() if p.ndim == 2],
             "embedding": [self.transformer.wte.weight, *self.value_embeds.parameters()],
             "unembedding": [self.lm_head.weight],
             "scalar": [self.resid_lambdas, self.x0_lambdas],
         }
+        if fine:
+            groups["embedding"] = [self.transformer.wte.weight]
+            groups["value_embedding"] = list(self.value_embeds.parameters())
+            del groups["scalar"]
+            groups["resid"], groups["x0"] = [self.resid_lambdas], [self.x0_lambdas]
+        return groups
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

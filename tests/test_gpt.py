@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.checkpoint import model_from_checkpoint, read_checkpoint, write_checkpoint
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, rotary_tables
 from nanochat.kv_cache import KVCache
 from tests.gpt_fixtures import scrambled_model as scrambled
 from tests.numerics import EPS32
@@ -123,6 +125,7 @@ VARIANTS = {
     "gelu": tiny(activation="gelu"),
     "swiglu": tiny(activation="swiglu", n_kv_head=2),
     "no-qk-norm": tiny(qk_norm=False),
+    "record": tiny(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL"),  # nanochat's record architecture
 }
 
 
@@ -205,6 +208,51 @@ def test_full_cache_refuses_more_tokens():
 # optimizer groups, size, FLOPs
 
 
+# ---------------------------------------------------------------------------------------------
+# the record run's architecture keys: q/k scale, RoPE base; checkpoints written before them
+
+
+@torch.no_grad()
+def test_qk_scale_multiplies_the_attention_logits_by_its_square():
+    """q and k each times s after QK-norm: the attention of a block is SDPA at scale s**2 / sqrt(head_dim)."""
+    model = scrambled(tiny(qk_scale=1.2))
+    attn, D = model.transformer.h[0].attn, model.config.head_dim
+    x = torch.randn(2, 16, model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    cos, sin = model.cos[None, :16, None], model.sin[None, :16, None]
+    q = attn.c_q(x).view(2, 16, 4, D)
+    k = attn.c_k(x).view(2, 16, 4, D)
+    v = attn.c_v(x).view(2, 16, 4, D)
+    q, k = (F.rms_norm(apply_rotary(t, cos, sin), (D,)) for t in (q, k))
+    y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=1.44 / D**0.5)
+    expected = attn.c_proj(y.transpose(1, 2).reshape(2, 16, -1))
+    torch.testing.assert_close(attn(x, None, cos, sin, None), expected, atol=1e-5, rtol=1e-5)
+    plain = GPT(tiny())
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(tokens(2, 16)), model(tokens(2, 16)), atol=1e-3)
+
+
+def test_rope_base_sets_the_rotary_frequencies():
+    model = fresh(tiny(rope_base=100000.0))
+    cos, sin = rotary_tables(model.cos.size(0), model.config.head_dim, 100000.0)
+    torch.testing.assert_close(model.cos, cos, rtol=0, atol=0)
+    torch.testing.assert_close(model.sin, sin, rtol=0, atol=0)
+    assert not torch.allclose(model.cos, fresh(tiny()).cos)
+
+
+@torch.no_grad()
+def test_a_checkpoint_written_before_qk_scale_loads_with_the_old_attention(tmp_path):
+    """model_from_checkpoint builds GPTConfig(**meta["model_config"]): a config without qk_scale (every
+    checkpoint written before the key) must give the model it was trained as, q and k unscaled."""
+    model = scrambled(tiny())
+    old_config = {k: v for k, v in vars(model.config).items() if k != "qk_scale"}
+    write_checkpoint(tmp_path, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
+                     meta={"model_config": old_config})
+    loaded = model_from_checkpoint(read_checkpoint(tmp_path, load_optimizer=False))
+    assert loaded.config.qk_scale == 1.0 and loaded.config.rope_base == 10000.0
+    idx = tokens(2, 16)
+    torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("config", [tiny(n_kv_head=2), tiny(activation="swiglu", n_layer=3)])
 def test_param_groups_cover_every_parameter_once(config):
     model = GPT(config)
@@ -218,6 +266,12 @@ def test_param_groups_cover_every_parameter_once(config):
     assert groups["unembedding"] == [model.lm_head.weight]
     assert model.transformer.wte.weight in groups["embedding"] and len(groups["embedding"]) == 1 + len(model.value_embeds)
     assert model.num_params() == sum(p.numel() for p in model.parameters())
+    fine = model.param_groups(fine=True)  # the record recipe's split of the AdamW parameters
+    assert set(fine) == {"matrix", "embedding", "value_embedding", "unembedding", "resid", "x0"}
+    assert fine["embedding"] == [model.transformer.wte.weight]
+    assert fine["value_embedding"] == list(model.value_embeds.parameters())
+    assert (fine["resid"], fine["x0"]) == ([model.resid_lambdas], [model.x0_lambdas])
+    assert sorted(id(p) for g in fine.values() for p in g) == sorted(id(p) for g in groups.values() for p in g)
 
 
 def test_estimate_flops_grows_linearly_with_depth():

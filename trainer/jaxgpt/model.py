@@ -99,6 +99,8 @@ def attention(p: Params, prefix: str, cfg: GPTConfig, x: jax.Array, ve: jax.Arra
     if cfg.qk_norm:
         norm = NORMS[cfg.norm]
         q, k = norm(q), norm(k)
+    if cfg.qk_scale != 1.0:
+        q, k = q * cfg.qk_scale, k * cfg.qk_scale
     y = causal_attention(q, k, v, window)
     return linear(y.reshape(B, T, -1), p[f"{prefix}.c_proj.weight"])
 
