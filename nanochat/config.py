@@ -35,7 +35,8 @@ class ModelConfig(Section):
     n_kv_head: int | None = Field(None, ge=1, description="key/value heads for grouped-query attention (default: all heads)")
     window_pattern: str = Field("L", pattern=r"^[SL]+$", description="per-layer attention: L = full, S = sliding window; cycled over layers, the last layer is always L")
     softcap: float = Field(15.0, gt=0, description="tanh soft-capping of the logits")
-    rope_base: float = Field(10000.0, gt=0)
+    rope_base: float = Field(10000.0, gt=0, description="rotary base (theta); nanochat's record run uses 100000, which turns the slowest channels more slowly, for longer contexts")
+    qk_scale: float = Field(1.0, gt=0, description="q and k are multiplied by it after QK-norm (nanochat's record run: 1.2, sharper attention); 1.0 is the plain QK-norm model")
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["relu2", "gelu", "swiglu"] = "relu2"
     qk_norm: bool = True
@@ -79,7 +80,8 @@ class TrainConfig(Section):
     unembedding_lr: float = Field(0.008, gt=0)
     matrix_lr: float = Field(0.02, gt=0)
     scalar_lr: float = Field(0.5, gt=0)
-    weight_decay: float = Field(0.28, ge=0, description="Muon's cautious weight decay, decayed on a cosine to zero")
+    weight_decay: float = Field(0.28, ge=0, description="Muon's cautious weight decay, decayed on a cosine to zero (recipe record: this is the d12 value, scaled to the model's depth and batch)")
+    recipe: Literal["classic", "record"] = Field("classic", description="optimizer recipe: classic = one set of AdamW betas, no AdamW decay, the scalars at scalar_lr, learning rates and weight decay as given; record = nanochat's record run: per-group AdamW betas and decays, resid_lambdas at 1% of scalar_lr, value embeddings at half the embedding lr, NorMuon beta2 0.9, and base pretraining's learning rates x sqrt(total_batch_size / 2**19) and weight decay scaled to the depth (trainer/optim.py)")
     warmup_ratio: float = Field(0.01, ge=0, le=1)
     warmdown_ratio: float = Field(0.65, ge=0, le=1)
     final_lr_frac: float = Field(0.05, ge=0, le=1)
@@ -94,6 +96,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
+        if self.backend == "jax" and self.recipe != "classic":
+            raise ValueError(f"train.recipe={self.recipe!r}: the JAX backend trains with the classic optimizer groups only")
         rows = self.device_batch_size * self.seq_len
         if self.total_batch_size % rows != 0:
             raise ValueError(
@@ -112,6 +116,10 @@ class ChatStageConfig(Section):
     device_batch_size: int = Field(4, ge=1, description="rows of train.seq_len tokens, packed with whole conversations, per worker per micro-step (at most: the budget sets how many)")
     tokens_per_step: int = Field(524288, ge=1, description="tokens per optimizer step across workers, padding included (nanochat's midtraining batch); split into rows per worker and micro-steps for any worker count")
     lr_frac: float = Field(1.0, gt=0, description="learning rates as a fraction of the base stage's")
+    weight_decay: float = Field(0.0, ge=0, description="Muon's weight decay: 0, as nanochat's chat stages and RL (base pretraining has already decayed it to zero)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="the last fraction of the steps, learning rates fall linearly to final_lr_frac")
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
     max_examples: int = Field(-1, ge=-1, description="cap on examples drawn from each task (-1: all)")
     eval_every: int = Field(-1, ge=-1, description="validation loss every N steps (-1: only at the end)")
 
@@ -123,6 +131,7 @@ class MidConfig(ChatStageConfig):
 class SFTConfig(ChatStageConfig):
     tasks: dict[str, float] = Field(default_factory=lambda: {"smoltalk": 1.0, "identity": 2.0, "spelling": 1.0, "gsm8k": 1.0, "arc-easy": 1.0, "arc-challenge": 1.0})
     lr_frac: float = Field(0.02, gt=0, description="nanochat's SFT starts at 2% of the base learning rates")
+    warmdown_ratio: float = Field(1.0, ge=0, le=1, description="SFT decays linearly to zero over the whole stage")
 
 
 class RLConfig(Section):

@@ -91,3 +91,21 @@ def test_a_task_mixture_is_replaced_whole_not_merged():
     cfg = load_config(preset="tiny-cpu", overrides=["mid.tasks={identity: 1}", "mid.max_steps=3"])
     assert cfg.mid.tasks == {"identity": 1.0}
     assert cfg.mid.device_batch_size == load_config(preset="tiny-cpu").mid.device_batch_size  # sections still merge
+
+
+@pytest.mark.parametrize("override, field", [("model.qk_scale=0", "model.qk_scale"), ("train.recipe=fast", "train.recipe"),
+                                             ("mid.weight_decay=-1", "mid.weight_decay")])
+def test_recipe_keys_name_the_bad_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert field in str(e.value) and "unknown config key" not in str(e.value)
+
+
+def test_the_jax_backend_refuses_the_record_recipe():
+    with pytest.raises(ConfigError, match="train.recipe='record'"):
+        load_config(overrides=["train.backend=jax", "train.recipe=record"])
+
+
+def test_tiny_cpu_keeps_the_classic_recipe_and_architecture():
+    cfg = load_config(preset="tiny-cpu")
+    assert (cfg.train.recipe, cfg.model.rope_base, cfg.model.qk_scale) == ("classic", 10000.0, 1.0)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.optim import (
+    MUON_BETA2,
     Muon,
     OptimConfig,
     apply_schedule,
@@ -23,6 +24,7 @@ from trainer.optim import (
     lr_multiplier,
     muon_momentum,
     num_scaling_params,
+    optimal_batch_size,
     optimizers_state_dict,
     orthogonalize,
     scaled_weight_decay,
@@ -208,6 +210,95 @@ def test_learning_rates_follow_nanochat_groups_and_width_scale():
     assert muon.param_groups[0]["weight_decay"] == cfg.weight_decay
 
 
+def record_gpt(seed: int = 0):
+    """A tiny nanochat GPT (value embeddings, resid/x0 lambdas): the groups the record recipe splits."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    return model
+
+
+def test_record_recipe_sets_nanochats_per_group_adamw_and_normuon_settings():
+    model = record_gpt()  # n_embd 32: the width scale is (32/768)**-0.5 = sqrt(24)
+    cfg = OptimConfig(recipe="record", muon_beta2=MUON_BETA2["record"])
+    adamw, muon = build_optimizers(model, cfg)
+    groups = {g["name"]: g for g in adamw.param_groups}
+    expected = {  # name: (lr, betas, weight decay), nanochat's GPT.setup_optimizer
+        "unembedding": (0.008 * 24**0.5, (0.8, 0.96), 0.01),
+        "embedding": (0.3 * 24**0.5, (0.8, 0.995), 0.001),
+        "value_embedding": (0.15 * 24**0.5, (0.8, 0.995), 0.01),
+        "resid": (0.005, (0.8, 0.95), 0.05),
+        "x0": (0.5, (0.96, 0.95), 0.0),
+    }
+    assert set(groups) == set(expected)
+    for name, (lr, betas, wd) in expected.items():
+        assert (groups[name]["lr"], groups[name]["betas"], groups[name]["weight_decay"]) == (
+            pytest.approx(lr), betas, wd), name
+    assert groups["resid"]["params"] == [model.resid_lambdas] and groups["x0"]["params"] == [model.x0_lambdas]
+    assert groups["value_embedding"]["params"] == list(model.value_embeds.parameters())
+    assert muon.param_groups[0]["beta2"] == 0.9
+    ids = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_classic_recipe_keeps_one_adamw_setting_and_the_scalars_at_scalar_lr():
+    model = record_gpt()
+    adamw, muon = build_optimizers(model, OptimConfig())
+    groups = {g["name"]: g for g in adamw.param_groups}
+    assert set(groups) == {"embedding", "unembedding", "scalar"}
+    assert groups["scalar"]["lr"] == 0.5 and groups["scalar"]["params"] == [model.resid_lambdas, model.x0_lambdas]
+    assert all(g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.0 for g in adamw.param_groups)
+    assert muon.param_groups[0]["beta2"] == 0.95
+
+
+def test_record_adamw_decay_is_decoupled_and_not_scheduled():
+    """AdamW's decay shrinks a parameter by lr x wd per step whatever its gradient; apply_schedule moves the
+    lr but leaves the decay (nanochat schedules only Muon's)."""
+    model = record_gpt()
+    cfg = OptimConfig(recipe="record", warmup_ratio=0.0, warmdown_ratio=0.5)
+    adamw, muon = build_optimizers(model, cfg)
+    apply_schedule([adamw, muon], 80, 100, cfg)
+    resid = next(g for g in adamw.param_groups if g["name"] == "resid")
+    assert resid["weight_decay"] == 0.05 and resid["lr"] == pytest.approx(0.005 * lr_multiplier(80, 100, 0.0, 0.5, 0.05))
+    before = model.resid_lambdas.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adamw.step()
+    torch.testing.assert_close(model.resid_lambdas.detach(), before * (1 - resid["lr"] * 0.05))
+
+
+def test_record_recipe_resumes_bit_identically():
+    cfg = OptimConfig(recipe="record", muon_beta2=0.9, warmup_ratio=0.1, warmdown_ratio=0.5)
+    idx = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def steps(model, opts, span):
+        for step in span:
+            model(idx, idx.roll(-1, 1)).backward()
+            apply_schedule(opts, step, 10, cfg)
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+
+    straight = record_gpt()
+    steps(straight, build_optimizers(straight, cfg), range(10))
+    first = record_gpt()
+    opts = build_optimizers(first, cfg)
+    steps(first, opts, range(5))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": optimizers_state_dict(opts)}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = record_gpt(seed=7)
+    resumed.load_state_dict(saved["model"])
+    resumed_opts = build_optimizers(resumed, cfg)
+    load_optimizers_state_dict(resumed_opts, saved["optim"])
+    steps(resumed, resumed_opts, range(5, 10))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_parameter_missing_from_groups_is_an_error():
     model = make_model()
     model.extra = nn.Parameter(torch.zeros(3))
@@ -371,6 +462,13 @@ def test_batch_size_corrections():
     # 4x the batch and 2x the tokens: sqrt(4) * (1/2) = 1
     assert scaled_weight_decay(0.28, 2**21, num_tokens=2_000, reference_tokens=1_000) == pytest.approx(0.28)
     assert scaled_weight_decay(0.28, 2**19, num_tokens=4_000, reference_tokens=1_000) == pytest.approx(0.07)
+
+
+def test_optimal_batch_size_follows_power_lines_to_a_power_of_two():
+    assert optimal_batch_size(1_000, 1_000) == 2**19  # the reference horizon keeps the reference batch
+    assert optimal_batch_size(2**(1 / 0.383) * 1_000, 1_000) == 2**20  # D x 2**(1/0.383): B x 2
+    assert optimal_batch_size(4_000, 1_000) == 2**20  # 2**19 x 4**0.383 = 2**19.77: rounds up
+    assert optimal_batch_size(2_000, 1_000) == 2**19  # 2**19 x 2**0.383: rounds down
 
 
 # -----------------------------------------------------------------------------

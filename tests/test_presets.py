@@ -6,10 +6,13 @@ import math
 
 import pytest
 
+from types import SimpleNamespace
+
 from nanochat.config import available_presets, load_config
-from trainer.chat_train import chat_batch_plan
-from trainer.optim import grad_accum_steps
-from trainer.rl_train import prompts_per_worker
+from trainer.base_train import depth_scaling
+from trainer.chat_train import MidStage, SFTStage, chat_batch_plan
+from trainer.optim import MUON_BETA2, grad_accum_steps
+from trainer.rl_train import prompts_per_worker, rl_optim_config
 from trainer.runner import stage_backend
 
 
@@ -49,3 +52,53 @@ def test_a_small_budget_still_gives_every_worker_a_row():
     cfg = load_config(preset="tiny-cpu", overrides=["sft.tokens_per_step=1"])
     plan = chat_batch_plan(cfg.sft, cfg.train.seq_len, 8)
     assert (plan.rows, plan.micro_steps, plan.tokens_per_step) == (1, 1, 8 * 512)
+
+
+# -----------------------------------------------------------------------------
+# nanochat's record recipe in the GPU presets
+
+# preset: (Muon weight decay nanochat derives for the depth from 0.28 at d12, tokens per parameter)
+RECORD_PRESETS = {"d20": (0.100, 10.5), "d24": (0.060, 8), "d26": (0.048, 10.5)}
+
+
+@pytest.mark.parametrize("preset", RECORD_PRESETS)
+def test_record_presets_resolve_to_nanochats_batch_learning_rate_and_weight_decay(preset):
+    cfg = load_config(preset=preset)
+    weight_decay, ratio = RECORD_PRESETS[preset]
+    scaling = depth_scaling(cfg, cfg.tokenizer.vocab_size)
+    assert cfg.train.total_batch_size == scaling.optimal_batch_size == 2**20  # the 1M-token batch
+    assert scaling.lr_scale == pytest.approx(1.414, abs=1e-3)
+    assert scaling.weight_decay == pytest.approx(weight_decay, abs=1e-3)
+    assert cfg.train.target_param_data_ratio == ratio
+    assert (cfg.train.recipe, cfg.model.rope_base, cfg.model.qk_scale, cfg.data.source) == (
+        "record", 100000, 1.2, "climbmix")
+    assert cfg.train.workers == 8
+
+
+def test_d24_is_nanochats_time_to_gpt2_record_run():
+    cfg = load_config(preset="d24")
+    assert (cfg.model.depth, cfg.model.window_pattern, cfg.train.seq_len) == (24, "SSSL", 2048)
+    assert (cfg.model.aspect_ratio, cfg.model.head_dim, cfg.tokenizer.vocab_size) == (64, 128, 32768)
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_a_recipe_record_preset_trains_at_the_batch_nanochat_derives(preset):
+    cfg = load_config(preset=preset)
+    if cfg.train.recipe == "record":
+        assert cfg.train.total_batch_size == depth_scaling(cfg, cfg.tokenizer.vocab_size).optimal_batch_size
+
+
+@pytest.mark.parametrize("preset", ["tiny-cpu", "d24"])
+def test_chat_stages_train_without_weight_decay_on_their_own_schedules(preset):
+    """Mid and SFT: Muon weight decay 0 (as nanochat's SFT and our RL; pretraining ends with it at 0), the
+    recipe's AdamW groups and NorMuon beta2, and each stage's own schedule from its config section."""
+    cfg = load_config(preset=preset)
+    mid = MidStage.optim_config(SimpleNamespace(cfg=cfg, stage_cfg=cfg.mid))
+    sft = SFTStage.optim_config(SimpleNamespace(cfg=cfg, stage_cfg=cfg.sft))
+    for ocfg, stage in ((mid, cfg.mid), (sft, cfg.sft)):
+        assert ocfg.weight_decay == 0.0 and ocfg.recipe == cfg.train.recipe
+        assert ocfg.muon_beta2 == MUON_BETA2[cfg.train.recipe]
+        assert ocfg.matrix_lr == pytest.approx(cfg.train.matrix_lr * stage.lr_frac)
+    assert (mid.warmup_ratio, mid.warmdown_ratio, mid.final_lr_frac) == (0.0, 0.2, 0.0)
+    assert (sft.warmup_ratio, sft.warmdown_ratio, sft.final_lr_frac) == (0.0, 1.0, 0.0)
+    assert rl_optim_config(cfg).weight_decay == 0.0

@@ -6,12 +6,18 @@ Notable:
   unless train.max_steps is set; gradient accumulation fills train.total_batch_size
 - data: the resumable best-fit packing loader over this rank's share of the corpus' row groups
 - validation bits per byte every train.eval_every steps and at the end
+- train.recipe = record: nanochat's transfer from its d12 tuning (depth_scaling): learning rates x
+  sqrt(B / 2**19), Muon weight decay x sqrt(B / 2**19) x D_d12 / D, with D the horizon in tokens at
+  train.target_param_data_ratio; the GPU presets' total_batch_size is nanochat's optimum for their depth
 The loop itself (DDP, checkpoints, resume, metrics) is trainer/loop.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, NamedTuple
+
+import torch
 
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
@@ -19,26 +25,71 @@ from trainer.data import list_shards, split_shards
 from trainer.dataloader import DataLoader, token_bytes
 from trainer.loop import Stage, train_stage
 from trainer.loss_eval import evaluate_bpb
-from trainer.optim import OptimConfig, grad_accum_steps, num_scaling_params, training_horizon
+from trainer.optim import (
+    MUON_BETA2,
+    OptimConfig,
+    batch_lr_scale,
+    grad_accum_steps,
+    num_scaling_params,
+    optimal_batch_size,
+    scaled_weight_decay,
+    training_horizon,
+)
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DEPTH = 12  # nanochat tuned its learning rates, weight decay and batch size at d12
 
 
-def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+def model_config(cfg: Config, vocab_size: int, depth: int | None = None) -> GPTConfig:
+    """The model section as a GPTConfig (at another depth of the same dial when depth is given)."""
     m = cfg.model
     return GPTConfig.from_depth(
-        m.depth, vocab_size=vocab_size, sequence_len=cfg.train.seq_len, head_dim=m.head_dim,
+        depth or m.depth, vocab_size=vocab_size, sequence_len=cfg.train.seq_len, head_dim=m.head_dim,
         aspect_ratio=m.aspect_ratio, n_kv_head=m.n_kv_head, window_pattern=m.window_pattern,
-        softcap=m.softcap, rope_base=m.rope_base, norm=m.norm, activation=m.activation, qk_norm=m.qk_norm,
+        softcap=m.softcap, rope_base=m.rope_base, qk_scale=m.qk_scale, norm=m.norm, activation=m.activation,
+        qk_norm=m.qk_norm,
     )
 
 
-def optim_config(cfg: Config, lr_frac: float = 1.0, **schedule: float) -> OptimConfig:
-    """The train section's optimizer settings, learning rates scaled by lr_frac, schedule overridable."""
+def optim_config(cfg: Config, lr_frac: float = 1.0, weight_decay: float | None = None, **schedule: float
+                 ) -> OptimConfig:
+    """The train section's optimizer settings, learning rates scaled by lr_frac, Muon's weight decay and the
+    schedule overridable."""
     t = cfg.train
     settings = dict(warmup_ratio=t.warmup_ratio, warmdown_ratio=t.warmdown_ratio, final_lr_frac=t.final_lr_frac)
     settings.update(schedule)
     return OptimConfig(
         embedding_lr=t.embedding_lr * lr_frac, unembedding_lr=t.unembedding_lr * lr_frac,
-        matrix_lr=t.matrix_lr * lr_frac, scalar_lr=t.scalar_lr * lr_frac, weight_decay=t.weight_decay, **settings,
+        matrix_lr=t.matrix_lr * lr_frac, scalar_lr=t.scalar_lr * lr_frac,
+        weight_decay=t.weight_decay if weight_decay is None else weight_decay,
+        recipe=t.recipe, muon_beta2=MUON_BETA2[t.recipe], **settings,
+    )
+
+
+class DepthScaling(NamedTuple):
+    """nanochat's transfer of its d12 settings to another depth (train.recipe = record)."""
+
+    optimal_batch_size: int  # tokens per step nanochat would choose for this horizon
+    lr_scale: float  # every learning rate is multiplied by it
+    weight_decay: float  # Muon's weight decay at step 0
+
+
+def depth_scaling(cfg: Config, vocab_size: int) -> DepthScaling:
+    """The batch size, learning-rate factor and weight decay nanochat derives for cfg's depth from its d12
+    reference: D and D_ref are each model's horizon at train.target_param_data_ratio (so the ratio cancels
+    out of the batch size and the decay), B is train.total_batch_size."""
+    t = cfg.train
+
+    def horizon_tokens(depth: int) -> float:
+        with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+            return t.target_param_data_ratio * num_scaling_params(GPT(model_config(cfg, vocab_size, depth)))
+
+    target, reference = horizon_tokens(cfg.model.depth), horizon_tokens(REFERENCE_DEPTH)
+    return DepthScaling(
+        optimal_batch_size(target, reference),
+        batch_lr_scale(t.total_batch_size),
+        scaled_weight_decay(t.weight_decay, t.total_batch_size, target, reference),
     )
 
 
@@ -56,7 +107,15 @@ class BaseStage(Stage):
         return model
 
     def optim_config(self) -> OptimConfig:
-        return optim_config(self.cfg)
+        if self.cfg.train.recipe == "classic":
+            return optim_config(self.cfg)
+        scaling = depth_scaling(self.cfg, self.tokenizer.vocab_size)
+        if self.worker.is_main:
+            log.info("recipe record: learning rates x %.4f, Muon weight decay %.4f (from %.2f at d%d); "
+                     "%d tokens per step (nanochat's optimum for this depth: %d)", scaling.lr_scale,
+                     scaling.weight_decay, self.cfg.train.weight_decay, REFERENCE_DEPTH,
+                     self.cfg.train.total_batch_size, scaling.optimal_batch_size)
+        return optim_config(self.cfg, lr_frac=scaling.lr_scale, weight_decay=scaling.weight_decay)
 
     def _loader(self, shards: list[str], cursor: dict | None, loop: bool) -> DataLoader:
         t, w = self.cfg.train, self.worker

@@ -11,8 +11,10 @@ Notable:
   into rows of train.seq_len tokens, and the rows per worker and micro-steps follow from the budget and
   the worker count (chat_batch_plan), so every preset's stages run at its own worker count
 - tasks whose data cannot be had (offline, no local files) are left out with the reason logged and recorded
-- mid starts from base; sft from mid (or base when there is no mid); optimizers start fresh, as nanochat's;
-  learning rates are the base ones times lr_frac; sft decays them linearly to zero
+- mid starts from base; sft from mid (or base when there is no mid); optimizers start fresh; learning rates
+  are the base ones times lr_frac (not the batch-scaled ones of recipe record: nanochat's SFT takes the
+  base run's unscaled settings too), on the stage's own schedule (warmup, warmdown, final_lr_frac; mid
+  holds them and falls over its last 20%, sft falls linearly to zero), Muon weight decay 0 by default
 """
 
 from __future__ import annotations
@@ -171,10 +173,9 @@ class ChatStage(Stage):
         raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(STARTS_FROM[self.name])} in runs/{self.cfg.run}/")
 
     def optim_config(self) -> OptimConfig:
-        return optim_config(self.cfg, lr_frac=self.stage_cfg.lr_frac, **self.schedule())
-
-    def schedule(self) -> dict[str, float]:
-        return {}
+        s = self.stage_cfg
+        return optim_config(self.cfg, lr_frac=s.lr_frac, weight_decay=s.weight_decay, warmup_ratio=s.warmup_ratio,
+                            warmdown_ratio=s.warmdown_ratio, final_lr_frac=s.final_lr_frac)
 
     def make_loader(self, cursor: dict | None) -> ConversationLoader:
         w = self.worker
@@ -220,15 +221,9 @@ class ChatStage(Stage):
 class MidStage(ChatStage):
     name = "mid"
 
-    def schedule(self) -> dict[str, float]:
-        return {"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0}
-
 
 class SFTStage(ChatStage):
     name = "sft"
-
-    def schedule(self) -> dict[str, float]:
-        return {"warmup_ratio": 0.0, "warmdown_ratio": 1.0, "final_lr_frac": 0.0}  # linear decay to zero
 
 
 def train_mid(job: dict[str, Any]) -> None:

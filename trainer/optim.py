@@ -8,6 +8,9 @@ Notable:
 - orthogonalisation runs in bf16 on CUDA (fast, and the iteration is stable there) and fp32 elsewhere
 - AdamW for the embedding, the unembedding (lm_head) and the scalars; the first two have their learning
   rates scaled by (n_embd/768)**-0.5 because nanochat tuned them at width 768
+- two recipes (OptimConfig.recipe): "classic", one set of AdamW betas and no AdamW decay, and "record",
+  nanochat's record run: per-group AdamW betas, decays and learning-rate multipliers (ADAMW_GROUP_SETTINGS,
+  the one place they are set) and NorMuon beta2 0.9 (MUON_BETA2)
 - plain, non-sharded optimizers: under DDP every rank holds all state and applies the identical,
   deterministic update to identical averaged gradients, so ranks stay bit-identical
 - schedule: linear warmup, constant, linear warmdown to final_lr_frac; Muon momentum ramps 0.85 -> 0.97
@@ -30,6 +33,47 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 OrthoMethod = Literal["polar_express", "newton_schulz"]
+Recipe = Literal["classic", "record"]
+
+
+@dataclass(frozen=True)
+class AdamWGroup:
+    """How one AdamW group trains: its learning rate is OptimConfig.<lr> x lr_mult (x the width scale where
+    width_scaled); its decay is decoupled (p -= lr x weight_decay x p) and constant over the run."""
+
+    lr: str  # the OptimConfig field its learning rate comes from
+    lr_mult: float
+    width_scaled: bool
+    betas: tuple[float, float] | None  # None: OptimConfig.adam_betas
+    weight_decay: float
+
+
+# The AdamW groups of each recipe, keyed by model.param_groups() names (fine=True for "record").
+ADAMW_GROUP_SETTINGS: dict[str, dict[str, AdamWGroup]] = {
+    "classic": {
+        "embedding": AdamWGroup("embedding_lr", 1.0, True, None, 0.0),  # token and value embeddings
+        "unembedding": AdamWGroup("unembedding_lr", 1.0, True, None, 0.0),
+        "scalar": AdamWGroup("scalar_lr", 1.0, False, None, 0.0),  # resid_lambdas and x0_lambdas
+    },
+    # nanochat's record run (its GPT.setup_optimizer); the values are its tuning, the reasons as it gives them
+    "record": {
+        # lm_head: a little more second-moment memory than 0.95 and a light decay on the logits' weights
+        "unembedding": AdamWGroup("unembedding_lr", 1.0, True, (0.8, 0.96), 0.01),
+        # token embedding: a rare token's row sees a gradient only now and then; beta2 0.995 keeps its
+        # second moment from decaying to nothing in between (a huge step when it next appears)
+        "embedding": AdamWGroup("embedding_lr", 1.0, True, (0.8, 0.995), 0.001),
+        # value embeddings: as sparse as the token embedding, but one per alternate layer, each added straight
+        # into v: half the embedding lr keeps their sum from outrunning the token embedding
+        "value_embedding": AdamWGroup("embedding_lr", 0.5, True, (0.8, 0.995), 0.01),
+        # resid_lambdas multiply the whole residual stream at every layer, so a step compounds over the
+        # depth: 1% of the scalar lr (0.005), decayed toward 0 rather than held at their init
+        "resid": AdamWGroup("scalar_lr", 0.01, False, (0.8, 0.95), 0.05),
+        # x0_lambdas blend the embedding back in; beta1 0.96 smooths their noisy, tiny gradients
+        "x0": AdamWGroup("scalar_lr", 1.0, False, (0.96, 0.95), 0.0),
+    },
+}
+# NorMuon's second-moment decay: nanochat's record run shortened its memory from 0.95 to 0.9
+MUON_BETA2: dict[str, float] = {"classic": 0.95, "record": 0.9}
 
 
 @dataclass
@@ -48,7 +92,8 @@ class OptimConfig:
     adam_eps: float = 1e-10
     muon_method: OrthoMethod = "polar_express"
     muon_steps: int = 5  # orthogonalisation iterations
-    muon_beta2: float | None = 0.95  # NorMuon second-moment decay; None turns variance reduction off
+    muon_beta2: float | None = MUON_BETA2["classic"]  # NorMuon second-moment decay; None turns variance reduction off
+    recipe: Recipe = "classic"  # which ADAMW_GROUP_SETTINGS the AdamW groups take
     warmup_ratio: float = 0.01  # nanochat warms up for 40 steps, about 1% of a d20-d26 run
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
@@ -198,20 +243,21 @@ class GroupedModel(Protocol):
 
     config: Any  # has n_embd
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
+    def param_groups(self, fine: bool = False) -> dict[str, list[nn.Parameter]]: ...
 
     def parameters(self) -> Iterable[nn.Parameter]: ...
 
 
-ADAMW_GROUPS = ("embedding", "unembedding", "scalar")
+ADAMW_GROUPS = tuple(ADAMW_GROUP_SETTINGS["classic"])  # model.param_groups()'s AdamW keys
 REQUIRED_GROUPS = ("matrix", *ADAMW_GROUPS)
 
 
-def _check_partition(model: GroupedModel, groups: dict[str, list[nn.Parameter]]) -> None:
+def _check_partition(model: GroupedModel, groups: dict[str, list[nn.Parameter]],
+                     required: tuple[str, ...] = REQUIRED_GROUPS) -> None:
     """Every trainable parameter in exactly one group: a forgotten one would silently never train."""
-    if set(groups) != set(REQUIRED_GROUPS):
+    if set(groups) != set(required):
         raise ValueError(
-            f"model.param_groups() must have keys {sorted(REQUIRED_GROUPS)}, got {sorted(groups)}"
+            f"model.param_groups() must have keys {sorted(required)}, got {sorted(groups)}"
         )
     seen: dict[int, str] = {}
     for name, params in groups.items():
@@ -229,25 +275,25 @@ def _check_partition(model: GroupedModel, groups: dict[str, list[nn.Parameter]])
 def build_optimizers(
     model: GroupedModel, cfg: OptimConfig, lr_scale: float = 1.0
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW, Muon] over the model's parameter groups, with nanochat's per-group learning rates.
+    """[AdamW, Muon] over the model's parameter groups, with the recipe's per-group settings.
 
     lr_scale multiplies every learning rate (nanochat's batch-size correction, see batch_lr_scale).
     Each group records `initial_lr` (and Muon groups `initial_weight_decay`) for apply_schedule.
     """
-    groups = model.param_groups()
-    _check_partition(model, groups)
+    if cfg.recipe not in ADAMW_GROUP_SETTINGS:
+        raise ValueError(f"unknown optimizer recipe {cfg.recipe!r}; allowed: {', '.join(ADAMW_GROUP_SETTINGS)}")
+    settings = ADAMW_GROUP_SETTINGS[cfg.recipe]
+    groups = model.param_groups() if cfg.recipe == "classic" else model.param_groups(fine=True)
+    _check_partition(model, groups, ("matrix", *settings))
     width_scale = (model.config.n_embd / 768) ** -0.5
     log.info(
         "AdamW embedding/unembedding lr scaled by (%d/768)**-0.5 = %.4f", model.config.n_embd, width_scale
     )
-    adamw_lrs = {
-        "embedding": cfg.embedding_lr * width_scale,
-        "unembedding": cfg.unembedding_lr * width_scale,
-        "scalar": cfg.scalar_lr,
-    }
     adamw_groups = [
-        dict(name=name, params=groups[name], lr=adamw_lrs[name] * lr_scale)
-        for name in ADAMW_GROUPS
+        dict(name=name, params=groups[name],
+             lr=getattr(cfg, s.lr) * s.lr_mult * (width_scale if s.width_scaled else 1.0) * lr_scale,
+             betas=s.betas or cfg.adam_betas, weight_decay=s.weight_decay)
+        for name, s in settings.items()
         if groups[name]
     ]
     # foreach/fused off: the single-tensor loop is the same arithmetic on every device and rank
@@ -381,6 +427,15 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
             f"train.seq_len x train.workers ({device_batch_size} x {seq_len} x {world_size} = {tokens_per_micro_step})"
         )
     return total_batch_size // tokens_per_micro_step
+
+
+def optimal_batch_size(target_tokens: float, reference_tokens: float,
+                       reference_batch_size: int = REFERENCE_BATCH_SIZE) -> int:
+    """nanochat's batch size for a horizon of target_tokens: B_ref x (D/D_ref)**0.383 (Power Lines,
+    https://arxiv.org/abs/2505.13738), rounded to the nearest power of two. reference_tokens is the d12
+    model's horizon at the same tokens:params ratio, so the ratio cancels: d20 to d26 all get 2**20."""
+    predicted = reference_batch_size * (target_tokens / reference_tokens) ** 0.383
+    return 2 ** round(math.log2(predicted))
 
 
 def batch_lr_scale(total_batch_size: int, reference_batch_size: int = REFERENCE_BATCH_SIZE) -> float:

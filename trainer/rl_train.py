@@ -20,7 +20,6 @@ Notable:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -207,8 +206,8 @@ def rl_optim_config(cfg: Config) -> OptimConfig:
     """nanochat's RL settings: lr_frac of the base rates at step 0, linearly down to 0 at the last step, and
     no weight decay: a step whose samples all earned the same reward has no gradient, and must not shrink
     the weights either."""
-    base = optim_config(cfg, lr_frac=cfg.rl.lr_frac, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
-    return dataclasses.replace(base, weight_decay=0.0)
+    return optim_config(cfg, lr_frac=cfg.rl.lr_frac, weight_decay=0.0, warmup_ratio=0.0, warmdown_ratio=1.0,
+                         final_lr_frac=0.0)
 
 
 class RLStage(Stage):
