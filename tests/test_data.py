@@ -18,6 +18,7 @@ from trainer.data import (
     CorpusNotReady,
     DataError,
     download_shards,
+    hub_urls,
     iter_documents,
     iter_row_groups,
     list_shards,
@@ -305,6 +306,16 @@ def test_climbmix_pins_its_last_hub_shard_as_validation(hub, local_storage):
     shards = list_shards(local_storage, "climbmix")
     assert [os.path.basename(s) for s in shards] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
     assert list(iter_documents(local_storage, "climbmix", "val")) == hub_shard_texts(6542)
+
+
+def test_climbmix_plans_nanochats_hub_shards_and_urls():
+    urls = hub_urls(DataConfig(source="climbmix", num_shards=3))
+    hub = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert urls == {name: f"{hub}/{name}" for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet")}
+    assert len(hub_urls(DataConfig(source="climbmix"))) == 6543  # all of them: 6542 training, the pinned one
+    mirror = hub_urls(DataConfig(source="climbmix", num_shards=2, base_url="http://mirror/climbmix/"))
+    assert list(mirror.values()) == ["http://mirror/climbmix/shard_00000.parquet", "http://mirror/climbmix/shard_06542.parquet"]
+    assert list(hub_urls(DataConfig(source="fineweb-edu", num_shards=2))) == ["shard_00000.parquet", "shard_00001.parquet"]
 
 
 def test_interrupted_hub_prepare_downloads_only_what_is_missing(hub, local_storage):

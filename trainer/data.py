@@ -268,8 +268,14 @@ def _hub_indices(cfg: DataConfig) -> list[int]:
     return list(range(n))
 
 
+def hub_urls(cfg: DataConfig) -> dict[str, str]:
+    """{shard name: URL} of the hub shards cfg asks for, in corpus order (the validation shard last)."""
+    base_url = (cfg.base_url or HUB_DATASETS[cfg.source].base_url).rstrip("/")
+    return {shard_name(i): f"{base_url}/{shard_name(i)}" for i in _hub_indices(cfg)}
+
+
 def _prepare_hub(cfg: DataConfig, storage, prefix: str, present: set[str]) -> list[str]:
-    names = [shard_name(i) for i in _hub_indices(cfg)]
+    names = list(hub_urls(cfg))
     for stale in sorted(present - set(names)):
         storage.delete(prefix + stale)
     # shards are put in one piece, so one that is present is complete: resume where we stopped
