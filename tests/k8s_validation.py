@@ -11,6 +11,8 @@ Notable:
   rejects (names, replica bounds, RayJob clean-up and retry fields, the submitter Job's restartPolicy).
 - `pod_templates` finds every pod template inside workloads and KubeRay objects, so a check written
   once (`assert_secure_pod`, resource requests) covers the chart and the speedrun job alike.
+- `network_policies_admit` evaluates rendered NetworkPolicies as Kubernetes does (pod and namespace
+  selectors, ports), so "does the operator reach the head's port 8000" is a question a test can ask.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -279,3 +282,66 @@ def assert_secure_pod(spec: dict) -> None:
         problems.append("shares a host namespace")
     if problems:
         raise AssertionError("insecure pod:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# NetworkPolicy
+
+
+def _selects(selector: dict | None, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against labels; {} selects everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+@dataclass
+class Peer:
+    """A pod sending traffic: its labels, its namespace and that namespace's labels."""
+
+    labels: dict[str, str]
+    namespace: str
+    namespace_labels: dict[str, str]
+
+
+def _peer_matches(peer_rule: dict, source: Peer, policy_namespace: str) -> bool:
+    if "ipBlock" in peer_rule:
+        return False  # pod-to-pod traffic is judged by selectors here
+    if "namespaceSelector" in peer_rule:
+        if not _selects(peer_rule["namespaceSelector"], source.namespace_labels):
+            return False
+    elif source.namespace != policy_namespace:
+        return False  # a podSelector alone means the policy's own namespace
+    return _selects(peer_rule.get("podSelector"), source.labels)
+
+
+def network_policies_admit(policies: list[dict], pod_labels: dict[str, str], namespace: str, port: int,
+                           source: Peer) -> bool:
+    """Whether Kubernetes lets `source` open TCP `port` on a pod with `pod_labels` in `namespace`, under these
+    NetworkPolicy objects (ingress only; numeric ports): a pod no policy selects accepts everything, a
+    selected pod accepts what any rule of any selecting policy allows."""
+    selecting = [p for p in policies if p["metadata"].get("namespace", namespace) == namespace
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and _selects(p["spec"]["podSelector"], pod_labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers or any(_peer_matches(peer, source, namespace) for peer in peers):
+                return True
+    return False

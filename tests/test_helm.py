@@ -1,10 +1,14 @@
 """The Helm chart (helm/nanochat/) rendered by the real helm binary and checked offline.
 
 Notable:
-- two value sets: the defaults, and every optional feature on (helm/nanochat/ci/all-features-values.yaml);
-  each is linted, rendered, and every object validated: core kinds against Kubernetes' schemas, KubeRay
-  kinds against the CRDs in k8s/crds/ (tests/k8s_validation.py), Prometheus Operator kinds against the
-  subset of their schema the chart uses
+- three value sets: the least a fresh install needs (the defaults plus storage.uri), every optional feature
+  on (helm/nanochat/ci/all-features-values.yaml) and CPU-only serving (ci/cpu-values.yaml); each is linted,
+  rendered, and every object validated: core kinds against Kubernetes' schemas, KubeRay kinds against the
+  CRDs in k8s/crds/ and the operator's own rules (tests/k8s_validation.py), Prometheus Operator kinds against
+  the subset of their schema the chart uses
+- what KubeRay does with the objects is checked where it decides an outcome: the name limits it enforces,
+  the Service it makes from serveService, the pod labels it hashes for upgrades, the head ports it calls
+  (through the rendered NetworkPolicies, evaluated as Kubernetes does)
 - selectors are checked against the labels of what they should select (Service, PDB, NetworkPolicy,
   monitors), since a schema-valid selector that matches nothing fails silently in a cluster
 - the generated Serve config is validated by Ray Serve's own schema, and its import path and args are fed
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,12 +33,18 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.k8s_validation import assert_secure_pod, pod_templates, validate_object
+from tests.k8s_validation import Peer, assert_secure_pod, network_policies_admit, pod_templates, validate_object
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "nanochat"
 ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
-VALUE_SETS = {"defaults": [], "all-features": ["-f", str(ALL_FEATURES)]}
+CPU_VALUES = CHART / "ci" / "cpu-values.yaml"
+SPEEDRUN_JOB = REPO / "k8s" / "speedrun-job.yaml"
+TPU_JOB = REPO / "k8s" / "tpu-base-job.yaml"
+# the least a fresh install takes: the image's default is where the release workflow publishes it, the bucket
+# has to be the user's own
+MINIMAL = ["--set", "storage.uri=s3://nanochat"]
+VALUE_SETS = {"defaults": MINIMAL, "all-features": ["-f", str(ALL_FEATURES)], "cpu": ["-f", str(CPU_VALUES)]}
 RELEASE = "chat"
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor"}
 
@@ -56,15 +67,19 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @cache
-def _render(helm: str, args: tuple[str, ...]) -> tuple[dict, ...]:
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", "ml", *args)
+def _render(helm: str, release: str, args: tuple[str, ...]) -> tuple[dict, ...]:
+    result = run_helm(helm, "template", release, str(CHART), "--namespace", "ml", *args)
     assert result.returncode == 0, result.stderr
     return tuple(obj for obj in yaml.safe_load_all(result.stdout) if obj)
 
 
 def render(helm: str, *args: str) -> list[dict]:
     """The chart's objects for these helm arguments (each call gets its own copies)."""
-    return copy.deepcopy(list(_render(helm, args)))
+    return render_release(helm, RELEASE, *args)
+
+
+def render_release(helm: str, release: str, *args: str) -> list[dict]:
+    return copy.deepcopy(list(_render(helm, release, args)))
 
 
 def of_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -154,9 +169,22 @@ def test_values_schema_rejects_unknown_keys_and_bad_values(helm):
 
 
 def test_storage_is_required_without_the_bundled_minio(helm):
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "storage.uri=")
-    assert result.returncode != 0
-    assert "storage.uri is required" in result.stderr
+    """No default bucket: the chart cannot know one the user owns, so an install without one stops and says so."""
+    for args in [[], ["--set", "storage.uri="]]:
+        result = run_helm(helm, "template", RELEASE, str(CHART), *args)
+        assert result.returncode != 0
+        assert "storage.uri is required" in result.stderr and "minio.enabled=true" in result.stderr, result.stderr
+
+
+def test_a_fresh_install_needs_only_the_image_and_a_bucket_or_minio(helm):
+    for args in [["--set", "image.repository=registry.example/nanochat", "--set", "storage.uri=s3://my-bucket/chat"],
+                 ["--set", "minio.enabled=true"]]:
+        result = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", "ml", "--dry-run=client", *args)
+        assert result.returncode == 0, result.stderr
+    # MinIO without credentials given: the chart makes them, URL-safe and as long as MinIO wants
+    secret = one(render(helm, "--set", "minio.enabled=true"), "Secret")["stringData"]
+    assert re.fullmatch(r"[A-Za-z0-9._~-]{3,}", secret["AWS_ACCESS_KEY_ID"])
+    assert re.fullmatch(r"[A-Za-z0-9._~-]{8,}", secret["AWS_SECRET_ACCESS_KEY"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,14 +199,14 @@ def test_every_pod_runs_hardened_with_resource_requests(helm, value_set):
         for spec in specs:
             assert_secure_pod(spec)
             checked += 1
-    # defaults: serving head + worker, the helm test pod; all features add the training RayCluster (2),
-    # the RayJob (2 + its submitter), MinIO and its bucket job
-    assert checked == (3 if value_set == "defaults" else 10)
+    # defaults and cpu: serving head + worker, the helm test pod; all features add the training RayCluster (2),
+    # the RayJob (2; submitted over HTTP, no submitter pod), MinIO and its bucket job
+    assert checked == (9 if value_set == "all-features" else 3)
 
 
 def test_ray_autoscaler_sidecar_is_hardened_too(helm):
     """KubeRay injects the autoscaler container into the head pod from autoscalerOptions."""
-    options = one(render(helm), "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    options = one(render(helm, *MINIMAL), "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]
     spec = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{"name": "autoscaler", "securityContext": options["securityContext"],
                             "resources": options["resources"]}]}
@@ -186,7 +214,7 @@ def test_ray_autoscaler_sidecar_is_hardened_too(helm):
 
 
 def test_gpu_workers_request_the_gpus_ray_schedules_replicas_on(helm):
-    objects = render(helm)
+    objects = render(helm, *MINIMAL)
     cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     app = serve_config(objects)["applications"][0]
@@ -199,7 +227,7 @@ def test_gpu_workers_request_the_gpus_ray_schedules_replicas_on(helm):
 
 
 def test_cpu_only_serving_requests_no_gpus(helm):
-    objects = render(helm, "--set", "serving.workers.gpus=0", "--set", "serving.replicaResources.gpus=0",
+    objects = render(helm, *MINIMAL, "--set", "serving.workers.gpus=0", "--set", "serving.replicaResources.gpus=0",
                      "--set", "serving.workers.tolerations=null")
     worker = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "nvidia.com/gpu" not in json.dumps(worker["containers"][0]["resources"])
@@ -216,35 +244,87 @@ def ray_templates(objects: list[dict]) -> list[tuple[str, dict]]:
             for where, t in pod_templates(o) if "submitterPodTemplate" not in where]
 
 
-def test_serving_service_and_pdb_select_the_serving_pods(helm):
-    objects = render(helm, *VALUE_SETS["all-features"])
-    service = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"] == f"{RELEASE}-nanochat")
+def serving_templates(objects: list[dict]) -> list[dict]:
     cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
-    serving = [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]]]
-    selector = dict(service["spec"]["selector"])
-    assert selector.pop("ray.io/serve") == "true"  # KubeRay sets it on pods whose Serve proxy is ready
-    for template in serving:
-        assert matches(selector, template["metadata"]["labels"])
-        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
-        assert ports[service["spec"]["ports"][0]["targetPort"]] == 8000
-    for _, template in ray_templates(objects):
-        if template not in serving:
-            assert not matches(selector, template["metadata"]["labels"]), "training pods must not serve"
+    return [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]]]
 
+
+def container_ports(template: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+
+
+def test_serving_service_follows_the_ready_cluster_only(helm):
+    """The chart's serving Service is the RayService's serveService: KubeRay creates it under that name and
+    selects the ray.io/serve=true pods of the cluster whose Serve app is ready (during an upgrade, the old
+    cluster until the new one's app runs: ray-operator/controllers/ray/common/service.go BuildServeService,
+    rayservice_controller.go reconcileServicesToReadyCluster). No Service of the chart sends API traffic to
+    serving pods by label alone, which would reach a new cluster whose app is not running yet."""
+    objects = render(helm, *VALUE_SETS["all-features"])
+    spec = one(objects, "RayService")["spec"]
+    serve_service = spec["serveService"]
+    assert serve_service["metadata"]["name"] == f"{RELEASE}-nanochat"
+    assert serve_service["spec"] == {"type": "ClusterIP"}  # KubeRay sets selector and ports
+    head, *workers = serving_templates(objects)
+    assert container_ports(head)["serve"] == 8000  # KubeRay takes the serve Service's port from here
+    assert all(container_ports(w)["serve"] == 8000 for w in workers)
+    for service in of_kind(objects, "Service"):
+        ports = {p.get("targetPort") for p in service["spec"]["ports"]} | {p["port"] for p in service["spec"]["ports"]}
+        if any(matches(service["spec"].get("selector", {}), t["metadata"]["labels"]) for t in serving_templates(objects)):
+            assert not ports & {"serve", 8000}, f"Service {service['metadata']['name']} serves by label"
+
+
+def test_pdb_selects_the_serving_workers(helm):
+    objects = render(helm, *VALUE_SETS["all-features"])
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
     pdb = one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
     kuberay_worker_labels = {"ray.io/node-type": "worker"}
     assert matches(pdb, {**cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"], **kuberay_worker_labels})
     assert not matches(pdb, {**cluster["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/node-type": "head"})
+    for _, template in ray_templates(objects):
+        if template not in serving_templates(objects):
+            assert not matches(pdb, {**template["metadata"]["labels"], **kuberay_worker_labels})
+
+
+def test_upgrade_strategy_is_passed_to_kuberay(helm):
+    assert one(render(helm, *MINIMAL), "RayService")["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    spec = one(render(helm, *MINIMAL, "--set", "serving.upgradeStrategy=None"), "RayService")["spec"]
+    assert spec["upgradeStrategy"] == {"type": "None"}
+    result = run_helm(helm, "template", RELEASE, str(CHART), *MINIMAL, "--set", "serving.upgradeStrategy=Rolling")
+    assert result.returncode != 0 and "upgradeStrategy" in result.stderr
+
+
+def test_a_chart_upgrade_does_not_start_a_second_cluster(helm, tmp_path):
+    """KubeRay rolls out a new RayCluster (twice the GPUs with NewCluster) when the hash of rayClusterConfig
+    changes, pod labels included: a new chart version with the same image and cluster values must render the
+    same rayClusterConfig."""
+    bumped = tmp_path / "nanochat"
+    shutil.copytree(CHART, bumped)
+    chart_yaml = (bumped / "Chart.yaml").read_text()
+    chart_yaml = re.sub(r"(?m)^version: .*$", "version: 9.9.9", chart_yaml)
+    chart_yaml = re.sub(r"(?m)^appVersion: .*$", 'appVersion: "9.9.9"', chart_yaml)
+    (bumped / "Chart.yaml").write_text(chart_yaml)
+    pinned = [*MINIMAL, "--set", "image.tag=0.1.0-cuda"]
+    clusters = []
+    for chart in (CHART, bumped):
+        result = run_helm(helm, "template", RELEASE, str(chart), *pinned)
+        assert result.returncode == 0, result.stderr
+        objects = [o for o in yaml.safe_load_all(result.stdout) if o]
+        assert one(objects, "RayService")["metadata"]["labels"]["helm.sh/chart"].startswith("nanochat-")
+        clusters.append(one(objects, "RayService")["spec"]["rayClusterConfig"])
+    assert clusters[0] == clusters[1]
+    for _, template in ray_templates(render(helm, *VALUE_SETS["all-features"])):
+        assert not {"helm.sh/chart", "app.kubernetes.io/version"} & set(template["metadata"]["labels"])
 
 
 def test_ingress_routes_to_the_serving_service(helm):
     objects = render(helm, *VALUE_SETS["all-features"])
-    services = {s["metadata"]["name"]: s for s in of_kind(objects, "Service")}
+    serve_service = one(objects, "RayService")["spec"]["serveService"]["metadata"]["name"]
+    head_ports = container_ports(serving_templates(objects)[0])
     for rule in one(objects, "Ingress")["spec"]["rules"]:
         for path in rule["http"]["paths"]:
             backend = path["backend"]["service"]
-            ports = [p["name"] for p in services[backend["name"]]["spec"]["ports"]]
-            assert backend["port"]["name"] in ports
+            # KubeRay names the serve Service's port after the head container's `serve` port
+            assert backend == {"name": serve_service, "port": {"name": "serve"}} and "serve" in head_ports
 
 
 def test_network_policies_cover_every_ray_pod_and_minio(helm):
@@ -264,6 +344,103 @@ def test_network_policies_cover_every_ray_pod_and_minio(helm):
     assert matches(admitted, bucket_job)
 
 
+# the KubeRay operator as its own Helm chart labels it, in a namespace of its own
+OPERATOR = Peer({"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                 "app.kubernetes.io/component": "kuberay-operator"},
+                "kuberay-system", {"kubernetes.io/metadata.name": "kuberay-system"})
+KUBERAY_HEAD_LABELS = {"ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
+
+
+def test_the_operator_reaches_what_it_checks_on_every_head(helm):
+    """With servingFrom set, the operator still reaches the heads' dashboard (8265: Serve status and config,
+    RayJob submission in HTTPMode) and the serving head's Serve proxy (8000, /-/healthz: KubeRay's
+    updateHeadPodServeLabel decides by it whether the head serves); other pods of other namespaces do not."""
+    objects = render(helm, *VALUE_SETS["all-features"])
+    policies = of_kind(objects, "NetworkPolicy")
+    stranger = Peer({"app": "other"}, "elsewhere", {"kubernetes.io/metadata.name": "elsewhere"})
+    ingress_nginx = Peer({"app": "ingress-nginx"}, "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"})
+    heads = [(w, t) for w, t in ray_templates(objects) if "headGroupSpec" in w]
+    assert len(heads) == 3  # serving, the training RayCluster, the RayJob's cluster
+    for where, template in heads:
+        labels = {**template["metadata"]["labels"], **KUBERAY_HEAD_LABELS}
+        assert network_policies_admit(policies, labels, "ml", 8265, OPERATOR), where
+        assert not network_policies_admit(policies, labels, "ml", 8265, stranger), where
+    serving_head = {**serving_templates(objects)[0]["metadata"]["labels"], **KUBERAY_HEAD_LABELS}
+    assert network_policies_admit(policies, serving_head, "ml", 8000, OPERATOR)
+    assert network_policies_admit(policies, serving_head, "ml", 8000, ingress_nginx)  # servingFrom
+    assert not network_policies_admit(policies, serving_head, "ml", 8000, stranger)
+
+
+def notes(helm: str, *args: str, release: str = RELEASE) -> str:
+    result = run_helm(helm, "install", release, str(CHART), "--namespace", "ml", "--dry-run=client", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def job_as_notes_apply_it(helm: str, *args: str, release: str = RELEASE) -> dict:
+    """k8s/speedrun-job.yaml edited by the sed command the install notes print, as a user would pipe it."""
+    (line,) = [l for l in notes(helm, *args, release=release).splitlines() if "k8s/speedrun-job.yaml |" in l]
+    command, apply = line.strip().split(" | ")
+    assert apply == "kubectl -n ml apply -f -"
+    argv = shlex.split(command)
+    assert argv[0] == "sed"
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_minio_and_the_speedrun_job_work_together_as_the_notes_say(helm):
+    """The release named like the chart (Secret names that used to be "nanochat-s3", the job's own), MinIO on:
+    the job edited as NOTES says reads all four S3 settings from the chart's Secret, goes to MinIO (not AWS)
+    with the chart's storage and run, and MinIO's NetworkPolicy admits its pods."""
+    args = ["--set", "minio.enabled=true", "--set", "storage.run=first"]
+    objects = render_release(helm, "nanochat", *args)
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in of_kind(objects, "Secret")}
+    assert "nanochat-s3" not in secrets, "the chart's Secret collides with the one the job's header creates"
+    minio = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"].endswith("-minio"))
+    job = job_as_notes_apply_it(helm, *args, release="nanochat")
+    validate_object(job)
+    for where, template in pod_templates(job):
+        env = env_of(template["spec"]["containers"][0])
+        values = {}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            values[name] = secrets[ref["name"]][ref["key"]]  # present, even where the job marks it optional
+        assert values["AWS_ENDPOINT_URL_S3"] == f"http://{minio['metadata']['name']}:9000", where
+        assert values["AWS_REGION"] == "us-east-1"
+        job_pod = Peer(template["metadata"]["labels"], "ml", {"kubernetes.io/metadata.name": "ml"})
+        minio_pod = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert network_policies_admit(of_kind(objects, "NetworkPolicy"), minio_pod, "ml", 9000, job_pod), where
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[argv.index("--storage") + 1] == "s3://nanochat" and argv[argv.index("--run") + 1] == "first"
+    # and MinIO admits nobody else
+    stranger = Peer({"app.kubernetes.io/name": "nanochat"}, "ml", {"kubernetes.io/metadata.name": "ml"})
+    minio_pod = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not network_policies_admit(of_kind(objects, "NetworkPolicy"), minio_pod, "ml", 9000, stranger)
+
+
+def test_minio_bucket_hook_needs_no_nanochat_image(helm):
+    """The bucket is made by the MinIO client image: at install the nanochat image may not be pushed yet."""
+    objects = render(helm, *VALUE_SETS["all-features"])
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["minio"]["client"]["image"]
+    hook = one(objects, "Job")
+    assert "post-install" in hook["metadata"]["annotations"]["helm.sh/hook"]
+    (container,) = hook["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{values['repository']}:{values['tag']}"
+    assert "nanochat/nanochat" not in container["image"]
+    assert container["command"] + container["args"] == ["mc", "--config-dir", "/tmp/mc", "mb", "--ignore-existing",
+                                                        "minio/nanochat"]
+    env = env_of(container)
+    minio = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"].endswith("-minio"))
+    assert env["MC_HOST_minio"]["value"] == f"http://$(MINIO_USER):$(MINIO_PASSWORD)@{minio['metadata']['name']}:9000"
+    names = [e["name"] for e in container["env"]]  # Kubernetes expands $(VAR) from variables defined before
+    assert names.index("MINIO_USER") < names.index("MC_HOST_minio") and names.index("MINIO_PASSWORD") < names.index("MC_HOST_minio")
+
+
+def k8s_job_templates(path: Path) -> list[tuple[str, dict]]:
+    return list(pod_templates(yaml.safe_load(path.read_text())))
+
+
 def test_monitors_scrape_the_metrics_port_of_every_ray_pod(helm):
     objects = render(helm, *VALUE_SETS["all-features"])
     templates = ray_templates(objects)
@@ -275,6 +452,12 @@ def test_monitors_scrape_the_metrics_port_of_every_ray_pod(helm):
         assert matches(pod_monitor["selector"]["matchLabels"], template["metadata"]["labels"]), where
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         assert ports[pod_monitor["podMetricsEndpoints"][0]["port"]] == 8080, where
+
+    # the RayJobs of k8s/ run in the same namespace outside any release: their pods are scraped too
+    for path in (SPEEDRUN_JOB, TPU_JOB):
+        for where, template in k8s_job_templates(path):
+            assert matches(pod_monitor["selector"]["matchLabels"], template["metadata"]["labels"]), f"{path.name} {where}"
+            assert container_ports(template)[pod_monitor["podMetricsEndpoints"][0]["port"]] == 8080
 
     service_monitor = one(objects, "ServiceMonitor")["spec"]
     metrics_service = next(s for s in of_kind(objects, "Service")
@@ -305,7 +488,7 @@ def test_s3_settings_and_api_keys_reach_the_containers_from_secrets(helm):
 
 
 def test_existing_secrets_are_used_instead_of_created(helm):
-    objects = render(helm, "--set", "s3.existingSecret=my-s3", "--set", "apiKeys.existingSecret=my-keys",
+    objects = render(helm, *MINIMAL, "--set", "s3.existingSecret=my-s3", "--set", "apiKeys.existingSecret=my-keys",
                      "--set", "apiKeys.existingSecretKey=keys")
     assert not of_kind(objects, "Secret")
     worker = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
@@ -315,7 +498,7 @@ def test_existing_secrets_are_used_instead_of_created(helm):
 
 
 def test_without_credentials_pods_rely_on_workload_identity(helm):
-    objects = render(helm)
+    objects = render(helm, *MINIMAL)
     assert not of_kind(objects, "Secret")
     for where, template in ray_templates(objects):
         env = env_of(template["spec"]["containers"][0])
@@ -323,12 +506,12 @@ def test_without_credentials_pods_rely_on_workload_identity(helm):
         assert template["spec"]["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
 
 
-def test_helm_test_pod_asks_the_service_for_the_configured_model(helm):
+def test_helm_test_pod_asks_the_serving_service_for_the_configured_model(helm):
     objects = render(helm, *VALUE_SETS["all-features"])
     pod = next(p for p in of_kind(objects, "Pod") if p["metadata"]["annotations"]["helm.sh/hook"] == "test")
     env = env_of(pod["spec"]["containers"][0])
-    service = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"] == f"{RELEASE}-nanochat")
-    assert env["URL"]["value"] == f"http://{RELEASE}-nanochat:{service['spec']['ports'][0]['port']}/v1/models"
+    serve_service = one(objects, "RayService")["spec"]["serveService"]["metadata"]["name"]
+    assert env["URL"]["value"] == f"http://{serve_service}:8000/v1/models"
     assert env["MODEL"]["value"] == "nanochat"
     assert env["NANOCHAT_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-nanochat-api-keys"
 
@@ -336,12 +519,30 @@ def test_helm_test_pod_asks_the_service_for_the_configured_model(helm):
 def test_install_notes_say_how_to_reach_and_check_the_api(helm):
     for value_set, reach in [("defaults", f"port-forward svc/{RELEASE}-nanochat 8000:8000"),
                              ("all-features", "https://chat.example.com/v1/chat/completions")]:
-        result = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", "ml", "--dry-run=client",
-                          *VALUE_SETS[value_set])
-        assert result.returncode == 0, result.stderr
-        notes = result.stdout.split("NOTES:", 1)[1]
-        assert reach in notes and f"helm test {RELEASE} -n ml" in notes, notes
-        assert ("API keys are required" in notes) == (value_set == "all-features"), notes
+        text = notes(helm, *VALUE_SETS[value_set])
+        assert reach in text and f"helm test {RELEASE} -n ml" in text, text
+        assert ("API keys are required" in text) == (value_set == "all-features"), text
+
+
+def test_requirements_are_stated_where_users_look(helm):
+    """authOptions (token authentication) needs KubeRay 1.5.1, not 1.5; the cuda image needs a driver >= 580."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert "KubeRay operator >= 1.5.1" in chart["annotations"]["nanochat.io/requires"]
+    assert "driver >= 580" in chart["annotations"]["nanochat.io/requires"]
+    values_text = (CHART / "values.yaml").read_text()
+    assert "KubeRay operator >= 1.5.1" in values_text and "driver >= 580" in values_text
+    gpu_notes = notes(helm, *MINIMAL)
+    assert "KubeRay operator >= 1.5.1" in gpu_notes and "NVIDIA driver >= 580" in gpu_notes
+    assert "NVIDIA driver" not in notes(helm, *VALUE_SETS["cpu"])  # nothing there needs a GPU
+    for path in (SPEEDRUN_JOB, TPU_JOB):
+        assert "KubeRay operator >= 1.5.1" in path.read_text()
+    assert "driver >= 580" in SPEEDRUN_JOB.read_text()
+
+
+def test_notes_say_where_each_runs_report_is(helm):
+    text = notes(helm, *MINIMAL, "--set", "storage.run=first")
+    assert "aws s3 cp s3://nanochat/runs/first/report.md ." in text
+    assert "nanochat --storage s3://nanochat --run first report" in text
 
 
 def test_training_job_runs_the_speedrun_on_the_chart_storage(helm):
@@ -355,6 +556,94 @@ def test_training_job_runs_the_speedrun_on_the_chart_storage(helm):
     gpus = workers["replicas"] * workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert f"train.workers={gpus}" in args  # one Ray Train worker per GPU
     assert "train.max_steps=100" in args
+
+
+def test_training_job_is_submitted_over_http(helm):
+    """HTTPMode: the operator submits the job to the head's dashboard and polls it; there is no submitter pod
+    whose dropped `ray job logs --follow` would mark a long run Failed and delete a cluster still training."""
+    job = one(render(helm, *VALUE_SETS["all-features"]), "RayJob")["spec"]
+    assert job["submissionMode"] == "HTTPMode"
+    assert "submitterPodTemplate" not in job and "submitterConfig" not in job
+    assert job["activeDeadlineSeconds"] == 86400  # what bounds a run whose dashboard stops answering
+
+
+# ---------------------------------------------------------------------------------------------
+# names within KubeRay's limits
+
+
+LONG_RELEASES = ["a-long-release-name-for-the-teams-chat-assistant-prod", "a-long-release-name-for-the-teams-chat-assistant-test"]
+
+
+def test_long_release_names_give_names_kuberay_accepts(helm):
+    """Helm allows 53-character release names; KubeRay refuses RayJob and RayService names over 47 and
+    RayCluster names over 53 (MaxRayJobNameLength and friends in ray-operator/controllers/ray/utils/constant.go:
+    the cluster a RayJob or RayService creates is its name plus "-" and 5 random characters, and that cluster's
+    "-serve-svc" Service must fit 63). validate_object applies those limits."""
+    kinds = {}
+    for release in LONG_RELEASES:
+        assert len(release) == 53
+        objects = render_release(helm, release, *VALUE_SETS["all-features"])
+        for obj in objects:
+            if obj["kind"] not in MONITORING_KINDS:
+                validate_object(obj)
+            name = obj["metadata"]["name"]
+            assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+        rayjob = one(objects, "RayJob")["metadata"]["name"]
+        assert len(rayjob) + len("-xxxxx") + len("-head-svc") <= 63
+        kinds[release] = {o["kind"]: o["metadata"]["name"] for o in objects if o["kind"].startswith("Ray")}
+    # the two releases differ only past the cut: the hash keeps their objects apart
+    assert all(kinds[LONG_RELEASES[0]][k] != kinds[LONG_RELEASES[1]][k] for k in kinds[LONG_RELEASES[0]])
+    short = render(helm, *MINIMAL)
+    assert one(short, "RayService")["metadata"]["name"] == f"{RELEASE}-nanochat"  # short names stay as they were
+
+
+def test_a_name_kuberay_cannot_take_fails_clearly(helm):
+    result = run_helm(helm, "template", "1chat", str(CHART), *MINIMAL)
+    assert result.returncode != 0 and "must start with a letter" in result.stderr and "fullnameOverride" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-only serving (ci/cpu-values.yaml)
+
+
+def test_cpu_values_render_a_cpu_only_rayservice(helm):
+    objects = render(helm, *VALUE_SETS["cpu"])
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert {o["kind"] for o in objects} >= {"RayService", "Secret", "Pod"} and not of_kind(objects, "RayJob")
+    service = one(objects, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+    assert cluster["workerGroupSpecs"][0]["rayStartParams"] == {}
+    assert "nvidia" not in json.dumps(objects)
+    (app,) = serve_config(objects)["applications"]
+    assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    for template in serving_templates(objects):
+        spec = template["spec"]
+        (container,) = spec["containers"]
+        assert container["image"] == f"ghcr.io/nanochat/nanochat:{chart['appVersion']}"  # the cpu tag
+        assert "command" not in container and "args" not in container  # KubeRay's `ray start`, nothing else
+        assert spec["securityContext"]["runAsUser"] == 1000 and container["securityContext"]["readOnlyRootFilesystem"]
+        assert all(set(v) == {"name", "emptyDir"} for v in spec["volumes"])
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp", "/data", "/dev/shm"}
+        limits = container["resources"]["limits"]
+        assert container["resources"]["requests"] == limits and int(limits["cpu"]) <= 2
+        assert "tolerations" not in spec and "nodeSelector" not in spec
+    env = env_of(serving_templates(objects)[1]["spec"]["containers"][0])
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3:9000" and env["NANOCHAT_STORAGE"]["value"] == "s3://nanochat"
+
+
+def test_cpu_values_take_the_bundled_minio_or_another_endpoint(helm):
+    minio = render(helm, *VALUE_SETS["cpu"], "--set", "minio.enabled=true", "--set", "storage.uri=",
+                   "--set", "s3.endpoint=")
+    worker = serving_templates(minio)[1]["spec"]["containers"][0]
+    assert env_of(worker)["AWS_ENDPOINT_URL_S3"]["value"] == f"http://{RELEASE}-nanochat-minio:9000"
+    other = render(helm, *VALUE_SETS["cpu"], "--set", "s3.endpoint=http://10.0.0.5:5000", "--set",
+                   "storage.uri=s3://replay", "--set", "serving.reloadIntervalSeconds=2")
+    worker = serving_templates(other)[1]["spec"]["containers"][0]
+    assert env_of(worker)["AWS_ENDPOINT_URL_S3"]["value"] == "http://10.0.0.5:5000"
+    assert one(other, "Secret")["stringData"]["AWS_ENDPOINT_URL_S3"] == "http://10.0.0.5:5000"
+    assert "serve.reload_interval_s=2" in serve_config(other)["applications"][0]["args"]["set"].split(",")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +711,9 @@ def test_serve_import_path_builds_our_app_from_the_chart_args(helm, values, stor
     objects = render(helm, *VALUE_SETS[values])
     (app,) = serve_config(objects)["applications"]
     chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
-    engine_values = chart_values["serving"]["engine"]
+    value_file = yaml.safe_load(Path(VALUE_SETS[values][1]).read_text()) if VALUE_SETS[values][0] == "-f" else {}
+    engine_values = {**chart_values["serving"]["engine"], **value_file.get("serving", {}).get("engine", {})}
+    reload_s = value_file.get("serving", {}).get("reloadIntervalSeconds", chart_values["serving"]["reloadIntervalSeconds"])
 
     # the args as rendered, with the bucket swapped for a local storage root holding a tokenizer
     args = RecordingArgs({k: v.replace("s3://nanochat", str(storage_with_tokenizer)) if isinstance(v, str) else v
@@ -436,6 +727,7 @@ def test_serve_import_path_builds_our_app_from_the_chart_args(helm, values, stor
     engine = deployments["engine"]
     source, serve_cfg = engine.init_args
     assert {k: serve_cfg[k] for k in engine_values} == engine_values
+    assert serve_cfg["reload_interval_s"] == reload_s
     assert serve_cfg["num_gpus"] == app["deployments"][0]["ray_actor_options"]["num_gpus"]
     assert serve_cfg["num_cpus"] == app["deployments"][0]["ray_actor_options"]["num_cpus"]
     assert source.storage == str(storage_with_tokenizer)
@@ -444,10 +736,10 @@ def test_serve_import_path_builds_our_app_from_the_chart_args(helm, values, stor
     capacity = (engine_config["max_ongoing_requests"] + max(engine_config["max_queued_requests"], 0)) \
         * engine_config["autoscaling_config"]["max_replicas"]
     assert deployments["api"].max_ongoing_requests == 2 * capacity
-    if values == "defaults":
-        assert (source.run, source.stage, source.step) == (chart_values["storage"]["run"], "sft", None)
-    else:
+    if values == "all-features":
         assert (source.run, source.stage) == ("ci", "sft")
+    else:
+        assert (source.run, source.stage, source.step) == (chart_values["storage"]["run"], "sft", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,7 +801,7 @@ def test_training_dashboard_queries_metrics_the_trainer_exports():
 
 
 def test_dashboards_ship_as_configmaps_labelled_for_grafana(helm):
-    objects = render(helm)
+    objects = render(helm, *MINIMAL)
     maps = {m["metadata"]["name"]: m for m in of_kind(objects, "ConfigMap")}
     assert len(maps) == len(DASHBOARDS)
     for path in DASHBOARDS:

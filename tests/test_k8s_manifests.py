@@ -72,7 +72,6 @@ def test_every_pod_template_fits_the_kubernetes_schema(job: dict) -> None:
     assert set(templates) == {
         "spec.rayClusterSpec.headGroupSpec.template",
         "spec.rayClusterSpec.workerGroupSpecs[0].template",
-        "spec.submitterPodTemplate",
     }
     for where, template in templates.items():
         validate_pod_template(template, where=where)
@@ -92,7 +91,7 @@ def test_shipped_crds_are_kuberays_own(job: dict) -> None:
 
 def test_no_container_runs_as_root_and_every_one_requests_resources(job: dict) -> None:
     specs = list(pod_specs(job))
-    assert len(specs) == 3  # head, GPU workers, submitter
+    assert len(specs) == 2  # head, GPU workers (submitted over HTTP: no submitter pod)
     for spec in specs:
         assert_secure_pod(spec)
         assert spec["automountServiceAccountToken"] is False  # Ray pods never call the Kubernetes API
@@ -112,8 +111,6 @@ def test_writable_paths_are_volumes(job: dict) -> None:
 
 def test_ray_pods_use_memory_backed_shared_memory(job: dict) -> None:
     for where, template in pod_templates(job):
-        if "submitter" in where:
-            continue
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         (ray_container,) = template["spec"]["containers"]
         shm = next(m["name"] for m in ray_container["volumeMounts"] if m["mountPath"] == "/dev/shm")
@@ -162,6 +159,32 @@ def test_job_cleans_up_after_itself_and_retries(job: dict) -> None:
     assert spec["backoffLimit"] >= 1  # a retry resumes from the stages and checkpoints already in storage
 
 
+def test_a_dropped_log_stream_cannot_fail_a_long_run(job: dict) -> None:
+    """HTTPMode (KubeRay >= 1.1; with token authentication >= 1.5.1): the operator submits the entrypoint to the
+    head's dashboard and polls the job's status. In K8sJobMode a submitter pod runs `ray job submit` and then
+    follows the logs, and when that stream drops on a run of hours the submitter Job fails, the RayJob is
+    marked Failed and its cluster deleted while training goes on. In HTTPMode failed polls do not fail the
+    RayJob (rayjob_controller.go); activeDeadlineSeconds bounds a run whose dashboard stops answering."""
+    spec = job["spec"]
+    assert spec["submissionMode"] == "HTTPMode"
+    assert "submitterPodTemplate" not in spec and "submitterConfig" not in spec  # unused without a submitter
+    assert 24 * 3600 <= spec["activeDeadlineSeconds"] <= 7 * 24 * 3600
+    assert "kubectl logs -f job/" not in JOB_PATH.read_text()  # there is no such Job to follow
+    assert "ray job logs --follow" in JOB_PATH.read_text()
+
+
+def test_pods_carry_the_labels_the_chart_admits_and_scrapes(job: dict) -> None:
+    """The chart's MinIO NetworkPolicy admits pods labelled nanochat.io/storage-client, and its PodMonitor
+    scrapes the `metrics` port of pods labelled app.kubernetes.io/name: nanochat and nanochat.io/ray
+    (tests/test_helm.py checks the chart's side of both)."""
+    for where, template in pod_templates(job):
+        labels = template["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "nanochat", where
+        assert labels["nanochat.io/ray"] == "true" and labels["nanochat.io/storage-client"] == "true", where
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == 8080, where  # Ray's metrics export port, KubeRay's default
+
+
 def test_ray_version_matches_the_pinned_ray(job: dict) -> None:
     pinned = re.search(r'"ray\[[^\]]*\]==([^"]+)"', (REPO / "pyproject.toml").read_text())[1]
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pinned
@@ -169,9 +192,6 @@ def test_ray_version_matches_the_pinned_ray(job: dict) -> None:
 
 def test_s3_credentials_come_only_from_the_secret(job: dict) -> None:
     for where, container in _containers(job):
-        if "submitter" in where:
-            assert "env" not in container  # it only talks to the Ray dashboard
-            continue
         env = {e["name"]: e for e in container["env"]}
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
             ref = env[name]["valueFrom"]["secretKeyRef"]
@@ -195,7 +215,7 @@ BREAKAGES: dict[str, tuple[Callable[[dict], None], str]] = {
     "unknown RayJob field": (lambda j: j["spec"].update(shutdownAfterJobFinish=True), "'shutdownAfterJobFinish' was unexpected"),
     "wrong type in the CRD": (lambda j: j["spec"].update(backoffLimit="2"), "backoffLimit: '2' is not of type 'integer'"),
     "unknown container field": (lambda j: _head(j)["containers"][0].update(imagePullPolicyy="Always"), "'imagePullPolicyy' was unexpected"),
-    "bad restart policy": (lambda j: j["spec"]["submitterPodTemplate"]["spec"].update(restartPolicy="Always"), "restartPolicy must be Never or OnFailure"),
+    "bad restart policy": (lambda j: j["spec"].update(submitterPodTemplate={"spec": {"restartPolicy": "Always", "containers": [{"name": "s", "image": "i"}]}}), "restartPolicy must be Never or OnFailure"),
     "replicas above max": (lambda j: _worker_group(j).update(replicas=3), "replicas 3 outside minReplicas..maxReplicas 1..1"),
     "name too long": (lambda j: j["metadata"].update(name="n" * 48), "DNS-1035 label of at most 47"),
     "ttl without shutdown": (lambda j: j["spec"].update(shutdownAfterJobFinishes=False), "needs shutdownAfterJobFinishes"),

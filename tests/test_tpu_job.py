@@ -143,7 +143,8 @@ def test_ray_rejects_the_accelerator_spelling_gcp_uses(tmp_path: Path) -> None:
 
 def test_tpu_job_fits_the_crd_the_operators_rules_and_the_pod_schema(job: dict) -> None:
     validate_object(job)  # RayJob CRD (strict), KubeRay's rules, every pod template against Kubernetes' schema
-    assert len(list(pod_templates(job))) == 3  # head, TPU workers, submitter
+    assert len(list(pod_templates(job))) == 2  # head, TPU workers: submitted over HTTP, no submitter pod
+    assert job["spec"]["submissionMode"] == "HTTPMode" and job["spec"]["activeDeadlineSeconds"] > 0
 
 
 def test_tpu_job_pods_are_hardened_as_the_speedrun_jobs(job: dict) -> None:
@@ -165,16 +166,12 @@ def test_writable_paths_are_volumes_and_shared_memory_is_memory(job: dict) -> No
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         for path in ("/data", "/tmp"):
             assert "emptyDir" in volumes[mounts[path]], f"{where}: {path}"
-        if "submitter" not in where:
-            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
 
 
 def test_s3_credentials_come_only_from_the_secret(job: dict) -> None:
     for where, template in pod_templates(job):
         (container,) = template["spec"]["containers"]
-        if "submitter" in where:
-            assert "env" not in container
-            continue
         env = {e["name"]: e for e in container["env"]}
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
             ref = env[name]["valueFrom"]["secretKeyRef"]

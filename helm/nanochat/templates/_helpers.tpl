@@ -7,18 +7,28 @@ the S3 and API-key environment, and the Ray pod template used by serving and tra
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* "<release>-<chart>", shortened; KubeRay appends suffixes to cluster names, so keep it short. */}}
+{{/*
+"<release>-<chart>" (or fullnameOverride), at most 38 characters: KubeRay refuses a RayJob name over 47 (its
+RayCluster name, "<rayjob>-" plus 5 random characters, may be at most 53 so that "<cluster>-serve-svc" fits a
+63-character Service name: MaxRayJobNameLength in ray-operator/controllers/ray/utils/constant.go), and the
+chart's longest KubeRay name is "<fullname>-speedrun". A longer name is cut and ends in a hash of the whole, so
+two long release names stay distinct. KubeRay names are DNS-1035 labels: dots become dashes, and the name must
+start with a letter.
+*/}}
 {{- define "nanochat.fullname" -}}
-{{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
-{{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 40 | trimSuffix "-" }}
-{{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- $full := .Values.fullnameOverride }}
+{{- if not $full }}
+{{- $full = contains $name .Release.Name | ternary .Release.Name (printf "%s-%s" .Release.Name $name) }}
 {{- end }}
+{{- $full = $full | lower | replace "." "-" }}
+{{- if gt (len $full) 38 }}
+{{- $full = printf "%s-%s" ($full | trunc 31 | trimSuffix "-") (sha256sum $full | trunc 6) }}
 {{- end }}
+{{- if not (regexMatch "^[a-z]" $full) }}
+{{- fail (printf "the object names (%q) must start with a letter, as KubeRay's RayService and RayJob names are DNS-1035 labels: use a release name that does, or set fullnameOverride" $full) }}
+{{- end }}
+{{- $full }}
 {{- end }}
 
 {{- define "nanochat.chart" -}}
@@ -35,6 +45,16 @@ helm.sh/chart: {{ include "nanochat.chart" . }}
 {{ include "nanochat.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels of a pod template: the selector labels and the component, without the chart or app version. KubeRay
+hashes a RayService's whole rayClusterConfig, pod labels included: a version label there would make every
+chart bump roll out a second Ray cluster (a second set of GPUs with upgradeStrategy NewCluster).
+Usage: (include "nanochat.podLabels" (list $ "serving"))
+*/}}
+{{- define "nanochat.podLabels" -}}
+{{ include "nanochat.componentSelector" . }}
 {{- end }}
 
 {{/* Labels of one component (serving, training, minio, test): usage (include "nanochat.componentLabels" (list $ "serving")) */}}
@@ -68,7 +88,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- else if .Values.minio.enabled }}
 {{- printf "s3://%s" .Values.minio.bucket }}
 {{- else }}
-{{- fail "storage.uri is required (s3://bucket/prefix), unless minio.enabled" }}
+{{- fail "storage.uri is required: set it to a bucket of yours (--set storage.uri=s3://BUCKET/PREFIX) or enable the bundled MinIO (--set minio.enabled=true)" }}
 {{- end }}
 {{- end }}
 
@@ -84,12 +104,15 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding S3 credentials; empty when credentials come from workload identity. */}}
+{{/*
+The Secret holding S3 credentials; empty when credentials come from workload identity. The chart's own is
+"<fullname>-storage", never "nanochat-s3": that is the Secret k8s/speedrun-job.yaml tells its users to create.
+*/}}
 {{- define "nanochat.s3SecretName" -}}
 {{- if .Values.s3.existingSecret }}
 {{- .Values.s3.existingSecret }}
 {{- else if or .Values.s3.accessKeyId .Values.s3.secretAccessKey .Values.minio.enabled }}
-{{- printf "%s-s3" (include "nanochat.fullname" .) }}
+{{- printf "%s-storage" (include "nanochat.fullname" .) }}
 {{- end }}
 {{- end }}
 
@@ -210,7 +233,7 @@ KubeRay adds the `ray start` command, its probes and the ray.io/* labels; the fi
 {{- end }}
 metadata:
   labels:
-    {{- include "nanochat.componentLabels" (list $ .component) | nindent 4 }}
+    {{- include "nanochat.podLabels" (list $ .component) | nindent 4 }}
     nanochat.io/ray: "true"
 spec:
   serviceAccountName: {{ include "nanochat.serviceAccountName" $ }}
@@ -291,4 +314,15 @@ workerGroupSpecs:
       {{- include "nanochat.rayStartParams" (list (dict) $t.workers.rayStartParams) | nindent 6 }}
     template:
       {{- include "nanochat.rayPodTemplate" (dict "ctx" . "component" "training" "group" $t.workers "head" false "gpus" $t.workers.gpus "extraEnv" $t.extraEnv "apiKeys" false "autoscaler" false) | trim | nindent 6 }}
+{{- end }}
+
+{{/* Every nanochat Ray pod in the namespace, of this release or of a k8s/ RayJob: what the monitors scrape. */}}
+{{- define "nanochat.rayPodSelector" -}}
+app.kubernetes.io/name: {{ include "nanochat.name" . }}
+nanochat.io/ray: "true"
+{{- end }}
+
+{{/* The label that lets a pod outside the release (k8s/speedrun-job.yaml's) reach the bundled MinIO. */}}
+{{- define "nanochat.storageClientLabel" -}}
+nanochat.io/storage-client: "true"
 {{- end }}
