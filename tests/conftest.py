@@ -141,3 +141,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"test data not found at {SHARED_DATA} (the shared/ folder beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    """The CPU image's tag, built once per session through scripts/build-images.sh (tests/containers.py: the
+    Docker engine is started where it is not running; the test is skipped where none can be)."""
+    from tests.containers import build_cpu_image
+
+    return build_cpu_image()
