@@ -62,7 +62,7 @@ case $only in
   cpu | gpu) flavours=("$only") ;;
   *) die "--only must be cpu or gpu, not '$only'" ;;
 esac
-[[ -n $repo && $repo != *:* ]] || die "--repo/--push takes an image name without a tag (got '$repo')"
+[[ -n $repo && ${repo##*/} != *:* ]] || die "--repo/--push takes an image name without a tag (got '$repo')"
 [[ -n $base ]] || die "--base needs an image"
 [[ -z $wheels_dir || -d $wheels_dir ]] || die "--torch-wheels $wheels_dir is not a folder"
 
