@@ -13,6 +13,8 @@ Notable:
   which Ray's metrics agent exports from every replica; Ray refuses ':' in names, so `nanochat:x` becomes
   `nanochat_x` there (scraped as `ray_nanochat_x`), and counters drop their `_total`, which both
   exporters add back.
+- nanochat:model_step is the step of the checkpoint served: it changes when the server swaps in a newer
+  one, and is absent until a model is loaded.
 - the request hooks keep per-request times in a plain dict, unlocked: call them from one thread
   (AsyncEngine calls them from its engine thread).
 """
@@ -52,6 +54,7 @@ METRICS: dict[str, tuple[str, str, str, list[float] | None]] = {
                           "Prompt tokens found in the prefix cache.", None),
     "preemptions": ("counter", "nanochat:num_preemptions_total",
                     "Sequences preempted for lack of KV cache blocks (recomputed later).", None),
+    "model_step": ("gauge", "nanochat:model_step", "Training step of the checkpoint being served.", None),
 }
 GAUGES = ("running", "waiting", "kv_cache_usage")
 TOTALS = ("prefix_cache_queries", "prefix_cache_hits", "preemptions")  # running totals in engine stats
@@ -119,6 +122,12 @@ class MetricsRecorder:
             self.metrics = {key: _prometheus_metric(*spec, labels, registry) for key, spec in METRICS.items()}
         self.requests: dict[str, _Times] = {}
         self.totals = dict.fromkeys(TOTALS, 0)  # the engine's running totals at the last update()
+        self.model_step: int | None = None
+
+    def set_model_step(self, step: int) -> None:
+        """The step of the checkpoint now served; re-set with every update(), as exporters drop stale gauges."""
+        self.model_step = step
+        self.metrics["model_step"].set(step)
 
     def on_request_start(self, request_id: str, prompt_tokens: int, now: float | None = None) -> None:
         """now: the request's arrival on time.monotonic()'s clock (default: now)."""
@@ -152,6 +161,8 @@ class MetricsRecorder:
         """Gauges from LLMEngine.stats(), and the counters' increase since the last call."""
         for key in GAUGES:
             self.metrics[key].set(stats[key])
+        if self.model_step is not None:
+            self.metrics["model_step"].set(self.model_step)
         for key in TOTALS:
             # a total below the last one means a new engine behind this recorder: count from there
             self._inc(key, stats[key] - self.totals[key] if stats[key] >= self.totals[key] else stats[key])

@@ -514,3 +514,49 @@ def test_the_pages_scripts_are_served_with_their_type_and_nothing_else_is(http):
 def test_a_missing_page_is_a_503_in_openais_shape(http, monkeypatch, tmp_path):
     monkeypatch.setattr(api_app, "STATIC_DIR", tmp_path)  # an installation without the UI's files
     assert_error(http.get("/"), 503)
+
+
+# ---------------------------------------------------------------------------------------------
+# a model that comes and changes while the app runs
+
+
+class SwitchedModel:
+    """A ServedModels whose model the test sets: none at first, as a server started on empty storage."""
+
+    hint = "train one with `nanochat speedrun --storage /somewhere`"
+
+    def __init__(self):
+        self.model: api_app.ServedModel | None = None
+
+    async def current(self) -> api_app.ServedModel | None:
+        return self.model
+
+
+def test_no_model_yet_is_a_503_saying_how_to_train_one_then_the_model_serves(engine, tok):
+    """Before a model exists: /health 200, no models, the completions 503 with Retry-After and a message
+    saying how to train one (to the official client, an APIStatusError); once the model comes, the same app
+    lists it with its step and answers."""
+    served = SwitchedModel()
+    app = create_app(engine, served, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert http.get("/health").status_code == 200
+        assert http.get("/v1/models").json() == {"object": "list", "data": []}
+        assert_error(http.get(f"/v1/models/{MODEL}"), 404, param="model")
+        chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+        for path, body in [("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hello", "max_tokens": 4})]:
+            r = http.post(path, json=body)
+            error = assert_error(r, 503)
+            assert r.headers["retry-after"].isdigit(), r.headers
+            assert error["code"] == "model_not_loaded" and error["type"] == "server_error"
+            assert "No model is trained yet" in error["message"] and "nanochat speedrun" in error["message"]
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model=MODEL, messages=chat["messages"], max_tokens=4)
+        assert refused.value.status_code == 503
+        assert http.get("/").status_code == 200  # the web UI still loads
+
+        served.model = api_app.ServedModel(tok, step=7)
+        [card] = client.models.list().data
+        assert card.id == MODEL and card.model_extra["step"] == 7
+        reply = client.chat.completions.create(model=MODEL, messages=chat["messages"], max_tokens=4)
+        assert reply.usage.completion_tokens >= 1

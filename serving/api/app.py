@@ -4,6 +4,9 @@ The OpenAI-compatible HTTP API and the web UI's files, as a plain FastAPI app ov
 Notable:
 - create_app takes anything with AsyncEngine's generate() and alive(): the engine itself (tests, one
   process) or serving/app.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
+- what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
+  tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
+  nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).
 - a request's fate is decided before its first byte: the route waits for the engine's first event, so
   a full queue (QueueFull) is a 429 and a prompt the context cannot hold (ValueError) a 400, never a
   stream that breaks off. Errors are OpenAI-shaped (errors.py).
@@ -47,6 +50,7 @@ from serving.api.errors import (
     install_error_handlers,
     invalid_api_key,
     model_not_found,
+    no_model,
     queue_full,
     unavailable,
 )
@@ -104,20 +108,57 @@ class Engine(Protocol):
     def alive(self) -> bool: ...
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "nanochat",
+@dataclass(frozen=True)
+class ServedModel:
+    """The model being served: its tokenizer, its checkpoint's step (None: not known) and when it came."""
+
+    tokenizer: Tokenizer
+    step: int | None = None
+    created: int = field(default_factory=now)
+
+
+class ServedModels(Protocol):
+    """Which model is served right now (None: none yet), and, for the 503 until then, how to get one."""
+
+    hint: str
+
+    async def current(self) -> ServedModel | None: ...
+
+
+class FixedModel:
+    """One model for the app's whole life (tests, tools that load it themselves)."""
+
+    hint = "no model was given to this server"
+
+    def __init__(self, tokenizer: Tokenizer | None, step: int | None = None):
+        self.model = None if tokenizer is None else ServedModel(tokenizer, step)
+
+    async def current(self) -> ServedModel | None:
+        return self.model
+
+
+def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_name: str = "nanochat",
                api_keys: list[str] | None = None, max_prompt_tokens: int = 2048,
                max_tokens_limit: int = 1024) -> FastAPI:
-    """The API over engine. api_keys: when given, /v1/ needs `Authorization: Bearer <one of them>`.
-    max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond)."""
+    """The API over engine. model: the tokenizer of a model served for good, or a ServedModels whose model
+    may come and change while the app runs. api_keys: when given, /v1/ needs `Authorization: Bearer <one
+    of them>`. max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond)."""
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     install_error_handlers(app)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
-    created = now()
-    end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
-    end_of_document = [tokenizer.get_bos_token_id()]
+    served: ServedModels = FixedModel(model) if model is None or isinstance(model, Tokenizer) else model
 
-    def sampling_params(body: SamplingRequest, stop_token_ids: list[int]) -> SamplingParams:
+    async def current() -> ServedModel:
+        found = await served.current()
+        if found is None:
+            raise no_model(served.hint)
+        return found
+
+    def model_card(found: ServedModel) -> ModelCard:
+        return ModelCard(id=model_name, created=found.created, step=found.step)
+
+    def sampling_params(body: SamplingRequest, tokenizer: Tokenizer, stop_token_ids: list[int]) -> SamplingParams:
         if body.model is not None and body.model != model_name:
             raise model_not_found(body.model)
         max_tokens = body.requested_max_tokens
@@ -150,17 +191,21 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "nanoc
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        found = await served.current()
+        return ModelList(data=[] if found is None else [model_card(found)])
 
     @app.get("/v1/models/{model}")
     async def retrieve_model(model: str) -> ModelCard:
-        if model != model_name:
+        found = await served.current()
+        if model != model_name or found is None:
             raise model_not_found(model)
-        return ModelCard(id=model_name, created=created)
+        return model_card(found)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        params = sampling_params(body, end_of_turn)
+        tokenizer = (await current()).tokenizer
+        end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+        params = sampling_params(body, tokenizer, end_of_turn)
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
@@ -174,7 +219,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "nanoc
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        params = sampling_params(body, end_of_document)
+        tokenizer = (await current()).tokenizer
+        params = sampling_params(body, tokenizer, [tokenizer.get_bos_token_id()])
         prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt[0], prepend="<|bos|>")
         check_prompt_length(prompt_ids, "prompt")
         run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")

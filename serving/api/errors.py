@@ -10,7 +10,7 @@ Notable:
   traceback by the server as usual.
 - `type` and `code` follow OpenAI where it has a name for the case (invalid_request_error,
   invalid_api_key, model_not_found, context_length_exceeded); overload is a 429 (the queue is full, come
-  back soon) or a 503 (shutting down), both with Retry-After.
+  back soon) or a 503 (shutting down, or no model trained yet), both with Retry-After.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.api.schemas import ErrorDetail, ErrorResponse
 
 RETRY_AFTER_S = 1  # a continuous-batching engine frees a slot within a few steps
+NO_MODEL_RETRY_AFTER_S = 5  # a model takes a while to train; clients that retry (openai's) still give up soon
 
 
 class APIError(Exception):
@@ -67,6 +68,12 @@ def queue_full() -> APIError:
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="unavailable",
                     headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def no_model(hint: str) -> APIError:
+    """No checkpoint is served yet; hint says where the server looks and how to train one."""
+    return APIError(503, f"No model is trained yet: {hint}", type="server_error", code="model_not_loaded",
+                    headers={"Retry-After": str(NO_MODEL_RETRY_AFTER_S)})
 
 
 def engine_failed() -> APIError:

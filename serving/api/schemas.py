@@ -191,6 +191,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "nanochat"
+    step: int | None = None  # the served checkpoint's training step, when known (not an OpenAI field)
 
 
 class ModelList(BaseModel):

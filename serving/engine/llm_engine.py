@@ -292,6 +292,10 @@ class QueueFull(Exception):
     """The engine already holds max_queue unfinished requests: the server should answer 429/503."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine is shut down (or replaced by a newer model's) and takes no new requests."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -338,7 +342,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
             if self._stopped:
-                raise RuntimeError("the engine is shut down")
+                raise EngineStopped("the engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request {request_id!r} is already running")
             if len(self._streams) >= self.max_queue:
@@ -365,6 +369,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         """Whether the engine thread still runs (a replica's health check)."""
         return self._thread.is_alive()
+
+    def unfinished(self) -> int:
+        """Requests accepted and not yet finished (or abandoned by their consumer)."""
+        with self._cond:
+            return len(self._streams)
 
     def stats(self) -> dict:
         """LLMEngine.stats() as of the last step (safe from any thread)."""
