@@ -225,15 +225,18 @@ def _eval_chat(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _check_model_exists(source) -> None:
-    """Fail in seconds, before Ray starts, when there is nothing to serve."""
+    """A --model pinned to a step must exist: fail in seconds, before Ray starts. Without a step the server
+    starts anyway, answers 503 until the stage's first checkpoint lands, and then serves it."""
     from services.checkpoints import CheckpointManager
     from services.storage import open_storage
     from serving.model_source import TOKENIZER_KEY
 
+    if source.step is None:
+        return
     storage = open_storage(source.storage)
     if not storage.exists(TOKENIZER_KEY):
         raise StageError(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
-    if CheckpointManager(storage, source.run, source.stage).latest_step() is None:
+    if source.step not in CheckpointManager(storage, source.run, source.stage).list_steps():
         raise StageError(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
 
 

@@ -164,6 +164,7 @@ class EvalConfig(Section):
 class ServeConfig(Section):
     model_name: str = Field("nanochat", description="the model id the API answers to (/v1/models)")
     stage: str = Field("sft", description="serve the newest checkpoint of this stage when --model is not given")
+    reload_interval_s: float = Field(30, ge=0, description="how often the server looks for a newer checkpoint of serve.stage (its `latest` marker) and swaps it in without a restart (0: never; a --model pinned to a step never reloads)")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica")
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded together in one step")

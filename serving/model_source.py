@@ -7,6 +7,8 @@ Notable:
 - the storage root is the part before `/runs/`: the tokenizer is read from `<root>/tokenizer/tokenizer.json`
 - a plain, picklable description, so Ray Serve replicas load the model themselves (no weights pass through
   the driver)
+- storage may hold nothing yet (no tokenizer, no checkpoint, not even the S3 prefix): checkpoints() and
+  newest_step() let a server wait for the first checkpoint and notice newer ones
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ class ModelSource:
     def describe(self) -> str:
         step = f"/step_{self.step:06d}" if self.step is not None else " (newest)"
         return f"{self.storage}/runs/{self.run}/{self.stage}{step}"
+
+    def checkpoints(self) -> CheckpointManager:
+        """The stage's checkpoints (reuse it for polling: opening S3 storage makes a client)."""
+        return CheckpointManager(open_storage(self.storage), self.run, self.stage)
+
+    def train_hint(self) -> str:
+        """Where a server of this source looks, and the command that puts a checkpoint there."""
+        run = "" if self.run == "default" else f" --run {self.run}"
+        return (f"there is no checkpoint in {self.storage}/runs/{self.run}/{self.stage}/ yet. Train one with "
+                f"`nanochat speedrun --storage {self.storage}{run}` (on Kubernetes: the speedrun RayJob, "
+                f"`kubectl apply -f k8s/speedrun-job.yaml`)")
 
     def load(self, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, int]:
         storage = open_storage(self.storage)

@@ -30,8 +30,9 @@ REPLY_TEXT = "Hello world, try x: <img src=x onerror=alert(1)> done"  # REPLY re
 XSS = "<img src=x onerror=alert(1)>"
 
 
-def reply_tokenizer() -> Tokenizer:
-    return Tokenizer.train_from_iterator([REPLY], 256 + len(SPECIAL_TOKENS) + 100)
+def reply_tokenizer(replies: tuple[str, ...] = (REPLY,)) -> Tokenizer:
+    """A tokenizer in which every pre-token of the replies is one token."""
+    return Tokenizer.train_from_iterator(list(replies), 256 + len(SPECIAL_TOKENS) + 100 * len(replies))
 
 
 class PacedGPT(GPT):
@@ -44,14 +45,14 @@ class PacedGPT(GPT):
         return super().forward_cached(idx, cache)
 
 
-def reply_model(tok: Tokenizer, cls: type[GPT] = GPT) -> GPT:
-    """A real GPT that answers any conversation with REPLY (greedy).
+def reply_model(tok: Tokenizer, cls: type[GPT] = GPT, reply_text: str = REPLY) -> GPT:
+    """A real GPT that answers any conversation with reply_text (greedy; REPLY by default).
 
     With nanochat's init every block is the identity (zero output projections), so the last hidden
     state is the normalised token embedding; one-hot embeddings and an lm_head row per successor make
     the next token a function of the current one."""
     sp = tok.encode_special
-    reply = tok.encode(REPLY)
+    reply = tok.encode(reply_text)
     assert len(set(reply)) == len(reply), "a bigram model cannot spell a reply that repeats a token"
     script = [sp("<|assistant_start|>"), *reply, sp("<|assistant_end|>")]
     successors = dict(zip(script, script[1:], strict=False))
