@@ -33,7 +33,13 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.k8s_validation import Peer, assert_secure_pod, network_policies_admit, pod_templates, validate_object
+from tests.k8s_validation import (
+    Peer,
+    assert_secure_pod,
+    network_policies_admit,
+    pod_templates,
+    validate_object,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "nanochat"
@@ -379,7 +385,7 @@ def notes(helm: str, *args: str, release: str = RELEASE) -> str:
 
 def job_as_notes_apply_it(helm: str, *args: str, release: str = RELEASE) -> dict:
     """k8s/speedrun-job.yaml edited by the sed command the install notes print, as a user would pipe it."""
-    (line,) = [l for l in notes(helm, *args, release=release).splitlines() if "k8s/speedrun-job.yaml |" in l]
+    (line,) = [text for text in notes(helm, *args, release=release).splitlines() if "k8s/speedrun-job.yaml |" in text]
     command, apply = line.strip().split(" | ")
     assert apply == "kubectl -n ml apply -f -"
     argv = shlex.split(command)

@@ -110,7 +110,7 @@ def test_writable_paths_are_volumes(job: dict) -> None:
 
 
 def test_ray_pods_use_memory_backed_shared_memory(job: dict) -> None:
-    for where, template in pod_templates(job):
+    for _, template in pod_templates(job):
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         (ray_container,) = template["spec"]["containers"]
         shm = next(m["name"] for m in ray_container["volumeMounts"] if m["mountPath"] == "/dev/shm")
