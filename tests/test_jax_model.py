@@ -24,7 +24,6 @@ VARIANTS = {
     "no qk-norm": dict(qk_norm=False),
     "rope base 1e5": dict(rope_base=100000.0),
     "q/k scale 1.2": dict(qk_scale=1.2),
-    "q/k scale 1.2": dict(qk_scale=1.2),
     "odd depth": dict(n_layer=3),
 }
 

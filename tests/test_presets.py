@@ -3,13 +3,12 @@ would compute first, without a GPU or a Ray cluster (a GPU preset that stops aft
 found here, not hours into a cluster run)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from types import SimpleNamespace
-
 from nanochat.config import available_presets, load_config
-from trainer.base_train import depth_scaling
+from trainer.base_train import BaseStage, depth_scaling, optim_config
 from trainer.chat_train import MidStage, SFTStage, chat_batch_plan
 from trainer.optim import MUON_BETA2, grad_accum_steps
 from trainer.rl_train import prompts_per_worker, rl_optim_config
@@ -86,6 +85,23 @@ def test_a_recipe_record_preset_trains_at_the_batch_nanochat_derives(preset):
     cfg = load_config(preset=preset)
     if cfg.train.recipe == "record":
         assert cfg.train.total_batch_size == depth_scaling(cfg, cfg.tokenizer.vocab_size).optimal_batch_size
+
+
+def test_base_pretraining_trains_d24_at_the_scaled_rates_and_tiny_cpu_as_before():
+    d24, tiny = load_config(preset="d24"), load_config(preset="tiny-cpu")
+
+    def stage(cfg):
+        return SimpleNamespace(cfg=cfg, worker=SimpleNamespace(is_main=True),
+                               tokenizer=SimpleNamespace(vocab_size=cfg.tokenizer.vocab_size))
+
+    record = BaseStage.optim_config(stage(d24))
+    t = d24.train
+    assert (record.recipe, record.muon_beta2) == ("record", 0.9)
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+        assert getattr(record, name) == pytest.approx(getattr(t, name) * 2**0.5)
+    assert record.weight_decay == pytest.approx(0.0597, abs=1e-4)
+    assert BaseStage.optim_config(stage(tiny)) == optim_config(tiny)  # classic: the train section as given
+    assert (optim_config(tiny).recipe, optim_config(tiny).weight_decay) == ("classic", 0.28)
 
 
 @pytest.mark.parametrize("preset", ["tiny-cpu", "d24"])
