@@ -55,7 +55,8 @@ ADAMW_GROUP_SETTINGS: dict[str, dict[str, AdamWGroup]] = {
         "unembedding": AdamWGroup("unembedding_lr", 1.0, True, None, 0.0),
         "scalar": AdamWGroup("scalar_lr", 1.0, False, None, 0.0),  # resid_lambdas and x0_lambdas
     },
-    # nanochat's record run (its GPT.setup_optimizer); the values are its tuning, the reasons as it gives them
+    # nanochat's record run (its GPT.setup_optimizer). The values are its tuning; a reason is nanochat's own
+    # where it states one (resid_lambdas) and otherwise our reading of what the setting does
     "record": {
         # lm_head: a little more second-moment memory than 0.95 and a light decay on the logits' weights
         "unembedding": AdamWGroup("unembedding_lr", 1.0, True, (0.8, 0.96), 0.01),
@@ -65,10 +66,11 @@ ADAMW_GROUP_SETTINGS: dict[str, dict[str, AdamWGroup]] = {
         # value embeddings: as sparse as the token embedding, but one per alternate layer, each added straight
         # into v: half the embedding lr keeps their sum from outrunning the token embedding
         "value_embedding": AdamWGroup("embedding_lr", 0.5, True, (0.8, 0.995), 0.01),
-        # resid_lambdas multiply the whole residual stream at every layer, so a step compounds over the
-        # depth: 1% of the scalar lr (0.005), decayed toward 0 rather than held at their init
+        # resid_lambdas multiply the whole residual stream at every layer and so are far more sensitive
+        # (nanochat: "they accumulate in the residual stream"): 1% of the scalar lr, 0.005, not 0.5
         "resid": AdamWGroup("scalar_lr", 0.01, False, (0.8, 0.95), 0.05),
-        # x0_lambdas blend the embedding back in; beta1 0.96 smooths their noisy, tiny gradients
+        # x0_lambdas blend the embedding back in at every layer; beta1 0.96 (nanochat: "higher beta1 for
+        # x0") averages their momentum over ~25 steps instead of 5, a slower-moving blend
         "x0": AdamWGroup("scalar_lr", 1.0, False, (0.96, 0.95), 0.0),
     },
 }
@@ -92,7 +94,7 @@ class OptimConfig:
     adam_eps: float = 1e-10
     muon_method: OrthoMethod = "polar_express"
     muon_steps: int = 5  # orthogonalisation iterations
-    muon_beta2: float | None = MUON_BETA2["classic"]  # NorMuon second-moment decay; None turns variance reduction off
+    muon_beta2: float | None = MUON_BETA2["classic"]  # NorMuon second-moment decay; None: no variance reduction
     recipe: Recipe = "classic"  # which ADAMW_GROUP_SETTINGS the AdamW groups take
     warmup_ratio: float = 0.01  # nanochat warms up for 40 steps, about 1% of a d20-d26 run
     warmdown_ratio: float = 0.65
