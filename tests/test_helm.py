@@ -24,7 +24,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -520,6 +525,59 @@ def test_helm_test_pod_asks_the_serving_service_for_the_configured_model(helm):
     assert env["URL"]["value"] == f"http://{serve_service}:8000/v1/models"
     assert env["MODEL"]["value"] == "nanochat"
     assert env["NANOCHAT_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-nanochat-api-keys"
+
+
+@contextmanager
+def api_server(served_tokenizer) -> Iterator[str]:
+    """serving/api's real app on 127.0.0.1 over a tiny engine; served_tokenizer None: no model yet."""
+    import uvicorn
+
+    from serving.api.app import create_app
+    from serving.engine.llm_engine import AsyncEngine, LLMEngine
+    from tests.chat_server import reply_model, reply_tokenizer
+
+    tok = reply_tokenizer()
+    engine = AsyncEngine(LLMEngine(reply_model(tok), tok, num_blocks=16, block_size=16, max_num_seqs=2,
+                                   max_num_batched_tokens=256))
+    app = create_app(engine, tok if served_tokenizer else None)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.shutdown()
+
+
+def run_test_pod(pod: dict, base_url: str, **env_overrides: str) -> subprocess.CompletedProcess:
+    """The `helm test` pod's command and environment, run here against base_url instead of the Service."""
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env["URL"] = base_url + urllib.parse.urlsplit(env["URL"]).path
+    assert container["command"][0] == "python"
+    argv = [sys.executable, *container["command"][1:], *container["args"]]
+    return subprocess.run(argv, env={**env, **env_overrides}, capture_output=True, text=True, timeout=60)
+
+
+def test_helm_test_passes_on_a_fresh_install_and_once_the_model_is_served(helm):
+    """Against the real API: with no checkpoint yet (a fresh install) the test passes and says so; with the
+    model served it passes; a server that serves some other model fails it."""
+    pod = next(p for p in of_kind(render(helm, *MINIMAL), "Pod") if p["metadata"]["annotations"]["helm.sh/hook"] == "test")
+    with api_server(served_tokenizer=False) as url:
+        empty = run_test_pod(pod, url)
+    assert empty.returncode == 0, empty.stdout + empty.stderr
+    assert "no model yet" in empty.stdout
+    with api_server(served_tokenizer=True) as url:
+        served = run_test_pod(pod, url)
+        other = run_test_pod(pod, url, MODEL="another-model")
+    assert served.returncode == 0 and "['nanochat']" in served.stdout, served.stdout + served.stderr
+    assert other.returncode == 1
 
 
 def test_install_notes_say_how_to_reach_and_check_the_api(helm):
