@@ -97,10 +97,14 @@ def test_ca_bundle_given_to_the_build_is_not_in_the_image(cpu_image: str) -> Non
     assert "BEGIN CERTIFICATE" not in history and str(SYSTEM_CA) not in history and "secret" not in history
 
 
+def _cached_steps(build_output: str) -> dict[str, bool]:
+    """BuildKit's plain progress: step title -> whether it came from the cache."""
+    titles = dict(re.findall(r"^(#\d+) (\[[^\]]+\] .*)$", build_output, re.M))
+    cached = set(re.findall(r"^(#\d+) CACHED$", build_output, re.M))
+    return {title: step in cached for step, title in titles.items()}
+
+
 def test_a_second_build_hits_the_cache(cpu_image: str) -> None:
-    client = docker_client()
-    image_id = subprocess.run([client, "image", "inspect", "-f", "{{.Id}}", cpu_image],
-                              capture_output=True, text=True, check=True).stdout.strip()
     with open(BUILD_LOCK, "w") as lock:  # not while another worker builds
         fcntl.flock(lock, fcntl.LOCK_EX)
         start = time.monotonic()
@@ -109,8 +113,10 @@ def test_a_second_build_hits_the_cache(cpu_image: str) -> None:
         seconds = time.monotonic() - start
     assert out.returncode == 0, out.stderr[-3000:]
     assert "base: debian:bookworm-slim (local)" in out.stderr
-    rebuilt = subprocess.run([client, "image", "inspect", "-f", "{{.Id}}", cpu_image],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    assert rebuilt == image_id  # nothing changed, so every step came from the cache: the same image
+    # the slow steps (system packages, torch, the dependencies) come from the cache; the project's own files
+    # may have changed since the fixture's build (an edit during the session), so their steps may not
+    steps = _cached_steps(out.stderr)
+    slow = [t for t in steps if "apt-get install" in t or "torch==" in t or "requirements.txt" in t]
+    assert len(slow) == 4 and all(steps[t] for t in slow), steps  # system, venv, torch, dependencies
     assert cpu_image in out.stdout  # the summary: tag, size, build time
     assert seconds < 120, f"a cached rebuild took {seconds:.0f} s"
