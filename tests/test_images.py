@@ -120,3 +120,10 @@ def test_a_second_build_hits_the_cache(cpu_image: str) -> None:
     assert len(slow) == 4 and all(steps[t] for t in slow), steps  # system, venv, torch, dependencies
     assert cpu_image in out.stdout  # the summary: tag, size, build time
     assert seconds < 120, f"a cached rebuild took {seconds:.0f} s"
+
+
+def test_start_docker_returns_at_once_when_the_engine_runs(cpu_image: str) -> None:
+    start = time.monotonic()
+    out = subprocess.run([str(REPO / "scripts" / "start-docker.sh")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "starting" not in out.stderr and time.monotonic() - start < 10
