@@ -216,10 +216,15 @@ for flavour in "${flavours[@]}"; do
     fi
   fi
   say "building $tag from docker/Dockerfile.$flavour ..."
+  previous=$("$client" image inspect -f '{{.Id}}' "$tag" 2> /dev/null || true)
   start=$(date +%s)
   "${build_cmd[@]}" -f "docker/Dockerfile.$flavour" "${args[@]}" "${secret_args[@]}" -t "$tag" . ||
     die "the $flavour image failed to build (see the output above)"
   seconds=$(($(date +%s) - start))
+  # the image this tag named before, now untagged: removed unless a container or another tag still uses it
+  if [[ -n $previous && $previous != $("$client" image inspect -f '{{.Id}}' "$tag") ]]; then
+    "$client" rmi "$previous" > /dev/null 2>&1 || true
+  fi
   if [[ $push == 1 ]]; then
     say "pushing $tag ..."
     "$client" push "$tag" || die "docker push $tag failed (log in first: docker login ${repo%%/*})"
