@@ -146,10 +146,24 @@ def test_gpu_workers_hold_what_the_presets_training_asks_for(job: dict) -> None:
         tolerated = {t["key"] for t in group["template"]["spec"].get("tolerations", [])}
         assert "nvidia.com/gpu" in tolerated
     assert gpus == cfg.train.workers * cfg.train.gpus_per_worker
-    # Ray Train asks 1 CPU per worker (trainer/runner.py), and the job's driver asks entrypointNumCpus;
-    # the head offers none (num-cpus 0), so the workers' CPUs must cover both
+    # Ray Train asks 1 CPU per worker (trainer/runner.py); the head offers none (num-cpus 0)
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    assert cpus >= cfg.train.workers + spec["entrypointNumCpus"]
+    assert cpus >= cfg.train.workers
+
+
+def test_the_driver_runs_on_the_head_so_a_lost_worker_pod_does_not_end_the_job(job: dict) -> None:
+    """A Ray job that asks for no entrypoint resources gets its driver on the head node (Ray's job manager
+    pins it there; RAY_JOB_ALLOW_DRIVER_ON_WORKER_NODES would lift that). Any CPUs, GPUs or custom resources
+    asked for could place it on a GPU worker, whose loss would end it with the job. The head holds the
+    driver's work in its own limits. tests/test_cluster_replay.py kills a worker mid-training to show the
+    job going on."""
+    spec = job["spec"]
+    assert not {"entrypointNumCpus", "entrypointNumGpus", "entrypointResources"} & set(spec)
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    env = {e["name"]: e.get("value") for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    assert env.get("RAY_JOB_ALLOW_DRIVER_ON_WORKER_NODES") in (None, "0")
+    limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert _quantity(limits["cpu"]) >= 4 and limits["memory"].endswith("Gi") and int(limits["memory"][:-2]) >= 16
 
 
 def test_job_cleans_up_after_itself_and_retries(job: dict) -> None:
