@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tools the test suite drives for real, beyond Python packages: Chromium (web UI tests), Prometheus (dashboard
-# queries), helm and kubectl (chart checks), the Docker engine and mmdebstrap (image builds and container tests;
-# tests/containers.py starts dockerd through scripts/start-docker.sh). Installed once; tests that need a
-# missing tool skip and say why.
+# queries), helm and kubectl (chart checks), actionlint (the release workflow), the Docker engine and
+# mmdebstrap (image builds and container tests; tests/containers.py starts dockerd through
+# scripts/start-docker.sh). Installed once; tests that need a missing tool skip and say why.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -22,5 +22,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 if [ ! -x .tools/bin/helm ] && [ -x scripts/get-helm.sh ]; then
   scripts/get-helm.sh .tools/bin >/dev/null 2>&1 || echo "warning: could not install helm; chart tests will be skipped" >&2
+fi
+if [ ! -x .tools/bin/actionlint ] && [ -x scripts/get-actionlint.sh ]; then
+  scripts/get-actionlint.sh .tools/bin >/dev/null 2>&1 || echo "warning: could not install actionlint; the workflow lint will be skipped" >&2
 fi
 exit 0
