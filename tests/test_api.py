@@ -226,7 +226,8 @@ def test_streamed_completion_is_server_sent_events_ending_with_done(http, model,
     assert "".join(ch["text"] for c in chunks for ch in c["choices"]) == text_of(tok, expected)
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(expected),
-                                   "total_tokens": len(prompt) + len(expected)}
+                                   "total_tokens": len(prompt) + len(expected),
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_n_choices_are_indexed_and_counted_together(client, model, tok):

@@ -18,8 +18,17 @@ Notable:
   turn ends at <|assistant_end|>; completions: the prompt text after <|bos|>, ending at the next <|bos|>.
   The engine adds both stop tokens to every request anyway; a stop token counts as a completion token.
 - usage counts the prompt's tokens and, summed over the n choices, the generated ones, stop tokens and
-  the calculator's forced tokens included.
-- API keys: a pure ASGI middleware guards /v1/ before the body is even parsed, so a caller without a key
+  the calculator's forced tokens included; prompt_tokens_details.cached_tokens is how many of the
+  prompt's tokens the engine's prefix cache held (first choice's count: the others share its blocks).
+- a stream only ever ends a choice with OpenAI's finish reasons. A request the engine aborts while
+  streaming (the replica shutting down) ends with an error event in OpenAI's shape (code "unavailable",
+  no [DONE]); the official client raises it as an APIError. Unstreamed, the same case is a 503.
+- echo (completions) puts the prompt's text before each choice's text, in the first streamed chunk.
+- /tokenize, /detokenize and /version follow vLLM's routes: a prompt or messages to the token ids the
+  completions would run (and the engine's max_model_len), token ids back to text, the server's version.
+  The first two need the served tokenizer (503 before a model exists) and, like /v1/, an API key when
+  keys are set; /version needs neither.
+- API keys: a pure ASGI middleware guards /v1/ (and the tokenizer routes) before the body is even parsed, so a caller without a key
   learns nothing about the API; /health and the UI stay open (the UI sends the key the user types).
 - the UI is static files served with a strict Content-Security-Policy (the page has no inline script or
   style) and the usual hardening headers.
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -64,11 +74,16 @@ from serving.api.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ResponseMessage,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     now,
 )
@@ -225,12 +240,48 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         check_prompt_length(prompt_ids, "prompt")
         run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")
         if body.stream:
-            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage))
+            echo = body.prompt[0] if body.echo else ""
+            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, echo))
         await until_disconnected(request, run.collect())
-        choices = [CompletionChoice(index=i, text=text, finish_reason=reason)
+        echo = body.prompt[0] if body.echo else ""
+        choices = [CompletionChoice(index=i, text=echo + text, finish_reason=reason)
                    for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
         return json_response(Completion(id=run.id, created=run.created, model=model_name, choices=choices,
                                         usage=run.usage()))
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise model_not_found(name)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        tokenizer = (await current()).tokenizer
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("Give either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            prepend = "<|bos|>" if body.add_special_tokens else None
+            tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, prepend=prepend)
+        else:
+            tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
+            if not body.add_generation_prompt:
+                tokens = tokens[:-1]  # the <|assistant_start|> render_for_completion ends with
+        return TokenizeResponse(count=len(tokens), max_model_len=getattr(engine, "max_model_len", None),
+                                tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        tokenizer = (await current()).tokenizer
+        check_model(body.model)
+        for i, token in enumerate(body.tokens):
+            if token >= tokenizer.vocab_size:
+                raise bad_request(f"tokens[{i}] is {token}, not below the vocabulary's size "
+                                  f"{tokenizer.vocab_size}", param=f"tokens[{i}]")
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": package_version()}
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -241,6 +292,13 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         return static_file(name)
 
     return app
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("nanochat")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
 
 
 def json_response(body: BaseModel) -> JSONResponse:
@@ -256,7 +314,9 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
     if messages[last].role != "user":
         # render_for_completion would silently drop a final assistant message: say so instead
         raise bad_request("The last message must be from the user", param=f"messages[{last}].role")
-    conversation = {"messages": [{"role": m.role, "content": m.text} for m in messages]}
+    # developer is OpenAI's newer name for the system role
+    conversation = {"messages": [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                                 for m in messages]}
     try:
         return tokenizer.render_for_completion(conversation)
     except ValueError as e:  # roles out of order: the chat format alternates user and assistant
@@ -279,6 +339,7 @@ class Run:
     texts: list[str] = field(init=False)
     finish_reasons: list[str | None] = field(init=False)
     completion_tokens: list[int] = field(init=False)
+    cached_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.texts = [""] * self.n
@@ -308,11 +369,14 @@ class Run:
     def usage(self) -> Usage:
         completion = sum(self.completion_tokens)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion)
+                     total_tokens=self.prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def _record(self, event: TokenEvent) -> TokenEvent:
         self.texts[event.index] += event.text
         self.completion_tokens[event.index] = event.completion_tokens
+        if event.index == 0:
+            self.cached_tokens = event.cached_tokens
         if event.finish_reason is not None:
             self.finish_reasons[event.index] = event.finish_reason
         return event
@@ -402,6 +466,12 @@ async def _guarded(chunks: AsyncGenerator[str, None]) -> AsyncGenerator[str, Non
         await chunks.aclose()
 
 
+def shutting_down() -> str:
+    """The event that ends a stream the engine aborted: "abort" is no finish reason OpenAI defines."""
+    error = unavailable("The server is shutting down: the completion was cut short; retry on another replica")
+    return sse(ErrorResponse(error=error.detail))
+
+
 async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerator[str, None]:
     """chat.completion.chunk events: each choice's role, its content deltas, its finish_reason; then the
     usage (if asked) and [DONE]."""
@@ -412,6 +482,9 @@ async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerat
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     async for event in run.stream():
+        if event.finish_reason == "abort":
+            yield shutting_down()
+            return
         if event.text:
             yield chunk([ChunkChoice(index=event.index, delta={"content": event.text})])
         if event.finish_reason is not None:
@@ -421,13 +494,20 @@ async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerat
     yield sse("[DONE]")
 
 
-async def completion_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerator[str, None]:
-    """text_completion events: text pieces, each choice's finish_reason; then the usage (if asked) and [DONE]."""
+async def completion_chunks(run: Run, model: str, include_usage: bool, echo: str = "") -> AsyncGenerator[str, None]:
+    """text_completion events: the echoed prompt (if asked), text pieces, each choice's finish_reason; then
+    the usage (if asked) and [DONE]."""
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
+    if echo:
+        for index in range(run.n):
+            yield chunk([CompletionChoice(index=index, text=echo)])
     async for event in run.stream():
+        if event.finish_reason == "abort":
+            yield shutting_down()
+            return
         if event.text or event.finish_reason is not None:
             yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason)])
     if include_usage:
@@ -436,6 +516,9 @@ async def completion_chunks(run: Run, model: str, include_usage: bool) -> AsyncG
 
 
 # ---------------------------------------------------------------------------------------------- the rest
+
+
+GUARDED_PATHS = ("/tokenize", "/detokenize")  # besides /v1/: they use the model's tokenizer
 
 
 class APIKeyMiddleware:
@@ -448,7 +531,8 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+        guarded = path == "/v1" or path.startswith("/v1/") or path in GUARDED_PATHS
+        if scope["type"] == "http" and guarded and not self._authorized(scope):
             await invalid_api_key().response()(scope, receive, send)
             return
         await self.app(scope, receive, send)

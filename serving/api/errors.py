@@ -4,7 +4,8 @@ Every error the API answers, in OpenAI's shape: {"error": {"message", "type", "p
 Notable:
 - APIError is what the routes raise; install_error_handlers also converts FastAPI's and Starlette's own
   errors, so no client sees FastAPI's default bodies: a body that fails validation (malformed JSON
-  included) is a 400, not FastAPI's 422, with the offending field in `param` ("messages[0].role"); an
+  included) is a 400, not FastAPI's 422, with the offending field in `param` ("messages[0].role"), and
+  a field we do not know is "Unrecognized request argument supplied: <field>", as OpenAI says it; an
   unknown route is a 404 and a wrong method a 405, both in the same shape.
 - an unexpected exception is still answered in the shape (a 500 "server_error"), and logged with its
   traceback by the server as usual.
@@ -102,6 +103,9 @@ def describe_validation_error(error: dict[str, Any]) -> ErrorDetail:
     if param is None:  # the body itself: missing, not an object, or not sent as JSON
         return ErrorDetail(message="The body must be a JSON object, sent with Content-Type: application/json",
                            type="invalid_request_error")
+    if error.get("type") == "extra_forbidden":  # OpenAI's own words for a field it does not define
+        return ErrorDetail(message=f"Unrecognized request argument supplied: {param}", type="invalid_request_error",
+                           param=param, code="unrecognized_argument")
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return ErrorDetail(message=f"{param}: {message}", type="invalid_request_error", param=param,
                        code=error.get("type"))

@@ -4,8 +4,15 @@ The request and response bodies of the OpenAI-compatible API, as pydantic models
 Notable:
 - requests validate strictly: a string is not a number, true is not 1, NaN and Infinity are not
   temperatures. A bad field fails with its location, which errors.py turns into OpenAI's `param`.
-- fields OpenAI's clients may send that we do not use (frequency_penalty, logprobs, response_format, ...) are
-  ignored, as vLLM does, so existing client code keeps working.
+- no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
+  that means "off" (`logit_bias` {}, `response_format` {"type": "text"}, `presence_penalty` 0, ...) and
+  otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
+  400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
+  extensions (`top_k`): a client that sends vLLM's extensions learns at once that they do nothing here.
+- an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
+- the `developer` role is the `system` role (OpenAI's newer name for it).
+- assistant messages a client sends back as it got them (with `refusal`, `tool_calls`, ... null) are
+  accepted; those fields with a value are refused.
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
   `prompt`: a string or a list of one) are normalised to the list form before validation, rather than
   typed as unions, so an error names the field ("stop[1]") instead of a union member.
@@ -19,7 +26,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 16  # completions per request: each is a sequence holding KV blocks
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
@@ -60,14 +76,69 @@ StopString = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP)]
 
 
+def _off(*values: Any) -> Any:
+    """A check that a field holds one of values (compared by type too: False is not 0), i.e. is off."""
+    return lambda value: any(type(value) is type(v) and value == v for v in values)
+
+
+def _empty(value: Any) -> bool:
+    return value in ([], {}) and isinstance(value, (list, dict))
+
+
+NOT_TRAINED = "this model was not trained to call client functions (its only tool is its built-in calculator)"
+# each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
+REFUSED: dict[str, tuple[Any, str]] = {
+    "logit_bias": (_empty, "logit_bias is not supported"),
+    "logprobs": (_off(False), "logprobs is not supported"),
+    "top_logprobs": (_off(0), "top_logprobs is not supported"),
+    "presence_penalty": (_off(0, 0.0), "presence_penalty is not supported: only 0 is accepted"),
+    "frequency_penalty": (_off(0, 0.0), "frequency_penalty is not supported: only 0 is accepted"),
+    "response_format": (_off({"type": "text"}), 'response_format: only {"type": "text"} is supported'),
+    "tools": (_empty, f"tools: {NOT_TRAINED}"),
+    "tool_choice": (_off("none"), f"tool_choice: {NOT_TRAINED}"),
+    "functions": (_empty, f"functions: {NOT_TRAINED}"),
+    "function_call": (_off("none"), f"function_call: {NOT_TRAINED}"),
+    "audio": (lambda v: False, "audio output is not supported"),
+    "modalities": (_off(["text"]), 'modalities: only ["text"] is supported'),
+    "prediction": (lambda v: False, "prediction (predicted outputs) is not supported"),
+    "store": (_off(False), "store is not supported: this server keeps no completions"),
+    "metadata": (_empty, "metadata is only for stored completions, and this server keeps none"),
+    "reasoning_effort": (lambda v: False, "reasoning_effort: this model does not reason before it answers"),
+    "verbosity": (lambda v: False, "verbosity is not supported"),
+    "web_search_options": (lambda v: False, "web search is not supported"),
+    "service_tier": (_off("auto", "default"), 'service_tier: only "auto" and "default" are served'),
+    "moderation": (lambda v: False, "moderation is not supported"),
+    "prompt_cache_options": (_empty, "prompt_cache_options is not supported (the prefix cache is automatic)"),
+    "prompt_cache_retention": (lambda v: False, "prompt_cache_retention is not supported"),
+    "best_of": (_off(1), "best_of is not supported: only 1 is accepted (use n for several choices)"),
+    "suffix": (_off(""), "suffix (insertion) is not supported"),
+}
+CHAT_REFUSED = [k for k in REFUSED if k not in ("best_of", "suffix")]
+COMPLETION_REFUSED = ["logit_bias", "logprobs", "presence_penalty", "frequency_penalty", "best_of", "suffix"]
+
+
+def _refuse(cls: type, value: Any, info: ValidationInfo) -> Any:
+    is_off, reason = REFUSED[info.field_name]
+    if not is_off(value):
+        raise ValueError(reason)
+    return value
+
+
 class StrictModel(BaseModel):
     """A request body or part of one."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        """OpenAI takes an explicit null as the field's default: drop it, so the default applies."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    include_obfuscation: Literal[False] = False  # its padding field only hides lengths from an eavesdropper
 
 
 class SamplingRequest(StrictModel):
@@ -84,7 +155,10 @@ class SamplingRequest(StrictModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored: we keep no per-user state
+    user: str | None = None  # accepted: an end-user id for abuse tracking; we keep no per-user state
+    safety_identifier: str | None = None  # the same, OpenAI's newer name
+    prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
+    parallel_tool_calls: bool | None = None  # accepted: it only matters with tools, which are refused
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -101,21 +175,72 @@ class TextPart(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[list[TextPart], BeforeValidator(_text_parts)]
+    name: Any = None  # refused: the chat format has no participant names
+    # what an assistant message we answered carries, sent back as is: accepted only when null (or empty)
+    refusal: None = None
+    tool_calls: Annotated[list[Any], Field(max_length=0)] = []
+    function_call: None = None
+    audio: None = None
+    annotations: Annotated[list[Any], Field(max_length=0)] = []
+
+    @field_validator("name")
+    @classmethod
+    def _no_name(cls, value: Any) -> Any:
+        raise ValueError("name is not supported: the chat format has no participant names")
 
     @property
     def text(self) -> str:
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingRequest):
+class _ChatRefused(StrictModel):
+    logit_bias: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    store: Any = None
+    metadata: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+
+    _refused = field_validator(*CHAT_REFUSED)(classmethod(_refuse))
+
+
+class _CompletionRefused(StrictModel):
+    logit_bias: Any = None
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    _refused = field_validator(*COMPLETION_REFUSED)(classmethod(_refuse))
+
+
+class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(_CompletionRefused, SamplingRequest):
     # OpenAI also takes token ids and batches of prompts; we take one text
     prompt: Annotated[list[Text], BeforeValidator(_one_or_many), Field(min_length=1, max_length=1)]
+    echo: bool = False  # the prompt's text before the completion's
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -125,22 +250,31 @@ def now() -> int:
     return int(time.time())
 
 
+FinishReason = Literal["stop", "length"]  # of OpenAI's set, the ones this server ends a choice with
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV the prefix cache already held
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI's schema requires it (null: the model did not refuse)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: None = None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletion(BaseModel):
@@ -156,7 +290,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: dict[str, str]  # {"role": "assistant"} first, then {"content": ...}, {} with the finish_reason
     logprobs: None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -172,7 +306,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class Completion(BaseModel):
@@ -197,6 +331,31 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(StrictModel):
+    """vLLM's /tokenize: a prompt (as /v1/completions reads it) or messages (as /v1/chat/completions)."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # prompt: the <|bos|> the completions put before it
+    add_generation_prompt: bool = True  # messages: end with <|assistant_start|>, as the chat completions do
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None  # None: the engine does not say
+    tokens: list[int]
+
+
+class DetokenizeRequest(StrictModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorDetail(BaseModel):

@@ -92,6 +92,8 @@ class BlockManager:
             self._take_free_block() for _ in range(self.num_blocks_for(len(seq)) - len(hits))
         ]
         seq.num_cached_tokens = len(hits) * self.block_size
+        if seq.num_prompt_cache_hits is None:
+            seq.num_prompt_cache_hits = min(seq.num_cached_tokens, seq.num_prompt_tokens)
         self.prefix_cache_queries += len(seq)
         self.prefix_cache_hits += seq.num_cached_tokens
 

@@ -25,6 +25,8 @@ Notable:
   Forced tokens wait in the choice's queue and take the place of the sampled token, one per step: they
   are appended to the sequence like sampled ones, so the next step computes their KV like any token;
   they count as completion tokens and are streamed as text.
+- each event carries its choice's cached_tokens: the prompt tokens the prefix cache held at admission
+  (whole blocks, never the prompt's last token), for usage's prompt_tokens_details.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
 - AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
@@ -76,6 +78,7 @@ class TokenEvent:
     finish_reason: FinishReason | None  # set on the final event only
     prompt_tokens: int
     completion_tokens: int  # so far, for this choice
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when this choice was admitted
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -247,7 +250,7 @@ class LLMEngine:
     def _event(choice: _Choice, token: int | None, text: str, reason: FinishReason | None) -> TokenEvent:
         seq = choice.seq
         return TokenEvent(choice.request_id, choice.index, token, text, reason, seq.num_prompt_tokens,
-                          seq.num_output_tokens)
+                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0)
 
     # ------------------------------------------------------------------ numbers
 
@@ -365,6 +368,11 @@ class AsyncEngine:
                 if finished < params.n:  # client gone (or engine failure): free what it holds
                     self._inbox.append(("abort", request_id))
                     self._cond.notify()
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt and completion) the engine runs."""
+        return self.engine.max_model_len
 
     def alive(self) -> bool:
         """Whether the engine thread still runs (a replica's health check)."""

@@ -8,6 +8,8 @@ Notable:
 - num_cached_tokens counts the leading tokens whose KV is in the cache (prefix-cache hits plus what
   earlier steps computed). The next step computes token_ids[num_cached_tokens:], a chunk at a time
   while prefilling, one token while decoding. Preemption resets it to 0 (recompute).
+- num_prompt_cache_hits counts the prompt tokens the prefix cache held when the sequence was first
+  admitted (usage's cached_tokens); a recompute after preemption does not change it.
 - SamplingParams validates on construction, so a bad request fails with a ValueError naming the field.
 """
 
@@ -81,6 +83,7 @@ class Sequence:
     status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
     block_table: list[int] = field(default_factory=list, init=False)  # physical block of each logical one
     num_cached_tokens: int = field(default=0, init=False)
+    num_prompt_cache_hits: int | None = field(default=None, init=False)  # None until first admitted
     finish_reason: FinishReason | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:

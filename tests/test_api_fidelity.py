@@ -1,0 +1,419 @@
+"""OpenAI fidelity of the API (serving/api/) over a real engine, through the official `openai` client (and
+httpx where the client cannot say it): every field OpenAI defines is honoured or refused with a 400
+naming it, unknown fields too; nulls are defaults; `developer` is `system`; every response and stream
+chunk validates against the openai package's own types in strict mode, with the fields OpenAI's schema
+requires; a stream cut by shutdown ends with an error event, never an "abort" finish reason; usage
+reports the prefix cache's hits; /tokenize, /detokenize and /version."""
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai.types import Completion as OpenAICompletion
+from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
+from pydantic import BaseModel
+from test_api import (
+    CONTEXT,
+    MAX_PROMPT,
+    MAX_TOKENS,
+    MODEL,
+    RecordingEngine,
+    SwitchedModel,
+    assert_error,
+    chat_prompt,
+    make_engine,
+    serve,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+from nanochat.tokenizer import Tokenizer
+from serving.api import app as api_app
+from serving.api.app import create_app
+from serving.engine.llm_engine import AsyncEngine
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello, quick fox"}]
+BLOCK_SIZE = 8  # make_engine's
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}  # OpenAI's set
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok) -> Iterator[AsyncEngine]:
+    engine = make_engine(model, tok)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(engine, tok) -> Iterator[str]:
+    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def http(base_url) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        yield http
+
+
+def chat(**fields) -> dict:
+    return {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **fields}
+
+
+def completion(**fields) -> dict:
+    return {"model": MODEL, "prompt": "the lazy dog", "max_tokens": 4, **fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes: the openai package's own types, strictly, and the fields OpenAI's schema requires
+
+# required by OpenAI's published schema, although the python types give them defaults
+REQUIRED = {
+    OpenAIChatCompletion: {"id", "choices", "created", "model", "object"},
+    OpenAIChatCompletionChunk: {"id", "choices", "created", "model", "object"},
+    OpenAICompletion: {"id", "choices", "created", "model", "object"},
+}
+CHAT_CHOICE = {"index", "message", "finish_reason", "logprobs"}
+CHAT_MESSAGE = {"role", "content", "refusal"}
+CHUNK_CHOICE = {"index", "delta", "finish_reason"}
+TEXT_CHOICE = {"index", "text", "finish_reason", "logprobs"}
+
+
+def no_extras(value: object, where: str = "") -> None:
+    """Every field of a parsed openai object is one its type declares (they allow extras)."""
+    if isinstance(value, BaseModel):
+        assert not value.model_extra, f"{where}: fields openai does not define: {value.model_extra}"
+        for name in type(value).model_fields:
+            no_extras(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            no_extras(item, f"{where}[{i}]")
+
+
+def check_shape(kind: type[BaseModel], body: dict) -> BaseModel:
+    typed = body
+    if kind is OpenAICompletion and body.get("choices") and body["choices"][0]["finish_reason"] is None:
+        # a streamed text completion's chunk is a Completion whose finish_reason is null until the end (as
+        # OpenAI streams it), which the python type, written for the whole object, does not allow
+        typed = {**body, "choices": [{**c, "finish_reason": "stop"} for c in body["choices"]]}
+    parsed = kind.model_validate(typed, strict=True)
+    no_extras(parsed, kind.__name__)
+    assert REQUIRED[kind] <= set(body), body
+    for choice in body["choices"]:
+        if kind is OpenAIChatCompletion:
+            assert CHAT_CHOICE <= set(choice) and CHAT_MESSAGE <= set(choice["message"]), choice
+        elif kind is OpenAIChatCompletionChunk:
+            assert CHUNK_CHOICE <= set(choice), choice
+        else:
+            assert TEXT_CHOICE <= set(choice), choice
+        assert choice["finish_reason"] in FINISH_REASONS | {None}, choice
+    if body.get("usage") is not None:
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    return parsed
+
+
+def events(r: httpx.Response) -> list[dict]:
+    """The JSON events of a whole SSE body that ends with [DONE]."""
+    parts = r.text.split("\n\n")
+    assert parts[-2:] == ["data: [DONE]", ""], parts[-3:]
+    return [json.loads(p.removeprefix("data: ")) for p in parts[:-2]]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_response_and_chunk_is_openais_type_in_strict_mode(http, n):
+    options = {"n": n, "temperature": 1.0, "seed": 3}
+    body = http.post(CHAT, json=chat(**options)).json()
+    parsed = check_shape(OpenAIChatCompletion, body)
+    assert all(c.message.refusal is None for c in parsed.choices)
+    assert "refusal" in body["choices"][0]["message"]
+    for chunk in events(http.post(CHAT, json=chat(stream=True, stream_options={"include_usage": True}, **options))):
+        check_shape(OpenAIChatCompletionChunk, chunk)
+    check_shape(OpenAICompletion, http.post(COMPLETIONS, json=completion(**options)).json())
+    for chunk in events(http.post(COMPLETIONS, json=completion(stream=True, stream_options={"include_usage": True},
+                                                               echo=True, **options))):
+        check_shape(OpenAICompletion, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# every field honoured or refused
+
+# (route, field, a value we do not implement): each is a 400 naming the field
+REFUSED = [
+    (CHAT, "logit_bias", {"5": 10}),
+    (CHAT, "logprobs", True),
+    (CHAT, "top_logprobs", 2),
+    (CHAT, "presence_penalty", 0.5),
+    (CHAT, "frequency_penalty", -0.5),
+    (CHAT, "response_format", {"type": "json_object"}),
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    (CHAT, "tool_choice", "auto"),
+    (CHAT, "functions", [{"name": "f"}]),
+    (CHAT, "function_call", "auto"),
+    (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
+    (CHAT, "modalities", ["text", "audio"]),
+    (CHAT, "prediction", {"type": "content", "content": "x"}),
+    (CHAT, "store", True),
+    (CHAT, "metadata", {"k": "v"}),
+    (CHAT, "reasoning_effort", "low"),
+    (CHAT, "verbosity", "low"),
+    (CHAT, "web_search_options", {}),
+    (CHAT, "service_tier", "flex"),
+    (CHAT, "prompt_cache_retention", "24h"),
+    (CHAT, "stream_options", {"include_obfuscation": True}),
+    (COMPLETIONS, "logit_bias", {"5": 10}),
+    (COMPLETIONS, "logprobs", 0),
+    (COMPLETIONS, "presence_penalty", 1.0),
+    (COMPLETIONS, "frequency_penalty", 1.0),
+    (COMPLETIONS, "best_of", 2),
+    (COMPLETIONS, "suffix", " the end"),
+]
+# the value of each that means "off", which is accepted
+OFF = {"logit_bias": {}, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
+       "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "modalities": ["text"],
+       "store": False, "metadata": {}, "service_tier": "auto", "parallel_tool_calls": True, "user": "u",
+       "safety_identifier": "s", "prompt_cache_key": "k"}
+
+
+@pytest.mark.parametrize("route,field,value", REFUSED, ids=[f"{r[4:]}-{f}-{i}" for i, (r, f, _) in enumerate(REFUSED)])
+def test_a_field_we_do_not_implement_is_a_400_naming_it(http, route, field, value):
+    body = (chat if route == CHAT else completion)(**{field: value})
+    error = assert_error(http.post(route, json=body), 400, param=field if field != "stream_options"
+                         else "stream_options.include_obfuscation")
+    assert field in error["message"]
+
+
+def test_the_openai_client_sees_each_refusal_with_its_param(client):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    calls = {
+        "tools": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools),
+        "logprobs": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True,
+                                                           top_logprobs=2),
+        "response_format": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                                  response_format={"type": "json_object"}),
+        "presence_penalty": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                                   presence_penalty=1.0),
+        "best_of": lambda: client.completions.create(model=MODEL, prompt="fox", best_of=3),
+        "suffix": lambda: client.completions.create(model=MODEL, prompt="fox", suffix="dog", stream=True),
+    }
+    for param, call in calls.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.param == param, refused.value.body
+    with pytest.raises(openai.BadRequestError, match="not trained"):
+        calls["tools"]()
+
+
+def test_the_off_value_of_every_refused_field_is_accepted(client, http):
+    r = http.post(CHAT, json=chat(**OFF))
+    assert r.status_code == 200, r.text
+    off = {k: OFF[k] for k in ("logit_bias", "presence_penalty", "frequency_penalty", "user")}
+    r = http.post(COMPLETIONS, json=completion(best_of=1, suffix="", logprobs=None, **off))
+    assert r.status_code == 200, r.text
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, logprobs=False,
+                                           response_format={"type": "text"}, tool_choice="none",
+                                           presence_penalty=0, frequency_penalty=0)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_unknown_fields_are_refused_as_openai_does_except_our_top_k(client, http):
+    for route, body in [(CHAT, chat(min_p=0.1)), (COMPLETIONS, completion(min_p=0.1))]:
+        error = assert_error(http.post(route, json=body), 400, param="min_p")
+        assert error["message"] == "Unrecognized request argument supplied: min_p"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"repetition_penalty": 1.2})
+    assert refused.value.param == "repetition_penalty"
+    assert_error(http.post(CHAT, json=chat(messages=[{"role": "user", "content": "hi", "nickname": "x"}])), 400,
+                 param="messages[0].nickname")
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"top_k": 5})
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_explicit_nulls_are_the_defaults(client, http, tok):
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "max_completion_tokens",
+                           "stream_options", "user", "logprobs", "top_logprobs", "logit_bias", "tools",
+                           "tool_choice", "response_format", "presence_penalty", "frequency_penalty"])
+    r = http.post(CHAT, json=chat(**nulls))
+    assert r.status_code == 200, r.text
+    check_shape(OpenAIChatCompletion, r.json())
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "echo", "best_of", "suffix",
+                           "logprobs", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias"])
+    r = http.post(COMPLETIONS, json=completion(**nulls))
+    assert r.status_code == 200, r.text
+    # the client sends an explicit None as null
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=None,
+                                           top_p=None, n=None, stop=None, seed=None, stream=None)
+    assert len(reply.choices) == 1 and reply.usage.completion_tokens <= 3
+    # with no max_tokens at all, the server's limit applies
+    r = http.post(COMPLETIONS, json={"prompt": "fox", "max_tokens": None, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= MAX_TOKENS
+
+
+def test_the_developer_role_is_the_system_role(client):
+    def ask(role: str):
+        messages = [{"role": role, "content": "be brief"}, {"role": "user", "content": "hello, quick fox"}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+
+    system, developer = ask("system"), ask("developer")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client, http):
+    r = http.post(CHAT, json=chat(max_tokens=MAX_TOKENS + 1, max_completion_tokens=2, temperature=0))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=1, temperature=0)
+    assert reply.usage.completion_tokens == 1
+
+
+def test_an_assistant_message_sent_back_as_received_is_accepted(client, http):
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
+    returned = first.choices[0].message.model_dump()  # refusal, tool_calls, audio, ... all None
+    assert "refusal" in returned and "tool_calls" in returned
+    messages = [*MESSAGES, returned, {"role": "user", "content": "and then?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    tool_calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    bad = [*MESSAGES, {"role": "assistant", "content": "x", "tool_calls": tool_calls},
+           {"role": "user", "content": "y"}]
+    assert_error(http.post(CHAT, json=chat(messages=bad)), 400, param="messages[2].tool_calls")
+    named = [{"role": "user", "content": "hi", "name": "ada"}]
+    assert_error(http.post(CHAT, json=chat(messages=named)), 400, param="messages[0].name")
+
+
+def test_echo_puts_the_prompt_before_the_completion(client):
+    plain = client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "the lazy dog" + plain.choices[0].text
+    assert echoed.usage == plain.usage
+    stream = client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=5, temperature=0, echo=True,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.choices[0].text
+
+
+# ---------------------------------------------------------------------------------------------
+# usage: the prefix cache's hits
+
+
+def test_cached_tokens_are_the_prompt_tokens_the_prefix_cache_held(client, tok):
+    # a prompt no earlier request shares a block with, several blocks long
+    messages = [{"role": "user", "content": f"{uuid.uuid4().hex} the quick brown fox jumps over the lazy dog"}]
+    prompt = chat_prompt(tok, messages)
+    assert len(prompt) > 3 * BLOCK_SIZE
+    cached = (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE  # whole blocks, never the prompt's last token
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens == len(prompt)
+    assert again.usage.prompt_tokens_details.cached_tokens == cached
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [cached]
+    text = client.completions.create(model=MODEL, prompt=messages[0]["content"], max_tokens=2)
+    assert text.usage.prompt_tokens_details.cached_tokens == 0  # <|bos|> then the text: another prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# a stream cut by shutdown
+
+
+class SlowEngine(RecordingEngine):
+    """The real engine, a step at a time slowly, so a stream is still running when the test shuts it down."""
+
+    def step(self):
+        time.sleep(0.05)
+        return super().step()
+
+
+def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(model, tok):
+    engine = AsyncEngine(SlowEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8,
+                                    max_num_batched_tokens=64))
+    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
+    try:
+        with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+            chat_stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                                         stream=True, extra_body={"top_k": 1, "stop": None})
+            first = next(iter(chat_stream))
+            assert first.choices[0].delta.role == "assistant"
+            with http.stream("POST", COMPLETIONS, json=completion(max_tokens=MAX_TOKENS, stream=True)) as raw:
+                lines = raw.iter_lines()
+                assert next(lines).startswith("data: ")
+                threading.Thread(target=engine.shutdown).start()
+                rest = [line for line in lines if line]
+            with pytest.raises(openai.APIError, match="shutting down"):
+                for chunk in chat_stream:
+                    assert chunk.choices[0].finish_reason in FINISH_REASONS | {None}
+    finally:
+        engine.shutdown()
+    *chunks, last = [json.loads(line.removeprefix("data: ")) for line in rest]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert last["error"]["code"] == "unavailable" and "shutting down" in last["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# /tokenize, /detokenize, /version
+
+
+def test_tokenize_gives_the_tokens_the_completions_run(http, client, tok):
+    text = "the quick brown fox"
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": text})
+    assert r.status_code == 200, r.text
+    expected = tok.encode(text, prepend="<|bos|>")
+    assert r.json() == {"count": len(expected), "max_model_len": CONTEXT, "tokens": expected}
+    assert client.completions.create(model=MODEL, prompt=text, max_tokens=1).usage.prompt_tokens == len(expected)
+    assert http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"] == tok.encode(text)
+    r = http.post("/tokenize", json={"messages": MESSAGES})
+    assert r.json()["tokens"] == chat_prompt(tok, MESSAGES)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert reply.usage.prompt_tokens == r.json()["count"]
+    assert_error(http.post("/tokenize", json={}), 400, param="prompt")
+    assert_error(http.post("/tokenize", json={"prompt": "x", "model": "gpt-4"}), 404, param="model")
+    assert_error(http.post("/tokenize", json={"prompt": "x", "foo": 1}), 400, param="foo")
+
+
+def test_detokenize_gives_the_text_back(http, tok):
+    tokens = tok.encode("the lazy dog")
+    assert http.post("/detokenize", json={"tokens": tokens}).json() == {"prompt": "the lazy dog"}
+    assert_error(http.post("/detokenize", json={"tokens": [1, tok.vocab_size]}), 400, param="tokens[1]")
+    assert_error(http.post("/detokenize", json={"tokens": [-1]}), 400, param="tokens[0]")
+    assert_error(http.post("/detokenize", json={"tokens": "1"}), 400, param="tokens")
+
+
+def test_version_and_the_tokenizer_routes_before_a_model_and_with_keys(engine, tok):
+    served = SwitchedModel()
+    app = create_app(engine, served, model_name=MODEL, api_keys=["k"])
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30, headers={"Authorization": "Bearer k"}) as http:
+        version = http.get("/version", headers={"Authorization": ""})
+        assert version.status_code == 200 and version.json()["version"], version.text
+        for path, body in [("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})]:
+            error = assert_error(http.post(path, json=body), 503)
+            assert error["code"] == "model_not_loaded"
+            assert_error(http.post(path, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        served.model = api_app.ServedModel(tok)
+        assert http.post("/tokenize", json={"prompt": "x"}).json()["count"] == len(tok.encode("x", prepend="<|bos|>"))
