@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import torch
 from openai.types import Completion as OpenAICompletion
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
@@ -27,12 +28,14 @@ from test_api import (
     SwitchedModel,
     assert_error,
     chat_prompt,
+    greedy,
     make_engine,
     serve,
     tiny_model,
     tiny_tokenizer,
 )
 
+from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from serving.api import app as api_app
 from serving.api.app import create_app
@@ -164,8 +167,8 @@ def test_every_response_and_chunk_is_openais_type_in_strict_mode(http, n):
 # (route, field, a value we do not implement): each is a 400 naming the field
 REFUSED = [
     (CHAT, "logit_bias", {"5": 10}),
-    (CHAT, "logprobs", True),
-    (CHAT, "top_logprobs", 2),
+    (CHAT, "top_logprobs", 2),  # without logprobs: true
+    (CHAT, "top_logprobs", 21),  # OpenAI's limit is 20
     (CHAT, "presence_penalty", 0.5),
     (CHAT, "frequency_penalty", -0.5),
     (CHAT, "response_format", {"type": "json_object"}),
@@ -186,7 +189,8 @@ REFUSED = [
     (CHAT, "prompt_cache_retention", "24h"),
     (CHAT, "stream_options", {"include_obfuscation": True}),
     (COMPLETIONS, "logit_bias", {"5": 10}),
-    (COMPLETIONS, "logprobs", 0),
+    (COMPLETIONS, "logprobs", 6),  # OpenAI's limit is 5
+    (COMPLETIONS, "echo", True),  # with logprobs: the prompt's log-probabilities are not computed
     (COMPLETIONS, "presence_penalty", 1.0),
     (COMPLETIONS, "frequency_penalty", 1.0),
     (COMPLETIONS, "best_of", 2),
@@ -202,6 +206,11 @@ OFF = {"logit_bias": {}, "logprobs": False, "top_logprobs": 0, "presence_penalty
 @pytest.mark.parametrize("route,field,value", REFUSED, ids=[f"{r[4:]}-{f}-{i}" for i, (r, f, _) in enumerate(REFUSED)])
 def test_a_field_we_do_not_implement_is_a_400_naming_it(http, route, field, value):
     body = (chat if route == CHAT else completion)(**{field: value})
+    if field == "top_logprobs" and value > 20:
+        body["logprobs"] = True
+    if field == "echo":
+        body["logprobs"] = 1
+    field = "logprobs" if field == "echo" else field
     error = assert_error(http.post(route, json=body), 400, param=field if field != "stream_options"
                          else "stream_options.include_obfuscation")
     assert field in error["message"]
@@ -211,8 +220,7 @@ def test_the_openai_client_sees_each_refusal_with_its_param(client):
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     calls = {
         "tools": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools),
-        "logprobs": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True,
-                                                           top_logprobs=2),
+        "top_logprobs": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, top_logprobs=2),
         "response_format": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES,
                                                                   response_format={"type": "json_object"}),
         "presence_penalty": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
@@ -417,3 +425,93 @@ def test_version_and_the_tokenizer_routes_before_a_model_and_with_keys(engine, t
             assert_error(http.post(path, json=body, headers={"Authorization": "Bearer wrong"}), 401)
         served.model = api_app.ServedModel(tok)
         assert http.post("/tokenize", json={"prompt": "x"}).json()["count"] == len(tok.encode("x", prepend="<|bos|>"))
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probabilities: the model's own, checked against a full forward
+
+
+def token_ids(tok: Tokenizer, pieces: list) -> list[int]:
+    """The ids of logprobs entries (each with .token and .bytes), by their exact bytes or special name."""
+    by_bytes = {tok.id_to_bytes(i): i for i in range(tok.vocab_size) if tok.id_to_bytes(i)}
+    return [by_bytes[bytes(p.bytes)] if p.bytes is not None else tok.encode_special(p.token) for p in pieces]
+
+
+def full_forward_logprobs(model: GPT, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at every position of ids, in one forward over the whole sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).float().log_softmax(dim=-1)[0]
+
+
+def check_against_forward(model: GPT, tok: Tokenizer, prompt: list[int], content: list, k: int) -> None:
+    ids = token_ids(tok, content)
+    reference = full_forward_logprobs(model, prompt + ids)
+    for i, (entry, token) in enumerate(zip(content, ids, strict=True)):
+        row = reference[len(prompt) + i - 1]
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4), i
+        assert len(entry.top_logprobs) == k
+        top_values, top_ids = row.topk(k)
+        assert token_ids(tok, entry.top_logprobs) == top_ids.tolist(), i
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.7, "top_p": 0.5, "seed": 11}],
+                         ids=["greedy", "sampled"])
+def test_chat_logprobs_are_the_models_distribution_before_sampling(client, model, tok, sampling):
+    """Greedy or sampled with temperature and top_p: the log-probabilities are the raw distribution's (the
+    sampling settings do not change them), per generated token but the stop token, for every choice."""
+    prompt = chat_prompt(tok, MESSAGES)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, n=2, logprobs=True,
+                                           top_logprobs=3, **sampling)
+    check_shape(OpenAIChatCompletion, reply.model_dump(mode="json", exclude_unset=True))
+    for choice in reply.choices:
+        content = choice.logprobs.content
+        assert b"".join(bytes(e.bytes or b"") for e in content).decode("utf-8", "replace") == choice.message.content
+        check_against_forward(model, tok, prompt, content, 3)
+    if sampling["temperature"] == 0:  # the tokens are the reference generator's, but the stop token
+        ends = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+        expected = [t for t in greedy(model, tok, prompt, 12) if t not in ends]
+        assert token_ids(tok, reply.choices[0].logprobs.content) == expected
+        assert all(e.top_logprobs[0].logprob == e.logprob for e in reply.choices[0].logprobs.content)
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_are_the_same_as_unstreamed(client, http, model, tok):
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole.choices[0].logprobs.content]
+    body = chat(max_tokens=10, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    for chunk in events(http.post(CHAT, json=body)):
+        check_shape(OpenAIChatCompletionChunk, chunk)
+    only = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
+
+
+def test_completion_logprobs_in_openais_legacy_shape(client, http, model, tok):
+    prompt = tok.encode("the lazy dog", prepend="<|bos|>")
+    r = http.post(COMPLETIONS, json=completion(max_tokens=8, temperature=0, logprobs=2))
+    body = r.json()
+    parsed = check_shape(OpenAICompletion, body)
+    (choice,) = parsed.choices
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset)
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    generated = [t for t in greedy(model, tok, prompt, 8) if t != tok.get_bos_token_id()]  # <|bos|> ends it
+    assert len(generated) == len(logprobs.token_logprobs)
+    reference = full_forward_logprobs(model, prompt + generated)
+    for i, (token, value) in enumerate(zip(generated, logprobs.token_logprobs, strict=True)):
+        row = reference[len(prompt) + i - 1]
+        assert value == pytest.approx(row[token].item(), abs=1e-4)
+        top = row.topk(2)
+        # two tokens whose text is the same (a cut character, U+FFFD) share one key of the legacy dict
+        assert 1 <= len(logprobs.top_logprobs[i]) <= 2
+        assert max(logprobs.top_logprobs[i].values()) == pytest.approx(top.values[0].item(), abs=1e-4)
+    stream = client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=8, temperature=0, logprobs=2,
+                                       stream=True)
+    streamed = [v for c in stream for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs

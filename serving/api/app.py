@@ -23,6 +23,11 @@ Notable:
 - a stream only ever ends a choice with OpenAI's finish reasons. A request the engine aborts while
   streaming (the replica shutting down) ends with an error event in OpenAI's shape (code "unavailable",
   no [DONE]); the official client raises it as an APIError. Unstreamed, the same case is a 503.
+- logprobs: chat's logprobs/top_logprobs and completions' logprobs come from the engine (the model's
+  own distribution, before temperature, top-k and top-p: vLLM's default), one entry per generated token
+  but stop tokens, in OpenAI's shapes; a token is its text (a cut UTF-8 character shows as U+FFFD, its
+  exact bytes in `bytes`), a special token its name. A completion's text_offset is where the text sent
+  so far stood when the token came (text held back for a stop string comes later).
 - echo (completions) puts the prompt's text before each choice's text, in the first streamed chunk.
 - /tokenize, /detokenize and /version follow vLLM's routes: a prompt or messages to the token ids the
   completions would run (and the engine's max_model_len), token ids back to text, the server's version.
@@ -70,9 +75,11 @@ from serving.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -84,6 +91,8 @@ from serving.api.schemas import (
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     now,
 )
@@ -191,7 +200,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         top_p = max(body.top_p, SAMPLING_EPS)
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
                               max_tokens=max_tokens, stop=body.stop or [], stop_token_ids=stop_token_ids,
-                              n=body.n)
+                              n=body.n, logprobs=body.num_logprobs)
 
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:
         if len(prompt_ids) > max_prompt_tokens:
@@ -225,10 +234,11 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
         if body.stream:
-            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage))
+            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer))
         await until_disconnected(request, run.collect())
-        choices = [ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
-                   for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
+        choices = [ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason,
+                              logprobs=chat_logprobs(tokenizer, infos) if body.logprobs else None)
+                   for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs))]
         return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
                                             usage=run.usage()))
 
@@ -241,11 +251,13 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")
         if body.stream:
             echo = body.prompt[0] if body.echo else ""
-            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, echo))
+            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, tokenizer, echo))
         await until_disconnected(request, run.collect())
         echo = body.prompt[0] if body.echo else ""
-        choices = [CompletionChoice(index=i, text=echo + text, finish_reason=reason)
-                   for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
+        wanted = body.logprobs is not None
+        choices = [CompletionChoice(index=i, text=echo + text, finish_reason=reason,
+                                    logprobs=completion_logprobs(tokenizer, infos) if wanted else None)
+                   for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs))]
         return json_response(Completion(id=run.id, created=run.created, model=model_name, choices=choices,
                                         usage=run.usage()))
 
@@ -327,6 +339,51 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
 
 
 @dataclass
+class TokenInfo:
+    """A generated token's log-probabilities, and where its text starts in its choice's text."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int
+
+
+def token_piece(tokenizer: Tokenizer, token: int) -> dict:
+    """A token as OpenAI's logprobs write it: its text and exact bytes (a special token: its name, no bytes)."""
+    if token >= tokenizer.vocab_size:  # the model's vocabulary can be padded beyond the tokenizer's
+        return {"token": f"token_id:{token}", "bytes": None}
+    data = tokenizer.id_to_bytes(token)
+    if not data:
+        return {"token": tokenizer.decode([token]), "bytes": None}
+    return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
+
+
+def chat_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**token_piece(tokenizer, i.token), logprob=i.logprob,
+                     top_logprobs=[TopLogprob(**token_piece(tokenizer, t), logprob=lp) for t, lp in i.top])
+        for i in infos])
+
+
+def top_dict(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The legacy shape's {token text: logprob}; of two tokens with the same text (a cut character shows
+    as U+FFFD) the likelier one keeps the key."""
+    found: dict[str, float] = {}
+    for token, logprob in top:
+        found.setdefault(token_piece(tokenizer, token)["token"], logprob)
+    return found
+
+
+def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], start: int = 0) -> CompletionLogprobs:
+    """start: characters before the completion's text in the choice (the echoed prompt)."""
+    return CompletionLogprobs(
+        tokens=[token_piece(tokenizer, i.token)["token"] for i in infos],
+        token_logprobs=[i.logprob for i in infos],
+        top_logprobs=[top_dict(tokenizer, i.top) for i in infos],
+        text_offset=[start + i.offset for i in infos])
+
+
+@dataclass
 class Run:
     """One request in the engine: its first event (already received) and the rest to come."""
 
@@ -340,8 +397,10 @@ class Run:
     finish_reasons: list[str | None] = field(init=False)
     completion_tokens: list[int] = field(init=False)
     cached_tokens: int = field(init=False, default=0)
+    logprobs: list[list[TokenInfo]] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.logprobs = [[] for _ in range(self.n)]
         self.texts = [""] * self.n
         self.finish_reasons = [None] * self.n
         self.completion_tokens = [0] * self.n
@@ -373,6 +432,9 @@ class Run:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def _record(self, event: TokenEvent) -> TokenEvent:
+        if event.token_id is not None and event.logprob is not None:
+            self.logprobs[event.index].append(TokenInfo(event.token_id, event.logprob, event.top_logprobs or [],
+                                                        len(self.texts[event.index])))
         self.texts[event.index] += event.text
         self.completion_tokens[event.index] = event.completion_tokens
         if event.index == 0:
@@ -472,7 +534,7 @@ def shutting_down() -> str:
     return sse(ErrorResponse(error=error.detail))
 
 
-async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerator[str, None]:
+async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
     """chat.completion.chunk events: each choice's role, its content deltas, its finish_reason; then the
     usage (if asked) and [DONE]."""
 
@@ -485,7 +547,10 @@ async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerat
         if event.finish_reason == "abort":
             yield shutting_down()
             return
-        if event.text:
+        if event.logprob is not None:
+            logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:])
+            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text}, logprobs=logprobs)])
+        elif event.text:
             yield chunk([ChunkChoice(index=event.index, delta={"content": event.text})])
         if event.finish_reason is not None:
             yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)])
@@ -494,7 +559,8 @@ async def chat_chunks(run: Run, model: str, include_usage: bool) -> AsyncGenerat
     yield sse("[DONE]")
 
 
-async def completion_chunks(run: Run, model: str, include_usage: bool, echo: str = "") -> AsyncGenerator[str, None]:
+async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer,
+                            echo: str = "") -> AsyncGenerator[str, None]:
     """text_completion events: the echoed prompt (if asked), text pieces, each choice's finish_reason; then
     the usage (if asked) and [DONE]."""
 
@@ -508,8 +574,12 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, echo: str
         if event.finish_reason == "abort":
             yield shutting_down()
             return
-        if event.text or event.finish_reason is not None:
-            yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason)])
+        logprobs = None
+        if event.logprob is not None:
+            logprobs = completion_logprobs(tokenizer, run.logprobs[event.index][-1:], len(echo))
+        if event.text or event.finish_reason is not None or logprobs is not None:
+            yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason,
+                                          logprobs=logprobs)])
     if include_usage:
         yield chunk([], run.usage())
     yield sse("[DONE]")

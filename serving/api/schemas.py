@@ -89,8 +89,6 @@ NOT_TRAINED = "this model was not trained to call client functions (its only too
 # each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
 REFUSED: dict[str, tuple[Any, str]] = {
     "logit_bias": (_empty, "logit_bias is not supported"),
-    "logprobs": (_off(False), "logprobs is not supported"),
-    "top_logprobs": (_off(0), "top_logprobs is not supported"),
     "presence_penalty": (_off(0, 0.0), "presence_penalty is not supported: only 0 is accepted"),
     "frequency_penalty": (_off(0, 0.0), "frequency_penalty is not supported: only 0 is accepted"),
     "response_format": (_off({"type": "text"}), 'response_format: only {"type": "text"} is supported'),
@@ -114,7 +112,9 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "suffix": (_off(""), "suffix (insertion) is not supported"),
 }
 CHAT_REFUSED = [k for k in REFUSED if k not in ("best_of", "suffix")]
-COMPLETION_REFUSED = ["logit_bias", "logprobs", "presence_penalty", "frequency_penalty", "best_of", "suffix"]
+COMPLETION_REFUSED = ["logit_bias", "presence_penalty", "frequency_penalty", "best_of", "suffix"]
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; 5 for completions' logprobs
+MAX_COMPLETION_LOGPROBS = 5
 
 
 def _refuse(cls: type, value: Any, info: ValidationInfo) -> Any:
@@ -165,6 +165,11 @@ class SamplingRequest(StrictModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def num_logprobs(self) -> int | None:
+        """The engine's SamplingParams.logprobs: None for none, k for k top tokens at each position."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -197,8 +202,6 @@ class ChatMessage(StrictModel):
 
 class _ChatRefused(StrictModel):
     logit_bias: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     response_format: Any = None
@@ -224,7 +227,6 @@ class _ChatRefused(StrictModel):
 
 class _CompletionRefused(StrictModel):
     logit_bias: Any = None
-    logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     best_of: Any = None
@@ -235,12 +237,37 @@ class _CompletionRefused(StrictModel):
 
 class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False  # each content token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and the most likely tokens at each
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):  # 0 asks for nothing: accepted
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_CompletionRefused, SamplingRequest):
     # OpenAI also takes token ids and batches of prompts; we take one text
     prompt: Annotated[list[Text], BeforeValidator(_one_or_many), Field(min_length=1, max_length=1)]
     echo: bool = False  # the prompt's text before the completion's
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top tokens' log-probabilities too
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo (the prompt's log-probabilities) is not supported")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -264,6 +291,28 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None  # the token's exact UTF-8 bytes (None: a special token, which has no text)
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token's text starts in the choice's text
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -273,7 +322,7 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -289,7 +338,7 @@ class ChatCompletion(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: dict[str, str]  # {"role": "assistant"} first, then {"content": ...}, {} with the finish_reason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -305,7 +354,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

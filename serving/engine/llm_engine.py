@@ -27,6 +27,11 @@ Notable:
   they count as completion tokens and are streamed as text.
 - each event carries its choice's cached_tokens: the prompt tokens the prefix cache held at admission
   (whole blocks, never the prompt's last token), for usage's prompt_tokens_details.
+- logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
+  tokens', from the model's own distribution: log_softmax of the raw logits, before temperature, top-k
+  and top-p (vLLM's default), so they do not depend on the sampling settings. Computed on the batch, for
+  the rows that asked, and clamped at -9999 (JSON has no -inf). Stop tokens get none (no text is shown
+  for them); a calculator token forced into the sequence gets the model's log-probability of it.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
 - AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
@@ -79,6 +84,8 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int  # so far, for this choice
     cached_tokens: int = 0  # prompt tokens the prefix cache held when this choice was admitted
+    logprob: float | None = None  # the token's log-probability, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens and theirs, likeliest first
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -184,9 +191,10 @@ class LLMEngine:
         logits = self.runner.run(batch.prefills, batch.decodes)
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)
+        logprobs = _logprobs(logits, tokens, [c.seq.sampling.logprobs for c in choices])
         self.scheduler.postprocess(batch, tokens)
-        for choice, token in zip(choices, tokens, strict=True):
-            events.extend(self._advance(choice, token))
+        for choice, token, token_logprobs in zip(choices, tokens, logprobs, strict=True):
+            events.extend(self._advance(choice, token, token_logprobs))
         return events
 
     def _next_tokens(self, logits: torch.Tensor, choices: list[_Choice]) -> list[int]:
@@ -201,9 +209,11 @@ class LLMEngine:
                 tokens[i] = token
         return tokens
 
-    def _advance(self, choice: _Choice, token: int) -> list[TokenEvent]:
+    def _advance(self, choice: _Choice, token: int, logprobs: Logprobs | None = None) -> list[TokenEvent]:
         """Account for the token postprocess just appended: tool state, text, stop strings, the end."""
         seq = choice.seq
+        if token in seq.sampling.stop_token_ids:
+            logprobs = None
         if not seq.is_finished:
             self._tool(choice, token)
         before = len(choice.text)
@@ -219,13 +229,13 @@ class LLMEngine:
             choice.text += choice.decoder.decode(b"", final=True)  # a cut character becomes U+FFFD
         if reason is None:
             end = len(choice.text) - _held_back(choice.text, choice.emitted, seq.sampling.stop)
-            return [self._event(choice, token, self._emit(choice, end), None)]
+            return [self._event(choice, token, self._emit(choice, end), None, logprobs)]
         del self.choices[seq.id]
         remaining = self.requests[choice.request_id]
         remaining.remove(choice)
         if not remaining:
             del self.requests[choice.request_id]
-        return [self._event(choice, token, self._emit(choice, len(choice.text)), None),
+        return [self._event(choice, token, self._emit(choice, len(choice.text)), None, logprobs),
                 self._event(choice, None, "", reason)]
 
     def _tool(self, choice: _Choice, token: int) -> None:
@@ -247,10 +257,12 @@ class LLMEngine:
         return text
 
     @staticmethod
-    def _event(choice: _Choice, token: int | None, text: str, reason: FinishReason | None) -> TokenEvent:
+    def _event(choice: _Choice, token: int | None, text: str, reason: FinishReason | None,
+               logprobs: Logprobs | None = None) -> TokenEvent:
         seq = choice.seq
+        logprob, top = logprobs if logprobs is not None else (None, None)
         return TokenEvent(choice.request_id, choice.index, token, text, reason, seq.num_prompt_tokens,
-                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0)
+                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0, logprob, top)
 
     # ------------------------------------------------------------------ numbers
 
@@ -269,6 +281,29 @@ class LLMEngine:
             "free_blocks": bm.num_free_blocks,
             "total_blocks": bm.num_blocks,
         }
+
+
+Logprobs = tuple[float, list[tuple[int, float]]]  # a token's log-probability, and the top tokens' ones
+MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps at the same value
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[Logprobs | None]:
+    """For each row that wants them (wanted[i] = k, not None): the log-probability of tokens[i] under the
+    row's raw logits, and the k most likely tokens with theirs. One log_softmax and one topk for all."""
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    out: list[Logprobs | None] = [None] * len(tokens)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1).clamp(min=MIN_LOGPROB)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)).squeeze(1)
+    k = max(wanted[i] for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        top = list(zip(top_ids[j][: wanted[i]], top_values[j][: wanted[i]], strict=True))
+        out[i] = (chosen[j], top)
+    return out
 
 
 def _find_stop(text: str, stops: list[str], before: int) -> int | None:

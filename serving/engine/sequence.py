@@ -43,6 +43,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: matched by the engine on the text
     stop_token_ids: list[int] = field(default_factory=list)  # the engine adds the end-of-turn tokens
     n: int = 1  # completions per prompt: the engine forks n sequences, which share the prompt's blocks
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -65,6 +66,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         for token_id in self.stop_token_ids:
             _check_int("each of stop_token_ids", token_id, 0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
 
 
 class SequenceStatus(Enum):
