@@ -31,6 +31,7 @@ from test_api import (
     greedy,
     make_engine,
     serve,
+    text_of,
     tiny_model,
     tiny_tokenizer,
 )
@@ -166,11 +167,12 @@ def test_every_response_and_chunk_is_openais_type_in_strict_mode(http, n):
 
 # (route, field, a value we do not implement): each is a 400 naming the field
 REFUSED = [
-    (CHAT, "logit_bias", {"5": 10}),
+    (CHAT, "logit_bias", {"fox": 10}),  # keys are token ids
+    (CHAT, "logit_bias", {"100000": 10}),  # past the vocabulary
     (CHAT, "top_logprobs", 2),  # without logprobs: true
     (CHAT, "top_logprobs", 21),  # OpenAI's limit is 20
-    (CHAT, "presence_penalty", 0.5),
-    (CHAT, "frequency_penalty", -0.5),
+    (CHAT, "presence_penalty", 2.5),  # OpenAI's range is [-2, 2]
+    (CHAT, "frequency_penalty", -2.5),
     (CHAT, "response_format", {"type": "json_object"}),
     (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
@@ -188,11 +190,11 @@ REFUSED = [
     (CHAT, "service_tier", "flex"),
     (CHAT, "prompt_cache_retention", "24h"),
     (CHAT, "stream_options", {"include_obfuscation": True}),
-    (COMPLETIONS, "logit_bias", {"5": 10}),
+    (COMPLETIONS, "logit_bias", {"5": "10"}),
     (COMPLETIONS, "logprobs", 6),  # OpenAI's limit is 5
     (COMPLETIONS, "echo", True),  # with logprobs: the prompt's log-probabilities are not computed
-    (COMPLETIONS, "presence_penalty", 1.0),
-    (COMPLETIONS, "frequency_penalty", 1.0),
+    (COMPLETIONS, "presence_penalty", "1"),
+    (COMPLETIONS, "frequency_penalty", 3.0),
     (COMPLETIONS, "best_of", 2),
     (COMPLETIONS, "suffix", " the end"),
 ]
@@ -211,8 +213,10 @@ def test_a_field_we_do_not_implement_is_a_400_naming_it(http, route, field, valu
     if field == "echo":
         body["logprobs"] = 1
     field = "logprobs" if field == "echo" else field
-    error = assert_error(http.post(route, json=body), 400, param=field if field != "stream_options"
-                         else "stream_options.include_obfuscation")
+    nested = {"stream_options": "stream_options.include_obfuscation", "logit_bias": "logit_bias"}
+    if route == COMPLETIONS and field == "logit_bias":
+        nested["logit_bias"] = "logit_bias.5"
+    error = assert_error(http.post(route, json=body), 400, param=nested.get(field, field))
     assert field in error["message"]
 
 
@@ -224,7 +228,7 @@ def test_the_openai_client_sees_each_refusal_with_its_param(client):
         "response_format": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES,
                                                                   response_format={"type": "json_object"}),
         "presence_penalty": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
-                                                                   presence_penalty=1.0),
+                                                                   presence_penalty=3.0),
         "best_of": lambda: client.completions.create(model=MODEL, prompt="fox", best_of=3),
         "suffix": lambda: client.completions.create(model=MODEL, prompt="fox", suffix="dog", stream=True),
     }
@@ -515,3 +519,52 @@ def test_completion_logprobs_in_openais_legacy_shape(client, http, model, tok):
                                        stream=True)
     streamed = [v for c in stream for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
     assert streamed == logprobs.token_logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# penalties and logit_bias
+
+
+def reference_with_penalties(model: GPT, tok: Tokenizer, prompt: list[int], max_tokens: int, presence: float,
+                             frequency: float) -> list[int]:
+    """Greedy decoding with OpenAI's penalties, one full forward per token."""
+    ends = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([prompt + out]))[0, -1].float()
+            for token in set(out):
+                logits[token] -= frequency * out.count(token) + presence
+            out.append(int(logits.argmax()))
+            if out[-1] in ends:
+                break
+    return out
+
+
+def test_presence_and_frequency_penalties_are_openais(client, model, tok):
+    prompt = chat_prompt(tok, MESSAGES)
+    expected = reference_with_penalties(model, tok, prompt, 16, presence=1.2, frequency=0.8)
+    plain = reference_with_penalties(model, tok, prompt, 16, presence=0.0, frequency=0.0)
+    assert expected != plain, "the penalties should change this reply"
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0,
+                                           presence_penalty=1.2, frequency_penalty=0.8)
+    assert reply.choices[0].message.content == text_of(tok, expected)
+    assert reply.usage.completion_tokens == len(expected)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0,
+                                            presence_penalty=1.2, frequency_penalty=0.8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text_of(tok, expected)
+
+
+def test_logit_bias_forces_and_bans_tokens(client, tok):
+    fox = tok.encode("fox")[0]
+    piece = text_of(tok, [fox])
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, logit_bias={str(fox): 100})
+    assert reply.choices[0].message.content == piece * 6 and reply.choices[0].finish_reason == "length"
+    text = client.completions.create(model=MODEL, prompt="the", max_tokens=5, logit_bias={str(fox): 100}, n=2)
+    assert [c.text for c in text.choices] == [piece * 5] * 2
+    greedy_reply = client.completions.create(model=MODEL, prompt="the", max_tokens=1, temperature=0, logprobs=1)
+    first = greedy_reply.choices[0].logprobs.tokens[0]
+    banned = [t for t in range(tok.vocab_size) if text_of(tok, [t]) == first]
+    again = client.completions.create(model=MODEL, prompt="the", max_tokens=1, temperature=0,
+                                      logit_bias={str(t): -100 for t in banned})
+    assert again.choices[0].text != first

@@ -149,3 +149,51 @@ def test_degenerate_temperature_and_top_p_do_not_crash():
     params = [SamplingParams(temperature=5e-324), SamplingParams(temperature=1.0, top_p=2.7e-308)]
     tokens = sample(logits, params, [make_generator(0), make_generator(1)])
     assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# penalties and logit_bias
+
+
+def reference_adjusted(logits: torch.Tensor, p: SamplingParams, outputs: list[int]) -> torch.Tensor:
+    """OpenAI's definition, one token at a time."""
+    row = logits.clone()
+    for token in set(outputs):
+        count = outputs.count(token)
+        row[token] -= p.frequency_penalty * count + p.presence_penalty
+    for token, bias in p.logit_bias.items():
+        row[token] += bias
+    return row
+
+
+def test_penalties_and_logit_bias_follow_openais_definition_on_a_mixed_batch():
+    from serving.engine.sampler import adjust_logits
+
+    logits = random_logits(5, seed=4)
+    params = [SamplingParams(presence_penalty=1.5), SamplingParams(),
+              SamplingParams(frequency_penalty=0.7, presence_penalty=-0.5, logit_bias={3: 5.0}),
+              SamplingParams(logit_bias={0: -100, 7: 2.5}), SamplingParams(frequency_penalty=2.0)]
+    outputs = [[1, 1, 2], [4, 4], [3, 3, 3, 9], [], []]
+    adjusted = adjust_logits(logits, params, outputs)
+    for b, p in enumerate(params):
+        assert torch.allclose(adjusted[b], reference_adjusted(logits[b], p, outputs[b])), b
+    assert torch.equal(adjusted[1], logits[1])  # a row that asks for nothing is untouched
+    assert adjust_logits(logits, [SamplingParams()] * 5, None) is logits  # nor is a batch that asks for nothing
+
+
+def test_a_penalty_changes_the_greedy_choice_and_a_bias_forces_a_token():
+    logits = torch.zeros(1, V)
+    logits[0, 5], logits[0, 6] = 2.0, 1.5
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy], [make_generator(0)], [[5]]).item() == 5
+    penalized = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    assert sample(logits, [penalized], [make_generator(0)], [[5]]).item() == 6
+    forced = SamplingParams(temperature=1.0, logit_bias={9: 100.0})
+    assert set(draws(logits, forced, 200).elements()) == {9}
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                         ("logit_bias", {1: 101}), ("logit_bias", {-1: 1.0})])
+def test_invalid_penalties_and_biases_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

@@ -198,7 +198,13 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         # 1e-5 is greedy), and a tiny top_p rounds to 0, keeping no token; 1e-5 keeps just the top one
         temperature = 0.0 if body.temperature < SAMPLING_EPS else body.temperature
         top_p = max(body.top_p, SAMPLING_EPS)
+        bias = {int(token): value for token, value in body.logit_bias.items()}
+        if any(token >= tokenizer.vocab_size for token in bias):
+            raise bad_request(f"logit_bias: token ids must be below the vocabulary's size {tokenizer.vocab_size}",
+                              param="logit_bias")
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              logit_bias=bias,
                               max_tokens=max_tokens, stop=body.stop or [], stop_token_ids=stop_token_ids,
                               n=body.n, logprobs=body.num_logprobs)
 

@@ -5,8 +5,7 @@ Notable:
 - requests validate strictly: a string is not a number, true is not 1, NaN and Infinity are not
   temperatures. A bad field fails with its location, which errors.py turns into OpenAI's `param`.
 - no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
-  that means "off" (`logit_bias` {}, `response_format` {"type": "text"}, `presence_penalty` 0, ...) and
-  otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
+  that means "off" (`response_format` {"type": "text"}, `tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
   400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
   extensions (`top_k`): a client that sends vLLM's extensions learns at once that they do nothing here.
 - an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
@@ -88,9 +87,6 @@ def _empty(value: Any) -> bool:
 NOT_TRAINED = "this model was not trained to call client functions (its only tool is its built-in calculator)"
 # each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
 REFUSED: dict[str, tuple[Any, str]] = {
-    "logit_bias": (_empty, "logit_bias is not supported"),
-    "presence_penalty": (_off(0, 0.0), "presence_penalty is not supported: only 0 is accepted"),
-    "frequency_penalty": (_off(0, 0.0), "frequency_penalty is not supported: only 0 is accepted"),
     "response_format": (_off({"type": "text"}), 'response_format: only {"type": "text"} is supported'),
     "tools": (_empty, f"tools: {NOT_TRAINED}"),
     "tool_choice": (_off("none"), f"tool_choice: {NOT_TRAINED}"),
@@ -112,7 +108,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "suffix": (_off(""), "suffix (insertion) is not supported"),
 }
 CHAT_REFUSED = [k for k in REFUSED if k not in ("best_of", "suffix")]
-COMPLETION_REFUSED = ["logit_bias", "presence_penalty", "frequency_penalty", "best_of", "suffix"]
+COMPLETION_REFUSED = ["best_of", "suffix"]
+MAX_LOGIT_BIAS = 300  # entries
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; 5 for completions' logprobs
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -155,6 +152,11 @@ class SamplingRequest(StrictModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # token id (a decimal string, as JSON keys are) -> bias added to its logit
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] = {}
     user: str | None = None  # accepted: an end-user id for abuse tracking; we keep no per-user state
     safety_identifier: str | None = None  # the same, OpenAI's newer name
     prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
@@ -163,6 +165,14 @@ class SamplingRequest(StrictModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return value
 
     @property
     def num_logprobs(self) -> int | None:
@@ -201,9 +211,6 @@ class ChatMessage(StrictModel):
 
 
 class _ChatRefused(StrictModel):
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -226,9 +233,6 @@ class _ChatRefused(StrictModel):
 
 
 class _CompletionRefused(StrictModel):
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     best_of: Any = None
     suffix: Any = None
 

@@ -203,8 +203,10 @@ class LLMEngine:
         tokens = [c.forced.popleft() if c.forced else -1 for c in choices]
         rows = [i for i, t in enumerate(tokens) if t == -1]
         if rows:
-            drawn = sample(logits[rows], [choices[i].seq.sampling for i in rows],
-                           [choices[i].generator for i in rows]).tolist()
+            seqs = [choices[i].seq for i in rows]
+            outputs = [seq.output_token_ids if seq.sampling.penalized else [] for seq in seqs]
+            drawn = sample(logits[rows], [seq.sampling for seq in seqs], [choices[i].generator for i in rows],
+                           outputs).tolist()
             for i, token in zip(rows, drawn, strict=True):
                 tokens[i] = token
         return tokens

@@ -3,6 +3,10 @@ Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
 Notable:
 - float32 throughout, whatever dtype the logits come in.
+- first the logits are adjusted, as OpenAI defines it: presence and frequency penalties over each row's
+  generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), then
+  logit_bias added. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
+  for neither cost nothing. Greedy rows see the adjusted logits too.
 - temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p (the nucleus:
   the fewest most likely tokens whose probability mass reaches top_p), then one draw.
 - the draw is inverse-CDF sampling with a single uniform per row, taken from that row's own CPU
@@ -11,6 +15,8 @@ Notable:
 - filtering happens in sorted order (stable sort, most likely first): top-k and the nucleus are both a
   prefix of it, which also bounds the draw to the kept tokens whatever the float rounding.
 """
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -28,15 +34,17 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
-    """Token ids (B,) for logits (B, V): row b follows params[b] and draws from generators[b]."""
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           output_ids: list[list[int]] | None = None) -> Tensor:
+    """Token ids (B,) for logits (B, V): row b follows params[b] and draws from generators[b].
+    output_ids[b]: the tokens row b generated so far (only read for rows with penalties)."""
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits need {B} params and {B} generators, "
                          f"got {len(params)} and {len(generators)}")
     for p in params:
         _check(p)  # SamplingParams validates on construction, but it is mutable
-    logits = logits.float()
+    logits = adjust_logits(logits.float(), params, output_ids)
     greedy = logits.argmax(dim=-1)
     # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
     sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
@@ -48,6 +56,38 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
 
 
 MIN_TEMPERATURE = 1e-5
+
+
+def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list[list[int]] | None) -> Tensor:
+    """logits (float32) with the rows' penalties and logit_bias applied; the input itself when none asks."""
+    penalized = [b for b, p in enumerate(params) if p.penalized]
+    biased = [b for b, p in enumerate(params) if p.logit_bias]
+    if not penalized and not biased:
+        return logits
+    logits = logits.clone()
+    B, V = logits.shape
+    device = logits.device
+    if penalized:
+        if output_ids is None:
+            raise ValueError("penalties need each row's output_ids")
+        lengths = torch.tensor([len(output_ids[b]) for b in penalized], device=device)
+        flat = torch.tensor(list(itertools.chain.from_iterable(output_ids[b] for b in penalized)),
+                            dtype=torch.long, device=device)
+        rows = torch.repeat_interleave(torch.tensor(penalized, device=device), lengths)
+        counts = torch.zeros(B, V, device=device)
+        counts.index_put_((rows, flat), torch.ones(len(flat), device=device), accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits -= frequency * counts + presence * (counts > 0)
+    if biased:
+        rows = [b for b in biased for _ in params[b].logit_bias]
+        tokens = [t for b in biased for t in params[b].logit_bias]
+        values = [v for b in biased for v in params[b].logit_bias.values()]
+        keep = [i for i, t in enumerate(tokens) if t < V]  # a bias on an id past the vocabulary has no token
+        index = (torch.tensor([rows[i] for i in keep], dtype=torch.long, device=device),
+                 torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=device))
+        logits.index_put_(index, torch.tensor([values[i] for i in keep], device=device), accumulate=True)
+    return logits
 
 
 def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:

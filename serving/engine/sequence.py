@@ -44,6 +44,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # the engine adds the end-of-turn tokens
     n: int = 1  # completions per prompt: the engine forks n sequences, which share the prompt's blocks
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times how often the token was generated so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -68,6 +75,16 @@ class SamplingParams:
             _check_int("each of stop_token_ids", token_id, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id to bias, got {self.logit_bias!r}")
+        for token_id, bias in self.logit_bias.items():
+            _check_int("each token id of logit_bias", token_id, 0)
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{token_id}] must be a number in [-100, 100], got {bias!r}")
 
 
 class SequenceStatus(Enum):
