@@ -56,6 +56,18 @@ PLAUSIBLE = {
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
     "user": text,
+    # OpenAI's other fields: honoured, or refused unless off
+    "logprobs": st.booleans() | st.integers(0, 6),
+    "top_logprobs": st.integers(0, 21),
+    "presence_penalty": st.floats(-2.5, 2.5),
+    "frequency_penalty": st.floats(-2.5, 2.5),
+    "logit_bias": st.dictionaries(st.integers(0, 400).map(str) | text, st.floats(-101, 101), max_size=2),
+    "echo": st.booleans(),
+    "best_of": st.integers(0, 2),
+    "suffix": text,
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "tools": st.just([]) | st.just([{"type": "function", "function": {"name": "f"}}]),
+    "tool_choice": st.sampled_from(["none", "auto"]),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),
