@@ -3,8 +3,10 @@ httpx where the client cannot say it): every field OpenAI defines is honoured or
 naming it, unknown fields too; nulls are defaults; `developer` is `system`; every response and stream
 chunk validates against the openai package's own types in strict mode, with the fields OpenAI's schema
 requires; a stream cut by shutdown ends with an error event, never an "abort" finish reason; usage
-reports the prefix cache's hits; /tokenize, /detokenize and /version."""
+reports the prefix cache's hits; /tokenize, /detokenize and /version; log-probabilities checked against a
+full forward of the model; presence/frequency penalties and logit_bias against OpenAI's definition."""
 
+import asyncio
 import json
 import threading
 import time
@@ -568,3 +570,27 @@ def test_logit_bias_forces_and_bans_tokens(client, tok):
     again = client.completions.create(model=MODEL, prompt="the", max_tokens=1, temperature=0,
                                       logit_bias={str(t): -100 for t in banned})
     assert again.choices[0].text != first
+
+
+def test_the_async_client_gets_logprobs_penalties_and_refusals(base_url, model, tok):
+    async def main() -> None:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+        reply = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                     logprobs=True, top_logprobs=1, frequency_penalty=0.5)
+        content = reply.choices[0].logprobs.content
+        text = b"".join(bytes(e.bytes or b"") for e in content).decode("utf-8", "replace")
+        assert text == reply.choices[0].message.content
+        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                      logprobs=True, top_logprobs=1, frequency_penalty=0.5,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+        assert [e.logprob for e in streamed] == [e.logprob for e in content]
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                 response_format={"type": "json_object"})
+        assert refused.value.param == "response_format"
+        await client.close()
+
+    asyncio.run(main())
