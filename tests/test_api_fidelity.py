@@ -489,7 +489,11 @@ def test_streamed_chat_logprobs_are_the_same_as_unstreamed(client, http, model, 
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
                                             logprobs=True, top_logprobs=2, stream=True)
     streamed = [e for c in stream for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
-    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole.choices[0].logprobs.content]
+    # the same tokens and numbers but for float rounding (the prompt may come from the prefix cache)
+    expected = whole.choices[0].logprobs.content
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in streamed] == \
+        [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in expected]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in expected], abs=1e-4)
     body = chat(max_tokens=10, temperature=0, logprobs=True, top_logprobs=2, stream=True)
     for chunk in events(http.post(CHAT, json=body)):
         check_shape(OpenAIChatCompletionChunk, chunk)
@@ -520,7 +524,7 @@ def test_completion_logprobs_in_openais_legacy_shape(client, http, model, tok):
     stream = client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=8, temperature=0, logprobs=2,
                                        stream=True)
     streamed = [v for c in stream for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
-    assert streamed == logprobs.token_logprobs
+    assert streamed == pytest.approx(logprobs.token_logprobs, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +589,8 @@ def test_the_async_client_gets_logprobs_penalties_and_refusals(base_url, model, 
                                                       stream=True, stream_options={"include_usage": True})
         chunks = [c async for c in stream]
         streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
-        assert [e.logprob for e in streamed] == [e.logprob for e in content]
+        # the same numbers but for float rounding: the second request's prompt comes from the prefix cache
+        assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0
         with pytest.raises(openai.BadRequestError) as refused:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES,
