@@ -599,3 +599,22 @@ def test_the_async_client_gets_logprobs_penalties_and_refusals(base_url, model, 
         await client.close()
 
     asyncio.run(main())
+
+
+def test_stop_token_ids_and_min_tokens_our_extensions(client, http, tok):
+    """vLLM's extensions: a stop token id ends the choice (showing no text); min_tokens keeps it out until
+    that many tokens are generated."""
+    fox = tok.encode("fox")[0]
+    options = {"stop_token_ids": [fox], "logit_bias": {str(fox): 100}}  # the model would say fox at once
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, extra_body=options)
+    assert reply.choices[0].message.content == "" and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 1
+    later = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+                                           extra_body={**options, "min_tokens": 3})
+    assert later.choices[0].finish_reason == "stop" and later.usage.completion_tokens == 4
+    assert text_of(tok, [fox]) not in later.choices[0].message.content
+    text = client.completions.create(model=MODEL, prompt="the", max_tokens=6, extra_body={**options, "min_tokens": 2})
+    assert text.usage.completion_tokens == 3 and text.choices[0].finish_reason == "stop"
+    assert_error(http.post(CHAT, json=chat(max_tokens=2, min_tokens=3)), 400, param="min_tokens")
+    assert_error(http.post(CHAT, json=chat(stop_token_ids=[1, tok.vocab_size])), 400, param="stop_token_ids[1]")
+    assert_error(http.post(COMPLETIONS, json=completion(stop_token_ids=[-1])), 400, param="stop_token_ids[0]")

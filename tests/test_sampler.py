@@ -197,3 +197,14 @@ def test_a_penalty_changes_the_greedy_choice_and_a_bias_forces_a_token():
 def test_invalid_penalties_and_biases_raise(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_min_tokens_keeps_stop_tokens_out_of_short_rows_only():
+    logits = torch.zeros(3, V)
+    logits[:, 7] = 10.0  # the stop token is by far the likeliest
+    params = [SamplingParams(temperature=0.0, stop_token_ids=[7], min_tokens=2, max_tokens=4)] * 2 + \
+             [SamplingParams(temperature=1.0, stop_token_ids=[7], min_tokens=3, max_tokens=4)]
+    tokens = sample(logits, params, [make_generator(b) for b in range(3)], [[1], [1, 2], [1, 2]])
+    assert tokens[0].item() != 7 and tokens[1].item() == 7 and tokens[2].item() != 7
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)

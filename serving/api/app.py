@@ -198,6 +198,13 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         # 1e-5 is greedy), and a tiny top_p rounds to 0, keeping no token; 1e-5 keeps just the top one
         temperature = 0.0 if body.temperature < SAMPLING_EPS else body.temperature
         top_p = max(body.top_p, SAMPLING_EPS)
+        if body.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens is {body.min_tokens}, more than max_tokens ({max_tokens})",
+                              param="min_tokens")
+        for i, token in enumerate(body.stop_token_ids):
+            if token >= tokenizer.vocab_size:
+                raise bad_request(f"stop_token_ids[{i}] is {token}, not below the vocabulary's size "
+                                  f"{tokenizer.vocab_size}", param=f"stop_token_ids[{i}]")
         bias = {int(token): value for token, value in body.logit_bias.items()}
         if any(token >= tokenizer.vocab_size for token in bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary's size {tokenizer.vocab_size}",
@@ -205,8 +212,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               logit_bias=bias,
-                              max_tokens=max_tokens, stop=body.stop or [], stop_token_ids=stop_token_ids,
-                              n=body.n, logprobs=body.num_logprobs)
+                              max_tokens=max_tokens, stop=body.stop or [], n=body.n, logprobs=body.num_logprobs,
+                              stop_token_ids=stop_token_ids + body.stop_token_ids, min_tokens=body.min_tokens)
 
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:
         if len(prompt_ids) > max_prompt_tokens:

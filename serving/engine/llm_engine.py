@@ -8,8 +8,10 @@ Notable:
   seeded request reproduces every choice and its choices differ. The choices are independent sequences;
   when admitted in different steps they share the prompt's full blocks through the prefix cache.
 - every request also stops at <|assistant_end|> and <|bos|> (end of turn, start of a new document),
-  besides its own stop_token_ids; a stop token is reported as a token (no text) and counts as a
-  completion token, like vLLM's EOS.
+  besides its own stop_token_ids; a stop token is reported as a token (no text, even for an ordinary
+  token given in stop_token_ids) and counts as a completion token, like vLLM's EOS. min_tokens: the
+  sampler keeps the stop tokens out until a choice has that many tokens, and stop strings only match
+  from then on.
 - the context is bounded by max_model_len (the model's training sequence_len unless given, and never
   more than the KV cache holds): a prompt that leaves no room to generate is refused with a ValueError
   naming the limits; max_tokens is cut to the room the prompt leaves, and a choice that reaches the end
@@ -154,7 +156,8 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the model's maximum context length "
                              f"is {self.max_model_len} tokens, including at least 1 to generate")
         stops = params.stop_token_ids + [t for t in self.end_of_turn if t not in params.stop_token_ids]
-        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops)
+        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops,
+                                   min_tokens=min(params.min_tokens, room))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -204,7 +207,7 @@ class LLMEngine:
         rows = [i for i, t in enumerate(tokens) if t == -1]
         if rows:
             seqs = [choices[i].seq for i in rows]
-            outputs = [seq.output_token_ids if seq.sampling.penalized else [] for seq in seqs]
+            outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
             drawn = sample(logits[rows], [seq.sampling for seq in seqs], [choices[i].generator for i in rows],
                            outputs).tolist()
             for i, token in zip(rows, drawn, strict=True):
@@ -215,13 +218,15 @@ class LLMEngine:
         """Account for the token postprocess just appended: tool state, text, stop strings, the end."""
         seq = choice.seq
         if token in seq.sampling.stop_token_ids:
-            logprobs = None
+            logprobs = None  # no text is shown for it
         if not seq.is_finished:
             self._tool(choice, token)
         before = len(choice.text)
-        choice.text += choice.decoder.decode(self.tokenizer.id_to_bytes(token))
+        is_stop = token in seq.sampling.stop_token_ids  # a stop token shows no text, whatever it stands for
+        choice.text += choice.decoder.decode(b"" if is_stop else self.tokenizer.id_to_bytes(token))
         reason = seq.finish_reason
-        stop_at = _find_stop(choice.text, seq.sampling.stop, before)
+        stops = seq.sampling.stop if seq.num_output_tokens >= seq.sampling.min_tokens else []
+        stop_at = _find_stop(choice.text, stops, before)
         if stop_at is not None:
             choice.text = choice.text[:stop_at]
             reason = "stop"

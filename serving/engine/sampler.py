@@ -5,7 +5,7 @@ Notable:
 - float32 throughout, whatever dtype the logits come in.
 - first the logits are adjusted, as OpenAI defines it: presence and frequency penalties over each row's
   generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), then
-  logit_bias added. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
+  logit_bias added, then the stop tokens of rows short of their min_tokens masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
   for neither cost nothing. Greedy rows see the adjusted logits too.
 - temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p (the nucleus:
   the fewest most likely tokens whose probability mass reaches top_p), then one draw.
@@ -37,7 +37,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator],
            output_ids: list[list[int]] | None = None) -> Tensor:
     """Token ids (B,) for logits (B, V): row b follows params[b] and draws from generators[b].
-    output_ids[b]: the tokens row b generated so far (only read for rows with penalties)."""
+    output_ids[b]: the tokens row b generated so far (only read for rows with penalties or min_tokens)."""
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits need {B} params and {B} generators, "
@@ -62,14 +62,15 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
     """logits (float32) with the rows' penalties and logit_bias applied; the input itself when none asks."""
     penalized = [b for b, p in enumerate(params) if p.penalized]
     biased = [b for b, p in enumerate(params) if p.logit_bias]
-    if not penalized and not biased:
+    if output_ids is None and any(p.needs_outputs for p in params):
+        raise ValueError("penalties and min_tokens need each row's output_ids")
+    short = [b for b, p in enumerate(params) if p.min_tokens and len(output_ids[b]) < p.min_tokens]
+    if not penalized and not biased and not short:
         return logits
     logits = logits.clone()
     B, V = logits.shape
     device = logits.device
     if penalized:
-        if output_ids is None:
-            raise ValueError("penalties need each row's output_ids")
         lengths = torch.tensor([len(output_ids[b]) for b in penalized], device=device)
         flat = torch.tensor(list(itertools.chain.from_iterable(output_ids[b] for b in penalized)),
                             dtype=torch.long, device=device)
@@ -87,6 +88,12 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
         index = (torch.tensor([rows[i] for i in keep], dtype=torch.long, device=device),
                  torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=device))
         logits.index_put_(index, torch.tensor([values[i] for i in keep], device=device), accumulate=True)
+    if short:
+        rows = [b for b in short for t in params[b].stop_token_ids if t < V]
+        tokens = [t for b in short for t in params[b].stop_token_ids if t < V]
+        index = (torch.tensor(rows, dtype=torch.long, device=device),
+                 torch.tensor(tokens, dtype=torch.long, device=device))
+        logits.index_put_(index, torch.tensor(float("-inf"), device=device))
     return logits
 
 

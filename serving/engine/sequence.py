@@ -47,10 +47,16 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times how often the token was generated so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
+    min_tokens: int = 0  # no stop token (nor stop string) before this many generated tokens (vLLM's)
 
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def needs_outputs(self) -> bool:
+        """Whether the sampler reads the generated tokens (penalties, min_tokens)."""
+        return self.penalized or self.min_tokens > 0
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -79,6 +85,9 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not isinstance(self.logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id to bias, got {self.logit_bias!r}")
         for token_id, bias in self.logit_bias.items():
