@@ -259,8 +259,8 @@ def test_unknown_fields_are_refused_as_openai_does_except_our_top_k(client, http
         error = assert_error(http.post(route, json=body), 400, param="min_p")
         assert error["message"] == "Unrecognized request argument supplied: min_p"
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"repetition_penalty": 1.2})
-    assert refused.value.param == "repetition_penalty"
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"guided_json": {}})
+    assert refused.value.param == "guided_json"
     assert_error(http.post(CHAT, json=chat(messages=[{"role": "user", "content": "hi", "nickname": "x"}])), 400,
                  param="messages[0].nickname")
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"top_k": 5})
@@ -532,13 +532,15 @@ def test_completion_logprobs_in_openais_legacy_shape(client, http, model, tok):
 
 
 def reference_with_penalties(model: GPT, tok: Tokenizer, prompt: list[int], max_tokens: int, presence: float,
-                             frequency: float) -> list[int]:
-    """Greedy decoding with OpenAI's penalties, one full forward per token."""
+                             frequency: float, repetition: float = 1.0) -> list[int]:
+    """Greedy decoding with OpenAI's penalties (and vLLM's repetition penalty first), one full forward per token."""
     ends = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
     out: list[int] = []
     with torch.no_grad():
         for _ in range(max_tokens):
             logits = model(torch.tensor([prompt + out]))[0, -1].float()
+            for token in set(prompt + out):
+                logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
             for token in set(out):
                 logits[token] -= frequency * out.count(token) + presence
             out.append(int(logits.argmax()))
@@ -618,3 +620,13 @@ def test_stop_token_ids_and_min_tokens_our_extensions(client, http, tok):
     assert_error(http.post(CHAT, json=chat(max_tokens=2, min_tokens=3)), 400, param="min_tokens")
     assert_error(http.post(CHAT, json=chat(stop_token_ids=[1, tok.vocab_size])), 400, param="stop_token_ids[1]")
     assert_error(http.post(COMPLETIONS, json=completion(stop_token_ids=[-1])), 400, param="stop_token_ids[0]")
+
+
+def test_repetition_penalty_our_extension_is_vllms(client, http, model, tok):
+    prompt = chat_prompt(tok, MESSAGES)
+    expected = reference_with_penalties(model, tok, prompt, 16, presence=0.0, frequency=0.0, repetition=1.8)
+    assert expected != reference_with_penalties(model, tok, prompt, 16, presence=0.0, frequency=0.0)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0,
+                                           extra_body={"repetition_penalty": 1.8})
+    assert reply.choices[0].message.content == text_of(tok, expected)
+    assert_error(http.post(CHAT, json=chat(repetition_penalty=0)), 400, param="repetition_penalty")

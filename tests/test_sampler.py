@@ -208,3 +208,20 @@ def test_min_tokens_keeps_stop_tokens_out_of_short_rows_only():
     assert tokens[0].item() != 7 and tokens[1].item() == 7 and tokens[2].item() != 7
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    from serving.engine.sampler import adjust_logits
+
+    logits = random_logits(3, seed=5)
+    params = [SamplingParams(repetition_penalty=1.5), SamplingParams(),
+              SamplingParams(repetition_penalty=0.8, presence_penalty=1.0)]
+    prompts, outputs = [[1, 2], [1], [3]], [[2, 9], [], [4]]
+    adjusted = adjust_logits(logits, params, outputs, prompts)
+    for b, p in enumerate(params):
+        expected = logits[b].clone()
+        for t in set(prompts[b] + outputs[b]) if p.repetition_penalty != 1.0 else []:
+            x = expected[t]
+            expected[t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        expected = reference_adjusted(expected, p, outputs[b])
+        assert torch.allclose(adjusted[b], expected), b

@@ -211,6 +211,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               param="logit_bias")
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty,
                               logit_bias=bias,
                               max_tokens=max_tokens, stop=body.stop or [], n=body.n, logprobs=body.num_logprobs,
                               stop_token_ids=stop_token_ids + body.stop_token_ids, min_tokens=body.min_tokens)

@@ -7,7 +7,7 @@ Notable:
 - no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
   that means "off" (`response_format` {"type": "text"}, `tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
   400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
-  extensions (`top_k`, `min_tokens`, `stop_token_ids`): a client that sends vLLM's extensions learns at once that they do nothing here.
+  extensions (`top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty`): a client that sends vLLM's extensions learns at once that they do nothing here.
 - an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
 - the `developer` role is the `system` role (OpenAI's newer name for it).
 - assistant messages a client sends back as it got them (with `refusal`, `tool_calls`, ... null) are
@@ -15,7 +15,7 @@ Notable:
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
   `prompt`: a string or a list of one) are normalised to the list form before validation, rather than
   typed as unions, so an error names the field ("stop[1]") instead of a union member.
-- `top_k`, `min_tokens` and `stop_token_ids` are our extensions (vLLM's names; OpenAI has none); `max_completion_tokens` is OpenAI's newer name for
+- `top_k`, `min_tokens`, `stop_token_ids` and `repetition_penalty` are our extensions (vLLM's names; OpenAI has none); `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
 """
@@ -149,6 +149,7 @@ class SamplingRequest(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)  # no stop token or stop string before this many tokens
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # > 1 discourages every token seen (prompt too)
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Annotated[StopStrings | None, BeforeValidator(_one_or_many)] = None

@@ -208,8 +208,10 @@ class LLMEngine:
         if rows:
             seqs = [choices[i].seq for i in rows]
             outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
+            prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
+                       for seq in seqs]
             drawn = sample(logits[rows], [seq.sampling for seq in seqs], [choices[i].generator for i in rows],
-                           outputs).tolist()
+                           outputs, prompts).tolist()
             for i, token in zip(rows, drawn, strict=True):
                 tokens[i] = token
         return tokens

@@ -4,7 +4,8 @@ Next-token sampling for a batch of sequences, each with its own SamplingParams.
 Notable:
 - float32 throughout, whatever dtype the logits come in.
 - first the logits are adjusted, as OpenAI defines it: presence and frequency penalties over each row's
-  generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), then
+  generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), vLLM's
+  repetition_penalty over the prompt's and the generated tokens (applied first, as vLLM does), then
   logit_bias added, then the stop tokens of rows short of their min_tokens masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
   for neither cost nothing. Greedy rows see the adjusted logits too.
 - temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p (the nucleus:
@@ -35,16 +36,17 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           output_ids: list[list[int]] | None = None) -> Tensor:
+           output_ids: list[list[int]] | None = None, prompt_ids: list[list[int]] | None = None) -> Tensor:
     """Token ids (B,) for logits (B, V): row b follows params[b] and draws from generators[b].
-    output_ids[b]: the tokens row b generated so far (only read for rows with penalties or min_tokens)."""
+    output_ids[b]: the tokens row b generated so far, prompt_ids[b] its prompt (only read for rows with
+    penalties or min_tokens, and for repetition_penalty)."""
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits need {B} params and {B} generators, "
                          f"got {len(params)} and {len(generators)}")
     for p in params:
         _check(p)  # SamplingParams validates on construction, but it is mutable
-    logits = adjust_logits(logits.float(), params, output_ids)
+    logits = adjust_logits(logits.float(), params, output_ids, prompt_ids)
     greedy = logits.argmax(dim=-1)
     # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
     sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
@@ -58,25 +60,41 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
 MIN_TEMPERATURE = 1e-5
 
 
-def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list[list[int]] | None) -> Tensor:
-    """logits (float32) with the rows' penalties and logit_bias applied; the input itself when none asks."""
+def _counts(rows: list[int], ids: list[list[int]], B: int, V: int, device: torch.device) -> Tensor:
+    """(B, V) float: how often each token occurs in ids[b], for b in rows (zeros elsewhere), from one
+    index_put_ over the rows' tokens laid end to end."""
+    lengths = torch.tensor([len(ids[b]) for b in rows], device=device)
+    flat = torch.tensor(list(itertools.chain.from_iterable(ids[b] for b in rows)), dtype=torch.long, device=device)
+    index = torch.repeat_interleave(torch.tensor(rows, device=device), lengths)
+    counts = torch.zeros(B, V, device=device)
+    counts.index_put_((index, flat), torch.ones(len(flat), device=device), accumulate=True)
+    return counts
+
+
+def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list[list[int]] | None,
+                  prompt_ids: list[list[int]] | None = None) -> Tensor:
+    """logits (float32) with the rows' penalties, logit_bias and min_tokens applied; the input itself when
+    none asks."""
     penalized = [b for b, p in enumerate(params) if p.penalized]
+    repeated = [b for b, p in enumerate(params) if p.repetition_penalty != 1.0]
     biased = [b for b, p in enumerate(params) if p.logit_bias]
     if output_ids is None and any(p.needs_outputs for p in params):
         raise ValueError("penalties and min_tokens need each row's output_ids")
+    if repeated and prompt_ids is None:
+        raise ValueError("repetition_penalty needs each row's prompt_ids")
     short = [b for b, p in enumerate(params) if p.min_tokens and len(output_ids[b]) < p.min_tokens]
-    if not penalized and not biased and not short:
+    if not penalized and not repeated and not biased and not short:
         return logits
     logits = logits.clone()
     B, V = logits.shape
     device = logits.device
+    if repeated:  # vLLM's (from CTRL): seen tokens' positive logits divided, negative ones multiplied
+        seen = (_counts(repeated, output_ids, B, V, device) + _counts(repeated, prompt_ids, B, V, device)) > 0
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None].expand(B, V)
+        factor = torch.where(logits > 0, 1.0 / penalty, penalty)
+        logits = torch.where(seen, logits * factor, logits)
     if penalized:
-        lengths = torch.tensor([len(output_ids[b]) for b in penalized], device=device)
-        flat = torch.tensor(list(itertools.chain.from_iterable(output_ids[b] for b in penalized)),
-                            dtype=torch.long, device=device)
-        rows = torch.repeat_interleave(torch.tensor(penalized, device=device), lengths)
-        counts = torch.zeros(B, V, device=device)
-        counts.index_put_((rows, flat), torch.ones(len(flat), device=device), accumulate=True)
+        counts = _counts(penalized, output_ids, B, V, device)
         frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
         presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
         logits -= frequency * counts + presence * (counts > 0)

@@ -47,6 +47,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times how often the token was generated so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages every token of the prompt and the output
     min_tokens: int = 0  # no stop token (nor stop string) before this many generated tokens (vLLM's)
 
     @property
@@ -56,7 +57,7 @@ class SamplingParams:
     @property
     def needs_outputs(self) -> bool:
         """Whether the sampler reads the generated tokens (penalties, min_tokens)."""
-        return self.penalized or self.min_tokens > 0
+        return self.penalized or self.min_tokens > 0 or self.repetition_penalty != 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -85,6 +86,9 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0.0 < rp <= 2.0:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2], got {rp!r}")
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
