@@ -223,8 +223,9 @@ def test_unreachable_storage_fails_fast_before_ray_starts(s3_env: str, tmp_path:
     env.update(AWS_ENDPOINT_URL_S3=endpoint, RAY_TMPDIR=str(ray_tmp))
     started = time.monotonic()
     out = subprocess.run([NANOCHAT, "train", "base", "--storage", f"{s3_env}/x"],
-                         env=env, capture_output=True, text=True, timeout=15)
+                         env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
     assert "train base failed" in out.stderr and endpoint in out.stderr
     assert not ray_tmp.exists(), "storage must be checked before any Ray starts"
-    assert time.monotonic() - started < 15
+    # seconds alone (imports and botocore's retries), but a loaded 2-core machine may take several times that
+    assert time.monotonic() - started < 60
