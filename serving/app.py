@@ -8,6 +8,8 @@ Notable:
   engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
   than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
   gets a 429 with Retry-After, as it does without Ray
+- tokens travel from a replica to the ingress in lists, one Ray object per engine step (or more steps
+  when the ingress fell behind), not one per token
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
 - `app_builder` is the import path for KubeRay's RayService (`serving.app:app_builder`) and `serve run`
@@ -96,13 +98,15 @@ class EngineReplica:
         if self.cfg.reload_interval_s > 0:
             threading.Thread(target=self._watch, name="nanochat-checkpoint-watch", daemon=True).start()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: dict[str, Any]) -> AsyncIterator[list[TokenEvent]]:
+        """The request's events in lists, one Ray object per engine step rather than per token."""
         sampling = SamplingParams(**params)
         while True:
             loaded = self.loaded
             if loaded is None:
                 raise NoModelLoaded(f"no model loaded yet from {self.source.describe()}")
-            events = loaded.engine.generate(request_id, prompt_ids, sampling)
+            events = loaded.engine.generate_batches(request_id, prompt_ids, sampling)
             try:
                 first = await anext(events)
                 break
@@ -227,8 +231,9 @@ class RemoteEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         stream = self.handle.generate.remote(request_id, prompt_ids, asdict(params))
         try:
-            async for event in stream:
-                yield event
+            async for batch in stream:
+                for event in batch:
+                    yield event
         except BackPressureError as e:  # Ray Serve's queue bound: the request never reached a replica
             raise QueueFull(str(e)) from e  # (and cancelling it would raise this error again)
         except BaseException:  # a closed client stream (GeneratorExit), a cancellation, an error

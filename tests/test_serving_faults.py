@@ -139,6 +139,33 @@ def test_the_engine_replica_fails_its_health_check_once_its_engine_failed(local_
         replica.stop()
 
 
+def test_the_engine_replica_sends_a_step_of_tokens_per_object_not_one_per_token(local_storage, tmp_path):
+    """Every item the replica yields is one Ray object to the ingress: a step's events go together (the
+    4 choices' tokens), and a consumer that fell behind gets every step it missed in one item."""
+    tok = reply_tokenizer((FIRST, NEWER))
+    publish(local_storage, tok, 5, FIRST, tmp_path)
+    replica = make_replica(local_storage.uri, step=5)
+    params = {**chat_params(tok), "n": 4}
+
+    async def items() -> list[list]:
+        stream = replica.generate("n4", prompt(tok), params)
+        got = [await anext(stream)]
+        await asyncio.sleep(0.5)  # the engine runs on meanwhile
+        got += [item async for item in stream]
+        return got
+
+    try:
+        got = asyncio.run(items())
+    finally:
+        replica.stop()
+    events = [e for item in got for e in item]
+    assert "".join(e.text for e in events if e.index == 0) == FIRST
+    assert {e.finish_reason for e in events if e.token_id is None} == {"stop"} and len(events) > 4 * 6
+    assert len(got[0]) == 4 and {e.index for e in got[0]} == {0, 1, 2, 3}  # the first step: one per choice
+    assert len(got[1]) > 4  # several steps at once
+    assert len(got) < len(events) / 4
+
+
 # ---------------------------------------------------------------------------------------------
 # clients that leave
 

@@ -393,6 +393,18 @@ class AsyncEngine:
         """Stream the request's events until every choice has ended. Before the first event: ValueError
         for a request that cannot run, QueueFull when max_queue requests are unfinished. Closing or
         cancelling the iteration aborts the request and frees its blocks."""
+        batches = self.generate_batches(request_id, prompt_ids, params)
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, request_id: str, prompt_ids: list[int],
+                               params: SamplingParams) -> AsyncIterator[list[TokenEvent]]:
+        """generate(), as lists of the events that have arrived by the time the consumer asks (one step's,
+        or more when it fell behind): a Ray Serve replica sends one object per list, not per token."""
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
@@ -411,11 +423,16 @@ class AsyncEngine:
         finished = 0
         try:
             while finished < params.n:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished += item.finish_reason is not None
-                yield item
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    items.append(stream.queue.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished += item.finish_reason is not None
+                    batch.append(item)
+                yield batch
         finally:
             with self._cond:
                 self._streams.pop(request_id, None)
