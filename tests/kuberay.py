@@ -23,7 +23,6 @@ Only what the replay needs is modelled; the names of the KubeRay constants are g
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
 import subprocess
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAMESPACE = "default"
-KUBERAY_VERSION = "v1.5.1"
 DASHBOARD_PORT, AGENT_PORT, GCS_PORT, SERVE_PORT, METRICS_PORT = 8265, 52365, 6379, 8000, 8080
 UNIFIED_HEALTH_PATH = "api/healthz"  # Ray >= 2.53: one HTTP probe on the dashboard agent
 WGET_PROBE = "wget --tries 1 -T {timeout} -q -O- http://localhost:{port}/{path} | grep success"
@@ -255,8 +253,11 @@ def build_pod(cluster: str, group: dict[str, Any], node_type: str, *, image: str
 # running pods
 
 
-def docker(*args: str, check: bool = True, timeout: float = 120, docker_bin: str = "docker") -> subprocess.CompletedProcess:
-    out = subprocess.run([docker_bin, *args], capture_output=True, text=True, timeout=timeout)
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A docker command through the client the container tests use (tests/containers.py picks it)."""
+    from tests.containers import docker_client
+
+    out = subprocess.run([docker_client(), *args], capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise RuntimeError(f"docker {shlex.join(args[:4])} ... failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out
@@ -273,7 +274,3 @@ def logs(name: str, tail: int = 80) -> str:
     out = docker("logs", "--tail", str(tail), name, check=False)
     return out.stdout + out.stderr
 
-
-def environ_without_ray() -> dict[str, str]:
-    """This process's environment without the RAY_* variables an embedded Ray may have left behind."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -61,7 +61,6 @@ TINY = [  # tests/test_speedrun.py's shrunken tiny preset: what is tested is the
 
 @dataclass
 class Replay:
-    docker: str
     image: str
     network: str
     s3_endpoint: str  # as the containers (and this process) reach it
@@ -70,7 +69,7 @@ class Replay:
     containers: list[str] = field(default_factory=list)
 
     def start(self, pod: kuberay.Pod, publish: dict[int, int] | None = None) -> kuberay.Pod:
-        kuberay.docker(*pod.run_args(self.network, publish), docker_bin=self.docker)
+        kuberay.docker(*pod.run_args(self.network, publish))
         self.containers.append(pod.name)
         return pod
 
@@ -79,7 +78,7 @@ class Replay:
         while time.monotonic() < deadline:
             if kuberay.is_ready(pod):
                 return
-            state = kuberay.docker("inspect", "-f", "{{.State.Running}}", pod.name, docker_bin=self.docker).stdout
+            state = kuberay.docker("inspect", "-f", "{{.State.Running}}", pod.name).stdout
             assert state.strip() == "true", f"{pod.name} exited:\n{kuberay.logs(pod.name)}"
             time.sleep(1)
         raise AssertionError(f"{pod.name} not ready within {timeout_s} s:\n{kuberay.logs(pod.name)}")
@@ -129,19 +128,15 @@ def _secrets(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def replay(cpu_image: str) -> Iterator[Replay]:
-    from tests.containers import docker_client
-
-    docker = docker_client()
     network = f"nanochat-replay-{uuid.uuid4().hex[:8]}"
-    kuberay.docker("network", "create", network, docker_bin=docker)
-    gateway = kuberay.docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network,
-                             docker_bin=docker).stdout.strip()
+    kuberay.docker("network", "create", network)
+    gateway = kuberay.docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network).stdout.strip()
     port = free_port()
     log = Path(f"/tmp/{network}-moto.log")
     with open(log, "wb") as out:
         moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", gateway, "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
-    state = Replay(docker, cpu_image, network, f"http://{gateway}:{port}", f"nanochat-{uuid.uuid4().hex[:8]}",
+    state = Replay(cpu_image, network, f"http://{gateway}:{port}", f"nanochat-{uuid.uuid4().hex[:8]}",
                    secrets.token_hex(32))
     try:
         wait_until_answers(f"{state.s3_endpoint}/moto-api/", moto, log, "moto server")
@@ -149,8 +144,8 @@ def replay(cpu_image: str) -> Iterator[Replay]:
         yield state
     finally:
         for name in state.containers:
-            kuberay.docker("rm", "-f", name, check=False, docker_bin=docker)
-        kuberay.docker("network", "rm", network, check=False, docker_bin=docker)
+            kuberay.docker("rm", "-f", name, check=False)
+        kuberay.docker("network", "rm", network, check=False)
         stop_process(moto, timeout=10)
 
 
@@ -326,7 +321,7 @@ def speedrun_job(replay: Replay, chart: list[dict[str, Any]], serving: ServingCl
     assert latest in replay.s3_keys(latest), "base training wrote no checkpoint in 600 s"
     killed_at = int(_s3(replay.s3_endpoint).get_object(Bucket=replay.bucket, Key=latest)["Body"].read()
                     .decode().strip().removeprefix("step_"))
-    kuberay.docker("kill", worker.name, docker_bin=replay.docker)
+    kuberay.docker("kill", worker.name)
     replay.start(kuberay.build_pod(cluster, group, "worker", name=f"{worker.name}-2", **common))
 
     deadline = time.monotonic() + 900
@@ -400,5 +395,5 @@ def test_serving_picks_up_the_trained_model_and_chats(replay: Replay, chart: lis
                          "--user", f"{security.get('runAsUser', 1000)}:{security.get('runAsGroup', 1000)}",
                          *env, "--entrypoint", container["command"][0], replay.image,
                          *container["command"][1:], *container.get("args", []),
-                         check=False, timeout=120, docker_bin=replay.docker)
+                         check=False, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
