@@ -11,11 +11,11 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+import test_api
 import torch
 from openai.types import Completion as OpenAICompletion
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
@@ -31,11 +31,8 @@ from test_api import (
     assert_error,
     chat_prompt,
     greedy,
-    make_engine,
     serve,
     text_of,
-    tiny_model,
-    tiny_tokenizer,
 )
 
 from nanochat.gpt import GPT
@@ -51,39 +48,9 @@ BLOCK_SIZE = 8  # make_engine's
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}  # OpenAI's set
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
-
-
-@pytest.fixture(scope="module")
-def engine(model, tok) -> Iterator[AsyncEngine]:
-    engine = make_engine(model, tok)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_url(engine, tok) -> Iterator[str]:
-    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
-    with serve(app) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def http(base_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=30) as http:
-        yield http
+# the same server as tests/test_api.py's: its fixtures, over a tiny model and engine of this module's own
+tok, model, engine, base_url, client, http = (test_api.tok, test_api.model, test_api.engine, test_api.base_url,
+                                              test_api.client, test_api.http)
 
 
 def chat(**fields) -> dict:
