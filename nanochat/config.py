@@ -181,6 +181,7 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(32, ge=1, description="Ray Serve's per-replica cap; near the batch size")
     max_queued_requests: int = Field(64, ge=-1, description="Ray Serve's queue bound per engine replica, past which a request gets a 429 (-1: unbounded)")
     api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once, and holds queued beyond that before Serve's proxy answers 503 (0: twice what the engine replicas can run or queue, 2 x (max_ongoing_requests + max_queued_requests) x max_replicas, so that requests past the engines' bound reach it and get a 429 with Retry-After; Ray Serve's own default, 5, would hold the rest in its proxy unanswered)")
+    drain_timeout_s: float = Field(30, ge=0, description="on shutdown (SIGTERM), how long requests in flight may go on finishing while new ones get 503 with Retry-After; those still running then end with an error event (Ray Serve's graceful_shutdown_timeout_s of both deployments)")
     num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica")
 

@@ -8,6 +8,8 @@ Notable:
   engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
   than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
   gets a 429 with Retry-After, as it does without Ray
+- tokens travel from a replica to the ingress in lists, one Ray object per engine step (or more steps
+  when the ingress fell behind), not one per token
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
 - `app_builder` is the import path for KubeRay's RayService (`serving.app:app_builder`) and `serve run`
@@ -18,6 +20,11 @@ Notable:
   engine, which then shuts down (so for a while a replica holds two models and two KV caches). A
   checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
   served is the gauge nanochat:model_step and the `step` of /v1/models' entry.
+- /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
+  replica's check_health raises and Serve replaces it (the API's /health answers 503 meanwhile)
+- shutdown is graceful: Serve stops sending a replica requests and lets those in flight finish for up to
+  serve.drain_timeout_s (graceful_shutdown_timeout_s of both deployments) before it stops the replica, whose
+  engine then aborts what is left (its clients get an error event)
 - the ingress asks a replica which model is served (step, tokenizer) at most every REFRESH_S, so a swap
   reaches /v1/models within a second or so; it waits on that answer only while it knows of no model
 """
@@ -91,13 +98,15 @@ class EngineReplica:
         if self.cfg.reload_interval_s > 0:
             threading.Thread(target=self._watch, name="nanochat-checkpoint-watch", daemon=True).start()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: dict[str, Any]) -> AsyncIterator[list[TokenEvent]]:
+        """The request's events in lists, one Ray object per engine step rather than per token."""
         sampling = SamplingParams(**params)
         while True:
             loaded = self.loaded
             if loaded is None:
                 raise NoModelLoaded(f"no model loaded yet from {self.source.describe()}")
-            events = loaded.engine.generate(request_id, prompt_ids, sampling)
+            events = loaded.engine.generate_batches(request_id, prompt_ids, sampling)
             try:
                 first = await anext(events)
                 break
@@ -128,9 +137,11 @@ class EngineReplica:
         return loaded.engine.stats() if loaded is not None else {}
 
     def check_health(self) -> None:
+        """Raises once the served engine has failed (or stopped): Serve then replaces this replica."""
         loaded = self.loaded
         if loaded is not None and not loaded.engine.alive():
-            raise RuntimeError("the engine thread has stopped")
+            failure = loaded.engine.failure
+            raise RuntimeError(f"the engine has failed: {failure}" if failure else "the engine has stopped")
 
     def stop(self) -> None:
         """Stop looking for checkpoints and shut the engine down."""
@@ -220,8 +231,9 @@ class RemoteEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         stream = self.handle.generate.remote(request_id, prompt_ids, asdict(params))
         try:
-            async for event in stream:
-                yield event
+            async for batch in stream:
+                for event in batch:
+                    yield event
         except BackPressureError as e:  # Ray Serve's queue bound: the request never reached a replica
             raise QueueFull(str(e)) from e  # (and cancelling it would raise this error again)
         except BaseException:  # a closed client stream (GeneratorExit), a cancellation, an error
@@ -302,10 +314,12 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
                             "target_ongoing_requests": s.target_ongoing_requests},
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(source, s.model_dump())
     bound = s.ingress_max_ongoing_requests
-    ingress = Ingress.options(max_ongoing_requests=bound, max_queued_requests=bound)
+    ingress = Ingress.options(max_ongoing_requests=bound, max_queued_requests=bound,
+                              graceful_shutdown_timeout_s=s.drain_timeout_s)
     return ingress.bind(engine, no_model_hint(cfg, source), s.model_dump(), api_keys_from_env())
 
 

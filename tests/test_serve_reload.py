@@ -90,7 +90,8 @@ def prompt(tok: Tokenizer) -> list[int]:
 
 
 async def reply_of(replica: EngineReplica, tok: Tokenizer, request_id: str) -> str:
-    return "".join([e.text async for e in replica.generate(request_id, prompt(tok), chat_params(tok))])
+    return "".join([e.text async for batch in replica.generate(request_id, prompt(tok), chat_params(tok))
+                    for e in batch])
 
 
 def served_step(replica: EngineReplica) -> int | None:
@@ -136,14 +137,14 @@ def test_replica_swaps_in_a_newer_step_while_a_request_finishes_on_the_old_one(l
 
     async def scenario() -> tuple[str, str]:
         old = replica.generate("old", prompt(tok), chat_params(tok))
-        text = (await anext(old)).text  # in flight on step 5's engine
+        text = "".join(e.text for e in await anext(old))  # in flight on step 5's engine
         publish(local_storage, tok, 9, NEWER, tmp_path)
         deadline = time.monotonic() + 30
         while served_step(replica) != 9:
             assert time.monotonic() < deadline, "step 9 was not swapped in"
             await asyncio.sleep(0.05)
         new = await reply_of(replica, tok, "new")  # a new request goes to step 9 at once
-        text += "".join([e.text async for e in old])
+        text += "".join([e.text async for batch in old for e in batch])
         return text, new
 
     try:

@@ -7,6 +7,8 @@ Notable:
 - what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
   tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
   nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).
+- /health follows the engine: 503 once it has failed (a step raised) or is draining for shutdown, when new
+  requests get a 503 with Retry-After too, while the requests in flight go on streaming.
 - a request's fate is decided before its first byte: the route waits for the engine's first event, so
   a full queue (QueueFull) is a 429 and a prompt the context cannot hold (ValueError) a 400, never a
   stream that breaks off. Errors are OpenAI-shaped (errors.py).
@@ -223,8 +225,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        if not engine.alive():
-            raise unavailable("The engine has stopped")
+        if not engine.alive():  # failed, stopped, or draining for shutdown: send traffic elsewhere
+            raise unavailable("The engine is not taking requests (it failed, or the server is shutting down)")
         return {"status": "ok"}
 
     @app.get("/v1/models")

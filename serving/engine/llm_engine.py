@@ -41,6 +41,12 @@ Notable:
   asyncio.Queue fed with loop.call_soon_threadsafe; closing or cancelling the iteration (a client that
   disconnected) posts an abort. The queue bound counts requests accepted and not yet finished, including
   those still in the inbox, so a burst can never overshoot it.
+- a failed step (a CUDA error, a bug) ends the engine: every open stream gets the error, the thread stops,
+  alive() turns False and new requests get EngineStopped. A server's /health then answers 503 and Ray Serve
+  replaces the replica; carrying on would leave a replica that looks healthy while failing every request.
+- drain(timeout_s): the graceful end of a server. New requests get EngineStopped (503 with Retry-After)
+  and alive() turns False at once, so load balancers stop sending; requests in flight may finish within
+  timeout_s, then what is left is aborted (its streams end with "abort") and the thread stops.
 """
 
 from __future__ import annotations
@@ -375,6 +381,8 @@ class AsyncEngine:
         self._inbox: list[tuple] = []  # ("add", id, prompt, params, arrival) or ("abort", id), in order
         self._streams: dict[str, _Stream] = {}  # accepted and not finished: what the queue bound counts
         self._stopped = False
+        self._draining = False
+        self.failure: Exception | None = None  # what ended the engine thread, if it failed
         self._stats = engine.stats()
         self._progress: dict[str, _Progress] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
@@ -385,11 +393,25 @@ class AsyncEngine:
         """Stream the request's events until every choice has ended. Before the first event: ValueError
         for a request that cannot run, QueueFull when max_queue requests are unfinished. Closing or
         cancelling the iteration aborts the request and frees its blocks."""
+        batches = self.generate_batches(request_id, prompt_ids, params)
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, request_id: str, prompt_ids: list[int],
+                               params: SamplingParams) -> AsyncIterator[list[TokenEvent]]:
+        """generate(), as lists of the events that have arrived by the time the consumer asks (one step's,
+        or more when it fell behind): a Ray Serve replica sends one object per list, not per token."""
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
-            if self._stopped:
-                raise EngineStopped("the engine is shut down")
+            if self.failure is not None:
+                raise EngineStopped(f"the engine has failed: {self.failure}")
+            if self._stopped or self._draining:
+                raise EngineStopped("the engine is shut down or draining: it takes no new requests")
             if request_id in self._streams:
                 raise ValueError(f"request {request_id!r} is already running")
             if len(self._streams) >= self.max_queue:
@@ -401,11 +423,16 @@ class AsyncEngine:
         finished = 0
         try:
             while finished < params.n:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished += item.finish_reason is not None
-                yield item
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    items.append(stream.queue.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished += item.finish_reason is not None
+                    batch.append(item)
+                yield batch
         finally:
             with self._cond:
                 self._streams.pop(request_id, None)
@@ -419,8 +446,9 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     def alive(self) -> bool:
-        """Whether the engine thread still runs (a replica's health check)."""
-        return self._thread.is_alive()
+        """Whether the engine takes requests: its thread runs, no step has failed and it is not draining
+        (a server's /health, a replica's health check)."""
+        return self._thread.is_alive() and self.failure is None and not self._draining
 
     def unfinished(self) -> int:
         """Requests accepted and not yet finished (or abandoned by their consumer)."""
@@ -430,6 +458,20 @@ class AsyncEngine:
     def stats(self) -> dict:
         """LLMEngine.stats() as of the last step (safe from any thread)."""
         return dict(self._stats)
+
+    def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, let those in flight finish for up to timeout_s, then shut down; how many
+        were still unfinished (and aborted). Blocks: call it from a thread, not the event loop."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.unfinished() and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+        left = self.unfinished()
+        if left:
+            logger.warning("drain: %d requests still running after %gs are aborted", left, timeout_s)
+        self.shutdown()
+        return left
 
     def shutdown(self) -> None:
         """Abort what is left (its streams end with "abort"), stop the engine thread and wait for it."""
@@ -441,6 +483,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a broken step (or a bug): fail every stream rather than hang it, and stop
+            logger.exception("engine step failed: the engine stops")
+            self._fail(e)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not (self._stopped or self._inbox or self.engine.has_work()):
@@ -454,12 +503,7 @@ class AsyncEngine:
             if stopping:
                 for request_id in list(self._progress):
                     self.engine.abort(request_id)
-            try:
-                events = self.engine.step() if self.engine.has_work() else []
-            except Exception as e:  # a broken step must not hang every client: fail them and carry on
-                logger.exception("engine step failed")
-                self._fail_all(RuntimeError(f"engine step failed: {e}"))
-                events = []
+            events = self.engine.step() if self.engine.has_work() else []
             self._stats = self.engine.stats()
             self._record(events)
             self._deliver(events)
@@ -481,13 +525,24 @@ class AsyncEngine:
         if self.metrics is not None:
             self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
 
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self._progress):
+    def _fail(self, cause: Exception) -> None:
+        """End every accepted request (running or still in the inbox) with the error, and free its blocks."""
+        error = RuntimeError(f"engine step failed: {cause}")
+        with self._cond:
+            self.failure = cause
+            self._stopped = True
+            self._inbox = []
+            request_ids = list(self._streams)
+        for request_id in request_ids:
             self._send(request_id, [error])
-            self.engine.abort(request_id)
-            del self._progress[request_id]
+        for request_id in list(self._progress):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine is broken already: its blocks go with it
+                logger.exception("aborting %s after the failure", request_id)
             if self.metrics is not None:
                 self.metrics.on_finish(request_id)
+        self._progress.clear()
         self.engine.pending.clear()  # their streams have already ended with the error
 
     def _record(self, events: list[TokenEvent]) -> None:
