@@ -311,6 +311,19 @@ def test_a_rejected_tool_call_forces_nothing(tok):
                                           sp("<|assistant_end|>")]
 
 
+def test_a_tool_delimiter_sends_the_text_before_it_and_no_stop_string_spans_it(tok):
+    sp = tok.encode_special
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    call = [sp("<|python_start|>"), b, sp("<|python_end|>")]  # "b" is a name: no output is forced
+    engine = make_engine(bigram_model(tok, chain(sp("<|assistant_start|>"), a, *call, sp("<|assistant_end|>")),
+                                      default=a), tok)
+    engine.add_request("r", [sp("<|assistant_start|>")], SamplingParams(temperature=0.0, max_tokens=9, stop=["ab"]))
+    choice = run(engine)["r", 0]
+    assert choice.tokens == [a, *call, sp("<|assistant_end|>")]
+    assert choice.texts == ["", "a", "b", "", ""]  # "a" waits (it could begin "ab") until <|python_start|>
+    assert (choice.text, choice.finish_reason) == ("ab", "stop")
+
+
 # ---------------------------------------------------------------------------------------------
 # AsyncEngine
 

@@ -27,6 +27,10 @@ Notable:
   Forced tokens wait in the choice's queue and take the place of the sampled token, one per step: they
   are appended to the sequence like sampled ones, so the next step computes their KV like any token;
   they count as completion tokens and are streamed as text.
+- a tool delimiter (<|python_start|>, <|python_end|>, <|output_start|>, <|output_end|>) is a boundary of
+  the text: everything before it is sent with its event (no text held back for a stop string, a cut
+  UTF-8 character flushed as U+FFFD) and no stop string matches across it, so the API can cut a reply
+  into its text, tool call and tool output parts by these tokens alone.
 - each event carries its choice's cached_tokens: the prompt tokens the prefix cache held at admission
   (whole blocks, never the prompt's last token), for usage's prompt_tokens_details.
 - logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
@@ -119,6 +123,7 @@ class _Choice:
     emitted: int = 0  # characters of text already sent
     forced: deque[int] = field(default_factory=deque)  # calculator output waiting to be fed
     expr: list[int] | None = None  # tool call being written, None outside one
+    floor: int = 0  # where text stood at the last tool delimiter: stop strings only match after it
 
 
 class LLMEngine:
@@ -141,6 +146,7 @@ class LLMEngine:
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.tool_delimiters = frozenset({self.python_start, self.python_end, self.output_start, self.output_end})
         self.end_of_turn = [sp("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         self.requests: dict[str, list[_Choice]] = {}  # unfinished choices of each request
         self.choices: dict[int, _Choice] = {}  # by sequence id
@@ -234,7 +240,10 @@ class LLMEngine:
         choice.text += choice.decoder.decode(b"" if is_stop else self.tokenizer.id_to_bytes(token))
         reason = seq.finish_reason
         stops = seq.sampling.stop if seq.num_output_tokens >= seq.sampling.min_tokens else []
-        stop_at = _find_stop(choice.text, stops, before)
+        stop_at = _find_stop(choice.text, stops, before, choice.floor)
+        if not is_stop and token in self.tool_delimiters:  # it adds no text: no stop string ends here
+            choice.text += choice.decoder.decode(b"", final=True)
+            choice.floor = len(choice.text)  # nothing before it is held back for a stop string
         if stop_at is not None:
             choice.text = choice.text[:stop_at]
             reason = "stop"
@@ -243,7 +252,7 @@ class LLMEngine:
         elif reason is not None:
             choice.text += choice.decoder.decode(b"", final=True)  # a cut character becomes U+FFFD
         if reason is None:
-            end = len(choice.text) - _held_back(choice.text, choice.emitted, seq.sampling.stop)
+            end = len(choice.text) - _held_back(choice.text, max(choice.emitted, choice.floor), seq.sampling.stop)
             return [self._event(choice, token, self._emit(choice, end), None, logprobs)]
         del self.choices[seq.id]
         remaining = self.requests[choice.request_id]
@@ -321,9 +330,10 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None])
     return out
 
 
-def _find_stop(text: str, stops: list[str], before: int) -> int | None:
-    """Where the earliest stop string in text starts, looking only at matches that end in the new text."""
-    found = [i for s in stops if (i := text.find(s, max(0, before - len(s) + 1))) != -1]
+def _find_stop(text: str, stops: list[str], before: int, floor: int = 0) -> int | None:
+    """Where the earliest stop string in text starts, looking only at matches that end in the new text
+    and start at floor or after."""
+    found = [i for s in stops if (i := text.find(s, max(floor, before - len(s) + 1))) != -1]
     return min(found) if found else None
 
 
