@@ -76,10 +76,30 @@ CHUNK_CHOICE = {"index", "delta", "finish_reason"}
 TEXT_CHOICE = {"index", "text", "finish_reason", "logprobs"}
 
 
+PART_TYPES = {"text", "python", "python_output"}
+
+
+def check_content_parts(parts: object, where: str) -> None:
+    """Our one extension of a message and a delta (serving/api/parts.py): the calculator's parts."""
+    assert where.endswith((".message", ".delta")), f"{where}: content_parts only belongs to a message or a delta"
+    assert isinstance(parts, list) and parts, where
+    for part in parts:
+        keys = {"type", "text", "index"} if where.endswith(".delta") else {"type", "text"}
+        assert set(part) == keys and part["type"] in PART_TYPES and isinstance(part["text"], str), (where, part)
+        if where.endswith(".message"):
+            assert part["type"] != "text" or part["text"], (where, parts)
+    if where.endswith(".message"):
+        assert any(part["type"] != "text" for part in parts), f"{where}: content_parts without a tool part"
+
+
 def no_extras(value: object, where: str = "") -> None:
-    """Every field of a parsed openai object is one its type declares (they allow extras)."""
+    """Every field of a parsed openai object is one its type declares (they allow extras), but our
+    documented extension content_parts, whose shape is checked instead."""
     if isinstance(value, BaseModel):
-        assert not value.model_extra, f"{where}: fields openai does not define: {value.model_extra}"
+        extra = dict(value.model_extra or {})
+        if "content_parts" in extra:
+            check_content_parts(extra.pop("content_parts"), where)
+        assert not extra, f"{where}: fields openai does not define: {extra}"
         for name in type(value).model_fields:
             no_extras(getattr(value, name), f"{where}.{name}")
     elif isinstance(value, list):

@@ -31,6 +31,10 @@ Notable:
   exact bytes in `bytes`), a special token its name. A completion's text_offset is where the text sent
   so far stood when the token came (text held back for a stop string comes later).
 - echo (completions) puts the prompt's text before each choice's text, in the first streamed chunk.
+- the calculator: a chat reply is cut into text, call and output parts (parts.py); `content` holds the
+  text, and a reply that called the tool also has `content_parts`, streamed as deltas of their own. An
+  assistant message sent back with its content_parts renders them as in training. A text completion's
+  text keeps the call and output inline: the prompt is raw text, with no turns to hold parts.
 - /tokenize, /detokenize and /version follow vLLM's routes: a prompt or messages to the token ids the
   completions would run (and the engine's max_model_len), token ids back to text, the server's version.
   The first two need the served tokenizer (503 before a model exists) and, like /v1/, an API key when
@@ -48,7 +52,7 @@ import hmac
 import importlib.metadata
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -71,6 +75,7 @@ from serving.api.errors import (
     queue_full,
     unavailable,
 )
+from serving.api.parts import PartSplitter, Piece
 from serving.api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -83,6 +88,8 @@ from serving.api.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ContentPart,
+    ContentPartDelta,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
@@ -251,10 +258,11 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
         if body.stream:
             return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer))
-        await until_disconnected(request, run.collect())
-        choices = [ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason,
+        splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
+        await until_disconnected(request, run.collect(lambda e: splitters[e.index].add(e.token_id, e.text)))
+        choices = [ChatChoice(index=i, message=response_message(parts), finish_reason=reason,
                               logprobs=chat_logprobs(tokenizer, infos) if body.logprobs else None)
-                   for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs))]
+                   for i, (parts, reason, infos) in enumerate(zip(splitters, run.finish_reasons, run.logprobs))]
         return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
                                             usage=run.usage()))
 
@@ -343,8 +351,8 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
         # render_for_completion would silently drop a final assistant message: say so instead
         raise bad_request("The last message must be from the user", param=f"messages[{last}].role")
     # developer is OpenAI's newer name for the system role
-    conversation = {"messages": [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-                                 for m in messages]}
+    conversation = {"messages": [{"role": "system" if m.role == "developer" else m.role,
+                                  "content": m.rendered_content} for m in messages]}
     try:
         return tokenizer.render_for_completion(conversation)
     except ValueError as e:  # roles out of order: the chat format alternates user and assistant
@@ -379,6 +387,19 @@ def chat_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo]) -> ChoiceLogprob
         TokenLogprob(**token_piece(tokenizer, i.token), logprob=i.logprob,
                      top_logprobs=[TopLogprob(**token_piece(tokenizer, t), logprob=lp) for t, lp in i.top])
         for i in infos])
+
+
+def response_message(parts: PartSplitter) -> ResponseMessage:
+    """A reply's message: its text, and all its parts when it called the calculator."""
+    content_parts = [ContentPart(**part) for part in parts.parts] if parts.has_tool_parts else None
+    return ResponseMessage(content=parts.content, content_parts=content_parts)
+
+
+def piece_delta(piece: Piece) -> dict:
+    """A streamed piece as a delta: text as OpenAI's content, a calculator part as our content_parts."""
+    if piece.type == "text":
+        return {"content": piece.text}
+    return {"content_parts": [ContentPartDelta(index=piece.index, type=piece.type, text=piece.text)]}
 
 
 def top_dict(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
@@ -427,10 +448,12 @@ class Run:
         async for event in self.events:
             yield self._record(event)
 
-    async def collect(self) -> None:
+    async def collect(self, observe: Callable[[TokenEvent], object] | None = None) -> None:
+        """Every event, each one also given to observe."""
         try:
-            async for _ in self.stream():
-                pass
+            async for event in self.stream():
+                if observe is not None:
+                    observe(event)
         except Exception:
             # answered here rather than by the catch-all handler, after which uvicorn drops the connection
             log.exception("request %s failed", self.id)
@@ -557,17 +580,19 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
+    splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     async for event in run.stream():
         if event.finish_reason == "abort":
             yield shutting_down()
             return
-        if event.logprob is not None:
-            logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:])
-            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text}, logprobs=logprobs)])
-        elif event.text:
-            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text})])
+        pieces = splitters[event.index].add(event.token_id, event.text)
+        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+        for j, piece in enumerate(pieces):
+            token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
+            if piece.text or piece.type != "text" or token_logprobs is not None:
+                yield chunk([ChunkChoice(index=event.index, delta=piece_delta(piece), logprobs=token_logprobs)])
         if event.finish_reason is not None:
             yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)])
     if include_usage:

@@ -12,6 +12,10 @@ Notable:
 - the `developer` role is the `system` role (OpenAI's newer name for it).
 - assistant messages a client sends back as it got them (with `refusal`, `tool_calls`, ... null) are
   accepted; those fields with a value are refused.
+- the built-in calculator's calls and outputs come back in `content_parts`, our extension of the message
+  and of the streamed delta (serving/api/parts.py says why not `tool_calls`); an assistant message sent
+  back with them is rendered part by part, as in training. Client functions (`tools`, `tool_choice`,
+  `functions`, `function_call`) are refused: the model was trained for its calculator only.
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
   `prompt`: a string or a list of one) are normalised to the list form before validation, rather than
   typed as unions, so an error names the field ("stop[1]") instead of a union member.
@@ -85,7 +89,8 @@ def _empty(value: Any) -> bool:
     return value in ([], {}) and isinstance(value, (list, dict))
 
 
-NOT_TRAINED = "this model was not trained to call client functions (its only tool is its built-in calculator)"
+NOT_TRAINED = ("this model was not trained to call client functions: its only tool is its built-in calculator, "
+               "which the server runs itself and returns in the message's content_parts")
 # each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
 REFUSED: dict[str, tuple[Any, str]] = {
     "response_format": (_off({"type": "text"}), 'response_format: only {"type": "text"} is supported'),
@@ -193,25 +198,74 @@ class TextPart(StrictModel):
     text: Text
 
 
+class MessagePart(StrictModel):
+    """A part of an assistant message as the API returned it in content_parts (serving/api/parts.py)."""
+
+    type: Literal["text", "python", "python_output"]
+    text: Text
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[list[TextPart], BeforeValidator(_text_parts)]
     name: Any = None  # refused: the chat format has no participant names
+    # an assistant message's text, calculator calls and outputs in order (our extension; see parts.py)
+    content_parts: list[MessagePart] | None = None
     # what an assistant message we answered carries, sent back as is: accepted only when null (or empty)
     refusal: None = None
-    tool_calls: Annotated[list[Any], Field(max_length=0)] = []
+    tool_calls: list[Any] = []
     function_call: None = None
     audio: None = None
     annotations: Annotated[list[Any], Field(max_length=0)] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_from_parts(cls, data: Any) -> Any:
+        """With content_parts, content may be left out or null (as OpenAI's with tool calls): it is then
+        the text parts."""
+        if isinstance(data, dict) and data.get("content") is None and isinstance(data.get("content_parts"), list):
+            parts = data["content_parts"]
+            return {**data, "content": "".join(p.get("text", "") for p in parts
+                                               if isinstance(p, dict) and p.get("type") == "text"
+                                               and isinstance(p.get("text"), str))}
+        return data
 
     @field_validator("name")
     @classmethod
     def _no_name(cls, value: Any) -> Any:
         raise ValueError("name is not supported: the chat format has no participant names")
 
+    @field_validator("content_parts")
+    @classmethod
+    def _parts_match(cls, value: list[MessagePart] | None, info: ValidationInfo) -> list[MessagePart] | None:
+        if value is None:
+            return value
+        if info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has content parts (the calculator's calls and outputs)")
+        content = info.data.get("content")
+        text = "".join(part.text for part in value if part.type == "text")
+        if content is not None and "".join(part.text for part in content) != text:
+            raise ValueError("the text parts must add up to the message's content (or leave content out)")
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any]) -> list[Any]:
+        if value:
+            raise ValueError("this model calls no client functions; its calculator's calls and outputs are sent "
+                             "back in content_parts, as the server returned them")
+        return value
+
     @property
     def text(self) -> str:
         return "".join(part.text for part in self.content)
+
+    @property
+    def rendered_content(self) -> str | list[dict]:
+        """The content as nanochat/tokenizer.py's conversations hold it: the parts when given, else the text."""
+        if self.content_parts is None:
+            return self.text
+        return [{"type": part.type, "text": part.text} for part in self.content_parts]
 
 
 class _ChatRefused(StrictModel):
@@ -321,10 +375,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 
+class ContentPart(BaseModel):
+    """A part of a reply: text, a calculator call the model wrote, or the output the server fed back."""
+
+    type: Literal["text", "python", "python_output"]
+    text: str
+
+
+class ContentPartDelta(BaseModel):
+    """A streamed piece of a reply's part `index` (its place in the message's content_parts)."""
+
+    index: int
+    type: Literal["text", "python", "python_output"]
+    text: str
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str  # the text parts: the calculator's calls and outputs are in content_parts
     refusal: None = None  # OpenAI's schema requires it (null: the model did not refuse)
+    # our extension, only when the reply called the calculator: every part in order (serving/api/parts.py)
+    content_parts: list[ContentPart] | None = Field(None, exclude_if=lambda parts: parts is None)
 
 
 class ChatChoice(BaseModel):
@@ -345,7 +416,9 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant"} first, then {"content": ...}, {} with the finish_reason
+    # {"role": "assistant", "content": ""} first, then {"content": ...} or (a calculator call or output)
+    # {"content_parts": [ContentPartDelta]}, and {} with the finish_reason
+    delta: dict[str, str | list[ContentPartDelta]]
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
