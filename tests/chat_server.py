@@ -8,6 +8,8 @@ Notable:
   token, and all of them differ. So a bigram GPT (next token from the current one only, weights set by
   hand as in tests/test_engine.py) spells REPLY out after <|assistant_start|> and then ends its turn,
   whatever the conversation before it.
+- TOOL_PARTS is a reply that calls the calculator: tool_reply_model writes its text and its call, the
+  server runs the call and forces the output, and the model goes on after <|output_end|> as trained.
 - PacedGPT sleeps in every forward, as a bigger model on a busier machine would take time: a stream then
   spreads over visible time and clients can be seen to render it piece by piece.
 """
@@ -30,6 +32,13 @@ REPLY_TEXT = "Hello world, try x: <img src=x onerror=alert(1)> done"  # REPLY re
 XSS = "<img src=x onerror=alert(1)>"
 
 
+# a reply with a calculator call: what the model writes, and (python_output) what the server feeds back
+TOOL_PARTS = [{"type": "text", "text": "Twelve apples cost "}, {"type": "python", "text": "12*3"},
+              {"type": "python_output", "text": "36"}, {"type": "text", "text": "36 dollars."}]
+TOOL_TEXT = "Twelve apples cost 36 dollars."  # the text parts: the reply's content
+TOOL_CORPUS = "Twelve apples cost 12*3 36 dollars."  # for reply_tokenizer: each piece one token
+
+
 def reply_tokenizer(replies: tuple[str, ...] = (REPLY,)) -> Tokenizer:
     """A tokenizer in which every pre-token of the replies is one token."""
     return Tokenizer.train_from_iterator(list(replies), 256 + len(SPECIAL_TOKENS) + 100 * len(replies))
@@ -50,11 +59,25 @@ def reply_model(tok: Tokenizer, cls: type[GPT] = GPT, reply_text: str = REPLY) -
 
     With nanochat's init every block is the identity (zero output projections), so the last hidden
     state is the normalised token embedding; one-hot embeddings and an lm_head row per successor make
-    the next token a function of the current one."""
+    the next token a function of the current one (script_model)."""
     sp = tok.encode_special
     reply = tok.encode(reply_text)
     assert len(set(reply)) == len(reply), "a bigram model cannot spell a reply that repeats a token"
-    script = [sp("<|assistant_start|>"), *reply, sp("<|assistant_end|>")]
+    return script_model(tok, [sp("<|assistant_start|>"), *reply, sp("<|assistant_end|>")], cls)
+
+
+def tool_reply_model(tok: Tokenizer, cls: type[GPT] = GPT) -> GPT:
+    """A real GPT that answers any conversation with TOOL_PARTS (greedy): it writes the text and the
+    call; the output is the server's, forced, and the model goes on from <|output_end|>."""
+    ids, _ = tok.render_conversation({"messages": [{"role": "user", "content": "?"},
+                                                   {"role": "assistant", "content": TOOL_PARTS}]})
+    script = ids[ids.index(tok.encode_special("<|assistant_start|>")):]
+    return script_model(tok, script, cls)
+
+
+def script_model(tok: Tokenizer, script: list[int], cls: type[GPT] = GPT) -> GPT:
+    """A real GPT whose greedy next token after script[i] is script[i + 1] (the last successor given for a
+    token wins: a token forced by the calculator may repeat), and script[1] after any other token."""
     successors = dict(zip(script, script[1:], strict=False))
     V = tok.vocab_size
     n_embd = V + (-V) % 8  # one dimension per token, in 4 heads of even size
@@ -64,7 +87,7 @@ def reply_model(tok: Tokenizer, cls: type[GPT] = GPT, reply_text: str = REPLY) -
         model.transformer.wte.weight.copy_(torch.eye(V, n_embd))
         head = torch.zeros(V, n_embd)
         for token in range(V):
-            head[successors.get(token, reply[0]), token] = 1.0
+            head[successors.get(token, script[1]), token] = 1.0
         model.lm_head.weight.copy_(head)
     return model.eval()
 
