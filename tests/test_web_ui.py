@@ -1,12 +1,25 @@
 """The web chat UI in a real browser (Debian's Chromium driven by Playwright) against the real server of
-tests/chat_server.py: streaming, safe rendering, regenerate, edit, settings, errors, phone width."""
+tests/chat_server.py: streaming, safe rendering, regenerate, edit, settings, errors, phone width, calculator
+calls (from a model that makes one) and token log-probabilities."""
 
 import os
 import random
 import time
 
 import pytest
-from chat_server import REPLY, REPLY_TEXT, XSS, PacedGPT, reply_model, reply_tokenizer, serve
+from chat_server import (
+    REPLY,
+    REPLY_TEXT,
+    TOOL_CORPUS,
+    TOOL_PARTS,
+    TOOL_TEXT,
+    XSS,
+    PacedGPT,
+    reply_model,
+    reply_tokenizer,
+    serve,
+    tool_reply_model,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -304,3 +317,61 @@ def test_no_text_becomes_markup(chat):
         for char in "<>&":
             assert result["text"].count(char) == text.count(char), (char, text)
     assert chat.dialogs == [] and chat.errors == []
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    tok = reply_tokenizer((REPLY, TOOL_CORPUS))
+    model = tool_reply_model(tok, PacedGPT)
+    model.delay_s = 0.02
+    with serve(model, tok) as running:
+        yield running
+
+
+def test_a_calculator_call_shows_as_its_own_block_and_goes_back_with_its_parts(browser, tool_server):
+    chat = Chat(browser, tool_server[0])
+    try:
+        chat.settings(temperature="0")
+        chat.send("how much are twelve apples?")
+        reply = chat.page.locator(".message.assistant .body")
+        block = reply.locator("details.tool")
+        assert block.count() == 1 and not block.evaluate("d => d.open")  # collapsed, its summary says it all
+        assert block.locator("summary").text_content() == "Calculator: 12*3 = 36"
+        assert reply.locator("p").all_text_contents() == ["Twelve apples cost ", "36 dollars."]  # the text, around it
+        block.locator("summary").click()
+        assert block.locator(".tool-call code").text_content() == "12*3"
+        assert block.locator(".tool-output code").text_content() == "36"
+        chat.send("and thirteen?")
+        assert chat.sent()["messages"][1] == {"role": "assistant", "content": TOOL_TEXT, "content_parts": TOOL_PARTS}
+        assert chat.page.locator(".message.assistant details.tool").count() == 2
+        assert chat.page.locator(".message.assistant details.tool").first.evaluate("d => d.open")  # kept open
+        assert chat.page.locator("#error").is_hidden() and chat.errors == []
+    finally:
+        chat.close()
+
+
+def test_log_probabilities_shade_each_token_when_asked(browser, tool_server):
+    chat = Chat(browser, tool_server[0])
+    try:
+        chat.settings(temperature="0")
+        chat.send("plain")
+        assert "logprobs" not in chat.sent() and chat.page.locator(".logprobs").count() == 0
+        chat.page.check("#logprobs")
+        chat.send("with log-probabilities")
+        body = chat.sent()
+        assert body["logprobs"] is True and body["top_logprobs"] == 5
+        tokens = chat.page.locator(".message.assistant").nth(1).locator(".logprobs .token")
+        texts = tokens.all_text_contents()
+        assert texts[:4] == ["Twelve", " apples", " cost", " "] and "<|python_start|>" in texts
+        assert "".join(t for t in texts if not t.startswith("<|")) == "Twelve apples cost 12*33636 dollars."
+        logprobs = [float(v) for v in tokens.evaluate_all("ts => ts.map(t => t.dataset.logprob)")]
+        assert all(v <= 0 for v in logprobs)
+        first = tokens.first
+        assert first.get_attribute("title").startswith('"Twelve": ') and "likeliest:" in first.get_attribute("title")
+        shades = set(tokens.evaluate_all("ts => ts.map(t => t.className)"))
+        assert all(c.startswith("token p") for c in shades)
+        chat.page.reload()
+        assert chat.page.locator("#logprobs").is_checked()
+        assert chat.errors == []
+    finally:
+        chat.close()

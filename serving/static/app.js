@@ -10,7 +10,13 @@
  *   replaces it and asks again: everything after it is gone, as in ChatGPT.
  * - model text only ever goes through renderMarkdown (markdown.js), which makes Text nodes and plain
  *   elements; user text is a Text node. Nothing from the server or the user is parsed as HTML.
- * - temperature, max tokens, model and API key persist in localStorage; the key is sent as a Bearer token.
+ * - a reply that called the calculator keeps its parts (the server's content_parts: text, the call, the
+ *   output, in order): the call and its output show as a collapsible block between the texts, and the
+ *   parts go back to the server with the message, so the next turn renders them as the model wrote them.
+ * - "Show log-probabilities" asks for each token's log-probability and its 5 likeliest alternatives, and
+ *   shows the reply's tokens under it, shaded the less likely they were, with the numbers in a tooltip.
+ * - temperature, max tokens, the log-probabilities switch, model and API key persist in localStorage; the
+ *   key is sent as a Bearer token.
  * - errors (an HTTP error in OpenAI's shape, an error event inside the stream, a dropped connection)
  *   show in #error, with Retry-After when the server is overloaded.
  */
@@ -28,10 +34,14 @@ const ui = {
   temperature: document.getElementById("temperature"),
   maxTokens: document.getElementById("max-tokens"),
   apiKey: document.getElementById("api-key"),
+  logprobs: document.getElementById("logprobs"),
 };
 const SAVED = ["temperature", "maxTokens", "apiKey", "model"]; // ui fields kept in localStorage
+const TOP_LOGPROBS = 5;
 
-const messages = []; // {role: "user" | "assistant", content: string, finish?: string}
+// {role: "user" | "assistant", content: string, finish?: string, and for a reply: parts: [{type, text}]
+// (content_parts: text, python, python_output) and, when asked for, logprobs: [{token, logprob, top_logprobs}]}
+const messages = [];
 let streaming = null; // the AbortController of the reply being streamed
 let editing = -1; // index of the user message open for editing
 
@@ -109,6 +119,83 @@ function editor(i) {
 
 const FINISH_NOTES = new Map([["length", "stopped at the max tokens limit"], ["stopped", "stopped"]]);
 
+function hasToolParts(message) {
+  return (message.parts || []).some((part) => part.type !== "text");
+}
+
+/* A calculator call and its output (output may be missing: a call the calculator refused). */
+function toolView(call, output) {
+  const block = document.createElement("details");
+  block.className = "tool";
+  block.open = Boolean(call.open);
+  block.addEventListener("toggle", () => { call.open = block.open; }); // survives redraws
+  const summary = document.createElement("summary");
+  summary.textContent = "Calculator: " + call.text + (output ? " = " + output.text : "");
+  block.append(summary);
+  for (const [label, part] of [["call", call], ["output", output]]) {
+    if (!part) continue;
+    const row = document.createElement("div");
+    row.className = "tool-" + label;
+    const name = document.createElement("span");
+    name.className = "label";
+    name.textContent = label;
+    const code = document.createElement("code");
+    code.textContent = part.text;
+    row.append(name, code);
+    block.append(row);
+  }
+  return block;
+}
+
+/* A reply's body: its text as markdown, with each calculator call (and its output) as a block in place. */
+function replyNodes(message) {
+  if (!hasToolParts(message)) return [renderMarkdown(message.content)];
+  const nodes = [];
+  const parts = message.parts;
+  for (let i = 0; i < parts.length; i++) {
+    const part = parts[i];
+    if (part.type === "text") nodes.push(renderMarkdown(part.text));
+    else if (part.type === "python") {
+      const output = parts[i + 1] && parts[i + 1].type === "python_output" ? parts[++i] : null;
+      nodes.push(toolView(part, output));
+    } else nodes.push(toolView({ text: "", open: part.open }, part)); // an output with no call before it
+  }
+  return nodes;
+}
+
+function percent(logprob) {
+  return (100 * Math.exp(logprob)).toFixed(1) + "%";
+}
+
+/* The reply's tokens, shaded by how likely the model found each, the numbers in a tooltip. */
+function logprobsView(message) {
+  const view = document.createElement("div");
+  view.className = "logprobs";
+  view.setAttribute("aria-label", "Tokens and their probabilities");
+  for (const entry of message.logprobs) {
+    const token = document.createElement("span");
+    const p = Math.exp(entry.logprob);
+    // 5 shades, as classes: the page's CSP allows no inline style
+    token.className = "token p" + Math.min(4, Math.floor(p * 5)) + (entry.bytes === null ? " special" : "");
+    token.textContent = entry.token;
+    token.dataset.logprob = String(entry.logprob);
+    const others = (entry.top_logprobs || []).map((t) => `${JSON.stringify(t.token)} ${percent(t.logprob)}`);
+    token.title = `${JSON.stringify(entry.token)}: ${percent(entry.logprob)} (logprob ${entry.logprob.toFixed(3)})` +
+      (others.length ? "\nlikeliest: " + others.join(", ") : "");
+    view.append(token);
+  }
+  return view;
+}
+
+function fillReply(view, message) {
+  view.querySelector(".body").replaceChildren(...replyNodes(message));
+  const old = view.querySelector(".logprobs");
+  const fresh = message.logprobs ? logprobsView(message) : null;
+  if (old && fresh) old.replaceWith(fresh);
+  else if (old) old.remove();
+  else if (fresh) view.querySelector(".body").after(fresh);
+}
+
 function messageView(message, i) {
   const view = document.createElement("article");
   view.className = "message " + message.role;
@@ -119,9 +206,9 @@ function messageView(message, i) {
   }
   const body = document.createElement("div");
   body.className = "body";
-  if (message.role === "assistant") body.append(renderMarkdown(message.content));
-  else body.textContent = message.content;
   view.append(body);
+  if (message.role === "assistant") fillReply(view, message);
+  else body.textContent = message.content;
   if (FINISH_NOTES.has(message.finish)) {
     const note = document.createElement("div");
     note.className = "note";
@@ -203,13 +290,24 @@ async function* sseData(stream) {
   }
 }
 
+/* A message as the API takes it: a reply that called the calculator goes back with its parts. */
+function apiMessage(message) {
+  const sent = { role: message.role, content: message.content };
+  if (hasToolParts(message)) sent.content_parts = message.parts.map(({ type, text }) => ({ type, text }));
+  return sent;
+}
+
 function requestBody() {
-  const body = { messages: messages.map(({ role, content }) => ({ role, content })), stream: true };
+  const body = { messages: messages.map(apiMessage), stream: true };
   if (ui.model.value) body.model = ui.model.value; // none yet (the model list failed): the served one
   const temperature = parseFloat(ui.temperature.value);
   if (Number.isFinite(temperature)) body.temperature = temperature;
   const maxTokens = parseInt(ui.maxTokens.value, 10);
   if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
+  if (ui.logprobs.checked) {
+    body.logprobs = true;
+    body.top_logprobs = TOP_LOGPROBS;
+  }
   return body;
 }
 
@@ -218,13 +316,14 @@ async function complete() {
   clearError();
   editing = -1; // an open editor would otherwise stay open, and sendable, during the stream
   const body = requestBody();
-  const reply = { role: "assistant", content: "" };
+  const reply = { role: "assistant", content: "", parts: [] };
+  if (body.logprobs) reply.logprobs = [];
   messages.push(reply);
   const controller = new AbortController();
   streaming = controller;
   render();
-  const view = ui.messages.lastElementChild.querySelector(".body");
-  view.classList.add("pending");
+  const view = ui.messages.lastElementChild;
+  view.querySelector(".body").classList.add("pending");
   window.scrollTo(0, document.documentElement.scrollHeight);
   let done = false;
   try {
@@ -244,10 +343,9 @@ async function complete() {
       if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
       const choice = (chunk.choices || [])[0]; // none in the final usage chunk
       if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
-        const follow = nearBottom();
-        reply.content += choice.delta.content;
-        view.replaceChildren(renderMarkdown(reply.content));
+      const follow = nearBottom();
+      if (addDelta(reply, choice)) {
+        fillReply(view, reply);
         if (follow) window.scrollTo(0, document.documentElement.scrollHeight);
       }
       if (choice.finish_reason) reply.finish = choice.finish_reason;
@@ -259,9 +357,34 @@ async function complete() {
   } finally {
     if (streaming === controller) streaming = null;
     const at = messages.indexOf(reply); // -1 when New chat cleared the conversation meanwhile
-    if (reply.content === "" && at >= 0) messages.splice(at, 1); // nothing came: offer Retry
+    if (reply.content === "" && !reply.parts.length && at >= 0) messages.splice(at, 1); // nothing came: offer Retry
     render();
   }
+}
+
+/* Adds a chunk's delta and log-probabilities to the reply; whether anything changed. Text extends the last
+ * part if it is text, else starts one; a calculator piece goes to the part its index names. */
+function addDelta(reply, choice) {
+  const delta = choice.delta || {};
+  let changed = false;
+  if (delta.content) {
+    reply.content += delta.content;
+    const last = reply.parts[reply.parts.length - 1];
+    if (last && last.type === "text") last.text += delta.content;
+    else reply.parts.push({ type: "text", text: delta.content });
+    changed = true;
+  }
+  for (const piece of delta.content_parts || []) {
+    if (!reply.parts[piece.index]) reply.parts[piece.index] = { type: piece.type, text: "" };
+    reply.parts[piece.index].text += piece.text;
+    changed = true;
+  }
+  const logprobs = choice.logprobs && choice.logprobs.content;
+  if (reply.logprobs && logprobs && logprobs.length) {
+    reply.logprobs.push(...logprobs);
+    changed = true;
+  }
+  return changed;
 }
 
 function regenerate() {
@@ -310,6 +433,9 @@ for (const name of SAVED) {
   if (value !== null && name !== "model") ui[name].value = value; // the model waits for its option
   ui[name].addEventListener("change", () => store(name, ui[name].value));
 }
+
+ui.logprobs.checked = stored("logprobs") === "true";
+ui.logprobs.addEventListener("change", () => store("logprobs", String(ui.logprobs.checked)));
 
 ui.apiKey.addEventListener("change", () => {
   clearError();
