@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's API key (default: $NANOCHAT_API_KEY)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--logprobs", action="store_true",
+                   help="print each reply's tokens with their log-probabilities (from a server)")
 
     _add(commands, "report", "write report.md from what storage holds", _report)
     return parser
@@ -265,7 +267,7 @@ def _chat(args: argparse.Namespace, cfg: Config) -> int:
     from serving.chat_cli import run_chat
 
     return run_chat(args.prompt, url=args.url, api_key=args.api_key, temperature=args.temperature,
-                    max_tokens=args.max_tokens, storage=args.storage, run=cfg.run, stage=cfg.serve.stage)
+                    max_tokens=args.max_tokens, logprobs=args.logprobs, storage=args.storage, run=cfg.run, stage=cfg.serve.stage)
 
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:

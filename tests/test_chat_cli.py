@@ -1,5 +1,6 @@
 """The terminal chat (serving/chat_cli.py): against the real server of tests/chat_server.py, one shot and
-interactive, and, with no server, against the newest checkpoint in storage."""
+interactive, and, with no server, against the newest checkpoint in storage; calculator calls (from a model
+that makes one) and token log-probabilities."""
 
 import io
 import socket
@@ -7,14 +8,24 @@ import tempfile
 import time
 
 import pytest
-from chat_server import REPLY, PacedGPT, reply_model, reply_tokenizer, serve
+from chat_server import (
+    REPLY,
+    TOOL_CORPUS,
+    TOOL_PARTS,
+    TOOL_TEXT,
+    PacedGPT,
+    reply_model,
+    reply_tokenizer,
+    serve,
+    tool_reply_model,
+)
 
 from cli.main import main as cli_main
 from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
-from serving.chat_cli import ChatSession, RemoteChat, echo, run_chat
+from serving.chat_cli import ChatSession, LocalChat, Piece, RemoteChat, Reply, echo, run_chat
 from serving.model_source import TOKENIZER_KEY
 
 
@@ -37,9 +48,9 @@ class Recording:
         self.backend = backend
         self.sent: list[list[dict]] = []
 
-    def stream(self, messages, temperature, max_tokens):
+    def stream(self, messages, temperature, max_tokens, logprobs=False):
         self.sent.append([dict(m) for m in messages])
-        yield from self.backend.stream(messages, temperature, max_tokens)
+        yield from self.backend.stream(messages, temperature, max_tokens, logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +147,59 @@ def test_without_a_server_or_a_checkpoint_it_says_so(local_storage):
 
 
 def test_control_characters_in_a_reply_never_reach_the_terminal():
-    out, collected = Terminal(), []
-    echo(["red \x1b[31malert\x07", "\tdone\n", "\x9b2J"], out, collected)
-    assert out.getvalue() == "red [31malert\tdone\n2J"
-    assert collected == ["red \x1b[31malert\x07", "\tdone\n", "\x9b2J"]  # the conversation keeps the text
+    out, reply = Terminal(), Reply()
+    echo([Piece("red \x1b[31malert\x07"), Piece("\tdone\n"), Piece("\x9b2J", "python", 1)], out, reply)
+    assert out.getvalue() == "red [31malert\tdone\n[calculator: 2J]"
+    assert reply.parts == [{"type": "text", "text": "red \x1b[31malert\x07\tdone\n"},  # the conversation keeps it
+                           {"type": "python", "text": "\x9b2J"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# the calculator and log-probabilities
+
+TOOL_SHOWN = "Twelve apples cost [calculator: 12*3 = 36] 36 dollars."
+
+
+@pytest.fixture(scope="module")
+def tool_tok():
+    return reply_tokenizer((REPLY, TOOL_CORPUS))
+
+
+@pytest.fixture(scope="module")
+def tool_url(tool_tok):
+    with serve(tool_reply_model(tool_tok), tool_tok) as (url, _):
+        yield url
+
+
+def test_a_calculator_call_prints_in_place_and_goes_back_with_its_parts(tool_url):
+    backend = Recording(RemoteChat(tool_url))
+    out = Terminal()
+    session = ChatSession(backend, io.StringIO("twelve apples?\nand thirteen?\n"), out, io.StringIO(),
+                          temperature=0.0, max_tokens=64)
+    assert session.run() == 0
+    assert out.getvalue().count("nanochat> " + TOOL_SHOWN + "\n") == 2
+    assert backend.sent[1][1] == {"role": "assistant", "content": TOOL_TEXT, "content_parts": TOOL_PARTS}
+
+
+def test_logprobs_prints_each_token_with_its_log_probability(tool_url, capsys):
+    assert cli_main(["chat", "--url", tool_url, "-p", "hi", "--temperature", "0", "--logprobs"]) == 0
+    shown, line, rest = capsys.readouterr().out.split("\n")
+    assert shown == TOOL_SHOWN and rest == ""
+    entries = line.removeprefix("logprobs: ").split("  ")
+    assert line.startswith("logprobs: 'Twelve' -") and "'<|python_start|>' -" in line
+    assert len(entries) == 15  # every token of the reply but the stop token
+    assert all(float(entry.rsplit(" ", 1)[1]) <= 0 for entry in entries)
+
+
+def test_the_local_model_shows_its_calculator_calls_too(tool_tok, local_storage):
+    local_storage.write_text(TOKENIZER_KEY, tool_tok.to_json())
+    publish(local_storage, "tools", 1, tool_reply_model(tool_tok))
+    out, err = Terminal(), io.StringIO()
+    assert run_chat("hi", url=unused_url(), storage=str(local_storage.root), run="tools", temperature=0.0,
+                    logprobs=True, stdout=out, stderr=err) == 0
+    assert out.getvalue() == TOOL_SHOWN + "\n"
+    assert "--logprobs needs a server" in err.getvalue()
+    reply = Reply()
+    echo(LocalChat(tool_reply_model(tool_tok), tool_tok).stream([{"role": "user", "content": "hi"}], 0.0, 64),
+         Terminal(), reply)
+    assert reply.message() == {"role": "assistant", "content": TOOL_TEXT, "content_parts": TOOL_PARTS}
