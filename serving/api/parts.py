@@ -25,7 +25,7 @@ Notable:
   {"content_parts": [{"index": i, "type": ..., "text": ...}]}, where i is the part's place in the whole
   message's content_parts (text parts counted). A part's first delta comes with its delimiter, with no
   text yet. A client rebuilds the parts by appending a tool piece to part i, and a content delta to the
-  last part if it is a text part, else to a new text part.
+  last part if it is a text part, else to a new text part. docs/tool-turns.md shows the shapes.
 """
 
 from __future__ import annotations
