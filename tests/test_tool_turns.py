@@ -14,6 +14,8 @@ from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 from test_api_fidelity import check_shape
 
+from serving.api.parts import PartSplitter
+
 BLOCK_SIZE = 16  # chat_server.serve's engine
 QUESTION = [{"role": "user", "content": "how much do twelve apples cost, at three dollars each?"}]
 
@@ -75,6 +77,28 @@ def test_a_plain_reply_has_no_content_parts(client):
     reply = ask(client, max_tokens=3)  # stops before the call
     assert reply.choices[0].message.content == "Twelve apples cost"
     assert "content_parts" not in reply.choices[0].message.model_extra
+
+
+def test_a_reply_cut_inside_the_call_keeps_the_call_written_so_far(client):
+    reply = ask(client, max_tokens=6)  # 4 text tokens, <|python_start|>, "12"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content == "Twelve apples cost "
+    assert reply.choices[0].message.model_extra["content_parts"] == [
+        {"type": "text", "text": "Twelve apples cost "}, {"type": "python", "text": "12"}]
+
+
+def test_a_refused_call_has_no_output_part_and_the_text_after_it_is_a_part_again(tok):
+    sp = tok.encode_special
+    splitter = PartSplitter(tok)
+    events = [(tok.encode("x")[0], "x"), (sp("<|python_start|>"), ""), (tok.encode("y")[0], "y"),
+              (sp("<|python_end|>"), ""), (tok.encode("z")[0], "z"), (sp("<|assistant_end|>"), "")]
+    pieces = [piece for token, text in events for piece in splitter.add(token, text)]
+    assert splitter.parts == [{"type": "text", "text": "x"}, {"type": "python", "text": "y"},
+                              {"type": "text", "text": "z"}]
+    assert [(p.index, p.type, p.text) for p in pieces] == [
+        (0, "text", "x"), (1, "python", ""), (1, "python", "y"), (1, "python", ""), (2, "text", "z"),
+        (2, "text", "")]  # the stop token: no text, in the part it came in
+    assert splitter.content == "xz" and splitter.has_tool_parts
 
 
 def test_streamed_parts_are_deltas_of_their_own(client, http):
