@@ -30,8 +30,9 @@ Notable:
 - structured output (SamplingParams.grammar, serving/engine/grammar.py): each choice has its own matcher;
   a step masks the constrained rows' logits on the batch (unconstrained rows pay nothing), the matcher
   takes each token the choice appends, and the choice ends with "stop" as soon as its grammar is complete.
-  The end-of-turn and stop tokens are allowed only where the grammar may end. The grammar is compiled
-  on the engine thread when the request is added (a few milliseconds for a typical JSON Schema).
+  The end-of-turn and stop tokens are allowed only where the grammar may end, and min_tokens cannot hold
+  a completed grammar open. The grammar is compiled on the engine thread when the request is added: the
+  API has already checked that it compiles, and a huge schema delays the running requests' next step.
 - each event carries its choice's cached_tokens: the prompt tokens the prefix cache held at admission
   (whole blocks, never the prompt's last token), for usage's prompt_tokens_details.
 - logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
