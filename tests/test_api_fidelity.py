@@ -154,6 +154,7 @@ def test_every_response_and_chunk_is_openais_type_in_strict_mode(http, n):
 # ---------------------------------------------------------------------------------------------
 # every field honoured or refused
 
+UNIQUE_ITEMS = {"type": "array", "uniqueItems": True}
 # (route, field, a value we do not implement): each is a 400 naming the field
 REFUSED = [
     (CHAT, "logit_bias", {"fox": 10}),  # keys are token ids
@@ -162,8 +163,9 @@ REFUSED = [
     (CHAT, "top_logprobs", 21),  # OpenAI's limit is 20
     (CHAT, "presence_penalty", 2.5),  # OpenAI's range is [-2, 2]
     (CHAT, "frequency_penalty", -2.5),
-    (CHAT, "response_format", {"type": "json_object"}),
-    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    # a schema with a keyword the grammar cannot enforce (tests/test_structured_output.py has more)
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE_ITEMS}}),
+    (COMPLETIONS, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE_ITEMS}}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, "tool_choice", "auto"),
     (CHAT, "functions", [{"name": "f"}]),
@@ -214,8 +216,9 @@ def test_the_openai_client_sees_each_refusal_with_its_param(client):
     calls = {
         "tools": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools),
         "top_logprobs": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, top_logprobs=2),
-        "response_format": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                                  response_format={"type": "json_object"}),
+        "response_format": lambda: client.chat.completions.create(
+            model=MODEL, messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE_ITEMS}}),
         "presence_penalty": lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
                                                                    presence_penalty=3.0),
         "best_of": lambda: client.completions.create(model=MODEL, prompt="fox", best_of=3),
@@ -582,8 +585,9 @@ def test_the_async_client_gets_logprobs_penalties_and_refusals(base_url, model, 
         assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0
         with pytest.raises(openai.BadRequestError) as refused:
-            await client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                 response_format={"type": "json_object"})
+            await client.chat.completions.create(
+                model=MODEL, messages=MESSAGES,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE_ITEMS}})
         assert refused.value.param == "response_format"
         await client.close()
 

@@ -156,6 +156,17 @@ def test_finish_by_stop_token_and_by_max_tokens():
     assert sched.block_manager.num_free_blocks == 32
 
 
+def test_a_token_that_completes_a_grammar_ends_the_sequence_with_stop_even_at_max_tokens():
+    sched, _ = make()
+    early, last = seq([1, 2], max_tokens=5), seq([3], max_tokens=1)
+    sched.add(early)
+    sched.add(last)
+    batch = sched.schedule()
+    assert sched.postprocess(batch, [9, 9], completed={early, last}) == [early, last]
+    assert (early.finish_reason, last.finish_reason) == ("stop", "stop")
+    assert early.output_token_ids == [9] and sched.block_manager.num_free_blocks == 32
+
+
 def test_finish_called_by_the_engine_for_a_stop_string():
     sched, model = make()
     s = seq([1, 2, 3], max_tokens=10)

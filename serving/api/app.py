@@ -30,6 +30,10 @@ Notable:
   but stop tokens, in OpenAI's shapes; a token is its text (a cut UTF-8 character shows as U+FFFD, its
   exact bytes in `bytes`), a special token its name. A completion's text_offset is where the text sent
   so far stood when the token came (text held back for a stop string comes later).
+- response_format (both routes): json_object and json_schema become a grammar (serving/engine/grammar.py)
+  that the engine enforces token by token, so a reply that ends with "stop" parses, and validates against
+  the schema; one cut by max_tokens ends with "length". A schema that is invalid or uses a keyword the
+  grammar cannot enforce is a 400 naming response_format, never a looser grammar.
 - echo (completions) puts the prompt's text before each choice's text, in the first streamed chunk.
 - the calculator: a chat reply is cut into text, call and output parts (parts.py); `content` holds the
   text, and a reply that called the tool also has `content_parts`, streamed as deltas of their own. An
@@ -96,6 +100,7 @@ from serving.api.schemas import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ResponseFormat,
     ResponseMessage,
     SamplingRequest,
     TokenizeRequest,
@@ -105,6 +110,7 @@ from serving.api.schemas import (
     Usage,
     now,
 )
+from serving.engine.grammar import ANY_OBJECT, json_grammar
 from serving.engine.llm_engine import QueueFull, TokenEvent
 from serving.engine.sequence import SamplingParams
 
@@ -191,7 +197,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     def model_card(found: ServedModel) -> ModelCard:
         return ModelCard(id=model_name, created=found.created, step=found.step)
 
-    def sampling_params(body: SamplingRequest, tokenizer: Tokenizer, stop_token_ids: list[int]) -> SamplingParams:
+    def sampling_params(body: SamplingRequest, tokenizer: Tokenizer, stop_token_ids: list[int],
+                        grammar: str | None = None) -> SamplingParams:
         if body.model is not None and body.model != model_name:
             raise model_not_found(body.model)
         max_tokens = body.requested_max_tokens
@@ -223,7 +230,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               repetition_penalty=body.repetition_penalty,
                               logit_bias=bias,
                               max_tokens=max_tokens, stop=body.stop or [], n=body.n, logprobs=body.num_logprobs,
-                              stop_token_ids=stop_token_ids + body.stop_token_ids, min_tokens=body.min_tokens)
+                              stop_token_ids=stop_token_ids + body.stop_token_ids, min_tokens=body.min_tokens,
+                              grammar=grammar)
 
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:
         if len(prompt_ids) > max_prompt_tokens:
@@ -252,7 +260,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
-        params = sampling_params(body, tokenizer, end_of_turn)
+        params = sampling_params(body, tokenizer, end_of_turn,
+                                 await response_grammar(body.response_format))
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
@@ -269,7 +278,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
-        params = sampling_params(body, tokenizer, [tokenizer.get_bos_token_id()])
+        params = sampling_params(body, tokenizer, [tokenizer.get_bos_token_id()],
+                                 await response_grammar(body.response_format))
         prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt[0], prepend="<|bos|>")
         check_prompt_length(prompt_ids, "prompt")
         run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")
@@ -357,6 +367,24 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
         return tokenizer.render_for_completion(conversation)
     except ValueError as e:  # roles out of order: the chat format alternates user and assistant
         raise bad_request(str(e), param="messages") from None
+
+
+async def response_grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar a response_format asks for (None: plain text), or a 400 saying why the schema has none.
+    Compiled on a worker thread: a big schema takes a while."""
+    if response_format is None or response_format.type == "text":
+        return None
+    return await asyncio.to_thread(format_grammar, response_format)
+
+
+def format_grammar(response_format: ResponseFormat) -> str:
+    if response_format.json_schema is None:  # json_object
+        return json_grammar(ANY_OBJECT)
+    spec = response_format.json_schema
+    try:
+        return json_grammar(spec.schema_)
+    except ValueError as e:
+        raise bad_request(f"Invalid schema for response_format {spec.name!r}: {e}", param="response_format") from None
 
 
 # ---------------------------------------------------------------------------------------------- generation

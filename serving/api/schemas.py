@@ -5,7 +5,7 @@ Notable:
 - requests validate strictly: a string is not a number, true is not 1, NaN and Infinity are not
   temperatures. A bad field fails with its location, which errors.py turns into OpenAI's `param`.
 - no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
-  that means "off" (`response_format` {"type": "text"}, `tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
+  that means "off" (`tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
   400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
   extensions (`top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty`): a client that sends vLLM's extensions learns at once that they do nothing here.
 - an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
@@ -19,6 +19,9 @@ Notable:
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
   `prompt`: a string or a list of one) are normalised to the list form before validation, rather than
   typed as unions, so an error names the field ("stop[1]") instead of a union member.
+- `response_format` is OpenAI's shape: text, json_object, or json_schema {name, description, schema,
+  strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
+  is always enforced; a json_schema without `schema` allows any JSON value.
 - `top_k`, `min_tokens`, `stop_token_ids` and `repetition_penalty` are our extensions (vLLM's names; OpenAI has none); `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
@@ -93,7 +96,6 @@ NOT_TRAINED = ("this model was not trained to call client functions: its only to
                "which the server runs itself and returns in the message's content_parts")
 # each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
 REFUSED: dict[str, tuple[Any, str]] = {
-    "response_format": (_off({"type": "text"}), 'response_format: only {"type": "text"} is supported'),
     "tools": (_empty, f"tools: {NOT_TRAINED}"),
     "tool_choice": (_off("none"), f"tool_choice: {NOT_TRAINED}"),
     "functions": (_empty, f"functions: {NOT_TRAINED}"),
@@ -144,6 +146,26 @@ class StreamOptions(StrictModel):
     include_obfuscation: Literal[False] = False  # its padding field only hides lengths from an eavesdropper
 
 
+class JSONSchemaFormat(StrictModel):
+    """response_format's json_schema, in OpenAI's shape."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None  # accepted: OpenAI shows it to the model; the grammar does not need it
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # absent: any JSON value
+    strict: bool | None = None  # accepted: the schema is always enforced
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+
 class SamplingRequest(StrictModel):
     """The parameters chat and text completions share."""
 
@@ -170,6 +192,7 @@ class SamplingRequest(StrictModel):
     safety_identifier: str | None = None  # the same, OpenAI's newer name
     prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
     parallel_tool_calls: bool | None = None  # accepted: it only matters with tools, which are refused
+    response_format: ResponseFormat | None = None  # None: text
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -269,7 +292,6 @@ class ChatMessage(StrictModel):
 
 
 class _ChatRefused(StrictModel):
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -31,6 +31,12 @@ Notable:
   the text: everything before it is sent with its event (no text held back for a stop string, a cut
   UTF-8 character flushed as U+FFFD) and no stop string matches across it, so the API can cut a reply
   into its text, tool call and tool output parts by these tokens alone.
+- structured output (SamplingParams.grammar, serving/engine/grammar.py): each choice has its own matcher;
+  a step masks the constrained rows' logits on the batch (unconstrained rows pay nothing), the matcher
+  takes each token the choice appends, and the choice ends with "stop" as soon as its grammar is complete.
+  The end-of-turn and stop tokens are allowed only where the grammar may end, and min_tokens cannot hold
+  a completed grammar open. The grammar is compiled on the engine thread when the request is added: the
+  API has already checked that it compiles, and a huge schema delays the running requests' next step.
 - each event carries its choice's cached_tokens: the prompt tokens the prefix cache held at admission
   (whole blocks, never the prompt's last token), for usage's prompt_tokens_details.
 - logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
@@ -73,12 +79,15 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
+from serving.engine.grammar import Grammars
 from serving.engine.model_runner import ModelRunner, ServeDtype
-from serving.engine.sampler import make_generator, sample
+from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
     from serving.metrics import MetricsRecorder
 
 logger = logging.getLogger(__name__)
@@ -124,6 +133,7 @@ class _Choice:
     forced: deque[int] = field(default_factory=deque)  # calculator output waiting to be fed
     expr: list[int] | None = None  # tool call being written, None outside one
     floor: int = 0  # where text stood at the last tool delimiter: stop strings only match after it
+    grammar: LLMatcher | None = None  # structured output: where the choice stands in its grammar
 
 
 class LLMEngine:
@@ -148,6 +158,7 @@ class LLMEngine:
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.tool_delimiters = frozenset({self.python_start, self.python_end, self.output_start, self.output_end})
         self.end_of_turn = [sp("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.end_of_turn)
         self.requests: dict[str, list[_Choice]] = {}  # unfinished choices of each request
         self.choices: dict[int, _Choice] = {}  # by sequence id
         self.pending: list[TokenEvent] = []  # final events of aborted choices, returned by the next step
@@ -175,10 +186,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already running")
         seq_params = self.validate(prompt_ids, params)
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)
         choices = []
         for index in range(params.n):
             seq = Sequence(list(prompt_ids), seq_params)
-            choices.append(_Choice(request_id, index, seq, make_generator(choice_seed(params.seed, index))))
+            choices.append(_Choice(request_id, index, seq, make_generator(choice_seed(params.seed, index)),
+                                   grammar=matcher if index == 0 or matcher is None else matcher.deep_copy()))
         for choice in choices:
             self.scheduler.add(choice.seq)
             self.choices[choice.seq.id] = choice
@@ -207,7 +220,7 @@ class LLMEngine:
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)
         logprobs = _logprobs(logits, tokens, [c.seq.sampling.logprobs for c in choices])
-        self.scheduler.postprocess(batch, tokens)
+        self.scheduler.postprocess(batch, tokens, self._completed_grammars(choices, tokens))
         for choice, token, token_logprobs in zip(choices, tokens, logprobs, strict=True):
             events.extend(self._advance(choice, token, token_logprobs))
         return events
@@ -223,10 +236,25 @@ class LLMEngine:
             prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
                        for seq in seqs]
             drawn = sample(logits[rows], [seq.sampling for seq in seqs], [choices[i].generator for i in rows],
-                           outputs, prompts).tolist()
+                           outputs, prompts, self._grammar_mask([choices[i] for i in rows])).tolist()
             for i, token in zip(rows, drawn, strict=True):
                 tokens[i] = token
         return tokens
+
+    def _grammar_mask(self, choices: list[_Choice]) -> TokenMask | None:
+        """The allowed tokens of the choices that follow a grammar (None when none does)."""
+        rows = [j for j, c in enumerate(choices) if c.grammar is not None]
+        if not rows:
+            return None
+        return TokenMask(rows, self.grammars.bias([choices[j].grammar for j in rows],
+                                                  [choices[j].seq.sampling.stop_token_ids for j in rows]))
+
+    def _completed_grammars(self, choices: list[_Choice], tokens: list[int]) -> set[Sequence]:
+        """Feed each constrained choice's matcher its new token (a stop token ends the choice anyway); the
+        sequences whose grammar that token completed."""
+        return {c.seq for c, token in zip(choices, tokens, strict=True)
+                if c.grammar is not None and token not in c.seq.sampling.stop_token_ids
+                and self.grammars.advance(c.grammar, token)}
 
     def _advance(self, choice: _Choice, token: int, logprobs: Logprobs | None = None) -> list[TokenEvent]:
         """Account for the token postprocess just appended: tool state, text, stop strings, the end."""

@@ -7,22 +7,35 @@ Notable:
   generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), vLLM's
   repetition_penalty over the prompt's and the generated tokens (applied first, as vLLM does), then
   logit_bias added, then the stop tokens of rows short of their min_tokens masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
-  for neither cost nothing. Greedy rows see the adjusted logits too.
+  for neither cost nothing. Then the grammar's mask of the constrained rows (structured output), a bias
+  of 0 or -inf from serving/engine/grammar.py, added to those rows in one index_add. Greedy rows see the
+  adjusted logits too.
 - temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p (the nucleus:
   the fewest most likely tokens whose probability mass reaches top_p), then one draw.
 - the draw is inverse-CDF sampling with a single uniform per row, taken from that row's own CPU
   torch.Generator: a row's token depends only on its logits, its params and its generator, never on
   which other requests share the batch, so a seeded request is reproducible (on any device).
 - filtering happens in sorted order (stable sort, most likely first): top-k and the nucleus are both a
-  prefix of it, which also bounds the draw to the kept tokens whatever the float rounding.
+  prefix of it, which also bounds the draw to the kept tokens whatever the float rounding. The draw takes
+  the first position whose cumulative mass reaches it: a token of probability 0 (masked by a grammar or
+  min_tokens, or outside the nucleus) shares that mass with the token before it, so it is never drawn.
 """
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from serving.engine.sequence import SamplingParams
+
+
+@dataclass
+class TokenMask:
+    """The tokens some rows may take next (a grammar's): bias[i] (0 allowed, -inf not) is added to rows[i]."""
+
+    rows: list[int]
+    bias: Tensor  # (len(rows), V) float32
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -36,10 +49,11 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           output_ids: list[list[int]] | None = None, prompt_ids: list[list[int]] | None = None) -> Tensor:
+           output_ids: list[list[int]] | None = None, prompt_ids: list[list[int]] | None = None,
+           mask: TokenMask | None = None) -> Tensor:
     """Token ids (B,) for logits (B, V): row b follows params[b] and draws from generators[b].
     output_ids[b]: the tokens row b generated so far, prompt_ids[b] its prompt (only read for rows with
-    penalties or min_tokens, and for repetition_penalty)."""
+    penalties or min_tokens, and for repetition_penalty). mask: the allowed tokens of constrained rows."""
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"{B} rows of logits need {B} params and {B} generators, "
@@ -47,6 +61,8 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     for p in params:
         _check(p)  # SamplingParams validates on construction, but it is mutable
     logits = adjust_logits(logits.float(), params, output_ids, prompt_ids)
+    if mask is not None and mask.rows:
+        logits = logits.index_add(0, torch.tensor(mask.rows, device=logits.device), mask.bias.to(logits.device))
     greedy = logits.argmax(dim=-1)
     # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
     sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
@@ -129,7 +145,7 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     keep[:, 0] = True  # the most likely token is always in the nucleus, however small top_p (it may round to 0)
     cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-    position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
     position = torch.minimum(position, keep.sum(dim=-1) - 1)
     return order.gather(1, position[:, None]).squeeze(1)
 

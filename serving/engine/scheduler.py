@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from serving.engine.block_manager import BlockManager
@@ -148,8 +149,10 @@ class Scheduler:
         self.num_preemptions += 1
         return seq
 
-    def postprocess(self, batch: ScheduledBatch, new_token_ids: list[int]) -> list[Sequence]:
-        """Record a step's results: new_token_ids[i] is batch.sampled_seqs[i]'s. Returns what finished."""
+    def postprocess(self, batch: ScheduledBatch, new_token_ids: list[int],
+                    completed: Collection[Sequence] = ()) -> list[Sequence]:
+        """Record a step's results: new_token_ids[i] is batch.sampled_seqs[i]'s. completed: sequences whose
+        new token ended them ("stop") whatever it is (it completed their grammar). Returns what finished."""
         sampled = batch.sampled_seqs
         if len(new_token_ids) != len(sampled):
             raise ValueError(f"{len(new_token_ids)} new tokens for {len(sampled)} sampled sequences")
@@ -163,7 +166,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.token_ids.append(token_id)
-            if token_id in seq.sampling.stop_token_ids:
+            if token_id in seq.sampling.stop_token_ids or seq in completed:
                 self.finish(seq, "stop")
             elif seq.num_output_tokens >= seq.sampling.max_tokens:
                 self.finish(seq, "length")

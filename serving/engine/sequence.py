@@ -49,6 +49,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
     repetition_penalty: float = 1.0  # vLLM's: > 1 discourages every token of the prompt and the output
     min_tokens: int = 0  # no stop token (nor stop string) before this many generated tokens (vLLM's)
+    grammar: str | None = None  # structured output: an llguidance grammar the output follows (engine/grammar.py)
 
     @property
     def penalized(self) -> bool:
@@ -92,6 +93,8 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a serialised llguidance grammar (a str), got {self.grammar!r}")
         if not isinstance(self.logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id to bias, got {self.logit_bias!r}")
         for token_id, bias in self.logit_bias.items():
