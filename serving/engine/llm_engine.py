@@ -32,8 +32,13 @@ Notable:
 - logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
   tokens', from the model's own distribution: log_softmax of the raw logits, before temperature, top-k
   and top-p (vLLM's default), so they do not depend on the sampling settings. Computed on the batch, for
-  the rows that asked, and clamped at -9999 (JSON has no -inf). Stop tokens get none (no text is shown
-  for them); a calculator token forced into the sequence gets the model's log-probability of it.
+  the rows that asked, and clamped at -9999 (JSON has no -inf). A stop token gets them too (an API that
+  shows no end token drops them); a calculator token forced into the sequence gets the model's
+  log-probability of it.
+- prompt_logprobs (SamplingParams.prompt_logprobs = k, vLLM's): the same for every prompt token but the
+  first (nothing predicts it: None), from the prefill's logits at the prompt positions, on the batch with
+  the other rows; they come with the choice's first token event. Such a sequence takes no prefix cache
+  hits until then (BlockManager), so every position is computed: cached_tokens is 0.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
 - AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
@@ -69,7 +74,7 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
-from serving.engine.model_runner import ModelRunner, ServeDtype
+from serving.engine.model_runner import ModelRunner, PromptLogits, ServeDtype
 from serving.engine.sampler import make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -94,6 +99,9 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens the prefix cache held when this choice was admitted
     logprob: float | None = None  # the token's log-probability, when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens and theirs, likeliest first
+    # on a choice's first token event when the request asked for prompt_logprobs: one entry per prompt
+    # token, None for the first
+    prompt_logprobs: list[Logprobs | None] | None = None
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -119,6 +127,7 @@ class _Choice:
     emitted: int = 0  # characters of text already sent
     forced: deque[int] = field(default_factory=deque)  # calculator output waiting to be fed
     expr: list[int] | None = None  # tool call being written, None outside one
+    prompt_logprobs: list[Logprobs | None] | None = None  # filled by position while the prompt is scored
 
 
 class LLMEngine:
@@ -197,7 +206,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.num_tokens == 0:
             return events
-        logits = self.runner.run(batch.prefills, batch.decodes)
+        step_logits = self.runner.run(batch.prefills, batch.decodes)
+        self._score_prompts(step_logits.prompt)
+        logits = step_logits.sampled
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)
         logprobs = _logprobs(logits, tokens, [c.seq.sampling.logprobs for c in choices])
@@ -205,6 +216,22 @@ class LLMEngine:
         for choice, token, token_logprobs in zip(choices, tokens, logprobs, strict=True):
             events.extend(self._advance(choice, token, token_logprobs))
         return events
+
+    def _score_prompts(self, prompt: list[PromptLogits]) -> None:
+        """Each scored prompt row's log-probabilities into its choice, by position; one log_softmax and one
+        topk over the rows of every sequence of the step."""
+        if not prompt:
+            return
+        rows = torch.cat([p.logits for p in prompt])
+        targets = [t for p in prompt for t in p.seq.token_ids[p.start + 1 : p.start + 1 + len(p.logits)]]
+        wanted = [p.seq.sampling.prompt_logprobs for p in prompt for _ in range(len(p.logits))]
+        found = iter(_logprobs(rows, targets, wanted))
+        for p in prompt:
+            choice = self.choices[p.seq.id]
+            if choice.prompt_logprobs is None:
+                choice.prompt_logprobs = [None] * p.seq.num_prompt_tokens
+            for position in range(p.start + 1, p.start + 1 + len(p.logits)):
+                choice.prompt_logprobs[position] = next(found)
 
     def _next_tokens(self, logits: torch.Tensor, choices: list[_Choice]) -> list[int]:
         """Each choice's next token: its waiting tool output if any, else a sample. Only choices that
@@ -225,8 +252,6 @@ class LLMEngine:
     def _advance(self, choice: _Choice, token: int, logprobs: Logprobs | None = None) -> list[TokenEvent]:
         """Account for the token postprocess just appended: tool state, text, stop strings, the end."""
         seq = choice.seq
-        if token in seq.sampling.stop_token_ids:
-            logprobs = None  # no text is shown for it
         if not seq.is_finished:
             self._tool(choice, token)
         before = len(choice.text)
@@ -276,8 +301,12 @@ class LLMEngine:
                logprobs: Logprobs | None = None) -> TokenEvent:
         seq = choice.seq
         logprob, top = logprobs if logprobs is not None else (None, None)
+        prompt = None
+        if token is not None and seq.sampling.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            prompt = choice.prompt_logprobs or [None] * seq.num_prompt_tokens  # a 1-token prompt has no rows
+            choice.prompt_logprobs = None
         return TokenEvent(choice.request_id, choice.index, token, text, reason, seq.num_prompt_tokens,
-                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0, logprob, top)
+                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0, logprob, top, prompt)
 
     # ------------------------------------------------------------------ numbers
 
