@@ -1,10 +1,11 @@
 """Prompt log-probabilities (completions' `echo` with `logprobs`, as vLLM returns them) over a real engine and
 server, through the official `openai` client: every prompt token's entry equals a full forward of the model,
 computed on the batch (several requests at once, prompts longer than a step's token budget), never skipped
-by the prefix cache; `max_tokens: 0` scores the prompt only; token-id prompts; a completion's stop token
+by the prefix cache (not even after a preemption); `max_tokens: 0` scores the prompt only; token-id prompts; a completion's stop token
 keeps its entry (chat shows none)."""
 
 import asyncio
+import random
 
 import openai
 import pytest
@@ -14,6 +15,8 @@ from test_api import CONTEXT, MODEL, greedy
 
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.sequence import SamplingParams
 
 tok, model, engine, base_url, client, http = (test_api.tok, test_api.model, test_api.engine, test_api.base_url,
                                               test_api.client, test_api.http)
@@ -154,3 +157,31 @@ def test_a_completions_stop_token_keeps_its_entry_and_chats_does_not(client, mod
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0, logprobs=True,
                                           extra_body={"stop_token_ids": [chat_first]})
     assert chat.choices[0].finish_reason == "stop" and chat.choices[0].logprobs.content == []
+
+
+def test_a_scored_prompt_preempted_mid_prefill_is_recomputed_without_cache_hits(model, tok):
+    """The engine preempts the scoring sequence half-way through its chunked prefill (a decode needs its
+    blocks); it comes back after the other finishes and computes its prompt again from the start, without
+    hitting its first block, which is still in the prefix cache: its prompt entries equal the full forward,
+    sent once, with its first token."""
+    engine = LLMEngine(model, tok, num_blocks=8, block_size=4, max_num_seqs=4, max_num_batched_tokens=4)
+    rng = random.Random(3)
+    ordinary = [rng.randrange(256) for _ in range(8)]
+    scored = [rng.randrange(256) for _ in range(20)]
+    engine.add_request("long", ordinary, SamplingParams(temperature=0, max_tokens=20, min_tokens=20))
+    events = engine.step()
+    engine.add_request("scored", scored, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))
+    while engine.has_work():
+        events += engine.step()
+    assert engine.scheduler.num_preemptions >= 1
+    assert engine.block_manager.prefix_cache_hits == 0
+    mine = [e for e in events if e.request_id == "scored"]
+    assert [e.prompt_logprobs is not None for e in mine] == [True] + [False] * (len(mine) - 1)
+    assert mine[0].cached_tokens == 0
+    entries = mine[0].prompt_logprobs
+    reference = forward_logprobs(model, scored)
+    assert len(entries) == len(scored) and entries[0] is None
+    for i in range(1, len(scored)):
+        logprob, top = entries[i]
+        assert logprob == pytest.approx(reference[i - 1, scored[i]].item(), abs=1e-4), i
+        assert [t for t, _ in top] == reference[i - 1].topk(2).indices.tolist(), i
