@@ -333,16 +333,22 @@ MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps at the same value
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[Logprobs | None]:
     """For each row that wants them (wanted[i] = k, not None): the log-probability of tokens[i] under the
-    row's raw logits, and the k most likely tokens with theirs. One log_softmax and one topk for all."""
+    row's raw logits, and the k most likely tokens with theirs. One logsumexp and one topk for all: a
+    log-probability is the logit minus its row's logsumexp, so no second (rows, vocab) tensor is made
+    (a scored prompt has a row per position)."""
     rows = [i for i, k in enumerate(wanted) if k is not None]
     out: list[Logprobs | None] = [None] * len(tokens)
     if not rows:
         return out
-    index = torch.tensor(rows, device=logits.device)
-    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1).clamp(min=MIN_LOGPROB)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)).squeeze(1)
+    if len(rows) < len(tokens):
+        logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    chosen = logits.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)) - lse
+    chosen = chosen.squeeze(1).clamp(min=MIN_LOGPROB)
     k = max(wanted[i] for i in rows)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = logits.topk(k, dim=-1) if k else (logits[:, :0], logits[:, :0].long())
+    top_values = (top_values - lse).clamp(min=MIN_LOGPROB)
     chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
     for j, i in enumerate(rows):
         top = list(zip(top_ids[j][: wanted[i]], top_values[j][: wanted[i]], strict=True))
