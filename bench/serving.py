@@ -6,10 +6,12 @@ holding it; optionally the same concurrency sweep over HTTP through the local ap
 `openai` client.
 
     .venv/bin/python -m bench.serving [--depth 4] [--model URI] [--concurrency 1,4,16,32] [--max-tokens 32]
-                                       [--prefix-tokens 1000] [--http] [--threads 2]
+                                       [--prefix-tokens 1000] [--http] [--threads 2] [--vocab-size 512] [--score-prompt]
 
 Without --model the model is a d<depth> GPT with random weights (a tiny tokenizer trained here): what is
-measured is the serving machinery, not the text. Every request asks for exactly --max-tokens tokens
+measured is the serving machinery, not the text. --vocab-size past 512 trains that tokenizer on made-up
+words instead, for a vocabulary of a real model's size (nanochat's: 65536), whose lm_head weighs on a
+prefill. Every request asks for exactly --max-tokens tokens
 (min_tokens keeps the stop tokens out); the sequential baseline stops at a stop token, so its tokens/s
 counts the tokens it produced. Run it as a module (-m): as a script, its name would hide the serving package.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import socket
 import statistics
 import threading
@@ -54,6 +57,21 @@ class Result:
         return statistics.median(self.ttft) if self.ttft else float("nan")
 
 
+def made_up_words(count: int, seed: int = 0) -> str:
+    """count words of 1-4 random syllables: text with enough distinct pieces to train a large vocabulary."""
+    rng = random.Random(seed)
+    syllables = sorted({a + b for a in "bcdfghjklmnprstvwz" for b in "aeiouy"}
+                       | {a + b + c for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrst"})
+    return "".join(" " + "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(count))
+
+
+def bench_tokenizer(vocab_size: int) -> Tokenizer:
+    if vocab_size <= 512:
+        return Tokenizer.train_from_iterator([TEXT * 20], vocab_size)
+    text = TEXT * 20 + made_up_words(max(300_000, 10 * vocab_size))
+    return Tokenizer.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], vocab_size)
+
+
 def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int) -> GPT:
     """A d<depth> GPT with random weights everywhere (nanochat's init zeroes output projections)."""
     model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len))
@@ -87,9 +105,10 @@ def sequential(model: GPT, tokenizer: Tokenizer, batch: list[list[int]], max_tok
 
 
 async def run_engine(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, concurrency: int,
-                     tag: str) -> tuple[int, list[float]]:
+                     tag: str, prompt_logprobs: int | None = None) -> tuple[int, list[float]]:
     """batch through the engine, at most `concurrency` requests at a time: tokens produced, TTFTs."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens,
+                            prompt_logprobs=prompt_logprobs)
     gate = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
     tokens = 0
@@ -116,26 +135,31 @@ def concurrent(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, con
     return Result(f"engine, {concurrency} concurrent", len(batch), tokens, time.perf_counter() - start, ttft)
 
 
-def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, repeats: int) -> tuple[float, float]:
+def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, repeats: int,
+                score_prompt: bool = False) -> tuple[float, float, float | None]:
     """Median TTFT of a ~prefix_tokens prompt: each time a new prefix (nothing cached), and a shared prefix
-    the cache already holds (a warm-up request put it there) with a different question at the end."""
+    the cache already holds (a warm-up request put it there) with a different question at the end; with
+    score_prompt, also new prefixes whose every position is scored (prompt_logprobs=1: echo + logprobs)."""
     words = (TEXT * (prefix_tokens // 10 + 10)).split()
 
     def long_prompt(seed: int, question: int) -> list[int]:
         body = tokenizer.encode(" ".join(words[seed:]), prepend="<|bos|>")[:prefix_tokens]
         return body + tokenizer.encode(f" question {question}?")
 
-    async def ttft_of(prompts_: list[list[int]], tag: str) -> list[float]:
+    async def ttft_of(prompts_: list[list[int]], tag: str, prompt_logprobs: int | None = None) -> list[float]:
         times = []
         for i, prompt in enumerate(prompts_):  # one at a time: TTFT alone, not queued behind another
-            _, [t] = await run_engine(engine, [prompt], 1, 1, f"{tag}{i}")
+            _, [t] = await run_engine(engine, [prompt], 1, 1, f"{tag}{i}", prompt_logprobs)
             times.append(t)
         return times
 
     cold = asyncio.run(ttft_of([long_prompt(1 + i, i) for i in range(repeats)], "cold"))
+    scored = None
+    if score_prompt:
+        scored = statistics.median(asyncio.run(ttft_of([long_prompt(100 + i, i) for i in range(repeats)], "scored", 1)))
     asyncio.run(ttft_of([long_prompt(0, 999)], "warmup"))
     warm = asyncio.run(ttft_of([long_prompt(0, i) for i in range(repeats)], "warm"))
-    return statistics.median(cold), statistics.median(warm)
+    return statistics.median(cold), statistics.median(warm), scored
 
 
 def over_http(engine: AsyncEngine, tokenizer: Tokenizer, batch_texts: list[str], max_tokens: int,
@@ -206,6 +230,9 @@ def main() -> None:
     parser.add_argument("--prefix-repeats", type=int, default=3)
     parser.add_argument("--http", action="store_true", help="also the sweep over HTTP with the openai client")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=512, help="the tokenizer's (without --model)")
+    parser.add_argument("--score-prompt", action="store_true",
+                        help="also the TTFT of a prompt scored at every position (prompt_logprobs, echo + logprobs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -217,7 +244,7 @@ def main() -> None:
         model, tokenizer, _ = ModelSource.parse(args.model).load("cpu")
         described = args.model
     else:
-        tokenizer = Tokenizer.train_from_iterator([TEXT * 20], 512)
+        tokenizer = bench_tokenizer(args.vocab_size)
         model = random_model(args.depth, tokenizer, sequence_len=max(2048, args.prefix_tokens + 256))
         described = f"d{args.depth} random weights, vocab {tokenizer.vocab_size}"
     n_params = sum(p.numel() for p in model.parameters())
@@ -233,7 +260,8 @@ def main() -> None:
         asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
         for level in levels:
             results.append(concurrent(engine, batch, args.max_tokens, level))
-        cold, warm = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats)
+        cold, warm, scored = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats,
+                                         args.score_prompt)
         if args.http:
             texts = [tokenizer.decode(p[1:]) for p in batch]
             for level in (1, max(levels)):
@@ -249,6 +277,8 @@ def main() -> None:
     print(f"\nTTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}):")
     print(f"  prefix not cached: {cold * 1000:.0f} ms; shared prefix cached: {warm * 1000:.0f} ms; "
           f"speedup {cold / warm:.1f}x")
+    if scored is not None:
+        print(f"  scored at every position (prompt_logprobs=1): {scored * 1000:.0f} ms, {scored / cold:.2f}x the plain one")
 
 
 if __name__ == "__main__":

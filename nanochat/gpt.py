@@ -15,7 +15,8 @@ Notable features:
   embedding back in (modded-nanogpt)
 - nanochat's init (uniform matrices, zero output projections) and depth dial (GPTConfig.from_depth)
 - two paths: forward() trains on full sequences with SDPA; forward_cached() runs inference through
-  any KVCacheLike (nanochat/kv_cache.py), so that serving can bring a paged cache
+  any KVCacheLike (nanochat/kv_cache.py), so that serving can bring a paged cache, and computes the
+  logits only at the positions the caller asks for
 """
 
 import math
@@ -284,14 +285,19 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
 
-    def forward_cached(self, idx: Tensor, cache: KVCacheLike) -> Tensor:
+    def forward_cached(self, idx: Tensor, cache: KVCacheLike, logits_at: Tensor | None = None) -> Tensor:
         """Inference path: float32 logits (B, T, vocab_size) for new tokens idx (B, T), which attend to
-        everything the cache holds and to each other; the cache then holds them too."""
+        everything the cache holds and to each other; the cache then holds them too. logits_at (indices
+        into the B * T positions, row-major) asks for those positions' logits only, (len(logits_at),
+        vocab_size): a prefill samples from one position per row, and the lm_head over the whole
+        vocabulary at every position would be the largest matmul of a small model."""
         positions, bound = cache.positions(idx.size(1))
         self._ensure_rotary(bound)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         x = self._trunk(idx, cos, sin, cache)
         cache.advance(idx.size(1))
+        if logits_at is not None:
+            x = x.flatten(0, 1).index_select(0, logits_at)
         return self._logits(x)
 
     def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:

@@ -11,7 +11,7 @@ from nanochat.gpt import GPT, GPTConfig
 from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from serving.engine.model_runner import ModelRunner, resolve_dtype
 from serving.engine.scheduler import PrefillChunk
-from serving.engine.sequence import Sequence
+from serving.engine.sequence import SamplingParams, Sequence
 from tests.gpt_fixtures import scrambled_model
 
 VOCAB, BLOCK, NUM_BLOCKS = 300, 4, 64
@@ -76,7 +76,7 @@ def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chun
                 prefills.append(chunk_of(seq, seq.num_cached_tokens, length))
             else:
                 decodes.append(seq)
-        logits = runner.run(prefills, decodes)
+        logits = runner.run(prefills, decodes).sampled
         sampled = [c.seq for c in prefills if c.samples] + decodes
         assert logits.shape == (len(sampled), VOCAB)
         for row, seq in zip(logits, sampled, strict=True):
@@ -150,7 +150,7 @@ def test_short_chunk_late_in_its_sequence_padded_beside_a_long_one():
     fresh, late = Sequence(random_tokens(9, rng)), Sequence(random_tokens(17, rng))
     fresh.block_table, late.block_table = scattered_tables([9, 17], seed=2)
     runner.run([chunk_of(late, 0, 16)], [])
-    logits = runner.run([chunk_of(fresh, 0, 9), chunk_of(late, 16, 1)], [])
+    logits = runner.run([chunk_of(fresh, 0, 9), chunk_of(late, 16, 1)], []).sampled
     torch.testing.assert_close(logits[0], reference(model, fresh.token_ids)[-1], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[1], reference(model, late.token_ids)[-1], atol=ATOL, rtol=0)
 
@@ -175,10 +175,37 @@ def test_only_rows_that_need_a_next_token_come_back():
     rng = random.Random(4)
     long, short = Sequence(random_tokens(10, rng)), Sequence(random_tokens(3, rng))
     long.block_table, short.block_table = scattered_tables([10, 3], seed=1)
-    logits = runner.run([chunk_of(long, 0, 6), chunk_of(short, 0, 3)], [])
+    logits = runner.run([chunk_of(long, 0, 6), chunk_of(short, 0, 3)], []).sampled
     assert logits.shape == (1, VOCAB)  # the 6-token chunk of the 10-token prompt samples nothing
     torch.testing.assert_close(logits[0], reference(model, short.token_ids)[-1], atol=ATOL, rtol=0)
-    assert runner.run([], []).shape == (0, VOCAB)
+    assert runner.run([], []).sampled.shape == (0, VOCAB)
+
+
+def test_a_sequence_scoring_its_prompt_gets_every_prompt_rows_logits_chunk_by_chunk():
+    """prompt_logprobs: besides the sampling row, each chunk returns the rows of its prompt positions but
+    the prompt's last (row i of a chunk from start predicts token start + i + 1), equal to the full
+    forward's; a sequence beside it in the batch still gets its sampling row only."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(13)
+    scored = Sequence(random_tokens(10, rng), SamplingParams(prompt_logprobs=2))
+    plain = Sequence(random_tokens(5, rng))
+    scored.block_table, plain.block_table = scattered_tables([10, 5], seed=5)
+    rows = {}
+    for start, length in ((0, 4), (4, 4), (8, 2)):
+        chunks = [chunk_of(scored, start, length)] + ([chunk_of(plain, 0, 5)] if start == 0 else [])
+        out = runner.run(chunks, [])
+        for p in out.prompt:
+            assert p.seq is scored
+            rows.update({p.start + i: row for i, row in enumerate(p.logits)})
+        if start == 0:
+            assert out.sampled.shape == (1, VOCAB)  # plain's; scored's first chunk samples nothing
+            torch.testing.assert_close(out.sampled[0], reference(model, plain.token_ids)[-1], atol=ATOL, rtol=0)
+        scored.num_cached_tokens += length
+    assert sorted(rows) == list(range(9))
+    expected = reference(model, scored.token_ids)
+    torch.testing.assert_close(torch.stack([rows[i] for i in range(9)]), expected[:9], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.sampled[0], expected[9], atol=ATOL, rtol=0)
 
 
 def test_block_table_too_short_is_refused():
@@ -200,13 +227,13 @@ def test_bfloat16_runner_tracks_the_float32_forward():
     ref = reference(model, full)
     seq = Sequence(full[:10])
     seq.block_table = scattered_tables([len(full)], seed=4)[0]
-    rows = [runner.run([chunk_of(seq, 0, 6)], []), runner.run([chunk_of(seq, 6, 4)], [])[0]]
+    rows = [runner.run([chunk_of(seq, 0, 6)], []).sampled, runner.run([chunk_of(seq, 6, 4)], []).sampled[0]]
     assert rows[0].shape == (0, VOCAB)  # the first chunk samples nothing
     rows = rows[1:]
     seq.num_cached_tokens = len(seq)
     while len(seq) < len(full):
         seq.token_ids.append(full[len(seq)])
-        rows.append(runner.run([], [seq])[0])
+        rows.append(runner.run([], [seq]).sampled[0])
         seq.num_cached_tokens += 1
     got = torch.stack(rows)
     assert got.dtype == torch.float32
@@ -251,7 +278,7 @@ def test_decode_through_the_graph_buffers_equals_the_eager_decode():
     for _ in range(3):
         for seq in seqs:
             seq.token_ids.append(rng.randrange(VOCAB))
-        eager = runner.run([], seqs)  # writes each last token's key and value
+        eager = runner.run([], seqs).sampled  # writes each last token's key and value
         k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
         with torch.inference_mode():  # as ModelRunner.run calls it
             through_buffers = graphs.run(seqs)  # the same keys and values again; padding into the scratch block

@@ -42,13 +42,13 @@ def faulty(model: GPT, *, delay_s: float = 0.0, fail_after: int | None = None) -
     real = model.forward_cached
     calls = 0
 
-    def forward_cached(idx, cache):
+    def forward_cached(idx, cache, logits_at=None):
         nonlocal calls
         calls += 1
         if fail_after is not None and calls > fail_after:
             raise RuntimeError(INJECTED)
         time.sleep(delay_s)
-        return real(idx, cache)
+        return real(idx, cache, logits_at)
 
     model.forward_cached = forward_cached
     return model

@@ -26,15 +26,23 @@ Notable:
   streaming (the replica shutting down) ends with an error event in OpenAI's shape (code "unavailable",
   no [DONE]); the official client raises it as an APIError. Unstreamed, the same case is a 503.
 - logprobs: chat's logprobs/top_logprobs and completions' logprobs come from the engine (the model's
-  own distribution, before temperature, top-k and top-p: vLLM's default), one entry per generated token
-  but stop tokens, in OpenAI's shapes; a token is its text (a cut UTF-8 character shows as U+FFFD, its
-  exact bytes in `bytes`), a special token its name. A completion's text_offset is where the text sent
-  so far stood when the token came (text held back for a stop string comes later).
+  own distribution, before temperature, top-k and top-p: vLLM's default), in OpenAI's shapes; a token is
+  its text (a cut UTF-8 character shows as U+FFFD, its exact bytes in `bytes`), a special token its
+  name. Chat has one entry per generated token but the stop token (OpenAI shows no end of turn);
+  completions one per completion token, the stop token included, as vLLM (clients that score a prompt
+  with max_tokens 1, such as lm-evaluation-harness, count on exactly one entry after the prompt's). A
+  completion's text_offset is where the text sent so far stood when the token came (text held back for
+  a stop string comes later).
+- completions take a text (encoded after <|bos|>) or token ids (run as given). echo puts the prompt
+  before each choice's text, with its first streamed chunk: a text as sent, token ids decoded (special
+  tokens by name, as /detokenize writes them). With logprobs, echo also scores the prompt (the engine's
+  prompt_logprobs): an entry per prompt token, the first one's logprob and top_logprobs null, as vLLM
+  returns them; with max_tokens 0 only the prompt is scored (the engine runs one step, whose token is
+  not returned: vLLM's way), finish_reason "length".
 - response_format (both routes): json_object and json_schema become a grammar (serving/engine/grammar.py)
   that the engine enforces token by token, so a reply that ends with "stop" parses, and validates against
   the schema; one cut by max_tokens ends with "length". A schema that is invalid or uses a keyword the
   grammar cannot enforce is a 400 naming response_format, never a looser grammar.
-- echo (completions) puts the prompt's text before each choice's text, in the first streamed chunk.
 - the calculator: a chat reply is cut into text, call and output parts (parts.py); `content` holds the
   text, and a reply that called the tool also has `content_parts`, streamed as deltas of their own. An
   assistant message sent back with its content_parts renders them as in training. A text completion's
@@ -52,6 +60,8 @@ Notable:
 from __future__ import annotations
 
 import asyncio
+import codecs
+import dataclasses
 import hmac
 import importlib.metadata
 import logging
@@ -111,7 +121,7 @@ from serving.api.schemas import (
     now,
 )
 from serving.engine.grammar import ANY_OBJECT, json_grammar
-from serving.engine.llm_engine import QueueFull, TokenEvent
+from serving.engine.llm_engine import Logprobs, QueueFull, TokenEvent
 from serving.engine.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -204,6 +214,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         max_tokens = body.requested_max_tokens
         if max_tokens is None:
             max_tokens = max_tokens_limit  # the engine cuts it to the context the prompt leaves
+        elif max_tokens == 0:  # echo's prompt scoring (the completions route checks): one step, not returned
+            max_tokens = 1
         elif max_tokens > max_tokens_limit:
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             raise bad_request(f"{param} is {max_tokens}, more than this server's limit of {max_tokens_limit}",
@@ -264,7 +276,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                                  await response_grammar(body.response_format))
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
         check_prompt_length(prompt_ids, "messages")
-        run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages")
+        run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
+                          hidden_logprobs=frozenset(params.stop_token_ids))
         if body.stream:
             return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer))
         splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
@@ -278,22 +291,42 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
+        if body.requested_max_tokens == 0 and not body.echo:
+            raise bad_request("max_tokens: 0 is only accepted with echo (which scores the prompt)",
+                              param="max_tokens")
         params = sampling_params(body, tokenizer, [tokenizer.get_bos_token_id()],
                                  await response_grammar(body.response_format))
-        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt[0], prepend="<|bos|>")
+        if body.echo and body.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        prompt = body.prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt, prepend="<|bos|>")
+        else:
+            check_token_ids(prompt, tokenizer, "prompt[0]")
+            prompt_ids = prompt
         check_prompt_length(prompt_ids, "prompt")
-        run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt")
+        run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt",
+                          score_only=body.scores_prompt_only)
+        echo = Echo.of(tokenizer, prompt_ids, isinstance(prompt, str)) if body.echo else None
         if body.stream:
-            echo = body.prompt[0] if body.echo else ""
-            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, tokenizer, echo))
+            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, tokenizer, echo,
+                                                      body.logprobs is not None))
         await until_disconnected(request, run.collect())
-        echo = body.prompt[0] if body.echo else ""
-        wanted = body.logprobs is not None
-        choices = [CompletionChoice(index=i, text=echo + text, finish_reason=reason,
-                                    logprobs=completion_logprobs(tokenizer, infos) if wanted else None)
-                   for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs))]
+        choices = []
+        for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs)):
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[i])
+            choices.append(CompletionChoice(index=i, text=(echo.text if echo else "") + text, finish_reason=reason,
+                                            logprobs=logprobs))
         return json_response(Completion(id=run.id, created=run.created, model=model_name, choices=choices,
                                         usage=run.usage()))
+
+    def check_token_ids(tokens: list[int], tokenizer: Tokenizer, param: str) -> None:
+        for i, token in enumerate(tokens):
+            if token >= tokenizer.vocab_size:
+                raise bad_request(f"{param}[{i}] is {token}, not below the vocabulary's size {tokenizer.vocab_size}",
+                                  param=f"{param}[{i}]")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -319,10 +352,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         tokenizer = (await current()).tokenizer
         check_model(body.model)
-        for i, token in enumerate(body.tokens):
-            if token >= tokenizer.vocab_size:
-                raise bad_request(f"tokens[{i}] is {token}, not below the vocabulary's size "
-                                  f"{tokenizer.vocab_size}", param=f"tokens[{i}]")
+        check_token_ids(body.tokens, tokenizer, "tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
     @app.get("/version")
@@ -439,13 +469,43 @@ def top_dict(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, fl
     return found
 
 
-def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], start: int = 0) -> CompletionLogprobs:
-    """start: characters before the completion's text in the choice (the echoed prompt)."""
-    return CompletionLogprobs(
-        tokens=[token_piece(tokenizer, i.token)["token"] for i in infos],
-        token_logprobs=[i.logprob for i in infos],
-        top_logprobs=[top_dict(tokenizer, i.top) for i in infos],
-        text_offset=[start + i.offset for i in infos])
+@dataclass
+class Echo:
+    """An echoed prompt: its text, and where each of its tokens starts in it."""
+
+    ids: list[int]
+    text: str
+    offsets: list[int]
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, ids: list[int], added_bos: bool) -> Echo:
+        """added_bos: ids[0] is the <|bos|> the server put before a text prompt, which shows no text (the
+        text is then the prompt as sent); other special tokens show their names."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text, offsets = "", []
+        for i, token in enumerate(ids):
+            offsets.append(len(text))
+            data = tokenizer.id_to_bytes(token)
+            if data:
+                text += decoder.decode(data)
+            elif not (added_bos and i == 0):
+                text += decoder.decode(b"", final=True) + tokenizer.decode([token])
+        return cls(ids, text + decoder.decode(b"", final=True), offsets)
+
+
+def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], echo: Echo | None = None,
+                        prompt: list[Logprobs | None] | None = None) -> CompletionLogprobs:
+    """The generated tokens' entries, after the echoed prompt's (when echoed with its log-probabilities:
+    prompt, one per prompt token) and offset by its text."""
+    start = len(echo.text) if echo is not None else 0
+    entries = [(i.token, i.logprob, top_dict(tokenizer, i.top), start + i.offset) for i in infos]
+    if echo is not None and prompt is not None:
+        entries = [(token, None if lp is None else lp[0], None if lp is None else top_dict(tokenizer, lp[1]), offset)
+                   for token, lp, offset in zip(echo.ids, prompt, echo.offsets, strict=True)] + entries
+    return CompletionLogprobs(tokens=[token_piece(tokenizer, token)["token"] for token, _, _, _ in entries],
+                              token_logprobs=[lp for _, lp, _, _ in entries],
+                              top_logprobs=[top for _, _, top, _ in entries],
+                              text_offset=[offset for _, _, _, offset in entries])
 
 
 @dataclass
@@ -458,14 +518,18 @@ class Run:
     first: TokenEvent
     events: AsyncGenerator[TokenEvent, None]
     created: int = field(default_factory=now)
+    hidden_logprobs: frozenset[int] = frozenset()  # tokens whose log-probabilities are not shown (chat's ends)
+    score_only: bool = False  # echo with max_tokens 0: the engine's one generated token is not the answer's
     texts: list[str] = field(init=False)
     finish_reasons: list[str | None] = field(init=False)
     completion_tokens: list[int] = field(init=False)
     cached_tokens: int = field(init=False, default=0)
     logprobs: list[list[TokenInfo]] = field(init=False)
+    prompt_logprobs: list[list[Logprobs | None] | None] = field(init=False)
 
     def __post_init__(self) -> None:
         self.logprobs = [[] for _ in range(self.n)]
+        self.prompt_logprobs = [None] * self.n
         self.texts = [""] * self.n
         self.finish_reasons = [None] * self.n
         self.completion_tokens = [0] * self.n
@@ -499,6 +563,16 @@ class Run:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def _record(self, event: TokenEvent) -> TokenEvent:
+        """Records the event, as the response shows it: without the log-probabilities of hidden tokens, and
+        when scoring the prompt only, without the generated token (its text, log-probability and count)."""
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs[event.index] = event.prompt_logprobs
+        if self.score_only:
+            reason = event.finish_reason if event.finish_reason in (None, "abort") else "length"
+            event = dataclasses.replace(event, text="", logprob=None, top_logprobs=None, completion_tokens=0,
+                                        finish_reason=reason)
+        elif event.token_id in self.hidden_logprobs:
+            event = dataclasses.replace(event, logprob=None, top_logprobs=None)
         if event.token_id is not None and event.logprob is not None:
             self.logprobs[event.index].append(TokenInfo(event.token_id, event.logprob, event.top_logprobs or [],
                                                         len(self.texts[event.index])))
@@ -512,10 +586,10 @@ class Run:
 
 
 async def start(engine: Engine, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                prompt_param: str) -> Run:
+                prompt_param: str, *, hidden_logprobs: frozenset[int] = frozenset(), score_only: bool = False) -> Run:
     """Submit the request and wait for its first event, turning the engine's refusals into API errors.
     Whatever goes wrong here comes out of the event generator (or cancels it), which has then ended:
-    nothing is left running in the engine."""
+    nothing is left running in the engine. hidden_logprobs and score_only: see Run."""
     events = engine.generate(request_id, prompt_ids, params)
     try:
         first = await until_disconnected(request, anext(events))
@@ -531,7 +605,8 @@ async def start(engine: Engine, request: Request, request_id: str, prompt_ids: l
     except Exception:
         log.exception("request %s failed", request_id)
         raise engine_failed() from None
-    return Run(request_id, params.n, len(prompt_ids), first, events)
+    return Run(request_id, params.n, len(prompt_ids), first, events, hidden_logprobs=hidden_logprobs,
+               score_only=score_only)
 
 
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
@@ -628,26 +703,30 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
     yield sse("[DONE]")
 
 
-async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer,
-                            echo: str = "") -> AsyncGenerator[str, None]:
-    """text_completion events: the echoed prompt (if asked), text pieces, each choice's finish_reason; then
-    the usage (if asked) and [DONE]."""
+async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer, echo: Echo | None,
+                            logprobs_wanted: bool) -> AsyncGenerator[str, None]:
+    """text_completion events: text pieces (each choice's first one after the echoed prompt and its
+    log-probabilities, if asked), each choice's finish_reason; then the usage (if asked) and [DONE]."""
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
-    if echo:
-        for index in range(run.n):
-            yield chunk([CompletionChoice(index=index, text=echo)])
+    echoed: set[int] = set()
     async for event in run.stream():
         if event.finish_reason == "abort":
             yield shutting_down()
             return
-        logprobs = None
+        text, infos, first = event.text, [], echo is not None and event.index not in echoed
         if event.logprob is not None:
-            logprobs = completion_logprobs(tokenizer, run.logprobs[event.index][-1:], len(echo))
-        if event.text or event.finish_reason is not None or logprobs is not None:
-            yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason,
+            infos = run.logprobs[event.index][-1:]
+        if first:
+            echoed.add(event.index)
+            text = echo.text + text
+        logprobs = None
+        if logprobs_wanted and (infos or first):
+            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None)
+        if text or event.finish_reason is not None or logprobs is not None:
+            yield chunk([CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
                                           logprobs=logprobs)])
     if include_usage:
         yield chunk([], run.usage())

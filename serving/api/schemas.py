@@ -17,8 +17,11 @@ Notable:
   back with them is rendered part by part, as in training. Client functions (`tools`, `tool_choice`,
   `functions`, `function_call`) are refused: the model was trained for its calculator only.
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
-  `prompt`: a string or a list of one) are normalised to the list form before validation, rather than
-  typed as unions, so an error names the field ("stop[1]") instead of a union member.
+  `prompt`: a string, a list of token ids, or a list of one of those) are normalised to the list form
+  before validation, rather than typed as unions, so an error names the field ("stop[1]") instead of a
+  union member.
+- completions' `echo` with `logprobs` scores the prompt too (vLLM's prompt log-probabilities), and
+  `max_tokens: 0` is accepted with `echo` (the prompt scored, nothing generated), as vLLM accepts it.
 - `response_format` is OpenAI's shape: text, json_object, or json_schema {name, description, schema,
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
@@ -79,6 +82,27 @@ def _text_parts(value: Any) -> Any:
     raise ValueError("should be a string or a list of text parts")
 
 
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _prompts(value: Any) -> Any:
+    """A completion's prompt: one text or one list of token ids becomes a list of one; a list of those
+    is validated item by item afterwards."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(map(_is_token_id, value))):
+        return [value]
+    return value
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, str):
+        return _unicode(value)
+    if isinstance(value, list) and value and all(map(_is_token_id, value)):
+        return value
+    raise ValueError("should be a string or a non-empty list of token ids (integers >= 0)")
+
+
+Prompt = Annotated[Any, AfterValidator(_prompt)]  # a text, or the token ids of one
 StopString = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP)]
 
@@ -337,17 +361,16 @@ class ChatCompletionRequest(_ChatRefused, SamplingRequest):
 
 
 class CompletionRequest(_CompletionRefused, SamplingRequest):
-    # OpenAI also takes token ids and batches of prompts; we take one text
-    prompt: Annotated[list[Text], BeforeValidator(_one_or_many), Field(min_length=1, max_length=1)]
-    echo: bool = False  # the prompt's text before the completion's
+    # a text or its token ids; OpenAI also takes batches of prompts, we take one
+    prompt: Annotated[list[Prompt], BeforeValidator(_prompts), Field(min_length=1, max_length=1)]
+    echo: bool = False  # the prompt before the completion (and with logprobs, the prompt's log-probabilities)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top tokens' log-probabilities too
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the route checks): score the prompt only
 
-    @field_validator("logprobs")
-    @classmethod
-    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("echo"):
-            raise ValueError("logprobs with echo (the prompt's log-probabilities) is not supported")
-        return value
+    @property
+    def scores_prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its log-probabilities), no completion."""
+        return self.echo and self.requested_max_tokens == 0
 
     @property
     def num_logprobs(self) -> int | None:
@@ -392,8 +415,8 @@ class ChoiceLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 

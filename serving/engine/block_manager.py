@@ -16,6 +16,8 @@ Notable:
   its head.
 - The cache never serves a prompt's last token: even when every block hits, the last block is
   recomputed so the step has logits to sample from.
+- A sequence asking for its prompt's log-probabilities gets no hits until they are computed (as vLLM
+  does): a hit would skip the very positions it wants scored. Its blocks are still keyed for others.
 - Prefix cache counters are in tokens, like vLLM's: queries count the tokens looked up, hits the
   tokens found.
 """
@@ -63,8 +65,11 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks already holding the KV of seq's leading full blocks, stopping short of its last token."""
+        """Blocks already holding the KV of seq's leading full blocks, stopping short of its last token;
+        none for a sequence that scores its prompt, which needs the logits of every prompt position."""
         hits: list[int] = []
+        if seq.scores_prompt:
+            return hits
         h = None
         bs = self.block_size
         for i in range((len(seq) - 1) // bs):

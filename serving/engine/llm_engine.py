@@ -42,8 +42,13 @@ Notable:
 - logprobs (SamplingParams.logprobs = k): each generated token's log-probability and the k most likely
   tokens', from the model's own distribution: log_softmax of the raw logits, before temperature, top-k
   and top-p (vLLM's default), so they do not depend on the sampling settings. Computed on the batch, for
-  the rows that asked, and clamped at -9999 (JSON has no -inf). Stop tokens get none (no text is shown
-  for them); a calculator token forced into the sequence gets the model's log-probability of it.
+  the rows that asked, and clamped at -9999 (JSON has no -inf). A stop token gets them too (an API that
+  shows no end token drops them); a calculator token forced into the sequence gets the model's
+  log-probability of it.
+- prompt_logprobs (SamplingParams.prompt_logprobs = k, vLLM's): the same for every prompt token but the
+  first (nothing predicts it: None), from the prefill's logits at the prompt positions, on the batch with
+  the other rows; they come with the choice's first token event. Such a sequence takes no prefix cache
+  hits until then (BlockManager), so every position is computed: cached_tokens is 0.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
 - AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
@@ -80,7 +85,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
-from serving.engine.model_runner import ModelRunner, ServeDtype
+from serving.engine.model_runner import ModelRunner, PromptLogits, ServeDtype
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -107,6 +112,9 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens the prefix cache held when this choice was admitted
     logprob: float | None = None  # the token's log-probability, when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens and theirs, likeliest first
+    # on a choice's first token event when the request asked for prompt_logprobs: one entry per prompt
+    # token, None for the first
+    prompt_logprobs: list[Logprobs | None] | None = None
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -134,6 +142,7 @@ class _Choice:
     expr: list[int] | None = None  # tool call being written, None outside one
     floor: int = 0  # where text stood at the last tool delimiter: stop strings only match after it
     grammar: LLMatcher | None = None  # structured output: where the choice stands in its grammar
+    prompt_logprobs: list[Logprobs | None] | None = None  # filled by position while the prompt is scored
 
 
 class LLMEngine:
@@ -216,7 +225,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.num_tokens == 0:
             return events
-        logits = self.runner.run(batch.prefills, batch.decodes)
+        step_logits = self.runner.run(batch.prefills, batch.decodes)
+        self._score_prompts(step_logits.prompt)
+        logits = step_logits.sampled
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)
         logprobs = _logprobs(logits, tokens, [c.seq.sampling.logprobs for c in choices])
@@ -224,6 +235,22 @@ class LLMEngine:
         for choice, token, token_logprobs in zip(choices, tokens, logprobs, strict=True):
             events.extend(self._advance(choice, token, token_logprobs))
         return events
+
+    def _score_prompts(self, prompt: list[PromptLogits]) -> None:
+        """Each scored prompt row's log-probabilities into its choice, by position; one log_softmax and one
+        topk over the rows of every sequence of the step."""
+        if not prompt:
+            return
+        rows = torch.cat([p.logits for p in prompt])
+        targets = [t for p in prompt for t in p.seq.token_ids[p.start + 1 : p.start + 1 + len(p.logits)]]
+        wanted = [p.seq.sampling.prompt_logprobs for p in prompt for _ in range(len(p.logits))]
+        found = iter(_logprobs(rows, targets, wanted))
+        for p in prompt:
+            choice = self.choices[p.seq.id]
+            if choice.prompt_logprobs is None:
+                choice.prompt_logprobs = [None] * p.seq.num_prompt_tokens
+            for position in range(p.start + 1, p.start + 1 + len(p.logits)):
+                choice.prompt_logprobs[position] = next(found)
 
     def _next_tokens(self, logits: torch.Tensor, choices: list[_Choice]) -> list[int]:
         """Each choice's next token: its waiting tool output if any, else a sample. Only choices that
@@ -259,8 +286,6 @@ class LLMEngine:
     def _advance(self, choice: _Choice, token: int, logprobs: Logprobs | None = None) -> list[TokenEvent]:
         """Account for the token postprocess just appended: tool state, text, stop strings, the end."""
         seq = choice.seq
-        if token in seq.sampling.stop_token_ids:
-            logprobs = None  # no text is shown for it
         if not seq.is_finished:
             self._tool(choice, token)
         before = len(choice.text)
@@ -313,8 +338,12 @@ class LLMEngine:
                logprobs: Logprobs | None = None) -> TokenEvent:
         seq = choice.seq
         logprob, top = logprobs if logprobs is not None else (None, None)
+        prompt = None
+        if token is not None and seq.sampling.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            prompt = choice.prompt_logprobs or [None] * seq.num_prompt_tokens  # a 1-token prompt has no rows
+            choice.prompt_logprobs = None
         return TokenEvent(choice.request_id, choice.index, token, text, reason, seq.num_prompt_tokens,
-                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0, logprob, top)
+                          seq.num_output_tokens, seq.num_prompt_cache_hits or 0, logprob, top, prompt)
 
     # ------------------------------------------------------------------ numbers
 
@@ -341,16 +370,22 @@ MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps at the same value
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[Logprobs | None]:
     """For each row that wants them (wanted[i] = k, not None): the log-probability of tokens[i] under the
-    row's raw logits, and the k most likely tokens with theirs. One log_softmax and one topk for all."""
+    row's raw logits, and the k most likely tokens with theirs. One logsumexp and one topk for all: a
+    log-probability is the logit minus its row's logsumexp, so no second (rows, vocab) tensor is made
+    (a scored prompt has a row per position)."""
     rows = [i for i, k in enumerate(wanted) if k is not None]
     out: list[Logprobs | None] = [None] * len(tokens)
     if not rows:
         return out
-    index = torch.tensor(rows, device=logits.device)
-    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1).clamp(min=MIN_LOGPROB)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)).squeeze(1)
+    if len(rows) < len(tokens):
+        logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    chosen = logits.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)) - lse
+    chosen = chosen.squeeze(1).clamp(min=MIN_LOGPROB)
     k = max(wanted[i] for i in rows)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = logits.topk(k, dim=-1) if k else (logits[:, :0], logits[:, :0].long())
+    top_values = (top_values - lse).clamp(min=MIN_LOGPROB)
     chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
     for j, i in enumerate(rows):
         top = list(zip(top_ids[j][: wanted[i]], top_values[j][: wanted[i]], strict=True))

@@ -8,9 +8,12 @@ Notable:
 - at most two forwards a step: all decodes together as a (B, 1) batch, and all prefill chunks together
   as a (B, T_max) batch with rows right-padded to the longest chunk. Keeping them apart means the
   decodes, the common case, never pay for a chunk's length in padding.
-- only the last position of a row that needs a next token is returned: a chunk that stops short of the
-  end of its sequence only fills the cache. The order matches ScheduledBatch.sampled_seqs: sampling
-  chunks first, then decodes.
+- logits are computed only where they are used (the lm_head over the vocabulary, and the float32 softcap
+  after it, would otherwise run at every prompt position): the last position of a row that needs a next
+  token, while a chunk that stops short of the end of its sequence only fills the cache. The order
+  matches ScheduledBatch.sampled_seqs: sampling chunks first, then decodes. A sequence that scores its
+  prompt (Sequence.scores_prompt) also gets the rows of its chunk's prompt positions, returned apart
+  as PromptLogits, row i predicting the token at start + i + 1.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
@@ -20,6 +23,7 @@ Notable:
   and the tensor cores) and float32 on a CPU, where bfloat16 matmuls are slower; logits stay float32.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -46,6 +50,21 @@ def resolve_dtype(dtype: ServeDtype, device: torch.device | str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+@dataclass
+class PromptLogits:
+    """Logits at prompt positions start, start + 1, ... of seq: row i predicts token start + i + 1."""
+
+    seq: Sequence
+    start: int
+    logits: Tensor  # (rows, vocab_size), float32
+
+
+@dataclass
+class StepLogits:
+    sampled: Tensor  # (N, vocab_size): one row per sequence of ScheduledBatch.sampled_seqs, in its order
+    prompt: list[PromptLogits]  # the prompt rows of the sequences that score their prompt
+
+
 class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -64,31 +83,52 @@ class ModelRunner:
 
     @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
-    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence]) -> Tensor:
-        """float32 logits (N, vocab_size), one row per sequence that gets a next token this step."""
-        logits = []
+    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence]) -> StepLogits:
+        """float32 logits (N, vocab_size), one row per sequence that gets a next token this step, and
+        those of the prompt positions of sequences that score their prompt."""
+        logits, prompt = [], []
         if prefill_chunks:
-            rows = [(c.seq, c.start, c.length) for c in prefill_chunks]
-            last = self._forward(rows)
-            logits.append(last[[i for i, c in enumerate(prefill_chunks) if c.samples]])
+            last, prompt = self._prefill(prefill_chunks)
+            logits.append(last)
         if decode_seqs and self.graphs is not None and self.graphs.serves(len(decode_seqs)):
             logits.append(self.graphs.run(decode_seqs))
         elif decode_seqs:
             logits.append(self._forward([(seq, len(seq) - 1, 1) for seq in decode_seqs]))
         if not logits:
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        return torch.cat(logits)
+            return StepLogits(torch.empty(0, self.model.config.vocab_size, device=self.device), prompt)
+        return StepLogits(torch.cat(logits), prompt)
 
-    def _forward(self, rows: list[tuple[Sequence, int, int]]) -> Tensor:
-        """Computes seq.token_ids[start : start + length] of each row; the logits of each row's last one."""
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[Tensor, list[PromptLogits]]:
+        """One forward over the chunks, with logits at the last position of each sampling chunk and at
+        the prompt positions of those that score their prompt (all but the prompt's last, which is
+        the sampling position or lies past the chunk)."""
+        T = max(c.length for c in chunks)
+        sampled, scored, spans = [], [], []
+        for b, c in enumerate(chunks):
+            if c.seq.scores_prompt:
+                end = min(c.start + c.length, c.seq.num_prompt_tokens - 1)
+                if end > c.start:
+                    spans.append((c.seq, c.start, len(scored), end - c.start))
+                    scored.extend(range(b * T, b * T + end - c.start))
+            if c.samples:
+                sampled.append(b * T + c.length - 1)
+        rows = self._forward([(c.seq, c.start, c.length) for c in chunks], sampled + scored)
+        prompt = [PromptLogits(seq, start, rows[len(sampled) + i : len(sampled) + i + n])
+                  for seq, start, i, n in spans]
+        return rows[: len(sampled)], prompt
+
+    def _forward(self, rows: list[tuple[Sequence, int, int]], logits_at: list[int] | None = None) -> Tensor:
+        """Computes seq.token_ids[start : start + length] of each row; the logits at logits_at (indices
+        into the rows' positions padded to the longest, row-major), or by default at each row's last."""
         for seq, start, length in rows:
             if start + length > len(seq):
                 raise ValueError(f"sequence {seq.id} has {len(seq)} tokens, "
                                  f"asked to compute positions {start}..{start + length - 1}")
         T = max(length for _, _, length in rows)
+        if logits_at is None:
+            logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
         idx = [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows]
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
                                [length for _, _, length in rows])
-        logits = self.model.forward_cached(torch.tensor(idx, device=self.device), view)  # (B, T, V)
-        last = torch.tensor([length - 1 for _, _, length in rows], device=self.device)
-        return logits[torch.arange(len(rows), device=self.device), last]
+        return self.model.forward_cached(torch.tensor(idx, device=self.device), view,
+                                         torch.tensor(logits_at, dtype=torch.long, device=self.device))

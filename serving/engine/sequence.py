@@ -11,6 +11,8 @@ Notable:
 - num_prompt_cache_hits counts the prompt tokens the prefix cache held when the sequence was first
   admitted (usage's cached_tokens); a recompute after preemption does not change it.
 - SamplingParams validates on construction, so a bad request fails with a ValueError naming the field.
+- a sequence that asks for prompt_logprobs needs logits at every prompt position: while it still does
+  (scores_prompt), the prefix cache gives it no hits and the model runner computes those rows.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # the engine adds the end-of-turn tokens
     n: int = 1  # completions per prompt: the engine forks n sequences, which share the prompt's blocks
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # None: none; k: the same for each prompt token but the first (vLLM's)
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: times how often the token was generated so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
@@ -83,6 +86,8 @@ class SamplingParams:
             _check_int("each of stop_token_ids", token_id, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
@@ -142,3 +147,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prompt's log-probabilities are still to be computed: asked for, and not delivered
+        yet (they come with the first generated token)."""
+        return self.sampling.prompt_logprobs is not None and self.num_output_tokens == 0
