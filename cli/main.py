@@ -228,8 +228,8 @@ def _check_model_exists(source) -> None:
     """A --model pinned to a step must exist: fail in seconds, before Ray starts. Without a step the server
     starts anyway, answers 503 until the stage's first checkpoint lands, and then serves it."""
     from services.checkpoints import CheckpointManager
+    from services.layout import TOKENIZER_KEY
     from services.storage import open_storage
-    from serving.model_source import TOKENIZER_KEY
 
     if source.step is None:
         return

@@ -36,6 +36,7 @@ from nanochat.checkpoint import (
     verify_checkpoint,
 )
 from nanochat.gpt import GPT
+from services.layout import DONE, LATEST, run_prefix, stage_prefix, step_dir_name
 from services.storage import KeyNotFound, Storage
 
 if TYPE_CHECKING:
@@ -43,14 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
-DONE = "DONE.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    """The folder name of a step; Ray Train's checkpoint_dir_name must be exactly this."""
-    return f"step_{step:06d}"
 
 
 class CheckpointManager:
@@ -58,7 +52,7 @@ class CheckpointManager:
         self.storage = storage
         self.run = run
         self.stage = stage
-        self.stage_prefix = f"runs/{run}/{stage}/"
+        self.stage_prefix = stage_prefix(run, stage)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.storage.uri}/{self.stage_prefix})"
@@ -72,7 +66,7 @@ class CheckpointManager:
     def ray_run_location(self) -> tuple[pyarrow.fs.FileSystem, str, str]:
         """(storage_filesystem, storage_path, name) for Ray's RunConfig, so Ray uploads into our layout."""
         fs, base = self.storage.arrow_filesystem()
-        return fs, f"{base}/runs/{self.run}", self.stage
+        return fs, f"{base}/{run_prefix(self.run).rstrip('/')}", self.stage
 
     # -- listing
 

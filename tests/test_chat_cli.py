@@ -14,8 +14,8 @@ from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
+from services.layout import TOKENIZER_KEY
 from serving.chat_cli import ChatSession, RemoteChat, echo, run_chat
-from serving.model_source import TOKENIZER_KEY
 
 
 class Terminal(io.StringIO):

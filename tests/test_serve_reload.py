@@ -32,12 +32,13 @@ import pytest
 from nanochat.checkpoint import MODEL, write_checkpoint
 from nanochat.config import ServeConfig
 from nanochat.tokenizer import Tokenizer
-from services.checkpoints import CheckpointManager, step_dir_name
+from services.checkpoints import CheckpointManager
+from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
 from serving.app import EngineReplica, NoModelLoaded
 from serving.app import log as app_log
 from serving.engine.sequence import SamplingParams
-from serving.model_source import TOKENIZER_KEY, ModelSource
+from serving.model_source import ModelSource
 from tests.chat_server import reply_model, reply_tokenizer
 from tests.conftest import free_port
 

@@ -42,7 +42,8 @@ from nanochat.checkpoint import (
 from nanochat.config import Config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from services.checkpoints import CheckpointManager, step_dir_name
+from services.checkpoints import CheckpointManager
+from services.layout import step_dir_name
 from services.storage import Storage, open_storage
 from services.telemetry import TrainTelemetry
 from trainer.optim import (

@@ -41,7 +41,8 @@ import torch
 from nanochat.checkpoint import CONFIG, META
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
-from services.checkpoints import DONE, CheckpointManager, step_dir_name
+from services.checkpoints import CheckpointManager
+from services.layout import DONE, step_dir_name
 from services.storage import KeyNotFound, Storage
 from trainer.data import SUCCESS, corpus_prefix
 from trainer.evaluate import result_key

@@ -34,7 +34,8 @@ import torch
 from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config, ConfigError, JaxConfig
 from nanochat.gpt import GPT, GPTConfig
-from services.checkpoints import CheckpointManager, step_dir_name
+from services.checkpoints import CheckpointManager
+from services.layout import step_dir_name
 from services.storage import open_storage
 from trainer.base_train import BaseStage, model_config, optim_config
 from trainer.dataloader import DataLoader, token_bytes
