@@ -151,7 +151,7 @@ def emit_result(stage: str, cfg: Config, started: float, **fields: Any) -> None:
 
 
 def _data_prepare(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.data import prepare_corpus
+    from trainer.data.corpus import prepare_corpus
 
     started = time.time()
     summary = prepare_corpus(cfg.data, storage_from_args(args))
@@ -160,7 +160,7 @@ def _data_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _tok_train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.tok import train_tokenizer
+    from trainer.data.tokenizer import train_tokenizer
 
     started = time.time()
     summary = train_tokenizer(cfg, storage_from_args(args))
@@ -169,7 +169,7 @@ def _tok_train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.tok import evaluate_tokenizer
+    from trainer.data.tokenizer import evaluate_tokenizer
 
     started = time.time()
     try:
@@ -184,8 +184,8 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.runner import STARTS_FROM, run_stage, stage_function
-    from trainer.tok import load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.pipeline.jobs import STARTS_FROM, run_stage, stage_function
 
     train_fn = stage_function(args.action, cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
@@ -201,8 +201,8 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.evaluate import core_bundle_dir
-    from trainer.runner import run_eval
+    from trainer.pipeline.jobs import run_eval
+    from trainer.stages.evaluate import core_bundle_dir
 
     started, storage = time.time(), storage_from_args(args)
     tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()] or None
@@ -270,7 +270,7 @@ def _chat(args: argparse.Namespace, cfg: Config) -> int:
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.speedrun import speedrun
+    from trainer.pipeline.speedrun import speedrun
 
     started, storage = time.time(), storage_from_args(args)
     print(f"speedrun: preset {cfg.preset}, run {cfg.run}, storage {storage.uri}", flush=True)
@@ -282,7 +282,7 @@ def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _experiment_sweep(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.experiment import plan_sweep, results_table, run_sweep, summary
+    from trainer.pipeline.sweeps import plan_sweep, results_table, run_sweep, summary
 
     started = time.time()
     plan_sweep(cfg)  # a bad variant is a usage error, found before storage or Ray is touched
@@ -294,7 +294,7 @@ def _experiment_sweep(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _report(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.report import write_report
+    from trainer.pipeline.report import write_report
 
     started = time.time()
     path = write_report(cfg, storage_from_args(args))

@@ -9,11 +9,11 @@ import torch
 
 from nanochat.config import load_config
 from services.storage import LocalStorage
-from trainer.base_train import BaseStage
-from trainer.data import prepare_corpus
-from trainer.loop import optimizer_step
+from trainer.data.corpus import prepare_corpus
+from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 from trainer.optim import apply_schedule, build_optimizers
-from trainer.tok import load_tokenizer, train_tokenizer
+from trainer.stages.base import BaseStage
+from trainer.stages.loop import optimizer_step
 from trainer.worker import Worker
 
 SMALL = ["model.depth=2", "model.head_dim=32", "tokenizer.vocab_size=512", "tokenizer.max_chars=400000",

@@ -1,4 +1,4 @@
-"""Chat evals (trainer/chat_eval.py): letter logits for multiple choice, sampling for open-ended tasks,
+"""Chat evals (trainer/evals/chat.py): letter logits for multiple choice, sampling for open-ended tasks,
 pass@k, ChatCORE, skipped tasks, and the split of problems over ranks."""
 
 import json
@@ -21,7 +21,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from services.checkpoints import CheckpointManager
 from tests.gpt_fixtures import scrambled_model
-from trainer.chat_eval import (
+from trainer.data.tokenizer import TOKENIZER_KEY
+from trainer.evals.chat import (
     Score,
     chatcore,
     evaluate_chat,
@@ -32,7 +33,6 @@ from trainer.chat_eval import (
 from trainer.tasks import hub as hub_module
 from trainer.tasks.arc import ARC
 from trainer.tasks.base import Task
-from trainer.tok import TOKENIZER_KEY
 from trainer.worker import Worker
 
 CPU = Worker(rank=0, world_size=1, device=torch.device("cpu"))

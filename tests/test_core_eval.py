@@ -18,8 +18,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from services.storage import LocalStorage
 from tests.ranks import run_ranks
-from trainer import core_eval as ce
-from trainer.core_eval import CORE_TASKS, TaskSpec
+from trainer.evals import core as ce
+from trainer.evals.core import CORE_TASKS, TaskSpec
 
 SPECS = {spec.label: spec for spec in CORE_TASKS}
 FILES = {  # shared/data/core file -> CORE label

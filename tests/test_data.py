@@ -14,7 +14,7 @@ import pytest
 
 from nanochat.config import ConfigError, DataConfig
 from services.storage import open_storage
-from trainer.data import (
+from trainer.data.corpus import (
     CorpusNotReady,
     DataError,
     download_shards,
@@ -340,7 +340,7 @@ def test_interrupted_hub_prepare_downloads_only_what_is_missing(hub, local_stora
 
 def test_a_short_remainder_joins_the_last_shard_so_validation_is_not_a_sliver(local_storage):
     from nanochat.config import DataConfig
-    from trainer.data import list_shards, prepare_corpus
+    from trainer.data.corpus import list_shards, prepare_corpus
 
     cfg = DataConfig(source="stdlib", docs_per_shard=40, row_group_size=8)
     summary = prepare_corpus(cfg, local_storage, limit=85)  # 40 + 40 + 5: the 5 join the second shard

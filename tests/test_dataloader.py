@@ -14,8 +14,8 @@ import torch
 from nanochat.config import DataConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from services.storage import LocalStorage, open_storage
-from trainer.data import list_shards, prepare_corpus, split_shards
-from trainer.dataloader import DataLoader, token_bytes
+from trainer.data.corpus import list_shards, prepare_corpus, split_shards
+from trainer.data.loader import DataLoader, token_bytes
 
 CORPUS = "tiny"
 ROW_GROUP = 15  # documents per row group; tokenizer_batch=5 below gives cuts inside and between row groups

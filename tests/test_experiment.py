@@ -1,4 +1,4 @@
-"""Architecture sweeps (trainer/experiment.py, `nanochat experiment sweep`): variants validated up front and named
+"""Architecture sweeps (trainer/pipeline/sweeps.py, `nanochat experiment sweep`): variants validated up front and named
 in errors, equal FLOPs per variant, the results table and plot, the report's section, and one real sweep of
 three variants trained as Ray tasks on a shrunken tiny preset."""
 
@@ -11,9 +11,11 @@ import pytest
 from cli.main import main
 from nanochat.config import ConfigError, available_presets, load_config
 from services.storage import LocalStorage
-from trainer.data import list_shards, split_shards
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.experiment import (
+from trainer.data.corpus import list_shards, split_shards
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.data.tokenizer import load_tokenizer
+from trainer.pipeline.report import write_report
+from trainer.pipeline.sweeps import (
     PLOT,
     RESULTS,
     TABLE,
@@ -25,8 +27,6 @@ from trainer.experiment import (
     sweep_prefix,
     write_results,
 )
-from trainer.report import write_report
-from trainer.tok import load_tokenizer
 
 SWEEP_FILE = "configs/sweeps/arch-tiny.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -758,8 +758,8 @@ def bound_deployments(app) -> Iterator:
 def storage_with_tokenizer(tmp_path_factory) -> Path:
     """A local storage root with a real tokenizer: what the app builder reads before any replica starts."""
     from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-    from services.storage import open_storage
     from services.layout import TOKENIZER_KEY
+    from services.storage import open_storage
 
     root = tmp_path_factory.mktemp("storage")
     tokenizer = Tokenizer.train_from_iterator(["hello"], 256 + len(SPECIAL_TOKENS))

@@ -9,11 +9,11 @@ import torch
 from nanochat.config import load_config
 from nanochat.gpt import GPT, GPTConfig
 from tests.numerics import EPS32, perturbed, torch_threads
-from trainer.base_train import model_config, optim_config
-from trainer.data import list_shards, prepare_corpus, split_shards
-from trainer.dataloader import DataLoader
+from trainer.data.corpus import list_shards, prepare_corpus, split_shards
+from trainer.data.loader import DataLoader
+from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 from trainer.optim import OptimConfig, apply_schedule, build_optimizers
-from trainer.tok import load_tokenizer, train_tokenizer
+from trainer.stages.base import model_config, optim_config
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -194,7 +194,7 @@ def test_train_base_with_the_jax_backend_as_a_ray_train_job(corpus, tmp_path):
     resumed by the torch backend."""
     from services.checkpoints import CheckpointManager
     from trainer.jaxgpt.model import forward
-    from trainer.runner import StageFailed, run_stage, stage_function
+    from trainer.pipeline.jobs import StageFailed, run_stage, stage_function
 
     small = ["model.depth=2", "model.head_dim=32", "train.seq_len=64", "train.device_batch_size=2",
              "train.total_batch_size=1024", "train.checkpoint_every=3", "train.eval_every=-1", "train.eval_tokens=1024",

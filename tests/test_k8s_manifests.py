@@ -146,7 +146,7 @@ def test_gpu_workers_hold_what_the_presets_training_asks_for(job: dict) -> None:
         tolerated = {t["key"] for t in group["template"]["spec"].get("tolerations", [])}
         assert "nvidia.com/gpu" in tolerated
     assert gpus == cfg.train.workers * cfg.train.gpus_per_worker
-    # Ray Train asks 1 CPU per worker (trainer/runner.py); the head offers none (num-cpus 0)
+    # Ray Train asks 1 CPU per worker (trainer/pipeline/jobs.py); the head offers none (num-cpus 0)
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert cpus >= cfg.train.workers
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from tests.ranks import run_ranks
-from trainer.loss_eval import evaluate_bpb
+from trainer.evals.loss import evaluate_bpb
 
 B, T = 4, 64
 

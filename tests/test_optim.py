@@ -513,7 +513,7 @@ def test_ddp_ranks_stay_identical():
 
 
 def test_compile_is_on_by_default_on_gpus_only():
-    from trainer.loop import compiled
+    from trainer.stages.loop import compiled
 
     model = TinyModel()
     assert compiled(model, None, torch.device("cpu")) is model
@@ -530,7 +530,7 @@ def test_compiled_optimizer_steps_track_eager_ones():
     part within a few steps, compiled or not), and the model that is checkpointed is the plain one, updated in
     place."""
     from nanochat.gpt import GPT, GPTConfig
-    from trainer.loop import compiled, optimizer_step
+    from trainer.stages.loop import compiled, optimizer_step
     from trainer.worker import Worker
 
     config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,

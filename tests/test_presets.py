@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 
 from nanochat.config import available_presets, load_config
-from trainer.base_train import BaseStage, depth_scaling, optim_config
-from trainer.chat_train import MidStage, SFTStage, chat_batch_plan
 from trainer.optim import MUON_BETA2, grad_accum_steps
-from trainer.rl_train import prompts_per_worker, rl_optim_config
-from trainer.runner import stage_backend
+from trainer.pipeline.jobs import stage_backend
+from trainer.stages.base import BaseStage, depth_scaling, optim_config
+from trainer.stages.chat import MidStage, SFTStage, chat_batch_plan
+from trainer.stages.rl import prompts_per_worker, rl_optim_config
 
 
 @pytest.mark.parametrize("preset", available_presets())

@@ -1,4 +1,4 @@
-"""The report (trainer/report.py, `nanochat report`): report.md and its plots from what storage holds.
+"""The report (trainer/pipeline/report.py, `nanochat report`): report.md and its plots from what storage holds.
 
 Storage is filled the way the stages fill it: a real corpus and tokenizer (their own stage functions), real
 checkpoints of a tiny GPT trained for a few steps (write_checkpoint, CheckpointManager.save/mark_done), and
@@ -21,12 +21,12 @@ from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
-from trainer.base_train import model_config
-from trainer.data import prepare_corpus
-from trainer.evaluate import result_key
-from trainer.loop import Progress, summary
-from trainer.report import write_report
-from trainer.tok import evaluate_tokenizer, format_table, load_tokenizer, train_tokenizer
+from trainer.data.corpus import prepare_corpus
+from trainer.data.tokenizer import evaluate_tokenizer, format_table, load_tokenizer, train_tokenizer
+from trainer.pipeline.report import write_report
+from trainer.stages.base import model_config
+from trainer.stages.evaluate import result_key
+from trainer.stages.loop import Progress, summary
 
 RUN = "r1"
 SMALL = [

@@ -1,4 +1,4 @@
-"""The RL stage's parts (trainer/rl_train.py) in plain torch: advantages, which tokens carry the policy
+"""The RL stage's parts (trainer/stages/rl.py) in plain torch: advantages, which tokens carry the policy
 gradient, the prompt stream and its cursor, and that a few steps on a toy reward raise the reward."""
 
 import shutil
@@ -14,7 +14,8 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from services.checkpoints import CheckpointManager
 from tests.numerics import EPS32, torch_threads
 from trainer.optim import apply_schedule, build_optimizers, lr_multiplier
-from trainer.rl_train import (
+from trainer.pipeline.jobs import run_stage
+from trainer.stages.rl import (
     PromptIterator,
     Rollout,
     advantages,
@@ -25,7 +26,6 @@ from trainer.rl_train import (
     train_rl,
     training_batch,
 )
-from trainer.runner import run_stage
 from trainer.tasks.base import Task, TaskMixture
 from trainer.worker import Worker
 

@@ -1,4 +1,4 @@
-"""trainer/runner.py's checks in the driver, made before Ray starts: a resume that the workers would refuse
+"""trainer/pipeline/jobs.py's checks in the driver, made before Ray starts: a resume that the workers would refuse
 after their start-up (and again after every restart) is refused at once, with the same words."""
 
 from pathlib import Path
@@ -9,8 +9,8 @@ from nanochat.checkpoint import capture_rng_state, write_checkpoint
 from nanochat.config import load_config
 from services.checkpoints import CheckpointManager
 from tests.test_checkpoint import TinyLM
-from trainer.base_train import train_base
-from trainer.runner import StageFailed, configured_threads, run_stage
+from trainer.pipeline.jobs import StageFailed, configured_threads, run_stage
+from trainer.stages.base import train_base
 from trainer.worker import cpu_threads
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import sandbox
-from trainer.sandbox import run_program
+from trainer.tasks import sandbox
+from trainer.tasks.sandbox import run_program
 
 
 def test_output_is_captured_and_a_clean_run_is_ok():

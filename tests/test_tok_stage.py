@@ -6,15 +6,15 @@ import pytest
 
 from nanochat.config import load_config
 from services.storage import open_storage
-from trainer.data import prepare_corpus
-from trainer.tok import (
+from trainer.data.corpus import prepare_corpus
+from trainer.data.samples import SAMPLES
+from trainer.data.tokenizer import (
     TokenizerNotFound,
     evaluate_tokenizer,
     load_tokenizer,
     tokenizer_is_current,
     train_tokenizer,
 )
-from trainer.tok_samples import SAMPLES
 
 SMALL = [
     "tokenizer.vocab_size=512",

@@ -114,7 +114,7 @@ def test_ray_reads_the_presets_slice_as_train_workers_hosts() -> None:
 def test_runner_builds_a_tpu_jax_trainer_that_ray_accepts(tmp_path: Path) -> None:
     import ray.train
 
-    from trainer.runner import _trainer
+    from trainer.pipeline.jobs import _trainer
 
     cfg = load_config(preset=PRESET)
     trainer = _trainer(lambda config: None, {}, cfg, "jax", ray.train.RunConfig(name="t", storage_path=str(tmp_path)))
@@ -129,7 +129,7 @@ def test_ray_rejects_the_accelerator_spelling_gcp_uses(tmp_path: Path) -> None:
     # Ray knows v5e as v5litepod (ray/_private/accelerators/tpu.py); "TPU-V5E" fails at ScalingConfig time
     import ray.train
 
-    from trainer.runner import _trainer
+    from trainer.pipeline.jobs import _trainer
 
     cfg = load_config(preset=PRESET, overrides=["jax.tpu_accelerator=TPU-V5E", "jax.tpu_topology=4x4",
                                                 "train.workers=4"])

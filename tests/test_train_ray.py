@@ -12,10 +12,10 @@ from nanochat.config import load_config
 from services.checkpoints import CheckpointManager
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
-from trainer.base_train import train_base
-from trainer.data import prepare_corpus
-from trainer.runner import run_stage, stage_function
-from trainer.tok import train_tokenizer
+from trainer.data.corpus import prepare_corpus
+from trainer.data.tokenizer import train_tokenizer
+from trainer.pipeline.jobs import run_stage, stage_function
+from trainer.stages.base import train_base
 
 pytestmark = pytest.mark.slow
 

@@ -37,9 +37,11 @@ from nanochat.gpt import GPT, GPTConfig
 from services.checkpoints import CheckpointManager
 from services.layout import step_dir_name
 from services.storage import open_storage
-from trainer.base_train import BaseStage, model_config, optim_config
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.loop import (
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.data.tokenizer import load_tokenizer
+from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
+from trainer.stages.base import BaseStage, model_config, optim_config
+from trainer.stages.loop import (
     WARMUP_STEPS_EXCLUDED,
     Progress,
     finish_stage,
@@ -50,8 +52,6 @@ from trainer.loop import (
     publish_step,
     resumed_progress,
 )
-from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
-from trainer.tok import load_tokenizer
 from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class ShardedTrainer:
         return float(loss)
 
     def bits_per_byte(self, batches, steps: int, table: np.ndarray) -> float:
-        """Validation bits per byte over `steps` batches of this host (trainer/loss_eval.py's metric)."""
+        """Validation bits per byte over `steps` batches of this host (trainer/evals/loss.py's metric)."""
         import jax.numpy as jnp
 
         nats = num_bytes = 0.0

@@ -46,6 +46,7 @@ from services.checkpoints import CheckpointManager
 from services.layout import step_dir_name
 from services.storage import Storage, open_storage
 from services.telemetry import TrainTelemetry
+from trainer.data.tokenizer import load_tokenizer
 from trainer.optim import (
     OptimConfig,
     apply_schedule,
@@ -53,7 +54,6 @@ from trainer.optim import (
     load_optimizers_state_dict,
     optimizers_state_dict,
 )
-from trainer.tok import load_tokenizer
 from trainer.worker import Worker, current_worker, peak_flops
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def load_latest(manager: CheckpointManager, worker: Worker, backend: str) -> tup
 
 def resume_problem(step: int, meta: dict[str, Any], backend: str, world_size: int) -> str | None:
     """Why a checkpoint with this meta.json cannot be resumed by this backend and number of workers; None if
-    it can. The driver asks first (trainer/runner.py), the workers again on the checkpoint they load."""
+    it can. The driver asks first (trainer/pipeline/jobs.py), the workers again on the checkpoint they load."""
     written_by = meta.get("backend", "torch")
     if written_by != backend:
         return (f"checkpoint step {step} was written by the {written_by} backend; resume with "

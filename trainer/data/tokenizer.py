@@ -24,8 +24,8 @@ from typing import Any
 
 from nanochat.config import Config
 from nanochat.tokenizer import Tokenizer
-from trainer.data import CorpusNotReady, corpus_fingerprint, iter_documents
-from trainer.tok_samples import SAMPLES
+from trainer.data.corpus import CorpusNotReady, corpus_fingerprint, iter_documents
+from trainer.data.samples import SAMPLES
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,10 @@ from nanochat.config import Config, ConfigError, with_overrides
 from nanochat.gpt import GPT
 from services.ray_cluster import connect
 from services.storage import Storage, open_storage
-from trainer.base_train import model_config, optim_config
-from trainer.data import list_shards, split_shards
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.loop import WARMUP_STEPS_EXCLUDED, optimizer_step
-from trainer.loss_eval import evaluate_bpb
+from trainer.data.corpus import list_shards, split_shards
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.data.tokenizer import load_tokenizer
+from trainer.evals.loss import evaluate_bpb
 from trainer.optim import (
     apply_schedule,
     build_optimizers,
@@ -45,7 +44,8 @@ from trainer.optim import (
     num_scaling_params,
     training_horizon,
 )
-from trainer.tok import load_tokenizer
+from trainer.stages.base import model_config, optim_config
+from trainer.stages.loop import WARMUP_STEPS_EXCLUDED, optimizer_step
 from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,8 @@ def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> 
     Returns the sweep's record (results.json); raises ExperimentFailed naming the variants that failed."""
     import ray
 
-    from trainer.runner import worker_env
-    from trainer.speedrun import stage_data, stage_tokenizer
+    from trainer.pipeline.jobs import worker_env
+    from trainer.pipeline.speedrun import stage_data, stage_tokenizer
 
     budget, variants = plan_sweep(cfg)  # a bad variant fails here, before any work
     for what, stage in (("corpus", stage_data), ("tokenizer", stage_tokenizer)):

@@ -15,7 +15,7 @@ Notable:
 - every rank does the same number of backward passes (one per prompt), DDP averaging the gradients
 - learning rates: rl.lr_frac of the base rates, decaying linearly to 0 over the horizon, no weight decay
   (nanochat)
-- checkpoints, resume and fault injection as every stage (trainer/loop.py)
+- checkpoints, resume and fault injection as every stage (trainer/stages/loop.py)
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from nanochat.config import Config, RLConfig
 from nanochat.engine import generate_batch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from trainer.base_train import optim_config
-from trainer.chat_eval import response_text
-from trainer.evaluate import load_stage_model
-from trainer.loop import (
+from trainer.evals.chat import response_text
+from trainer.optim import OptimConfig, apply_schedule
+from trainer.stages.base import optim_config
+from trainer.stages.evaluate import load_stage_model
+from trainer.stages.loop import (
     WARMUP_STEPS_EXCLUDED,
     Stage,
     finish_stage,
@@ -46,7 +47,6 @@ from trainer.loop import (
     save_checkpoint,
     set_up,
 )
-from trainer.optim import OptimConfig, apply_schedule
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 from trainer.worker import Worker

@@ -30,11 +30,11 @@ from nanochat.config import ChatStageConfig, Config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
-from trainer.base_train import optim_config
-from trainer.evaluate import load_stage_model
-from trainer.loop import Stage, train_stage
 from trainer.optim import OptimConfig
-from trainer.runner import STARTS_FROM
+from trainer.pipeline.jobs import STARTS_FROM
+from trainer.stages.base import optim_config
+from trainer.stages.evaluate import load_stage_model
+from trainer.stages.loop import Stage, train_stage
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 

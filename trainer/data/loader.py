@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.tokenizer import Tokenizer
-from trainer.data import DataError
+from trainer.data.corpus import DataError
 
 log = logging.getLogger(__name__)
 

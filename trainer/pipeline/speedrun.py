@@ -21,7 +21,7 @@ from typing import Any
 from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.storage import Storage
-from trainer.evaluate import core_bundle_dir, result_key
+from trainer.stages.evaluate import core_bundle_dir, result_key
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,14 @@ class SpeedrunFailed(RuntimeError):
 
 
 def stage_data(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-    from trainer.data import prepare_corpus
+    from trainer.data.corpus import prepare_corpus
 
     summary = prepare_corpus(cfg.data, storage)
     return "skipped (complete)" if summary.get("skipped") else "done"
 
 
 def stage_tokenizer(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-    from trainer.tok import tokenizer_is_current, train_tokenizer
+    from trainer.data.tokenizer import tokenizer_is_current, train_tokenizer
 
     if tokenizer_is_current(cfg, storage):
         return "skipped (current)"
@@ -50,7 +50,7 @@ def _train_stage(name: str, evaluation: str | None = None) -> Callable[[Config, 
     stage then finds complete: one Ray Train start fewer (~10 s of a tiny run's stage)."""
 
     def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-        from trainer.runner import run_stage, stage_backend, stage_function
+        from trainer.pipeline.jobs import run_stage, stage_backend, stage_function
 
         if CheckpointManager(storage, cfg.run, name).done_summary() is not None:
             return "skipped (complete)"
@@ -65,7 +65,7 @@ def _eval_stage(kind: str, of: str) -> Callable[[Config, Storage, str | None], s
     """An evaluation of stage `of`, skipped when its result is for that stage's final step."""
 
     def stage(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-        from trainer.runner import run_eval
+        from trainer.pipeline.jobs import run_eval
 
         done = CheckpointManager(storage, cfg.run, of).done_summary()
         key = result_key(cfg.run, of, kind)
@@ -85,7 +85,7 @@ def _eval_stage(kind: str, of: str) -> Callable[[Config, Storage, str | None], s
 
 
 def _report(cfg: Config, storage: Storage, ray_address: str | None) -> str:
-    from trainer.report import write_report
+    from trainer.pipeline.report import write_report
 
     return f"done ({write_report(cfg, storage)})"
 

@@ -44,10 +44,10 @@ from nanochat.gpt import GPT, GPTConfig
 from services.checkpoints import CheckpointManager
 from services.layout import DONE, step_dir_name
 from services.storage import KeyNotFound, Storage
-from trainer.data import SUCCESS, corpus_prefix
-from trainer.evaluate import result_key
-from trainer.experiment import PLOT, RESULTS, describe, results_table
-from trainer.tok import EVAL_KEY, META_KEY, format_table
+from trainer.data.corpus import SUCCESS, corpus_prefix
+from trainer.data.tokenizer import EVAL_KEY, META_KEY, format_table
+from trainer.pipeline.sweeps import PLOT, RESULTS, describe, results_table
+from trainer.stages.evaluate import result_key
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Notable:
 - train.recipe = record: nanochat's transfer from its d12 tuning (depth_scaling): learning rates x
   sqrt(B / 2**19), Muon weight decay x sqrt(B / 2**19) x D_d12 / D, with D the horizon in tokens at
   train.target_param_data_ratio; the GPU presets' total_batch_size is nanochat's optimum for their depth
-The loop itself (DDP, checkpoints, resume, metrics) is trainer/loop.py.
+The loop itself (DDP, checkpoints, resume, metrics) is trainer/stages/loop.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import torch
 
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
-from trainer.data import list_shards, split_shards
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.loop import Stage, train_stage
-from trainer.loss_eval import evaluate_bpb
+from trainer.data.corpus import list_shards, split_shards
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.evals.loss import evaluate_bpb
 from trainer.optim import (
     MUON_BETA2,
     OptimConfig,
@@ -35,6 +34,7 @@ from trainer.optim import (
     scaled_weight_decay,
     training_horizon,
 )
+from trainer.stages.loop import Stage, train_stage
 
 log = logging.getLogger(__name__)
 

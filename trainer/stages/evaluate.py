@@ -6,7 +6,7 @@ Notable:
 - `eval loss`: bits per byte on the train and validation splits (nanochat's base_loss), each rank
   evaluating its own share of row groups and the sums all-reduced
 - `eval core`: the CORE metric over the DCLM task bundle, items split across ranks
-- `eval chat`: the chat tasks and ChatCORE (trainer/chat_eval.py); tasks without data are listed as skipped
+- `eval chat`: the chat tasks and ChatCORE (trainer/evals/chat.py); tasks without data are listed as skipped
 - results go to runs/<run>/evals/<stage>_<kind>.json, which the report and the speedrun read
 """
 
@@ -23,12 +23,12 @@ from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.settings import default_storage_uri
 from services.storage import Storage, open_storage
-from trainer.chat_eval import run_chat_eval
-from trainer.core_eval import download_eval_bundle, evaluate_core
-from trainer.data import list_shards, split_shards
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.loss_eval import evaluate_bpb
-from trainer.tok import load_tokenizer
+from trainer.data.corpus import list_shards, split_shards
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.data.tokenizer import load_tokenizer
+from trainer.evals.chat import run_chat_eval
+from trainer.evals.core import download_eval_bundle, evaluate_core
+from trainer.evals.loss import evaluate_bpb
 from trainer.worker import current_worker
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from services.checkpoints import CheckpointManager
 from services.ray_cluster import connect
 from services.settings import default_storage_uri
 from services.storage import LocalStorage, Storage
-from trainer.progress import ProgressBar
+from trainer.pipeline.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def tensorboard_dir(storage: Storage, cfg: Config, stage: str) -> Path:
 
 
 STAGE_FUNCTIONS = {
-    "base": "trainer.base_train:train_base",
-    "mid": "trainer.chat_train:train_mid",
-    "sft": "trainer.chat_train:train_sft",
-    "rl": "trainer.rl_train:train_rl",
+    "base": "trainer.stages.base:train_base",
+    "mid": "trainer.stages.chat:train_mid",
+    "sft": "trainer.stages.chat:train_sft",
+    "rl": "trainer.stages.rl:train_rl",
 }
 
 
@@ -87,7 +87,7 @@ def worker_count(cfg: Config, backend: str) -> int:
 def check_resumable(stage: str, cfg: Config, storage: Storage, backend: str) -> None:
     """Refuse before Ray starts what the workers would refuse after theirs have started (and again on every
     restart): resuming a stage whose newest checkpoint another backend or another number of workers wrote."""
-    from trainer.loop import resume_problem
+    from trainer.stages.loop import resume_problem
 
     found = CheckpointManager(storage, cfg.run, stage).newest_meta()
     if found is not None and (problem := resume_problem(*found, backend, worker_count(cfg, backend))):
@@ -215,7 +215,7 @@ def run_stage(
     if evaluations:
         if backend != "torch":
             raise ValueError(f"evaluations run in torch training jobs only, not in {stage}'s {backend} job")
-        from trainer.evaluate import train_then_evaluate
+        from trainer.stages.evaluate import train_then_evaluate
 
         train_fn = functools.partial(train_then_evaluate, train_fn)
     _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
@@ -238,7 +238,7 @@ def run_eval(
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """`eval loss|core|chat` of a stage's newest checkpoint, spread over the workers; returns the saved result."""
-    from trainer.evaluate import eval_worker, result_key
+    from trainer.stages.evaluate import eval_worker, result_key
 
     key = result_key(cfg.run, stage, kind)
     storage.delete(key)
