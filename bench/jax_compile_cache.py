@@ -45,7 +45,8 @@ def first_steps(args: argparse.Namespace) -> dict[str, float | str]:
     from nanochat.config import load_config
     from nanochat.gpt import GPT
     from trainer.jaxgpt.train import ShardedTrainer, make_mesh, schedule_at
-    from trainer.stages.base import model_config, optim_config
+    from trainer.optim import optim_config
+    from trainer.stages.base import model_config
 
     use_compilation_cache(args.cache)
     cfg = load_config(preset=args.preset, overrides=args.overrides)

@@ -32,8 +32,8 @@ from services.storage import LocalStorage
 from trainer.data.corpus import list_shards, prepare_corpus, split_shards
 from trainer.data.loader import DataLoader
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
-from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps
-from trainer.stages.base import model_config, optim_config
+from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps, optim_config
+from trainer.stages.base import model_config
 from trainer.stages.loop import compiled, optimizer_step
 from trainer.worker import Worker
 

@@ -20,12 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from nanochat.config import Config, ConfigError, available_presets, load_config
+from trainer.stages.table import STAGES, StageFailed
 
 log = logging.getLogger("nanochat")
-
-
-class StageError(RuntimeError):
-    """A stage failed for a reason outside the user's arguments; exit status 1."""
 
 
 # ---------------------------------------------------------------------------
@@ -73,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-sizes", default="", help="also train and compare these vocab sizes, e.g. 1024,2048")
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
-    for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _train)
+    for spec in STAGES.values():
+        stage = spec.name
+        p = _add(train, stage, spec.description, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
-        if stage == "base":
+        if len(spec.workers) > 1:
             p.add_argument("--backend", choices=["torch", "jax"], help="PyTorch DDP or JAX on a device mesh (overrides train.backend)")
 
     evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
@@ -185,24 +183,24 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
     from trainer.data.tokenizer import load_tokenizer
-    from trainer.pipeline.jobs import STARTS_FROM, run_stage, stage_function
+    from trainer.pipeline.jobs import run_stage, stage_function
 
     train_fn = stage_function(args.action, cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
     # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
     load_tokenizer(storage)
-    sources = STARTS_FROM[args.action]
+    sources = STAGES[args.action].starts_from
     if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
-        raise StageError(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
+        raise StageFailed(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
     summary = run_stage(args.action, train_fn, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.evals.core import core_bundle_dir
     from trainer.pipeline.jobs import run_eval
-    from trainer.stages.evaluate import core_bundle_dir
 
     started, storage = time.time(), storage_from_args(args)
     tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()] or None
@@ -235,9 +233,9 @@ def _check_model_exists(source) -> None:
         return
     storage = open_storage(source.storage)
     if not storage.exists(TOKENIZER_KEY):
-        raise StageError(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
+        raise StageFailed(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
     if source.step not in CheckpointManager(storage, source.run, source.stage).list_steps():
-        raise StageError(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
+        raise StageFailed(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:

@@ -20,8 +20,8 @@ from nanochat.engine import complete_chat
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from services.checkpoints import CheckpointManager
+from services.layout import TOKENIZER_KEY
 from tests.gpt_fixtures import scrambled_model
-from trainer.data.tokenizer import TOKENIZER_KEY
 from trainer.evals.chat import (
     Score,
     chatcore,

@@ -16,6 +16,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from services.layout import EVAL_BUNDLE_KEY
 from services.storage import LocalStorage
 from tests.ranks import run_ranks
 from trainer.evals import core as ce
@@ -383,7 +384,7 @@ def test_bundle_download_retries_then_is_reused_from_storage(core_dir, tmp_path)
         bundle = ce.download_eval_bundle(tmp_path / "cache1", storage=storage, url=url, backoff_s=0.01)
         assert handler.hits == 3  # two 503s, then the zip
         assert ce.find_task_file(bundle, SPECS["copa"]) == bundle / "eval_data/commonsense_reasoning/copa.jsonl"
-        assert storage.exists(ce.BUNDLE_STORAGE_KEY)
+        assert storage.exists(EVAL_BUNDLE_KEY)
         # a second worker with an empty cache takes the zip from storage, not from the URL
         assert ce.download_eval_bundle(tmp_path / "cache2", storage=storage, url=url).is_dir()
         assert ce.download_eval_bundle(tmp_path / "cache1", url=url) == bundle  # already unpacked

@@ -10,6 +10,7 @@ import pytest
 
 from cli.main import main
 from nanochat.config import ConfigError, available_presets, load_config
+from services.layout import sweep_prefix
 from services.storage import LocalStorage
 from trainer.data.corpus import list_shards, split_shards
 from trainer.data.loader import DataLoader, token_bytes
@@ -24,7 +25,6 @@ from trainer.pipeline.sweeps import (
     results_markdown,
     results_table,
     summary,
-    sweep_prefix,
     write_results,
 )
 

@@ -12,8 +12,8 @@ from tests.numerics import EPS32, perturbed, torch_threads
 from trainer.data.corpus import list_shards, prepare_corpus, split_shards
 from trainer.data.loader import DataLoader
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
-from trainer.optim import OptimConfig, apply_schedule, build_optimizers
-from trainer.stages.base import model_config, optim_config
+from trainer.optim import OptimConfig, apply_schedule, build_optimizers, optim_config
+from trainer.stages.base import model_config
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")

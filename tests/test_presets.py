@@ -8,18 +8,18 @@ from types import SimpleNamespace
 import pytest
 
 from nanochat.config import available_presets, load_config
-from trainer.optim import MUON_BETA2, grad_accum_steps
-from trainer.pipeline.jobs import stage_backend
-from trainer.stages.base import BaseStage, depth_scaling, optim_config
+from trainer.optim import MUON_BETA2, grad_accum_steps, optim_config
+from trainer.stages.base import BaseStage, depth_scaling
 from trainer.stages.chat import MidStage, SFTStage, chat_batch_plan
 from trainer.stages.rl import prompts_per_worker, rl_optim_config
+from trainer.stages.table import stage_backend
 
 
 @pytest.mark.parametrize("preset", available_presets())
 def test_every_stage_of_the_preset_splits_its_batch_over_the_preset_workers(preset):
     cfg = load_config(preset=preset)
     t, workers = cfg.train, cfg.train.workers
-    if stage_backend("base", cfg) == "torch":
+    if stage_backend("base", cfg.train.backend) == "torch":
         accum = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, workers)
         assert accum * t.device_batch_size * t.seq_len * workers == t.total_batch_size
     else:

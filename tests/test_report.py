@@ -19,13 +19,13 @@ from nanochat.checkpoint import write_checkpoint
 from nanochat.config import load_config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
+from services.layout import eval_result_key
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
 from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import evaluate_tokenizer, format_table, load_tokenizer, train_tokenizer
 from trainer.pipeline.report import write_report
 from trainer.stages.base import model_config
-from trainer.stages.evaluate import result_key
 from trainer.stages.loop import Progress, summary
 
 RUN = "r1"
@@ -96,7 +96,7 @@ def full(tmp_path_factory):
     train_stage(storage, cfg, "mid", vocab_size, 3, done=False)
     _, sft_history = train_stage(storage, cfg, "sft", vocab_size, 4, done=True)
     for stage, kind, result in [("base", "loss", BASE_LOSS), ("base", "core", BASE_CORE), ("sft", "chat", SFT_CHAT)]:
-        storage.write_text(result_key(RUN, stage, kind), json.dumps(result))
+        storage.write_text(eval_result_key(RUN, stage, kind), json.dumps(result))
     storage.write_text(f"runs/{RUN}/speedrun.json", json.dumps(SPEEDRUN))
     out = root / "out"
     path = write_report(cfg, storage, out_dir=out)
@@ -251,7 +251,7 @@ def test_report_from_almost_empty_storage_lists_what_is_missing(tmp_path):
         storage.write_bytes(f"runs/{RUN}/report/{name}.png", PNG_SIGNATURE)
         (out / "report").mkdir(parents=True, exist_ok=True)
         (out / "report" / f"{name}.png").write_bytes(PNG_SIGNATURE)
-    storage.write_text(result_key(RUN, "sft", "chat"), json.dumps(SFT_CHAT))  # an eval without its stage is ignored
+    storage.write_text(eval_result_key(RUN, "sft", "chat"), json.dumps(SFT_CHAT))  # an eval without its stage is ignored
 
     text = write_report(cfg, storage, out_dir=out).read_text()
     positions = [text.index(f"\n## {name}\n") for name in SECTIONS]

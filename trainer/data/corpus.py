@@ -44,10 +44,10 @@ import requests
 from tqdm.auto import tqdm
 
 from nanochat.config import ConfigError, DataConfig
+from services.layout import CORPUS_SUCCESS, corpus_prefix, shard_name
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS.json"
 SHARD_RE = re.compile(r"^shard_\d{5}\.parquet$")
 STDLIB_SEED = 1337  # fixed: the same Python always yields the same stdlib corpus
 DOWNLOAD_WORKERS = 4  # the hub throttles many parallel downloads; 4 keeps a fast link busy
@@ -77,14 +77,6 @@ HUB_DATASETS = {
 }
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.parquet"
-
-
-def corpus_prefix(corpus: str) -> str:
-    return f"data/{corpus}/"
-
-
 # -----------------------------------------------------------------------------
 # prepare
 
@@ -103,7 +95,7 @@ def prepare_corpus(cfg: DataConfig, storage, limit: int | None = None) -> dict[s
         return _summary(done, skipped=True, seconds=time.time() - t0)
 
     # from here on the corpus is incomplete until the new _SUCCESS.json lands
-    storage.delete(prefix + SUCCESS)
+    storage.delete(prefix + CORPUS_SUCCESS)
     if cfg.source in HUB_DATASETS:
         names = _prepare_hub(cfg, storage, prefix, present)
     else:
@@ -144,7 +136,7 @@ def _present_shards(storage, prefix: str) -> set[str]:
 
 
 def _read_success(storage, corpus: str) -> dict[str, Any] | None:
-    key = corpus_prefix(corpus) + SUCCESS
+    key = corpus_prefix(corpus) + CORPUS_SUCCESS
     if not storage.exists(key):
         return None
     record = json.loads(storage.read_text(key))
@@ -170,7 +162,7 @@ def _finish(storage, corpus: str, source: str, settings: dict, digest: str, name
         "documents": sum(s["documents"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
     }
-    storage.write_text(prefix + SUCCESS, json.dumps(record, indent=1))
+    storage.write_text(prefix + CORPUS_SUCCESS, json.dumps(record, indent=1))
     log.info("corpus %s: %d shards, %d documents, %.1f MB", corpus, len(shards), record["documents"], record["bytes"] / 1e6)
     record["shards_list"] = names
     return record
@@ -361,7 +353,7 @@ def list_shards(storage, corpus: str) -> list[str]:
     """Storage keys of the corpus' shards, in order. Only a finished corpus is listed."""
     record = _read_success(storage, corpus)
     if record is None:
-        raise CorpusNotReady(f"corpus {corpus!r} is not prepared in storage (no {corpus_prefix(corpus)}{SUCCESS}); run `nanochat data prepare` first")
+        raise CorpusNotReady(f"corpus {corpus!r} is not prepared in storage (no {corpus_prefix(corpus)}{CORPUS_SUCCESS}); run `nanochat data prepare` first")
     return [corpus_prefix(corpus) + name for name in record["shards_list"]]
 
 

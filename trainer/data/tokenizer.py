@@ -24,14 +24,12 @@ from typing import Any
 
 from nanochat.config import Config
 from nanochat.tokenizer import Tokenizer
+from services.layout import TOKENIZER_EVAL_KEY, TOKENIZER_KEY, TOKENIZER_META_KEY
 from trainer.data.corpus import CorpusNotReady, corpus_fingerprint, iter_documents
 from trainer.data.samples import SAMPLES
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_KEY = "tokenizer/tokenizer.json"
-META_KEY = "tokenizer/meta.json"
-EVAL_KEY = "tokenizer/eval.json"
 EVAL_TRAIN_CHARS = 20_000_000  # cap for the comparison tokenizers: enough for stable merges, seconds each
 HELD_OUT_CHARS = 16_000  # the validation slice in the eval table, a few documents
 HELD_OUT_DOC_CAP = 4_000  # several documents rather than the head of one
@@ -87,7 +85,7 @@ def train_tokenizer(cfg: Config, storage) -> dict[str, Any]:
     log.info("trained a %d-token tokenizer on %d characters in %.1fs", tokenizer.vocab_size, counter.chars, seconds)
 
     # meta.json marks a complete tokenizer: gone while tokenizer.json is being replaced
-    storage.delete(META_KEY)
+    storage.delete(TOKENIZER_META_KEY)
     storage.write_text(TOKENIZER_KEY, tokenizer.to_json())
     meta = {
         "vocab_size": tokenizer.vocab_size,
@@ -97,7 +95,7 @@ def train_tokenizer(cfg: Config, storage) -> dict[str, Any]:
         "corpus": cfg.data.corpus_name,
         "settings_hash": digest,
     }
-    storage.write_text(META_KEY, json.dumps(meta, indent=1))
+    storage.write_text(TOKENIZER_META_KEY, json.dumps(meta, indent=1))
     metrics = {k: meta[k] for k in ("vocab_size", "chars", "documents")}
     metrics["chars_per_second"] = round(counter.chars / max(seconds, 1e-9))
     return {"stage": "tok_train", "seconds": round(seconds, 3), "metrics": metrics}
@@ -105,13 +103,13 @@ def train_tokenizer(cfg: Config, storage) -> dict[str, Any]:
 
 def tokenizer_is_current(cfg: Config, storage) -> bool:
     """True when storage holds a complete tokenizer trained with these settings on this corpus."""
-    if not (storage.exists(META_KEY) and storage.exists(TOKENIZER_KEY)):
+    if not (storage.exists(TOKENIZER_META_KEY) and storage.exists(TOKENIZER_KEY)):
         return False
     try:
         digest = _settings_hash(cfg, storage)
     except CorpusNotReady:
         return False
-    return json.loads(storage.read_text(META_KEY)).get("settings_hash") == digest
+    return json.loads(storage.read_text(TOKENIZER_META_KEY)).get("settings_hash") == digest
 
 
 def load_tokenizer(storage) -> Tokenizer:
@@ -147,7 +145,7 @@ def evaluate_tokenizer(cfg: Config, storage, vocab_sizes: list[int] | None = Non
     texts = _eval_texts(cfg, storage)
     tokenizers: dict[str, tuple[Tokenizer, int | None]] = {}
     ours = load_tokenizer(storage)
-    meta = json.loads(storage.read_text(META_KEY)) if storage.exists(META_KEY) else {}
+    meta = json.loads(storage.read_text(TOKENIZER_META_KEY)) if storage.exists(TOKENIZER_META_KEY) else {}
     tokenizers[f"ours ({ours.vocab_size})"] = (ours, meta.get("chars"))
 
     if vocab_sizes:
@@ -172,7 +170,7 @@ def evaluate_tokenizer(cfg: Config, storage, vocab_sizes: list[int] | None = Non
         },
     }
     results["seconds"] = round(time.time() - t0, 3)
-    storage.write_text(EVAL_KEY, json.dumps(results, indent=1))
+    storage.write_text(TOKENIZER_EVAL_KEY, json.dumps(results, indent=1))
     return format_table(results), results
 
 

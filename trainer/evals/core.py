@@ -49,13 +49,15 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from nanochat.config import Config
 from nanochat.tokenizer import Tokenizer
+from services.layout import EVAL_BUNDLE_KEY
+from services.settings import default_storage_uri
 from services.storage import Storage
 
 log = logging.getLogger(__name__)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BUNDLE_STORAGE_KEY = "evals/eval_bundle.zip"  # where download_eval_bundle keeps the zip in storage
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # nanochat: random.Random(FEWSHOT_SEED + item index)
 SHUFFLE_SEED = 1337  # nanochat shuffles each task's items once, so that max_per_task takes a fair sample
@@ -196,7 +198,7 @@ def download_eval_bundle(
     timeout_s: float = 60.0,
 ) -> Path:
     """Make the eval bundle available unpacked at cache_dir/eval_bundle and return that folder.
-    Sources in order: the folder already there; the zip in storage (BUNDLE_STORAGE_KEY); the URL, whose
+    Sources in order: the folder already there; the zip in storage (EVAL_BUNDLE_KEY); the URL, whose
     zip is then put into storage. Unpacking goes through a temporary folder and a rename, so workers
     sharing cache_dir never see half a bundle."""
     cache_dir = Path(cache_dir)
@@ -206,10 +208,10 @@ def download_eval_bundle(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".eval_bundle-") as tmp:
         archive = Path(tmp) / "eval_bundle.zip"
-        if storage is not None and storage.exists(BUNDLE_STORAGE_KEY):
-            source = f"{storage!r} {BUNDLE_STORAGE_KEY}"
+        if storage is not None and storage.exists(EVAL_BUNDLE_KEY):
+            source = f"{storage!r} {EVAL_BUNDLE_KEY}"
             log.info("eval bundle: from %s", source)
-            storage.download_file(BUNDLE_STORAGE_KEY, archive)
+            storage.download_file(EVAL_BUNDLE_KEY, archive)
         else:
             source = url
             log.info("eval bundle: downloading %s", url)
@@ -220,7 +222,7 @@ def download_eval_bundle(
         except zipfile.BadZipFile as e:
             raise RuntimeError(f"the eval bundle from {source} is not a valid zip: {e}") from None
         if storage is not None and source == url:  # only a zip that opened is shared with the others
-            storage.upload_file(archive, BUNDLE_STORAGE_KEY)
+            storage.upload_file(archive, EVAL_BUNDLE_KEY)
         unpacked = Path(tmp) / "unpacked"
         root = unpacked / "eval_bundle" if (unpacked / "eval_bundle").is_dir() else unpacked
         try:
@@ -232,6 +234,17 @@ def download_eval_bundle(
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+def core_bundle_dir(cfg: Config, storage: Storage, attempts: int = 5) -> Path:
+    """The CORE bundle: eval.core_bundle if set, else the cached copy, the zip in storage or the download."""
+    if cfg.eval.core_bundle:
+        folder = Path(cfg.eval.core_bundle).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"eval.core_bundle: no such folder {folder}")
+        return folder
+    cache = Path(default_storage_uri()).expanduser() / "eval_cache"
+    return download_eval_bundle(cache, storage, attempts=attempts)
 
 
 def sample_fewshot(items: Sequence[dict], idx: int, k: int) -> list[dict]:

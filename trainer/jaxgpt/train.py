@@ -39,8 +39,8 @@ from services.layout import step_dir_name
 from services.storage import open_storage
 from trainer.data.loader import DataLoader, token_bytes
 from trainer.data.tokenizer import load_tokenizer
-from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
-from trainer.stages.base import BaseStage, model_config, optim_config
+from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, optim_config, weight_decay_multiplier
+from trainer.stages.base import BaseStage, model_config
 from trainer.stages.loop import (
     WARMUP_STEPS_EXCLUDED,
     Progress,

@@ -25,55 +25,32 @@ from typing import Any
 
 from nanochat.config import Config
 from services.checkpoints import CheckpointManager
+from services.layout import eval_result_key, tensorboard_path
 from services.ray_cluster import connect
 from services.settings import default_storage_uri
 from services.storage import LocalStorage, Storage
 from trainer.pipeline.progress import ProgressBar
+from trainer.stages.table import STAGES, StageFailed, stage_backend
 
 log = logging.getLogger(__name__)
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 def tensorboard_dir(storage: Storage, cfg: Config, stage: str) -> Path:
     """Event files live beside the checkpoints when storage is a local folder, else in the local cache."""
     if isinstance(storage, LocalStorage):
-        return storage.root / "runs" / cfg.run / "tensorboard" / stage
+        return storage.root / tensorboard_path(cfg.run, stage)
     return Path(default_storage_uri()).expanduser() / "tensorboard" / cfg.run / stage
-
-
-STAGE_FUNCTIONS = {
-    "base": "trainer.stages.base:train_base",
-    "mid": "trainer.stages.chat:train_mid",
-    "sft": "trainer.stages.chat:train_sft",
-    "rl": "trainer.stages.rl:train_rl",
-}
-
-
-# the stages whose newest checkpoint a stage starts from, in order of preference
-STARTS_FROM = {"base": [], "mid": ["base"], "sft": ["mid", "base"], "rl": ["sft"]}
-
-
-JAX_STAGE_FUNCTIONS = {"base": "trainer.jaxgpt.train:train_base_jax"}
-
-
-def stage_backend(stage: str, cfg: Config) -> str:
-    """train.backend for the stages that have a JAX path (base pretraining); torch for the others."""
-    return cfg.train.backend if stage in JAX_STAGE_FUNCTIONS else "torch"
 
 
 def stage_function(stage: str, cfg: Config) -> Callable[[dict[str, Any]], None]:
     """The Ray Train worker function of a stage on its configured backend, imported on demand. For JAX it
     first checks what the driver can (JAX installed, the batch splits over the devices): before Ray starts."""
-    backend = stage_backend(stage, cfg)
+    backend = stage_backend(stage, cfg.train.backend)
     if backend == "jax":
         from trainer.jaxgpt.train import preflight
 
         preflight(cfg)
-    functions = JAX_STAGE_FUNCTIONS if backend == "jax" else STAGE_FUNCTIONS
-    module, _, name = functions[stage].partition(":")
+    module, _, name = STAGES[stage].workers[backend].partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -208,7 +185,7 @@ def run_stage(
     """Run one training stage to completion (or resume it) and return the summary its rank 0 recorded.
     evaluations (loss, core, chat; torch stages) then run in the same job on the checkpoint it ends with."""
     started = time.time()
-    backend = stage_backend(stage, cfg)
+    backend = stage_backend(stage, cfg.train.backend)
     check_resumable(stage, cfg, storage, backend)
     job = {"stage": stage, "fail_at_step": fail_at_step, "evaluations": list(evaluations),
            "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
@@ -238,9 +215,9 @@ def run_eval(
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """`eval loss|core|chat` of a stage's newest checkpoint, spread over the workers; returns the saved result."""
-    from trainer.stages.evaluate import eval_worker, result_key
+    from trainer.stages.evaluate import eval_worker
 
-    key = result_key(cfg.run, stage, kind)
+    key = eval_result_key(cfg.run, stage, kind)
     storage.delete(key)
     job = {"kind": kind, "stage": stage, "tasks": tasks}
     _fit(f"eval-{stage}-{kind}", eval_worker, job, cfg, storage, ray_address=ray_address, show_progress=False)

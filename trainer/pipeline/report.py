@@ -42,30 +42,40 @@ from nanochat.checkpoint import CONFIG, META
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
 from services.checkpoints import CheckpointManager
-from services.layout import DONE, step_dir_name
+from services.layout import (
+    CORPUS_SUCCESS,
+    DONE,
+    REPORT_NAME,
+    REPORT_PLOTS,
+    TOKENIZER_EVAL_KEY,
+    TOKENIZER_META_KEY,
+    corpus_prefix,
+    eval_result_key,
+    experiments_prefix,
+    run_prefix,
+    speedrun_record_key,
+    step_dir_name,
+)
 from services.storage import KeyNotFound, Storage
-from trainer.data.corpus import SUCCESS, corpus_prefix
-from trainer.data.tokenizer import EVAL_KEY, META_KEY, format_table
+from trainer.data.tokenizer import format_table
 from trainer.pipeline.sweeps import PLOT, RESULTS, describe, results_table
-from trainer.stages.evaluate import result_key
+from trainer.stages.table import STAGES
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "report.md"
-PLOTS_DIR = "report"  # report/*.png, beside report.md both in storage and locally
-STAGES = ["base", "mid", "sft", "rl"]
-TITLES = {"base": "Base training", "mid": "Midtraining", "sft": "Supervised fine-tuning", "rl": "Reinforcement learning"}
-# which evaluation results each stage is expected to have (kind of runs/<run>/evals/<stage>_<kind>.json)
-EXPECTED_EVALS = {"base": ["loss", "core"], "mid": ["chat"], "sft": ["chat"], "rl": ["chat"]}
 EVAL_COMMANDS = {"loss": "nanochat eval loss", "core": "nanochat eval core", "chat": "nanochat eval chat"}
-TRAIN_HOW = {"base": "run `nanochat train base`", "mid": "run `nanochat train mid`", "sft": "run `nanochat train sft`",
-             "rl": "optional: run `nanochat train rl` (or `nanochat speedrun --rl`)"}
 # the summary table's rows, in nanochat's order; chat tasks outside this list get rows before ChatCORE
 CHAT_ROWS = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "mmlu": "MMLU", "gsm8k": "GSM8K",
              "humaneval": "HumanEval"}
 ROWS = ["CORE", *CHAT_ROWS.values(), "ChatCORE", "bits per byte"]
 BPB = "bits per byte"
 
+
+
+def train_how(stage: str) -> str:
+    """What to run for a stage missing from storage."""
+    how = f"run `nanochat train {stage}`"
+    return f"optional: {how} (or `nanochat speedrun --rl`)" if STAGES[stage].optional else how
 
 # ---------------------------------------------------------------------------
 # what storage holds
@@ -158,7 +168,7 @@ def _read_json(storage: Storage, key: str, missing: list[str], what: str, how: s
 
 def _stage_record(storage: Storage, run: str, stage: str, missing: list[str]) -> StageRecord | None:
     manager = CheckpointManager(storage, run, stage)
-    how = TRAIN_HOW[stage]
+    how = train_how(stage)
     summary = manager.done_summary()  # None unless DONE.json names a complete checkpoint
     if summary is not None:
         step = int(json.loads(storage.read_text(manager.stage_prefix + DONE))["checkpoint"].removeprefix("step_"))
@@ -178,26 +188,26 @@ def gather(cfg: Config, storage: Storage) -> Findings:
     """Everything the report needs from storage, and a list of what is not there."""
     f = Findings(run=cfg.run, storage_uri=storage.uri)
     corpus = cfg.data.corpus_name
-    f.corpus = _read_json(storage, corpus_prefix(corpus) + SUCCESS, f.missing, f"corpus {corpus}",
+    f.corpus = _read_json(storage, corpus_prefix(corpus) + CORPUS_SUCCESS, f.missing, f"corpus {corpus}",
                           "run `nanochat data prepare`")
-    f.tokenizer_meta = _read_json(storage, META_KEY, f.missing, "tokenizer", "run `nanochat tok train`")
-    f.tokenizer_eval = _read_json(storage, EVAL_KEY, f.missing, "tokenizer evaluation", "run `nanochat tok eval`")
+    f.tokenizer_meta = _read_json(storage, TOKENIZER_META_KEY, f.missing, "tokenizer", "run `nanochat tok train`")
+    f.tokenizer_eval = _read_json(storage, TOKENIZER_EVAL_KEY, f.missing, "tokenizer evaluation", "run `nanochat tok eval`")
     for stage in STAGES:
         record = _stage_record(storage, cfg.run, stage, f.missing)
         if record is None:
             continue
         f.stages[stage] = record
         for kind in EVAL_COMMANDS:
-            key = result_key(cfg.run, stage, kind)
-            if kind not in EXPECTED_EVALS[stage] and not storage.exists(key):
+            key = eval_result_key(cfg.run, stage, kind)
+            if kind not in STAGES[stage].evaluations and not storage.exists(key):
                 continue  # an optional eval (e.g. bits per byte of a chat stage) that was never run
             how = f"run `{EVAL_COMMANDS[kind]} --stage {stage}`"
             result = _read_json(storage, key, f.missing, f"{stage} {kind} eval", how)
             if result is not None:
                 f.evals.setdefault(stage, {})[kind] = result
-    f.speedrun = _read_json(storage, f"runs/{cfg.run}/speedrun.json", f.missing, "speedrun record",
+    f.speedrun = _read_json(storage, speedrun_record_key(cfg.run), f.missing, "speedrun record",
                             "run `nanochat speedrun`")
-    for key in storage.list(f"runs/{cfg.run}/experiments/"):
+    for key in storage.list(experiments_prefix(cfg.run)):
         if key.endswith(f"/{RESULTS}"):  # sweeps are optional: an absent one is not missing
             sweep = _read_json(storage, key, f.missing, "architecture sweep", "run `nanochat experiment sweep` again")
             plot = key.removesuffix(RESULTS) + PLOT
@@ -506,10 +516,10 @@ def _wall_seconds(f: Findings, stage: str) -> float | None:
 
 
 def _section_stage(f: Findings, stage: str) -> list[str]:
-    lines = [f"## {TITLES[stage]} ({stage})", ""]
+    lines = [f"## {STAGES[stage].title} ({stage})", ""]
     record = f.stages.get(stage)
     if record is None:
-        return lines + [f"Not in storage: {TRAIN_HOW[stage]}.", ""]
+        return lines + [f"Not in storage: {train_how(stage)}.", ""]
     status = "complete" if record.done else "not finished"
     lines += [f"Status: {status}, checkpoint {step_dir_name(record.step)}", "", "### Configuration", ""]
     lines += _items({"Model": _model_line(record), "Parameters": _fmt(record.params),
@@ -574,12 +584,12 @@ def _section_plots(plots: dict[str, bytes | None]) -> list[str]:
         if png is None:
             lines += [f"No {captions[name]} plot: nothing in storage to draw yet.", ""]
         else:
-            lines += [f"![{name}]({PLOTS_DIR}/{name}.png)", ""]
+            lines += [f"![{name}]({REPORT_PLOTS}/{name}.png)", ""]
     return lines
 
 
 def _experiment_plot(name: str) -> str:
-    return f"{PLOTS_DIR}/experiment-{name}.png"
+    return f"{REPORT_PLOTS}/experiment-{name}.png"
 
 
 def _section_experiments(f: Findings) -> list[str]:
@@ -610,23 +620,18 @@ def render(f: Findings, plots: dict[str, bytes | None]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def report_prefix(run: str) -> str:
-    """Where a run's report lives in storage: beside its stages, so every run keeps its own."""
-    return f"runs/{run}/"
-
-
 def write_report(cfg: Config, storage: Storage, out_dir: Path | None = None) -> Path:
     """Write report.md and report/*.png into storage under runs/<run>/ and into out_dir (default: the working
     directory). Returns the local report.md."""
     out_dir = Path.cwd() if out_dir is None else Path(out_dir)
-    prefix = report_prefix(cfg.run)
+    prefix = run_prefix(cfg.run)  # beside the run's stages: every run keeps its own report
     f = gather(cfg, storage)
     table, _ = metric_table(f)
     plots = {"loss": plot_losses(f), "evals": plot_evals(table), "throughput": plot_throughput(f)}
     markdown = render(f, plots)
-    (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_PLOTS).mkdir(parents=True, exist_ok=True)
     for name, png in plots.items():
-        key, local = f"{prefix}{PLOTS_DIR}/{name}.png", out_dir / PLOTS_DIR / f"{name}.png"
+        key, local = f"{prefix}{REPORT_PLOTS}/{name}.png", out_dir / REPORT_PLOTS / f"{name}.png"
         if png is None:  # an earlier report's plot must not pass for this one's
             storage.delete(key)
             local.unlink(missing_ok=True)

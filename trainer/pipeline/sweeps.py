@@ -31,6 +31,7 @@ import torch
 
 from nanochat.config import Config, ConfigError, with_overrides
 from nanochat.gpt import GPT
+from services.layout import sweep_prefix
 from services.ray_cluster import connect
 from services.storage import Storage, open_storage
 from trainer.data.corpus import list_shards, split_shards
@@ -42,10 +43,13 @@ from trainer.optim import (
     build_optimizers,
     grad_accum_steps,
     num_scaling_params,
+    optim_config,
     training_horizon,
 )
-from trainer.stages.base import model_config, optim_config
+from trainer.pipeline.prepare import prepare_data, prepare_tokenizer
+from trainer.stages.base import model_config
 from trainer.stages.loop import WARMUP_STEPS_EXCLUDED, optimizer_step
+from trainer.stages.table import StageFailed
 from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -53,14 +57,6 @@ log = logging.getLogger(__name__)
 VARIABLE_SECTIONS = ("model", "train")  # data and tokenizer are shared: bits per byte stays comparable
 RESULTS, TABLE, PLOT = "results.json", "results.md", "bpb_vs_flops.png"
 EXAMPLE = "configs/sweeps/arch-tiny.yaml"
-
-
-class ExperimentFailed(RuntimeError):
-    """One or more variants failed to train; the message names each and its cause."""
-
-
-def sweep_prefix(run: str, name: str) -> str:
-    return f"runs/{run}/experiments/{name}/"
 
 
 # ---------------------------------------------------------------------------
@@ -196,15 +192,14 @@ def train_variant(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> dict[str, Any]:
     """Train every variant as a Ray task at the same FLOPs budget and write the results into storage.
-    Returns the sweep's record (results.json); raises ExperimentFailed naming the variants that failed."""
+    Returns the sweep's record (results.json); raises StageFailed naming the variants that failed."""
     import ray
 
     from trainer.pipeline.jobs import worker_env
-    from trainer.pipeline.speedrun import stage_data, stage_tokenizer
 
     budget, variants = plan_sweep(cfg)  # a bad variant fails here, before any work
-    for what, stage in (("corpus", stage_data), ("tokenizer", stage_tokenizer)):
-        log.info("%s: %s", what, stage(cfg, storage, ray_address))
+    log.info("corpus: %s", prepare_data(cfg, storage))
+    log.info("tokenizer: %s", prepare_tokenizer(cfg, storage))
     e = cfg.experiment
     log.info("sweep %s: %d variants at %.3g FLOPs each (%s)", e.name, len(variants), budget,
              ", ".join(f"{v.name} {v.steps} steps" for v in variants))
@@ -238,7 +233,7 @@ def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> 
         write_results(storage, prefix, sweep)
     if failed:
         written = f"; the others' results are in {storage.uri}/{prefix}" if sweep["variants"] else ""
-        raise ExperimentFailed("; ".join(f"variant {name!r} failed: {cause}" for name, cause in failed.items()) + written)
+        raise StageFailed("; ".join(f"variant {name!r} failed: {cause}" for name, cause in failed.items()) + written)
     return sweep
 
 

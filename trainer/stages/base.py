@@ -25,11 +25,11 @@ from trainer.data.corpus import list_shards, split_shards
 from trainer.data.loader import DataLoader, token_bytes
 from trainer.evals.loss import evaluate_bpb
 from trainer.optim import (
-    MUON_BETA2,
     OptimConfig,
     batch_lr_scale,
     grad_accum_steps,
     num_scaling_params,
+    optim_config,
     optimal_batch_size,
     scaled_weight_decay,
     training_horizon,
@@ -49,21 +49,6 @@ def model_config(cfg: Config, vocab_size: int, depth: int | None = None) -> GPTC
         aspect_ratio=m.aspect_ratio, n_kv_head=m.n_kv_head, window_pattern=m.window_pattern,
         softcap=m.softcap, rope_base=m.rope_base, qk_scale=m.qk_scale, norm=m.norm, activation=m.activation,
         qk_norm=m.qk_norm,
-    )
-
-
-def optim_config(cfg: Config, lr_frac: float = 1.0, weight_decay: float | None = None, **schedule: float
-                 ) -> OptimConfig:
-    """The train section's optimizer settings, learning rates scaled by lr_frac, Muon's weight decay and the
-    schedule overridable."""
-    t = cfg.train
-    settings = dict(warmup_ratio=t.warmup_ratio, warmdown_ratio=t.warmdown_ratio, final_lr_frac=t.final_lr_frac)
-    settings.update(schedule)
-    return OptimConfig(
-        embedding_lr=t.embedding_lr * lr_frac, unembedding_lr=t.unembedding_lr * lr_frac,
-        matrix_lr=t.matrix_lr * lr_frac, scalar_lr=t.scalar_lr * lr_frac,
-        weight_decay=t.weight_decay if weight_decay is None else weight_decay,
-        recipe=t.recipe, muon_beta2=MUON_BETA2[t.recipe], **settings,
     )
 
 

@@ -30,11 +30,9 @@ from nanochat.config import ChatStageConfig, Config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
-from trainer.optim import OptimConfig
-from trainer.pipeline.jobs import STARTS_FROM
-from trainer.stages.base import optim_config
-from trainer.stages.evaluate import load_stage_model
+from trainer.optim import OptimConfig, optim_config
 from trainer.stages.loop import Stage, train_stage
+from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 
@@ -165,12 +163,14 @@ class ChatStage(Stage):
                      self.stage_cfg.tokens_per_step)
 
     def build_model(self) -> GPT:
-        for previous in STARTS_FROM[self.name]:
-            if CheckpointManager(self.storage, self.cfg.run, previous).latest_step() is not None:
-                model, step = load_stage_model(self.storage, self.cfg.run, previous, torch.device("cpu"))
+        sources = STAGES[self.name].starts_from
+        for previous in sources:
+            checkpoints = CheckpointManager(self.storage, self.cfg.run, previous)
+            if checkpoints.latest_step() is not None:
+                model, step = checkpoints.load_model(torch.device("cpu"))
                 log.info("%s starts from %s step %d", self.name, previous, step)
                 return model
-        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(STARTS_FROM[self.name])} in runs/{self.cfg.run}/")
+        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in runs/{self.cfg.run}/")
 
     def optim_config(self) -> OptimConfig:
         s = self.stage_cfg

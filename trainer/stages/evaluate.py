@@ -14,33 +14,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanochat.config import Config
 from services.checkpoints import CheckpointManager
-from services.settings import default_storage_uri
+from services.layout import eval_result_key
 from services.storage import Storage, open_storage
 from trainer.data.corpus import list_shards, split_shards
 from trainer.data.loader import DataLoader, token_bytes
 from trainer.data.tokenizer import load_tokenizer
 from trainer.evals.chat import run_chat_eval
-from trainer.evals.core import download_eval_bundle, evaluate_core
+from trainer.evals.core import core_bundle_dir, evaluate_core
 from trainer.evals.loss import evaluate_bpb
 from trainer.worker import current_worker
 
 log = logging.getLogger(__name__)
-
-
-def result_key(run: str, stage: str, kind: str) -> str:
-    return f"runs/{run}/evals/{stage}_{kind}.json"
-
-
-def load_stage_model(storage: Storage, run: str, stage: str, device: torch.device):
-    """The newest valid checkpoint of a stage as a model in eval mode, and its step."""
-    return CheckpointManager(storage, run, stage).load_model(device)
 
 
 def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[str]) -> float:
@@ -52,17 +42,6 @@ def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[s
         return evaluate_bpb(model, iter(loader), steps, token_bytes(tokenizer).to(worker.device))
 
 
-def core_bundle_dir(cfg: Config, storage: Storage, attempts: int = 5) -> Path:
-    """The CORE bundle: eval.core_bundle if set, else the cached copy, the zip in storage or the download."""
-    if cfg.eval.core_bundle:
-        folder = Path(cfg.eval.core_bundle).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"eval.core_bundle: no such folder {folder}")
-        return folder
-    cache = Path(default_storage_uri()).expanduser() / "eval_cache"
-    return download_eval_bundle(cache, storage, attempts=attempts)
-
-
 def eval_worker(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for `nanochat eval loss|core|chat`."""
     cfg = Config.model_validate(job["config"])
@@ -70,7 +49,7 @@ def eval_worker(job: dict[str, Any]) -> None:
     worker = current_worker(job["threads_per_worker"])
     storage = open_storage(job["storage"])
     tokenizer = load_tokenizer(storage)
-    model, step = load_stage_model(storage, cfg.run, stage, worker.device)
+    model, step = CheckpointManager(storage, cfg.run, stage).load_model(worker.device)
     result: dict[str, Any] = {"stage": stage, "step": step, "kind": kind}
     if job.get("evaluated_in"):
         result["evaluated_in"] = job["evaluated_in"]  # the speedrun says where its evaluation stage was done
@@ -91,7 +70,7 @@ def eval_worker(job: dict[str, Any]) -> None:
     if worker.is_main:
         import json
 
-        storage.write_text(result_key(cfg.run, stage, kind), json.dumps(result, indent=2))
+        storage.write_text(eval_result_key(cfg.run, stage, kind), json.dumps(result, indent=2))
 
 
 def train_then_evaluate(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:

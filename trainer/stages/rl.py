@@ -34,10 +34,9 @@ from nanochat.config import Config, RLConfig
 from nanochat.engine import generate_batch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
+from services.checkpoints import CheckpointManager
 from trainer.evals.chat import response_text
-from trainer.optim import OptimConfig, apply_schedule
-from trainer.stages.base import optim_config
-from trainer.stages.evaluate import load_stage_model
+from trainer.optim import OptimConfig, apply_schedule, optim_config
 from trainer.stages.loop import (
     WARMUP_STEPS_EXCLUDED,
     Stage,
@@ -47,13 +46,13 @@ from trainer.stages.loop import (
     save_checkpoint,
     set_up,
 )
+from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
 from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
 
-SOURCE_STAGE = "sft"
 TRAIN_SPLIT = "train"
 
 
@@ -219,8 +218,9 @@ class RLStage(Stage):
         self.prompts_per_worker = prompts_per_worker(self.cfg.rl, self.worker.world_size)
 
     def build_model(self) -> GPT:
-        model, step = load_stage_model(self.storage, self.cfg.run, SOURCE_STAGE, self.worker.device)
-        log.info("rl starts from %s step %d", SOURCE_STAGE, step)
+        [source] = STAGES[self.name].starts_from
+        model, step = CheckpointManager(self.storage, self.cfg.run, source).load_model(self.worker.device)
+        log.info("rl starts from %s step %d", source, step)
         return model
 
     def optim_config(self) -> OptimConfig:
