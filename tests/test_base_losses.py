@@ -13,7 +13,7 @@ from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 from trainer.optim import apply_schedule, build_optimizers
 from trainer.stages.base import BaseStage
-from trainer.stages.loop import optimizer_step
+from trainer.stages.loop import StepHooks, TrainState, step_loop
 from trainer.worker import Worker
 
 SMALL = ["model.depth=2", "model.head_dim=32", "tokenizer.vocab_size=512", "tokenizer.max_chars=400000",
@@ -36,10 +36,10 @@ def test_tiny_base_run_repeats_the_recorded_losses(tmp_path: Path):
     optim_cfg = stage.optim_config()
     optimizers = build_optimizers(model, optim_cfg)
     torch.manual_seed(cfg.train.seed)
-    loader, horizon, accum = stage.make_loader(None), stage.horizon(model), stage.micro_steps()
-    losses = []
-    for step in range(horizon):
-        apply_schedule(optimizers, step, horizon, optim_cfg)
-        loss, _ = optimizer_step(model, model, optimizers, loader, accum, stage.worker)
-        losses.append(loss.item())
-    assert losses == pytest.approx(RECORDED, abs=1e-6, rel=0)
+    loader, horizon, state = stage.make_loader(None), stage.horizon(model), TrainState()
+    step_loop(state, horizon, StepHooks(
+        schedule=lambda step: apply_schedule(optimizers, step, horizon, optim_cfg),
+        train=lambda schedule: stage.train_step(model, model, optimizers, loader),
+        evaluates_at=lambda step: False, evaluate=dict, publish=lambda metrics: None,
+    ))
+    assert [entry["loss"] for entry in state.history] == pytest.approx(RECORDED, abs=1e-6, rel=0)

@@ -20,13 +20,13 @@ from trainer.pipeline.sweeps import (
     PLOT,
     RESULTS,
     TABLE,
-    eval_steps,
     plan_sweep,
     results_markdown,
     results_table,
     summary,
     write_results,
 )
+from trainer.stages.sweep import eval_steps
 
 SWEEP_FILE = "configs/sweeps/arch-tiny.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -26,7 +26,7 @@ from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import evaluate_tokenizer, format_table, load_tokenizer, train_tokenizer
 from trainer.pipeline.report import write_report
 from trainer.stages.base import model_config
-from trainer.stages.loop import Progress, summary
+from trainer.stages.loop import TrainState, summary
 
 RUN = "r1"
 SMALL = [
@@ -58,7 +58,7 @@ def train_stage(storage, cfg, stage: str, vocab_size: int, steps: int, done: boo
     model = GPT(model_config(cfg, vocab_size))
     model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    progress, t = Progress(), cfg.train
+    progress, t = TrainState(), cfg.train
     for _ in range(steps):
         tokens = torch.randint(0, 32, (t.device_batch_size, t.seq_len + 1))  # a small alphabet: learnable
         loss = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())

@@ -31,6 +31,7 @@ from services.settings import default_storage_uri
 from services.storage import LocalStorage, Storage
 from trainer.pipeline.progress import ProgressBar
 from trainer.stages.table import STAGES, StageFailed, stage_backend
+from trainer.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def tensorboard_dir(storage: Storage, cfg: Config, stage: str) -> Path:
     return Path(default_storage_uri()).expanduser() / "tensorboard" / cfg.run / stage
 
 
-def stage_function(stage: str, cfg: Config) -> Callable[[dict[str, Any]], None]:
+def stage_function(stage: str, cfg: Config) -> Callable[[WorkerSettings], None]:
     """The Ray Train worker function of a stage on its configured backend, imported on demand. For JAX it
     first checks what the driver can (JAX installed, the batch splits over the devices): before Ray starts."""
     backend = stage_backend(stage, cfg.train.backend)
@@ -71,7 +72,7 @@ def check_resumable(stage: str, cfg: Config, storage: Storage, backend: str) -> 
         raise StageFailed(f"{stage}: {problem}")
 
 
-def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cfg: Config, backend: str,
+def _trainer(train_fn: Callable[[WorkerSettings], None], settings: WorkerSettings, cfg: Config, backend: str,
              run_config):
     """TorchTrainer (DDP over train.workers) or JaxTrainer (one worker per host; on CPU a single worker
     drives jax.cpu_devices virtual devices, and jax.distributed joins the hosts of a GPU or TPU slice)."""
@@ -91,7 +92,7 @@ def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cf
             if platform == "tpu" else {}
         scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=platform == "gpu",
                                           resources_per_worker=None if tpu else resources, **tpu)
-        return JaxTrainer(train_fn, train_loop_config=job, scaling_config=scaling, run_config=run_config)
+        return JaxTrainer(train_fn, train_loop_config=settings, scaling_config=scaling, run_config=run_config)
 
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -99,20 +100,20 @@ def _trainer(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any], cf
     resources = {"CPU": 1, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_fn,
-        train_loop_config=job,
+        train_loop_config=settings,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=run_config,
     )
 
 
-def _with_ray_train_log_level(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:
+def _with_ray_train_log_level(train_fn: Callable[[WorkerSettings], None], settings: WorkerSettings) -> None:
     """train_fn in a worker, with Ray Train's console level (log.ray_train) on the one logger LoggingConfig
     misses: Ray 2.60 logs every report at INFO through a logger named by its file path, not under `ray.train`."""
     from ray.train.v2._internal.execution import context
 
-    logging.getLogger(context.__file__).setLevel(job["config"]["log"]["ray_train"])
-    train_fn(job)
+    logging.getLogger(context.__file__).setLevel(settings.config.log.ray_train)
+    train_fn(settings)
 
 
 def configured_threads(cfg: Config) -> int:
@@ -132,24 +133,25 @@ def worker_env() -> dict[str, str]:
 
 def _fit(
     name: str,
-    train_fn: Callable[[dict[str, Any]], None],
-    job: dict[str, Any],
+    train_fn: Callable[[WorkerSettings], None],
     cfg: Config,
     storage: Storage,
     *,
     ray_address: str | None,
     show_progress: bool,
     backend: str = "torch",
+    **job: Any,
 ) -> None:
-    """One Ray Train fit(): Ray Train state and checkpoints under runs/<run>/<name>/."""
+    """One Ray Train fit(): Ray Train state and checkpoints under runs/<run>/<name>/. job: the
+    WorkerSettings fields of this kind of job (stage, evaluations, kind, ...)."""
     import ray.train
 
     t = cfg.train
     connect(ray_address)
     fs, storage_path, ray_name = CheckpointManager(storage, cfg.run, name).ray_run_location()
     progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
-    job = {**job, "config": cfg.model_dump(), "storage": storage.uri, "threads_per_worker": configured_threads(cfg),
-           "progress_actor": progress_actor if show_progress else None}
+    settings = WorkerSettings(config=cfg, storage=storage.uri, threads_per_worker=configured_threads(cfg),
+                              progress_actor=progress_actor if show_progress else None, **job)
     run_config = ray.train.RunConfig(
         name=ray_name,
         storage_path=storage_path,
@@ -159,7 +161,7 @@ def _fit(
         logging_config=ray.train.LoggingConfig(log_level=cfg.log.ray_train),
         worker_runtime_env={"env_vars": worker_env()},
     )
-    trainer = _trainer(functools.partial(_with_ray_train_log_level, train_fn), job, cfg, backend, run_config)
+    trainer = _trainer(functools.partial(_with_ray_train_log_level, train_fn), settings, cfg, backend, run_config)
     log.info("%s: %d workers, storage %s/runs/%s/%s", name, t.workers, storage.uri, cfg.run, name)
     try:
         if show_progress:
@@ -173,7 +175,7 @@ def _fit(
 
 def run_stage(
     stage: str,
-    train_fn: Callable[[dict[str, Any]], None],
+    train_fn: Callable[[WorkerSettings], None],
     cfg: Config,
     storage: Storage,
     *,
@@ -187,15 +189,15 @@ def run_stage(
     started = time.time()
     backend = stage_backend(stage, cfg.train.backend)
     check_resumable(stage, cfg, storage, backend)
-    job = {"stage": stage, "fail_at_step": fail_at_step, "evaluations": list(evaluations),
-           "tensorboard_dir": str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None}
     if evaluations:
         if backend != "torch":
             raise ValueError(f"evaluations run in torch training jobs only, not in {stage}'s {backend} job")
         from trainer.stages.evaluate import train_then_evaluate
 
         train_fn = functools.partial(train_then_evaluate, train_fn)
-    _fit(stage, train_fn, job, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend)
+    _fit(stage, train_fn, cfg, storage, ray_address=ray_address, show_progress=show_progress, backend=backend,
+         stage=stage, fail_at_step=fail_at_step, evaluations=tuple(evaluations),
+         tensorboard_dir=str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
         raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")
@@ -219,6 +221,6 @@ def run_eval(
 
     key = eval_result_key(cfg.run, stage, kind)
     storage.delete(key)
-    job = {"kind": kind, "stage": stage, "tasks": tasks}
-    _fit(f"eval-{stage}-{kind}", eval_worker, job, cfg, storage, ray_address=ray_address, show_progress=False)
+    _fit(f"eval-{stage}-{kind}", eval_worker, cfg, storage, ray_address=ray_address, show_progress=False,
+         stage=stage, kind=kind, tasks=tuple(tasks) if tasks else None)
     return json.loads(storage.read_text(key))

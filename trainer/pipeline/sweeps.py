@@ -9,10 +9,7 @@ Notable:
 - equal FLOPs, not equal steps: steps = round(budget / (FLOPs per token x train.total_batch_size)), so a variant
   that costs more per token trains on fewer tokens; the FLOPs actually spent are recorded
 - one Ray task per variant, all submitted at once: Ray runs side by side as many as experiment.cpus_per_variant
-  and gpus_per_variant allow. Inside, a plain one-process torch loop built from base training's parts (model,
-  Muon/AdamW and schedule, packing loader, bits per byte); no Ray Train, no checkpoints: a variant is short
-- validation bits per byte at experiment.eval_points evenly spaced steps, the last at the end (the curve the
-  plot draws against FLOPs); tokens per second in steady state (first steps and evaluations excluded)
+  and gpus_per_variant allow. Inside, base training's parts in the shared step loop (trainer/stages/sweep.py)
 - results in storage under runs/<run>/experiments/<name>/: results.json, results.md (the table, best first) and
   bpb_vs_flops.png; `nanochat report` shows every sweep it finds there
 """
@@ -23,7 +20,6 @@ import io
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,24 +29,15 @@ from nanochat.config import Config, ConfigError, with_overrides
 from nanochat.gpt import GPT
 from services.layout import sweep_prefix
 from services.ray_cluster import connect
-from services.storage import Storage, open_storage
-from trainer.data.corpus import list_shards, split_shards
-from trainer.data.loader import DataLoader, token_bytes
-from trainer.data.tokenizer import load_tokenizer
-from trainer.evals.loss import evaluate_bpb
+from services.storage import Storage
 from trainer.optim import (
-    apply_schedule,
-    build_optimizers,
-    grad_accum_steps,
     num_scaling_params,
-    optim_config,
     training_horizon,
 )
 from trainer.pipeline.prepare import prepare_data, prepare_tokenizer
 from trainer.stages.base import model_config
-from trainer.stages.loop import WARMUP_STEPS_EXCLUDED, optimizer_step
+from trainer.stages.sweep import VariantSettings, train_variant
 from trainer.stages.table import StageFailed
-from trainer.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -121,71 +108,6 @@ def plan_sweep(cfg: Config) -> tuple[float, list[Variant]]:
     return budget, variants
 
 
-def eval_steps(steps: int, points: int) -> list[int]:
-    """`points` steps evenly spaced over 1..steps, the last one at the end (fewer if steps are fewer)."""
-    return sorted({max(1, round(k * steps / points)) for k in range(1, points + 1)})
-
-
-# ---------------------------------------------------------------------------
-# one variant: the body of its Ray task
-
-
-def train_variant(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one variant from fresh weights for job["steps"] steps in this process; returns its results."""
-    started = time.time()
-    cfg, steps = Config.model_validate(job["config"]), job["steps"]
-    t = cfg.train
-    storage = open_storage(job["storage"])
-    tokenizer = load_tokenizer(storage)
-    train_shards, val_shards = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
-    worker = Worker(0, 1, torch.device("cuda" if job["gpus"] > 0 and torch.cuda.is_available() else "cpu"))
-    if worker.device.type == "cpu":
-        torch.set_num_threads(job["threads"])  # the CPUs Ray reserved, no more (STACK-NOTES)
-
-    torch.manual_seed(t.seed)  # every variant starts from the same seed
-    model = GPT(model_config(cfg, tokenizer.vocab_size))
-    model.init_weights()
-    model = model.to(worker.device).train()
-    optim_cfg = optim_config(cfg)
-    optimizers = build_optimizers(model, optim_cfg)
-    accum = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, 1)
-    loader = DataLoader(storage, train_shards, tokenizer, t.device_batch_size, t.seq_len, device=worker.device)
-    byte_lengths = token_bytes(tokenizer).to(worker.device)
-    flops_per_token = model.estimate_flops()
-
-    def val_bpb() -> float:
-        model.eval()
-        val = DataLoader(storage, val_shards, tokenizer, t.device_batch_size, t.seq_len, device=worker.device,
-                         loop=False)
-        with worker.autocast():
-            bpb = evaluate_bpb(model, val, max(1, t.eval_tokens // (t.device_batch_size * t.seq_len)), byte_lengths)
-        model.train()
-        return bpb
-
-    evaluate_at = set(eval_steps(steps, job["eval_points"]))
-    first_timed = min(WARMUP_STEPS_EXCLUDED, steps - 1)
-    curve: list[dict[str, float]] = []
-    timed_seconds = 0.0
-    for step in range(steps):
-        apply_schedule(optimizers, step, steps, optim_cfg)
-        step_started = time.perf_counter()
-        loss, _ = optimizer_step(model, model, optimizers, loader, accum, worker)
-        train_loss = loss.item()  # a sync point: the step time is honest on GPU too
-        if step >= first_timed:
-            timed_seconds += time.perf_counter() - step_started
-        if step + 1 in evaluate_at:
-            done = step + 1
-            curve.append({"step": done, "flops": done * t.total_batch_size * flops_per_token, "val_bpb": val_bpb()})
-            log.info("variant %s: step %d/%d, val bpb %.4f", job["name"], done, steps, curve[-1]["val_bpb"])
-    return {
-        "params": model.num_params(), "flops_per_token": flops_per_token, "steps": steps,
-        "tokens": steps * t.total_batch_size, "flops": steps * t.total_batch_size * flops_per_token,
-        "val_bpb": curve[-1]["val_bpb"], "train_loss": train_loss,
-        "tokens_per_second": (steps - first_timed) * t.total_batch_size / timed_seconds,
-        "seconds": round(time.time() - started, 3), "curve": curve,
-    }
-
-
 # ---------------------------------------------------------------------------
 # the sweep
 
@@ -207,10 +129,9 @@ def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> 
     connect(ray_address)
     task = ray.remote(num_cpus=e.cpus_per_variant, num_gpus=e.gpus_per_variant,
                       runtime_env={"env_vars": worker_env()})(train_variant)
-    job = {"storage": storage.uri, "eval_points": e.eval_points, "gpus": e.gpus_per_variant,
-           "threads": max(1, int(e.cpus_per_variant))}
-    refs = {task.options(name=f"experiment-{v.name}").remote({**job, "name": v.name, "steps": v.steps,
-                                                              "config": v.cfg.model_dump()}): v for v in variants}
+    refs = {task.options(name=f"experiment-{v.name}").remote(VariantSettings(
+        v.name, v.cfg, storage.uri, v.steps, e.eval_points, e.gpus_per_variant, max(1, int(e.cpus_per_variant)),
+    )): v for v in variants}
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     pending = list(refs)

@@ -35,6 +35,7 @@ from trainer.optim import (
     training_horizon,
 )
 from trainer.stages.loop import Stage, train_stage
+from trainer.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ class BaseStage(Stage):
         return {"val_bpb": bpb}
 
 
-def train_base(job: dict[str, Any]) -> None:
+def train_base(settings: WorkerSettings) -> None:
     """Ray Train's train_loop_per_worker for `nanochat train base`."""
-    train_stage(job, BaseStage)
+    train_stage(settings, BaseStage)
 
 

@@ -31,10 +31,11 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
 from trainer.optim import OptimConfig, optim_config
-from trainer.stages.loop import Stage, train_stage
+from trainer.stages.loop import Stage, TrainState, train_stage
 from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
+from trainer.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class ChatStage(Stage):
     def eval_every(self) -> int:
         return self.stage_cfg.eval_every
 
-    def summary_extra(self) -> dict[str, Any]:
+    def summary_extra(self, state: TrainState) -> dict[str, Any]:
         return {"mixture": self.mixture.counts(), "skipped_tasks": self.skipped}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
@@ -226,9 +227,11 @@ class SFTStage(ChatStage):
     name = "sft"
 
 
-def train_mid(job: dict[str, Any]) -> None:
-    train_stage(job, MidStage)
+def train_mid(settings: WorkerSettings) -> None:
+    """Ray Train's train_loop_per_worker for `nanochat train mid`."""
+    train_stage(settings, MidStage)
 
 
-def train_sft(job: dict[str, Any]) -> None:
-    train_stage(job, SFTStage)
+def train_sft(settings: WorkerSettings) -> None:
+    """Ray Train's train_loop_per_worker for `nanochat train sft`."""
+    train_stage(settings, SFTStage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.evals.chat import run_chat_eval
 from trainer.evals.core import core_bundle_dir, evaluate_core
 from trainer.evals.loss import evaluate_bpb
-from trainer.worker import current_worker
+from trainer.worker import WorkerSettings, current_worker
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,17 @@ def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[s
         return evaluate_bpb(model, iter(loader), steps, token_bytes(tokenizer).to(worker.device))
 
 
-def eval_worker(job: dict[str, Any]) -> None:
+def eval_worker(settings: WorkerSettings) -> None:
     """Ray Train's train_loop_per_worker for `nanochat eval loss|core|chat`."""
-    cfg = Config.model_validate(job["config"])
-    kind, stage = job["kind"], job["stage"]
-    worker = current_worker(job["threads_per_worker"])
-    storage = open_storage(job["storage"])
+    cfg, kind, stage = settings.config, settings.kind, settings.stage
+    tasks = list(settings.tasks) if settings.tasks else None
+    worker = current_worker(settings.threads_per_worker)
+    storage = open_storage(settings.storage)
     tokenizer = load_tokenizer(storage)
     model, step = CheckpointManager(storage, cfg.run, stage).load_model(worker.device)
     result: dict[str, Any] = {"stage": stage, "step": step, "kind": kind}
-    if job.get("evaluated_in"):
-        result["evaluated_in"] = job["evaluated_in"]  # the speedrun says where its evaluation stage was done
+    if settings.evaluated_in:
+        result["evaluated_in"] = settings.evaluated_in  # the speedrun says where its evaluation stage was done
     with torch.no_grad():
         if kind == "loss":
             train, val = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
@@ -61,10 +62,10 @@ def eval_worker(job: dict[str, Any]) -> None:
         elif kind == "core":
             limit = cfg.eval.core_max_per_task if cfg.eval.core_max_per_task > 0 else None
             with worker.autocast():
-                result.update(evaluate_core(model, tokenizer, core_bundle_dir(cfg, storage), tasks=job.get("tasks"),
+                result.update(evaluate_core(model, tokenizer, core_bundle_dir(cfg, storage), tasks=tasks,
                                             max_per_task=limit, device=worker.device))
         elif kind == "chat":
-            result.update(run_chat_eval(model, tokenizer, cfg, storage, worker, tasks=job.get("tasks")))
+            result.update(run_chat_eval(model, tokenizer, cfg, storage, worker, tasks=tasks))
         else:
             raise ValueError(f"unknown evaluation {kind!r}")
     if worker.is_main:
@@ -73,13 +74,13 @@ def eval_worker(job: dict[str, Any]) -> None:
         storage.write_text(eval_result_key(cfg.run, stage, kind), json.dumps(result, indent=2))
 
 
-def train_then_evaluate(train_fn: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker for a training stage followed by evaluations (job["evaluations"]) of
-    the checkpoint it ends with, in the same workers. An evaluation that fails fails the job, as a crash would:
-    a rank that skipped ahead would leave the others waiting in a collective."""
-    train_fn(job)
-    for kind in job["evaluations"]:
+def train_then_evaluate(train_fn: Callable[[WorkerSettings], None], settings: WorkerSettings) -> None:
+    """Ray Train's train_loop_per_worker for a training stage followed by evaluations (settings.evaluations)
+    of the checkpoint it ends with, in the same workers. An evaluation that fails fails the job, as a crash
+    would: a rank that skipped ahead would leave the others waiting in a collective."""
+    train_fn(settings)
+    for kind in settings.evaluations:
         try:
-            eval_worker({**job, "kind": kind, "evaluated_in": f"{job['stage']} training job"})
+            eval_worker(replace(settings, kind=kind, evaluated_in=f"{settings.stage} training job"))
         except Exception as e:
-            raise RuntimeError(f"{job['stage']} trained, then its {kind} evaluation failed: {e}") from e
+            raise RuntimeError(f"{settings.stage} trained, then its {kind} evaluation failed: {e}") from e

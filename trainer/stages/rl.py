@@ -15,14 +15,14 @@ Notable:
 - every rank does the same number of backward passes (one per prompt), DDP averaging the gradients
 - learning rates: rl.lr_frac of the base rates, decaying linearly to 0 over the horizon, no weight decay
   (nanochat)
-- checkpoints, resume and fault injection as every stage (trainer/stages/loop.py)
+- the step loop, checkpoints, resume and fault injection are every stage's (trainer/stages/loop.py); RL
+  plugs in its batch and its loss (RLStage.train_step)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -36,20 +36,12 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
 from trainer.evals.chat import response_text
-from trainer.optim import OptimConfig, apply_schedule, optim_config
-from trainer.stages.loop import (
-    WARMUP_STEPS_EXCLUDED,
-    Stage,
-    finish_stage,
-    maybe_inject_fault,
-    publish_step,
-    save_checkpoint,
-    set_up,
-)
+from trainer.optim import OptimConfig, optim_config
+from trainer.stages.loop import Stage, StepResult, TrainState, train_stage
 from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
-from trainer.worker import Worker
+from trainer.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +202,11 @@ def rl_optim_config(cfg: Config) -> OptimConfig:
 
 
 class RLStage(Stage):
+    """RL plugs its batch (prompts and their sampled rollouts) and its loss (the policy gradient) into the
+    shared step loop."""
+
     name = "rl"
+    reports_mfu = False  # its tokens are sampled ones: most of a step is generation, not training
 
     def __init__(self, *args: Any):
         super().__init__(*args)
@@ -237,53 +233,33 @@ class RLStage(Stage):
     def micro_steps(self) -> int:
         return self.prompts_per_worker
 
-    def summary_extra(self) -> dict[str, Any]:
-        return {"mixture": self.task.counts(), "skipped_tasks": self.skipped}
+    def wrap(self, model: GPT) -> nn.Module:
+        """DDP without buffer syncing: the rotary tables are the only buffers, alike on every rank but grown by
+        each rank's own longest sequence, so syncing them at every forward would be wasted at best."""
+        from torch.nn.parallel import DistributedDataParallel
 
+        return DistributedDataParallel(model, forward_sync_buffers=False) if self.worker.world_size > 1 else model
 
-def train_rl(job: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker for `nanochat train rl`."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    run = set_up(job, RLStage)
-    stage, manager, model, optim_cfg, optimizers = run.stage, run.manager, run.model, run.optim_cfg, run.optimizers
-    progress, prompts, horizon, telemetry, tracker = run.progress, run.loader, run.horizon, run.telemetry, run.tracker
-    cfg, worker, storage = stage.cfg, stage.worker, stage.storage
-    per_rank = stage.micro_steps()
-    # the rotary tables are the only buffers, alike on every rank but grown by each rank's own longest
-    # sequence: syncing them at every forward would be wasted at best
-    ddp = DistributedDataParallel(model, forward_sync_buffers=False) if worker.world_size > 1 else model
-    if worker.is_main:
-        log.info("rl: %d steps of %d prompts x %d samples, %d workers", horizon, per_rank * worker.world_size,
-                 cfg.rl.samples_per_prompt, worker.world_size)
-
-    steps_this_attempt = 0
-    while progress.step < horizon:
-        maybe_inject_fault(job, storage, progress.step, worker, manager.stage_prefix)
-        schedule = apply_schedule(optimizers, progress.step, horizon, optim_cfg)
-        started = time.time()
-        batch = [next(prompts) for _ in range(per_rank)]
-        stats = rl_step(model, ddp, stage.tokenizer, stage.task, batch, cfg.rl, worker, cfg.train.seed)
+    def train_step(self, forward: nn.Module, model: GPT, optimizers: list, loader: PromptIterator) -> StepResult:
+        batch = [next(loader) for _ in range(self.micro_steps())]
+        stats = rl_step(model, forward, self.tokenizer, self.task, batch, self.cfg.rl, self.worker, self.cfg.train.seed)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        stats = stats.reduced(worker)  # also a sync point, so the step time is honest on GPU
-        step_seconds = time.time() - started
-        progress.step += 1
-        progress.tokens += stats.tokens
-        steps_this_attempt += 1
-        if steps_this_attempt > WARMUP_STEPS_EXCLUDED:
-            progress.train_seconds += step_seconds
-            progress.train_tokens_timed += stats.tokens
-        step_metrics = stats.metrics(worker.world_size)
-        metrics = {**step_metrics, "lr_multiplier": schedule["lr_multiplier"], "step_seconds": step_seconds,
-                   "tokens_per_second": stats.tokens / step_seconds}
-        progress.history.append({"step": progress.step, **step_metrics, "lr_multiplier": schedule["lr_multiplier"]})
+        stats = stats.reduced(self.worker)  # also a sync point, so the step time is honest on GPU
+        return StepResult(stats.metrics(self.worker.world_size), stats.tokens)
 
-        publish_step(stage, progress, metrics, horizon, telemetry, tracker,
-                     lambda m: save_checkpoint(stage, manager, model, optimizers, prompts, progress, m))
-    finish_stage(stage, manager, model, progress, horizon, telemetry,
-                 {**stage.summary_extra(), **reward_summary(progress.history)})
+    def describe(self, model: GPT, horizon: int) -> str:
+        return (f"rl: {horizon} steps of {self.micro_steps() * self.worker.world_size} prompts x "
+                f"{self.cfg.rl.samples_per_prompt} samples, {self.worker.world_size} workers")
+
+    def summary_extra(self, state: TrainState) -> dict[str, Any]:
+        return {"mixture": self.task.counts(), "skipped_tasks": self.skipped, **reward_summary(state.history)}
+
+
+def train_rl(settings: WorkerSettings) -> None:
+    """Ray Train's train_loop_per_worker for `nanochat train rl`."""
+    train_stage(settings, RLStage)
 
 
 def reward_summary(history: list[dict[str, float]]) -> dict[str, float]:
