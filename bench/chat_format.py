@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from nanochat.config import load_config
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from services.storage import open_storage
 from trainer.data.tokenizer import load_tokenizer
 from trainer.stages.chat import stage_mixture

@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.api import app as api_app

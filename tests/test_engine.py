@@ -1,9 +1,9 @@
-"""Generation with the KV cache (nanochat/engine.py): equal to recomputing, seeded, stopping, and the calculator tool."""
+"""Generation with the KV cache (nanochat/generate.py): equal to recomputing, seeded, stopping, and the calculator tool."""
 
 import pytest
 import torch
 
-from nanochat.engine import DONE, complete_chat, generate, generate_batch
+from nanochat.generate import DONE, complete_chat, generate, generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer

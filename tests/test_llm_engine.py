@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import AsyncEngine, LLMEngine, QueueFull, TokenEvent

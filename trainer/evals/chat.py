@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nanochat.config import Config
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from trainer.tasks import build_task
 from trainer.tasks.base import Task, TaskUnavailable

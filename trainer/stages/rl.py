@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from nanochat.config import Config, RLConfig
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
