@@ -4,7 +4,7 @@ The `nanochat` command line: argument parsing and wiring only; the work lives in
 Notable:
 - global options (--config, --set, --storage, --ray-address, --run, --preset) go before or after the subcommand
 - exit status: 0 success, 2 bad usage or configuration (the message names the field), 1 any other failure
-- every stage prints one JSON line last on stdout, for scripts (see SPEC.md)
+- every stage prints one JSON line last on stdout, for scripts
 - heavy imports (torch, ray) happen inside the handlers so `nanochat --help` is instant
 """
 
@@ -187,7 +187,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
     train_fn = stage_function(args.action, cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
-    # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
+    # read what every worker needs before Ray starts (seconds) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
     load_tokenizer(storage)
     sources = STAGES[args.action].starts_from

@@ -13,9 +13,9 @@ from cli.main import main as cli_main
 from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config
 from nanochat.gpt import GPT
-from services.checkpoints import CheckpointManager
 from services.layout import TOKENIZER_KEY
 from serving.chat_cli import ChatSession, RemoteChat, echo, run_chat
+from tests.support.checkpoints import upload_checkpoint
 
 
 class Terminal(io.StringIO):
@@ -113,7 +113,7 @@ def publish(storage, run: str, step: int, model: GPT) -> None:
         write_checkpoint(tmp, model_state=model.state_dict(), optimizer_state=None, cursor=None,
                          config=Config().model_dump(), rng=None,
                          meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
-        CheckpointManager(storage, run, "sft").save(step, tmp)
+        upload_checkpoint(storage, run, "sft", step, tmp)
 
 
 def test_without_a_server_the_newest_sft_checkpoint_answers(tok, local_storage):

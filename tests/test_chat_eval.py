@@ -16,12 +16,12 @@ from torch import nn
 from cli.main import main as cli_main
 from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config
-from nanochat.engine import complete_chat
+from nanochat.generate import complete_chat
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from services.checkpoints import CheckpointManager
 from services.layout import TOKENIZER_KEY
 from tests.gpt_fixtures import scrambled_model
+from tests.support.checkpoints import upload_checkpoint
 from trainer.evals.chat import (
     Score,
     chatcore,
@@ -289,7 +289,7 @@ def publish_checkpoint(storage, run: str, stage: str, model: GPT, tok: Tokenizer
         write_checkpoint(tmp, model_state=model.state_dict(), optimizer_state=None, cursor=None,
                          config=Config().model_dump(), rng=None,
                          meta={"stage": stage, "world_size": 1, "model_config": vars(model.config)})
-        CheckpointManager(storage, run, stage).save(1, tmp)
+        upload_checkpoint(storage, run, stage, 1, tmp)
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from nanochat.checkpoint import (
 )
 from services.checkpoints import CheckpointManager
 from services.storage import open_storage
+from tests.support.checkpoints import upload_checkpoint
 
 
 class TinyLM(nn.Module):
@@ -251,7 +252,8 @@ def manager(storage) -> CheckpointManager:
 
 def save_steps(manager: CheckpointManager, tmp_path: Path, *steps: int) -> None:
     for step in steps:
-        manager.save(step, make_checkpoint(tmp_path / "out" / str(step), step))
+        upload_checkpoint(manager.storage, manager.run, manager.stage, step,
+                          make_checkpoint(tmp_path / "out" / str(step), step))
 
 
 def test_save_then_latest_valid_downloads_the_newest_checkpoint(manager, tmp_path):
@@ -347,17 +349,6 @@ def test_mark_latest_refuses_a_step_without_manifest(local_storage, tmp_path):
     with pytest.raises(ValueError, match="step_000002.*no manifest.json"):
         manager.mark_latest(2)
     assert manager.storage.read_text("runs/r1/base/latest").strip() == "step_000001"
-
-
-def test_prune_keeps_the_newest_steps_and_the_one_latest_names(manager, tmp_path):
-    save_steps(manager, tmp_path, 1, 2, 3, 4, 5)
-    assert manager.prune(keep=2) == [1, 2, 3]
-    assert manager.list_steps() == [4, 5]
-    assert manager.storage.list("runs/r1/base/step_000003") == []
-    save_steps(manager, tmp_path, 6)  # moves latest to 6; make 4 the committed one again
-    manager.storage.write_text("runs/r1/base/latest", "step_000004\n")
-    assert manager.prune(keep=1) == [5]
-    assert manager.list_steps() == [4, 6]
 
 
 def test_done_marker_round_trip(manager, tmp_path):

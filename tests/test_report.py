@@ -22,6 +22,7 @@ from services.checkpoints import CheckpointManager
 from services.layout import eval_result_key
 from services.storage import open_storage
 from tests.conftest import create_bucket, set_s3_env
+from tests.support.checkpoints import upload_checkpoint
 from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import evaluate_tokenizer, format_table, load_tokenizer, train_tokenizer
 from trainer.pipeline.report import write_report
@@ -76,7 +77,7 @@ def train_stage(storage, cfg, stage: str, vocab_size: int, steps: int, done: boo
         write_checkpoint(tmp, model_state=model.state_dict(), optimizer_state=None, cursor=None,
                          config=cfg.model_dump(), rng=None,
                          meta={"stage": stage, "world_size": 2, "model_config": vars(model.config), **progress.__dict__})
-        manager.save(progress.step, tmp)
+        upload_checkpoint(storage, manager.run, manager.stage, progress.step, tmp)
     if done:
         manager.mark_done(summary(stage, progress, model, cfg, horizon=steps))
     return model.num_params(), progress.history

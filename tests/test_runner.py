@@ -7,7 +7,7 @@ import pytest
 
 from nanochat.checkpoint import capture_rng_state, write_checkpoint
 from nanochat.config import load_config
-from services.checkpoints import CheckpointManager
+from tests.support.checkpoints import upload_checkpoint
 from tests.test_checkpoint import TinyLM
 from trainer.pipeline.jobs import StageFailed, configured_threads, run_stage
 from trainer.stages.base import train_base
@@ -18,7 +18,7 @@ def saved_by(storage, tmp_path: Path, step: int, **meta) -> None:
     folder = tmp_path / "out" / str(step)
     write_checkpoint(folder, model_state=TinyLM().state_dict(), optimizer_state=None, cursor=None,
                      config={}, rng=capture_rng_state(), meta={"stage": "base", **meta})
-    CheckpointManager(storage, "default", "base").save(step, folder)
+    upload_checkpoint(storage, "default", "base", step, folder)
 
 
 def base(*overrides: str):

@@ -26,10 +26,10 @@ from nanochat.checkpoint import write_checkpoint
 from nanochat.config import load_config
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from services.checkpoints import CheckpointManager
 from services.storage import open_storage
 from tests import dashboards
 from tests.conftest import free_port, stop_process, wait_until_answers
+from tests.support.checkpoints import upload_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def publish_sft_checkpoint(root: Path) -> None:
     folder = root.parent / "ckpt"
     write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
                      meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
-    CheckpointManager(storage, "default", "sft").save(5, folder)
+    upload_checkpoint(storage, "default", "sft", 5, folder)
 
 
 @pytest.fixture(scope="module")

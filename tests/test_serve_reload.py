@@ -32,7 +32,6 @@ import pytest
 from nanochat.checkpoint import MODEL, write_checkpoint
 from nanochat.config import ServeConfig
 from nanochat.tokenizer import Tokenizer
-from services.checkpoints import CheckpointManager
 from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
 from serving.app import EngineReplica, NoModelLoaded
@@ -41,6 +40,7 @@ from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.chat_server import reply_model, reply_tokenizer
 from tests.conftest import free_port
+from tests.support.checkpoints import upload_checkpoint
 
 FIRST = "Hello from the first checkpoint."
 NEWER = "Greetings, this is a newer model!"
@@ -62,7 +62,7 @@ def publish(storage: Storage, tok: Tokenizer, step: int, reply: str, scratch: Pa
     folder = scratch / step_dir_name(step)
     write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
                      meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
-    CheckpointManager(storage, "default", "sft").save(step, folder)
+    upload_checkpoint(storage, "default", "sft", step, folder)
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

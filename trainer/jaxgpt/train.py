@@ -73,7 +73,7 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
 def use_compilation_cache(folder: str) -> None:
     """XLA's persistent compilation cache in folder (none if empty): a run resumed after a crash or a
     preemption loads its compiled steps instead of compiling them again (JAX keeps those that took over a
-    second to compile; bench/jax_compile_cache.py: d20 on an H200, 40 s -> 9 s to the first step)."""
+    second to compile; bench/jax_compile_cache.py measures the time to the first step with and without)."""
     if folder:
         import jax
 

@@ -159,7 +159,7 @@ def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> 
 
 
 def summary(sweep: dict[str, Any], storage: Storage) -> dict[str, Any]:
-    """The sweep's fields of the command's JSON line (SPEC.md): totals, and per variant what the table shows.
+    """The sweep's fields of the command's JSON line: totals, and per variant what the table shows.
     tokens_per_second is the variants' combined steady-state rate: all tokens over all timed seconds."""
     variants = sweep["variants"]
     tokens = sum(r["tokens"] for r in variants)
