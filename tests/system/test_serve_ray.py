@@ -139,7 +139,7 @@ def test_the_ingress_admits_what_the_engines_can_run_or_queue():
     proxy unanswered: the API ingress must admit what all engine replicas can run or queue, so that the
     engines batch up to their bound and refuse past it (the next test sends 40 at once and sees the 429s).
     Read from the application as deployed; a sampled gauge raced Ray's metrics export."""
-    from serving.app import build_app
+    from serving.deployments import build_app
     from serving.model_source import ModelSource
 
     cfg = load_config(overrides=["serve.max_ongoing_requests=8", "serve.max_queued_requests=8", "serve.max_replicas=3"])

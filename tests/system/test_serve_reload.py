@@ -34,8 +34,8 @@ from nanochat.config import ServeConfig
 from nanochat.tokenizer import Tokenizer
 from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
-from serving.app import EngineReplica, NoModelLoaded
-from serving.app import log as app_log
+from serving.deployments import EngineReplica, NoModelLoaded
+from serving.deployments import log as app_log
 from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.support.checkpoints import upload_checkpoint
@@ -319,7 +319,7 @@ def test_a_newer_checkpoint_replaces_the_served_one_with_no_failed_request(empty
 def test_the_serve_app_builds_on_an_empty_storage(tmp_path):
     """KubeRay's import path builds the app without reading storage: nothing there must not fail the
     application (KubeRay would not resubmit it once a model appears)."""
-    from serving.app import app_builder
+    from serving.deployments import app_builder
 
     app = app_builder({"storage": str(tmp_path / "nothing-here"), "set": f"serve.reload_interval_s={RELOAD_S}"})
     engine, hint, serve_cfg, _ = app._bound_deployment.init_args

@@ -250,7 +250,7 @@ def test_serve_drain_timeout_is_the_graceful_shutdown_of_both_deployments():
     """Under Ray Serve the drain is Serve's own: on shutdown (SIGTERM to `nanochat serve`) a replica gets no
     new requests and its requests in flight have graceful_shutdown_timeout_s to finish."""
     from nanochat.config import load_config
-    from serving.app import build_app
+    from serving.deployments import build_app
     from serving.model_source import ModelSource
 
     cfg = load_config(overrides=["serve.drain_timeout_s=7.5"])

@@ -12,7 +12,7 @@ Notable:
   when the ingress fell behind), not one per token
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
-- `app_builder` is the import path for KubeRay's RayService (`serving.app:app_builder`) and `serve run`
+- `app_builder` is the import path for KubeRay's RayService (`serving.deployments:app_builder`) and `serve run`
 - the app deploys with nothing in storage yet: an engine replica without a model answers /health, and the
   API lists no model and answers 503 saying how to train one. Each replica looks at the stage's `latest`
   marker every serve.reload_interval_s and loads what it names (model and tokenizer) beside the model it
@@ -335,7 +335,7 @@ def default_source(cfg: Config, storage_uri: str) -> ModelSource:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """`serve run serving.app:app_builder model=URI` / KubeRay's serveConfigV2 import path.
+    """`serve run serving.deployments:app_builder model=URI` / KubeRay's serveConfigV2 import path.
 
     args: `model` (a checkpoint URI) or `storage` (+ `run`), and any config keys as `set` ("a.b=c,d.e=f")."""
     overrides = [item for item in str(args.get("set", "")).split(",") if item.strip()]
