@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from nanochat.config import Config
-from trainer.tasks.base import RowTask
+from trainer.tasks.base import RowTask, exchange
 from trainer.tasks.hub import HubSource, task_rows
 from trainer.tasks.sandbox import run_program
 
@@ -60,15 +60,8 @@ class HumanEval(RowTask):
     eval_type = "generative"
 
     def to_conversation(self, row: dict) -> dict:
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-            "task_id": row.get("task_id", ""),
-        }
+        return exchange(row["prompt"], f"{row['prompt']}\n{row['canonical_solution']}", entry_point=row["entry_point"],
+                        test=row["test"], task_id=row.get("task_id", ""))
 
     def evaluate(self, conversation: dict, response: str) -> bool:
         ok, _ = run_program(program_for(conversation, response), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
