@@ -1,11 +1,11 @@
-"""The chat stages' data (trainer/stages/chat.py): conversations packed into rows, the loss only on assistant
-tokens, each rank its own conversations, and a cursor that resumes to the exact batch."""
+"""The chat stages' data loader (trainer/data/conversations.py): conversations packed into rows, the loss
+only on assistant tokens, each rank its own conversations, and a cursor that resumes to the exact batch."""
 
 import pytest
 import torch
 
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from trainer.stages.chat import ConversationLoader
+from trainer.data.conversations import ConversationLoader
 from trainer.tasks.base import Task
 
 MAX_LEN = 48
