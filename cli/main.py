@@ -182,6 +182,7 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
+    from services.layout import run_prefix
     from trainer.data.tokenizer import load_tokenizer
     from trainer.pipeline.jobs import run_stage, stage_function
 
@@ -192,7 +193,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     load_tokenizer(storage)
     sources = STAGES[args.action].starts_from
     if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
-        raise StageFailed(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
+        raise StageFailed(f"no {' or '.join(sources)} checkpoint in {run_prefix(cfg.run)}: run `nanochat train {sources[0]}` first")
     summary = run_stage(args.action, train_fn, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0

@@ -25,7 +25,7 @@ from typing import Any
 
 from nanochat.config import Config
 from services.checkpoints import CheckpointManager
-from services.layout import eval_result_key, tensorboard_path
+from services.layout import DONE, eval_result_key, stage_prefix, tensorboard_path
 from services.ray_cluster import connect
 from services.settings import default_storage_uri
 from services.storage import LocalStorage, Storage
@@ -162,7 +162,7 @@ def _fit(
         worker_runtime_env={"env_vars": worker_env()},
     )
     trainer = _trainer(functools.partial(_with_ray_train_log_level, train_fn), settings, cfg, backend, run_config)
-    log.info("%s: %d workers, storage %s/runs/%s/%s", name, t.workers, storage.uri, cfg.run, name)
+    log.info("%s: %d workers, storage %s/%s", name, t.workers, storage.uri, stage_prefix(cfg.run, name))
     try:
         if show_progress:
             with ProgressBar(progress_actor, name):
@@ -200,7 +200,7 @@ def run_stage(
          tensorboard_dir=str(tensorboard_dir(storage, cfg, stage)) if cfg.log.tensorboard else None)
     summary = CheckpointManager(storage, cfg.run, stage).done_summary()
     if summary is None:
-        raise StageFailed(f"{stage} ended without recording its summary (runs/{cfg.run}/{stage}/DONE.json)")
+        raise StageFailed(f"{stage} ended without recording its summary ({stage_prefix(cfg.run, stage)}{DONE})")
     # the workers measured steady-state step time; the caller wants this command's wall time too
     summary["metrics"]["train_seconds"] = summary["seconds"]
     summary["seconds"] = round(time.time() - started, 3)
