@@ -26,6 +26,7 @@ import torch
 from nanochat.config import ChatStageConfig, Config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
+from services.layout import run_prefix
 from trainer.data.conversations import ConversationLoader, mixture_tokens
 from trainer.optim import OptimConfig, optim_config
 from trainer.stages.loop import Stage, TrainState, train_stage
@@ -90,7 +91,7 @@ class ChatStage(Stage):
                 model, step = checkpoints.load_model(torch.device("cpu"))
                 log.info("%s starts from %s step %d", self.name, previous, step)
                 return model
-        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in runs/{self.cfg.run}/")
+        raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in {run_prefix(self.cfg.run)}")
 
     def optim_config(self) -> OptimConfig:
         s = self.stage_cfg
