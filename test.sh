@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: .venv, dependencies, then pytest. Extra arguments go to pytest,
-# e.g. ./test.sh -m "not slow" for a quick loop, or ./test.sh tests/test_config.py.
+# e.g. ./test.sh -m "not slow" for a quick loop, or ./test.sh tests/nanochat/test_config.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh test,bench,jax

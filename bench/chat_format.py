@@ -14,11 +14,11 @@ import argparse
 import torch
 
 from nanochat.config import load_config
-from nanochat.engine import generate_batch
+from nanochat.generate import generate_batch
 from services.storage import open_storage
-from trainer.chat_train import stage_mixture
-from trainer.evaluate import load_stage_model
-from trainer.tok import load_tokenizer
+from trainer.data.tokenizer import load_tokenizer
+from trainer.stages.chat import stage_mixture
+from trainer.stages.evaluate import load_stage_model
 
 
 def main() -> None:

@@ -41,9 +41,9 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
-from trainer.data import stdlib_documents
-from trainer.loop import compiled, optimizer_step
+from trainer.data.corpus import stdlib_documents
 from trainer.optim import OptimConfig, build_optimizers
+from trainer.stages.loop import compiled, optimizer_step
 from trainer.worker import Worker, peak_flops
 
 

@@ -44,8 +44,9 @@ def first_steps(args: argparse.Namespace) -> dict[str, float | str]:
 
     from nanochat.config import load_config
     from nanochat.gpt import GPT
-    from trainer.base_train import model_config, optim_config
     from trainer.jaxgpt.train import ShardedTrainer, make_mesh, schedule_at
+    from trainer.optim import optim_config
+    from trainer.stages.base import model_config
 
     use_compilation_cache(args.cache)
     cfg = load_config(preset=args.preset, overrides=args.overrides)

@@ -41,9 +41,9 @@ def main() -> None:
 
     from nanochat.config import load_config
     from nanochat.gpt import GPT
-    from trainer.base_train import model_config, optim_config
     from trainer.jaxgpt.train import ShardedTrainer, make_mesh, schedule_at
-    from trainer.optim import apply_schedule, build_optimizers
+    from trainer.optim import apply_schedule, build_optimizers, optim_config
+    from trainer.stages.base import model_config
 
     cfg = load_config(preset=args.preset, overrides=args.overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.engine import generate
+from nanochat.generate import generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import AsyncEngine, LLMEngine

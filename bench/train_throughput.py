@@ -3,7 +3,7 @@ Base pretraining throughput, side by side in one run on the same model, batch an
 single-process torch loop, plain torch DDP (spawned processes, gloo or NCCL), and our Ray Train stage
 (`nanochat train base`) at 1 and at N workers. What the framework costs, not what the model costs.
 
-Every arm runs the trainer's own optimizer step (trainer/loop.py's optimizer_step: forward, backward, Muon +
+Every arm runs the trainer's own optimizer step (trainer/stages/loop.py's optimizer_step: forward, backward, Muon +
 AdamW) on the data loader's batches of the prepared corpus; the first --warmup steps of each are not timed
 (our stage excludes the same number from its own figure). Each arm gets the whole machine in turn: the
 plain loop every core, the DDP ranks and our workers a share each (our stage picks it itself,
@@ -29,12 +29,12 @@ import torch.multiprocessing as mp
 from nanochat.config import Config, load_config
 from nanochat.gpt import GPT
 from services.storage import LocalStorage
-from trainer.base_train import model_config, optim_config
-from trainer.data import list_shards, prepare_corpus, split_shards
-from trainer.dataloader import DataLoader
-from trainer.loop import compiled, optimizer_step
-from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps
-from trainer.tok import load_tokenizer, train_tokenizer
+from trainer.data.corpus import list_shards, prepare_corpus, split_shards
+from trainer.data.loader import DataLoader
+from trainer.data.tokenizer import load_tokenizer, train_tokenizer
+from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps, optim_config
+from trainer.stages.base import model_config
+from trainer.stages.loop import compiled, optimizer_step
 from trainer.worker import Worker
 
 
@@ -142,7 +142,7 @@ def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
 
 def ours(args: argparse.Namespace, storage: LocalStorage, workers: int) -> float:
     """`nanochat train base` on an embedded Ray: its own steady-state figure (steps after its warm-up)."""
-    from trainer.runner import run_stage, stage_function
+    from trainer.pipeline.jobs import run_stage, stage_function
 
     gpus = 1 if torch.cuda.is_available() else 0
     cfg = bench_config(args, workers, f"run=bench-{workers}", "train.threads_per_worker=0",

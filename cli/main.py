@@ -4,7 +4,7 @@ The `nanochat` command line: argument parsing and wiring only; the work lives in
 Notable:
 - global options (--config, --set, --storage, --ray-address, --run, --preset) go before or after the subcommand
 - exit status: 0 success, 2 bad usage or configuration (the message names the field), 1 any other failure
-- every stage prints one JSON line last on stdout, for scripts (see SPEC.md)
+- every stage prints one JSON line last on stdout, for scripts
 - heavy imports (torch, ray) happen inside the handlers so `nanochat --help` is instant
 """
 
@@ -20,12 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from nanochat.config import Config, ConfigError, available_presets, load_config
+from trainer.stages.table import STAGES, StageFailed
 
 log = logging.getLogger("nanochat")
-
-
-class StageError(RuntimeError):
-    """A stage failed for a reason outside the user's arguments; exit status 1."""
 
 
 # ---------------------------------------------------------------------------
@@ -73,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-sizes", default="", help="also train and compare these vocab sizes, e.g. 1024,2048")
 
     train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
-    for stage, text in [("base", "base pretraining"), ("mid", "midtraining"), ("sft", "supervised fine-tuning"), ("rl", "reinforcement learning on GSM8K")]:
-        p = _add(train, stage, text, _train)
+    for spec in STAGES.values():
+        stage = spec.name
+        p = _add(train, stage, spec.description, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
-        if stage == "base":
+        if len(spec.workers) > 1:
             p.add_argument("--backend", choices=["torch", "jax"], help="PyTorch DDP or JAX on a device mesh (overrides train.backend)")
 
     evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
@@ -153,7 +151,7 @@ def emit_result(stage: str, cfg: Config, started: float, **fields: Any) -> None:
 
 
 def _data_prepare(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.data import prepare_corpus
+    from trainer.data.corpus import prepare_corpus
 
     started = time.time()
     summary = prepare_corpus(cfg.data, storage_from_args(args))
@@ -162,7 +160,7 @@ def _data_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _tok_train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.tok import train_tokenizer
+    from trainer.data.tokenizer import train_tokenizer
 
     started = time.time()
     summary = train_tokenizer(cfg, storage_from_args(args))
@@ -171,7 +169,7 @@ def _tok_train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.tok import evaluate_tokenizer
+    from trainer.data.tokenizer import evaluate_tokenizer
 
     started = time.time()
     try:
@@ -186,25 +184,26 @@ def _tok_eval(args: argparse.Namespace, cfg: Config) -> int:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.runner import STARTS_FROM, run_stage, stage_function
-    from trainer.tok import load_tokenizer
+    from services.layout import run_prefix
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.pipeline.jobs import run_stage, stage_function
 
     train_fn = stage_function(args.action, cfg)  # configuration first: before storage is opened or Ray starts
     storage = storage_from_args(args)
-    # read what every worker needs before Ray starts (8 s or more) or a cluster schedules workers: an
+    # read what every worker needs before Ray starts (seconds) or a cluster schedules workers: an
     # unreachable endpoint, a missing bucket or a missing tokenizer fails here in seconds, naming its cause
     load_tokenizer(storage)
-    sources = STARTS_FROM[args.action]
+    sources = STAGES[args.action].starts_from
     if sources and all(CheckpointManager(storage, cfg.run, s).latest_step() is None for s in sources):
-        raise StageError(f"no {' or '.join(sources)} checkpoint in runs/{cfg.run}/: run `nanochat train {sources[0]}` first")
+        raise StageFailed(f"no {' or '.join(sources)} checkpoint in {run_prefix(cfg.run)}: run `nanochat train {sources[0]}` first")
     summary = run_stage(args.action, train_fn, cfg, storage, ray_address=args.ray_address)
     print(json.dumps(summary), flush=True)
     return 0
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.evaluate import core_bundle_dir
-    from trainer.runner import run_eval
+    from trainer.evals.core import core_bundle_dir
+    from trainer.pipeline.jobs import run_eval
 
     started, storage = time.time(), storage_from_args(args)
     tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()] or None
@@ -230,16 +229,16 @@ def _check_model_exists(source) -> None:
     """A --model pinned to a step must exist: fail in seconds, before Ray starts. Without a step the server
     starts anyway, answers 503 until the stage's first checkpoint lands, and then serves it."""
     from services.checkpoints import CheckpointManager
+    from services.layout import TOKENIZER_KEY
     from services.storage import open_storage
-    from serving.model_source import TOKENIZER_KEY
 
     if source.step is None:
         return
     storage = open_storage(source.storage)
     if not storage.exists(TOKENIZER_KEY):
-        raise StageError(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
+        raise StageFailed(f"no tokenizer in {storage.uri}: run `nanochat tok train` first")
     if source.step not in CheckpointManager(storage, source.run, source.stage).list_steps():
-        raise StageError(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
+        raise StageFailed(f"no checkpoint at {source.describe()}: run `nanochat train {source.stage}` first")
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
@@ -272,7 +271,7 @@ def _chat(args: argparse.Namespace, cfg: Config) -> int:
 
 def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
     from services.checkpoints import CheckpointManager
-    from trainer.speedrun import speedrun
+    from trainer.pipeline.speedrun import speedrun
 
     started, storage = time.time(), storage_from_args(args)
     print(f"speedrun: preset {cfg.preset}, run {cfg.run}, storage {storage.uri}", flush=True)
@@ -284,7 +283,7 @@ def _speedrun(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _experiment_sweep(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.experiment import plan_sweep, results_table, run_sweep, summary
+    from trainer.pipeline.sweeps import plan_sweep, results_table, run_sweep, summary
 
     started = time.time()
     plan_sweep(cfg)  # a bad variant is a usage error, found before storage or Ray is touched
@@ -296,7 +295,7 @@ def _experiment_sweep(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _report(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.report import write_report
+    from trainer.pipeline.report import write_report
 
     started = time.time()
     path = write_report(cfg, storage_from_args(args))

@@ -11,7 +11,7 @@ Notable:
   non-contiguous tensors are saved as independent copies
 - torch.load runs with weights_only=True: a checkpoint from elsewhere cannot execute code. The numpy RNG
   state is therefore kept as a tensor, not an ndarray
-- local folders only: putting checkpoints into object storage is trainer/checkpoints.py's job
+- local folders only: putting checkpoints into object storage is services/checkpoints.py's job
 """
 
 from __future__ import annotations

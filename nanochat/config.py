@@ -92,7 +92,7 @@ class TrainConfig(Section):
     max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may make")
     seed: int = 42
     backend: Literal["torch", "jax"] = Field("torch", description="base pretraining in PyTorch (DDP) or JAX (sharded over a device mesh; the jax section)")
-    compile: bool | None = Field(None, description="torch.compile the model the loop trains (unset: on GPUs, where it halves a d12's memory and doubles its speed, and a d20 at 32 rows fits only compiled; off on CPUs, where compiling takes longer than a short run saves)")
+    compile: bool | None = Field(None, description="torch.compile the model the loop trains (unset: on GPUs, where it takes much less memory and runs faster; off on CPUs, where compiling takes longer than a short run saves)")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:

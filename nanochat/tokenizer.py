@@ -14,9 +14,9 @@ Notable:
 - Chat rendering: a conversation becomes ids plus a mask of the tokens the assistant is trained on.
 - id_to_bytes() gives a token's exact bytes (for bits-per-byte), which decode() of one id cannot when
   a token ends inside a UTF-8 character.
-- Learns the same merges as nanochat's rustbpe (on bench/tokenizer.py's text: same vocabulary, same
-  segmentation, ids numbered differently), at ~2.3x its CPU time: HF's per-piece pre-tokenizer
-  bookkeeping dominates, and no trainer setting removes it.
+- Learns the same merges as nanochat's rustbpe (same vocabulary, same segmentation, ids numbered
+  differently), in more CPU time: HF's per-piece pre-tokenizer bookkeeping dominates, and no trainer
+  setting removes it (bench/tokenizer.py compares the two).
 - Serialisation is the plain tokenizer.json text; storage I/O belongs to the callers.
 """
 
@@ -166,7 +166,7 @@ class Tokenizer:
         prepend/append: a special token name or an id to add around each text."""
         if not isinstance(text, (str, list)):
             raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
-        # the _fast variant skips offset tracking: ~20% faster than encode(), even for a single text
+        # the _fast variant skips offset tracking, which encode() pays for even for a single text
         batch = [text] if isinstance(text, str) else text
         rows = [e.ids for e in self._hf.encode_batch_fast(batch, add_special_tokens=False)]
         head = [] if prepend is None else [self._resolve(prepend)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tools the test suite drives for real, beyond Python packages: Chromium (web UI tests), Prometheus (dashboard
 # queries), helm and kubectl (chart checks), actionlint (the release workflow), the Docker engine and
-# mmdebstrap (image builds and container tests; tests/containers.py starts dockerd through
+# mmdebstrap (image builds and container tests; tests/deploy/containers.py starts dockerd through
 # scripts/start-docker.sh). Installed once; tests that need a missing tool skip and say why.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

@@ -6,7 +6,7 @@ Notable:
   previous checkpoint and `latest` as they were, and the half-written step has no manifest
 - under Ray Train, Ray uploads the step folder (RunConfig(storage_path=.../runs/<run>, name=<stage>),
   checkpoint_dir_name="step_XXXXXX", see ray_run_location) and prunes it (CheckpointConfig.num_to_keep);
-  rank 0 then calls mark_latest. save() and prune() do the same without Ray
+  rank 0 then calls mark_latest
 - loading trusts nothing: latest_valid downloads the step `latest` names, verifies every file against the
   manifest, and on damage logs a WARNING naming the step and the problem and falls back to older steps.
   Steps newer than `latest` are uncommitted (their save never finished) and are not used
@@ -20,7 +20,6 @@ import logging
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +35,7 @@ from nanochat.checkpoint import (
     verify_checkpoint,
 )
 from nanochat.gpt import GPT
+from services.layout import DONE, LATEST, run_prefix, stage_prefix, step_dir_name
 from services.storage import KeyNotFound, Storage
 
 if TYPE_CHECKING:
@@ -43,14 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
-DONE = "DONE.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    """The folder name of a step; Ray Train's checkpoint_dir_name must be exactly this."""
-    return f"step_{step:06d}"
 
 
 class CheckpointManager:
@@ -58,7 +51,7 @@ class CheckpointManager:
         self.storage = storage
         self.run = run
         self.stage = stage
-        self.stage_prefix = f"runs/{run}/{stage}/"
+        self.stage_prefix = stage_prefix(run, stage)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.storage.uri}/{self.stage_prefix})"
@@ -72,7 +65,7 @@ class CheckpointManager:
     def ray_run_location(self) -> tuple[pyarrow.fs.FileSystem, str, str]:
         """(storage_filesystem, storage_path, name) for Ray's RunConfig, so Ray uploads into our layout."""
         fs, base = self.storage.arrow_filesystem()
-        return fs, f"{base}/runs/{self.run}", self.stage
+        return fs, f"{base}/{run_prefix(self.run).rstrip('/')}", self.stage
 
     # -- listing
 
@@ -123,51 +116,12 @@ class CheckpointManager:
 
     # -- saving
 
-    def save(self, step: int, local_dir: str | Path) -> None:
-        """Upload a checkpoint folder written by write_checkpoint: files, then manifest.json, then `latest`."""
-        local_dir = Path(local_dir)
-        problems = verify_checkpoint(local_dir)
-        if problems:  # never publish what we could not load back
-            raise CorruptCheckpoint(local_dir, problems)
-        prefix = self._step_prefix(step)
-        if self.storage.list(prefix):
-            # leftovers of a save that died, or an earlier run's step: the manifest goes first, so the
-            # folder is incomplete (never trusted) from here until the new manifest lands
-            logger.info("replacing existing %s", self._where(step))
-            self.storage.delete(prefix + MANIFEST)
-            self.storage.delete_prefix(prefix)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-        t0 = time.perf_counter()
-        for path in files:
-            self.storage.upload_file(path, prefix + path.relative_to(local_dir).as_posix())
-        self.storage.upload_file(local_dir / MANIFEST, prefix + MANIFEST)
-        self.mark_latest(step)
-        logger.info(
-            "saved %s (%d files) in %.2fs", self._where(step), len(files) + 1, time.perf_counter() - t0
-        )
-
     def mark_latest(self, step: int) -> None:
         """Point `latest` at step; it must already be in storage with its manifest."""
         problem = self._remote_problem(step)
         if problem:
             raise ValueError(f"cannot mark {self._where(step)} latest: it is {problem}")
         self.storage.write_text(self.stage_prefix + LATEST, step_dir_name(step) + "\n")
-
-    def prune(self, keep: int) -> list[int]:
-        """Delete all but the `keep` newest steps (never the ones `latest` and DONE.json name); the deleted."""
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
-        steps = self.list_steps()
-        done = self._done_record()
-        protected = set(steps[-keep:]) | {self.latest_step(), done[0] if done else None}
-        doomed = [s for s in steps if s not in protected]
-        for step in doomed:
-            prefix = self._step_prefix(step)
-            self.storage.delete(prefix + MANIFEST)  # first: a step half-deleted reads as incomplete
-            self.storage.delete_prefix(prefix)
-        if doomed:
-            logger.info("pruned %d old checkpoints of %s%s", len(doomed), self.storage.uri, self.stage_prefix)
-        return doomed
 
     # -- loading
 

@@ -35,10 +35,6 @@ class S3Settings:
     session_token: str | None  # temporary (STS) credentials carry one
     region: str
 
-    @property
-    def endpoint_for_messages(self) -> str:
-        return self.endpoint_url or f"https://s3.{self.region}.amazonaws.com"
-
 
 def s3_settings() -> S3Settings:
     return S3Settings(

@@ -7,7 +7,7 @@ Notable:
   delta printed as it arrives. Standard library only (urllib), so the client needs nothing installed.
 - "no server" means nothing answers at the URL (refused, unknown host, timeout); a server that answers
   with an error (401, 503 while loading) is reported, not bypassed. The local fallback loads the model
-  as `nanochat serve` does (serving/model_source.py) and generates with nanochat/engine.py, calculator
+  as `nanochat serve` does (serving/model_source.py) and generates with nanochat/generate.py, calculator
   tool included, printing token by token through an incremental UTF-8 decoder.
 - -p PROMPT: one reply on stdout, exit status 0; a failure goes to stderr with status 1. Interactive:
   the conversation grows turn by turn; /clear starts a new one, /quit or end of input (Ctrl-D) leaves,
@@ -118,7 +118,7 @@ class RemoteChat:
 
 
 class LocalChat:
-    """A model in this process, generating with nanochat/engine.py."""
+    """A model in this process, generating with nanochat/generate.py."""
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -137,7 +137,7 @@ class LocalChat:
 
     def stream(self, messages: list[dict], temperature: float, max_tokens: int,
                logprobs: bool = False) -> Iterator[Piece]:
-        from nanochat.engine import DONE, generate
+        from nanochat.generate import DONE, generate
         from serving.api.parts import PartSplitter
 
         prompt = self.tokenizer.render_for_completion({"messages": messages})

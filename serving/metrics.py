@@ -1,5 +1,5 @@
 """
-Serving metrics for Prometheus, named as in SPEC.md in vLLM's style (`nanochat:...`), labelled model_name.
+Serving metrics for Prometheus, named as the user-facing contract fixes them, in vLLM's style (`nanochat:...`), labelled model_name.
 
 Notable:
 - latency histograms: time to first token (request arrival to its first token), inter-token latency

@@ -21,10 +21,10 @@ import torch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
+from services.layout import TOKENIZER_KEY
 from services.storage import open_storage
 
 _MODEL_URI = re.compile(r"^(?P<root>.*)/runs/(?P<run>[^/]+)/(?P<stage>[^/]+)(?:/step_(?P<step>\d+))?/?$")
-TOKENIZER_KEY = "tokenizer/tokenizer.json"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metric
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.deployments import build_app
 
     connect(ray_address, metrics_port=metrics_port)
     for sig in STOP_SIGNALS:

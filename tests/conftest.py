@@ -10,18 +10,16 @@ Notable:
 """
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.storage import LocalStorage
+from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.s3 import create_bucket, set_s3_env
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay relative to it
@@ -29,7 +27,7 @@ S3_PREFIX = "root"  # a non-empty prefix, so tests also check that keys stay rel
 
 # The suite's thread counts, set here and nowhere else, whatever the machine's core count or the caller's
 # environment: one thread per process beats oversubscription on 2 cores (10-100x slower under load
-# otherwise), and fixed counts keep a run's numbers from depending on the machine (tests/numerics.py).
+# otherwise), and fixed counts keep a run's numbers from depending on the machine (tests/support/numerics.py).
 # Set before any test imports torch or numpy; every process the tests start (spawned ranks, Ray workers,
 # servers) inherits them.
 THREADS = 1
@@ -40,44 +38,25 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
                       "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 
 
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = {"system": pytest.mark.system, "deploy": pytest.mark.deploy}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """System tests (tests/system/) and deployment tests (tests/deploy/) carry their folder's marker, so
+    `-m "not system and not deploy"` selects the unit tests."""
+    for item in items:
+        folder = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def pinned_torch_threads():
     """THREADS for torch even where it was imported before the variables above were set."""
     import torch
 
     torch.set_num_threads(THREADS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM proc and wait for it; SIGKILL it if it is still there after timeout seconds (a no-op once it has
-    exited). For the servers and nodes the tests start in subprocesses."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 30.0) -> None:
-    """Wait until url answers 2xx, for a server the test started as proc (writing log); fail with that log
-    if proc exits or timeout_s passes first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} at {url} did not answer within {timeout_s} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -99,31 +78,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_process(proc, timeout=10)
 
 
-def set_s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
-    """Point the usual AWS variables at endpoint with moto's test credentials."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    for name in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)  # a developer's own AWS set-up must not leak in
-
-
-def create_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"nanochat-test-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=name)
-    return name
-
-
 @pytest.fixture
 def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """AWS variables set for the moto server and a fresh bucket: yields "s3://<bucket>/<prefix>"."""
@@ -141,12 +95,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"test data not found at {SHARED_DATA} (the shared/ folder beside the repository)")
     return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def cpu_image() -> str:
-    """The CPU image's tag, built once per session through scripts/build-images.sh (tests/containers.py: the
-    Docker engine is started where it is not running; the test is skipped where none can be)."""
-    from tests.containers import build_cpu_image
-
-    return build_cpu_image()

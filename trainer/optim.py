@@ -30,6 +30,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from nanochat.config import Config
+
 log = logging.getLogger(__name__)
 
 OrthoMethod = Literal["polar_express", "newton_schulz"]
@@ -117,6 +119,22 @@ POLAR_EXPRESS_COEFFS: list[tuple[float, float, float]] = [
 # Keller Jordan's Newton-Schulz quintic: one polynomial with the steepest useful slope at zero. It does not
 # converge to 1 but oscillates in about [0.68, 1.2], which costs the model nothing.
 NEWTON_SCHULZ_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+
+
+def optim_config(cfg: Config, lr_frac: float = 1.0, weight_decay: float | None = None, **schedule: float
+                 ) -> OptimConfig:
+    """The train section's optimizer settings, learning rates scaled by lr_frac, Muon's weight decay and the
+    schedule overridable."""
+    t = cfg.train
+    settings = dict(warmup_ratio=t.warmup_ratio, warmdown_ratio=t.warmdown_ratio, final_lr_frac=t.final_lr_frac)
+    settings.update(schedule)
+    return OptimConfig(
+        embedding_lr=t.embedding_lr * lr_frac, unembedding_lr=t.unembedding_lr * lr_frac,
+        matrix_lr=t.matrix_lr * lr_frac, scalar_lr=t.scalar_lr * lr_frac,
+        weight_decay=t.weight_decay if weight_decay is None else weight_decay,
+        recipe=t.recipe, muon_beta2=MUON_BETA2[t.recipe], **settings,
+    )
 
 
 def orthogonalize(g: Tensor, steps: int = 5, method: OrthoMethod = "polar_express") -> Tensor:

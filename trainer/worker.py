@@ -1,7 +1,9 @@
 """
-Where a training process stands in its Ray Train worker group, and what its device can do.
+Where a training process stands in its Ray Train worker group, what its device can do, and the settings the
+driver hands it.
 
 Notable:
+- WorkerSettings: everything a Ray Train worker function receives (its train_loop_config), typed
 - a CPU worker's torch threads: its share of the node's CPUs (train.threads_per_worker overrides): one
   worker alone uses every core, and workers sharing a node never oversubscribe it, which slows every step
 - bf16 autocast on GPU, fp32 on CPU
@@ -18,7 +20,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanochat.config import Config
+
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the driver hands every worker of a Ray Train job: a training stage or an evaluation."""
+
+    config: Config
+    storage: str  # the storage URI
+    stage: str  # the stage trained, or whose newest checkpoint is evaluated
+    threads_per_worker: int = 0  # torch threads of a CPU worker; 0: its share of the node's CPUs
+    progress_actor: str | None = None  # the driver's progress board, which rank 0 keeps up to date
+    tensorboard_dir: str | None = None  # where rank 0 writes event files; None: none
+    fail_at_step: int | None = None  # test hook: the last rank exits once when it reaches this step
+    evaluations: tuple[str, ...] = ()  # training jobs: evaluation kinds run on the final checkpoint
+    kind: str | None = None  # evaluation jobs: loss, core or chat
+    tasks: tuple[str, ...] | None = None  # evaluation jobs: the CORE or chat tasks (None: all)
+    evaluated_in: str | None = None  # an evaluation run inside a training job says which
+
 
 # bf16 dense peak FLOP/s per device, for MFU; unknown devices (CPUs included) report no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "B200": 2250e12}

@@ -3,7 +3,7 @@ The OpenAI-compatible HTTP API and the web UI's files, as a plain FastAPI app ov
 
 Notable:
 - create_app takes anything with AsyncEngine's generate() and alive(): the engine itself (tests, one
-  process) or serving/app.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
+  process) or serving/deployments.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
 - what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
   tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
   nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).

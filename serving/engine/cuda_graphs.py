@@ -1,6 +1,6 @@
 """
 Decode steps replayed as CUDA graphs. On a GPU the eager decode of a small model is bound by the host:
-hundreds of kernel launches per step (a d20 decode took ~11 ms on an H200 whose GPU was busy ~2.5 ms of it).
+hundreds of kernel launches per step, while the GPU is busy for a fraction of the step.
 So the decode forward is captured once per batch-size bucket and each step replays it (nano-vllm, vLLM).
 
 Notable:
@@ -10,9 +10,8 @@ Notable:
   write only into the scratch block.
 - that full-context attention is why graphs serve only small batches: batch sizes are bucketed (1, 2, 4, 8)
   and a step of n <= 8 decodes replays the smallest bucket >= n, the rows past n being padding; larger
-  batches run eagerly. Measured on an H200 (d20, bf16, max_model_len 2048): one request alone 207 tokens/s
-  against 71 eager; 64 requests 3,693 against 2,821 (graphs serve the batch's tail); with graphs up to 64
-  rows those 64 requests fell to 1,415, every row attending over 2048 keys instead of its ~700.
+  batches run eagerly: with graphs for large batches every row would attend over max_model_len keys
+  instead of its own context, slower than eager (bench/ measures both).
 - the inputs live in static buffers that each step overwrites (token, block table, position) with one
   host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is built inside the
   capture, so its index arithmetic replays too. The graphs share one memory pool, captured largest first.

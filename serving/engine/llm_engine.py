@@ -22,7 +22,7 @@ Notable:
   that could still be the start of a stop string is held back until it cannot, so a stop string never
   reaches the client even in part. A matched stop string ends the choice ("stop"), the text cut just
   before it, and its blocks are freed at once.
-- the calculator tool runs per choice, as in nanochat/engine.py: tokens between <|python_start|> and
+- the calculator tool runs per choice, as in nanochat/generate.py: tokens between <|python_start|> and
   <|python_end|> go through safe_eval, and a result is forced as <|output_start|> result <|output_end|>.
   Forced tokens wait in the choice's queue and take the place of the sampled token, one per step: they
   are appended to the sequence like sampled ones, so the next step computes their KV like any token;
@@ -316,7 +316,7 @@ class LLMEngine:
                 self._event(choice, None, "", reason)]
 
     def _tool(self, choice: _Choice, token: int) -> None:
-        """The calculator state machine of nanochat/engine.py, on the token just appended."""
+        """The calculator state machine of nanochat/generate.py, on the token just appended."""
         if token == self.python_start:
             choice.expr = []
         elif token == self.python_end and choice.expr is not None:

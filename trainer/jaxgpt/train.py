@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +32,24 @@ import torch
 from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config, ConfigError, JaxConfig
 from nanochat.gpt import GPT, GPTConfig
-from services.checkpoints import CheckpointManager, step_dir_name
+from services.checkpoints import CheckpointManager
 from services.storage import open_storage
-from trainer.base_train import BaseStage, model_config, optim_config
-from trainer.dataloader import DataLoader, token_bytes
-from trainer.loop import (
-    WARMUP_STEPS_EXCLUDED,
-    Progress,
-    finish_stage,
+from trainer.data.loader import DataLoader, token_bytes
+from trainer.data.tokenizer import load_tokenizer
+from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, optim_config, weight_decay_multiplier
+from trainer.stages.base import BaseStage, model_config
+from trainer.stages.loop import (
+    Publisher,
+    StepHooks,
+    StepResult,
+    TrainState,
     load_latest,
-    make_telemetry,
     maybe_inject_fault,
-    progress_tracker,
-    publish_step,
-    resumed_progress,
+    publish_checkpoint,
+    resumed_state,
+    step_loop,
 )
-from trainer.optim import OptimConfig, lr_multiplier, muon_momentum, weight_decay_multiplier
-from trainer.tok import load_tokenizer
-from trainer.worker import Worker
+from trainer.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ def configure_platform(jax_cfg: JaxConfig) -> None:
 def use_compilation_cache(folder: str) -> None:
     """XLA's persistent compilation cache in folder (none if empty): a run resumed after a crash or a
     preemption loads its compiled steps instead of compiling them again (JAX keeps those that took over a
-    second to compile; bench/jax_compile_cache.py: d20 on an H200, 40 s -> 9 s to the first step)."""
+    second to compile; bench/jax_compile_cache.py measures the time to the first step with and without)."""
     if folder:
         import jax
 
@@ -223,7 +221,7 @@ class ShardedTrainer:
         return float(loss)
 
     def bits_per_byte(self, batches, steps: int, table: np.ndarray) -> float:
-        """Validation bits per byte over `steps` batches of this host (trainer/loss_eval.py's metric)."""
+        """Validation bits per byte over `steps` batches of this host (trainer/evals/loss.py's metric)."""
         import jax.numpy as jnp
 
         nats = num_bytes = 0.0
@@ -308,14 +306,14 @@ def _stacked(batches, micro_steps: int) -> tuple[np.ndarray, np.ndarray]:
 class JaxRun:
     """One host's part of a JAX base-training run."""
 
-    def __init__(self, job: dict[str, Any]):
-        cfg = Config.model_validate(job["config"])
+    def __init__(self, settings: WorkerSettings):
+        cfg = settings.config
         configure_platform(cfg.jax)
         import jax
 
         use_compilation_cache(cfg.jax.compilation_cache)
-        self.job, self.cfg = job, cfg
-        storage = open_storage(job["storage"])
+        self.settings, self.cfg = settings, cfg
+        storage = open_storage(settings.storage)
         self.worker = Worker(jax.process_index(), jax.process_count(), torch.device("cpu"))
         self.stage = BaseStage(cfg, self.worker, storage, load_tokenizer(storage))
         self.manager = CheckpointManager(storage, cfg.run, "base")
@@ -331,7 +329,7 @@ class JaxRun:
         self.trainer = ShardedTrainer(self.model.config, self.optim_cfg, self.model.state_dict(), self.mesh,
                                       cfg.jax.dtype)
         self.horizon = self.stage.horizon(self.model)
-        self.progress, cursor = self._restore()
+        self.state, cursor = self._restore()
         self.loader = self._loader(self.stage.train_shards, cursor, loop=True)
         self.table = token_bytes(self.stage.tokenizer).numpy()
 
@@ -340,36 +338,25 @@ class JaxRun:
         return DataLoader(self.stage.storage, shards, self.stage.tokenizer, batch_size=self.rows, seq_len=t.seq_len,
                           rank=self.worker.rank, world_size=self.worker.world_size, state=cursor, loop=loop)
 
-    def _restore(self) -> tuple[Progress, dict | None]:
+    def _restore(self) -> tuple[TrainState, dict | None]:
         found = load_latest(self.manager, self.worker, "jax")
         if found is None:
-            return Progress(), None
+            return TrainState(), None
         step, ckpt = found
         self.trainer.load(ckpt.model_state, ckpt.optimizer_state["jax"])
         log.info("host %d resumed from step %d", self.worker.rank, step)
-        return resumed_progress(step, ckpt), ckpt.cursor[self.worker.rank]
+        return resumed_state(step, ckpt), ckpt.cursor[self.worker.rank]
 
     def save(self, metrics: dict[str, float]) -> float:
         """Write the step's checkpoint (host 0) and report it to Ray Train; returns the seconds it took."""
-        import ray.train
-
-        started, main = time.time(), self.worker.is_main
         cursors = _allgather_json(self.loader.state_dict())
         model_state, optimizer_state = self.trainer.model_state(), self.trainer.optimizer_state()
-        with tempfile.TemporaryDirectory(prefix="nanochat-jax-ckpt-") as tmp:
-            checkpoint = None
-            if main:
-                write_checkpoint(
-                    Path(tmp), model_state=model_state, optimizer_state={"jax": optimizer_state}, cursor=cursors,
-                    config=self.cfg.model_dump(), rng=None,
-                    meta={"stage": "base", "backend": "jax", "world_size": self.worker.world_size,
-                          "devices": len(self.mesh.devices.flat), "model_config": vars(self.model.config),
-                          **self.progress.__dict__})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(self.progress.step))
-            if main:
-                self.manager.mark_latest(self.progress.step)
-        return time.time() - started
+        return publish_checkpoint(self.worker, self.manager, self.state.step, metrics, lambda folder: write_checkpoint(
+            folder, model_state=model_state, optimizer_state={"jax": optimizer_state}, cursor=cursors,
+            config=self.cfg.model_dump(), rng=None,
+            meta={"stage": "base", "backend": "jax", "world_size": self.worker.world_size,
+                  "devices": len(self.mesh.devices.flat), "model_config": vars(self.model.config),
+                  **self.state.__dict__}))
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train
@@ -378,40 +365,33 @@ class JaxRun:
         return {"val_bpb": self.trainer.bits_per_byte(val, steps, self.table)}
 
     def train(self) -> None:
-        stage, progress, horizon = self.stage, self.progress, self.horizon
-        telemetry = make_telemetry(self.job, stage)
-        tracker = progress_tracker(self.job) if self.worker.is_main else None
+        """The shared step loop around the jitted step; checkpoints, metrics and the summary as the torch stages."""
+        stage, horizon = self.stage, self.horizon
+        publisher = Publisher.open(self.settings, "base", self.worker, self.manager, self.state, horizon, self.save)
         tokens_per_step = self.cfg.train.total_batch_size
         if self.worker.is_main:
             log.info("base (jax): %s params, %d steps, %d micro-steps per step, mesh %s", f"{self.model.num_params():,}",
                      horizon, self.micro_steps, dict(self.mesh.shape))
-        steps_this_attempt, eval_every = 0, self.cfg.train.eval_every
         batches = _numpy_batches(self.loader)
-        while progress.step < horizon:
-            maybe_inject_fault(self.job, stage.storage, progress.step, self.worker, self.manager.stage_prefix)
-            schedule = schedule_at(progress.step, horizon, self.optim_cfg)
-            started = time.time()
+
+        def train(schedule: dict[str, float]) -> StepResult:
             inputs, targets = _stacked(batches, self.micro_steps)
             loss = self.trainer.step(inputs, targets, schedule)  # float(): waits for the step to finish
-            step_seconds = time.time() - started
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            steps_this_attempt += 1
-            if steps_this_attempt > WARMUP_STEPS_EXCLUDED:  # the first steps include compilation
-                progress.train_seconds += step_seconds
-                progress.train_tokens_timed += tokens_per_step
-            metrics = {"loss": loss, "lr_multiplier": schedule["lr_multiplier"], "step_seconds": step_seconds,
-                       "tokens_per_second": tokens_per_step / step_seconds}
-            progress.history.append({"step": progress.step, "loss": loss, "lr_multiplier": schedule["lr_multiplier"]})
-            if (eval_every > 0 and progress.step % eval_every == 0) or progress.step == horizon:
-                results = self.evaluate()
-                metrics.update(results)
-                progress.evals.append({"step": progress.step, **results})
-            publish_step(stage, progress, metrics, horizon, telemetry, tracker, self.save)
-        finish_stage(stage, self.manager, self.model, progress, horizon, telemetry,
-                     {"backend": "jax", "devices": len(self.mesh.devices.flat)})
+            return StepResult({"loss": loss}, tokens_per_step)
+
+        # the first steps of an attempt include compilation: the loop leaves them out of the steady-state time
+        step_loop(self.state, horizon, StepHooks(
+            schedule=lambda step: schedule_at(step, horizon, self.optim_cfg),
+            train=train,
+            evaluates_at=lambda step: stage.evaluates_at(step, horizon),
+            evaluate=self.evaluate,
+            publish=publisher.step,
+            before=lambda step: maybe_inject_fault(self.settings, stage.storage, step, self.worker,
+                                                   self.manager.stage_prefix),
+        ))
+        publisher.finish(self.model, {"backend": "jax", "devices": len(self.mesh.devices.flat)})
 
 
-def train_base_jax(job: dict[str, Any]) -> None:
+def train_base_jax(settings: WorkerSettings) -> None:
     """Ray Train's train_loop_per_worker for `nanochat train base --backend jax`."""
-    JaxRun(job).train()
+    JaxRun(settings).train()

@@ -114,15 +114,14 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
     return query
 
 
+def exchange(user: Any, assistant: Any, **extra: Any) -> dict:
+    """A one-turn conversation (a user message, the assistant's answer) and the task's own fields."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **extra}
+
+
 def mc_conversation(question: str, letters: Sequence[str], choices: Sequence[str], answer: str, **extra: Any) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": render_mc(question, letters, choices)},
-            {"role": "assistant", "content": answer},
-        ],
-        "letters": list(letters),  # the eval compares the logits of exactly these tokens
-        **extra,
-    }
+    # letters: the eval compares the logits of exactly these tokens
+    return exchange(render_mc(question, letters, choices), answer, letters=list(letters), **extra)
 
 
 class CategoricalTask(RowTask):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from nanochat.config import Config
-from trainer.tasks.base import RowTask
+from trainer.tasks.base import RowTask, exchange
 from trainer.tasks.hub import HubSource, task_rows
 
 SOURCE = HubSource(
@@ -60,12 +60,7 @@ class GSM8K(RowTask):
     eval_type = "generative"
 
     def to_conversation(self, row: dict) -> dict:
-        return {
-            "messages": [
-                {"role": "user", "content": row["question"]},
-                {"role": "assistant", "content": solution_parts(row["answer"])},
-            ]
-        }
+        return exchange(row["question"], solution_parts(row["answer"]))
 
     def evaluate(self, conversation: dict, response: str) -> bool:
         reference = final_answer(conversation)

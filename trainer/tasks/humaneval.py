@@ -6,7 +6,7 @@ Notable:
 - the user message is the prompt (imports, signature, docstring); the reference assistant message is the
   whole function (prompt + canonical solution), as nanochat
 - evaluate runs the prompt's imports + the response's code (the first ``` block if it has one) + the
-  tests + check(entry_point) in the sandbox (trainer/sandbox.py: time and memory limits, no network, a
+  tests + check(entry_point) in the sandbox (trainer/tasks/sandbox.py: time and memory limits, no network, a
   throwaway directory); a response passes when that program runs to its end
 - rows {"task_id", "prompt", "canonical_solution", "test", "entry_point"}: the hub's parquet or
   llm-foundry's code-eval jsonl (the same fields and a few more); only a test split exists
@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 
 from nanochat.config import Config
-from trainer.sandbox import run_program
-from trainer.tasks.base import RowTask
+from trainer.tasks.base import RowTask, exchange
 from trainer.tasks.hub import HubSource, task_rows
+from trainer.tasks.sandbox import run_program
 
 SOURCE = HubSource("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -60,15 +60,8 @@ class HumanEval(RowTask):
     eval_type = "generative"
 
     def to_conversation(self, row: dict) -> dict:
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-            "task_id": row.get("task_id", ""),
-        }
+        return exchange(row["prompt"], f"{row['prompt']}\n{row['canonical_solution']}", entry_point=row["entry_point"],
+                        test=row["test"], task_id=row.get("task_id", ""))
 
     def evaluate(self, conversation: dict, response: str) -> bool:
         ok, _ = run_program(program_for(conversation, response), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)

@@ -22,7 +22,7 @@ import string
 from pathlib import Path
 
 from nanochat.config import Config
-from trainer.tasks.base import Task, TaskUnavailable
+from trainer.tasks.base import Task, TaskUnavailable, exchange
 from trainer.tasks.gsm8k import extract_answer, final_answer
 from trainer.tasks.hub import check_text, fetch
 from trainer.tasks.stdlib_docs import stdlib_words
@@ -95,7 +95,7 @@ class SpellingBee(Task):
         user = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
         if rng.random() < 0.5:
             user += "?"
-        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": self._solution(word, letter)}]}
+        return exchange(user, self._solution(word, letter))
 
     @staticmethod
     def _solution(word: str, letter: str) -> list[dict]:
@@ -140,8 +140,7 @@ class SimpleSpelling(Task):
 
     def get_example(self, index: int) -> dict:
         word = random.Random(_seed(index, self.split)).choice(self.words)
-        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
-                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+        return exchange(f"Spell the word: {word}", f"{word}:{','.join(word)}")
 
     def evaluate(self, conversation: dict, response: str) -> bool:
         return response.strip() == conversation["messages"][-1]["content"]

@@ -1,0 +1,351 @@
+"""
+The Ray Serve application: an API ingress in front of engine replicas.
+
+Notable:
+- `EngineReplica` holds one continuous-batching engine (its own paged KV cache) and streams TokenEvents;
+  it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it
+- `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
+  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
+  than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
+  gets a 429 with Retry-After, as it does without Ray
+- tokens travel from a replica to the ingress in lists, one Ray object per engine step (or more steps
+  when the ingress fell behind), not one per token
+- a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
+  the request and frees its blocks
+- `app_builder` is the import path for KubeRay's RayService (`serving.deployments:app_builder`) and `serve run`
+- the app deploys with nothing in storage yet: an engine replica without a model answers /health, and the
+  API lists no model and answers 503 saying how to train one. Each replica looks at the stage's `latest`
+  marker every serve.reload_interval_s and loads what it names (model and tokenizer) beside the model it
+  serves; only once it is loaded does it take new requests, while those in flight finish on the old
+  engine, which then shuts down (so for a while a replica holds two models and two KV caches). A
+  checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
+  served is the gauge nanochat:model_step and the `step` of /v1/models' entry.
+- /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
+  replica's check_health raises and Serve replaces it (the API's /health answers 503 meanwhile)
+- shutdown is graceful: Serve stops sending a replica requests and lets those in flight finish for up to
+  serve.drain_timeout_s (graceful_shutdown_timeout_s of both deployments) before it stops the replica, whose
+  engine then aborts what is left (its clients get an error event)
+- the ingress asks a replica which model is served (step, tokenizer) at most every REFRESH_S, so a swap
+  reaches /v1/models within a second or so; it waits on that answer only while it knows of no model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from nanochat.checkpoint import CorruptCheckpoint
+from nanochat.config import Config, ServeConfig, load_config
+from nanochat.tokenizer import Tokenizer
+from services.storage import KeyNotFound, StorageError
+from serving.api.app import ServedModel
+from serving.api.schemas import now
+from serving.engine.llm_engine import AsyncEngine, EngineStopped, LLMEngine, QueueFull, TokenEvent
+from serving.engine.sequence import SamplingParams
+from serving.metrics import MetricsRecorder
+from serving.model_source import ModelSource
+
+# a child of Serve's logger: Serve sends it, with the replica's name, to the replica's log and the driver's console
+log = logging.getLogger("ray.serve.nanochat")
+
+REFRESH_S = 1.0  # how stale the ingress's idea of the served model may get
+RETIRE_TIMEOUT_S = 600.0  # a replaced engine shuts down once its requests finish, or after this long
+
+
+class NoModelLoaded(RuntimeError):
+    """The replica has no model yet (the API answers 503)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model being served by a replica: its engine, checkpoint step and tokenizer."""
+
+    engine: AsyncEngine
+    step: int
+    tokenizer_json: str
+    fingerprint: str  # of tokenizer_json: the ingress fetches the tokenizer only when this changes
+    created: int
+
+
+@serve.deployment(name="engine", health_check_period_s=10, graceful_shutdown_timeout_s=30)
+class EngineReplica:
+    def __init__(self, source: ModelSource, serve_cfg: dict[str, Any]):
+        import torch
+
+        self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.source = source
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        # inside Ray the recorder publishes through Ray's metrics agent (ray_nanochat_* on every replica)
+        self.metrics = MetricsRecorder(self.cfg.model_name)
+        self.loaded: Loaded | None = None
+        self._stopping = threading.Event()
+        if source.step is not None:  # pinned: it must exist, and it never changes
+            self._serve(*source.load(self.device))
+            return
+        self._load_newest()
+        if self.cfg.reload_interval_s > 0:
+            threading.Thread(target=self._watch, name="nanochat-checkpoint-watch", daemon=True).start()
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: dict[str, Any]) -> AsyncIterator[list[TokenEvent]]:
+        """The request's events in lists, one Ray object per engine step rather than per token."""
+        sampling = SamplingParams(**params)
+        while True:
+            loaded = self.loaded
+            if loaded is None:
+                raise NoModelLoaded(f"no model loaded yet from {self.source.describe()}")
+            events = loaded.engine.generate_batches(request_id, prompt_ids, sampling)
+            try:
+                first = await anext(events)
+                break
+            except EngineStopped:
+                if loaded is self.loaded:  # not replaced: this engine really has stopped
+                    raise
+                # replaced between reading self.loaded and submitting: the new engine takes it
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # a cancelled stream aborts the request in its engine now, not at GC
+
+    def model_info(self, known_fingerprint: str | None = None) -> dict[str, Any]:
+        """What this replica serves: step (None: nothing yet), created, and the tokenizer's fingerprint, with
+        its JSON when it is not the one the caller knows."""
+        loaded = self.loaded
+        if loaded is None:
+            return {"step": None}
+        info = {"step": loaded.step, "created": loaded.created, "fingerprint": loaded.fingerprint}
+        if loaded.fingerprint != known_fingerprint:
+            info["tokenizer_json"] = loaded.tokenizer_json
+        return info
+
+    def stats(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return loaded.engine.stats() if loaded is not None else {}
+
+    def check_health(self) -> None:
+        """Raises once the served engine has failed (or stopped): Serve then replaces this replica."""
+        loaded = self.loaded
+        if loaded is not None and not loaded.engine.alive():
+            failure = loaded.engine.failure
+            raise RuntimeError(f"the engine has failed: {failure}" if failure else "the engine has stopped")
+
+    def stop(self) -> None:
+        """Stop looking for checkpoints and shut the engine down."""
+        self._stopping.set()
+        if self.loaded is not None:
+            self.loaded.engine.shutdown()
+
+    def __del__(self) -> None:
+        self.stop()
+
+    # -- loading and swapping models (the watcher thread, and __init__)
+
+    def _serve(self, model: Any, tokenizer: Tokenizer, step: int) -> None:
+        """Start an engine on the loaded model and send new requests to it; retire the one it replaces."""
+        cfg = self.cfg
+        engine = LLMEngine(model, tokenizer, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
+                           max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                           device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager)
+        tokenizer_json = tokenizer.to_json()
+        fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
+        new = Loaded(AsyncEngine(engine, max_queue=cfg.max_queue, metrics=self.metrics), step, tokenizer_json,
+                     fingerprint, now())
+        old, self.loaded = self.loaded, new
+        self.metrics.set_model_step(step)
+        was = f", replacing step {old.step}" if old is not None else ""
+        log.info("engine replica serving %s step %d on %s (dtype %s)%s", self.source.describe(), step, self.device,
+                 cfg.dtype, was)
+        if old is not None:
+            self._retire(old)
+
+    def _retire(self, old: Loaded) -> None:
+        """Shut the replaced engine down once the requests it holds have finished."""
+        deadline = time.monotonic() + RETIRE_TIMEOUT_S
+        while old.engine.unfinished() and time.monotonic() < deadline and not self._stopping.is_set():
+            time.sleep(0.1)
+        old.engine.shutdown()
+        log.info("engine of step %d shut down", old.step)
+
+    def _load_newest(self) -> None:
+        """Serve the stage's newest valid checkpoint, if there is one yet."""
+        try:
+            self._serve(*self.source.load(self.device))
+        except FileNotFoundError as e:  # no tokenizer or no checkpoint yet (KeyNotFound is one too)
+            log.info("no model to serve yet (%s); looking for one every %gs", e, self.cfg.reload_interval_s)
+        except StorageError as e:  # e.g. a bucket not created yet: keep answering, keep looking
+            log.warning("cannot read %s yet (%s); looking again every %gs", self.source.describe(), e,
+                        self.cfg.reload_interval_s)
+
+    def _watch(self) -> None:
+        """Every reload_interval_s: load the step `latest` names when it is not the one served (or tried)."""
+        checkpoints = self.source.checkpoints()
+        tried = self.loaded.step if self.loaded is not None else None
+        while not self._stopping.wait(self.cfg.reload_interval_s):
+            try:
+                step = checkpoints.latest_step()
+            except StorageError as e:
+                log.warning("cannot look for a newer checkpoint in %s: %s", self.source.describe(), e)
+                continue
+            if step is None or step == tried:
+                continue
+            tried = step
+            try:
+                if self.loaded is None:
+                    self._load_newest()  # the newest valid one, falling back past a damaged `latest`
+                else:
+                    log.info("checkpoint step %d appeared in %s: loading it", step, self.source.describe())
+                    self._serve(*replace(self.source, step=step).load(self.device))
+            except (CorruptCheckpoint, StorageError) as e:
+                if isinstance(e, StorageError) and not isinstance(e, KeyNotFound):
+                    tried = None  # storage trouble, not the checkpoint's fault: try it again next time
+                log.warning("not loading step %d of %s (%s); still serving %s", step, self.source.describe(), e,
+                            self._serving())
+            except Exception:
+                log.exception("not loading step %d of %s; still serving %s", step, self.source.describe(),
+                              self._serving())
+
+    def _serving(self) -> str:
+        return f"step {self.loaded.step}" if self.loaded is not None else "no model"
+
+
+class RemoteEngine:
+    """The engine replicas behind a deployment handle, with AsyncEngine's interface."""
+
+    def __init__(self, handle: serve.handle.DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        stream = self.handle.generate.remote(request_id, prompt_ids, asdict(params))
+        try:
+            async for batch in stream:
+                for event in batch:
+                    yield event
+        except BackPressureError as e:  # Ray Serve's queue bound: the request never reached a replica
+            raise QueueFull(str(e)) from e  # (and cancelling it would raise this error again)
+        except BaseException:  # a closed client stream (GeneratorExit), a cancellation, an error
+            stream.cancel()  # aborts the request in the replica
+            raise
+
+    def alive(self) -> bool:
+        return True  # Serve health-checks the engine replicas themselves (EngineReplica.check_health)
+
+
+class ReplicaModels:
+    """The API's ServedModels under Ray: what the engine replicas serve, asked of one of them at most every
+    REFRESH_S in the background. While no model is known a request waits for that answer (a model may have
+    just been loaded); once one is, requests never wait on it."""
+
+    def __init__(self, handle: serve.handle.DeploymentHandle, hint: str):
+        self.handle = handle
+        self.hint = hint
+        self.model: ServedModel | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.fingerprint: str | None = None
+        self.checked = float("-inf")
+        self.refresh: asyncio.Future | None = None
+
+    async def current(self) -> ServedModel | None:
+        if time.monotonic() - self.checked >= REFRESH_S and (self.refresh is None or self.refresh.done()):
+            self.checked = time.monotonic()
+            self.refresh = asyncio.ensure_future(self._refresh())
+        if self.model is None and self.refresh is not None and not self.refresh.done():
+            await asyncio.wait({self.refresh}, timeout=30)  # not cancelled with the request: others share it
+        return self.model
+
+    async def _refresh(self) -> None:
+        try:
+            info = await self.handle.model_info.remote(self.fingerprint)
+        except Exception as e:  # busy or restarting replicas: keep what we know
+            log.warning("could not ask the engine replicas which model they serve: %s", e)
+            return
+        if info["step"] is None:
+            self.model = None
+            return
+        if info["fingerprint"] != self.fingerprint:
+            self.tokenizer = await asyncio.to_thread(Tokenizer.from_json, info["tokenizer_json"])
+            self.fingerprint = info["fingerprint"]
+        if self.model is None or (self.model.step, self.model.created) != (info["step"], info["created"]):
+            log.info("the engine replicas serve step %d", info["step"])
+            self.model = ServedModel(self.tokenizer, info["step"], info["created"])
+
+
+@serve.deployment(name="api", ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    def __init__(self, engine: serve.handle.DeploymentHandle, hint: str, serve_cfg: dict[str, Any],
+                 api_keys: list[str] | None):
+        self.engine = RemoteEngine(engine)
+        self.models = ReplicaModels(engine, hint)
+        self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.api_keys = api_keys
+
+    def __serve_build_asgi_app__(self):
+        from serving.api.app import create_app
+
+        return create_app(self.engine, self.models, model_name=self.cfg.model_name, api_keys=self.api_keys,
+                          max_prompt_tokens=self.cfg.max_prompt_tokens, max_tokens_limit=self.cfg.max_tokens_limit)
+
+
+def api_keys_from_env() -> list[str] | None:
+    keys = [k.strip() for k in os.environ.get("NANOCHAT_API_KEYS", "").split(",") if k.strip()]
+    return keys or None
+
+
+def build_app(cfg: Config, source: ModelSource) -> serve.Application:
+    """The serving application for a model source, sized by the `serve` config section. Storage is not
+    read here: the replicas load the model, or wait for one."""
+    s = cfg.serve
+    engine = EngineReplica.options(
+        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests},
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    ).bind(source, s.model_dump())
+    bound = s.ingress_max_ongoing_requests
+    ingress = Ingress.options(max_ongoing_requests=bound, max_queued_requests=bound,
+                              graceful_shutdown_timeout_s=s.drain_timeout_s)
+    return ingress.bind(engine, no_model_hint(cfg, source), s.model_dump(), api_keys_from_env())
+
+
+def no_model_hint(cfg: Config, source: ModelSource) -> str:
+    """The 503's explanation until a model is served: where the server looks, how to train one."""
+    if cfg.serve.reload_interval_s > 0:
+        return f"{source.train_hint()}; this server loads it when it lands, without a restart."
+    return f"{source.train_hint()}, then restart this server (serve.reload_interval_s is 0: it does not look again)."
+
+
+def default_source(cfg: Config, storage_uri: str) -> ModelSource:
+    return ModelSource(storage_uri, cfg.run, cfg.serve.stage)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`serve run serving.deployments:app_builder model=URI` / KubeRay's serveConfigV2 import path.
+
+    args: `model` (a checkpoint URI) or `storage` (+ `run`), and any config keys as `set` ("a.b=c,d.e=f")."""
+    overrides = [item for item in str(args.get("set", "")).split(",") if item.strip()]
+    if "run" in args:
+        overrides.append(f"run={args['run']}")
+    cfg = load_config(preset=args.get("preset"), overrides=overrides)
+    if args.get("model"):
+        source = ModelSource.parse(str(args["model"]))
+    else:
+        from services.settings import default_storage_uri
+
+        source = default_source(cfg, str(args.get("storage") or default_storage_uri()))
+    return build_app(cfg, source)

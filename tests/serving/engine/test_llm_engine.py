@@ -1,0 +1,452 @@
+"""The serving engine's front (serving/engine/llm_engine.py): continuous batching gives each request what it
+would get alone, choices and seeds, stopping, the context limit, aborts that free blocks, preemption, the
+calculator tool, streaming text, and the asyncio wrapper (streams, cancellation, the queue bound, shutdown)."""
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pytest
+
+from nanochat.generate import generate_batch
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from serving.engine.llm_engine import AsyncEngine, LLMEngine, QueueFull, TokenEvent
+from serving.engine.sequence import SamplingParams
+from tests.support.bigram import bigram_model, chain, tool_model
+from tests.support.gpt_fixtures import scrambled_model
+
+TEXT = "hello world, the quick brown fox jumps over the lazy dog. calculator 0123456789 +-*/ "
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train_from_iterator([TEXT * 4], 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    """Random weights everywhere (nanochat's init zeroes the output projections, which would make the
+    model ignore its context), sliding-window layers, GQA: every path of the paged cache matters."""
+    config = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SL")
+    return scrambled_model(config, scale=2.0)
+
+
+def byte_token(tok: Tokenizer, byte: int) -> int:
+    return next(i for i in range(tok.vocab_size) if tok.id_to_bytes(i) == bytes([byte]))
+
+
+def make_engine(model: GPT, tok: Tokenizer, **kwargs) -> LLMEngine:
+    options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=24)
+    return LLMEngine(model, tok, **{**options, **kwargs})
+
+
+@dataclass
+class Choice:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+def collect(results: dict, events: list[TokenEvent]) -> None:
+    for e in events:
+        choice = results[e.request_id, e.index]
+        assert choice.finish_reason is None, "an event after the final one"
+        choice.text += e.text
+        choice.prompt_tokens, choice.completion_tokens = e.prompt_tokens, e.completion_tokens
+        if e.token_id is None:
+            choice.finish_reason = e.finish_reason
+        else:
+            choice.tokens.append(e.token_id)
+            choice.texts.append(e.text)
+
+
+def run(engine: LLMEngine, results: dict | None = None, max_steps: int = 2000) -> dict:
+    results = defaultdict(Choice) if results is None else results
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return results
+        collect(results, engine.step())
+    raise AssertionError("the engine did not finish")
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+def prompts(tok: Tokenizer) -> list[list[int]]:
+    texts = ["hello", "the quick brown fox jumps over the lazy dog", "calculator 12+3", "fox"]
+    return [tok.encode(t, prepend="<|bos|>") for t in texts]
+
+
+def alone(model: GPT, tok: Tokenizer, prompt: list[int], max_tokens: int = 24) -> list[int]:
+    (completion,), _ = generate_batch(model, tok, prompt, max_tokens=max_tokens, temperature=0.0)
+    return completion
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous batching
+
+
+def test_concurrent_greedy_requests_equal_each_request_generated_alone(model, tok):
+    engine = make_engine(model, tok)  # a 24-token budget: the long prompt is prefilled in chunks
+    for i, prompt in enumerate(prompts(tok)):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    results = run(engine)
+    for i, prompt in enumerate(prompts(tok)):
+        expected = alone(model, tok, prompt)
+        choice = results[f"r{i}", 0]
+        assert choice.tokens == expected
+        assert choice.finish_reason == ("length" if len(expected) == 24 else "stop")
+        assert choice.completion_tokens == len(expected)
+        assert choice.prompt_tokens == len(prompt)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok):
+    engine = make_engine(model, tok)
+    first, later = prompts(tok)[1], prompts(tok)[0]
+    engine.add_request("first", first, GREEDY)
+    results = defaultdict(Choice)
+    for _ in range(5):
+        collect(results, engine.step())
+    engine.add_request("later", later, GREEDY)
+    collect(results, engine.step())
+    assert results["later", 0].tokens, "the new request got no token in its first step"
+    assert results["first", 0].finish_reason is None
+    run(engine, results)
+    assert results["first", 0].tokens == alone(model, tok, first)
+    assert results["later", 0].tokens == alone(model, tok, later)
+
+
+def test_n_choices_are_indexed_and_sample_independently(model, tok):
+    engine = make_engine(model, tok)
+    engine.add_request("r", prompts(tok)[0], SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=7))
+    results = run(engine)
+    assert sorted(results) == [("r", 0), ("r", 1), ("r", 2)]
+    assert all(c.finish_reason in ("stop", "length") for c in results.values())
+    assert len({tuple(c.tokens) for c in results.values()}) == 3
+
+
+def test_a_seed_reproduces_its_choices_and_another_seed_does_not(model, tok):
+    def sampled(seed: int, n: int = 2) -> list[list[int]]:
+        engine = make_engine(model, tok)
+        engine.add_request("r", prompts(tok)[0], SamplingParams(temperature=1.0, max_tokens=12, n=n, seed=seed))
+        # another request in the batch must not change what the seeded one draws
+        engine.add_request("other", prompts(tok)[1], SamplingParams(temperature=1.0, max_tokens=12))
+        results = run(engine)
+        return [results["r", i].tokens for i in range(n)]
+
+    assert sampled(1) == sampled(1)
+    assert sampled(1) != sampled(2)
+    assert sampled(1, n=1)[0] == sampled(1)[0]  # choice 0 runs on the request's seed
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping and the context limit
+
+
+def test_a_stop_string_cuts_the_text_before_it_and_frees_the_blocks(tok):
+    a, b, c = (tok.encode(ch)[0] for ch in "abc")
+    model = bigram_model(tok, chain(a, b, c, a), default=a)  # writes abcabcabc...
+    engine = make_engine(model, tok)
+    engine.add_request("r", [tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=20, stop=["ca"]))
+    results = run(engine)
+    choice = results["r", 0]
+    assert choice.tokens == [a, b, c, a]  # ended by the token that completed "ca"
+    assert choice.text == "ab"
+    assert choice.texts == ["a", "b", "", ""]  # "c" was held back: it could have begun "ca"
+    assert choice.finish_reason == "stop"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_held_back_text_is_sent_once_it_cannot_begin_a_stop_string(tok):
+    a, b, c = (tok.encode(ch)[0] for ch in "abc")
+    model = bigram_model(tok, chain(a, b, c, a), default=a)
+    engine = make_engine(model, tok)
+    engine.add_request("r", [tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=5, stop=["bx"]))
+    choice = run(engine)["r", 0]
+    assert choice.texts == ["a", "", "bc", "a", "b"]  # the last "b" is flushed at the end
+    assert (choice.text, choice.finish_reason) == ("abcab", "length")
+
+
+def test_max_tokens_ends_with_length(tok):
+    a = tok.encode("a")[0]
+    engine = make_engine(bigram_model(tok, {}, default=a), tok)
+    engine.add_request("r", [tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=7))
+    choice = run(engine)["r", 0]
+    assert (choice.text, choice.finish_reason, choice.completion_tokens) == ("a" * 7, "length", 7)
+
+
+def test_assistant_end_and_bos_always_stop_and_extra_stop_tokens_too(tok):
+    sp = tok.encode_special
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    for end in (sp("<|assistant_end|>"), tok.get_bos_token_id()):
+        engine = make_engine(bigram_model(tok, chain(sp("<|assistant_start|>"), a, b, end), default=a), tok)
+        engine.add_request("r", [sp("<|assistant_start|>")], SamplingParams(temperature=0.0, max_tokens=20))
+        choice = run(engine)["r", 0]
+        assert (choice.tokens, choice.text, choice.finish_reason) == ([a, b, end], "ab", "stop")
+    engine = make_engine(bigram_model(tok, chain(a, b), default=a), tok)
+    engine.add_request("r", [a], SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[b]))
+    assert run(engine)["r", 0].tokens == [b]
+
+
+def test_a_character_split_across_tokens_is_sent_whole_with_its_last_byte(tok):
+    first, second = "é".encode()
+    t1, t2, bang = byte_token(tok, first), byte_token(tok, second), tok.encode("!")[0]
+    model = bigram_model(tok, chain(tok.get_bos_token_id(), t1, t2, bang), default=bang)
+    engine = make_engine(model, tok)
+    engine.add_request("r", [tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=3))
+    assert run(engine)["r", 0].texts == ["", "é", "!"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_limits(model, tok):
+    engine = make_engine(model, tok, max_model_len=32)
+    with pytest.raises(ValueError, match="32 tokens .* 40 tokens|40 tokens.*32 tokens"):
+        engine.add_request("r", [1] * 40, GREEDY)
+    with pytest.raises(ValueError, match="32"):
+        engine.add_request("r", [1] * 32, GREEDY)  # no room left for a single token
+    assert not engine.has_work()
+
+
+def test_generation_stops_at_the_end_of_the_context(tok):
+    a = tok.encode("a")[0]
+    engine = make_engine(bigram_model(tok, {}, default=a), tok, max_model_len=16)
+    engine.add_request("r", [a] * 13, SamplingParams(temperature=0.0, max_tokens=10))
+    choice = run(engine)["r", 0]
+    assert (choice.completion_tokens, choice.finish_reason) == (3, "length")
+
+
+def test_the_context_never_exceeds_the_kv_cache(model, tok):
+    engine = make_engine(model, tok, num_blocks=8, block_size=4)  # 32 slots, the model's context is 64
+    assert engine.max_model_len == 32
+    with pytest.raises(ValueError, match="32"):
+        engine.add_request("r", [1] * 40, GREEDY)
+
+
+# ---------------------------------------------------------------------------------------------
+# abort and preemption
+
+
+def test_abort_mid_generation_frees_every_block_at_once(model, tok):
+    engine = make_engine(model, tok)
+    bm = engine.block_manager
+    engine.add_request("gone", prompts(tok)[1], GREEDY)
+    engine.add_request("stays", prompts(tok)[0], GREEDY)
+    results = defaultdict(Choice)
+    for _ in range(6):
+        collect(results, engine.step())
+    assert results["gone", 0].tokens and results["gone", 0].finish_reason is None
+    stays = engine.requests["stays"][0].seq
+    engine.abort("gone")
+    assert bm.num_free_blocks == bm.num_blocks - len(stays.block_table)
+    run(engine, results)
+    assert results["gone", 0].finish_reason == "abort"
+    assert results["stays", 0].tokens == alone(model, tok, prompts(tok)[0])
+    assert bm.num_free_blocks == bm.num_blocks
+    engine.abort("gone")  # already ended, and unknown ids: ignored
+    engine.abort("never-seen")
+    assert not engine.has_work()
+
+
+def test_preempted_requests_finish_with_the_outputs_they_have_alone(model, tok):
+    # 16 blocks of 4: the four requests cannot all hold their prompt + 24 tokens at once
+    engine = make_engine(model, tok, num_blocks=16, max_num_batched_tokens=64)
+    for i, prompt in enumerate(prompts(tok)):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    results = run(engine)
+    assert engine.stats()["preemptions"] > 0
+    for i, prompt in enumerate(prompts(tok)):
+        assert results[f"r{i}", 0].tokens == alone(model, tok, prompt)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_stats_count_requests_and_cache_use(model, tok):
+    engine = make_engine(model, tok, max_num_seqs=1)
+    prompt = prompts(tok)[1]
+    engine.add_request("a", prompt, GREEDY)
+    engine.add_request("b", prompt, SamplingParams(temperature=0.0, max_tokens=4, n=2))
+    engine.step()
+    stats = engine.stats()
+    assert (stats["running"], stats["waiting"]) == (1, 1)
+    assert stats["total_blocks"] == 64 and 0 < stats["free_blocks"] < 64
+    assert stats["kv_cache_usage"] == pytest.approx(1 - stats["free_blocks"] / 64)
+    run(engine)
+    stats = engine.stats()
+    # the three sequences share a prompt: the ones admitted after the first hit its full blocks
+    assert stats["prefix_cache_queries"] >= 3 * len(prompt)
+    assert stats["prefix_cache_hits"] >= 2 * 4 * ((len(prompt) - 1) // 4)
+    assert (stats["running"], stats["waiting"], stats["kv_cache_usage"]) == (0, 0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the calculator tool
+
+
+def test_the_calculator_result_is_forced_streamed_and_counted(tok):
+    sp = tok.encode_special
+    model = tool_model(tok, "3+1")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "3+1?"}]})
+    engine = make_engine(model, tok)
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=20, n=2))
+    results = run(engine)
+    call = [sp("<|python_start|>"), *tok.encode("3+1"), sp("<|python_end|>")]
+    output = [sp("<|output_start|>"), *tok.encode("4"), sp("<|output_end|>")]
+    reference, _ = generate_batch(model, tok, prompt, max_tokens=20, temperature=0.0)
+    for index in (0, 1):
+        choice = results["r", index]
+        assert choice.tokens == [*call, *output, sp("<|assistant_end|>")] == reference[0]
+        assert choice.text == "3+14"
+        assert (choice.completion_tokens, choice.finish_reason) == (len(choice.tokens), "stop")
+
+
+def test_a_rejected_tool_call_forces_nothing(tok):
+    sp = tok.encode_special
+    engine = make_engine(tool_model(tok, "x"), tok)  # a name: the evaluator refuses it
+    engine.add_request("r", [sp("<|assistant_start|>")], SamplingParams(temperature=0.0, max_tokens=20))
+    assert run(engine)["r", 0].tokens == [sp("<|python_start|>"), *tok.encode("x"), sp("<|python_end|>"),
+                                          sp("<|assistant_end|>")]
+
+
+def test_a_tool_delimiter_sends_the_text_before_it_and_no_stop_string_spans_it(tok):
+    sp = tok.encode_special
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    call = [sp("<|python_start|>"), b, sp("<|python_end|>")]  # "b" is a name: no output is forced
+    engine = make_engine(bigram_model(tok, chain(sp("<|assistant_start|>"), a, *call, sp("<|assistant_end|>")),
+                                      default=a), tok)
+    engine.add_request("r", [sp("<|assistant_start|>")], SamplingParams(temperature=0.0, max_tokens=9, stop=["ab"]))
+    choice = run(engine)["r", 0]
+    assert choice.tokens == [a, *call, sp("<|assistant_end|>")]
+    assert choice.texts == ["", "a", "b", "", ""]  # "a" waits (it could begin "ab") until <|python_start|>
+    assert (choice.text, choice.finish_reason) == ("ab", "stop")
+
+
+# ---------------------------------------------------------------------------------------------
+# AsyncEngine
+
+
+async def consume(agen) -> Choice:
+    choice = Choice()
+    async for e in agen:
+        collect({(e.request_id, e.index): choice}, [e])
+    return choice
+
+
+def test_concurrent_async_requests_stream_their_own_tokens(model, tok):
+    engine = AsyncEngine(make_engine(model, tok))
+
+    async def main() -> list[Choice]:
+        return await asyncio.gather(*(consume(engine.generate(f"r{i}", p, GREEDY))
+                                      for i, p in enumerate(prompts(tok))))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for choice, prompt in zip(results, prompts(tok)):
+        assert choice.tokens == alone(model, tok, prompt)
+        assert choice.finish_reason in ("stop", "length")
+
+
+def long_running(tok: Tokenizer) -> tuple[GPT, SamplingParams]:
+    a = tok.encode("a")[0]
+    return bigram_model(tok, {}, default=a), SamplingParams(temperature=0.0, max_tokens=500)
+
+
+def test_closing_or_cancelling_a_stream_frees_its_blocks(tok):
+    model, params = long_running(tok)
+    core = make_engine(model, tok, num_blocks=256)
+    engine = AsyncEngine(core)
+
+    async def main() -> None:
+        closed = engine.generate("closed", [tok.get_bos_token_id()], params)
+        for _ in range(3):
+            assert (await anext(closed)).token_id is not None
+        started = asyncio.Event()
+
+        async def cancelled_consumer() -> None:
+            async for _ in engine.generate("cancelled", [tok.get_bos_token_id()], params):
+                started.set()
+
+        task = asyncio.create_task(cancelled_consumer())
+        await started.wait()
+        assert engine.stats()["free_blocks"] < 256
+        await closed.aclose()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the aborts reach the engine thread within a step
+            if engine.stats()["free_blocks"] == 256 and engine.stats()["running"] == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"blocks still held: {engine.stats()}")
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert core.block_manager.num_free_blocks == 256 and not core.requests
+
+
+def test_queue_full_beyond_max_queue_and_normal_service_afterwards(model, tok):
+    slow_model, params = long_running(tok)
+    engine = AsyncEngine(make_engine(slow_model, tok, num_blocks=512), max_queue=2)
+
+    async def main() -> Choice:
+        streams = [engine.generate(f"r{i}", [tok.get_bos_token_id()], params) for i in range(2)]
+        for stream in streams:
+            await anext(stream)
+        with pytest.raises(QueueFull):
+            await anext(engine.generate("r2", [tok.get_bos_token_id()], params))
+        for stream in streams:
+            await stream.aclose()
+        short = SamplingParams(temperature=0.0, max_tokens=3)
+        return await consume(engine.generate("after", [tok.get_bos_token_id()], short))
+
+    try:
+        after = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert (len(after.tokens), after.finish_reason) == (3, "length")
+
+
+def test_a_request_that_cannot_run_is_refused_before_any_event(model, tok):
+    engine = AsyncEngine(make_engine(model, tok, max_model_len=16))
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="16"):
+            await anext(engine.generate("r", [1] * 20, GREEDY))
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert engine.stats()["waiting"] == 0
+
+
+def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
+    model, params = long_running(tok)
+    engine = AsyncEngine(make_engine(model, tok, num_blocks=256))
+
+    async def main() -> Choice:
+        stream = engine.generate("r", [tok.get_bos_token_id()], params)
+        choice = Choice()
+        collect({("r", 0): choice}, [await anext(stream)])
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        async for e in stream:
+            collect({("r", 0): choice}, [e])
+        return choice
+
+    choice = asyncio.run(main())
+    assert choice.finish_reason == "abort"
+    assert not engine._thread.is_alive()
+    assert engine.engine.block_manager.num_free_blocks == 256
+
+    async def after() -> None:
+        with pytest.raises(RuntimeError, match="shut down"):
+            await anext(engine.generate("late", [tok.get_bos_token_id()], params))
+
+    asyncio.run(after())

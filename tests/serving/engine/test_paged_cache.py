@@ -1,0 +1,297 @@
+"""The paged KV cache (serving/engine/paged_cache.py) through the model runner (model_runner.py): every
+logit the runner returns must equal the full forward model(idx) of that sequence at that position."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
+from serving.engine.model_runner import ModelRunner, resolve_dtype
+from serving.engine.scheduler import PrefillChunk
+from serving.engine.sequence import SamplingParams, Sequence
+from tests.support.gpt_fixtures import scrambled_model
+
+VOCAB, BLOCK, NUM_BLOCKS = 300, 4, 64
+ATOL = 1e-4
+CONFIGS = {
+    "mha-full": dict(n_kv_head=4, window_pattern="L"),
+    "gqa-window": dict(n_kv_head=2, window_pattern="SL"),  # layer 0 sees 4 keys back: sequence_len 16 // 4
+}
+
+
+def scrambled(name: str) -> GPT:
+    return scrambled_model(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, **CONFIGS[name]))
+
+
+def runner_for(model: GPT) -> ModelRunner:
+    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, "cpu")
+    # stale values, as freed blocks hold: any slot attended by mistake changes the logits
+    runner.cache.k.normal_(0.0, 10.0)
+    runner.cache.v.normal_(0.0, 10.0)
+    return runner
+
+
+def random_tokens(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def reference(model: GPT, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0]  # (T, V)
+
+
+def chunk_of(seq: Sequence, start: int, length: int) -> PrefillChunk:
+    """The chunk the scheduler would make: it samples when it reaches the end of the sequence."""
+    return PrefillChunk(seq, start, length, samples=start + length == len(seq))
+
+
+def scattered_tables(lengths: list[int], seed: int) -> list[list[int]]:
+    """Block tables for sequences of these lengths, from shuffled block ids: not contiguous, not ordered."""
+    ids = list(range(NUM_BLOCKS))
+    random.Random(seed).shuffle(ids)
+    tables = []
+    for n in lengths:
+        k = -(-n // BLOCK)
+        tables.append(ids[:k])
+        ids = ids[k:]
+    return tables
+
+
+def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chunk: int, stagger: int) -> int:
+    """Runs every sequence to the end of full[i], teacher-forced, as the engine would: sequence i joins at
+    step i * stagger, prefills chunk tokens a step, then decodes one token a step in a batch with the
+    others. Checks each returned row against the full forward; returns the number of rows checked."""
+    refs = [reference(runner.model, tokens) for tokens in full]
+    checked, step = 0, 0
+    while any(len(s) < len(f) or s.num_cached_tokens < len(s) for s, f in zip(seqs, full, strict=True)):
+        prefills, decodes = [], []
+        for i, seq in enumerate(seqs):
+            if step < i * stagger or seq.num_cached_tokens == len(seq):
+                continue
+            if seq.num_cached_tokens < seq.num_prompt_tokens:
+                length = min(chunk, seq.num_prompt_tokens - seq.num_cached_tokens)
+                prefills.append(chunk_of(seq, seq.num_cached_tokens, length))
+            else:
+                decodes.append(seq)
+        logits = runner.run(prefills, decodes).sampled
+        sampled = [c.seq for c in prefills if c.samples] + decodes
+        assert logits.shape == (len(sampled), VOCAB)
+        for row, seq in zip(logits, sampled, strict=True):
+            i = seqs.index(seq)
+            torch.testing.assert_close(row, refs[i][len(seq) - 1], atol=ATOL, rtol=0)
+            checked += 1
+        for c in prefills:  # what the scheduler's postprocess does
+            c.seq.num_cached_tokens += c.length
+        for seq in decodes:
+            seq.num_cached_tokens += 1
+        for seq in sampled:
+            i = seqs.index(seq)
+            if len(seq) < len(full[i]):
+                seq.token_ids.append(full[i][len(seq)])
+        step += 1
+    return checked
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(("chunk", "stagger"), [(100, 0), (100, 1), (4, 1), (3, 2)],
+                         ids=["one-chunk-together", "one-chunk-staggered", "chunks-of-4", "chunks-of-3"])
+def test_paged_logits_match_the_full_forward(name, chunk, stagger):
+    """Prefill in one chunk or in chunks, padded together or beside decodes of the others, then decode in
+    a mixed batch: every logit row equals the full forward at its position."""
+    rng = random.Random(7)
+    prompts, new_tokens = [5, 13, 22, 9], 6
+    full = [random_tokens(n + new_tokens, rng) for n in prompts]
+    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, prompts, strict=True)]
+    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
+        seq.block_table = table
+    checked = drive(runner_for(scrambled(name)), seqs, full, chunk, stagger)
+    assert checked == len(prompts) * (new_tokens + 1)  # one row at each prompt's end, then one per decode
+
+
+def test_the_window_matters_in_the_windowed_config():
+    """Guards the test above: a cache that ignored the window would not match these references."""
+    windowed = scrambled("gqa-window")
+    full_context = GPT(GPTConfig(**{**windowed.config.__dict__, "window_pattern": "L"}))
+    full_context.load_state_dict(windowed.state_dict())
+    tokens = random_tokens(20, random.Random(1))
+    diff = (reference(windowed, tokens) - reference(full_context.eval(), tokens)).abs().amax(dim=-1)
+    assert diff[:5].max() < 1e-5  # within the window both see everything
+    assert diff[10:].min() > 1e-3
+
+
+def test_sequences_sharing_prefix_blocks():
+    """A second sequence reuses the first one's two full prefix blocks (prefix caching) and computes only
+    its own tail; both then decode together and neither disturbs the shared blocks."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(5)
+    prefix = random_tokens(2 * BLOCK, rng)
+    full = [prefix + random_tokens(5 + 4, rng), prefix + random_tokens(7 + 4, rng)]
+    a, b = Sequence(full[0][:-4]), Sequence(full[1][:-4])
+    a_table, b_own = scattered_tables([len(full[0]), len(full[1]) - 2 * BLOCK], seed=9)
+    a.block_table, b.block_table = a_table, a_table[:2] + b_own
+    runner.run([chunk_of(a, 0, len(a))], [])
+    a.num_cached_tokens = len(a)
+    a.token_ids.append(full[0][len(a)])
+    b.num_cached_tokens = 2 * BLOCK  # the prefix cache hit
+    checked = drive(runner, [a, b], full, chunk=100, stagger=0)
+    assert checked == 4 + 5  # a's 4 decodes; b's prefill end and 4 decodes
+
+
+def test_short_chunk_late_in_its_sequence_padded_beside_a_long_one():
+    """Block tables as tight as the scheduler makes them: the 1-token row's padding would run 8 positions
+    past its last block if padded tokens took positions of their own."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(6)
+    fresh, late = Sequence(random_tokens(9, rng)), Sequence(random_tokens(17, rng))
+    fresh.block_table, late.block_table = scattered_tables([9, 17], seed=2)
+    runner.run([chunk_of(late, 0, 16)], [])
+    logits = runner.run([chunk_of(fresh, 0, 9), chunk_of(late, 16, 1)], []).sampled
+    torch.testing.assert_close(logits[0], reference(model, fresh.token_ids)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], reference(model, late.token_ids)[-1], atol=ATOL, rtol=0)
+
+
+def test_runner_writes_only_the_slots_of_new_tokens():
+    runner = runner_for(scrambled("gqa-window"))
+    k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
+    seq = Sequence(random_tokens(7, random.Random(2)))
+    seq.block_table = [41, 3]
+    runner.run([chunk_of(seq, 0, 7)], [])
+    k_changed = (runner.cache.k != k_before).flatten(3).any(dim=-1)  # (n_layer, num_blocks, block_size)
+    v_changed = (runner.cache.v != v_before).flatten(3).any(dim=-1)
+    expected = torch.zeros_like(k_changed)
+    expected[:, 41, :] = True  # positions 0-3
+    expected[:, 3, :3] = True  # positions 4-6; offset 3 stays as it was
+    assert torch.equal(k_changed, expected) and torch.equal(v_changed, expected)
+
+
+def test_only_rows_that_need_a_next_token_come_back():
+    model = scrambled("mha-full")
+    runner = runner_for(model)
+    rng = random.Random(4)
+    long, short = Sequence(random_tokens(10, rng)), Sequence(random_tokens(3, rng))
+    long.block_table, short.block_table = scattered_tables([10, 3], seed=1)
+    logits = runner.run([chunk_of(long, 0, 6), chunk_of(short, 0, 3)], []).sampled
+    assert logits.shape == (1, VOCAB)  # the 6-token chunk of the 10-token prompt samples nothing
+    torch.testing.assert_close(logits[0], reference(model, short.token_ids)[-1], atol=ATOL, rtol=0)
+    assert runner.run([], []).sampled.shape == (0, VOCAB)
+
+
+def test_a_sequence_scoring_its_prompt_gets_every_prompt_rows_logits_chunk_by_chunk():
+    """prompt_logprobs: besides the sampling row, each chunk returns the rows of its prompt positions but
+    the prompt's last (row i of a chunk from start predicts token start + i + 1), equal to the full
+    forward's; a sequence beside it in the batch still gets its sampling row only."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(13)
+    scored = Sequence(random_tokens(10, rng), SamplingParams(prompt_logprobs=2))
+    plain = Sequence(random_tokens(5, rng))
+    scored.block_table, plain.block_table = scattered_tables([10, 5], seed=5)
+    rows = {}
+    for start, length in ((0, 4), (4, 4), (8, 2)):
+        chunks = [chunk_of(scored, start, length)] + ([chunk_of(plain, 0, 5)] if start == 0 else [])
+        out = runner.run(chunks, [])
+        for p in out.prompt:
+            assert p.seq is scored
+            rows.update({p.start + i: row for i, row in enumerate(p.logits)})
+        if start == 0:
+            assert out.sampled.shape == (1, VOCAB)  # plain's; scored's first chunk samples nothing
+            torch.testing.assert_close(out.sampled[0], reference(model, plain.token_ids)[-1], atol=ATOL, rtol=0)
+        scored.num_cached_tokens += length
+    assert sorted(rows) == list(range(9))
+    expected = reference(model, scored.token_ids)
+    torch.testing.assert_close(torch.stack([rows[i] for i in range(9)]), expected[:9], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.sampled[0], expected[9], atol=ATOL, rtol=0)
+
+
+def test_block_table_too_short_is_refused():
+    runner = runner_for(scrambled("mha-full"))
+    seq = Sequence(random_tokens(9, random.Random(0)))
+    seq.block_table = [5, 6]  # 8 slots for 9 tokens
+    with pytest.raises(ValueError, match="cannot hold 9 positions"):
+        runner.run([chunk_of(seq, 0, 9)], [])
+
+
+def test_bfloat16_runner_tracks_the_float32_forward():
+    """dtype=bfloat16 (what "auto" serves on a GPU) casts the weights and the pools; each logit row stays
+    within bf16 rounding of the float32 full forward, through a chunked prefill and teacher-forced decodes."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(copy.deepcopy(model), NUM_BLOCKS, BLOCK, "cpu", dtype="bfloat16")
+    assert runner.cache.k.dtype == torch.bfloat16
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    full = random_tokens(16, random.Random(8))
+    ref = reference(model, full)
+    seq = Sequence(full[:10])
+    seq.block_table = scattered_tables([len(full)], seed=4)[0]
+    rows = [runner.run([chunk_of(seq, 0, 6)], []).sampled, runner.run([chunk_of(seq, 6, 4)], []).sampled[0]]
+    assert rows[0].shape == (0, VOCAB)  # the first chunk samples nothing
+    rows = rows[1:]
+    seq.num_cached_tokens = len(seq)
+    while len(seq) < len(full):
+        seq.token_ids.append(full[len(seq)])
+        rows.append(runner.run([], [seq]).sampled[0])
+        seq.num_cached_tokens += 1
+    got = torch.stack(rows)
+    assert got.dtype == torch.float32
+    expected = ref[9:]
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < relative < 2e-2, relative  # not float32 (0 would mean the cast did not happen), not garbage
+
+
+def test_dtype_auto_is_bfloat16_on_gpus_only():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="dtype='float16': must be one of auto, float32, bfloat16"):
+        resolve_dtype("float16", "cpu")
+
+
+# ---------------------------------------------------------------------------
+# decode through the static buffers the CUDA graphs replay (run eagerly here: capture needs a GPU)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def test_decode_through_the_graph_buffers_equals_the_eager_decode():
+    """Three sequences of different lengths in scattered blocks decode through DecodeGraphs' static buffers
+    (bucket 4: one padding row, block tables padded to the longest context with the scratch block): the same
+    logits as the eager decode, and the pools untouched outside the scratch block."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")  # block NUM_BLOCKS is the scratch block
+    graphs = DecodeGraphs(model, runner.cache, NUM_BLOCKS, max_num_seqs=6, max_model_len=40, capture=False)
+    rng = random.Random(11)
+    seqs = [Sequence(random_tokens(n, rng)) for n in (5, 13, 22)]
+    for seq, table in zip(seqs, scattered_tables([n + 3 for n in (5, 13, 22)], seed=12), strict=True):
+        seq.block_table = table
+        runner.run([chunk_of(seq, 0, len(seq))], [])
+        seq.num_cached_tokens = len(seq)
+    others = [b for b in range(NUM_BLOCKS) if not any(b in seq.block_table for seq in seqs)]
+    for _ in range(3):
+        for seq in seqs:
+            seq.token_ids.append(rng.randrange(VOCAB))
+        eager = runner.run([], seqs).sampled  # writes each last token's key and value
+        k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
+        with torch.inference_mode():  # as ModelRunner.run calls it
+            through_buffers = graphs.run(seqs)  # the same keys and values again; padding into the scratch block
+        torch.testing.assert_close(through_buffers, eager, atol=ATOL, rtol=0)
+        for pool, before in ((runner.cache.k, k_before), (runner.cache.v, v_before)):
+            torch.testing.assert_close(pool[:, :NUM_BLOCKS], before[:, :NUM_BLOCKS], atol=ATOL, rtol=0)
+            assert torch.equal(pool[:, others], before[:, others])  # blocks of no sequence: not a bit changed
+        for seq in seqs:
+            seq.num_cached_tokens += 1
+    assert torch.equal(graphs.inputs[3, 2:], torch.full((graphs.max_blocks,), NUM_BLOCKS))  # the padding row
+
+
+def test_scratch_block_must_be_in_the_cache():
+    runner = ModelRunner(scrambled("mha-full"), NUM_BLOCKS, BLOCK, "cpu")
+    with pytest.raises(ValueError, match="scratch block 64 is not in the cache's 64 blocks"):
+        DecodeGraphs(runner.model, runner.cache, NUM_BLOCKS, max_num_seqs=4, max_model_len=16, capture=False)

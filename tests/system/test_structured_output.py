@@ -1,0 +1,147 @@
+"""Structured output over the API (response_format), with the official `openai` client against a real server
+over a real engine running a tiny random GPT: json_object replies parse and json_schema replies validate (200
+samples at temperature 1, every one ended by its grammar), in chat and completions, streamed or not, with n
+choices, the prefix cache, penalties and logit_bias; text is plain text; a bad schema is a 400 naming
+response_format."""
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import jsonschema
+import openai
+import pytest
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from serving.api.app import create_app
+from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from tests.serving.engine.test_grammar import MAX_TOKENS, SCHEMA
+from tests.support.gpt_fixtures import scrambled_model
+from tests.system.test_api import serve, tiny_tokenizer
+
+MODEL = "nanochat-test"
+MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
+PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_url(tok) -> Iterator[str]:
+    """tests/test_api.py's server, with a context and a max_tokens limit that hold a whole reply to SCHEMA,
+    and room for 32 sequences at once."""
+    config = GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model: GPT = scrambled_model(config, scale=2.0)
+    engine = AsyncEngine(LLMEngine(model, tok, num_blocks=1024, block_size=8, max_num_seqs=32,
+                                   max_num_batched_tokens=256), max_queue=64)
+    app = create_app(engine, tok, model_name=MODEL, max_tokens_limit=MAX_TOKENS)
+    try:
+        with serve(app) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_200_json_schema_replies_at_temperature_1_all_validate(base_url):
+    async def main() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        replies = await asyncio.gather(*(
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=PERSON, temperature=1.0,
+                                           n=8, seed=seed, max_tokens=MAX_TOKENS)
+            for seed in range(25)))
+        await client.close()
+        return [choice for reply in replies for choice in reply.choices]
+
+    choices = asyncio.run(main())
+    assert len(choices) == 200
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    assert len({c.message.content for c in choices}) > 150  # samples, not one reply 200 times
+
+
+def test_json_object_replies_parse_as_objects_in_chat_and_completions(client):
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"},
+                                          n=4, seed=1, max_tokens=MAX_TOKENS)
+    text = client.completions.create(model=MODEL, prompt="A JSON object:", seed=1, n=4, max_tokens=MAX_TOKENS,
+                                     extra_body={"response_format": {"type": "json_object"}})
+    replies = [c.message.content for c in chat.choices] + [c.text for c in text.choices]
+    reasons = [c.finish_reason for c in chat.choices + text.choices]
+    # an object's keys and strings are unbounded: a reply cut by max_tokens ("length") need not parse
+    finished = [r for r, reason in zip(replies, reasons, strict=True) if reason == "stop"]
+    assert finished, reasons
+    assert all(isinstance(json.loads(r), dict) for r in finished)
+    assert all(r.startswith("{") for r in replies)
+
+
+def test_streamed_choices_validate_and_end_with_stop(client):
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=PERSON, n=3, seed=4,
+                                            max_tokens=MAX_TOKENS, stream=True)
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert reasons == ["stop"] * 3
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    streamed = client.completions.create(model=MODEL, prompt="A person:", seed=2, max_tokens=MAX_TOKENS, stream=True,
+                                         extra_body={"response_format": PERSON})
+    jsonschema.validate(json.loads("".join(c.choices[0].text for c in streamed if c.choices)), SCHEMA)
+
+
+def test_the_prefix_cache_penalties_and_logit_bias_work_with_a_schema(client, tok):
+    long = [{"role": "user", "content": "Describe a person as JSON, with a name and an age. " * 3}]
+    options = dict(model=MODEL, messages=long, response_format=PERSON, max_tokens=MAX_TOKENS, seed=3,
+                   frequency_penalty=0.5, presence_penalty=0.5, logit_bias={str(tok.encode("z")[0]): 30})
+    first = client.chat.completions.create(**options)
+    second = client.chat.completions.create(**options)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.choices[0].message.content == first.choices[0].message.content  # the same seed
+    reply = json.loads(second.choices[0].message.content)
+    jsonschema.validate(reply, SCHEMA)
+    assert reply["name"].endswith("z" * 7)  # the bias acts where the grammar lets it
+
+
+def test_text_is_plain_text_and_strict_false_is_enforced_too(client):
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "text"},
+                                           seed=0, max_tokens=8)
+    assert plain.choices[0].message.content and not plain.choices[0].message.content.startswith("{")
+    loose = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": False,
+                                                    "description": "someone"}}
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=loose, seed=0,
+                                           max_tokens=MAX_TOKENS)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+
+
+@pytest.mark.parametrize("response_format,param,words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+     "response_format", "uniqueItems"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "response_format", "strin"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}, "response_format", "not"),
+    ({"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}, "response_format.json_schema.name",
+     "pattern"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name", "required"),
+    ({"type": "json_schema"}, "response_format", "json_schema is required"),
+    ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format", "only with it"),
+    ({"type": "yaml"}, "response_format.type", "json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}, "response_format.json_schema.schema",
+     "dict"),
+])
+def test_a_bad_response_format_is_a_400_naming_it(client, response_format, param, words):
+    for call in (lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=response_format),
+                 lambda: client.completions.create(model=MODEL, prompt="x",
+                                                   extra_body={"response_format": response_format})):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.param == param, refused.value.body
+        assert words in refused.value.body["message"], refused.value.body

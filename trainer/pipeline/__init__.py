@@ -1,0 +1,1 @@
+"""What runs in the command-line process: Ray Train jobs, the speedrun, sweeps, the report, the progress bar."""
