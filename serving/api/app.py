@@ -2,8 +2,11 @@
 The OpenAI-compatible HTTP API and the web UI's files, as a plain FastAPI app over an AsyncEngine.
 
 Notable:
-- create_app takes anything with AsyncEngine's generate() and alive(): the engine itself (tests, one
-  process) or serving/app.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
+- create_app takes anything with AsyncEngine's generate_batches() and alive() (a bool, or an awaitable one):
+  the engine itself (tests, one process) or serving/app.py's handle on Ray Serve replicas. No Ray here, so
+  the tests run it under uvicorn.
+- a stream writes each list of events the engine sends (one step's, or several) as one piece: with many
+  concurrent streams on few cores, fewer writes through the server (and Ray Serve's proxy) per token
 - what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
   tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
   nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).
@@ -46,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -126,12 +130,12 @@ T = TypeVar("T")
 
 
 class Engine(Protocol):
-    """What the API needs of an engine: AsyncEngine's generate() and alive()."""
+    """What the API needs of an engine: AsyncEngine's generate_batches() and alive()."""
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncGenerator[TokenEvent, None]: ...
+    def generate_batches(self, request_id: str, prompt_ids: list[int],
+                         params: SamplingParams) -> AsyncGenerator[list[TokenEvent], None]: ...
 
-    def alive(self) -> bool: ...
+    def alive(self) -> bool | Awaitable[bool]: ...
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,10 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        if not engine.alive():  # failed, stopped, or draining for shutdown: send traffic elsewhere
+        alive = engine.alive()
+        if inspect.isawaitable(alive):  # an engine elsewhere (Ray Serve replicas) is asked
+            alive = await alive
+        if not alive:  # failed, stopped, or draining for shutdown: send traffic elsewhere
             raise unavailable("The engine is not taking requests (it failed, or the server is shutting down)")
         return {"status": "ok"}
 
@@ -401,13 +408,14 @@ def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], start: int
 
 @dataclass
 class Run:
-    """One request in the engine: its first event (already received) and the rest to come."""
+    """One request in the engine: its first events (already received) and the rest to come, in the lists
+    the engine sends them in (a stream writes each list as one piece)."""
 
     id: str
     n: int
     prompt_tokens: int
-    first: TokenEvent
-    events: AsyncGenerator[TokenEvent, None]
+    first: list[TokenEvent]
+    events: AsyncGenerator[list[TokenEvent], None]
     created: int = field(default_factory=now)
     texts: list[str] = field(init=False)
     finish_reasons: list[str | None] = field(init=False)
@@ -421,15 +429,16 @@ class Run:
         self.finish_reasons = [None] * self.n
         self.completion_tokens = [0] * self.n
 
-    async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Every event, each one also recorded in texts, finish_reasons and completion_tokens."""
-        yield self._record(self.first)
-        async for event in self.events:
-            yield self._record(event)
+    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
+        """Every event, in the engine's lists, each one also recorded in texts, finish_reasons and
+        completion_tokens."""
+        yield [self._record(event) for event in self.first]
+        async for batch in self.events:
+            yield [self._record(event) for event in batch]
 
     async def collect(self) -> None:
         try:
-            async for _ in self.stream():
+            async for _ in self.batches():
                 pass
         except Exception:
             # answered here rather than by the catch-all handler, after which uvicorn drops the connection
@@ -465,7 +474,7 @@ async def start(engine: Engine, request: Request, request_id: str, prompt_ids: l
     """Submit the request and wait for its first event, turning the engine's refusals into API errors.
     Whatever goes wrong here comes out of the event generator (or cancels it), which has then ended:
     nothing is left running in the engine."""
-    events = engine.generate(request_id, prompt_ids, params)
+    events = engine.generate_batches(request_id, prompt_ids, params)
     try:
         first = await until_disconnected(request, anext(events))
     except QueueFull:
@@ -559,17 +568,22 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
 
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-    async for event in run.stream():
-        if event.finish_reason == "abort":
-            yield shutting_down()
-            return
-        if event.logprob is not None:
-            logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:])
-            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text}, logprobs=logprobs)])
-        elif event.text:
-            yield chunk([ChunkChoice(index=event.index, delta={"content": event.text})])
-        if event.finish_reason is not None:
-            yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)])
+    async for batch in run.batches():
+        pieces = []
+        for event in batch:
+            if event.finish_reason == "abort":
+                yield "".join(pieces) + shutting_down()
+                return
+            if event.logprob is not None:
+                logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:])
+                pieces.append(chunk([ChunkChoice(index=event.index, delta={"content": event.text},
+                                                 logprobs=logprobs)]))
+            elif event.text:
+                pieces.append(chunk([ChunkChoice(index=event.index, delta={"content": event.text})]))
+            if event.finish_reason is not None:
+                pieces.append(chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)]))
+        if pieces:
+            yield "".join(pieces)
     if include_usage:
         yield chunk([], run.usage())
     yield sse("[DONE]")
@@ -586,16 +600,20 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
     if echo:
         for index in range(run.n):
             yield chunk([CompletionChoice(index=index, text=echo)])
-    async for event in run.stream():
-        if event.finish_reason == "abort":
-            yield shutting_down()
-            return
-        logprobs = None
-        if event.logprob is not None:
-            logprobs = completion_logprobs(tokenizer, run.logprobs[event.index][-1:], len(echo))
-        if event.text or event.finish_reason is not None or logprobs is not None:
-            yield chunk([CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason,
-                                          logprobs=logprobs)])
+    async for batch in run.batches():
+        pieces = []
+        for event in batch:
+            if event.finish_reason == "abort":
+                yield "".join(pieces) + shutting_down()
+                return
+            logprobs = None
+            if event.logprob is not None:
+                logprobs = completion_logprobs(tokenizer, run.logprobs[event.index][-1:], len(echo))
+            if event.text or event.finish_reason is not None or logprobs is not None:
+                pieces.append(chunk([CompletionChoice(index=event.index, text=event.text,
+                                                      finish_reason=event.finish_reason, logprobs=logprobs)]))
+        if pieces:
+            yield "".join(pieces)
     if include_usage:
         yield chunk([], run.usage())
     yield sse("[DONE]")

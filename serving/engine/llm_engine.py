@@ -401,10 +401,13 @@ class AsyncEngine:
         finally:
             await batches.aclose()
 
-    async def generate_batches(self, request_id: str, prompt_ids: list[int],
-                               params: SamplingParams) -> AsyncIterator[list[TokenEvent]]:
+    async def generate_batches(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                               interval_s: float = 0.0) -> AsyncIterator[list[TokenEvent]]:
         """generate(), as lists of the events that have arrived by the time the consumer asks (one step's,
-        or more when it fell behind): a Ray Serve replica sends one object per list, not per token."""
+        or more when it fell behind): a Ray Serve replica sends one object per list, not per token.
+        interval_s: after the first list (so the time to first token is not delayed), at least this long
+        between lists, each holding every event of the steps in between: fewer, larger messages through
+        every hop to the client, for some burstiness in the stream."""
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
@@ -421,8 +424,11 @@ class AsyncEngine:
             self._inbox.append(("add", request_id, list(prompt_ids), params, time.monotonic()))
             self._cond.notify()
         finished = 0
+        sent_at = None
         try:
             while finished < params.n:
+                if sent_at is not None and interval_s > 0:
+                    await asyncio.sleep(sent_at + interval_s - time.monotonic())
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():
                     items.append(stream.queue.get_nowait())
@@ -432,6 +438,7 @@ class AsyncEngine:
                         raise item
                     finished += item.finish_reason is not None
                     batch.append(item)
+                sent_at = time.monotonic()
                 yield batch
         finally:
             with self._cond:
