@@ -8,8 +8,8 @@ holding it; optionally the same concurrency sweep over HTTP through the local ap
     .venv/bin/python -m bench.serving [--depth 4] [--model URI] [--concurrency 1,4,16,32] [--max-tokens 32]
                                        [--prefix-tokens 1000] [--http] [--threads 2]
 
-Without --model the model is a d<depth> GPT with random weights (a tiny tokenizer trained here): what is
-measured is the serving machinery, not the text. Every request asks for exactly --max-tokens tokens
+Without --model the model is a d<depth> GPT with random weights and a --vocab tokenizer trained here (d4 and
+4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text. Every request asks for exactly --max-tokens tokens
 (min_tokens keeps the stop tokens out); the sequential baseline stops at a stop token, so its tokens/s
 counts the tokens it produced. Run it as a module (-m): as a script, its name would hide the serving package.
 """
@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
+import signal
 import socket
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -64,6 +72,13 @@ def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int) -> GPT:
             if p.ndim == 2:
                 p.normal_(0.0, 2.0 * p.size(1) ** -0.5)
     return model.eval()
+
+
+def bench_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer of vocab_size tokens trained here on Python source (torch.nn's, which every install has):
+    the vocabulary's size is what costs in a step (the logits), not what the tokens mean."""
+    files = sorted((Path(torch.__file__).parent / "nn").rglob("*.py"))
+    return Tokenizer.train_from_iterator([TEXT * 20] + [f.read_text() for f in files], vocab_size)
 
 
 def prompts(tokenizer: Tokenizer, count: int) -> list[list[int]]:
@@ -116,14 +131,17 @@ def concurrent(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, con
     return Result(f"engine, {concurrency} concurrent", len(batch), tokens, time.perf_counter() - start, ttft)
 
 
+def long_prompt(tokenizer: Tokenizer, prefix_tokens: int, seed: int, question: int) -> list[int]:
+    """~prefix_tokens tokens of text starting at word `seed`, then a question numbered `question`: the same
+    seed gives prompts that share all but their last few tokens."""
+    words = (TEXT * (prefix_tokens // 10 + 10)).split()
+    body = tokenizer.encode(" ".join(words[seed:]), prepend="<|bos|>")[:prefix_tokens]
+    return body + tokenizer.encode(f" question {question}?")
+
+
 def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, repeats: int) -> tuple[float, float]:
     """Median TTFT of a ~prefix_tokens prompt: each time a new prefix (nothing cached), and a shared prefix
     the cache already holds (a warm-up request put it there) with a different question at the end."""
-    words = (TEXT * (prefix_tokens // 10 + 10)).split()
-
-    def long_prompt(seed: int, question: int) -> list[int]:
-        body = tokenizer.encode(" ".join(words[seed:]), prepend="<|bos|>")[:prefix_tokens]
-        return body + tokenizer.encode(f" question {question}?")
 
     async def ttft_of(prompts_: list[list[int]], tag: str) -> list[float]:
         times = []
@@ -132,71 +150,144 @@ def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, r
             times.append(t)
         return times
 
-    cold = asyncio.run(ttft_of([long_prompt(1 + i, i) for i in range(repeats)], "cold"))
-    asyncio.run(ttft_of([long_prompt(0, 999)], "warmup"))
-    warm = asyncio.run(ttft_of([long_prompt(0, i) for i in range(repeats)], "warm"))
+    cold = asyncio.run(ttft_of([long_prompt(tokenizer, prefix_tokens, 1 + i, i) for i in range(repeats)], "cold"))
+    asyncio.run(ttft_of([long_prompt(tokenizer, prefix_tokens, 0, 999)], "warmup"))
+    warm = asyncio.run(ttft_of([long_prompt(tokenizer, prefix_tokens, 0, i) for i in range(repeats)], "warm"))
     return statistics.median(cold), statistics.median(warm)
 
 
-def over_http(engine: AsyncEngine, tokenizer: Tokenizer, batch_texts: list[str], max_tokens: int,
-              concurrency: int) -> Result:
-    """The same requests as streamed completions through the local app under uvicorn, `concurrency`
-    client threads at a time, with the official openai client."""
-    import openai
-    import uvicorn
+def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
+    """The model as a checkpoint in local storage, laid out as training leaves it; its --model URI."""
+    from nanochat.checkpoint import write_checkpoint
+    from services.checkpoints import CheckpointManager
+    from services.storage import open_storage
+    from serving.model_source import TOKENIZER_KEY
 
-    from serving.api.app import create_app
+    storage = open_storage(str(root / "storage"))
+    storage.write_text(TOKENIZER_KEY, tokenizer.to_json())
+    write_checkpoint(root / "ckpt", model_state=model.state_dict(), optimizer_state=None, cursor=None, config={},
+                     rng=None, meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
+    CheckpointManager(storage, "bench", "sft").save(1, root / "ckpt")
+    return f"{root / 'storage'}/runs/bench/sft/step_000001"
 
+
+class Server:
+    """`nanochat serve` on a model URI in a subprocess (Ray Serve on an embedded local Ray), until closed."""
+
+    def __init__(self, model_uri: str, settings: list[str], log_path: Path, replicas: int = 1):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        nanochat = str(Path(sys.executable).parent / "nanochat")
+        command = [nanochat, "serve", "--model", model_uri, "--port", str(self.port), "--metrics-port",
+                   str(self.metrics_port), "--replicas", str(replicas)] + [arg for s in settings for arg in ("--set", s)]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "NANOCHAT_API_KEYS": ""})
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nanochat serve exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.base + "/v1/models", timeout=2) as response:
+                    if json.loads(response.read())["data"]:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        self.close()
+        raise RuntimeError(f"nanochat serve did not serve the model within 240 s:\n{log_path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, max_tokens_limit=max(max_tokens, 1024)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-    lock = threading.Lock()
-    tokens, ttft = 0, []
-    queue = list(batch_texts)
+        return s.getsockname()[1]
 
-    def worker() -> None:
-        nonlocal tokens
-        while True:
-            with lock:
-                if not queue:
-                    return
-                text = queue.pop()
-            t0 = time.perf_counter()
-            first = True
-            stream = client.completions.create(model="nanochat", prompt=text, max_tokens=max_tokens, temperature=0,
-                                               stream=True, stream_options={"include_usage": True},
-                                               extra_body={"min_tokens": max_tokens})
-            for chunk in stream:
-                if first and chunk.choices and chunk.choices[0].text:
-                    with lock:
-                        ttft.append(time.perf_counter() - t0)
-                    first = False
-                if chunk.usage is not None:
-                    with lock:
-                        tokens += chunk.usage.completion_tokens
 
+def stream_completion(client, text: str, max_tokens: int) -> tuple[int, float]:
+    """One streamed completion of exactly max_tokens tokens: (completion tokens, seconds to the first text)."""
+    t0 = time.perf_counter()
+    ttft, tokens = float("nan"), 0
+    stream = client.completions.create(model="nanochat", prompt=text, max_tokens=max_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"min_tokens": max_tokens})
+    for chunk in stream:
+        if ttft != ttft and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, ttft
+
+
+def over_http(client, texts: list[str], max_tokens: int, concurrency: int) -> Result:
+    """The requests as streamed completions with the official openai client, `concurrency` at a time."""
     start = time.perf_counter()
-    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = list(pool.map(lambda text: stream_completion(client, text, max_tokens), texts))
     seconds = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
-    return Result(f"HTTP + openai client, {concurrency} concurrent", len(batch_texts), tokens, seconds, ttft)
+    return Result(f"HTTP (nanochat serve), {concurrency} concurrent", len(texts), sum(t for t, _ in done), seconds,
+                  [ttft for _, ttft in done])
+
+
+def prefix_ttft_http(client, tokenizer: Tokenizer, prefix_tokens: int, repeats: int) -> tuple[float, float]:
+    """prefix_ttft through the server: long prompts as text, one request at a time."""
+    def ttft_of(prompts_: list[list[int]]) -> list[float]:
+        return [stream_completion(client, tokenizer.decode(p[1:]), 1)[1] for p in prompts_]
+
+    cold = ttft_of([long_prompt(tokenizer, prefix_tokens, 1 + i, i) for i in range(repeats)])
+    ttft_of([long_prompt(tokenizer, prefix_tokens, 0, 999)])
+    warm = ttft_of([long_prompt(tokenizer, prefix_tokens, 0, i) for i in range(repeats)])
+    return statistics.median(cold), statistics.median(warm)
+
+
+def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, levels: list[int],
+               batch: list[list[int]]) -> tuple[list[Result], tuple[float, float]]:
+    """The sweep and the prefix TTFT through `nanochat serve` on the same model; level 1 is the baseline."""
+    import openai
+
+    top = max(levels)
+    settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
+                "serve.num_blocks=1024", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
+                f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
+                "serve.reload_interval_s=0"] + args.serve_set
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(publish(model, tokenizer, Path(tmp)), settings, Path(tmp) / "serve.log")
+        try:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
+            texts = [tokenizer.decode(p[1:]) for p in batch]
+            over_http(client, texts[:2], 4, 2)  # warm-up
+            results = [over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
+                       for level in levels]
+            return results, prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
+        finally:
+            server.close()
+
+
+def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args) -> None:
+    print(f"\n{title}")
+    print(f"{'':40} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9}")
+    for r in results:
+        print(f"{r.name:40} {r.requests:8d} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_s:8.1f} "
+              f"{r.tokens_per_s / base:6.2f}x {r.median_ttft * 1000:7.0f}ms")
+    print(f"TTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}): "
+          f"prefix not cached {cold * 1000:.0f} ms; shared prefix cached {warm * 1000:.0f} ms; "
+          f"speedup {cold / warm:.1f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4, help="depth of the random model (without --model)")
+    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary of the random model (without --model)")
     parser.add_argument("--model", default=None, help="a checkpoint: <storage>/runs/<run>/<stage>[/step_XXXXXX]")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--requests", type=int, default=0, help="requests per engine run (default: 2 x the largest concurrency)")
@@ -204,7 +295,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)
-    parser.add_argument("--http", action="store_true", help="also the sweep over HTTP with the openai client")
+    parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "
+                        "with the openai client; its baseline is the same server at concurrency 1")
+    parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
+    parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -217,7 +312,7 @@ def main() -> None:
         model, tokenizer, _ = ModelSource.parse(args.model).load("cpu")
         described = args.model
     else:
-        tokenizer = Tokenizer.train_from_iterator([TEXT * 20], 512)
+        tokenizer = bench_tokenizer(args.vocab)
         model = random_model(args.depth, tokenizer, sequence_len=max(2048, args.prefix_tokens + 256))
         described = f"d{args.depth} random weights, vocab {tokenizer.vocab_size}"
     n_params = sum(p.numel() for p in model.parameters())
@@ -226,29 +321,25 @@ def main() -> None:
 
     count = args.requests or 2 * max(levels)
     batch = prompts(tokenizer, count)
-    results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
-    engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(levels),
-                                   max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
-    try:
-        asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
-        for level in levels:
-            results.append(concurrent(engine, batch, args.max_tokens, level))
-        cold, warm = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats)
-        if args.http:
-            texts = [tokenizer.decode(p[1:]) for p in batch]
-            for level in (1, max(levels)):
-                results.append(over_http(engine, tokenizer, texts, args.max_tokens, level))
-    finally:
-        engine.shutdown()
-
-    base = results[0].tokens_per_s
-    print(f"\n{'':40} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9}")
-    for r in results:
-        print(f"{r.name:40} {r.requests:8d} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_s:8.1f} "
-              f"{r.tokens_per_s / base:6.2f}x {r.median_ttft * 1000:7.0f}ms")
-    print(f"\nTTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}):")
-    print(f"  prefix not cached: {cold * 1000:.0f} ms; shared prefix cached: {warm * 1000:.0f} ms; "
-          f"speedup {cold / warm:.1f}x")
+    if not args.http_only:
+        results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
+        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(levels),
+                                       max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
+        try:
+            asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
+            for level in levels:
+                results.append(concurrent(engine, batch, args.max_tokens, level))
+            cold, warm = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats)
+        finally:
+            engine.shutdown()
+        print_table("In process (ratios against nanochat's own generator, one request at a time):", results,
+                    results[0].tokens_per_s, cold, warm, args)
+    if args.http or args.http_only:
+        if levels[0] != 1:
+            levels = [1, *levels]
+        results, (cold, warm) = http_sweep(model, tokenizer, args, levels, batch)
+        print_table("Over HTTP through `nanochat serve` with the openai client (ratios against 1 concurrent):",
+                    results, results[0].tokens_per_s, cold, warm, args)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,16 @@ from nanochat.tokenizer import Tokenizer
 from services.storage import KeyNotFound, StorageError
 from serving.api.app import ServedModel
 from serving.api.schemas import now
-from serving.engine.llm_engine import AsyncEngine, EngineStopped, LLMEngine, QueueFull, TokenEvent
+from serving.engine.llm_engine import (
+    AsyncEngine,
+    EngineStopped,
+    LLMEngine,
+    QueueFull,
+    TokenEvent,
+    free_memory,
+    kv_cache_blocks,
+)
+from serving.engine.model_runner import resolve_dtype
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
 from serving.model_source import ModelSource
@@ -174,7 +183,14 @@ class EngineReplica:
     def _serve(self, model: Any, tokenizer: Tokenizer, step: int) -> None:
         """Start an engine on the loaded model and send new requests to it; retire the one it replaces."""
         cfg = self.cfg
-        engine = LLMEngine(model, tokenizer, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
+        num_blocks = cfg.num_blocks
+        if cfg.kv_cache_memory_fraction:
+            free = free_memory(self.device)
+            num_blocks = kv_cache_blocks(model, cfg.block_size, resolve_dtype(cfg.dtype, self.device),
+                                         cfg.kv_cache_memory_fraction, free)
+            log.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, cfg.block_size,
+                     cfg.kv_cache_memory_fraction, free / 2**20)
+        engine = LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=cfg.block_size,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                            device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager)
         tokenizer_json = tokenizer.to_json()

@@ -12,6 +12,10 @@ Notable:
   full (its max_ongoing_requests) the request goes to the less loaded of two other replicas, as Serve's
   default power-of-two-choices router does. After routing, the prompt's block hashes name the replica
   that ran it (the newest owner wins)
+- requests are handed replicas in arrival order (Serve's FIFOMixin, as its default router): a replica
+  chosen for one request's prefix goes to the oldest request waiting, which is that request unless several
+  wait at once. Without it, a request whose routing task lost a race to another request's (both routed at
+  once, e.g. a generate beside a model_info call) was never handed a replica in Ray 2.60
 - the table is this router's own (one per process that holds a handle: the API ingress replica), bounded
   to MAX_ENTRIES block hashes, least recently used dropped first; a replica that died or was replaced is
   skipped, and its entries go as they are overwritten or age out
@@ -27,6 +31,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve.request_router import (
+    FIFOMixin,
     LocalityMixin,
     MultiplexMixin,
     PendingRequest,
@@ -47,7 +52,7 @@ def block_hashes(prompt_ids: list[int], block_size: int) -> list[int]:
     return hashes
 
 
-class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     """Routes a request to the replica that last ran the longest prefix of its prompt, else by two choices."""
 
     def initialize_state(self, block_size: int = 16, **_: Any) -> None:

@@ -56,6 +56,7 @@ import codecs
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -335,6 +336,39 @@ def _held_back(text: str, emitted: int, stops: list[str]) -> int:
         if any(s.startswith(text[-k:]) for s in stops):
             return k
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sizing the KV cache
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free now on device: the GPU's free memory, or on a CPU the memory the kernel says is
+    available (MemAvailable: free plus what it can reclaim)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: float, free_bytes: int) -> int:
+    """How many KV-cache blocks fit in fraction of free_bytes (vLLM's gpu_memory_utilization, of the memory
+    left once the model is loaded): keys and values of every layer for block_size tokens each. A ValueError
+    naming serve.kv_cache_memory_fraction when fewer than 2 fit."""
+    cfg = model.config
+    per_block = 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+    blocks = int(fraction * free_bytes) // per_block
+    if blocks < 2:
+        raise ValueError(f"serve.kv_cache_memory_fraction={fraction} of the {free_bytes / 2**20:.0f} MiB free holds "
+                         f"{blocks} KV-cache blocks of {per_block / 2**20:.2f} MiB; the engine needs at least 2")
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------
