@@ -430,16 +430,17 @@ class Run:
         self.completion_tokens = [0] * self.n
 
     async def batches(self) -> AsyncIterator[list[TokenEvent]]:
-        """Every event, in the engine's lists, each one also recorded in texts, finish_reasons and
-        completion_tokens."""
-        yield [self._record(event) for event in self.first]
+        """Every event, in the engine's lists. The consumer passes each event to record() before it reads
+        texts, logprobs and the rest, which then stand as of that event."""
+        yield self.first
         async for batch in self.events:
-            yield [self._record(event) for event in batch]
+            yield batch
 
     async def collect(self) -> None:
         try:
-            async for _ in self.batches():
-                pass
+            async for batch in self.batches():
+                for event in batch:
+                    self.record(event)
         except Exception:
             # answered here rather than by the catch-all handler, after which uvicorn drops the connection
             log.exception("request %s failed", self.id)
@@ -456,7 +457,8 @@ class Run:
                      total_tokens=self.prompt_tokens + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
-    def _record(self, event: TokenEvent) -> TokenEvent:
+    def record(self, event: TokenEvent) -> None:
+        """Account for the event in texts, finish_reasons, completion_tokens, cached_tokens and logprobs."""
         if event.token_id is not None and event.logprob is not None:
             self.logprobs[event.index].append(TokenInfo(event.token_id, event.logprob, event.top_logprobs or [],
                                                         len(self.texts[event.index])))
@@ -466,7 +468,6 @@ class Run:
             self.cached_tokens = event.cached_tokens
         if event.finish_reason is not None:
             self.finish_reasons[event.index] = event.finish_reason
-        return event
 
 
 async def start(engine: Engine, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -571,6 +572,7 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
     async for batch in run.batches():
         pieces = []
         for event in batch:
+            run.record(event)
             if event.finish_reason == "abort":
                 yield "".join(pieces) + shutting_down()
                 return
@@ -603,6 +605,7 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
     async for batch in run.batches():
         pieces = []
         for event in batch:
+            run.record(event)
             if event.finish_reason == "abort":
                 yield "".join(pieces) + shutting_down()
                 return
