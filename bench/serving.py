@@ -2,16 +2,19 @@
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies; time to first token on a long shared prefix with and without the prefix cache
-holding it; optionally the same concurrency sweep over HTTP through the local app with the official
-`openai` client.
+holding it; optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an
+embedded local Ray, the model published as a checkpoint in a temporary folder) with the official `openai`
+client, whose ratios are against the same server at concurrency 1.
 
-    .venv/bin/python -m bench.serving [--depth 4] [--model URI] [--concurrency 1,4,16,32] [--max-tokens 32]
-                                       [--prefix-tokens 1000] [--http] [--threads 2]
+    .venv/bin/python -m bench.serving [--depth 4] [--vocab 4096] [--model URI] [--concurrency 1,4,16,32]
+        [--max-tokens 32] [--prefix-tokens 1000] [--http | --http-only] [--serve-set serve.KEY=VALUE] [--threads 2]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab tokenizer trained here (d4 and
-4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text. Every request asks for exactly --max-tokens tokens
-(min_tokens keeps the stop tokens out); the sequential baseline stops at a stop token, so its tokens/s
-counts the tokens it produced. Run it as a module (-m): as a script, its name would hide the serving package.
+4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
+Every request asks for exactly --max-tokens tokens (min_tokens keeps the stop tokens out); the sequential
+baseline stops at a stop token, so its tokens/s counts the tokens it produced. The server's engine gets
+--threads CPUs (serve.num_cpus) and room for the largest concurrency; --serve-set changes any of it. Run it
+as a module (-m): as a script, its name would hide the serving package.
 """
 
 from __future__ import annotations
