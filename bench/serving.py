@@ -7,7 +7,7 @@ embedded local Ray, the model published as a checkpoint in a temporary folder) w
 client, whose ratios are against the same server at concurrency 1.
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab 4096] [--model URI] [--concurrency 1,4,16,32]
-        [--max-tokens 32] [--prefix-tokens 1000] [--http | --http-only] [--serve-set serve.KEY=VALUE] [--threads 2]
+        [--max-tokens 32] [--prefix-tokens 1000] [--http | --http-only] [--serve-set serve.KEY=VALUE] [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab tokenizer trained here (d4 and
 4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
