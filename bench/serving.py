@@ -2,31 +2,40 @@
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies; time to first token on a long shared prefix with and without the prefix cache
-holding it; optionally the same concurrency sweep over HTTP through the local app with the official
-`openai` client.
+holding it; optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an
+embedded local Ray, the model published as a checkpoint in a temporary folder) with the official `openai`
+client, whose ratios are against the same server at concurrency 1.
 
-    .venv/bin/python -m bench.serving [--depth 4] [--model URI] [--concurrency 1,4,16,32] [--max-tokens 32]
-                                       [--prefix-tokens 1000] [--http] [--threads 2] [--vocab-size 512] [--score-prompt]
+    .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32]
+        [--max-tokens 32] [--prefix-tokens 1000] [--http | --http-only] [--serve-set serve.KEY=VALUE] [--threads 1]
 
-Without --model the model is a d<depth> GPT with random weights (a tiny tokenizer trained here): what is
-measured is the serving machinery, not the text. --vocab-size past 512 trains that tokenizer on made-up
-words instead, for a vocabulary of a real model's size (nanochat's: 65536), whose lm_head weighs on a
-prefill. Every request asks for exactly --max-tokens tokens
-(min_tokens keeps the stop tokens out); the sequential baseline stops at a stop token, so its tokens/s
-counts the tokens it produced. Run it as a module (-m): as a script, its name would hide the serving package.
+Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
+4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
+Every request asks for exactly --max-tokens tokens (min_tokens keeps the stop tokens out); the sequential
+baseline stops at a stop token, so its tokens/s counts the tokens it produced. The server's engine gets
+--threads CPUs (serve.num_cpus) and room for the largest concurrency; --serve-set changes any of it. Run it
+as a module (-m): as a script, its name would hide the serving package.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import random
+import signal
 import socket
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,21 +66,6 @@ class Result:
         return statistics.median(self.ttft) if self.ttft else float("nan")
 
 
-def made_up_words(count: int, seed: int = 0) -> str:
-    """count words of 1-4 random syllables: text with enough distinct pieces to train a large vocabulary."""
-    rng = random.Random(seed)
-    syllables = sorted({a + b for a in "bcdfghjklmnprstvwz" for b in "aeiouy"}
-                       | {a + b + c for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrst"})
-    return "".join(" " + "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(count))
-
-
-def bench_tokenizer(vocab_size: int) -> Tokenizer:
-    if vocab_size <= 512:
-        return Tokenizer.train_from_iterator([TEXT * 20], vocab_size)
-    text = TEXT * 20 + made_up_words(max(300_000, 10 * vocab_size))
-    return Tokenizer.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], vocab_size)
-
-
 def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int) -> GPT:
     """A d<depth> GPT with random weights everywhere (nanochat's init zeroes output projections)."""
     model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len))
@@ -82,6 +76,26 @@ def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int) -> GPT:
             if p.ndim == 2:
                 p.normal_(0.0, 2.0 * p.size(1) ** -0.5)
     return model.eval()
+
+
+def made_up_words(count: int, seed: int = 0) -> str:
+    """count words of 1-4 random syllables: text with enough distinct pieces to train a large vocabulary."""
+    rng = random.Random(seed)
+    syllables = sorted({a + b for a in "bcdfghjklmnprstvwz" for b in "aeiouy"}
+                       | {a + b + c for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrst"})
+    return "".join(" " + "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(count))
+
+
+def bench_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer of vocab_size tokens trained here on Python source (torch.nn's, which every install has),
+    and past 4096 tokens on made-up words too (enough distinct pieces for a real model's 65536): the
+    vocabulary's size is what costs in a step (the logits), not what the tokens mean."""
+    files = sorted((Path(torch.__file__).parent / "nn").rglob("*.py"))
+    texts = [TEXT * 20] + [f.read_text() for f in files]
+    if vocab_size > 4096:
+        words = made_up_words(max(300_000, 10 * vocab_size))
+        texts += [words[i : i + 10_000] for i in range(0, len(words), 10_000)]
+    return Tokenizer.train_from_iterator(texts, vocab_size)
 
 
 def prompts(tokenizer: Tokenizer, count: int) -> list[list[int]]:
@@ -135,16 +149,19 @@ def concurrent(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, con
     return Result(f"engine, {concurrency} concurrent", len(batch), tokens, time.perf_counter() - start, ttft)
 
 
+def long_prompt(tokenizer: Tokenizer, prefix_tokens: int, seed: int, question: int) -> list[int]:
+    """~prefix_tokens tokens of text starting at word `seed`, then a question numbered `question`: the same
+    seed gives prompts that share all but their last few tokens."""
+    words = (TEXT * (prefix_tokens // 10 + 10)).split()
+    body = tokenizer.encode(" ".join(words[seed:]), prepend="<|bos|>")[:prefix_tokens]
+    return body + tokenizer.encode(f" question {question}?")
+
+
 def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, repeats: int,
                 score_prompt: bool = False) -> tuple[float, float, float | None]:
     """Median TTFT of a ~prefix_tokens prompt: each time a new prefix (nothing cached), and a shared prefix
     the cache already holds (a warm-up request put it there) with a different question at the end; with
     score_prompt, also new prefixes whose every position is scored (prompt_logprobs=1: echo + logprobs)."""
-    words = (TEXT * (prefix_tokens // 10 + 10)).split()
-
-    def long_prompt(seed: int, question: int) -> list[int]:
-        body = tokenizer.encode(" ".join(words[seed:]), prepend="<|bos|>")[:prefix_tokens]
-        return body + tokenizer.encode(f" question {question}?")
 
     async def ttft_of(prompts_: list[list[int]], tag: str, prompt_logprobs: int | None = None) -> list[float]:
         times = []
@@ -153,74 +170,153 @@ def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, r
             times.append(t)
         return times
 
-    cold = asyncio.run(ttft_of([long_prompt(1 + i, i) for i in range(repeats)], "cold"))
+    def prompts_from(seed: int, count: int) -> list[list[int]]:
+        return [long_prompt(tokenizer, prefix_tokens, seed + i, i) for i in range(count)]
+
+    cold = asyncio.run(ttft_of(prompts_from(1, repeats), "cold"))
     scored = None
     if score_prompt:
-        scored = statistics.median(asyncio.run(ttft_of([long_prompt(100 + i, i) for i in range(repeats)], "scored", 1)))
-    asyncio.run(ttft_of([long_prompt(0, 999)], "warmup"))
-    warm = asyncio.run(ttft_of([long_prompt(0, i) for i in range(repeats)], "warm"))
+        scored = statistics.median(asyncio.run(ttft_of(prompts_from(100, repeats), "scored", 1)))
+    asyncio.run(ttft_of([long_prompt(tokenizer, prefix_tokens, 0, 999)], "warmup"))
+    warm = asyncio.run(ttft_of([long_prompt(tokenizer, prefix_tokens, 0, i) for i in range(repeats)], "warm"))
     return statistics.median(cold), statistics.median(warm), scored
 
 
-def over_http(engine: AsyncEngine, tokenizer: Tokenizer, batch_texts: list[str], max_tokens: int,
-              concurrency: int) -> Result:
-    """The same requests as streamed completions through the local app under uvicorn, `concurrency`
-    client threads at a time, with the official openai client."""
-    import openai
-    import uvicorn
+def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
+    """The model as a checkpoint in local storage, laid out as training leaves it; its --model URI."""
+    from nanochat.checkpoint import write_checkpoint
+    from services.checkpoints import CheckpointManager
+    from services.layout import TOKENIZER_KEY, stage_prefix, step_dir_name
+    from services.storage import open_storage
 
-    from serving.api.app import create_app
+    storage = open_storage(str(root / "storage"))
+    storage.write_text(TOKENIZER_KEY, tokenizer.to_json())
+    step_dir = root / "storage" / stage_prefix("bench", "sft") / step_dir_name(1)  # local storage is a folder
+    write_checkpoint(step_dir, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={},
+                     rng=None, meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
+    CheckpointManager(storage, "bench", "sft").mark_latest(1)
+    return str(step_dir)
 
+
+class Server:
+    """`nanochat serve` on a model URI in a subprocess (Ray Serve on an embedded local Ray), until closed."""
+
+    def __init__(self, model_uri: str, settings: list[str], log_path: Path, replicas: int = 1):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        nanochat = str(Path(sys.executable).parent / "nanochat")
+        command = [nanochat, "serve", "--model", model_uri, "--port", str(self.port), "--metrics-port",
+                   str(self.metrics_port), "--replicas", str(replicas)] + [arg for s in settings for arg in ("--set", s)]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "NANOCHAT_API_KEYS": ""})
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nanochat serve exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.base + "/v1/models", timeout=2) as response:
+                    if json.loads(response.read())["data"]:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        self.close()
+        raise RuntimeError(f"nanochat serve did not serve the model within 240 s:\n{log_path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, max_tokens_limit=max(max_tokens, 1024)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-    lock = threading.Lock()
-    tokens, ttft = 0, []
-    queue = list(batch_texts)
+        return s.getsockname()[1]
 
-    def worker() -> None:
-        nonlocal tokens
-        while True:
-            with lock:
-                if not queue:
-                    return
-                text = queue.pop()
-            t0 = time.perf_counter()
-            first = True
-            stream = client.completions.create(model="nanochat", prompt=text, max_tokens=max_tokens, temperature=0,
-                                               stream=True, stream_options={"include_usage": True},
-                                               extra_body={"min_tokens": max_tokens})
-            for chunk in stream:
-                if first and chunk.choices and chunk.choices[0].text:
-                    with lock:
-                        ttft.append(time.perf_counter() - t0)
-                    first = False
-                if chunk.usage is not None:
-                    with lock:
-                        tokens += chunk.usage.completion_tokens
 
+def stream_completion(client, text: str, max_tokens: int) -> tuple[int, float]:
+    """One streamed completion of exactly max_tokens tokens: (completion tokens, seconds to the first text)."""
+    t0 = time.perf_counter()
+    ttft, tokens = float("nan"), 0
+    stream = client.completions.create(model="nanochat", prompt=text, max_tokens=max_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"min_tokens": max_tokens})
+    for chunk in stream:
+        if ttft != ttft and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, ttft
+
+
+def over_http(client, texts: list[str], max_tokens: int, concurrency: int) -> Result:
+    """The requests as streamed completions with the official openai client, `concurrency` at a time."""
     start = time.perf_counter()
-    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = list(pool.map(lambda text: stream_completion(client, text, max_tokens), texts))
     seconds = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
-    return Result(f"HTTP + openai client, {concurrency} concurrent", len(batch_texts), tokens, seconds, ttft)
+    return Result(f"HTTP (nanochat serve), {concurrency} concurrent", len(texts), sum(t for t, _ in done), seconds,
+                  [ttft for _, ttft in done])
+
+
+def prefix_ttft_http(client, tokenizer: Tokenizer, prefix_tokens: int, repeats: int) -> tuple[float, float]:
+    """prefix_ttft through the server: long prompts as text, one request at a time."""
+    def ttft_of(prompts_: list[list[int]]) -> list[float]:
+        return [stream_completion(client, tokenizer.decode(p[1:]), 1)[1] for p in prompts_]
+
+    cold = ttft_of([long_prompt(tokenizer, prefix_tokens, 1 + i, i) for i in range(repeats)])
+    ttft_of([long_prompt(tokenizer, prefix_tokens, 0, 999)])
+    warm = ttft_of([long_prompt(tokenizer, prefix_tokens, 0, i) for i in range(repeats)])
+    return statistics.median(cold), statistics.median(warm)
+
+
+def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, levels: list[int],
+               batch: list[list[int]]) -> tuple[list[Result], tuple[float, float]]:
+    """The sweep and the prefix TTFT through `nanochat serve` on the same model; level 1 is the baseline."""
+    import openai
+
+    top = max(levels)
+    settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
+                "serve.num_blocks=1024", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
+                f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
+                "serve.reload_interval_s=0"] + args.serve_set
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(publish(model, tokenizer, Path(tmp)), settings, Path(tmp) / "serve.log")
+        try:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
+            texts = [tokenizer.decode(p[1:]) for p in batch]
+            over_http(client, texts[:2], 4, 2)  # warm-up
+            results = [over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
+                       for level in levels]
+            return results, prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
+        finally:
+            server.close()
+
+
+def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args) -> None:
+    print(f"\n{title}")
+    print(f"{'':40} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9}")
+    for r in results:
+        print(f"{r.name:40} {r.requests:8d} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_s:8.1f} "
+              f"{r.tokens_per_s / base:6.2f}x {r.median_ttft * 1000:7.0f}ms")
+    print(f"TTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}): "
+          f"prefix not cached {cold * 1000:.0f} ms; shared prefix cached {warm * 1000:.0f} ms; "
+          f"speedup {cold / warm:.1f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4, help="depth of the random model (without --model)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the random model (without --model)")
+    parser.add_argument("--score-prompt", action="store_true",
+                        help="also the TTFT of a prompt scored at every position (prompt_logprobs, echo + logprobs)")
     parser.add_argument("--model", default=None, help="a checkpoint: <storage>/runs/<run>/<stage>[/step_XXXXXX]")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--requests", type=int, default=0, help="requests per engine run (default: 2 x the largest concurrency)")
@@ -228,11 +324,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)
-    parser.add_argument("--http", action="store_true", help="also the sweep over HTTP with the openai client")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=512, help="the tokenizer's (without --model)")
-    parser.add_argument("--score-prompt", action="store_true",
-                        help="also the TTFT of a prompt scored at every position (prompt_logprobs, echo + logprobs)")
+    parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "
+                        "with the openai client; its baseline is the same server at concurrency 1")
+    parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
+    parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -253,32 +350,29 @@ def main() -> None:
 
     count = args.requests or 2 * max(levels)
     batch = prompts(tokenizer, count)
-    results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
-    engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(levels),
-                                   max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
-    try:
-        asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
-        for level in levels:
-            results.append(concurrent(engine, batch, args.max_tokens, level))
-        cold, warm, scored = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats,
-                                         args.score_prompt)
-        if args.http:
-            texts = [tokenizer.decode(p[1:]) for p in batch]
-            for level in (1, max(levels)):
-                results.append(over_http(engine, tokenizer, texts, args.max_tokens, level))
-    finally:
-        engine.shutdown()
-
-    base = results[0].tokens_per_s
-    print(f"\n{'':40} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9}")
-    for r in results:
-        print(f"{r.name:40} {r.requests:8d} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_s:8.1f} "
-              f"{r.tokens_per_s / base:6.2f}x {r.median_ttft * 1000:7.0f}ms")
-    print(f"\nTTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}):")
-    print(f"  prefix not cached: {cold * 1000:.0f} ms; shared prefix cached: {warm * 1000:.0f} ms; "
-          f"speedup {cold / warm:.1f}x")
-    if scored is not None:
-        print(f"  scored at every position (prompt_logprobs=1): {scored * 1000:.0f} ms, {scored / cold:.2f}x the plain one")
+    if not args.http_only:
+        results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
+        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(levels),
+                                       max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
+        try:
+            asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
+            for level in levels:
+                results.append(concurrent(engine, batch, args.max_tokens, level))
+            cold, warm, scored = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats,
+                                             args.score_prompt)
+        finally:
+            engine.shutdown()
+        print_table("In process (ratios against nanochat's own generator, one request at a time):", results,
+                    results[0].tokens_per_s, cold, warm, args)
+        if scored is not None:
+            print(f"TTFT of the same prompts scored at every position (prompt_logprobs=1): {scored * 1000:.0f} ms, "
+                  f"{scored / cold:.2f}x the plain one")
+    if args.http or args.http_only:
+        if levels[0] != 1:
+            levels = [1, *levels]
+        results, (cold, warm) = http_sweep(model, tokenizer, args, levels, batch)
+        print_table("Over HTTP through `nanochat serve` with the openai client (ratios against 1 concurrent):",
+                    results, results[0].tokens_per_s, cold, warm, args)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ class ServeConfig(Section):
     stage: str = Field("sft", description="serve the newest checkpoint of this stage when --model is not given")
     reload_interval_s: float = Field(30, ge=0, description="how often the server looks for a newer checkpoint of serve.stage (its `latest` marker) and swaps it in without a restart (0: never; a --model pinned to a step never reloads)")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
-    num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica")
+    num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica (unless kv_cache_memory_fraction is set)")
+    kv_cache_memory_fraction: float = Field(0, ge=0, le=1, description="size the KV cache to this fraction of the memory free once the model is loaded (the GPU's free memory; on a CPU the RAM available), as vLLM's gpu_memory_utilization; replicas sharing a device each take their fraction of what is free when they start (0: serve.num_blocks blocks)")
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunks + decodes)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -182,6 +183,8 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(64, ge=-1, description="Ray Serve's queue bound per engine replica, past which a request gets a 429 (-1: unbounded)")
     api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once, and holds queued beyond that before Serve's proxy answers 503 (0: twice what the engine replicas can run or queue, 2 x (max_ongoing_requests + max_queued_requests) x max_replicas, so that requests past the engines' bound reach it and get a 429 with Retry-After; Ray Serve's own default, 5, would hold the rest in its proxy unanswered)")
     drain_timeout_s: float = Field(30, ge=0, description="on shutdown (SIGTERM), how long requests in flight may go on finishing while new ones get 503 with Retry-After; those still running then end with an error event (Ray Serve's graceful_shutdown_timeout_s of both deployments)")
+    stream_interval_s: float = Field(0.0, ge=0, description="least time between two messages of one stream from an engine replica to the API (after the first token, which goes at once); each carries every token made meanwhile: fewer, larger messages through Ray's hops and the SSE stream, for many concurrent streams on few cores (0: one message per engine step)")
+    routing: Literal["prefix", "power_of_two"] = Field("prefix", description="how the API picks an engine replica: prefix = the one that last ran the longest prefix of the prompt (whole KV blocks), so shared prefixes stay in one replica's cache (the less loaded of two others when it is full or nothing matches); power_of_two = Ray Serve's default, the less loaded of two at random")
     num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica")
 

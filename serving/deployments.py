@@ -12,6 +12,9 @@ Notable:
   when the ingress fell behind), not one per token
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
+- requests go to the engine replica that last ran the longest prefix of their prompt (serve.routing
+  "prefix", serving/prefix_router.py), so a shared prefix stays in one replica's cache; "power_of_two" is
+  Serve's default router
 - `app_builder` is the import path for KubeRay's RayService (`serving.deployments:app_builder`) and `serve run`
 - the app deploys with nothing in storage yet: an engine replica without a model answers /health, and the
   API lists no model and answers 503 saying how to train one. Each replica looks at the stage's `latest`
@@ -21,7 +24,8 @@ Notable:
   checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
   served is the gauge nanochat:model_step and the `step` of /v1/models' entry.
 - /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
-  replica's check_health raises and Serve replaces it (the API's /health answers 503 meanwhile)
+  replica's check_health raises and Serve replaces it; the API's /health asks an engine replica (at most
+  every REFRESH_S) and answers 503 while the engine it reaches has failed or is draining
 - shutdown is graceful: Serve stops sending a replica requests and lets those in flight finish for up to
   serve.drain_timeout_s (graceful_shutdown_timeout_s of both deployments) before it stops the replica, whose
   engine then aborts what is left (its clients get an error event)
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 
 from nanochat.checkpoint import CorruptCheckpoint
@@ -50,15 +55,26 @@ from nanochat.tokenizer import Tokenizer
 from services.storage import KeyNotFound, StorageError
 from serving.api.app import ServedModel
 from serving.api.schemas import now
-from serving.engine.llm_engine import AsyncEngine, EngineStopped, LLMEngine, QueueFull, TokenEvent
+from serving.engine.llm_engine import (
+    AsyncEngine,
+    EngineStopped,
+    LLMEngine,
+    QueueFull,
+    TokenEvent,
+    free_memory,
+    kv_cache_blocks,
+)
+from serving.engine.model_runner import resolve_dtype
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
 from serving.model_source import ModelSource
+from serving.prefix_router import PrefixAffinityRouter
 
 # a child of Serve's logger: Serve sends it, with the replica's name, to the replica's log and the driver's console
 log = logging.getLogger("ray.serve.nanochat")
 
-REFRESH_S = 1.0  # how stale the ingress's idea of the served model may get
+REFRESH_S = 1.0  # how stale the ingress's idea of the served model, and of the engine's health, may get
+HEALTH_TIMEOUT_S = 2.0  # an engine replica that does not say within this whether its engine is alive is busy
 RETIRE_TIMEOUT_S = 600.0  # a replaced engine shuts down once its requests finish, or after this long
 
 
@@ -106,7 +122,7 @@ class EngineReplica:
             loaded = self.loaded
             if loaded is None:
                 raise NoModelLoaded(f"no model loaded yet from {self.source.describe()}")
-            events = loaded.engine.generate_batches(request_id, prompt_ids, sampling)
+            events = loaded.engine.generate_batches(request_id, prompt_ids, sampling, self.cfg.stream_interval_s)
             try:
                 first = await anext(events)
                 break
@@ -136,6 +152,16 @@ class EngineReplica:
         loaded = self.loaded
         return loaded.engine.stats() if loaded is not None else {}
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """The engine's numbers (requests, KV blocks free, prefix-cache counters), which Serve collects from
+        each replica for its request router every request_routing_stats_period_s."""
+        return self.stats()
+
+    def engine_alive(self) -> bool:
+        """Whether the served engine takes requests (True while no model is loaded: the replica is fine)."""
+        loaded = self.loaded
+        return loaded is None or loaded.engine.alive()
+
     def check_health(self) -> None:
         """Raises once the served engine has failed (or stopped): Serve then replaces this replica."""
         loaded = self.loaded
@@ -157,7 +183,14 @@ class EngineReplica:
     def _serve(self, model: Any, tokenizer: Tokenizer, step: int) -> None:
         """Start an engine on the loaded model and send new requests to it; retire the one it replaces."""
         cfg = self.cfg
-        engine = LLMEngine(model, tokenizer, num_blocks=cfg.num_blocks, block_size=cfg.block_size,
+        num_blocks = cfg.num_blocks
+        if cfg.kv_cache_memory_fraction:
+            free = free_memory(self.device)
+            num_blocks = kv_cache_blocks(model, cfg.block_size, resolve_dtype(cfg.dtype, self.device),
+                                         cfg.kv_cache_memory_fraction, free)
+            log.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, cfg.block_size,
+                     cfg.kv_cache_memory_fraction, free / 2**20)
+        engine = LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=cfg.block_size,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                            device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager)
         tokenizer_json = tokenizer.to_json()
@@ -226,22 +259,37 @@ class RemoteEngine:
     """The engine replicas behind a deployment handle, with AsyncEngine's interface."""
 
     def __init__(self, handle: serve.handle.DeploymentHandle):
+        self.plain = handle
         self.handle = handle.options(stream=True)
+        self.healthy = True
+        self.checked = float("-inf")
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate_batches(self, request_id: str, prompt_ids: list[int],
+                               params: SamplingParams) -> AsyncIterator[list[TokenEvent]]:
         stream = self.handle.generate.remote(request_id, prompt_ids, asdict(params))
         try:
             async for batch in stream:
-                for event in batch:
-                    yield event
+                yield batch
         except BackPressureError as e:  # Ray Serve's queue bound: the request never reached a replica
             raise QueueFull(str(e)) from e  # (and cancelling it would raise this error again)
         except BaseException:  # a closed client stream (GeneratorExit), a cancellation, an error
             stream.cancel()  # aborts the request in the replica
             raise
 
-    def alive(self) -> bool:
-        return True  # Serve health-checks the engine replicas themselves (EngineReplica.check_health)
+    async def alive(self) -> bool:
+        """Whether the engine takes requests, asked of a replica (one Serve routes to) at most every REFRESH_S:
+        False once its engine has failed or is draining, until Serve has replaced it. Busy replicas (a full
+        queue, or no answer within HEALTH_TIMEOUT_S) keep the last answer: overload is not a failure."""
+        if time.monotonic() - self.checked < REFRESH_S:
+            return self.healthy
+        self.checked = time.monotonic()
+        try:
+            self.healthy = await asyncio.wait_for(self.plain.engine_alive.remote(), HEALTH_TIMEOUT_S)
+        except (BackPressureError, TimeoutError):
+            pass
+        except Exception as e:  # e.g. the replica died while answering: Serve starts another
+            log.warning("could not ask an engine replica whether its engine is alive: %s", e)
+        return self.healthy
 
 
 class ReplicaModels:
@@ -309,7 +357,12 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
     """The serving application for a model source, sized by the `serve` config section. Storage is not
     read here: the replicas load the model, or wait for one."""
     s = cfg.serve
+    routing = {}
+    if s.routing == "prefix":
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter, request_router_kwargs={"block_size": s.block_size})
     engine = EngineReplica.options(
+        **routing,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
         max_ongoing_requests=s.max_ongoing_requests,

@@ -2,8 +2,11 @@
 The OpenAI-compatible HTTP API and the web UI's files, as a plain FastAPI app over an AsyncEngine.
 
 Notable:
-- create_app takes anything with AsyncEngine's generate() and alive(): the engine itself (tests, one
-  process) or serving/deployments.py's handle on Ray Serve replicas. No Ray here, so the tests run it under uvicorn.
+- create_app takes anything with AsyncEngine's generate_batches() and alive() (a bool, or an awaitable one):
+  the engine itself (tests, one process) or serving/deployments.py's handle on Ray Serve replicas. No Ray
+  here, so the tests run it under uvicorn.
+- a stream writes each list of events the engine sends (one step's, or several) as one piece: with many
+  concurrent streams on few cores, fewer writes through the server (and Ray Serve's proxy) per token.
 - what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
   tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
   nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).
@@ -64,9 +67,10 @@ import codecs
 import dataclasses
 import hmac
 import importlib.metadata
+import inspect
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -149,12 +153,12 @@ T = TypeVar("T")
 
 
 class Engine(Protocol):
-    """What the API needs of an engine: AsyncEngine's generate() and alive()."""
+    """What the API needs of an engine: AsyncEngine's generate_batches() and alive()."""
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncGenerator[TokenEvent, None]: ...
+    def generate_batches(self, request_id: str, prompt_ids: list[int],
+                         params: SamplingParams) -> AsyncGenerator[list[TokenEvent], None]: ...
 
-    def alive(self) -> bool: ...
+    def alive(self) -> bool | Awaitable[bool]: ...
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,10 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        if not engine.alive():  # failed, stopped, or draining for shutdown: send traffic elsewhere
+        alive = engine.alive()
+        if inspect.isawaitable(alive):  # an engine elsewhere (Ray Serve replicas) is asked
+            alive = await alive
+        if not alive:  # failed, stopped, or draining for shutdown: send traffic elsewhere
             raise unavailable("The engine is not taking requests (it failed, or the server is shutting down)")
         return {"status": "ok"}
 
@@ -510,13 +517,14 @@ def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], echo: Echo
 
 @dataclass
 class Run:
-    """One request in the engine: its first event (already received) and the rest to come."""
+    """One request in the engine: its first events (already received) and the rest to come, in the lists
+    the engine sends them in (a stream writes each list as one piece)."""
 
     id: str
     n: int
     prompt_tokens: int
-    first: TokenEvent
-    events: AsyncGenerator[TokenEvent, None]
+    first: list[TokenEvent]
+    events: AsyncGenerator[list[TokenEvent], None]
     created: int = field(default_factory=now)
     hidden_logprobs: frozenset[int] = frozenset()  # tokens whose log-probabilities are not shown (chat's ends)
     score_only: bool = False  # echo with max_tokens 0: the engine's one generated token is not the answer's
@@ -534,18 +542,20 @@ class Run:
         self.finish_reasons = [None] * self.n
         self.completion_tokens = [0] * self.n
 
-    async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Every event, each one also recorded in texts, finish_reasons and completion_tokens."""
-        yield self._record(self.first)
-        async for event in self.events:
-            yield self._record(event)
+    async def batches(self) -> AsyncIterator[Iterator[TokenEvent]]:
+        """Every event, in the engine's lists. Each event is recorded (texts, logprobs and the rest, which
+        then stand as of that event) as the consumer reaches it, and comes as the response shows it."""
+        yield (self._record(event) for event in self.first)
+        async for batch in self.events:
+            yield (self._record(event) for event in batch)
 
     async def collect(self, observe: Callable[[TokenEvent], object] | None = None) -> None:
         """Every event, each one also given to observe."""
         try:
-            async for event in self.stream():
-                if observe is not None:
-                    observe(event)
+            async for batch in self.batches():
+                for event in batch:
+                    if observe is not None:
+                        observe(event)
         except Exception:
             # answered here rather than by the catch-all handler, after which uvicorn drops the connection
             log.exception("request %s failed", self.id)
@@ -590,7 +600,7 @@ async def start(engine: Engine, request: Request, request_id: str, prompt_ids: l
     """Submit the request and wait for its first event, turning the engine's refusals into API errors.
     Whatever goes wrong here comes out of the event generator (or cancels it), which has then ended:
     nothing is left running in the engine. hidden_logprobs and score_only: see Run."""
-    events = engine.generate(request_id, prompt_ids, params)
+    events = engine.generate_batches(request_id, prompt_ids, params)
     try:
         first = await until_disconnected(request, anext(events))
     except QueueFull:
@@ -686,18 +696,23 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
     splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-    async for event in run.stream():
-        if event.finish_reason == "abort":
-            yield shutting_down()
-            return
-        pieces = splitters[event.index].add(event.token_id, event.text)
-        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
-        for j, piece in enumerate(pieces):
-            token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
-            if piece.text or piece.type != "text" or token_logprobs is not None:
-                yield chunk([ChunkChoice(index=event.index, delta=piece_delta(piece), logprobs=token_logprobs)])
-        if event.finish_reason is not None:
-            yield chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)])
+    async for batch in run.batches():
+        written: list[str] = []
+        for event in batch:
+            if event.finish_reason == "abort":
+                yield "".join(written) + shutting_down()
+                return
+            pieces = splitters[event.index].add(event.token_id, event.text)
+            logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+            for j, piece in enumerate(pieces):
+                token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
+                if piece.text or piece.type != "text" or token_logprobs is not None:
+                    written.append(chunk([ChunkChoice(index=event.index, delta=piece_delta(piece),
+                                                      logprobs=token_logprobs)]))
+            if event.finish_reason is not None:
+                written.append(chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)]))
+        if written:
+            yield "".join(written)
     if include_usage:
         yield chunk([], run.usage())
     yield sse("[DONE]")
@@ -712,22 +727,27 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
         return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     echoed: set[int] = set()
-    async for event in run.stream():
-        if event.finish_reason == "abort":
-            yield shutting_down()
-            return
-        text, infos, first = event.text, [], echo is not None and event.index not in echoed
-        if event.logprob is not None:
-            infos = run.logprobs[event.index][-1:]
-        if first:
-            echoed.add(event.index)
-            text = echo.text + text
-        logprobs = None
-        if logprobs_wanted and (infos or first):
-            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None)
-        if text or event.finish_reason is not None or logprobs is not None:
-            yield chunk([CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
-                                          logprobs=logprobs)])
+    async for batch in run.batches():
+        written: list[str] = []
+        for event in batch:
+            if event.finish_reason == "abort":
+                yield "".join(written) + shutting_down()
+                return
+            text, infos, first = event.text, [], echo is not None and event.index not in echoed
+            if event.logprob is not None:
+                infos = run.logprobs[event.index][-1:]
+            if first:
+                echoed.add(event.index)
+                text = echo.text + text
+            logprobs = None
+            if logprobs_wanted and (infos or first):
+                logprobs = completion_logprobs(tokenizer, infos, echo,
+                                               run.prompt_logprobs[event.index] if first else None)
+            if text or event.finish_reason is not None or logprobs is not None:
+                written.append(chunk([CompletionChoice(index=event.index, text=text,
+                                                       finish_reason=event.finish_reason, logprobs=logprobs)]))
+        if written:
+            yield "".join(written)
     if include_usage:
         yield chunk([], run.usage())
     yield sse("[DONE]")

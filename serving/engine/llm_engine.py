@@ -71,6 +71,7 @@ import codecs
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -411,6 +412,39 @@ def _held_back(text: str, emitted: int, stops: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# sizing the KV cache
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free now on device: the GPU's free memory, or on a CPU the memory the kernel says is
+    available (MemAvailable: free plus what it can reclaim)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: float, free_bytes: int) -> int:
+    """How many KV-cache blocks fit in fraction of free_bytes (vLLM's gpu_memory_utilization, of the memory
+    left once the model is loaded): keys and values of every layer for block_size tokens each. A ValueError
+    naming serve.kv_cache_memory_fraction when fewer than 2 fit."""
+    cfg = model.config
+    per_block = 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+    blocks = int(fraction * free_bytes) // per_block
+    if blocks < 2:
+        raise ValueError(f"serve.kv_cache_memory_fraction={fraction} of the {free_bytes / 2**20:.0f} MiB free holds "
+                         f"{blocks} KV-cache blocks of {per_block / 2**20:.2f} MiB; the engine needs at least 2")
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------
 # asyncio front
 
 
@@ -474,10 +508,13 @@ class AsyncEngine:
         finally:
             await batches.aclose()
 
-    async def generate_batches(self, request_id: str, prompt_ids: list[int],
-                               params: SamplingParams) -> AsyncIterator[list[TokenEvent]]:
+    async def generate_batches(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                               interval_s: float = 0.0) -> AsyncIterator[list[TokenEvent]]:
         """generate(), as lists of the events that have arrived by the time the consumer asks (one step's,
-        or more when it fell behind): a Ray Serve replica sends one object per list, not per token."""
+        or more when it fell behind): a Ray Serve replica sends one object per list, not per token.
+        interval_s: after the first list (so the time to first token is not delayed), at least this long
+        between lists, each holding every event of the steps in between: fewer, larger messages through
+        every hop to the client, for some burstiness in the stream."""
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
@@ -494,8 +531,11 @@ class AsyncEngine:
             self._inbox.append(("add", request_id, list(prompt_ids), params, time.monotonic()))
             self._cond.notify()
         finished = 0
+        sent_at = None
         try:
             while finished < params.n:
+                if sent_at is not None and interval_s > 0:
+                    await asyncio.sleep(sent_at + interval_s - time.monotonic())
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():
                     items.append(stream.queue.get_nowait())
@@ -505,6 +545,7 @@ class AsyncEngine:
                         raise item
                     finished += item.finish_reason is not None
                     batch.append(item)
+                sent_at = time.monotonic()
                 yield batch
         finally:
             with self._cond:

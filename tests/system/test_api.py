@@ -446,8 +446,8 @@ class FailingEngine:
     def alive(self) -> bool:
         return True
 
-    async def generate(self, request_id, prompt_ids, params):
-        yield TokenEvent(request_id, 0, 1, "a", None, len(prompt_ids), 1)
+    async def generate_batches(self, request_id, prompt_ids, params):
+        yield [TokenEvent(request_id, 0, 1, "a", None, len(prompt_ids), 1)]
         raise KeyError("broken")
 
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from nanochat.generate import generate_batch
 from nanochat.gpt import GPT, GPTConfig
@@ -450,3 +451,38 @@ def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
             await anext(engine.generate("late", [tok.get_bos_token_id()], params))
 
     asyncio.run(after())
+
+
+# ---------------------------------------------------------------------------------------------
+# the KV cache sized from free memory
+
+
+def test_the_kv_cache_fills_its_fraction_of_free_memory(model):
+    """Blocks of keys and values for every layer: as many as fit in the fraction, and the cache really
+    takes that much."""
+    from serving.engine.llm_engine import free_memory, kv_cache_blocks
+    from serving.engine.paged_cache import PagedKVCache
+
+    cfg = model.config
+    per_block = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4
+    assert kv_cache_blocks(model, 16, torch.float32, 0.5, 100 * per_block) == 50
+    assert kv_cache_blocks(model, 16, torch.bfloat16, 0.5, 100 * per_block) == 100
+    blocks = kv_cache_blocks(model, 16, torch.float32, 0.25, 100 * per_block + per_block - 1)
+    cache = PagedKVCache.for_model(model, blocks, 16)
+    assert blocks == 25 and (cache.k.nbytes + cache.v.nbytes) == 25 * per_block
+    assert 0 < free_memory("cpu")
+
+
+def test_a_fraction_too_small_for_two_blocks_names_the_setting(model):
+    from serving.engine.llm_engine import kv_cache_blocks
+
+    with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction"):
+        kv_cache_blocks(model, 16, torch.float32, 0.001, 1000)
+
+
+def test_the_fraction_is_validated_naming_the_field():
+    from nanochat.config import ConfigError, load_config
+
+    assert load_config(overrides=["serve.kv_cache_memory_fraction=0.9"]).serve.kv_cache_memory_fraction == 0.9
+    with pytest.raises(ConfigError, match="kv_cache_memory_fraction"):
+        load_config(overrides=["serve.kv_cache_memory_fraction=1.5"])
