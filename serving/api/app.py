@@ -686,6 +686,25 @@ def shutting_down() -> str:
     return sse(ErrorResponse(error=error.detail))
 
 
+async def event_stream(run: Run, render: Callable[[TokenEvent], list[str]],
+                       usage: Callable[[], str] | None) -> AsyncGenerator[str, None]:
+    """The stream's events, each list the engine sent written as one piece (render gives an event's SSE
+    chunks), then the usage chunk (if asked) and [DONE]. An abort (the engine shutting down) ends it with an
+    error event instead."""
+    async for batch in run.batches():
+        written: list[str] = []
+        for event in batch:
+            if event.finish_reason == "abort":
+                yield "".join(written) + shutting_down()
+                return
+            written += render(event)
+        if written:
+            yield "".join(written)
+    if usage is not None:
+        yield usage()
+    yield sse("[DONE]")
+
+
 async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
     """chat.completion.chunk events: each choice's role, its content deltas, its finish_reason; then the
     usage (if asked) and [DONE]."""
@@ -694,28 +713,24 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
         return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
+
+    def render(event: TokenEvent) -> list[str]:
+        written = []
+        pieces = splitters[event.index].add(event.token_id, event.text)
+        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+        for j, piece in enumerate(pieces):
+            token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
+            if piece.text or piece.type != "text" or token_logprobs is not None:
+                written.append(chunk([ChunkChoice(index=event.index, delta=piece_delta(piece),
+                                                  logprobs=token_logprobs)]))
+        if event.finish_reason is not None:
+            written.append(chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)]))
+        return written
+
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-    async for batch in run.batches():
-        written: list[str] = []
-        for event in batch:
-            if event.finish_reason == "abort":
-                yield "".join(written) + shutting_down()
-                return
-            pieces = splitters[event.index].add(event.token_id, event.text)
-            logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
-            for j, piece in enumerate(pieces):
-                token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
-                if piece.text or piece.type != "text" or token_logprobs is not None:
-                    written.append(chunk([ChunkChoice(index=event.index, delta=piece_delta(piece),
-                                                      logprobs=token_logprobs)]))
-            if event.finish_reason is not None:
-                written.append(chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)]))
-        if written:
-            yield "".join(written)
-    if include_usage:
-        yield chunk([], run.usage())
-    yield sse("[DONE]")
+    async for piece in event_stream(run, render, (lambda: chunk([], run.usage())) if include_usage else None):
+        yield piece
 
 
 async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer, echo: Echo | None,
@@ -727,30 +742,24 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
         return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     echoed: set[int] = set()
-    async for batch in run.batches():
-        written: list[str] = []
-        for event in batch:
-            if event.finish_reason == "abort":
-                yield "".join(written) + shutting_down()
-                return
-            text, infos, first = event.text, [], echo is not None and event.index not in echoed
-            if event.logprob is not None:
-                infos = run.logprobs[event.index][-1:]
-            if first:
-                echoed.add(event.index)
-                text = echo.text + text
-            logprobs = None
-            if logprobs_wanted and (infos or first):
-                logprobs = completion_logprobs(tokenizer, infos, echo,
-                                               run.prompt_logprobs[event.index] if first else None)
-            if text or event.finish_reason is not None or logprobs is not None:
-                written.append(chunk([CompletionChoice(index=event.index, text=text,
-                                                       finish_reason=event.finish_reason, logprobs=logprobs)]))
-        if written:
-            yield "".join(written)
-    if include_usage:
-        yield chunk([], run.usage())
-    yield sse("[DONE]")
+
+    def render(event: TokenEvent) -> list[str]:
+        text, infos, first = event.text, [], echo is not None and event.index not in echoed
+        if event.logprob is not None:
+            infos = run.logprobs[event.index][-1:]
+        if first:
+            echoed.add(event.index)
+            text = echo.text + text
+        logprobs = None
+        if logprobs_wanted and (infos or first):
+            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None)
+        if text or event.finish_reason is not None or logprobs is not None:
+            return [chunk([CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
+                                            logprobs=logprobs)])]
+        return []
+
+    async for piece in event_stream(run, render, (lambda: chunk([], run.usage())) if include_usage else None):
+        yield piece
 
 
 # ---------------------------------------------------------------------------------------------- the rest
