@@ -471,7 +471,8 @@ def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(bas
     with httpx.Client(base_url=base_url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            first = json.loads(next(r.iter_lines()).removeprefix("data: "))
+            lines = r.iter_lines()  # kept until the client leaves: a dropped line iterator closes the connection
+            first = json.loads(next(lines).removeprefix("data: "))
             assert engine.stats()["free_blocks"] < engine.stats()["total_blocks"]  # it holds blocks now
     assert wait_until(lambda: first["id"] in engine.engine.aborted), "the request was not aborted"
     assert wait_until(lambda: all_blocks_free(engine)), engine.stats()

@@ -58,6 +58,8 @@ def cluster(tmp_path_factory):
     port = free_port()
     # the replicas unpickle FlakySource from this file, imported under pytest's name for it
     path = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    if ray.is_initialized():  # an earlier test in this process left its local Ray: this one needs its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"root": root, "base": f"http://127.0.0.1:{port}", "flag": root.parent / "fail-now"}
