@@ -464,7 +464,7 @@ class _Stream:
 
 
 @dataclass
-class _Progress:
+class _RequestTally:
     """Engine-thread bookkeeping of a request, for metrics and for ending it."""
 
     n: int
@@ -491,7 +491,7 @@ class AsyncEngine:
         self._draining = False
         self.failure: Exception | None = None  # what ended the engine thread, if it failed
         self._stats = engine.stats()
-        self._progress: dict[str, _Progress] = {}  # engine thread only
+        self._tallies: dict[str, _RequestTally] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
         self._thread.start()
 
@@ -615,7 +615,7 @@ class AsyncEngine:
             for command in commands:
                 self._apply(command)
             if stopping:
-                for request_id in list(self._progress):
+                for request_id in list(self._tallies):
                     self.engine.abort(request_id)
             events = self.engine.step() if self.engine.has_work() else []
             self._stats = self.engine.stats()
@@ -635,7 +635,7 @@ class AsyncEngine:
             logger.exception("adding request %s failed", request_id)
             self._send(request_id, [e])
             return
-        self._progress[request_id] = _Progress(params.n)
+        self._tallies[request_id] = _RequestTally(params.n)
         if self.metrics is not None:
             self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
 
@@ -649,14 +649,14 @@ class AsyncEngine:
             request_ids = list(self._streams)
         for request_id in request_ids:
             self._send(request_id, [error])
-        for request_id in list(self._progress):
+        for request_id in list(self._tallies):
             try:
                 self.engine.abort(request_id)
             except Exception:  # the engine is broken already: its blocks go with it
                 logger.exception("aborting %s after the failure", request_id)
             if self.metrics is not None:
                 self.metrics.on_finish(request_id)
-        self._progress.clear()
+        self._tallies.clear()
         self.engine.pending.clear()  # their streams have already ended with the error
 
     def _record(self, events: list[TokenEvent]) -> None:
@@ -667,20 +667,20 @@ class AsyncEngine:
             if event.token_id is not None:
                 tokens[event.request_id] = tokens.get(event.request_id, 0) + 1
         for request_id, count in tokens.items():
-            progress = self._progress[request_id]
+            tally = self._tallies[request_id]
             if self.metrics is not None:
-                if progress.tokens_seen:
+                if tally.tokens_seen:
                     self.metrics.on_token(request_id, count, now=now)
                 else:
                     self.metrics.on_first_token(request_id, count, now=now)
-            progress.tokens_seen = True
+            tally.tokens_seen = True
         for event in events:
             if event.finish_reason is None:
                 continue
-            progress = self._progress[event.request_id]
-            progress.finished += 1
-            if progress.finished == progress.n:
-                del self._progress[event.request_id]
+            tally = self._tallies[event.request_id]
+            tally.finished += 1
+            if tally.finished == tally.n:
+                del self._tallies[event.request_id]
                 if self.metrics is not None:
                     self.metrics.on_finish(event.request_id, now=now)
         if self.metrics is not None:
