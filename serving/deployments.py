@@ -143,7 +143,8 @@ class EngineReplica:
         loaded = self.loaded
         if loaded is None:
             return {"step": None}
-        info = {"step": loaded.step, "created": loaded.created, "fingerprint": loaded.fingerprint}
+        info = {"step": loaded.step, "created": loaded.created, "fingerprint": loaded.fingerprint,
+                "max_model_len": loaded.engine.max_model_len}
         if loaded.fingerprint != known_fingerprint:
             info["tokenizer_json"] = loaded.tokenizer_json
         return info
@@ -328,7 +329,7 @@ class ReplicaModels:
             self.fingerprint = info["fingerprint"]
         if self.model is None or (self.model.step, self.model.created) != (info["step"], info["created"]):
             log.info("the engine replicas serve step %d", info["step"])
-            self.model = ServedModel(self.tokenizer, info["step"], info["created"])
+            self.model = ServedModel(self.tokenizer, info["step"], info["created"], info["max_model_len"])
 
 
 @serve.deployment(name="api", ray_actor_options={"num_cpus": 0})

@@ -163,11 +163,13 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """The model being served: its tokenizer, its checkpoint's step (None: not known) and when it came."""
+    """The model being served: its tokenizer, its checkpoint's step (None: not known), when it came, and the
+    engine's longest context (None: ask the engine the app was given)."""
 
     tokenizer: Tokenizer
     step: int | None = None
     created: int = field(default_factory=now)
+    max_model_len: int | None = None
 
 
 class ServedModels(Protocol):
@@ -341,7 +343,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        tokenizer = (await current()).tokenizer
+        served = await current()
+        tokenizer = served.tokenizer
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Give either prompt or messages", param="prompt")
@@ -352,8 +355,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
             if not body.add_generation_prompt:
                 tokens = tokens[:-1]  # the <|assistant_start|> render_for_completion ends with
-        return TokenizeResponse(count=len(tokens), max_model_len=getattr(engine, "max_model_len", None),
-                                tokens=tokens)
+        max_model_len = served.max_model_len or getattr(engine, "max_model_len", None)
+        return TokenizeResponse(count=len(tokens), max_model_len=max_model_len, tokens=tokens)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -91,6 +91,19 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["nanochat"]
 
 
+def test_tokenize_reports_the_engine_replicas_context(server):
+    """Under Ray the ingress holds no engine: the context comes from the replicas with the model."""
+    from nanochat.config import load_config
+
+    body = json.dumps({"prompt": "Hello"}).encode()
+    request = urllib.request.Request(server["base"] + "/tokenize", data=body,
+                                     headers={"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    block_size = load_config().serve.block_size
+    assert answer["max_model_len"] == min(256, 12 * block_size)  # the model's sequence_len, the cache's size
+    assert answer["count"] == len(answer["tokens"]) > 1
+
+
 def test_chat_completion_with_usage(client):
     reply = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=12, temperature=0)
