@@ -6,7 +6,7 @@ a conversation's history find its KV blocks cached, instead of ~1/N of them with
 Notable:
 - the prompt's token ids are the request's second argument (EngineReplica.generate(request_id, prompt_ids,
   params)); prefixes are hashed in whole KV blocks (serve.block_size), the unit the engine's prefix cache
-  shares, each block's hash chained to the one before as the block manager chains them
+  shares, with the block manager's own chain hash
 - the replica holding the longest known prefix comes first; a prompt with no known prefix goes first to
   the replica that owns the fewest blocks, so new prefixes spread over the replicas' caches; if that one is
   full (its max_ongoing_requests) the request goes to the less loaded of two other replicas, as Serve's
@@ -40,15 +40,16 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from serving.engine.block_manager import chain_hash
+
 MAX_ENTRIES = 200_000  # block hashes remembered (a few MB), least recently used dropped first
 
 
-def block_hashes(prompt_ids: list[int], block_size: int) -> list[int]:
+def block_hashes(prompt_ids: list[int], block_size: int) -> list[bytes]:
     """One hash per whole block of the prompt, each covering every token up to the end of its block."""
-    hashes, h = [], 0
+    hashes: list[bytes] = []
     for end in range(block_size, len(prompt_ids) + 1, block_size):
-        h = hash((h, tuple(prompt_ids[end - block_size : end])))
-        hashes.append(h)
+        hashes.append(chain_hash(hashes[-1] if hashes else None, prompt_ids[end - block_size : end]))
     return hashes
 
 
@@ -57,7 +58,7 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
 
     def initialize_state(self, block_size: int = 16, **_: Any) -> None:
         self.block_size = block_size
-        self.owners: OrderedDict[int, ReplicaID] = OrderedDict()
+        self.owners: OrderedDict[bytes, ReplicaID] = OrderedDict()
         self.owned: Counter[ReplicaID] = Counter()  # blocks each replica owns in self.owners
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
