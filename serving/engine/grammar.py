@@ -66,11 +66,6 @@ def bitmask_bias(bitmask: Tensor, vocab_size: int) -> Tensor:
     return bias.view(bitmask.size(0), -1)[:, :vocab_size]
 
 
-def apply_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
-    """logits (G, V) with every token the bitmask leaves out at -inf (a new tensor)."""
-    return logits + bitmask_bias(bitmask.to(logits.device), logits.size(1))
-
-
 class Grammars:
     """One engine's grammar machinery: its vocabulary as llguidance sees it, and the executor that fills the
     constrained rows' masks in parallel. Every method runs on the engine's thread."""
