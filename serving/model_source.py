@@ -21,7 +21,7 @@ import torch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
-from services.layout import TOKENIZER_KEY
+from services.layout import TOKENIZER_KEY, stage_prefix, step_dir_name
 from services.storage import open_storage
 
 _MODEL_URI = re.compile(r"^(?P<root>.*)/runs/(?P<run>[^/]+)/(?P<stage>[^/]+)(?:/step_(?P<step>\d+))?/?$")
@@ -43,8 +43,8 @@ class ModelSource:
         return cls(match["root"] or "/", match["run"], match["stage"], int(step) if step else None)
 
     def describe(self) -> str:
-        step = f"/step_{self.step:06d}" if self.step is not None else " (newest)"
-        return f"{self.storage}/runs/{self.run}/{self.stage}{step}"
+        stage = f"{self.storage}/{stage_prefix(self.run, self.stage)}"
+        return stage + step_dir_name(self.step) if self.step is not None else f"{stage.rstrip('/')} (newest)"
 
     def checkpoints(self) -> CheckpointManager:
         """The stage's checkpoints (reuse it for polling: opening S3 storage makes a client)."""
@@ -53,7 +53,7 @@ class ModelSource:
     def train_hint(self) -> str:
         """Where a server of this source looks, and the command that puts a checkpoint there."""
         run = "" if self.run == "default" else f" --run {self.run}"
-        return (f"there is no checkpoint in {self.storage}/runs/{self.run}/{self.stage}/ yet. Train one with "
+        return (f"there is no checkpoint in {self.storage}/{stage_prefix(self.run, self.stage)} yet. Train one with "
                 f"`nanochat speedrun --storage {self.storage}{run}` (on Kubernetes: the speedrun RayJob, "
                 f"`kubectl apply -f k8s/speedrun-job.yaml`)")
 
