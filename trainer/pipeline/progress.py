@@ -30,26 +30,30 @@ class ProgressBoard:
 class ProgressBar:
     """Context manager: creates the board actor and draws its state until the job ends."""
 
-    def __init__(self, name: str, description: str, interval_s: float = 0.5):
-        self.name, self.description, self.interval_s = name, description, interval_s
+    def __init__(self, name: str, description: str):
+        self.name, self.description = name, description
+        # in a log file (no terminal) a bar line every few seconds is plenty, and polling the board faster than
+        # the bar redraws would only take CPU from the training workers on a small machine
+        self.interval_s = 0.5 if sys.stderr.isatty() else 10.0
         self._stop = threading.Event()
 
     def __enter__(self) -> ProgressBar:
         self.board = ProgressBoard.options(name=self.name, get_if_exists=False).remote()
-        # in a log file (no terminal) a bar line every few seconds is plenty
-        self.bar = tqdm(desc=self.description, unit="step", dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        self.bar = tqdm(desc=self.description, unit="step", dynamic_ncols=True, mininterval=self.interval_s)
         self._thread = threading.Thread(target=self._draw, daemon=True)
         self._thread.start()
         return self
 
     def _draw(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                step, total, metrics = ray.get(self.board.get.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a missed refresh only delays the bar
-                continue
-            self._render(step, total, metrics)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        try:
+            step, total, metrics = ray.get(self.board.get.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a missed refresh only delays the bar
+            return
+        self._render(step, total, metrics)
 
     def _render(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         if total and self.bar.total != total:
@@ -62,5 +66,6 @@ class ProgressBar:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        self._refresh()  # the bar's last line shows where the job ended, not the last poll
         self.bar.close()
         ray.kill(self.board)
