@@ -40,6 +40,7 @@ class ModelConfig(Section):
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["relu2", "gelu", "swiglu"] = "relu2"
     qk_norm: bool = True
+    attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="training attention kernels: auto = FlexAttention for the sliding-window layers on a GPU (its block mask skips the hidden score tiles) and SDPA elsewhere; sdpa = SDPA everywhere (a window is a dense mask and costs as much as full attention); flex = FlexAttention for every layer (GPU only for training: it has no backward pass on a CPU). Inference (KV caches, serving) is unaffected")
 
 
 class TokenizerConfig(Section):

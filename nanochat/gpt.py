@@ -14,18 +14,22 @@ Notable features:
 - per-layer learnable scalars: resid_lambdas scale the residual stream, x0_lambdas blend the
   embedding back in (modded-nanogpt)
 - nanochat's init (uniform matrices, zero output projections) and depth dial (GPTConfig.from_depth)
-- two paths: forward() trains on full sequences with SDPA; forward_cached() runs inference through
+- sliding-window layers train through FlexAttention on a GPU (model.attention = auto), whose block mask
+  skips the score tiles a window hides; SDPA with a boolean mask, the fallback, computes them all
+- two paths: forward() trains on full sequences; forward_cached() runs inference through
   any KVCacheLike (nanochat/kv_cache.py), so that serving can bring a paged cache, and computes the
   logits only at the positions the caller asks for
 """
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nanochat.kv_cache import KVCacheLike
 
@@ -41,6 +45,9 @@ def layer_norm(x: Tensor) -> Tensor:
 NORMS = {"rmsnorm": rms_norm, "layernorm": layer_norm}
 ACTIVATIONS = ("relu2", "gelu", "swiglu")
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first channels of its input
+# training attention: flex = FlexAttention everywhere; sdpa = SDPA everywhere (a window is a dense mask);
+# auto = FlexAttention for the window layers on a GPU, SDPA otherwise (on a CPU compiling costs more than it saves)
+ATTENTION = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -59,6 +66,7 @@ class GPTConfig:
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (both parameter-free)
     activation: str = "relu2"  # "relu2" | "gelu" | "swiglu"
     qk_norm: bool = True
+    attention: str = "auto"  # the training path's attention kernels, one of ATTENTION (inference is unaffected)
 
     def __post_init__(self):
         self.window_pattern = self.window_pattern.upper()
@@ -78,6 +86,7 @@ class GPTConfig:
         self._require(self.qk_scale > 0, "qk_scale", "must be > 0")
         self._require(self.norm in NORMS, "norm", f"must be one of {sorted(NORMS)}")
         self._require(self.activation in ACTIVATIONS, "activation", f"must be one of {list(ACTIVATIONS)}")
+        self._require(self.attention in ATTENTION, "attention", f"must be one of {list(ATTENTION)}")
 
     def _require(self, ok: bool, field: str, rule: str) -> None:
         if not ok:
@@ -135,12 +144,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-    """Causal attention over whole sequences, (B, T, H, D) in and out. Full context takes SDPA's
-    is_causal path (flash); a window needs a mask, which SDPA's memory-efficient kernel takes."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_mask: BlockMask | None = None) -> Tensor:
+    """Causal attention over whole sequences, (B, T, H, D) in and out. With a block mask (see
+    window_block_mask), FlexAttention, which skips the tiles the mask hides. Otherwise SDPA: full context
+    takes its is_causal path (flash); a window needs a dense mask, which the memory-efficient kernel takes
+    and still computes every score of."""
     T = q.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window is None or window >= T - 1:
+    if block_mask is not None:
+        y = flex_causal_attention(q, k, v, block_mask)
+    elif window is None or window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     else:
         # the masked kernels do not all take GQA: give every query head its own key/value head
@@ -148,6 +161,34 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Ten
         delta = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta <= window))
     return y.transpose(1, 2)
+
+
+# compiled at its first call: uncompiled, FlexAttention materializes every score and skips nothing
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+def flex_causal_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """FlexAttention over (B, H, T, D). Autocast does not cover it as it covers SDPA: cast q, k, v to the
+    autocast dtype (or to q's) ourselves, since the kernel takes one dtype."""
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+
+
+@lru_cache(maxsize=32)
+def window_block_mask(seq_len: int, window: int | None, device: torch.device) -> BlockMask:
+    """FlexAttention's form of the causal mask with a window (None: full context), built once per
+    (seq_len, window, device): which 128 x 128 tiles of the scores hold any visible key (the kernel skips
+    the others) and which are wholly visible (no per-score mask there). Query p sees keys p - window .. p,
+    as in the SDPA path and the KV caches."""
+    if window is None:
+        def visible(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    else:
+        def visible(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(visible, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -165,7 +206,8 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = NORMS[config.norm] if config.qk_norm else None
         self.qk_scale = config.qk_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+                block_mask: BlockMask | None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -181,7 +223,7 @@ class CausalSelfAttention(nn.Module):
             # unit-RMS q and k give logits of RMS ~1 after SDPA's 1/sqrt(head_dim): scaling both sharpens them
             q, k = q * self.qk_scale, k * self.qk_scale
         if cache is None:
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, self.window, block_mask)
         else:
             y = cache.attend(self.layer_idx, q, k, v, self.window)
         return self.c_proj(y.reshape(B, T, -1))
@@ -217,8 +259,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, window)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
-        x = x + self.attn(self.norm(x), ve, cos, sin, cache)
+    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+                block_mask: BlockMask | None) -> Tensor:
+        x = x + self.attn(self.norm(x), ve, cos, sin, cache, block_mask)
         return x + self.mlp(self.norm(x))
 
 
@@ -279,7 +322,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         self._ensure_rotary(T)
         cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
-        logits = self._logits(self._trunk(idx, cos, sin, None))
+        logits = self._logits(self._trunk(idx, cos, sin, None, self._block_masks(T, idx.device)))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
@@ -294,20 +337,36 @@ class GPT(nn.Module):
         positions, bound = cache.positions(idx.size(1))
         self._ensure_rotary(bound)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-        x = self._trunk(idx, cos, sin, cache)
+        x = self._trunk(idx, cos, sin, cache, [None] * self.config.n_layer)
         cache.advance(idx.size(1))
         if logits_at is not None:
             x = x.flatten(0, 1).index_select(0, logits_at)
         return self._logits(x)
 
-    def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
+    def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+               block_masks: list[BlockMask | None]) -> Tensor:
         x = self.norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, cache)
+            x = block(x, ve, cos, sin, cache, block_masks[i])
         return self.norm(x)
+
+    @torch.compiler.disable  # run eagerly under torch.compile: the masks are cached, not rebuilt in the graph
+    def _block_masks(self, T: int, device: torch.device) -> list[BlockMask | None]:
+        """Per layer, the FlexAttention block mask of a layer that trains through FlexAttention (None: SDPA),
+        as config.attention chooses."""
+        attention = self.config.attention
+        if attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError("attention='flex' (config key model.attention): FlexAttention has no backward pass "
+                             "on a CPU; train there with 'auto' or 'sdpa'")
+        windows = [None if w is None or w >= T - 1 else w for w in self.window_sizes]
+        if attention == "flex":
+            return [window_block_mask(T, w, device) for w in windows]
+        if attention == "auto" and device.type == "cuda":
+            return [None if w is None else window_block_mask(T, w, device) for w in windows]
+        return [None] * len(windows)
 
     def _logits(self, x: Tensor) -> Tensor:
         logits = self.lm_head(x).float()  # softcap and loss in float32

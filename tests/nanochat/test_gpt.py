@@ -225,7 +225,7 @@ def test_qk_scale_multiplies_the_attention_logits_by_its_square():
     q, k = (F.rms_norm(apply_rotary(t, cos, sin), (D,)) for t in (q, k))
     y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=1.44 / D**0.5)
     expected = attn.c_proj(y.transpose(1, 2).reshape(2, 16, -1))
-    torch.testing.assert_close(attn(x, None, cos, sin, None), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, None, cos, sin, None, None), expected, atol=1e-5, rtol=1e-5)
     plain = GPT(tiny())
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain.eval()(tokens(2, 16)), model(tokens(2, 16)), atol=1e-3)
