@@ -150,6 +150,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+# compiled at its first call: uncompiled, FlexAttention materializes every score and skips nothing
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_mask: BlockMask | None = None) -> Tensor:
     """Causal attention over whole sequences, (B, T, H, D) in and out. With a block mask (see
     window_block_mask), FlexAttention, which skips the tiles the mask hides. Otherwise SDPA: full context
@@ -158,7 +162,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_
     T = q.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if block_mask is not None:
-        y = flex_causal_attention(q, k, v, block_mask)
+        y = compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
     elif window is None or window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     else:
@@ -167,19 +171,6 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_
         delta = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta <= window))
     return y.transpose(1, 2)
-
-
-# compiled at its first call: uncompiled, FlexAttention materializes every score and skips nothing
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-
-
-def flex_causal_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    """FlexAttention over (B, H, T, D). Autocast does not cover it as it covers SDPA: cast q, k, v to the
-    autocast dtype (or to q's) ourselves, since the kernel takes one dtype."""
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
 
 
 @lru_cache(maxsize=32)

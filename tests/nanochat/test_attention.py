@@ -43,6 +43,18 @@ def test_flex_attention_equals_the_masked_sdpa_path(T, window, n_head, n_kv_head
     torch.testing.assert_close(flex, sdpa, rtol=0, atol=64 * EPS32)
 
 
+@torch.no_grad()
+def test_flex_attention_follows_autocast_as_sdpa_does():
+    """Under autocast (as training runs on a GPU) both kernels compute in bfloat16 whatever their inputs' dtypes:
+    here q in float32 beside k, v in bfloat16, the mix that QK-norm and the value embeddings can leave."""
+    q, k, v = qkv(2, 200, 4, 2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flex = causal_attention(q, k.bfloat16(), v.bfloat16(), 37, window_block_mask(200, 37, torch.device("cpu")))
+        sdpa = causal_attention(q, k.bfloat16(), v.bfloat16(), 37)
+    assert flex.dtype == sdpa.dtype == torch.bfloat16
+    torch.testing.assert_close(flex.float(), sdpa.float(), rtol=0, atol=2e-2)  # a few bfloat16 roundings of ~1
+
+
 @pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward pass on a CPU")
 @pytest.mark.parametrize(("T", "window", "n_head", "n_kv_head"), CASES)
 def test_flex_attention_gradients_equal_the_masked_sdpa_path(T, window, n_head, n_kv_head):
