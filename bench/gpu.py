@@ -10,6 +10,10 @@ Checks (relative error ||got - ref|| / ||ref|| unless said otherwise):
 - train_step: one optimizer step (bf16 autocast, Muon in bf16) against the same step in float32 on the CPU:
   the loss, and the parameter change
 Throughput:
+- attention: a sliding-window layer's attention (a quarter of the context, as the S of SSSL) forward and backward,
+  FlexAttention with its block mask against SDPA with a dense mask (model.attention flex vs sdpa), full causal
+  SDPA beside them; then whole training steps of an SSSL model with attention auto against sdpa. Ratios
+  sdpa / flex (above 1: flex faster). On a CPU, forward only (FlexAttention has no backward there)
 - train: the trainer's optimizer_step (forward, backward, Muon + AdamW) on random batches, eager and under
   torch.compile, tokens/s, MFU and peak memory, per depth
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, causal_attention, window_block_mask
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import LLMEngine
@@ -53,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="*", default=None, help="training depths (default 12 20)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training runs")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
-    parser.add_argument("--only", default=None, help="comma-separated sections to run: checks, train, serve")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run: checks, attention, train, serve")
     return parser.parse_args()
 
 
@@ -169,9 +173,46 @@ def random_batches(vocab: int, rows: int, seq_len: int, device: torch.device, n:
             yield b[:, :-1].contiguous(), b[:, 1:].contiguous()
 
 
+def time_attention(rows: int, seq_len: int, n_head: int, head_dim: int, steps: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Seconds per call of one layer's attention (forward and backward where the device has FlexAttention's
+    backward) in bfloat16 on a GPU: a window of a quarter of the context through FlexAttention and through
+    SDPA's dense mask, and full causal attention through SDPA."""
+    window = seq_len // 4
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backward = device.type == "cuda"
+    q, k, v = (torch.randn(rows, seq_len, n_head, head_dim, device=device, dtype=dtype, requires_grad=backward)
+               for _ in range(3))
+    block_mask = window_block_mask(seq_len, window, device)
+
+    def timed(fn: Callable[[], torch.Tensor]) -> float:
+        for _ in range(2):  # compiles FlexAttention at the first call
+            run_once(fn)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            run_once(fn)
+        sync(device)
+        return (time.perf_counter() - started) / steps
+
+    def run_once(fn: Callable[[], torch.Tensor]) -> None:
+        with torch.set_grad_enabled(backward):
+            y = fn()
+            if backward:
+                y.sum().backward()
+
+    flex = timed(lambda: causal_attention(q, k, v, window, block_mask))
+    sdpa = timed(lambda: causal_attention(q, k, v, window))
+    causal = timed(lambda: causal_attention(q, k, v, None))
+    return {"rows": rows, "seq_len": seq_len, "window": window, "backward": backward, "dtype": str(dtype),
+            "window_flex_seconds": flex, "window_sdpa_seconds": sdpa, "causal_sdpa_seconds": causal,
+            "sdpa_over_flex": sdpa / flex, "causal_sdpa_over_window_flex": causal / flex}
+
+
 def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, warmup: int,
-                  compile: bool, device: torch.device) -> dict[str, Any]:
-    config = GPTConfig.from_depth(depth, vocab, seq_len)
+                  compile: bool, device: torch.device, **architecture: Any) -> dict[str, Any]:
+    """architecture: GPTConfig fields besides the depth dial's (window_pattern, attention)."""
+    config = GPTConfig.from_depth(depth, vocab, seq_len, **architecture)
     torch.manual_seed(0)
     model = GPT(config).to(device)
     model.init_weights()
@@ -194,7 +235,7 @@ def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, w
     seconds = (time.perf_counter() - started) / steps
     tokens_per_second = rows * seq_len / seconds
     peak = peak_flops(device)
-    result = {"depth": depth, "params": model.num_params(), "compiled": compile, "rows": rows, "seq_len": seq_len,
+    result = {"depth": depth, **architecture, "params": model.num_params(), "compiled": compile, "rows": rows, "seq_len": seq_len,
               "step_seconds": seconds, "tokens_per_second": tokens_per_second, "warmup_seconds": warm_seconds,
               "loss": loss.item()}
     if peak:
@@ -277,7 +318,7 @@ def main() -> None:
                                "torch": torch.__version__}
     check_config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                              window_pattern="SL")
-    wanted = set(args.only.split(",")) if args.only else {"checks", "train", "serve"}
+    wanted = set(args.only.split(",")) if args.only else {"checks", "attention", "train", "serve"}
     if "checks" in wanted:
         section("forward", results, lambda: check_forward(check_config, device))
         section("kv_cache", results, lambda: check_kv_cache(check_config, device))
@@ -291,6 +332,20 @@ def main() -> None:
     def train(depth: int, compile: bool) -> None:
         section(f"train_d{depth}{'_compiled' if compile else ''}", results,
                 lambda: time_training(depth, vocab, seq_len, rows, steps, 2, compile, device))
+
+    if "attention" in wanted:
+        attention_shape = (2, 256, 4, 64) if small else (rows, seq_len, 10, 128)  # d20: 10 heads of 128
+        section("attention_window", results, lambda: time_attention(*attention_shape, steps, device))
+    if "attention" in wanted and device.type == "cuda":  # flex cannot train on a CPU, and auto is SDPA there
+        # whole training steps of an SSSL stack whose S layers go through FlexAttention (auto) or SDPA
+        for attention in ("sdpa", "auto"):
+            section(f"train_d12_sssl_{attention}", results,
+                    lambda a=attention: time_training(12, vocab, seq_len, rows, steps, 2, False, device,
+                                                      window_pattern="SSSL", attention=a))
+        sdpa, flex = results["train_d12_sssl_sdpa"], results["train_d12_sssl_auto"]
+        if "step_seconds" in sdpa and "step_seconds" in flex:
+            results["train_d12_sssl_sdpa_over_flex"] = sdpa["step_seconds"] / flex["step_seconds"]
+            print(f"train d12 SSSL step, sdpa / flex: {results['train_d12_sssl_sdpa_over_flex']:.3f}", flush=True)
 
     for depth in depths:
         train(depth, compile=False)

@@ -90,15 +90,18 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int], num_
     rows = [_Row() for _ in range(num_samples)]
 
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    logits = _forward(model, prompt, cache.rows(0, 1))
+    logits = _forward(model, prompt, cache.rows(0, 1), torch.zeros(1, dtype=torch.long, device=device))
     cache.copy_row_to_all(0)
     logits = logits.expand(num_samples, -1)
     column: list[int] = []  # the previous step's tokens, fed at the start of the next one
+    last_fed = [prompt_ids[-1]] * num_samples  # each row's newest token in the cache (smear reads it)
     for _ in range(max_tokens):
         if column:
             # stopped rows are fed a stop token: the batch stays rectangular, their output is dropped
             fed = [token if token != DONE else specials.bos for token in column]
-            logits = _forward(model, torch.tensor(fed, dtype=torch.long, device=device)[:, None], cache)
+            logits = _forward(model, torch.tensor(fed, dtype=torch.long, device=device)[:, None], cache,
+                              torch.tensor(last_fed, dtype=torch.long, device=device))
+            last_fed = fed
         sampled = sample_next(logits, generator, temperature, top_k).tolist()
         column, forced_mask = [], []
         for row, token in zip(rows, sampled, strict=True):
@@ -110,12 +113,12 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int], num_
             return
 
 
-def _forward(model: nn.Module, ids: Tensor, cache: KVCache) -> Tensor:
-    """float32 logits (B, V) of the last position. Autocast is entered per call, never held across a
-    yield, where it would leak into the caller's code."""
+def _forward(model: nn.Module, ids: Tensor, cache: KVCache, prev_ids: Tensor) -> Tensor:
+    """float32 logits (B, V) of the last position; prev_ids (B,) the token before each row's ids. Autocast
+    is entered per call, never held across a yield, where it would leak into the caller's code."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.device.type == "cuda" else nullcontext()
     with autocast:
-        return model.forward_cached(ids, cache)[:, -1].float()
+        return model.forward_cached(ids, cache, prev_idx=prev_ids)[:, -1].float()
 
 
 def _next_token(row: _Row, sampled: int, sp: _Specials, tokenizer: Tokenizer) -> tuple[int, int]:

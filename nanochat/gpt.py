@@ -13,19 +13,26 @@ Notable features:
 - value embeddings (ResFormer) on alternating layers, mixed into v through an input-dependent gate
 - per-layer learnable scalars: resid_lambdas scale the residual stream, x0_lambdas blend the
   embedding back in (modded-nanogpt)
+- optional, off by default (nanochat's record run has both): smear, which adds a gated share of the
+  previous token's embedding to each token's (cheap bigram information before any attention), and
+  backout, which subtracts a learned share of the middle layer's residual stream before the final norm
 - nanochat's init (uniform matrices, zero output projections) and depth dial (GPTConfig.from_depth)
-- two paths: forward() trains on full sequences with SDPA; forward_cached() runs inference through
+- sliding-window layers train through FlexAttention on a GPU (model.attention = auto), whose block mask
+  skips the score tiles a window hides; SDPA with a boolean mask, the fallback, computes them all
+- two paths: forward() trains on full sequences; forward_cached() runs inference through
   any KVCacheLike (nanochat/kv_cache.py), so that serving can bring a paged cache, and computes the
   logits only at the positions the caller asks for
 """
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nanochat.kv_cache import KVCacheLike
 
@@ -41,6 +48,10 @@ def layer_norm(x: Tensor) -> Tensor:
 NORMS = {"rmsnorm": rms_norm, "layernorm": layer_norm}
 ACTIVATIONS = ("relu2", "gelu", "swiglu")
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first channels of its input
+SMEAR_GATE_CHANNELS = 24  # likewise the smear gate (nanochat's choice)
+# training attention: flex = FlexAttention everywhere; sdpa = SDPA everywhere (a window is a dense mask);
+# auto = FlexAttention for the window layers on a GPU, SDPA otherwise (on a CPU compiling costs more than it saves)
+ATTENTION = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -59,6 +70,9 @@ class GPTConfig:
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (both parameter-free)
     activation: str = "relu2"  # "relu2" | "gelu" | "swiglu"
     qk_norm: bool = True
+    attention: str = "auto"  # the training path's attention kernels, one of ATTENTION (inference is unaffected)
+    smear: bool = False  # mix a gated share of the previous token's embedding into each token's (record: on)
+    backout: bool = False  # subtract a learned share of the middle layer's output before the final norm (record: on)
 
     def __post_init__(self):
         self.window_pattern = self.window_pattern.upper()
@@ -78,6 +92,7 @@ class GPTConfig:
         self._require(self.qk_scale > 0, "qk_scale", "must be > 0")
         self._require(self.norm in NORMS, "norm", f"must be one of {sorted(NORMS)}")
         self._require(self.activation in ACTIVATIONS, "activation", f"must be one of {list(ACTIVATIONS)}")
+        self._require(self.attention in ATTENTION, "attention", f"must be one of {list(ATTENTION)}")
 
     def _require(self, ok: bool, field: str, rule: str) -> None:
         if not ok:
@@ -135,12 +150,20 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-    """Causal attention over whole sequences, (B, T, H, D) in and out. Full context takes SDPA's
-    is_causal path (flash); a window needs a mask, which SDPA's memory-efficient kernel takes."""
+# compiled at its first call: uncompiled, FlexAttention materializes every score and skips nothing
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_mask: BlockMask | None = None) -> Tensor:
+    """Causal attention over whole sequences, (B, T, H, D) in and out. With a block mask (see
+    window_block_mask), FlexAttention, which skips the tiles the mask hides. Otherwise SDPA: full context
+    takes its is_causal path (flash); a window needs a dense mask, which the memory-efficient kernel takes
+    and still computes every score of."""
     T = q.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window is None or window >= T - 1:
+    if block_mask is not None:
+        y = compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+    elif window is None or window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     else:
         # the masked kernels do not all take GQA: give every query head its own key/value head
@@ -148,6 +171,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Ten
         delta = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta <= window))
     return y.transpose(1, 2)
+
+
+@lru_cache(maxsize=32)
+def window_block_mask(seq_len: int, window: int | None, device: torch.device) -> BlockMask:
+    """FlexAttention's form of the causal mask with a window (None: full context), built once per
+    (seq_len, window, device): which 128 x 128 tiles of the scores hold any visible key (the kernel skips
+    the others) and which are wholly visible (no per-score mask there). Query p sees keys p - window .. p,
+    as in the SDPA path and the KV caches."""
+    if window is None:
+        def visible(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    else:
+        def visible(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(visible, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -165,7 +203,8 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = NORMS[config.norm] if config.qk_norm else None
         self.qk_scale = config.qk_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+                block_mask: BlockMask | None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -181,7 +220,7 @@ class CausalSelfAttention(nn.Module):
             # unit-RMS q and k give logits of RMS ~1 after SDPA's 1/sqrt(head_dim): scaling both sharpens them
             q, k = q * self.qk_scale, k * self.qk_scale
         if cache is None:
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, self.window, block_mask)
         else:
             y = cache.attend(self.layer_idx, q, k, v, self.window)
         return self.c_proj(y.reshape(B, T, -1))
@@ -217,8 +256,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, window)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
-        x = x + self.attn(self.norm(x), ve, cos, sin, cache)
+    def forward(self, x: Tensor, ve: Tensor | None, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+                block_mask: BlockMask | None) -> Tensor:
+        x = x + self.attn(self.norm(x), ve, cos, sin, cache, block_mask)
         return x + self.mlp(self.norm(x))
 
 
@@ -241,6 +281,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # optional: off, these parameters do not exist, so checkpoints written without them load unchanged
+        self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         # rotary tables are derived, not learned: kept out of checkpoints, rebuilt by init_weights()
         cos, sin = rotary_tables(4 * config.sequence_len, config.head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
@@ -271,6 +315,11 @@ class GPT(nn.Module):
         depth_frac = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
         self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
         self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        if self.smear_gate is not None:
+            self.smear_lambda.zero_()  # smear starts closed: the model opens it as far as it helps
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
         self.cos, self.sin = rotary_tables(self.cos.size(0), cfg.head_dim, cfg.rope_base, self.cos.device)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, loss_reduction: str = "mean") -> Tensor:
@@ -279,35 +328,81 @@ class GPT(nn.Module):
         T = idx.size(1)
         self._ensure_rotary(T)
         cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
-        logits = self._logits(self._trunk(idx, cos, sin, None))
+        logits = self._logits(self._trunk(idx, cos, sin, None, self._block_masks(T, idx.device), None))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
 
-    def forward_cached(self, idx: Tensor, cache: KVCacheLike, logits_at: Tensor | None = None) -> Tensor:
+    def forward_cached(self, idx: Tensor, cache: KVCacheLike, logits_at: Tensor | None = None,
+                       prev_idx: Tensor | None = None) -> Tensor:
         """Inference path: float32 logits (B, T, vocab_size) for new tokens idx (B, T), which attend to
         everything the cache holds and to each other; the cache then holds them too. logits_at (indices
         into the B * T positions, row-major) asks for those positions' logits only, (len(logits_at),
         vocab_size): a prefill samples from one position per row, and the lm_head over the whole
-        vocabulary at every position would be the largest matmul of a small model."""
+        vocabulary at every position would be the largest matmul of a small model. prev_idx (B,): the token
+        just before each row's first new token (any value where a row starts at position 0), which smear
+        mixes in; required with config.smear, unused without."""
         positions, bound = cache.positions(idx.size(1))
         self._ensure_rotary(bound)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-        x = self._trunk(idx, cos, sin, cache)
+        before = None
+        if self.smear_gate is not None:
+            if prev_idx is None:
+                raise ValueError("a model with smear needs prev_idx, the token before each row's new tokens")
+            # the previous token's embedding, zero where a row starts at position 0 (there is none)
+            before = self.norm(self.transformer.wte(prev_idx))[:, None] * (positions[:, :1, None] > 0)
+        x = self._trunk(idx, cos, sin, cache, [None] * self.config.n_layer, before)
         cache.advance(idx.size(1))
         if logits_at is not None:
             x = x.flatten(0, 1).index_select(0, logits_at)
         return self._logits(x)
 
-    def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None) -> Tensor:
+    def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
+               block_masks: list[BlockMask | None], before: Tensor | None) -> Tensor:
+        """The normed residual stream after the last block. before (B, 1, n_embd): the normed embedding of
+        the token preceding idx[:, 0] for smear (None: there is none)."""
         x = self.norm(self.transformer.wte(idx))
+        if self.smear_gate is not None:
+            x = self._smear(x, before)
         x0 = x
+        middle = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, cache)
+            x = block(x, ve, cos, sin, cache, block_masks[i])
+            if i == self.config.n_layer // 2:
+                middle = x
+        if self.backout_lambda is not None:
+            # backout: the middle layer's stream still carries low-level (token, local) features that the
+            # prediction does not want; the final norm sees the stream with a learned share of it removed
+            x = x - self.backout_lambda * middle
         return self.norm(x)
+
+    def _smear(self, x: Tensor, before: Tensor | None) -> Tensor:
+        """Each position plus a gated share of the previous position's embedding: bigram information the
+        first attention layer would otherwise have to spend itself on. The gate reads the current token's
+        first channels and is scaled by smear_lambda, which starts at zero."""
+        if before is None:
+            before = torch.zeros_like(x[:, :1])
+        previous = torch.cat([before, x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
+        return x + gate * previous
+
+    @torch.compiler.disable  # run eagerly under torch.compile: the masks are cached, not rebuilt in the graph
+    def _block_masks(self, T: int, device: torch.device) -> list[BlockMask | None]:
+        """Per layer, the FlexAttention block mask of a layer that trains through FlexAttention (None: SDPA),
+        as config.attention chooses."""
+        attention = self.config.attention
+        if attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError("attention='flex' (config key model.attention): FlexAttention has no backward pass "
+                             "on a CPU; train there with 'auto' or 'sdpa'")
+        windows = [None if w is None or w >= T - 1 else w for w in self.window_sizes]
+        if attention == "flex":
+            return [window_block_mask(T, w, device) for w in windows]
+        if attention == "auto" and device.type == "cuda":
+            return [None if w is None else window_block_mask(T, w, device) for w in windows]
+        return [None] * len(windows)
 
     def _logits(self, x: Tensor) -> Tensor:
         logits = self.lm_head(x).float()  # softcap and loss in float32
@@ -323,18 +418,21 @@ class GPT(nn.Module):
     def param_groups(self, fine: bool = False) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimizer treatment, each exactly once: block matrices go to Muon, the rest to AdamW.
         fine=True splits the AdamW parameters as nanochat's record recipe treats them: value embeddings
-        apart from the token embedding, resid_lambdas apart from x0_lambdas."""
+        apart from the token embedding, resid_lambdas apart from x0_lambdas, and smear and backout's
+        parameters in a group of their own (empty when both are off); otherwise they are scalars."""
+        smear = [] if self.smear_gate is None else [self.smear_gate.weight, self.smear_lambda]
+        smear += [] if self.backout_lambda is None else [self.backout_lambda]
         groups = {
             "matrix": [p for p in self.transformer.h.parameters() if p.ndim == 2],
             "embedding": [self.transformer.wte.weight, *self.value_embeds.parameters()],
             "unembedding": [self.lm_head.weight],
-            "scalar": [self.resid_lambdas, self.x0_lambdas],
+            "scalar": [self.resid_lambdas, self.x0_lambdas, *smear],
         }
         if fine:
             groups["embedding"] = [self.transformer.wte.weight]
             groups["value_embedding"] = list(self.value_embeds.parameters())
             del groups["scalar"]
-            groups["resid"], groups["x0"] = [self.resid_lambdas], [self.x0_lambdas]
+            groups["resid"], groups["x0"], groups["smear"] = [self.resid_lambdas], [self.x0_lambdas], smear
         return groups
 
     def num_params(self) -> int:
@@ -347,6 +445,7 @@ class GPT(nn.Module):
         cfg = self.config
         not_matmul = self.transformer.wte.weight.numel() + self.resid_lambdas.numel() + self.x0_lambdas.numel()
         not_matmul += sum(p.numel() for p in self.value_embeds.parameters())
+        not_matmul += sum(p.numel() for p in (self.smear_lambda, self.backout_lambda) if p is not None)
         t = cfg.sequence_len
         attention = sum(12 * cfg.n_head * cfg.head_dim * (t if w is None else min(w, t)) for w in self.window_sizes)
         return float(6 * (self.num_params() - not_matmul) + attention)

@@ -74,6 +74,9 @@ ADAMW_GROUP_SETTINGS: dict[str, dict[str, AdamWGroup]] = {
         # x0_lambdas blend the embedding back in at every layer; beta1 0.96 (nanochat: "higher beta1 for
         # x0") averages their momentum over ~25 steps instead of 5, a slower-moving blend
         "x0": AdamWGroup("scalar_lr", 1.0, False, (0.96, 0.95), 0.0),
+        # smear's gate and lambda and backout's lambda (model.smear, model.backout; empty when off): nanochat
+        # trains them at a fixed lr 0.2, here 0.4 x scalar_lr's 0.5 so that the one scalar lr still moves them all
+        "smear": AdamWGroup("scalar_lr", 0.4, False, (0.8, 0.95), 0.0),
     },
 }
 # NorMuon's second-moment decay: nanochat's record run shortened its memory from 0.95 to 0.9

@@ -12,7 +12,8 @@ Notable:
   and a step of n <= 8 decodes replays the smallest bucket >= n, the rows past n being padding; larger
   batches run eagerly: with graphs for large batches every row would attend over max_model_len keys
   instead of its own context, slower than eager (bench/ measures both).
-- the inputs live in static buffers that each step overwrites (token, block table, position) with one
+- the inputs live in static buffers that each step overwrites (token, position, the token before, block
+  table) with one
   host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is built inside the
   capture, so its index arithmetic replays too. The graphs share one memory pool, captured largest first.
 - without capture (a CPU, or a test) the same buffers run through the same forward eagerly.
@@ -48,8 +49,9 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = batch_buckets(min(max_num_seqs, MAX_GRAPH_BATCH))
         device, B = cache.device, self.buckets[-1]
-        # one buffer, one copy per step: column 0 the token, 1 the position, then the block table
-        self.inputs = torch.zeros(B, 2 + self.max_blocks, dtype=torch.long, device=device)
+        # one buffer, one copy per step: column 0 the token, 1 its position, 2 the token before it (smear reads
+        # it), then the block table
+        self.inputs = torch.zeros(B, 3 + self.max_blocks, dtype=torch.long, device=device)
         self.ones = torch.ones(B, dtype=torch.long, device=device)  # every row computes one new token
         self.real = torch.arange(B, device=device)  # every row is a real new token: its flat index is its row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -75,19 +77,19 @@ class DecodeGraphs:
         rows = []
         for seq in seqs:
             table = seq.block_table + [self.scratch] * (self.max_blocks - len(seq.block_table))
-            rows.append([seq.token_ids[-1], len(seq) - 1, *table])
-        rows += [[0, 0] + [self.scratch] * self.max_blocks] * (bucket - len(seqs))
+            rows.append([seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0, *table])
+        rows += [[0, 0, 0] + [self.scratch] * self.max_blocks] * (bucket - len(seqs))
         host = torch.tensor(rows, dtype=torch.long)
         return host.pin_memory() if self.cache.device.type == "cuda" else host  # pinned: the copy is async
 
     def _forward(self, bucket: int) -> Tensor:
         inputs = self.inputs[:bucket]
-        view = PagedView(self.cache, inputs[:, 2:], inputs[:, 1], self.ones[:bucket], 1, self.real[:bucket],
+        view = PagedView(self.cache, inputs[:, 3:], inputs[:, 1], self.ones[:bucket], 1, self.real[:bucket],
                          self.max_blocks * self.cache.block_size)
-        return self.model.forward_cached(inputs[:, :1], view)
+        return self.model.forward_cached(inputs[:, :1], view, prev_idx=inputs[:, 2])
 
     def _capture(self) -> None:
-        self.inputs[:, 2:] = self.scratch  # every row padding while capturing: only the scratch block is written
+        self.inputs[:, 3:] = self.scratch  # every row padding while capturing: only the scratch block is written
         pool = None
         for bucket in reversed(self.buckets):
             stream = torch.cuda.Stream()

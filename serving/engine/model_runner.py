@@ -128,7 +128,9 @@ class ModelRunner:
         if logits_at is None:
             logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
         idx = [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows]
+        prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]  # what smear mixes in
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
                                [length for _, _, length in rows])
         return self.model.forward_cached(torch.tensor(idx, device=self.device), view,
-                                         torch.tensor(logits_at, dtype=torch.long, device=self.device))
+                                         torch.tensor(logits_at, dtype=torch.long, device=self.device),
+                                         prev_idx=torch.tensor(prev, dtype=torch.long, device=self.device))

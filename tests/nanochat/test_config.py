@@ -106,6 +106,12 @@ def test_the_jax_backend_refuses_the_record_recipe():
         load_config(overrides=["train.backend=jax", "train.recipe=record"])
 
 
+@pytest.mark.parametrize("key", ["smear", "backout"])
+def test_the_jax_backend_refuses_smear_and_backout(key):
+    with pytest.raises(ConfigError, match=f"model.{key}=true"):
+        load_config(overrides=["train.backend=jax", f"model.{key}=true"])
+
+
 def test_tiny_cpu_keeps_the_classic_recipe_and_architecture():
     cfg = load_config(preset="tiny-cpu")
     assert (cfg.train.recipe, cfg.model.rope_base, cfg.model.qk_scale) == ("classic", 10000.0, 1.0)

@@ -60,6 +60,18 @@ def test_greedy_generation_with_the_cache_equals_recomputing(model, tok):
     assert mask == [0] * len(completion)
 
 
+def test_greedy_generation_with_smear_and_backout_equals_recomputing(tok):
+    """smear reads the token before each new one: the prompt's last for the first decode, then each row's own."""
+    config = GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SL", smear=True, backout=True)
+    model = scrambled_model(config, scale=2.0)
+    ids = prompt(tok)
+    expected = greedy_by_recomputing(model, ids, 40, stop_ids(tok))
+    assert len(expected) > 10, "the reference stopped too early to compare much"
+    rows, _ = generate_batch(model, tok, ids, num_samples=2, max_tokens=40, temperature=0.0)
+    assert rows == [expected] * 2
+
+
 def test_greedy_rows_are_all_the_single_row_completion(model, tok):
     (single,), _ = generate_batch(model, tok, prompt(tok), max_tokens=20, temperature=0.0)
     rows, _ = generate_batch(model, tok, prompt(tok), num_samples=3, max_tokens=20, temperature=0.0)

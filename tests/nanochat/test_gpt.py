@@ -126,15 +126,18 @@ VARIANTS = {
     "swiglu": tiny(activation="swiglu", n_kv_head=2),
     "no-qk-norm": tiny(qk_norm=False),
     "record": tiny(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL"),  # nanochat's record architecture
+    "smear-backout": tiny(n_kv_head=2, window_pattern="SL", smear=True, backout=True),
 }
 
 
 def decode(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    """Logits for idx fed through a fresh KV cache in chunks of the given sizes."""
+    """Logits for idx fed through a fresh KV cache in chunks of the given sizes, each with the token before it
+    (smear reads it)."""
     cache = KVCache.for_model(model, idx.size(0), max_len=idx.size(1))
     out, start = [], 0
     for size in chunks:
-        out.append(model.forward_cached(idx[:, start:start + size], cache))
+        prev = idx[:, start - 1] if start else torch.zeros(idx.size(0), dtype=torch.long)
+        out.append(model.forward_cached(idx[:, start:start + size], cache, prev_idx=prev))
         start += size
     assert start == idx.size(1) and cache.lengths.tolist() == [start] * idx.size(0)
     return torch.cat(out, dim=1)
@@ -225,7 +228,7 @@ def test_qk_scale_multiplies_the_attention_logits_by_its_square():
     q, k = (F.rms_norm(apply_rotary(t, cos, sin), (D,)) for t in (q, k))
     y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=1.44 / D**0.5)
     expected = attn.c_proj(y.transpose(1, 2).reshape(2, 16, -1))
-    torch.testing.assert_close(attn(x, None, cos, sin, None), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, None, cos, sin, None, None), expected, atol=1e-5, rtol=1e-5)
     plain = GPT(tiny())
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain.eval()(tokens(2, 16)), model(tokens(2, 16)), atol=1e-3)
@@ -253,7 +256,8 @@ def test_a_checkpoint_written_before_qk_scale_loads_with_the_old_attention(tmp_p
     torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [tiny(n_kv_head=2), tiny(activation="swiglu", n_layer=3)])
+@pytest.mark.parametrize("config", [tiny(n_kv_head=2), tiny(activation="swiglu", n_layer=3),
+                                    tiny(smear=True, backout=True)])
 def test_param_groups_cover_every_parameter_once(config):
     model = GPT(config)
     groups = model.param_groups()
@@ -267,7 +271,10 @@ def test_param_groups_cover_every_parameter_once(config):
     assert model.transformer.wte.weight in groups["embedding"] and len(groups["embedding"]) == 1 + len(model.value_embeds)
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     fine = model.param_groups(fine=True)  # the record recipe's split of the AdamW parameters
-    assert set(fine) == {"matrix", "embedding", "value_embedding", "unembedding", "resid", "x0"}
+    assert set(fine) == {"matrix", "embedding", "value_embedding", "unembedding", "resid", "x0", "smear"}
+    optional = [model.smear_gate.weight, model.smear_lambda] if config.smear else []
+    optional += [model.backout_lambda] if config.backout else []
+    assert fine["smear"] == optional and groups["scalar"] == [model.resid_lambdas, model.x0_lambdas, *optional]
     assert fine["embedding"] == [model.transformer.wte.weight]
     assert fine["value_embedding"] == list(model.value_embeds.parameters())
     assert (fine["resid"], fine["x0"]) == ([model.resid_lambdas], [model.x0_lambdas])

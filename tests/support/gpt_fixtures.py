@@ -11,7 +11,7 @@ def scrambled_model(config: GPTConfig, seed: int = 0, scale: float = 1.0) -> GPT
     """Random weights everywhere, in eval mode: nanochat's init zeroes the output projections, which would
     let a comparison pass without any attention (or MLP) happening, and would make the model ignore its
     context. Each matrix is drawn with std scale / sqrt(fan_in); scale 2 gives logits far enough apart that
-    different prompts and seeds give different text."""
+    different prompts and seeds give different text. smear (where on) is opened fully."""
     model = GPT(config)
     torch.manual_seed(seed)
     model.init_weights()
@@ -19,4 +19,6 @@ def scrambled_model(config: GPTConfig, seed: int = 0, scale: float = 1.0) -> GPT
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, scale * p.size(1) ** -0.5)
+        if model.smear_lambda is not None:
+            model.smear_lambda.fill_(1.0)  # it starts at zero, where smear would change nothing
     return model.eval()

@@ -49,9 +49,9 @@ class PacedGPT(GPT):
 
     delay_s = 0.0
 
-    def forward_cached(self, idx: torch.Tensor, cache, logits_at=None) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache, logits_at=None, prev_idx=None) -> torch.Tensor:
         time.sleep(self.delay_s)
-        return super().forward_cached(idx, cache, logits_at)
+        return super().forward_cached(idx, cache, logits_at, prev_idx)
 
 
 def reply_model(tok: Tokenizer, cls: type[GPT] = GPT, reply_text: str = REPLY) -> GPT:

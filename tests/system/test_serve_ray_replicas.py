@@ -42,10 +42,10 @@ class FlakySource(ModelSource):
         model, tokenizer, step = super().load(device)
         real, flag = model.forward_cached, Path(self.flag)
 
-        def forward_cached(idx, cache, logits_at=None):
+        def forward_cached(idx, cache, logits_at=None, prev_idx=None):
             if flag.exists():
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-            return real(idx, cache, logits_at)
+            return real(idx, cache, logits_at, prev_idx)
 
         model.forward_cached = forward_cached
         return model, tokenizer, step

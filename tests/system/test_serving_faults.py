@@ -43,13 +43,13 @@ def faulty(model: GPT, *, delay_s: float = 0.0, fail_after: int | None = None) -
     real = model.forward_cached
     calls = 0
 
-    def forward_cached(idx, cache, logits_at=None):
+    def forward_cached(idx, cache, logits_at=None, prev_idx=None):
         nonlocal calls
         calls += 1
         if fail_after is not None and calls > fail_after:
             raise RuntimeError(INJECTED)
         time.sleep(delay_s)
-        return real(idx, cache, logits_at)
+        return real(idx, cache, logits_at, prev_idx)
 
     model.forward_cached = forward_cached
     return model

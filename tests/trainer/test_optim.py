@@ -243,6 +243,18 @@ def test_record_recipe_sets_nanochats_per_group_adamw_and_normuon_settings():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
 
 
+def test_record_recipe_trains_smear_and_backout_at_nanochats_fixed_lr():
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=2, n_embd=32,
+                          smear=True, backout=True))
+    model.init_weights()
+    adamw, _ = build_optimizers(model, OptimConfig(recipe="record"))
+    smear = next(g for g in adamw.param_groups if g["name"] == "smear")
+    assert (smear["lr"], smear["betas"], smear["weight_decay"]) == (pytest.approx(0.2), (0.8, 0.95), 0.0)
+    assert smear["params"] == [model.smear_gate.weight, model.smear_lambda, model.backout_lambda]
+
+
 def test_classic_recipe_keeps_one_adamw_setting_and_the_scalars_at_scalar_lr():
     model = record_gpt()
     adamw, muon = build_optimizers(model, OptimConfig())

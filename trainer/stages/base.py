@@ -49,7 +49,7 @@ def model_config(cfg: Config, vocab_size: int, depth: int | None = None) -> GPTC
         depth or m.depth, vocab_size=vocab_size, sequence_len=cfg.train.seq_len, head_dim=m.head_dim,
         aspect_ratio=m.aspect_ratio, n_kv_head=m.n_kv_head, window_pattern=m.window_pattern,
         softcap=m.softcap, rope_base=m.rope_base, qk_scale=m.qk_scale, norm=m.norm, activation=m.activation,
-        qk_norm=m.qk_norm,
+        qk_norm=m.qk_norm, attention=m.attention, smear=m.smear, backout=m.backout,
     )
 
 

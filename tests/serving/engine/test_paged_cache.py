@@ -19,6 +19,7 @@ ATOL = 1e-4
 CONFIGS = {
     "mha-full": dict(n_kv_head=4, window_pattern="L"),
     "gqa-window": dict(n_kv_head=2, window_pattern="SL"),  # layer 0 sees 4 keys back: sequence_len 16 // 4
+    "smear-backout": dict(n_kv_head=2, window_pattern="SL", smear=True, backout=True),  # reads the token before
 }
 
 
@@ -265,7 +266,7 @@ def test_decode_through_the_graph_buffers_equals_the_eager_decode():
     """Three sequences of different lengths in scattered blocks decode through DecodeGraphs' static buffers
     (bucket 4: one padding row, block tables padded to the longest context with the scratch block): the same
     logits as the eager decode, and the pools untouched outside the scratch block."""
-    model = scrambled("gqa-window")
+    model = scrambled("smear-backout")  # windows, GQA, and the token before each decode through the buffers
     runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")  # block NUM_BLOCKS is the scratch block
     graphs = DecodeGraphs(model, runner.cache, NUM_BLOCKS, max_num_seqs=6, max_model_len=40, capture=False)
     rng = random.Random(11)
@@ -288,7 +289,7 @@ def test_decode_through_the_graph_buffers_equals_the_eager_decode():
             assert torch.equal(pool[:, others], before[:, others])  # blocks of no sequence: not a bit changed
         for seq in seqs:
             seq.num_cached_tokens += 1
-    assert torch.equal(graphs.inputs[3, 2:], torch.full((graphs.max_blocks,), NUM_BLOCKS))  # the padding row
+    assert torch.equal(graphs.inputs[3, 3:], torch.full((graphs.max_blocks,), NUM_BLOCKS))  # the padding row
 
 
 def test_scratch_block_must_be_in_the_cache():

@@ -80,6 +80,12 @@ def test_d24_is_nanochats_time_to_gpt2_record_run():
     assert (cfg.model.aspect_ratio, cfg.model.head_dim, cfg.tokenizer.vocab_size) == (64, 128, 32768)
 
 
+@pytest.mark.parametrize("preset", RECORD_PRESETS)
+def test_record_presets_train_the_sssl_windows_through_the_kernel_that_skips_masked_work(preset):
+    model = load_config(preset=preset).model
+    assert (model.window_pattern, model.attention) == ("SSSL", "auto")  # auto: FlexAttention for S layers on a GPU
+
+
 @pytest.mark.parametrize("preset", available_presets())
 def test_a_recipe_record_preset_trains_at_the_batch_nanochat_derives(preset):
     cfg = load_config(preset=preset)
