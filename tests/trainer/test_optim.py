@@ -210,12 +210,13 @@ def test_learning_rates_follow_nanochat_groups_and_width_scale():
     assert muon.param_groups[0]["weight_decay"] == cfg.weight_decay
 
 
-def record_gpt(seed: int = 0):
-    """A tiny nanochat GPT (value embeddings, resid/x0 lambdas): the groups the record recipe splits."""
+def record_gpt(seed: int = 0, **keys):
+    """A tiny nanochat GPT (value embeddings, resid/x0 lambdas): the groups the record recipe splits; `keys`
+    add GPTConfig settings."""
     from nanochat.gpt import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=2, n_embd=32, **keys))
     model.init_weights()
     return model
 
@@ -282,8 +283,11 @@ def test_record_adamw_decay_is_decoupled_and_not_scheduled():
 
 
 def test_record_recipe_resumes_bit_identically():
+    """Every record-run key on (RoPE base, q/k scale, window layers, smear, backout): a run stopped at step 5
+    and resumed from its saved state ends on exactly the weights of the straight run."""
     cfg = OptimConfig(recipe="record", muon_beta2=0.9, warmup_ratio=0.1, warmdown_ratio=0.5)
     idx = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    keys = dict(window_pattern="SSL", rope_base=100000.0, qk_scale=1.2, smear=True, backout=True)
 
     def steps(model, opts, span):
         for step in span:
@@ -293,16 +297,16 @@ def test_record_recipe_resumes_bit_identically():
                 opt.step()
             model.zero_grad(set_to_none=True)
 
-    straight = record_gpt()
+    straight = record_gpt(**keys)
     steps(straight, build_optimizers(straight, cfg), range(10))
-    first = record_gpt()
+    first = record_gpt(**keys)
     opts = build_optimizers(first, cfg)
     steps(first, opts, range(5))
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optim": optimizers_state_dict(opts)}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = record_gpt(seed=7)
+    resumed = record_gpt(seed=7, **keys)
     resumed.load_state_dict(saved["model"])
     resumed_opts = build_optimizers(resumed, cfg)
     load_optimizers_state_dict(resumed_opts, saved["optim"])
