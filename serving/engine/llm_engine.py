@@ -5,8 +5,9 @@ schedule, run the model, sample, postprocess); AsyncEngine runs it on a thread f
 Notable:
 - a request with n choices is n sequences (one per choice index), each with its own torch.Generator:
   choice 0 is seeded with the request's seed, choice i > 0 with a seed derived from (seed, i), so a
-  seeded request reproduces every choice and its choices differ. The choices are independent sequences;
-  when admitted in different steps they share the prompt's full blocks through the prefix cache.
+  seeded request reproduces every choice and its choices differ. The prompt is computed once: choice 0
+  prefills it and the others fork off it (serving/engine/scheduler.py), sampling their first token in
+  the same step from the same logits and taking copies of its prompt logprobs.
 - every request also stops at <|assistant_end|> and <|bos|> (end of turn, start of a new document),
   besides its own stop_token_ids; a stop token is reported as a token (no text, even for an ordinary
   token given in stop_token_ids) and counts as a completion token, like vLLM's EOS. min_tokens: the
@@ -202,8 +203,8 @@ class LLMEngine:
             seq = Sequence(list(prompt_ids), seq_params)
             choices.append(_Choice(request_id, index, seq, make_generator(choice_seed(params.seed, index)),
                                    grammar=matcher if index == 0 or matcher is None else matcher.deep_copy()))
+        self.scheduler.add(choices[0].seq, [c.seq for c in choices[1:]])
         for choice in choices:
-            self.scheduler.add(choice.seq)
             self.choices[choice.seq.id] = choice
         self.requests[request_id] = choices
 
@@ -226,8 +227,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.num_tokens == 0:
             return events
-        step_logits = self.runner.run(batch.prefills, batch.decodes)
+        step_logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies)
         self._score_prompts(step_logits.prompt)
+        for chunk in batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
+            for sib in chunk.forks:
+                self.choices[sib.id].prompt_logprobs = self.choices[chunk.seq.id].prompt_logprobs
         logits = step_logits.sampled
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)

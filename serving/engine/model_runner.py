@@ -13,7 +13,9 @@ Notable:
   token, while a chunk that stops short of the end of its sequence only fills the cache. The order
   matches ScheduledBatch.sampled_seqs: sampling chunks first, then decodes. A sequence that scores its
   prompt (Sequence.scores_prompt) also gets the rows of its chunk's prompt positions, returned apart
-  as PromptLogits, row i predicting the token at start + i + 1.
+  as PromptLogits, row i predicting the token at start + i + 1. A chunk's forks (siblings of an n > 1
+  request) get copies of its sampling row, and their partly filled last blocks are copied from its
+  once the prefill has written them.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
@@ -83,13 +85,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
-    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence]) -> StepLogits:
+    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence],
+            block_copies: list[tuple[int, int]] | tuple[()] = ()) -> StepLogits:
         """float32 logits (N, vocab_size), one row per sequence that gets a next token this step, and
-        those of the prompt positions of sequences that score their prompt."""
+        those of the prompt positions of sequences that score their prompt. block_copies: (source,
+        destination) blocks to copy after the prefill."""
         logits, prompt = [], []
         if prefill_chunks:
             last, prompt = self._prefill(prefill_chunks)
             logits.append(last)
+        if block_copies:
+            self.cache.copy_blocks(list(block_copies))
         if decode_seqs and self.graphs is not None and self.graphs.serves(len(decode_seqs)):
             logits.append(self.graphs.run(decode_seqs))
         elif decode_seqs:
@@ -111,7 +117,7 @@ class ModelRunner:
                     spans.append((c.seq, c.start, len(scored), end - c.start))
                     scored.extend(range(b * T, b * T + end - c.start))
             if c.samples:
-                sampled.append(b * T + c.length - 1)
+                sampled.extend([b * T + c.length - 1] * (1 + len(c.forks)))
         rows = self._forward([(c.seq, c.start, c.length) for c in chunks], sampled + scored)
         prompt = [PromptLogits(seq, start, rows[len(sampled) + i : len(sampled) + i + n])
                   for seq, start, i, n in spans]

@@ -53,6 +53,12 @@ class PagedKVCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, in every layer (a fork's last block)."""
+        src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs, strict=True))
+        for pool in (self.k, self.v):
+            pool.index_copy_(1, dst, pool.index_select(1, src))
+
     def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> "PagedView":
         """A view for one forward over len(starts) rows: row b holds lengths[b] new tokens at positions
         starts[b] .. starts[b] + lengths[b] - 1 and attends to positions 0 .. starts[b] - 1 already in

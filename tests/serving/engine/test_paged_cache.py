@@ -141,6 +141,29 @@ def test_sequences_sharing_prefix_blocks():
     assert checked == 4 + 5  # a's 4 decodes; b's prefill end and 4 decodes
 
 
+def test_a_fork_gets_its_leaders_row_and_a_copy_of_its_last_block_then_decodes_its_own_tokens():
+    """One prefill for two choices: the sibling shares the two full blocks, gets the partly filled third
+    copied after the prefill, and both then decode different tokens beside each other."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(8)
+    prompt = random_tokens(2 * BLOCK + 3, rng)
+    full = [prompt + random_tokens(4, rng), prompt + random_tokens(4, rng)]
+    leader, sib = Sequence(prompt), Sequence(prompt)
+    table, own = scattered_tables([len(full[0]), len(full[1]) - 2 * BLOCK], seed=4)
+    leader.block_table, sib.block_table = table, table[:2] + own
+    chunk = chunk_of(leader, 0, len(prompt))
+    chunk.forks.append(sib)
+    logits = runner.run([chunk], [], [(table[2], own[0])]).sampled
+    expected = reference(model, prompt)[-1]
+    assert logits.shape == (2, VOCAB)
+    torch.testing.assert_close(logits, torch.stack([expected, expected]), atol=ATOL, rtol=0)
+    for seq, tokens in ((leader, full[0]), (sib, full[1])):
+        seq.num_cached_tokens = len(prompt)
+        seq.token_ids.append(tokens[len(prompt)])
+    assert drive(runner, [leader, sib], full, chunk=100, stagger=0) == 2 * 4
+
+
 def test_short_chunk_late_in_its_sequence_padded_beside_a_long_one():
     """Block tables as tight as the scheduler makes them: the 1-token row's padding would run 8 positions
     past its last block if padded tokens took positions of their own."""
