@@ -15,6 +15,12 @@ Notable:
   SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
   of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU; a paged
   attention kernel would skip the gather copy.
+- a sliding-window layer gathers only the blocks its window can reach: row b's from the block of
+  position start_b - W on, as many as W + T positions can touch. Its keys are then not position j at
+  index j: each row carries the positions of its gathered keys. Blocks past a row's table (the clamped
+  tail of a short row) are labelled with positions beyond its last query, so causality hides them.
+  The blocks before the window stay allocated: every model has full-context layers (the last layer
+  always is), and they share the one block table.
 - the pools are written only at the slots of real new tokens (one index_copy per layer), so what a
   sequence shares with others (prefix blocks) or what freed blocks still hold is never disturbed.
 - no step waits on the GPU inside the forward: which tokens are real is known on the host, so they are
@@ -103,7 +109,7 @@ class PagedView:
         self.slots = (block_ids * bs + self.pos % bs).flatten()[real]  # flat pool index of each real new token
         # the gathered keys of a row are its positions in order: key j is position j
         self.key_pos = torch.arange(block_tables.size(1) * bs, device=starts.device)
-        self._masks: dict[int | None, Tensor] = {}
+        self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
 
     def positions(self, T: int) -> tuple[Tensor, int]:
         if T != self.T:
@@ -116,25 +122,35 @@ class PagedView:
         for pool, new in ((k_pool, k), (v_pool, v)):
             pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[self.real].to(pool.dtype))
         B = q.size(0)
-        keys = k_pool[self.block_tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
-        values = v_pool[self.block_tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)
+        tables, mask = self._keys(window)
+        keys = k_pool[tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
+        values = v_pool[tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)
         q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         if keys.size(1) != q.size(1):
             # the masked SDPA kernels do not all take GQA: give every query head its own key/value head
             keys, values = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (keys, values))
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(window))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return y.transpose(1, 2)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
 
-    def _mask(self, window: int | None) -> Tensor:
-        """(B, 1, T, K): key j is visible to the query at position p iff 0 <= p - j (<= window). Built
-        once per window size and shared by the layers that use it."""
-        if window not in self._masks:
-            delta = self.pos[:, :, None] - self.key_pos
+    def _keys(self, window: int | None) -> tuple[Tensor, Tensor]:
+        """The blocks each row gathers (B, n) and the (B, 1, T, n * block_size) mask over their keys: key at
+        position j is visible to the query at position p iff 0 <= p - j (<= window). Built once per window
+        size and shared by the layers that use it."""
+        if window not in self._keys_by_window:
+            tables, key_pos = self.block_tables, self.key_pos[None]
+            bs, n_blocks = self.cache.block_size, self.block_tables.size(1)
+            width = n_blocks if window is None else (window + self.T + bs - 2) // bs + 1
+            if width < n_blocks:  # see the module docstring: only the blocks the window reaches
+                first = (self.pos[:, :1] - window).clamp(min=0) // bs
+                logical = first + torch.arange(width, device=first.device)  # (B, width)
+                tables = self.block_tables.gather(1, logical.clamp(max=n_blocks - 1))
+                key_pos = (logical[:, :, None] * bs + torch.arange(bs, device=first.device)).flatten(1)
+            delta = self.pos[:, :, None] - key_pos[:, None, :]
             mask = delta >= 0
             if window is not None:
                 mask &= delta <= window
-            self._masks[window] = mask[:, None]
-        return self._masks[window]
+            self._keys_by_window[window] = tables, mask[:, None]
+        return self._keys_by_window[window]

@@ -122,6 +122,29 @@ def test_the_window_matters_in_the_windowed_config():
     assert diff[10:].min() > 1e-3
 
 
+@pytest.mark.parametrize("chunk", [1, 2])  # decodes, and 2-token chunks
+def test_a_window_layer_never_reads_the_blocks_before_its_window(chunk):
+    """Layer 0 sees 4 positions back: once the prompt is in, poison its blocks wholly older than that
+    (NaN values: even a masked key read would spread them); the logits still match the full forward."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    full = random_tokens(24, random.Random(11))
+    seq = Sequence(full[:13])
+    seq.block_table = scattered_tables([24], seed=5)[0]
+    runner.run([chunk_of(seq, 0, 13)], [])
+    seq.num_cached_tokens = 13
+    refs = reference(model, full)
+    while seq.num_cached_tokens < len(full) - 1:
+        start = seq.num_cached_tokens
+        seq.token_ids = full[: start + chunk]
+        stale = seq.block_table[: (start - 4) // BLOCK]  # every position in them is more than 4 before start
+        runner.cache.k[0, stale] = float("nan")
+        runner.cache.v[0, stale] = float("nan")
+        logits = runner.run([chunk_of(seq, start, chunk)], []).sampled
+        torch.testing.assert_close(logits[0], refs[start + chunk - 1], atol=ATOL, rtol=0)
+        seq.num_cached_tokens = start + chunk
+
+
 def test_sequences_sharing_prefix_blocks():
     """A second sequence reuses the first one's two full prefix blocks (prefix caching) and computes only
     its own tail; both then decode together and neither disturbs the shared blocks."""
