@@ -186,12 +186,14 @@ def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, r
 
 
 async def choices_timed(engine: AsyncEngine, prompt: list[int], n: int, max_tokens: int, tag: str,
-                        together: bool) -> tuple[float, float]:
-    """Seconds until every one of n greedy choices of prompt has its first token, and until all have ended:
-    one request with n choices, or (together) n requests of one choice sent at once."""
+                        together: bool) -> tuple[float, float, float]:
+    """Seconds until every one of n greedy choices of prompt has its first token, until all have ended, and
+    the CPU seconds this process spent meanwhile (the engine's work, less sensitive than the wall clock to
+    other load on the machine): one request with n choices, or (together) n requests of one choice sent
+    at once."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
     firsts: list[float] = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     async def one(request_id: str, request_params: SamplingParams) -> None:
         seen: set[int] = set()
@@ -204,11 +206,11 @@ async def choices_timed(engine: AsyncEngine, prompt: list[int], n: int, max_toke
         await asyncio.gather(*(one(f"{tag}-{i}", params) for i in range(n)))
     else:
         await one(tag, dataclasses.replace(params, n=n))
-    return max(firsts), time.perf_counter() - t0
+    return max(firsts), time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def n_choices(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """Median (first token of every choice, end) seconds of --n choices on new --prefix-tokens prompts: one
+    """Median (first token of every choice, end, CPU) seconds of --n choices on new --prefix-tokens prompts: one
     request with n choices, then n single-choice requests sent together; a new prompt each time, so the
     prefix cache holds none of it beforehand."""
     shared, separate = [], []
@@ -217,8 +219,8 @@ def n_choices(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespac
             prompt = long_prompt(tokenizer, args.prefix_tokens, 200 + 2 * i + together, i)
             out.append(asyncio.run(choices_timed(engine, prompt, args.n, args.max_tokens, f"n{i}{together}",
                                                  together)))
-    return ([statistics.median(t[k] for t in shared) for k in (0, 1)],
-            [statistics.median(t[k] for t in separate) for k in (0, 1)])
+    return ([statistics.median(t[k] for t in shared) for k in range(3)],
+            [statistics.median(t[k] for t in separate) for k in range(3)])
 
 
 def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
@@ -410,11 +412,12 @@ def main() -> None:
             print(f"TTFT of the same prompts scored at every position (prompt_logprobs=1): {scored * 1000:.0f} ms, "
                   f"{scored / cold:.2f}x the plain one")
         if shared is not None:
-            (first, end), (first_sep, end_sep) = shared
+            (first, end, cpu), (first_sep, end_sep, cpu_sep) = shared
             print(f"n={args.n} greedy choices of a new {args.prefix_tokens}-token prompt, {args.max_tokens} tokens each "
                   f"(median of {args.prefix_repeats}): one request {first * 1000:.0f} ms to every choice's first token, "
-                  f"{end:.2f} s to the end; {args.n} requests sent together {first_sep * 1000:.0f} ms, {end_sep:.2f} s; "
-                  f"speedup {first_sep / first:.2f}x to first tokens, {end_sep / end:.2f}x to the end")
+                  f"{end:.2f} s to the end, {cpu:.2f} CPU s; {args.n} requests sent together {first_sep * 1000:.0f} ms, "
+                  f"{end_sep:.2f} s, {cpu_sep:.2f} CPU s; speedup {first_sep / first:.2f}x to first tokens, "
+                  f"{end_sep / end:.2f}x to the end, {cpu_sep / cpu:.2f}x in CPU time")
     if args.http or args.http_only:
         if levels[0] != 1:
             levels = [1, *levels]
