@@ -211,12 +211,13 @@ async def choices_timed(engine: AsyncEngine, prompt: list[int], n: int, max_toke
 
 def n_choices(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """Median (first token of every choice, end, CPU) seconds of --n choices on new --prefix-tokens prompts: one
-    request with n choices, then n single-choice requests sent together; a new prompt each time, so the
-    prefix cache holds none of it beforehand."""
+    request with n choices, then n single-choice requests sent together; a new prompt each time (made-up
+    words first), so the prefix cache holds none of it beforehand."""
     shared, separate = [], []
     for i in range(args.prefix_repeats):
         for together, out in ((False, shared), (True, separate)):
-            prompt = long_prompt(tokenizer, args.prefix_tokens, 200 + 2 * i + together, i)
+            head = tokenizer.encode(made_up_words(4, seed=1000 + 2 * i + together), prepend="<|bos|>")
+            prompt = head + long_prompt(tokenizer, args.prefix_tokens, 0, i)[1:]
             out.append(asyncio.run(choices_timed(engine, prompt, args.n, args.max_tokens, f"n{i}{together}",
                                                  together)))
     return ([statistics.median(t[k] for t in shared) for k in range(3)],
