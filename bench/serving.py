@@ -396,7 +396,8 @@ def main() -> None:
     batch = prompts(tokenizer, count)
     if not args.http_only:
         results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
-        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(*levels, args.n),
+        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16,
+                                       max_num_seqs=max(*levels, args.n),
                                        max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
         try:
             asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))

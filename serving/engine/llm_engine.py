@@ -87,7 +87,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
-from serving.engine.model_runner import ModelRunner, PromptLogits, ServeDtype
+from serving.engine.model_runner import ModelRunner, PromptLogits, ServeAttention, ServeDtype
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -152,7 +152,8 @@ class LLMEngine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
-                 max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False):
+                 max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
+                 attention: ServeAttention = "auto"):
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
@@ -162,7 +163,8 @@ class LLMEngine:
         # a sequence can never outgrow the cache, whatever the model would accept
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,
-                                  max_model_len=self.max_model_len, enforce_eager=enforce_eager)
+                                  max_model_len=self.max_model_len, enforce_eager=enforce_eager,
+                                  attention=attention)
         self.vocab_size = model.config.vocab_size
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")

@@ -107,6 +107,19 @@ def test_concurrent_greedy_requests_equal_each_request_generated_alone(model, to
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_flex_attention_serves_what_the_gather_path_serves(model, tok):
+    """serve.attention=flex on a CPU (uncompiled): the same greedy tokens, n=2 forks, chunked prefill."""
+    outputs = {}
+    for attention in ("sdpa", "flex"):
+        engine = make_engine(model, tok, attention=attention)
+        assert engine.runner.attention == attention
+        for i, prompt in enumerate(prompts(tok)):
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=12, n=2))
+        outputs[attention] = {key: choice.tokens for key, choice in run(engine).items()}
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert outputs["flex"] == outputs["sdpa"] and len(outputs["flex"]) == 8
+
+
 def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok):
     engine = make_engine(model, tok)
     first, later = prompts(tok)[1], prompts(tok)[0]
