@@ -118,28 +118,29 @@ def check_paged(config: GPTConfig, device: torch.device) -> dict[str, float]:
     with torch.no_grad():
         refs = [model(torch.tensor([t], device=device))[0] for t in tokens]
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        runner = ModelRunner(copy.deepcopy(model), num_blocks=16, block_size=16, device=device, dtype=dtype)
+    for dtype, attention in (("float32", "sdpa"), ("float32", "flex"), ("bfloat16", "auto")):
+        runner = ModelRunner(copy.deepcopy(model), num_blocks=16, block_size=16, device=device, dtype=dtype,
+                             attention=attention)
         seqs = [Sequence(t[:40]) for t in tokens]
         for i, seq in enumerate(seqs):
             seq.block_table = list(range(8 * i, 8 * i + 4))
         got: list[list[torch.Tensor]] = [[], []]
-        first = runner.run([PrefillChunk(s, 0, 24, samples=False) for s in seqs], [])
+        first = runner.run([PrefillChunk(s, 0, 24, samples=False) for s in seqs], []).sampled
         assert first.shape[0] == 0
-        last = runner.run([PrefillChunk(s, 24, 16, samples=True) for s in seqs], [])
+        last = runner.run([PrefillChunk(s, 24, 16, samples=True) for s in seqs], []).sampled
         for i, seq in enumerate(seqs):
             got[i].append(last[i])
             seq.num_cached_tokens = len(seq)
         while len(seqs[0]) < 64:
             for i, seq in enumerate(seqs):
                 seq.token_ids.append(tokens[i][len(seq)])
-            rows = runner.run([], seqs)
+            rows = runner.run([], seqs).sampled
             for i, seq in enumerate(seqs):
                 got[i].append(rows[i])
                 seq.num_cached_tokens += 1
         stacked = torch.cat([torch.stack(g) for g in got])
         expected = torch.cat([ref[39:] for ref in refs])
-        results[f"paged_{dtype}_vs_full_fp32"] = relative(stacked, expected)
+        results[f"paged_{dtype}_{runner.attention}_vs_full_fp32"] = relative(stacked, expected)
     return results
 
 
@@ -259,13 +260,13 @@ def stdlib_text(max_chars: int) -> list[str]:
     return texts
 
 
-def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, requests: int, prompt_len: int,
-                 max_tokens: int, device: torch.device) -> dict[str, Any]:
+def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, attention: str, requests: int,
+                 prompt_len: int, max_tokens: int, device: torch.device) -> dict[str, Any]:
     block_size = 16
     per_request = -(-(prompt_len + max_tokens) // block_size)
     engine = LLMEngine(copy.deepcopy(model), tokenizer, num_blocks=requests * per_request + 8, block_size=block_size,
                        max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
-                       dtype=dtype, enforce_eager=enforce_eager)
+                       dtype=dtype, enforce_eager=enforce_eager, attention=attention)
     plain = tokenizer.vocab_size - 16  # below the special tokens
     generator = torch.Generator().manual_seed(1)
 
@@ -286,7 +287,8 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
     run(min(requests, 4))  # warm-up: allocator, kernels
     seconds, generated, ttft = run(requests)
     alone_seconds, alone_generated, _ = run(1)
-    return {"dtype": dtype, "cuda_graphs": engine.runner.graphs is not None, "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
+    return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None,
+            "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
             "single_request_tokens_per_second": alone_generated / alone_seconds}
@@ -353,11 +355,14 @@ def main() -> None:
     serve_depth, serve_vocab, requests, prompt_len, max_tokens = (2, 512, 4, 32, 16) if small else (20, 8192, 64, 512, 256)
     tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
     serve_model = scrambled(GPTConfig.from_depth(serve_depth, tokenizer.vocab_size, 2048), "cpu")
-    # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio
-    for dtype, eager in (("float32", False), ("bfloat16", False), ("bfloat16", True)) if "serve" in wanted else ():
-        section(f"serve_d{serve_depth}_{dtype}{'_eager' if eager else ''}", results,
-                lambda dt=dtype, e=eager: time_serving(serve_model, tokenizer, dt, e, requests, prompt_len,
-                                                       max_tokens, device))
+    # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio, and the gather path
+    # (sdpa) beside FlexAttention over the pools (flex, what auto picks on a GPU) the attention's
+    runs = (("float32", False, "auto"), ("bfloat16", False, "sdpa"), ("bfloat16", False, "flex"),
+            ("bfloat16", True, "flex"))
+    for dtype, eager, attention in runs if "serve" in wanted else ():
+        section(f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}", results,
+                lambda dt=dtype, e=eager, a=attention: time_serving(serve_model, tokenizer, dt, e, a, requests,
+                                                                    prompt_len, max_tokens, device))
 
     for depth in [] if args.no_compile else depths:
         train(depth, compile=True)

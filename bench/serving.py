@@ -2,12 +2,14 @@
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies; time to first token on a long shared prefix with and without the prefix cache
-holding it; optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an
+holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
+together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an
 embedded local Ray, the model published as a checkpoint in a temporary folder) with the official `openai`
 client, whose ratios are against the same server at concurrency 1.
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32]
-        [--max-tokens 32] [--prefix-tokens 1000] [--http | --http-only] [--serve-set serve.KEY=VALUE] [--threads 1]
+        [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--serve-set serve.KEY=VALUE]
+        [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
 4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -182,6 +185,45 @@ def prefix_ttft(engine: AsyncEngine, tokenizer: Tokenizer, prefix_tokens: int, r
     return statistics.median(cold), statistics.median(warm), scored
 
 
+async def choices_timed(engine: AsyncEngine, prompt: list[int], n: int, max_tokens: int, tag: str,
+                        together: bool) -> tuple[float, float, float]:
+    """Seconds until every one of n greedy choices of prompt has its first token, until all have ended, and
+    the CPU seconds this process spent meanwhile (the engine's work, less sensitive than the wall clock to
+    other load on the machine): one request with n choices, or (together) n requests of one choice sent
+    at once."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+    firsts: list[float] = []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    async def one(request_id: str, request_params: SamplingParams) -> None:
+        seen: set[int] = set()
+        async for event in engine.generate(request_id, prompt, request_params):
+            if event.token_id is not None and event.index not in seen:
+                seen.add(event.index)
+                firsts.append(time.perf_counter() - t0)
+
+    if together:
+        await asyncio.gather(*(one(f"{tag}-{i}", params) for i in range(n)))
+    else:
+        await one(tag, dataclasses.replace(params, n=n))
+    return max(firsts), time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def n_choices(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Median (first token of every choice, end, CPU) seconds of --n choices on new --prefix-tokens prompts: one
+    request with n choices, then n single-choice requests sent together; a new prompt each time (made-up
+    words first), so the prefix cache holds none of it beforehand."""
+    shared, separate = [], []
+    for i in range(args.prefix_repeats):
+        for together, out in ((False, shared), (True, separate)):
+            head = tokenizer.encode(made_up_words(4, seed=1000 + 2 * i + together), prepend="<|bos|>")
+            prompt = head + long_prompt(tokenizer, args.prefix_tokens, 0, i)[1:]
+            out.append(asyncio.run(choices_timed(engine, prompt, args.n, args.max_tokens, f"n{i}{together}",
+                                                 together)))
+    return ([statistics.median(t[k] for t in shared) for k in range(3)],
+            [statistics.median(t[k] for t in separate) for k in range(3)])
+
+
 def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
     """The model as a checkpoint in local storage, laid out as training leaves it; its --model URI."""
     from nanochat.checkpoint import write_checkpoint
@@ -324,6 +366,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)
+    parser.add_argument("--n", type=int, default=1, help="with n > 1, also time one request of n choices on a "
+                        "--prefix-tokens prompt against n single-choice requests sent together")
     parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "
                         "with the openai client; its baseline is the same server at concurrency 1")
     parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
@@ -352,7 +396,8 @@ def main() -> None:
     batch = prompts(tokenizer, count)
     if not args.http_only:
         results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
-        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16, max_num_seqs=max(levels),
+        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16,
+                                       max_num_seqs=max(*levels, args.n),
                                        max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
         try:
             asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
@@ -360,6 +405,7 @@ def main() -> None:
                 results.append(concurrent(engine, batch, args.max_tokens, level))
             cold, warm, scored = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats,
                                              args.score_prompt)
+            shared = n_choices(engine, tokenizer, args) if args.n > 1 else None
         finally:
             engine.shutdown()
         print_table("In process (ratios against nanochat's own generator, one request at a time):", results,
@@ -367,6 +413,13 @@ def main() -> None:
         if scored is not None:
             print(f"TTFT of the same prompts scored at every position (prompt_logprobs=1): {scored * 1000:.0f} ms, "
                   f"{scored / cold:.2f}x the plain one")
+        if shared is not None:
+            (first, end, cpu), (first_sep, end_sep, cpu_sep) = shared
+            print(f"n={args.n} greedy choices of a new {args.prefix_tokens}-token prompt, {args.max_tokens} tokens each "
+                  f"(median of {args.prefix_repeats}): one request {first * 1000:.0f} ms to every choice's first token, "
+                  f"{end:.2f} s to the end, {cpu:.2f} CPU s; {args.n} requests sent together {first_sep * 1000:.0f} ms, "
+                  f"{end_sep:.2f} s, {cpu_sep:.2f} CPU s; speedup {first_sep / first:.2f}x to first tokens, "
+                  f"{end_sep / end:.2f}x to the end, {cpu_sep / cpu:.2f}x in CPU time")
     if args.http or args.http_only:
         if levels[0] != 1:
             levels = [1, *levels]

@@ -176,6 +176,9 @@ class ServeConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weights and KV cache: auto = bfloat16 on a GPU, float32 on a CPU")
     enforce_eager: bool = Field(False, description="decode eagerly instead of replaying CUDA graphs (GPU only)")
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "
+        "gather), sdpa = gather each sequence's blocks for masked SDPA; auto = flex on a GPU, sdpa on a CPU")
     max_queue: int = Field(64, ge=1, description="running + waiting requests per replica before 429")
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")

@@ -193,7 +193,8 @@ class EngineReplica:
                      cfg.kv_cache_memory_fraction, free / 2**20)
         engine = LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=cfg.block_size,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                           device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager)
+                           device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
+                           attention=cfg.attention)
         tokenizer_json = tokenizer.to_json()
         fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
         new = Loaded(AsyncEngine(engine, max_queue=cfg.max_queue, metrics=self.metrics), step, tokenizer_json,

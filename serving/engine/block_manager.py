@@ -20,6 +20,10 @@ Notable:
   does): a hit would skip the very positions it wants scored. Its blocks are still keyed for others.
 - Prefix cache counters are in tokens, like vLLM's: queries count the tokens looked up, hits the
   tokens found.
+- fork: the choices of an n > 1 request share one prefill. A sibling takes the prompt's full blocks of
+  the sequence that computes it (reference counted) and a copy of its partly filled last block (copy on
+  write, done at once: each choice writes its own next token into that block). A fork is not a lookup,
+  so the prefix cache counters do not count it.
 """
 
 from __future__ import annotations
@@ -101,6 +105,25 @@ class BlockManager:
             seq.num_prompt_cache_hits = min(seq.num_cached_tokens, seq.num_prompt_tokens)
         self.prefix_cache_queries += len(seq)
         self.prefix_cache_hits += seq.num_cached_tokens
+
+    def can_fork(self, seq: Sequence) -> bool:
+        return len(seq) % self.block_size == 0 or len(self.free_blocks) > 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give child (a sibling with parent's tokens, holding no blocks) parent's blocks: the full ones
+        shared, the partly filled last one as a fresh block. Returns (parent's block, child's block) whose
+        contents must be copied once parent's KV is written, or None when every block is full."""
+        assert not child.block_table and child.token_ids == parent.token_ids, f"sequence {child.id} cannot fork"
+        full = len(parent) // self.block_size
+        shared = parent.block_table[:full]
+        for block_id in shared:
+            self.ref_counts[block_id] += 1
+        child.block_table = list(shared)
+        child.num_prompt_cache_hits = parent.num_prompt_cache_hits
+        if len(parent) % self.block_size == 0:
+            return None
+        child.block_table.append(self._take_free_block())
+        return parent.block_table[full], child.block_table[-1]
 
     def can_append(self, seq: Sequence) -> bool:
         return len(seq) <= len(seq.block_table) * self.block_size or len(self.free_blocks) > 0

@@ -5,8 +5,9 @@ schedule, run the model, sample, postprocess); AsyncEngine runs it on a thread f
 Notable:
 - a request with n choices is n sequences (one per choice index), each with its own torch.Generator:
   choice 0 is seeded with the request's seed, choice i > 0 with a seed derived from (seed, i), so a
-  seeded request reproduces every choice and its choices differ. The choices are independent sequences;
-  when admitted in different steps they share the prompt's full blocks through the prefix cache.
+  seeded request reproduces every choice and its choices differ. The prompt is computed once: choice 0
+  prefills it and the others fork off it (serving/engine/scheduler.py), sampling their first token in
+  the same step from the same logits and taking copies of its prompt logprobs.
 - every request also stops at <|assistant_end|> and <|bos|> (end of turn, start of a new document),
   besides its own stop_token_ids; a stop token is reported as a token (no text, even for an ordinary
   token given in stop_token_ids) and counts as a completion token, like vLLM's EOS. min_tokens: the
@@ -86,7 +87,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
-from serving.engine.model_runner import ModelRunner, PromptLogits, ServeDtype
+from serving.engine.model_runner import ModelRunner, PromptLogits, ServeAttention, ServeDtype
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -151,7 +152,8 @@ class LLMEngine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
-                 max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False):
+                 max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
+                 attention: ServeAttention = "auto"):
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
@@ -161,7 +163,8 @@ class LLMEngine:
         # a sequence can never outgrow the cache, whatever the model would accept
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,
-                                  max_model_len=self.max_model_len, enforce_eager=enforce_eager)
+                                  max_model_len=self.max_model_len, enforce_eager=enforce_eager,
+                                  attention=attention)
         self.vocab_size = model.config.vocab_size
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -202,8 +205,8 @@ class LLMEngine:
             seq = Sequence(list(prompt_ids), seq_params)
             choices.append(_Choice(request_id, index, seq, make_generator(choice_seed(params.seed, index)),
                                    grammar=matcher if index == 0 or matcher is None else matcher.deep_copy()))
+        self.scheduler.add(choices[0].seq, [c.seq for c in choices[1:]])
         for choice in choices:
-            self.scheduler.add(choice.seq)
             self.choices[choice.seq.id] = choice
         self.requests[request_id] = choices
 
@@ -226,8 +229,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.num_tokens == 0:
             return events
-        step_logits = self.runner.run(batch.prefills, batch.decodes)
+        step_logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies)
         self._score_prompts(step_logits.prompt)
+        for chunk in batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
+            for sib in chunk.forks:
+                self.choices[sib.id].prompt_logprobs = self.choices[chunk.seq.id].prompt_logprobs
         logits = step_logits.sampled
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
         tokens = self._next_tokens(logits, choices)

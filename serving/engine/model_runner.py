@@ -13,12 +13,18 @@ Notable:
   token, while a chunk that stops short of the end of its sequence only fills the cache. The order
   matches ScheduledBatch.sampled_seqs: sampling chunks first, then decodes. A sequence that scores its
   prompt (Sequence.scores_prompt) also gets the rows of its chunk's prompt positions, returned apart
-  as PromptLogits, row i predicting the token at start + i + 1.
+  as PromptLogits, row i predicting the token at start + i + 1. A chunk's forks (siblings of an n > 1
+  request) get copies of its sampling row, and their partly filled last blocks are copied from its
+  once the prefill has written them.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
   enforce_eager; the pools then hold one block more than the block manager hands out, the graphs' scratch
   block.
+- attention (serve.attention): "flex" reads the pools in place through FlexAttention, compiled, with no
+  per-step gather (paged_cache.py); "sdpa" gathers each row's blocks for masked SDPA; "auto" is flex on a
+  GPU and sdpa on a CPU, where flex runs uncompiled and materialises the scores over the whole pool. A
+  flex runner computes one token at start, so a device where flex cannot run fails then, naming the key.
 - weights and KV pools in one dtype: "auto" is bfloat16 on a GPU (half the bytes each decode step reads,
   and the tensor cores) and float32 on a CPU, where bfloat16 matmuls are slower; logits stay float32.
 """
@@ -32,11 +38,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT
 from serving.engine.cuda_graphs import DecodeGraphs
-from serving.engine.paged_cache import PagedKVCache
+from serving.engine.paged_cache import Attention, PagedKVCache
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
 
 ServeDtype = Literal["auto", "float32", "bfloat16"]
+ServeAttention = Literal["auto", "sdpa", "flex"]
 # cuDNN's attention is left out: it builds a plan for each new shape, and a decode's key length grows every step
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -48,6 +55,15 @@ def resolve_dtype(dtype: ServeDtype, device: torch.device | str) -> torch.dtype:
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: must be one of auto, float32, bfloat16")
     return getattr(torch, dtype)
+
+
+def resolve_attention(attention: ServeAttention, device: torch.device | str) -> Attention:
+    """The paged attention the engine runs on `device`: auto is flex on a GPU, sdpa elsewhere."""
+    if attention == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if attention not in ("sdpa", "flex"):
+        raise ValueError(f"serve.attention={attention!r}: must be one of auto, sdpa, flex")
+    return attention
 
 
 @dataclass
@@ -68,13 +84,18 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None):
+        """compile_flex: run flex attention compiled (default: on a GPU only)."""
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.attention = resolve_attention(attention, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         graphs = self.device.type == "cuda" and not enforce_eager
         # with graphs, one block past those the block manager hands out: the graphs' scratch block
-        self.cache = PagedKVCache.for_model(self.model, num_blocks + 1 if graphs else num_blocks, block_size)
+        self.cache = PagedKVCache.for_model(self.model, num_blocks + 1 if graphs else num_blocks, block_size,
+                                            attention=self.attention, compile_flex=compile_flex)
+        if self.attention == "flex":
+            self._check_flex()
         self.graphs = None
         if graphs:
             with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
@@ -82,14 +103,30 @@ class ModelRunner:
                                            max_model_len or num_blocks * block_size, capture=True)
 
     @torch.inference_mode()
+    def _check_flex(self) -> None:
+        """One token through the flex path (compiling its kernels on a GPU), written to block 0 while no
+        sequence holds it: where flex cannot run, the engine fails now, naming the setting."""
+        probe = Sequence([0])
+        probe.block_table = [0]
+        try:
+            self._forward([(probe, 0, 1)])
+        except Exception as e:
+            raise RuntimeError(f"serve.attention=flex cannot run on {self.device} ({type(e).__name__}: {e}); "
+                               f"set serve.attention=sdpa") from e
+
+    @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
-    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence]) -> StepLogits:
+    def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence],
+            block_copies: list[tuple[int, int]] | tuple[()] = ()) -> StepLogits:
         """float32 logits (N, vocab_size), one row per sequence that gets a next token this step, and
-        those of the prompt positions of sequences that score their prompt."""
+        those of the prompt positions of sequences that score their prompt. block_copies: (source,
+        destination) blocks to copy after the prefill."""
         logits, prompt = [], []
         if prefill_chunks:
             last, prompt = self._prefill(prefill_chunks)
             logits.append(last)
+        if block_copies:
+            self.cache.copy_blocks(list(block_copies))
         if decode_seqs and self.graphs is not None and self.graphs.serves(len(decode_seqs)):
             logits.append(self.graphs.run(decode_seqs))
         elif decode_seqs:
@@ -111,7 +148,7 @@ class ModelRunner:
                     spans.append((c.seq, c.start, len(scored), end - c.start))
                     scored.extend(range(b * T, b * T + end - c.start))
             if c.samples:
-                sampled.append(b * T + c.length - 1)
+                sampled.extend([b * T + c.length - 1] * (1 + len(c.forks)))
         rows = self._forward([(c.seq, c.start, c.length) for c in chunks], sampled + scored)
         prompt = [PromptLogits(seq, start, rows[len(sampled) + i : len(sampled) + i + n])
                   for seq, start, i, n in spans]

@@ -11,10 +11,24 @@ Notable:
 - rows of different lengths are right-padded to the longest. A padded token repeats its row's last real
   position: it is never written to the pool and it attends exactly like the last real token, so no
   query row is ever fully masked (SDPA would return NaN). Its outputs are simply never read.
-- attention gathers each row's blocks into a contiguous (B, n_blocks * block_size, ...) tensor and runs
+- two attention paths (the cache's `attention`):
+  "sdpa" gathers each row's blocks into a contiguous (B, n_blocks * block_size, ...) tensor and runs
   SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
-  of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU; a paged
-  attention kernel would skip the gather copy.
+  of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU.
+  "flex" reads the pools in place, no gather: FlexAttention with the pool of a layer as one long key
+  sequence (shared by every row) and a block mask listing, for each row, its own blocks as the KV
+  blocks to visit (KV block = cache block). The mask_mod places a key by its block's column in the
+  block tables, kept per block in block_column: a block shared by prefix caching or a fork sits at
+  the same column in every table holding it, so one map serves the whole batch. It admits the key
+  if that column of the query's row holds that very block (not another row's, nor a stale entry of
+  the map) and causality (and the window) allow it. Compiled on a GPU; on a CPU eager flex builds the
+  scores over the whole pool, fine for tests only.
+- a sliding-window layer reads only the blocks its window can reach: row b's from the block of
+  position start_b - W on, as many as W + T positions can touch (gathered, or listed in the block
+  mask). Its keys are then not position j at index j: each row carries the columns of its blocks.
+  Blocks past a row's table (the clamped tail of a short row) get positions beyond its last query,
+  so causality hides them. The blocks before the window stay allocated: every model has full-context
+  layers (the last layer always is), and all layers share the one block table.
 - the pools are written only at the slots of real new tokens (one index_copy per layer), so what a
   sequence shares with others (prefix blocks) or what freed blocks still hold is never disturbed.
 - no step waits on the GPU inside the forward: which tokens are real is known on the host, so they are
@@ -22,36 +36,60 @@ Notable:
   from the device: two stalls per layer, every decode step).
 """
 
+import functools
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+Attention = Literal["sdpa", "flex"]
 
 
 class PagedKVCache:
     """Keys and values of all layers: k[layer], v[layer] are (num_blocks, block_size, n_kv_head, head_dim)."""
 
     def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 attention: Attention = "sdpa", compile_flex: bool | None = None):
+        """attention: "sdpa" gathers each row's blocks, "flex" reads the pools in place (module docstring);
+        compile_flex: run FlexAttention compiled (by default on a GPU only)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: both must be >= 1")
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention={attention!r}: must be sdpa or flex")
         # one allocation; k[layer] is that layer's pool
         shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.attention = attention
+        self.compile_flex = self.k.device.type == "cuda" if compile_flex is None else compile_flex
+        # flex: the column at which each block sits in the block tables holding it (the same in all of
+        # them: a block shared by prefix caching or a fork holds the same positions everywhere), and one
+        # slot past the blocks where the padding of the tables is written
+        self.block_column = torch.zeros(num_blocks + 1, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, model: nn.Module, num_blocks: int, block_size: int,
-                  dtype: torch.dtype | None = None) -> "PagedKVCache":
+    def for_model(cls, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                  attention: Attention = "sdpa", compile_flex: bool | None = None) -> "PagedKVCache":
         """Pools shaped for `model` (a GPT), on its device, in its parameters' dtype unless told."""
         cfg = model.config
         param = next(model.parameters())
         return cls(cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim, dtype or param.dtype,
-                   param.device)
+                   param.device, attention, compile_flex)
 
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, in every layer (a fork's last block)."""
+        src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs, strict=True))
+        for pool in (self.k, self.v):
+            pool.index_copy_(1, dst, pool.index_select(1, src))
 
     def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> "PagedView":
         """A view for one forward over len(starts) rows: row b holds lengths[b] new tokens at positions
@@ -95,9 +133,14 @@ class PagedView:
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
         block_ids = block_tables.gather(1, self.pos // bs)
         self.slots = (block_ids * bs + self.pos % bs).flatten()[real]  # flat pool index of each real new token
-        # the gathered keys of a row are its positions in order: key j is position j
-        self.key_pos = torch.arange(block_tables.size(1) * bs, device=starts.device)
-        self._masks: dict[int | None, Tensor] = {}
+        self.n_used = self.pos[:, -1] // bs + 1  # (B,) blocks each row reads up to its last query
+        self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
+        self._flex_masks: dict[int | None, BlockMask] = {}
+        if cache.attention == "flex":
+            columns = torch.arange(block_tables.size(1), device=starts.device).expand_as(block_tables)
+            # the padding of the tables goes to the spare slot, so a real block's column is never overwritten
+            used = torch.where(columns < self.n_used[:, None], block_tables, cache.num_blocks)
+            cache.block_column.scatter_(0, used.flatten(), columns.flatten())
 
     def positions(self, T: int) -> tuple[Tensor, int]:
         if T != self.T:
@@ -109,26 +152,94 @@ class PagedView:
         n_slots = k_pool.size(0) * k_pool.size(1)
         for pool, new in ((k_pool, k), (v_pool, v)):
             pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[self.real].to(pool.dtype))
+        if self.cache.attention == "flex":
+            return self._flex(k_pool, v_pool, q, window)
         B = q.size(0)
-        keys = k_pool[self.block_tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
-        values = v_pool[self.block_tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)
+        tables, mask = self._keys(window)
+        keys = k_pool[tables].reshape(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
+        values = v_pool[tables].reshape(B, -1, *v_pool.shape[2:]).to(q.dtype)
         q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         if keys.size(1) != q.size(1):
             # the masked SDPA kernels do not all take GQA: give every query head its own key/value head
             keys, values = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (keys, values))
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(window))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return y.transpose(1, 2)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
 
-    def _mask(self, window: int | None) -> Tensor:
-        """(B, 1, T, K): key j is visible to the query at position p iff 0 <= p - j (<= window). Built
-        once per window size and shared by the layers that use it."""
-        if window not in self._masks:
-            delta = self.pos[:, :, None] - self.key_pos
+    def _blocks(self, window: int | None) -> tuple[Tensor, Tensor]:
+        """The blocks (B, n) a layer with this window reads for each row, and their columns in the row's
+        block table (B, n): all of them, or for a window only those it reaches (module docstring)."""
+        bs, n_blocks = self.cache.block_size, self.block_tables.size(1)
+        columns = torch.arange(n_blocks, device=self.pos.device)
+        width = n_blocks if window is None else (window + self.T + bs - 2) // bs + 1
+        if width >= n_blocks:
+            return self.block_tables, columns.expand_as(self.block_tables)
+        columns = (self.pos[:, :1] - window).clamp(min=0) // bs + columns[:width]
+        return self.block_tables.gather(1, columns.clamp(max=n_blocks - 1)), columns
+
+    def _keys(self, window: int | None) -> tuple[Tensor, Tensor]:
+        """The blocks each row gathers (B, n) and the (B, 1, T, n * block_size) mask over their keys: key at
+        position j is visible to the query at position p iff 0 <= p - j (<= window). Built once per window
+        size and shared by the layers that use it."""
+        if window not in self._keys_by_window:
+            tables, columns = self._blocks(window)
+            bs = self.cache.block_size
+            key_pos = (columns[:, :, None] * bs + torch.arange(bs, device=columns.device)).flatten(1)
+            delta = self.pos[:, :, None] - key_pos[:, None, :]
             mask = delta >= 0
             if window is not None:
                 mask &= delta <= window
-            self._masks[window] = mask[:, None]
-        return self._masks[window]
+            self._keys_by_window[window] = tables, mask[:, None]
+        return self._keys_by_window[window]
+
+    def _flex(self, k_pool: Tensor, v_pool: Tensor, q: Tensor, window: int | None) -> Tensor:
+        """FlexAttention of q (B, T, n_head, D) over the pools in place: each row visits only its own blocks
+        (those its window reaches), listed in a block mask whose mask_mod places every key by its block's
+        column (module docstring)."""
+        if window not in self._flex_masks:
+            self._flex_masks[window] = self._flex_mask(window)
+        keys, values = (pool.flatten(0, 1).permute(1, 0, 2)[None] for pool in (k_pool, v_pool))  # (1, H, N, D)
+        # dynamic shapes on a GPU (vLLM's setting: the batch changes every step); the CPU code generator
+        # fails on dynamic flex kernels, so there each new shape compiles anew (tests only)
+        on_gpu = self.cache.device.type == "cuda"
+        attend = _compiled_flex(None if on_gpu else False) if self.cache.compile_flex else flex_attention
+        y = attend(q.transpose(1, 2), keys, values, block_mask=self._flex_masks[window],
+                   enable_gqa=keys.size(1) != q.size(2))
+        return y.transpose(1, 2)
+
+    def _flex_mask(self, window: int | None) -> BlockMask:
+        cache, bs = self.cache, self.cache.block_size
+        tables, columns = self._blocks(window)
+        pos, block_tables, block_column = self.pos, self.block_tables, cache.block_column
+        last_column = block_tables.size(1) - 1
+
+        def visible(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            block = kv_idx // bs
+            column = block_column[block]
+            key_pos, q_pos = column * bs + kv_idx % bs, pos[b, q_idx]
+            # a block of another row, or a stale one, is not at that column of this row's table; a column
+            # past the row's blocks lies past its last query, which causality hides
+            ok = (block_tables[b, column.clamp(max=last_column)] == block) & (key_pos <= q_pos)
+            return ok if window is None else ok & (q_pos - key_pos <= window)
+
+        B = tables.size(0)
+        n_q = -(-self.T // FLEX_Q_BLOCK)
+        if cache.compile_flex and cache.device.type == "cpu":  # the CPU kernel wants every block of the pool listed
+            tables = F.pad(tables, (0, cache.num_blocks - tables.size(1)))
+        counts = self.n_used - columns[:, 0]
+        return BlockMask.from_kv_blocks(
+            counts[:, None, None].expand(B, 1, n_q).to(torch.int32),
+            tables[:, None, None, :].expand(B, 1, n_q, tables.size(1)).to(torch.int32),
+            BLOCK_SIZE=(FLEX_Q_BLOCK, bs), mask_mod=visible, seq_lengths=(self.T, cache.num_blocks * bs),
+            compute_q_blocks=False)
+
+
+FLEX_Q_BLOCK = 16  # queries per block of the flex block mask (vLLM's choice with small KV blocks)
+
+
+@functools.cache
+def _compiled_flex(dynamic: bool | None) -> Callable[..., Tensor]:
+    """flex_attention compiled, once per process and setting of torch.compile's dynamic."""
+    return torch.compile(flex_attention, dynamic=dynamic, fullgraph=True)

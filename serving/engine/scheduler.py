@@ -15,6 +15,12 @@ Notable:
   recompute cheap). No new sequence is admitted in a step that preempted.
 - add() refuses a sequence that could never fit in the cache (prompt + max_tokens), which would
   otherwise block the queue forever.
+- Siblings (the other choices of an n > 1 request) share one prefill: they wait, holding no blocks,
+  until the step that schedules their leader's last prompt chunk, and then fork off it
+  (BlockManager.fork): they sample their first token from the leader's logits in that same step and
+  decode on their own from the next. A sibling that cannot fork then (no free block for the copy of a
+  partly filled last block, max_num_seqs reached, or a step that preempted) joins the front of the
+  waiting queue as an ordinary sequence, where the prefix cache gives it the prompt's full blocks.
 - The scheduler is not thread safe: the engine calls schedule, postprocess, abort and finish from one
   loop. A sequence aborted while its step ran is skipped by postprocess.
 """
@@ -40,12 +46,16 @@ class PrefillChunk:
     # the chunk reaches the end of the sequence, so its last logits give the next token; fixed at
     # schedule time because postprocess then appends to the sequence
     samples: bool
+    # siblings forked off seq in this step: each samples its own first token from the same logits
+    forks: list[Sequence] = field(default_factory=list)
 
 
 @dataclass
 class ScheduledBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)  # each computes its last token, at len(seq) - 1
+    # (source, destination) blocks to copy once the prefills are computed: forks' partly filled last blocks
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -53,8 +63,9 @@ class ScheduledBatch:
 
     @property
     def sampled_seqs(self) -> list[Sequence]:
-        """The sequences that get a new token this step, in the order postprocess expects the tokens."""
-        return [c.seq for c in self.prefills if c.samples] + self.decodes
+        """The sequences that get a new token this step, in the order postprocess expects the tokens: each
+        sampling chunk's sequence followed by its forks, then the decodes."""
+        return [s for c in self.prefills if c.samples for s in (c.seq, *c.forks)] + self.decodes
 
 
 def _is_decode(seq: Sequence) -> bool:
@@ -76,6 +87,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id, for abort
+        self.siblings: dict[Sequence, list[Sequence]] = {}  # by leader: those waiting to fork off it
         self.num_preemptions = 0
 
     @property
@@ -89,7 +101,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, siblings: list[Sequence] | tuple[()] = ()) -> None:
+        """Queue seq; siblings (same prompt and sampling) fork off it when its prompt is computed."""
         bm = self.block_manager
         needed = bm.num_blocks_for(seq.num_prompt_tokens + seq.sampling.max_tokens)
         if needed > bm.num_blocks:
@@ -97,9 +110,12 @@ class Scheduler:
                 f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.sampling.max_tokens}) needs "
                 f"{needed} KV cache blocks, the cache has {bm.num_blocks}"
             )
-        assert seq.status is SequenceStatus.WAITING and seq.id not in self.seqs
-        self.seqs[seq.id] = seq
+        for s in (seq, *siblings):
+            assert s.status is SequenceStatus.WAITING and s.id not in self.seqs and s.token_ids == seq.token_ids
+            self.seqs[s.id] = s
         self.waiting.append(seq)
+        if siblings:
+            self.siblings[seq] = list(siblings)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -120,9 +136,9 @@ class Scheduler:
                 batch.decodes.append(seq)
                 budget -= 1
                 i += 1
-        for seq in self.running:  # chunks of sequences admitted in an earlier step and still prefilling
+        for seq in list(self.running):  # chunks of sequences admitted earlier and still prefilling (forks join)
             if budget > 0 and not _is_decode(seq):
-                budget -= self._add_chunk(batch, seq, budget)
+                budget -= self._add_chunk(batch, seq, budget, preempted)
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
@@ -131,15 +147,34 @@ class Scheduler:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            budget -= self._add_chunk(batch, seq, budget)
+            budget -= self._add_chunk(batch, seq, budget, preempted)
         return batch
 
-    def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+    def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int, preempted: bool) -> int:
         length = min(len(seq) - seq.num_cached_tokens, budget)
         assert length > 0, f"sequence {seq.id} has nothing to compute: was postprocess skipped?"
         samples = seq.num_cached_tokens + length == len(seq)
-        batch.prefills.append(PrefillChunk(seq, seq.num_cached_tokens, length, samples))
+        chunk = PrefillChunk(seq, seq.num_cached_tokens, length, samples)
+        batch.prefills.append(chunk)
+        if samples and seq in self.siblings:
+            self._fork(batch, chunk, self.siblings.pop(seq), preempted)
         return length
+
+    def _fork(self, batch: ScheduledBatch, chunk: PrefillChunk, siblings: list[Sequence], preempted: bool) -> None:
+        """Fork the siblings that fit off chunk.seq, whose prompt this chunk completes; queue the rest."""
+        bm, leader = self.block_manager, chunk.seq
+        left = []
+        for sib in siblings:
+            if preempted or len(self.running) >= self.max_num_seqs or not bm.can_fork(leader):
+                left.append(sib)
+                continue
+            copy = bm.fork(leader, sib)
+            if copy is not None:
+                batch.block_copies.append(copy)
+            sib.status = SequenceStatus.RUNNING
+            self.running.append(sib)
+            chunk.forks.append(sib)
+        self.waiting.extendleft(reversed(left))
 
     def _preempt(self, seq: Sequence) -> Sequence:
         logger.debug("preempting sequence %d (%d tokens) for lack of KV cache blocks", seq.id, len(seq))
@@ -156,10 +191,12 @@ class Scheduler:
         sampled = batch.sampled_seqs
         if len(new_token_ids) != len(sampled):
             raise ValueError(f"{len(new_token_ids)} new tokens for {len(sampled)} sampled sequences")
-        computed = [(c.seq, c.length) for c in batch.prefills] + [(s, 1) for s in batch.decodes]
-        for seq, length in computed:
+        # each sequence computed (or, a fork, was given) the KV of its tokens up to end
+        computed = [(s, c.start + c.length) for c in batch.prefills for s in (c.seq, *c.forks)]
+        computed += [(s, len(s)) for s in batch.decodes]
+        for seq, end in computed:
             if seq.status is SequenceStatus.RUNNING:  # not aborted meanwhile
-                seq.num_cached_tokens += length
+                seq.num_cached_tokens = end
                 self.block_manager.cache_computed_blocks(seq)
         finished = []
         for seq, token_id in zip(sampled, new_token_ids, strict=True):
@@ -181,8 +218,12 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        else:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:  # a sibling still waiting to fork
+            next(sibs for sibs in self.siblings.values() if seq in sibs).remove(seq)
+        # siblings left without their leader go ahead as ordinary sequences
+        self.waiting.extendleft(reversed(self.siblings.pop(seq, [])))
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

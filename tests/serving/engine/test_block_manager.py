@@ -43,6 +43,24 @@ def test_allocate_append_free_and_refcounts():
     assert bm.num_free_blocks == 8 and bm.usage == 0.0 and not any(bm.ref_counts)
 
 
+@pytest.mark.parametrize("prompt_len", [6, 8])
+def test_fork_shares_full_blocks_and_gives_a_fresh_copy_of_a_partly_filled_last_one(prompt_len):
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    parent = admitted(bm, list(range(prompt_len)))
+    child = Sequence(list(range(prompt_len)))
+    assert bm.can_fork(parent)
+    copy = bm.fork(parent, child)
+    assert child.block_table[:1] == parent.block_table[:1] and bm.ref_counts[parent.block_table[0]] == 2
+    if prompt_len == 8:  # every block full: all shared, nothing to copy
+        assert copy is None and child.block_table == parent.block_table
+    else:
+        assert copy == (parent.block_table[1], child.block_table[1]) and child.block_table[1] != parent.block_table[1]
+    assert bm.prefix_cache_queries == prompt_len  # the parent's lookup only
+    if prompt_len == 6:
+        admitted(bm, [9] * 4)  # takes the last free block
+        assert bm.num_free_blocks == 0 and not bm.can_fork(parent)  # no block for a copy
+
+
 def test_exhaustion_can_allocate_and_can_append_false():
     bm = BlockManager(num_blocks=3, block_size=BS)
     a = admitted(bm, list(range(8)))  # 2 blocks

@@ -107,6 +107,19 @@ def test_concurrent_greedy_requests_equal_each_request_generated_alone(model, to
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_flex_attention_serves_what_the_gather_path_serves(model, tok):
+    """serve.attention=flex on a CPU (uncompiled): the same greedy tokens, n=2 forks, chunked prefill."""
+    outputs = {}
+    for attention in ("sdpa", "flex"):
+        engine = make_engine(model, tok, attention=attention)
+        assert engine.runner.attention == attention
+        for i, prompt in enumerate(prompts(tok)):
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=12, n=2))
+        outputs[attention] = {key: choice.tokens for key, choice in run(engine).items()}
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert outputs["flex"] == outputs["sdpa"] and len(outputs["flex"]) == 8
+
+
 def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok):
     engine = make_engine(model, tok)
     first, later = prompts(tok)[1], prompts(tok)[0]
@@ -144,6 +157,66 @@ def test_a_seed_reproduces_its_choices_and_another_seed_does_not(model, tok):
     assert sampled(1) == sampled(1)
     assert sampled(1) != sampled(2)
     assert sampled(1, n=1)[0] == sampled(1)[0]  # choice 0 runs on the request's seed
+
+
+def counting_prefill_tokens(engine: LLMEngine) -> list[int]:
+    """The prompt tokens each step computes, recorded around the engine's real model runner."""
+    counts: list[int] = []
+    real_run = engine.runner.run
+
+    def run_and_count(prefills, decodes, block_copies=()):
+        counts.append(sum(c.length for c in prefills))
+        return real_run(prefills, decodes, block_copies)
+
+    engine.runner.run = run_and_count
+    return counts
+
+
+@pytest.mark.parametrize("prompt_len", [22, 24])  # a partly filled last block (copied to each choice), and none
+def test_n_choices_prefill_the_prompt_once_and_greedy_ones_equal_n_1(model, tok, prompt_len):
+    prompt = prompts(tok)[1][:prompt_len]
+    engine = make_engine(model, tok, max_num_batched_tokens=16)  # two chunks
+    counts = counting_prefill_tokens(engine)
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=16, n=4))
+    results = defaultdict(Choice)
+    while not results:
+        collect(results, engine.step())
+    assert sorted(results) == [("r", i) for i in range(4)]  # every choice's first token in one step
+    run(engine, results)
+    assert sum(counts) == len(prompt)
+    expected = alone(model, tok, prompt, max_tokens=16)
+    assert all(results["r", i].tokens == expected for i in range(4))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not any(engine.block_manager.ref_counts)
+
+
+def test_n_choices_share_the_prompts_logprobs_computed_once(model, tok):
+    prompt = prompts(tok)[1]
+
+    def scored(n: int) -> tuple[list[TokenEvent], int]:
+        engine = make_engine(model, tok)
+        counts = counting_prefill_tokens(engine)
+        engine.add_request("r", prompt, SamplingParams(temperature=1.0, max_tokens=3, n=n, seed=3, prompt_logprobs=2))
+        events = [e for _ in range(20) for e in engine.step() if e.prompt_logprobs is not None]
+        return events, sum(counts)
+
+    (single,), computed = scored(1)
+    assert computed == len(prompt) and single.prompt_logprobs[0] is None and len(single.prompt_logprobs) == len(prompt)
+    events, computed = scored(3)
+    assert computed == len(prompt) and sorted(e.index for e in events) == [0, 1, 2]
+    assert all(e.prompt_logprobs == single.prompt_logprobs for e in events)
+
+
+def test_choices_that_cannot_fork_run_after_with_the_prompts_full_blocks_cached(model, tok):
+    prompt = prompts(tok)[1][:22]
+    engine = make_engine(model, tok, max_num_seqs=2)  # two of the four choices wait for a free seat
+    counts = counting_prefill_tokens(engine)
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=8, n=4))
+    results = run(engine)
+    assert sum(counts) == len(prompt) + 2 * (len(prompt) % 4)  # the two late ones recompute the partial block
+    expected = alone(model, tok, prompt, max_tokens=8)
+    assert all(results["r", i].tokens == expected for i in range(4))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 # ---------------------------------------------------------------------------------------------

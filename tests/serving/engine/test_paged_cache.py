@@ -9,7 +9,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
-from serving.engine.model_runner import ModelRunner, resolve_dtype
+from serving.engine.model_runner import ModelRunner, resolve_attention, resolve_dtype
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
 from tests.support.gpt_fixtures import scrambled_model
@@ -27,9 +27,10 @@ def scrambled(name: str) -> GPT:
     return scrambled_model(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, **CONFIGS[name]))
 
 
-def runner_for(model: GPT) -> ModelRunner:
-    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, "cpu")
+def runner_for(model: GPT, **options) -> ModelRunner:
+    runner = ModelRunner(model, NUM_BLOCKS, BLOCK, "cpu", **options)
     # stale values, as freed blocks hold: any slot attended by mistake changes the logits
+    torch.manual_seed(0)
     runner.cache.k.normal_(0.0, 10.0)
     runner.cache.v.normal_(0.0, 10.0)
     return runner
@@ -61,10 +62,12 @@ def scattered_tables(lengths: list[int], seed: int) -> list[list[int]]:
     return tables
 
 
-def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chunk: int, stagger: int) -> int:
+def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chunk: int, stagger: int,
+          twin: ModelRunner | None = None) -> int:
     """Runs every sequence to the end of full[i], teacher-forced, as the engine would: sequence i joins at
     step i * stagger, prefills chunk tokens a step, then decodes one token a step in a batch with the
-    others. Checks each returned row against the full forward; returns the number of rows checked."""
+    others. Checks each returned row against the full forward, and against twin's (another attention path
+    over pools that started equal) to 1e-5; returns the number of rows checked."""
     refs = [reference(runner.model, tokens) for tokens in full]
     checked, step = 0, 0
     while any(len(s) < len(f) or s.num_cached_tokens < len(s) for s, f in zip(seqs, full, strict=True)):
@@ -78,6 +81,8 @@ def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chun
             else:
                 decodes.append(seq)
         logits = runner.run(prefills, decodes).sampled
+        if twin is not None:
+            torch.testing.assert_close(twin.run(prefills, decodes).sampled, logits, atol=1e-5, rtol=0)
         sampled = [c.seq for c in prefills if c.samples] + decodes
         assert logits.shape == (len(sampled), VOCAB)
         for row, seq in zip(logits, sampled, strict=True):
@@ -112,6 +117,54 @@ def test_paged_logits_match_the_full_forward(name, chunk, stagger):
     assert checked == len(prompts) * (new_tokens + 1)  # one row at each prompt's end, then one per decode
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(("chunk", "stagger"), [(100, 1), (3, 2)], ids=["one-chunk-staggered", "chunks-of-3"])
+def test_flex_attention_over_the_pools_equals_the_gather_path(name, chunk, stagger):
+    """The same steps (chunks padded beside 1-token rows, decodes; GQA, a window) through FlexAttention
+    reading the pools in place and through the gather + masked SDPA path, whose stale slots are the same."""
+    rng = random.Random(7)
+    prompts, new_tokens = [5, 13, 22, 9], 6
+    full = [random_tokens(n + new_tokens, rng) for n in prompts]
+    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, prompts, strict=True)]
+    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
+        seq.block_table = table
+    model = scrambled(name)
+    flex, sdpa = runner_for(model, attention="flex"), runner_for(model, attention="sdpa")
+    assert (flex.attention, sdpa.attention) == ("flex", "sdpa")
+    torch.testing.assert_close(flex.cache.k, sdpa.cache.k, atol=0, rtol=0)
+    checked = drive(flex, seqs, full, chunk, stagger, twin=sdpa)
+    assert checked == len(prompts) * (new_tokens + 1)
+
+
+@pytest.mark.slow  # compiling the CPU kernels takes a minute on 2 cores
+def test_compiled_flex_attention_equals_the_gather_path():
+    """One mixed step (a chunk late in its sequence beside a fresh prompt and a decode, a window, GQA)
+    through flex_attention compiled, as a GPU runs it, over pools the gather path filled."""
+    model = scrambled("gqa-window")
+    flex = runner_for(model, attention="flex", compile_flex=True)
+    sdpa = runner_for(model, attention="sdpa")
+    rng = random.Random(9)
+    late, fresh, decoding = (Sequence(random_tokens(n, rng)) for n in (19, 6, 11))
+    for seq, table in zip((late, fresh, decoding), scattered_tables([19, 6, 11], seed=8), strict=True):
+        seq.block_table = table
+    sdpa.run([chunk_of(late, 0, 12), chunk_of(decoding, 0, 10)], [])
+    flex.cache.k.copy_(sdpa.cache.k)
+    flex.cache.v.copy_(sdpa.cache.v)
+    late.num_cached_tokens, decoding.num_cached_tokens = 12, 10
+    step = [chunk_of(late, 12, 7), chunk_of(fresh, 0, 6), chunk_of(decoding, 10, 1)]
+    got, expected = flex.run(step, []).sampled, sdpa.run(step, []).sampled
+    assert got.shape == (3, VOCAB)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_attention_auto_is_flex_on_gpus_only():
+    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("auto", torch.device("cuda", 0)) == "flex"
+    assert resolve_attention("flex", "cpu") == "flex"
+    with pytest.raises(ValueError, match="serve.attention='paged': must be one of auto, sdpa, flex"):
+        resolve_attention("paged", "cpu")
+
+
 def test_the_window_matters_in_the_windowed_config():
     """Guards the test above: a cache that ignored the window would not match these references."""
     windowed = scrambled("gqa-window")
@@ -121,6 +174,29 @@ def test_the_window_matters_in_the_windowed_config():
     diff = (reference(windowed, tokens) - reference(full_context.eval(), tokens)).abs().amax(dim=-1)
     assert diff[:5].max() < 1e-5  # within the window both see everything
     assert diff[10:].min() > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [1, 2])  # decodes, and 2-token chunks
+def test_a_window_layer_never_reads_the_blocks_before_its_window(chunk):
+    """Layer 0 sees 4 positions back: once the prompt is in, poison its blocks wholly older than that
+    (NaN values: even a masked key read would spread them); the logits still match the full forward."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    full = random_tokens(24, random.Random(11))
+    seq = Sequence(full[:13])
+    seq.block_table = scattered_tables([24], seed=5)[0]
+    runner.run([chunk_of(seq, 0, 13)], [])
+    seq.num_cached_tokens = 13
+    refs = reference(model, full)
+    while seq.num_cached_tokens < len(full) - 1:
+        start = seq.num_cached_tokens
+        seq.token_ids = full[: start + chunk]
+        stale = seq.block_table[: (start - 4) // BLOCK]  # every position in them is more than 4 before start
+        runner.cache.k[0, stale] = float("nan")
+        runner.cache.v[0, stale] = float("nan")
+        logits = runner.run([chunk_of(seq, start, chunk)], []).sampled
+        torch.testing.assert_close(logits[0], refs[start + chunk - 1], atol=ATOL, rtol=0)
+        seq.num_cached_tokens = start + chunk
 
 
 def test_sequences_sharing_prefix_blocks():
@@ -140,6 +216,29 @@ def test_sequences_sharing_prefix_blocks():
     b.num_cached_tokens = 2 * BLOCK  # the prefix cache hit
     checked = drive(runner, [a, b], full, chunk=100, stagger=0)
     assert checked == 4 + 5  # a's 4 decodes; b's prefill end and 4 decodes
+
+
+def test_a_fork_gets_its_leaders_row_and_a_copy_of_its_last_block_then_decodes_its_own_tokens():
+    """One prefill for two choices: the sibling shares the two full blocks, gets the partly filled third
+    copied after the prefill, and both then decode different tokens beside each other."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model)
+    rng = random.Random(8)
+    prompt = random_tokens(2 * BLOCK + 3, rng)
+    full = [prompt + random_tokens(4, rng), prompt + random_tokens(4, rng)]
+    leader, sib = Sequence(prompt), Sequence(prompt)
+    table, own = scattered_tables([len(full[0]), len(full[1]) - 2 * BLOCK], seed=4)
+    leader.block_table, sib.block_table = table, table[:2] + own
+    chunk = chunk_of(leader, 0, len(prompt))
+    chunk.forks.append(sib)
+    logits = runner.run([chunk], [], [(table[2], own[0])]).sampled
+    expected = reference(model, prompt)[-1]
+    assert logits.shape == (2, VOCAB)
+    torch.testing.assert_close(logits, torch.stack([expected, expected]), atol=ATOL, rtol=0)
+    for seq, tokens in ((leader, full[0]), (sib, full[1])):
+        seq.num_cached_tokens = len(prompt)
+        seq.token_ids.append(tokens[len(prompt)])
+    assert drive(runner, [leader, sib], full, chunk=100, stagger=0) == 2 * 4
 
 
 def test_short_chunk_late_in_its_sequence_padded_beside_a_long_one():
@@ -262,12 +361,13 @@ def test_batch_buckets():
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
 
 
-def test_decode_through_the_graph_buffers_equals_the_eager_decode():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_decode_through_the_graph_buffers_equals_the_eager_decode(attention):
     """Three sequences of different lengths in scattered blocks decode through DecodeGraphs' static buffers
     (bucket 4: one padding row, block tables padded to the longest context with the scratch block): the same
     logits as the eager decode, and the pools untouched outside the scratch block."""
     model = scrambled("smear-backout")  # windows, GQA, and the token before each decode through the buffers
-    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")  # block NUM_BLOCKS is the scratch block
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu", attention=attention)  # block NUM_BLOCKS: scratch
     graphs = DecodeGraphs(model, runner.cache, NUM_BLOCKS, max_num_seqs=6, max_model_len=40, capture=False)
     rng = random.Random(11)
     seqs = [Sequence(random_tokens(n, rng)) for n in (5, 13, 22)]

@@ -37,6 +37,10 @@ class FakeModel:
                 self.kv[seq.block_table[pos // self.bs], pos % self.bs] = seq.token_ids[pos]
             for pos in range(start + length):  # the context this step attends to
                 assert self.kv[seq.block_table[pos // self.bs], pos % self.bs] == seq.token_ids[pos]
+        for src, dst in batch.block_copies:  # after the prefill, as the model runner does
+            for slot in range(self.bs):
+                if (src, slot) in self.kv:
+                    self.kv[dst, slot] = self.kv[src, slot]
         new_tokens = [(s.token_ids[-1] + 1) % V for s in batch.sampled_seqs]
         return batch, sched.postprocess(batch, new_tokens)
 
@@ -191,6 +195,55 @@ def test_next_turn_reuses_the_previous_turns_blocks():
     assert second.output_token_ids == expected_output([3], 5)
 
 
+@pytest.mark.parametrize("prompt_len", [10, 12])  # a partly filled last block (copied), and none
+def test_siblings_fork_off_one_prefill_and_sample_in_the_same_step(prompt_len):
+    sched, model = make(max_num_batched_tokens=8)  # the prompt takes two chunks
+    leader, *siblings = [seq(list(range(prompt_len)), max_tokens=6) for _ in range(4)]
+    sched.add(leader, siblings)
+    prefilled, first_sampled = 0, None
+    while first_sampled is None:
+        batch, _ = model.step(sched)
+        prefilled += sum(c.length for c in batch.prefills)
+        if batch.sampled_seqs:
+            first_sampled = batch.sampled_seqs
+    assert prefilled == prompt_len and first_sampled == [leader, *siblings]
+    assert len(batch.block_copies) == (3 if prompt_len % BS else 0)
+    bm = sched.block_manager
+    full = prompt_len // BS
+    assert all(s.block_table[:full] == leader.block_table[:full] for s in siblings)
+    assert all(bm.ref_counts[b] == 4 for b in leader.block_table[:full])
+    check_block_accounting(sched)
+    run_to_completion(sched, model)  # the fake model checks every sibling reads its own tokens back
+    for s in (leader, *siblings):
+        assert s.output_token_ids == expected_output(list(range(prompt_len)), 6)
+    assert bm.num_free_blocks == 32 and not any(bm.ref_counts)
+    assert bm.prefix_cache_queries == prompt_len  # a fork is no lookup
+
+
+def test_siblings_that_cannot_fork_queue_as_ordinary_sequences_and_hit_the_prefix_cache():
+    sched, model = make(max_num_seqs=2)
+    leader, *siblings = [seq(list(range(10)), max_tokens=3) for _ in range(3)]
+    sched.add(leader, siblings)
+    batch, _ = model.step(sched)
+    assert batch.sampled_seqs == [leader, siblings[0]] and list(sched.waiting) == [siblings[1]]
+    run_to_completion(sched, model)
+    assert siblings[1].num_prompt_cache_hits == 8  # two full blocks; the partly filled one is recomputed
+    assert all(s.output_token_ids == expected_output(list(range(10)), 3) for s in siblings)
+
+
+def test_aborting_a_leader_before_its_prompt_is_computed_lets_its_siblings_run():
+    sched, model = make(max_num_batched_tokens=4)
+    leader, *siblings = [seq(list(range(10)), max_tokens=3) for _ in range(3)]
+    sched.add(leader, siblings)
+    model.step(sched)
+    sched.abort(siblings[1].id)  # a sibling still waiting to fork
+    sched.abort(leader.id)
+    assert list(sched.waiting) == [siblings[0]] and siblings[1].finish_reason == "abort"
+    run_to_completion(sched, model)
+    assert siblings[0].output_token_ids == expected_output(list(range(10)), 3)
+    assert sched.block_manager.num_free_blocks == 32
+
+
 def test_add_refuses_a_sequence_that_can_never_fit():
     sched, _ = make(num_blocks=4)
     with pytest.raises(ValueError, match="needs 5 KV cache blocks"):
@@ -220,7 +273,7 @@ def test_sampling_params_reject_bad_values(kwargs):
         SamplingParams(**kwargs)
 
 
-add_op = st.tuples(st.just("add"), st.integers(0, 2), st.integers(1, 6), st.integers(1, 20))
+add_op = st.tuples(st.just("add"), st.integers(0, 2), st.integers(1, 6), st.integers(1, 20), st.integers(1, 3))
 ops = st.lists(
     st.one_of(
         add_op,
@@ -242,11 +295,11 @@ def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, bu
     added: list[Sequence] = []
     for op in ops:
         if op[0] == "add":
-            _, which, extra, max_tokens = op
-            s = seq(prefixes[which] + [len(added) % V] * extra, max_tokens=max_tokens)
-            if bm.num_blocks_for(len(s) + max_tokens) <= num_blocks:
-                sched.add(s)
-                added.append(s)
+            _, which, extra, max_tokens, n = op  # n sequences: a leader and the siblings that fork off it
+            group = [seq(prefixes[which] + [len(added) % V] * extra, max_tokens=max_tokens) for _ in range(n)]
+            if bm.num_blocks_for(len(group[0]) + max_tokens) <= num_blocks:
+                sched.add(group[0], group[1:])
+                added += group
         elif op[0] == "abort":
             if added:
                 sched.abort(added[op[1] % len(added)].id)
@@ -270,9 +323,10 @@ def check_block_accounting(sched: Scheduler) -> None:
         assert len(set(s.block_table)) == len(s.block_table)
         for b in s.block_table:
             holders[b] += 1
-    for s in sched.waiting:
+    for s in [*sched.waiting, *(sib for sibs in sched.siblings.values() for sib in sibs)]:
         assert s.block_table == []
     assert holders == bm.ref_counts
-    # a block is shared only through the prefix cache (the fake model checks that its tokens match)
+    # a block is shared only through the prefix cache or a fork, both of computed blocks, which are keyed
+    # (the fake model checks that their tokens match)
     assert all(bm.block_hash[b] is not None for b in range(bm.num_blocks) if holders[b] > 1)
     assert set(bm.free_blocks) == {b for b in range(bm.num_blocks) if holders[b] == 0}
