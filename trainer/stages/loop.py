@@ -61,6 +61,7 @@ from trainer.optim import (
     build_optimizers,
     load_optimizers_state_dict,
     optimizers_state_dict,
+    state_bytes,
     step_optimizers,
 )
 from trainer.worker import Worker, WorkerSettings, current_worker, peak_flops
@@ -508,4 +509,6 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
         before=lambda step: maybe_inject_fault(settings, storage, step, worker, manager.stage_prefix),
         throughput=mfu,
     ))
-    publisher.finish(model, stage.summary_extra(state))
+    # every rank's optimizer state, so DONE.json shows what train.shard_optimizer saves
+    state_sizes = worker.all_gather(state_bytes(optimizers))
+    publisher.finish(model, {**stage.summary_extra(state), "optimizer_state_bytes": state_sizes})
