@@ -9,20 +9,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import read_checkpoint, write_checkpoint
+from nanochat.checkpoint import capture_rng_state, read_checkpoint, write_checkpoint
 from nanochat.config import load_config
 from nanochat.gpt import GPT, GPTConfig
+from services.checkpoints import CheckpointManager
+from services.storage import LocalStorage
+from tests.support.checkpoints import upload_checkpoint
 from tests.support.ranks import run_ranks
 from trainer.optim import (
     OptimConfig,
     apply_schedule,
     balanced_owners,
     build_optimizers,
-    load_optimizers_state_dict,
     optimizers_state_dict,
     state_bytes,
 )
-from trainer.stages.loop import optimizer_step, shard_optimizers
+from trainer.stages.loop import TrainState, optimizer_step, restore_checkpoint, shard_optimizers
 from trainer.worker import Worker
 
 VOCAB, SEQ, ROWS, ACCUM, STEPS, SPLIT = 64, 16, 2, 2, 6, 3
@@ -57,21 +59,24 @@ def setup(sharded: bool, worker: Worker, seed: int = 0):
     return model, optimizers, shard_optimizers(sharded, optimizers, worker)
 
 
-def save(folder: Path, model: GPT, optimizers: list, sharding, worker: Worker) -> None:
-    """What save_checkpoint writes of model and optimizers: rank 0 writes, the sharded state gathered first."""
+def save(storage: LocalStorage, run: str, model: GPT, optimizers: list, sharding, worker: Worker) -> None:
+    """What save_checkpoint writes (the sharded state gathered first), put where a run's checkpoint lands."""
     state = sharding.gathered_state_dict(optimizers) if sharding else optimizers_state_dict(optimizers)
+    rngs = worker.all_gather(capture_rng_state())
     if worker.is_main:
+        folder = Path(storage.root).parent / run  # beside the storage, as a run's temporary folder
+        meta = {"backend": "torch", "world_size": worker.world_size, **TrainState(step=SPLIT).__dict__}
         write_checkpoint(folder, model_state=model.state_dict(), optimizer_state={"optimizers": state},
-                         cursor=None, config={}, rng=None, meta={})
+                         cursor=[{}] * worker.world_size, config={}, rng={"ranks": rngs}, meta=meta)
+        upload_checkpoint(storage, run, "base", SPLIT, folder)
     dist.barrier()
 
 
-def resume(folder: Path, sharded: bool, worker: Worker):
-    """A fresh model (other initial weights) and optimizers, restored as restore_checkpoint does."""
+def resume(storage: LocalStorage, run: str, sharded: bool, worker: Worker):
+    """A fresh model (other initial weights) and optimizers, through the loop's restore_checkpoint."""
     model, optimizers, sharding = setup(sharded, worker, seed=123)
-    ckpt = read_checkpoint(folder)
-    model.load_state_dict(ckpt.model_state)
-    load_optimizers_state_dict(optimizers, ckpt.optimizer_state["optimizers"], sharding)
+    state, _ = restore_checkpoint(CheckpointManager(storage, run, "base"), worker, model, optimizers, sharding)
+    assert state.step == SPLIT
     return model, optimizers, sharding
 
 
@@ -96,19 +101,19 @@ def _rank(rank: int, world: int, tmp: str) -> None:
         out["sharded_matches_ddp"] = max((ends[True][k] - ends[False][k]).abs().max().item() for k in ends[True])
 
         # checkpoints at step SPLIT, written sharded or not, resumed sharded or not
+        storage = LocalStorage(Path(tmp) / "storage")
         for written in (False, True):
             model, optimizers, sharding = setup(written, worker)
             train(model, optimizers, sharding, worker, range(SPLIT))
-            folder = Path(tmp) / f"ckpt-{written}"
-            save(folder, model, optimizers, sharding, worker)
+            save(storage, f"written-{written}", model, optimizers, sharding, worker)
             for resumed in (False, True):
-                model, optimizers, sharding = resume(folder, resumed, worker)
+                model, optimizers, sharding = resume(storage, f"written-{written}", resumed, worker)
                 train(model, optimizers, sharding, worker, range(SPLIT, STEPS))
                 end = params(model)
                 out[f"resume_{written}_{resumed}"] = max((end[k] - ends[resumed][k]).abs().max().item() for k in end)
         # the comparison is sensitive: the same resume without the optimizer state lands elsewhere
         model, optimizers, sharding = setup(True, worker, seed=123)
-        model.load_state_dict(read_checkpoint(Path(tmp) / "ckpt-True").model_state)
+        model.load_state_dict(read_checkpoint(Path(storage.root).parent / "written-True").model_state)
         train(model, optimizers, sharding, worker, range(SPLIT, STEPS))
         end = params(model)
         out["resume_without_state"] = max((end[k] - ends[True][k]).abs().max().item() for k in end)

@@ -324,14 +324,16 @@ def save_checkpoint(stage: Stage, manager: CheckpointManager, model: GPT, optimi
     ))
 
 
-def load_latest(manager: CheckpointManager, worker: Worker, backend: str) -> tuple[int, Checkpoint] | None:
-    """The stage's newest valid checkpoint, refused unless this backend and worker group wrote it."""
+def load_latest(manager: CheckpointManager, worker: Worker, backend: str,
+                map_location: str | torch.device | None = None) -> tuple[int, Checkpoint] | None:
+    """The stage's newest valid checkpoint, refused unless this backend and worker group wrote it; its tensors
+    on map_location (default: the worker's device)."""
     with tempfile.TemporaryDirectory(prefix=f"nanochat-restore-{worker.rank}-") as tmp:
         found = manager.latest_valid(Path(tmp))
         if found is None:
             return None
         step, folder = found
-        ckpt = read_checkpoint(folder, map_location=worker.device)
+        ckpt = read_checkpoint(folder, map_location=map_location or worker.device)
     problem = resume_problem(step, ckpt.meta, backend, worker.world_size)
     if problem:
         raise RuntimeError(problem)
@@ -362,7 +364,8 @@ def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, o
                        sharding: ZeroSharding | None = None) -> tuple[TrainState, dict | None]:
     """Load the stage's newest valid checkpoint into model and optimizers (with a sharding, only the state
     this rank owns); returns the state and this rank's cursor."""
-    found = load_latest(manager, worker, "torch")
+    # sharded: read into host memory, so that only this rank's share of the optimizer state reaches its device
+    found = load_latest(manager, worker, "torch", "cpu" if sharding else None)
     if found is None:
         return TrainState(), None
     step, ckpt = found
