@@ -1,6 +1,7 @@
 """
 Base pretraining throughput, side by side in one run on the same model, batch and data: a plain
-single-process torch loop, plain torch DDP (spawned processes, gloo or NCCL), and our Ray Train stage
+single-process torch loop, plain torch DDP (spawned processes, gloo or NCCL), the same processes with the
+optimizer state sharded instead (train.shard_optimizer's ZeroSharding), and our Ray Train stage
 (`nanochat train base`) at 1 and at N workers. What the framework costs, not what the model costs.
 
 Every arm runs the trainer's own optimizer step (trainer/stages/loop.py's optimizer_step: forward, backward, Muon +
@@ -8,7 +9,8 @@ AdamW) on the data loader's batches of the prepared corpus; the first --warmup s
 (our stage excludes the same number from its own figure). Each arm gets the whole machine in turn: the
 plain loop every core, the DDP ranks and our workers a share each (our stage picks it itself,
 train.threads_per_worker=0). Printed: steady-state tokens/s of each arm and the ratios ours / plain
-(1 worker) and ours / DDP (N workers).
+(1 worker) and ours / DDP (N workers); and the optimizer-state bytes each rank holds, replicated (DDP) and
+sharded, side by side.
 
     .venv/bin/python bench/train_throughput.py                      # tiny-cpu: d4, 8 x 512 tokens a step
     .venv/bin/python bench/train_throughput.py --preset d20 --workers 8 --steps 20 --set train.max_steps=30
@@ -17,6 +19,7 @@ train.threads_per_worker=0). Printed: steady-state tokens/s of each arm and the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -32,9 +35,9 @@ from services.storage import LocalStorage
 from trainer.data.corpus import list_shards, prepare_corpus, split_shards
 from trainer.data.loader import DataLoader
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
-from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps, optim_config
+from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps, optim_config, state_bytes
 from trainer.stages.base import model_config
-from trainer.stages.loop import compiled, optimizer_step
+from trainer.stages.loop import compiled, optimizer_step, shard_optimizers
 from trainer.worker import Worker
 
 
@@ -71,8 +74,10 @@ def prepare(args: argparse.Namespace, root: Path) -> LocalStorage:
     return storage
 
 
-def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: torch.device) -> list[float]:
-    """The plain loop (DDP when world > 1): every step's seconds, synchronised at its end as our stage's are."""
+def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: torch.device,
+               shard: bool = False) -> tuple[list[float], int]:
+    """The plain loop (DDP when world > 1, or the sharded optimizer step instead when shard): every step's
+    seconds, synchronised at its end as our stage's are, and the optimizer-state bytes this rank ends with."""
     storage = LocalStorage(storage_root)
     tokenizer = load_tokenizer(storage)
     t = cfg.train
@@ -82,25 +87,27 @@ def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: to
     model = model.to(device).train()
     ocfg = optim_config(cfg)
     optimizers = build_optimizers(model, ocfg)
+    worker = Worker(rank, world, device)
+    sharding = shard_optimizers(shard, optimizers, worker)
     forward = compiled(model, t.compile, device)
-    ddp = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 else forward
+    ddp = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 and sharding is None else forward
     train, _ = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
     loader = DataLoader(storage, train, tokenizer, t.device_batch_size, t.seq_len, rank=rank, world_size=world,
                         device=device)
-    worker = Worker(rank, world, device)
     accum = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, world)
     seconds = []
     for step in range(t.max_steps):
         apply_schedule(optimizers, step, t.max_steps, ocfg)
         started = time.time()
-        loss, tokens = optimizer_step(ddp, model, optimizers, loader, accum, worker)
+        loss, tokens = optimizer_step(ddp, model, optimizers, loader, accum, worker, sharding)
         worker.sum(tokens).item()  # the sync our stage makes at the end of every step
         loss.item()
         seconds.append(time.time() - started)
-    return seconds
+    return seconds, state_bytes(optimizers)
 
 
-def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: str, threads: int, out: str) -> None:
+def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: str, threads: int, shard: bool,
+              out: str) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
@@ -109,11 +116,10 @@ def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: 
         torch.set_num_threads(threads)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        seconds = train_loop(cfg, storage_root, rank, world, device)
+        seconds, optimizer_bytes = train_loop(cfg, storage_root, rank, world, device, shard)
     finally:
         dist.destroy_process_group()
-    if rank == 0:
-        Path(out).write_text(" ".join(map(str, seconds)))
+    Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, "optimizer_bytes": optimizer_bytes}))
 
 
 def steady_tokens_per_second(seconds: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -125,19 +131,21 @@ def plain(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
     cfg = bench_config(args, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cores)
-    seconds = train_loop(cfg, str(storage.root), 0, 1, device)
+    seconds, _ = train_loop(cfg, str(storage.root), 0, 1, device)
     return steady_tokens_per_second(seconds, args.warmup, cfg.train.total_batch_size)
 
 
-def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
+def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int, shard: bool = False) -> tuple[float, list[int]]:
+    """Spawned ranks' tokens/s (rank 0's step times) and every rank's optimizer-state bytes."""
     cfg = bench_config(args, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/seconds"
+        out = f"{tmp}/result"
         mp.start_processes(_ddp_rank, args=(args.workers, f"{tmp}/init", cfg, str(storage.root),
-                                            max(1, cores // args.workers), out),
+                                            max(1, cores // args.workers), shard, out),
                            nprocs=args.workers, start_method="spawn")
-        seconds = [float(s) for s in Path(out).read_text().split()]
-    return steady_tokens_per_second(seconds, args.warmup, cfg.train.total_batch_size)
+        ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(args.workers)]
+    tps = steady_tokens_per_second(ranks[0]["seconds"], args.warmup, cfg.train.total_batch_size)
+    return tps, [r["optimizer_bytes"] for r in ranks]
 
 
 def ours(args: argparse.Namespace, storage: LocalStorage, workers: int) -> float:
@@ -151,17 +159,24 @@ def ours(args: argparse.Namespace, storage: LocalStorage, workers: int) -> float
     return summary["tokens_per_second"]
 
 
+def _mib(sizes: list[int]) -> str:
+    return " ".join(f"{b / 2**20:,.2f}" for b in sizes)
+
+
 def main() -> None:
     args = parse_args()
     os.environ.pop("OMP_NUM_THREADS", None)  # else our stage would take it as its threads per worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         storage = prepare(args, Path(tmp))
+        replicated, replicated_bytes = ddp(args, storage, cores)
+        sharded, sharded_bytes = ddp(args, storage, cores, shard=True)
         figures = {
             "plain loop, 1 process": plain(args, storage, cores),
-            f"plain DDP, {args.workers} processes": ddp(args, storage, cores),
+            f"plain DDP, {args.workers} processes": replicated,
             "ours (Ray Train), 1 worker": ours(args, storage, 1),
             f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
+            f"sharded optimizer, {args.workers} processes": sharded,
         }
     seq_len = load_config(preset=args.preset, overrides=args.overrides).train.seq_len
     print(f"\nbase pretraining, preset {args.preset}: {args.rows} rows x {seq_len} tokens a step, "
@@ -171,6 +186,10 @@ def main() -> None:
     values = list(figures.values())
     print(f"  ours / plain loop (1 worker)      {values[2] / values[0]:.2f}x")
     print(f"  ours / plain DDP ({args.workers} workers)      {values[3] / values[1]:.2f}x")
+    print(f"  sharded / plain DDP ({args.workers} processes) {values[4] / values[1]:.2f}x")
+    print(f"  optimizer state per rank, MiB: replicated (DDP) {_mib(replicated_bytes)} | "
+          f"sharded (train.shard_optimizer) {_mib(sharded_bytes)} | largest shard / replicated "
+          f"{max(sharded_bytes) / max(replicated_bytes):.2f}x")
 
 
 if __name__ == "__main__":

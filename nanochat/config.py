@@ -96,11 +96,14 @@ class TrainConfig(Section):
     seed: int = 42
     backend: Literal["torch", "jax"] = Field("torch", description="base pretraining in PyTorch (DDP) or JAX (sharded over a device mesh; the jax section)")
     compile: bool | None = Field(None, description="torch.compile the model the loop trains (unset: on GPUs, where it takes much less memory and runs faster; off on CPUs, where compiling takes longer than a short run saves)")
+    shard_optimizer: bool = Field(False, description="ZeRO-1 with several workers: each worker keeps the AdamW/Muon state (about 2 floats per AdamW and 1 per Muon parameter element) only for the whole parameters it owns, about 1/workers of it, and frees the other parameters' gradients after each step; gradients are summed onto their owners instead of all-reduced (no DDP) and the updated parameters broadcast. Checkpoints gather the state into the usual format, so a run resumes with it on or off. No effect with one worker; torch backend only")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
         if self.backend == "jax" and self.recipe != "classic":
             raise ValueError(f"train.recipe={self.recipe!r}: the JAX backend trains with the classic optimizer groups only")
+        if self.backend == "jax" and self.shard_optimizer:
+            raise ValueError("train.shard_optimizer applies to the torch backend; the JAX backend shards its optimizer state over the jax section's fsdp mesh axis instead")
         rows = self.device_batch_size * self.seq_len
         if self.total_batch_size % rows != 0:
             raise ValueError(

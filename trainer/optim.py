@@ -11,8 +11,11 @@ Notable:
 - two recipes (OptimConfig.recipe): "classic", one set of AdamW betas and no AdamW decay, and "record",
   nanochat's record run: per-group AdamW betas, decays and learning-rate multipliers (ADAMW_GROUP_SETTINGS,
   the one place they are set) and NorMuon beta2 0.9 (MUON_BETA2)
-- plain, non-sharded optimizers: under DDP every rank holds all state and applies the identical,
+- by default plain optimizers: under DDP every rank holds all state and applies the identical,
   deterministic update to identical averaged gradients, so ranks stay bit-identical
+- ZeroSharding (train.shard_optimizer), ZeRO-1: each rank keeps optimizer state for the whole parameters it
+  owns, receives their summed gradients, updates them and broadcasts them; checkpoints gather the state into
+  the unsharded format, so a run resumes with the flag on or off
 - schedule: linear warmup, constant, linear warmdown to final_lr_frac; Muon momentum ramps 0.85 -> 0.97
   over 400 steps and eases to 0.90 during the warmdown; Muon weight decay follows a cosine to zero
 - depth dial: the training horizon from a tokens:params ratio, gradient accumulation from batch sizes,
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from nanochat.config import Config
@@ -344,14 +348,139 @@ def optimizers_state_dict(optimizers: list[torch.optim.Optimizer]) -> list[dict[
     return [{"type": type(opt).__name__, "state": opt.state_dict()} for opt in optimizers]
 
 
-def load_optimizers_state_dict(optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]]) -> None:
-    """Restore what optimizers_state_dict saved, into optimizers built the same way."""
+def load_optimizers_state_dict(optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]],
+                               sharding: ZeroSharding | None = None) -> None:
+    """Restore what optimizers_state_dict saved, into optimizers built the same way; with a sharding, only
+    the state of the parameters this rank owns (the saved state is the whole, unsharded one either way)."""
     types = [type(opt).__name__ for opt in optimizers]
     saved = [s["type"] for s in states]
     if types != saved:
         raise ValueError(f"optimizer state holds {saved}, but the optimizers are {types}")
     for opt, s in zip(optimizers, states, strict=True):
-        opt.load_state_dict(s["state"])
+        state = s["state"]
+        if sharding is not None:
+            params = _params(opt)
+            state = {**state, "state": {i: v for i, v in state["state"].items() if sharding.owns(params[int(i)])}}
+        opt.load_state_dict(state)
+
+
+def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of tensors this process holds as optimizer state (moments, momentum buffers, step counts)."""
+    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
+               for t in state.values() if isinstance(t, Tensor))
+
+
+def _params(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The optimizer's parameters in state_dict order (the integer keys of its "state")."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+# -----------------------------------------------------------------------------
+# Sharded optimizer state (ZeRO-1)
+
+
+def balanced_owners(costs: list[int], world_size: int) -> list[int]:
+    """A rank for each item: largest first, each to the rank with the least cost so far (lowest rank on a
+    tie), so every rank's total is within one item of the mean. Deterministic: every rank computes the same."""
+    loads = [0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def _state_elements(opt: torch.optim.Optimizer, p: nn.Parameter) -> int:
+    """Optimizer-state elements a parameter costs: AdamW two moments, Muon a momentum buffer (NorMuon's
+    per-row vector is negligible)."""
+    return 2 * p.numel() if isinstance(opt, torch.optim.AdamW) else p.numel()
+
+
+class ZeroSharding:
+    """ZeRO-1 over the data-parallel ranks: each parameter's optimizer state lives on one rank, its owner.
+
+    Owners hold whole parameters, since Muon orthogonalises whole matrices; balanced_owners spreads them by
+    state size. A step (`step`) replaces DDP's gradient all-reduce: gradients, accumulated locally over the
+    micro-steps, are summed onto each parameter's owner and averaged there, while the other ranks drop theirs;
+    then the optimizers step, and both AdamW and Muon skip parameters without a gradient, so state is only
+    ever created for owned ones; then every owner broadcasts its updated parameters. param_groups still list
+    every parameter, so apply_schedule reaches every group. The model must not be under DDP.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        pairs = [(opt, p) for opt in optimizers for p in _params(opt)]
+        self.params = [p for _, p in pairs]
+        self.owners = balanced_owners([_state_elements(opt, p) for opt, p in pairs], world_size)
+        self._owned = {id(p) for p, owner in zip(self.params, self.owners, strict=True) if owner == rank}
+
+    def owns(self, p: nn.Parameter) -> bool:
+        return id(p) in self._owned
+
+    def owned_elements(self) -> int:
+        return sum(p.numel() for p in self.params if self.owns(p))
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Each gradient summed onto its owner and divided there by the ranks (DDP's mean); dropped elsewhere.
+        A parameter without a gradient on this rank contributes zeros, so every rank joins every reduce."""
+        works = []
+        for p, owner in zip(self.params, self.owners, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            works.append(dist.reduce(p.grad, dst=owner, op=dist.ReduceOp.SUM, async_op=True))
+        for work in works:
+            work.wait()
+        for p in self.params:
+            if self.owns(p):
+                p.grad.div_(self.world_size)
+            else:
+                p.grad = None
+
+    @torch.no_grad()
+    def share_parameters(self) -> None:
+        """Every parameter broadcast from its owner, which has just updated it."""
+        works = [dist.broadcast(p.detach(), src=owner, async_op=True)
+                 for p, owner in zip(self.params, self.owners, strict=True)]
+        for work in works:
+            work.wait()
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.reduce_gradients()
+        for opt in optimizers:
+            opt.step()
+        self.share_parameters()
+
+    def gathered_state_dict(self, optimizers: list[torch.optim.Optimizer]) -> list[dict[str, Any]] | None:
+        """optimizers_state_dict of the whole, unsharded state, on rank 0 (None elsewhere): each rank's owned
+        state, moved to the CPU, gathered and merged. Every rank must call it."""
+        local = [{**s, "state": {**s["state"], "state": _to_cpu(s["state"]["state"])}}
+                 for s in optimizers_state_dict(optimizers)]
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if gathered is None:
+            return None
+        merged = gathered[0]
+        for other in gathered[1:]:
+            for mine, theirs in zip(merged, other, strict=True):
+                mine["state"]["state"].update(theirs["state"]["state"])
+        for s in merged:
+            s["state"]["state"] = dict(sorted(s["state"]["state"].items()))
+        return merged
+
+
+def _to_cpu(state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {i: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()} for i, s in state.items()}
+
+
+def step_optimizers(optimizers: list[torch.optim.Optimizer], sharding: ZeroSharding | None = None) -> None:
+    """Every optimizer steps; with a sharding, through it (gradients to owners, parameters back)."""
+    if sharding is not None:
+        sharding.step(optimizers)
+        return
+    for opt in optimizers:
+        opt.step()
 
 
 # -----------------------------------------------------------------------------

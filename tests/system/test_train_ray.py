@@ -1,5 +1,6 @@
 """Base pretraining as a real Ray Train job: 2 CPU workers, checkpoints in a real S3 server (moto), resume,
-and a worker crash restarted by Ray Train that continues exactly where an uninterrupted run would be."""
+and a worker crash restarted by Ray Train that continues exactly where an uninterrupted run would be, with
+the optimizer state replicated (DDP) or sharded (train.shard_optimizer)."""
 
 import json
 import tempfile
@@ -95,6 +96,27 @@ def test_crashed_worker_is_restarted_and_continues_exactly(s3_storage, reference
     assert [h["step"] for h in crashed] == list(range(1, 13))
     for ours, theirs in zip(crashed, uninterrupted):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5), f"step {ours['step']}"
+
+
+def test_sharded_optimizer_state_trains_as_ddp_and_resumes_after_a_crash(s3_storage, reference):
+    # train.shard_optimizer: no DDP, each worker keeps half the optimizer state; the same crash at step 9
+    # resumes from the gathered step-8 checkpoint, and every step's loss is the DDP reference's
+    cfg = config("sharded", "train.shard_optimizer=true")
+    summary = run_stage("base", train_base, cfg, s3_storage, fail_at_step=9, show_progress=False)
+    assert summary["metrics"]["resumed_from"] == [8]
+    replicated = reference[0]["metrics"]["optimizer_state_bytes"]
+    assert len(set(replicated)) == 1, "under DDP every worker holds all of it"
+    halves = summary["metrics"]["optimizer_state_bytes"]
+    assert sum(halves) == replicated[0] and all(0.3 * replicated[0] < h < 0.7 * replicated[0] for h in halves)
+    sharded, uninterrupted = history(s3_storage, "sharded"), reference[1]
+    assert [h["step"] for h in sharded] == list(range(1, 13))
+    for ours, theirs in zip(sharded, uninterrupted):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5), f"step {ours['step']}"
+    with tempfile.TemporaryDirectory() as tmp:
+        _, folder = CheckpointManager(s3_storage, "sharded", "base").latest_valid(Path(tmp))
+        ckpt = read_checkpoint(folder)
+        saved = [len(s["state"]["state"]) for s in ckpt.optimizer_state["optimizers"]]
+        assert sum(saved) == len(ckpt.model_state), "the checkpoint holds every parameter's state, as unsharded"
 
 
 def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):

@@ -9,7 +9,9 @@ Notable:
 - a torch stage supplies its parts (model, optimizers, data loader, horizon, evaluation, its step) through
   `Stage`; `train_stage` owns everything else: DDP, the schedule, metrics, checkpoints and resume
 - plain DDP applied from outside the model: gloo on CPU, NCCL on GPU; every rank holds the full model and
-  optimizer state and applies the same update
+  optimizer state and applies the same update. With train.shard_optimizer (and several workers) no DDP:
+  trainer/optim.py's ZeroSharding reduces the gradients onto the rank owning each parameter's optimizer
+  state and broadcasts the updated parameters; its checkpoints gather the state into the same format
 - on GPUs the model is torch.compile'd before DDP wraps it (train.compile): eager, the softcapped float32
   logits and their intermediates take far more memory at nanochat's batch, and run slower.
   Checkpoints, evaluation and sampling use the plain model, which shares the compiled one's parameters.
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from nanochat.checkpoint import (
     Checkpoint,
@@ -53,10 +56,13 @@ from services.telemetry import TrainTelemetry
 from trainer.data.tokenizer import load_tokenizer
 from trainer.optim import (
     OptimConfig,
+    ZeroSharding,
     apply_schedule,
     build_optimizers,
     load_optimizers_state_dict,
     optimizers_state_dict,
+    state_bytes,
+    step_optimizers,
 )
 from trainer.worker import Worker, WorkerSettings, current_worker, peak_flops
 
@@ -149,25 +155,44 @@ def step_loop(state: TrainState, horizon: int, hooks: StepHooks) -> None:
         hooks.publish(metrics)
 
 
-def optimizer_step(forward, model: GPT, optimizers, loader: Loader, accum: int, worker: Worker
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulating(forward: nn.Module, last: bool):
+    """The context of one micro-step's backward: DDP's no_sync() on all but the last, so that gradients are
+    all-reduced once per optimizer step; nothing without DDP (one worker, or sharded optimizer state)."""
+    return forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last else nullcontext()
+
+
+def optimizer_step(forward, model: GPT, optimizers, loader: Loader, accum: int, worker: Worker,
+                   sharding: ZeroSharding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `accum` micro-batches: gradients accumulate (DDP, as `forward`, synchronises
-    only on the last), every optimizer steps, gradients are cleared. Returns this rank's mean micro-batch
-    loss and its target-token count, as tensors on the device (reading them is the caller's sync point)."""
+    only on the last), every optimizer steps (through the sharding when given), gradients are cleared.
+    Returns this rank's mean micro-batch loss and its target-token count, as tensors on the device (reading
+    them is the caller's sync point)."""
     loss_sum = torch.zeros((), device=worker.device)
     tokens = torch.zeros((), device=worker.device, dtype=torch.long)
     for micro in range(accum):
         inputs, targets = next(loader)
-        sync = forward.no_sync() if worker.world_size > 1 and micro < accum - 1 else nullcontext()
-        with sync, worker.autocast():
+        with accumulating(forward, micro == accum - 1), worker.autocast():
             loss = forward(inputs, targets)
         (loss / accum).backward()
         loss_sum += loss.detach()
         tokens += (targets >= 0).sum()
-    for opt in optimizers:
-        opt.step()
+    step_optimizers(optimizers, sharding)
     model.zero_grad(set_to_none=True)
     return loss_sum / accum, tokens
+
+
+def shard_optimizers(enabled: bool, optimizers: list[torch.optim.Optimizer], worker: Worker
+                     ) -> ZeroSharding | None:
+    """The ZeroSharding of train.shard_optimizer; None when it is off or there is one worker to hold it all."""
+    if not enabled:
+        return None
+    if worker.world_size == 1:
+        log.info("train.shard_optimizer: one worker holds all optimizer state; nothing to shard")
+        return None
+    sharding = ZeroSharding(optimizers, worker.rank, worker.world_size)
+    log.info("rank %d owns the optimizer state of %d of %d parameter elements", worker.rank,
+             sharding.owned_elements(), sum(p.numel() for p in sharding.params))
+    return sharding
 
 
 def compiled(model: GPT, compile: bool | None, device: torch.device) -> torch.nn.Module:
@@ -186,6 +211,7 @@ class Stage(ABC):
 
     name: str
     reports_mfu = True  # whether its tokens per second make a model FLOPs utilisation
+    sharding: ZeroSharding | None = None  # train.shard_optimizer's, set by train_stage once optimizers exist
 
     def __init__(self, cfg: Config, worker: Worker, storage: Storage, tokenizer: Tokenizer):
         self.cfg, self.worker, self.storage, self.tokenizer = cfg, worker, storage, tokenizer
@@ -210,15 +236,20 @@ class Stage(ABC):
         """Micro-batches per optimizer step on each rank (gradient accumulation)."""
 
     def wrap(self, model: GPT) -> nn.Module:
-        """The module the step calls: the model compiled (train.compile), under DDP with several workers."""
-        from torch.nn.parallel import DistributedDataParallel
+        """The module the step calls: the model compiled (train.compile), data-parallel."""
+        return self.data_parallel(compiled(model, self.cfg.train.compile, self.worker.device))
 
-        forward = compiled(model, self.cfg.train.compile, self.worker.device)
-        return DistributedDataParallel(forward) if self.worker.world_size > 1 else forward
+    def data_parallel(self, module: nn.Module, **ddp_args: Any) -> nn.Module:
+        """module under DDP when several workers all-reduce their gradients; as it is with one worker or
+        with sharded optimizer state, whose ZeroSharding moves the gradients itself."""
+        if self.worker.world_size == 1 or self.sharding is not None:
+            return module
+        return DistributedDataParallel(module, **ddp_args)
 
     def train_step(self, forward: nn.Module, model: GPT, optimizers: list, loader: Loader) -> StepResult:
         """One optimizer step: next-token loss over micro_steps() batches, the loss averaged over ranks."""
-        loss, tokens = optimizer_step(forward, model, optimizers, loader, self.micro_steps(), self.worker)
+        loss, tokens = optimizer_step(forward, model, optimizers, loader, self.micro_steps(), self.worker,
+                                      self.sharding)
         loss_value = self.worker.mean(loss)
         step_tokens = int(self.worker.sum(tokens).item())  # also a sync point, so the step time is honest on GPU
         return StepResult({"loss": loss_value}, step_tokens)
@@ -282,22 +313,27 @@ def save_checkpoint(stage: Stage, manager: CheckpointManager, model: GPT, optimi
     worker = stage.worker
     cursors = worker.all_gather(loader.state_dict())
     rngs = worker.all_gather(capture_rng_state())
+    # sharded: every rank sends rank 0 its part, and the checkpoint holds the whole state as unsharded runs do
+    optimizer_state = stage.sharding.gathered_state_dict(optimizers) if stage.sharding else None
     return publish_checkpoint(worker, manager, state.step, metrics, lambda folder: write_checkpoint(
-        folder, model_state=model.state_dict(), optimizer_state={"optimizers": optimizers_state_dict(optimizers)},
+        folder, model_state=model.state_dict(),
+        optimizer_state={"optimizers": optimizer_state or optimizers_state_dict(optimizers)},
         cursor=cursors, config=stage.cfg.model_dump(), rng={"ranks": rngs},
         meta={"stage": stage.name, "backend": "torch", "world_size": worker.world_size,
               "model_config": vars(model.config), **state.__dict__},
     ))
 
 
-def load_latest(manager: CheckpointManager, worker: Worker, backend: str) -> tuple[int, Checkpoint] | None:
-    """The stage's newest valid checkpoint, refused unless this backend and worker group wrote it."""
+def load_latest(manager: CheckpointManager, worker: Worker, backend: str,
+                map_location: str | torch.device | None = None) -> tuple[int, Checkpoint] | None:
+    """The stage's newest valid checkpoint, refused unless this backend and worker group wrote it; its tensors
+    on map_location (default: the worker's device)."""
     with tempfile.TemporaryDirectory(prefix=f"nanochat-restore-{worker.rank}-") as tmp:
         found = manager.latest_valid(Path(tmp))
         if found is None:
             return None
         step, folder = found
-        ckpt = read_checkpoint(folder, map_location=worker.device)
+        ckpt = read_checkpoint(folder, map_location=map_location or worker.device)
     problem = resume_problem(step, ckpt.meta, backend, worker.world_size)
     if problem:
         raise RuntimeError(problem)
@@ -324,14 +360,17 @@ def resumed_state(step: int, ckpt: Checkpoint) -> TrainState:
     return state
 
 
-def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, optimizers) -> tuple[TrainState, dict | None]:
-    """Load the stage's newest valid checkpoint into model and optimizers; returns the state and this rank's cursor."""
-    found = load_latest(manager, worker, "torch")
+def restore_checkpoint(manager: CheckpointManager, worker: Worker, model: GPT, optimizers,
+                       sharding: ZeroSharding | None = None) -> tuple[TrainState, dict | None]:
+    """Load the stage's newest valid checkpoint into model and optimizers (with a sharding, only the state
+    this rank owns); returns the state and this rank's cursor."""
+    # sharded: read into host memory, so that only this rank's share of the optimizer state reaches its device
+    found = load_latest(manager, worker, "torch", "cpu" if sharding else None)
     if found is None:
         return TrainState(), None
     step, ckpt = found
     model.load_state_dict(ckpt.model_state)
-    load_optimizers_state_dict(optimizers, ckpt.optimizer_state["optimizers"])
+    load_optimizers_state_dict(optimizers, ckpt.optimizer_state["optimizers"], sharding)
     restore_rng_state(ckpt.rng["ranks"][worker.rank])
     log.info("rank %d resumed from step %d", worker.rank, step)
     return resumed_state(step, ckpt), ckpt.cursor[worker.rank]
@@ -447,7 +486,8 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
     model = stage.build_model().to(worker.device).train()
     optim_cfg = stage.optim_config()
     optimizers = build_optimizers(model, optim_cfg)
-    state, cursor = restore_checkpoint(manager, worker, model, optimizers)
+    stage.sharding = shard_optimizers(cfg.train.shard_optimizer, optimizers, worker)
+    state, cursor = restore_checkpoint(manager, worker, model, optimizers, stage.sharding)
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
     loader, horizon = stage.make_loader(cursor), stage.horizon(model)
@@ -472,4 +512,6 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
         before=lambda step: maybe_inject_fault(settings, storage, step, worker, manager.stage_prefix),
         throughput=mfu,
     ))
-    publisher.finish(model, stage.summary_extra(state))
+    # every rank's optimizer state, so DONE.json shows what train.shard_optimizer saves
+    state_sizes = worker.all_gather(state_bytes(optimizers))
+    publisher.finish(model, {**stage.summary_extra(state), "optimizer_state_bytes": state_sizes})

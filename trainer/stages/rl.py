@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +35,8 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
 from trainer.evals.chat import response_text
-from trainer.optim import OptimConfig, optim_config
-from trainer.stages.loop import Stage, StepResult, TrainState, train_stage
+from trainer.optim import OptimConfig, optim_config, step_optimizers
+from trainer.stages.loop import Stage, StepResult, TrainState, accumulating, train_stage
 from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
 from trainer.tasks.base import Task, TaskMixture, TaskUnavailable
@@ -156,8 +155,7 @@ def rl_step(model: nn.Module, ddp: nn.Module, tokenizer: Tokenizer, task: Task, 
     for i, rollout in enumerate(rollouts):
         inputs, targets, adv = training_batch(rollout, pad, worker.device)
         last = i == len(rollouts) - 1
-        sync = ddp.no_sync() if worker.world_size > 1 and not last else nullcontext()
-        with sync:
+        with accumulating(ddp, last):
             with worker.autocast():
                 loss = policy_gradient_loss(ddp, inputs, targets, adv) / len(rollouts)
             loss.backward()
@@ -236,15 +234,12 @@ class RLStage(Stage):
     def wrap(self, model: GPT) -> nn.Module:
         """DDP without buffer syncing: the rotary tables are the only buffers, alike on every rank but grown by
         each rank's own longest sequence, so syncing them at every forward would be wasted at best."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, forward_sync_buffers=False) if self.worker.world_size > 1 else model
+        return self.data_parallel(model, forward_sync_buffers=False)
 
     def train_step(self, forward: nn.Module, model: GPT, optimizers: list, loader: PromptIterator) -> StepResult:
         batch = [next(loader) for _ in range(self.micro_steps())]
         stats = rl_step(model, forward, self.tokenizer, self.task, batch, self.cfg.rl, self.worker, self.cfg.train.seed)
-        for opt in optimizers:
-            opt.step()
+        step_optimizers(optimizers, self.sharding)
         model.zero_grad(set_to_none=True)
         stats = stats.reduced(self.worker)  # also a sync point, so the step time is honest on GPU
         return StepResult(stats.metrics(self.worker.world_size), stats.tokens)

@@ -228,7 +228,8 @@ def test_a_step_past_the_training_context_can_backpropagate(tok):
 
 @pytest.mark.system  # a Ray job
 @pytest.mark.slow
-def test_rl_stage_on_ray_resumes_after_a_worker_crash(tok, local_storage, shared_data, tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "sharded-optimizer"])
+def test_rl_stage_on_ray_resumes_after_a_worker_crash(tok, local_storage, shared_data, tmp_path, shard):
     from tests.trainer.evals.test_chat import publish_checkpoint
 
     tasks_dir = tmp_path / "tasks"
@@ -240,12 +241,14 @@ def test_rl_stage_on_ray_resumes_after_a_worker_crash(tok, local_storage, shared
     cfg = load_config(preset="tiny-cpu", overrides=[
         "run=rl", f"data.tasks_dir={tasks_dir}", "data.offline=true", "train.workers=2", "train.checkpoint_every=2",
         "log.tensorboard=false", "rl.max_steps=4", "rl.prompts_per_step=2", "rl.samples_per_prompt=3",
-        "rl.max_new_tokens=6", "rl.tasks={gsm8k: 1}"])
+        "rl.max_new_tokens=6", "rl.tasks={gsm8k: 1}", f"train.shard_optimizer={shard}"])
     summary = run_stage("rl", train_rl, cfg, local_storage, fail_at_step=3, show_progress=False)
     assert summary["stage"] == "rl" and summary["steps"] == 4
     assert summary["metrics"]["resumed_from"] == [2], "the crash at step 3 resumes from the step-2 checkpoint"
     assert 0.0 <= summary["metrics"]["reward_last"] <= 1.0 and summary["tokens"] > 0
     assert list(summary["metrics"]["mixture"]) == ["gsm8k"] and summary["metrics"]["skipped_tasks"] == {}
+    state_bytes = summary["metrics"]["optimizer_state_bytes"]
+    assert (state_bytes[0] != state_bytes[1]) if shard else (state_bytes[0] == state_bytes[1])
     manager = CheckpointManager(local_storage, "rl", "rl")
     assert manager.list_steps() == [2, 4] and manager.is_complete()
     with tempfile.TemporaryDirectory() as tmp:
