@@ -169,6 +169,19 @@ def test_packing_is_nanochat_best_fit_and_crops_little(corpus, tokenizer):
     assert len(owner) == len(pieces)
 
 
+def test_tiktoken_encoding_yields_the_batches_and_state_of_hf_encoding(corpus, tokenizer):
+    """The loader's tokens do not depend on which library encodes: same batches, same resumable state."""
+    storage, train, _ = corpus
+    hf = Tokenizer.from_json(tokenizer.to_json(), use_tiktoken=False)
+    assert (tokenizer.encoder, hf.encoder) == ("tiktoken", "hf")
+
+    def first_batches(tok: Tokenizer):
+        loader = DataLoader(storage, train, tok, batch_size=4, seq_len=128, buffer_docs=16, tokenizer_batch=5)
+        return [rows_of(*batch) for batch in take(loader, 60)], loader.state_dict()
+
+    assert first_batches(tokenizer) == first_batches(hf)
+
+
 def test_long_documents_are_cropped_to_their_own_first_tokens_and_stay_small(tmp_path, tokenizer):
     text = make_documents(600)
     docs = ["".join(text[i : i + 60]) for i in range(0, 600, 60)]  # 10 documents of 11,000+ characters
