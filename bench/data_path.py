@@ -10,6 +10,10 @@ the presets' vocabulary size:
 - the whole loader (reading a local parquet shard, encoding, best-fit packing, tensors) at the preset's
   rows x seq_len, warmed up until its document buffer is full.
 Figures per core are per CPU-second (all threads counted), the steady figure on a shared machine.
+Then the stall: the seconds the training thread waits in next(loader) per d20 micro-batch while the GPU's
+time for that micro-batch is simulated by sleeping (the GIL released, as while CUDA kernels run), with the
+loader synchronous (prefetch=0, every micro-batch waited on: the worst case, the real loop exposes the
+first of each step) and with the training loader's prefetch (trainer/stages/base.py TRAIN_PREFETCH).
 
 What a GPU consumes: the model's training FLOPs per token (GPT.estimate_flops) at --mfu of an H100's
 dense bf16 peak. Cores per GPU worker: CPU limit / GPUs of the worker pods in k8s/speedrun-job.yaml and
@@ -38,7 +42,7 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.storage import LocalStorage
 from trainer.data.loader import MAX_CHARS_PER_TOKEN, DataLoader
-from trainer.stages.base import model_config
+from trainer.stages.base import TRAIN_PREFETCH, model_config
 from trainer.worker import PEAK_FLOPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +97,22 @@ def loader_tokens_per_cpu_second(tok: Tokenizer, shard: Path, rows: int, seq_len
     return batches * rows * seq_len / seconds
 
 
+def wait_per_batch(tok: Tokenizer, shard: Path, rows: int, seq_len: int, batches: int, gpu_seconds: float,
+                   prefetch: int) -> float:
+    """Mean wall seconds next(loader) takes while a GPU needing gpu_seconds a batch is simulated by sleeping."""
+    loader = DataLoader(LocalStorage(shard.parent), [shard.name], tok, batch_size=rows, seq_len=seq_len,
+                        prefetch=prefetch)
+    next(loader)  # fills the buffer
+    time.sleep(gpu_seconds)
+    waited = 0.0
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(loader)
+        waited += time.perf_counter() - start
+        time.sleep(gpu_seconds)
+    return waited / batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=5.0, help="MB of stdlib source to train on and encode")
@@ -119,9 +139,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "stdlib.parquet"
         pq.write_table(pa.table({"text": docs}), shard, row_group_size=256)
-        _, rows, _ = gpu_tokens_per_second(PRESETS[0], vocab_size, args.mfu)
+        consumed, rows, _ = gpu_tokens_per_second(PRESETS[0], vocab_size, args.mfu)
         loader_rate = {name: loader_tokens_per_cpu_second(tok, shard, rows, seq_len, args.batches)
                        for name, tok in tokenizers.items()}
+        gpu_seconds = rows * seq_len / consumed
+        waits = {(name, prefetch): wait_per_batch(tok, shard, rows, seq_len, args.batches, gpu_seconds, prefetch)
+                 for name, tok in tokenizers.items() for prefetch in (0, TRAIN_PREFETCH)}
 
     print(f"\n{'per core (CPU-second)':<36}{'HF':>12}{'tiktoken':>12}{'tiktoken/HF':>13}")
     for label, unit in (("encode call, MB/s", mb), ("encode call, tokens/s", n_tokens)):
@@ -143,6 +166,11 @@ def main() -> None:
             print(f"{preset:<8}{consumed:>14,.0f}  {where:<32}"
                   f"{encode_rate['HF'] * n / consumed:>10.2f}{encode_rate['tiktoken'] * n / consumed:>10.2f}"
                   f"{loader_rate['HF'] * n / consumed:>11.2f}{loader_rate['tiktoken'] * n / consumed:>10.2f}")
+
+    print(f"\nstall: a {PRESETS[0]} micro-batch of {rows}x{seq_len} tokens, the GPU's {gpu_seconds:.3f} s for it simulated; "
+          "seconds the training thread waits for each batch (share of the GPU's time)")
+    for (name, prefetch), wait in waits.items():
+        print(f"  {name:<9} prefetch={prefetch}   {wait:.3f} s  ({wait / gpu_seconds:.0%})")
 
 
 if __name__ == "__main__":
