@@ -147,8 +147,8 @@ def main() -> None:
                  for name, tok in tokenizers.items() for prefetch in (0, TRAIN_PREFETCH)}
 
     print(f"\n{'per core (CPU-second)':<36}{'HF':>12}{'tiktoken':>12}{'tiktoken/HF':>13}")
-    for label, unit in (("encode call, MB/s", mb), ("encode call, tokens/s", n_tokens)):
-        print(f"{label:<36}{unit / encode['HF']:>12,.2f}{unit / encode['tiktoken']:>12,.2f}"
+    for label, amount, digits in (("encode call, MB/s", mb, 2), ("encode call, tokens/s", n_tokens, 0)):
+        print(f"{label:<36}{amount / encode['HF']:>12,.{digits}f}{amount / encode['tiktoken']:>12,.{digits}f}"
               f"{encode['HF'] / encode['tiktoken']:>13.2f}")
     print(f"{f'loader {rows}x{seq_len} batches, tokens/s':<36}{loader_rate['HF']:>12,.0f}{loader_rate['tiktoken']:>12,.0f}"
           f"{loader_rate['tiktoken'] / loader_rate['HF']:>13.2f}")
