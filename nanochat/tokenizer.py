@@ -1,5 +1,5 @@
 """
-BPE tokenizer in the style of GPT-4, trained and run by HuggingFace `tokenizers` (Rust).
+BPE tokenizer in the style of GPT-4, trained by HuggingFace `tokenizers` (Rust), encoding with tiktoken.
 
 Notable:
 - GPT-4's split regex, except that digits group by 1-2 instead of 1-3 (nanochat's choice: fewer
@@ -10,10 +10,10 @@ Notable:
   to a single id, and plain text never produces one: "<|bos|>" typed by a user is encoded as
   ordinary bytes. HF matches added tokens inside text by default; `encode_special_tokens = True`
   turns that off, and since tokenizer.json does not store the flag we set it on every construction.
-- Encoding runs in tiktoken, converted from the tokenizer.json (nanochat/tiktoken_bpe.py): the same ids,
-  more text per core than HF (bench/data_path.py measures both). A tokenizer.json tiktoken cannot reproduce exactly (not one
-  this class trained) is encoded by HF, with a warning giving the reason. A list given to encode() is
-  encoded in parallel threads either way.
+- Encoding runs in tiktoken, converted from the tokenizer.json (nanochat/tiktoken_bpe.py): the same
+  ids, more text per core than HF (bench/data_path.py measures both). A tokenizer.json that tiktoken
+  cannot reproduce exactly (none this class trains) is encoded by HF, with a warning giving the reason.
+  A list given to encode() is encoded in parallel threads either way.
 - Chat rendering: a conversation becomes ids plus a mask of the tokens the assistant is trained on.
 - id_to_bytes() gives a token's exact bytes (for bits-per-byte), which decode() of one id cannot when
   a token ends inside a UTF-8 character.
