@@ -1,5 +1,6 @@
 """
-Tokenizer benchmark: ours (HF `tokenizers`) against nanochat's rustbpe (training) + tiktoken (encoding).
+Tokenizer benchmark: ours (HF `tokenizers` training; encoding by tiktoken from its merges, the same ids) against
+nanochat's rustbpe (training) + tiktoken (encoding). bench/data_path.py compares our two encoders.
 
 Both train on the same text at the same vocabulary size (special tokens included) with the same split
 pattern. The text is this Python's own standard library sources, so the benchmark needs no download.
@@ -92,7 +93,7 @@ def main() -> None:
     print(f"\n{'':<26}{'ours (HF)':>12}{'rustbpe':>12}   {'unit':<6}{'ours/theirs':>8}")
     row("train, wall", train_ours[0], train_rust[0], "s")
     row("train, CPU (all threads)", train_ours[1], train_rust[1], "s")
-    print(f"{'':<26}{'':>12}{'+tiktoken':>12}")
+    print(f"{'':<26}{'+' + ours.encoder:>12}{'+tiktoken':>12}")  # ours encodes with tiktoken from its own merges
     row("encode single", mb / single_ours[0], mb / single_tik[0], "MB/s")
     row("encode batched", mb / batch_ours[0], mb / batch_tik[0], "MB/s")
     row("compression", n_bytes / n_ours, n_bytes / n_tik, "B/tok")

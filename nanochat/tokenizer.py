@@ -1,5 +1,5 @@
 """
-BPE tokenizer in the style of GPT-4, trained and run by HuggingFace `tokenizers` (Rust).
+BPE tokenizer in the style of GPT-4, trained by HuggingFace `tokenizers` (Rust), encoding with tiktoken.
 
 Notable:
 - GPT-4's split regex, except that digits group by 1-2 instead of 1-3 (nanochat's choice: fewer
@@ -10,7 +10,10 @@ Notable:
   to a single id, and plain text never produces one: "<|bos|>" typed by a user is encoded as
   ordinary bytes. HF matches added tokens inside text by default; `encode_special_tokens = True`
   turns that off, and since tokenizer.json does not store the flag we set it on every construction.
-- A list given to encode() is encoded in parallel in Rust.
+- Encoding runs in tiktoken, converted from the tokenizer.json (nanochat/tiktoken_bpe.py): the same
+  ids, more text per core than HF (bench/data_path.py measures both). A tokenizer.json that tiktoken
+  cannot reproduce exactly (none this class trains) is encoded by HF, with a warning giving the reason.
+  A list given to encode() is encoded in parallel threads either way.
 - Chat rendering: a conversation becomes ids plus a mask of the tokens the assistant is trained on.
 - id_to_bytes() gives a token's exact bytes (for bits-per-byte), which decode() of one id cannot when
   a token ends inside a UTF-8 character.
@@ -22,15 +25,20 @@ Notable:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import tiktoken
 from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+
+from nanochat.tiktoken_bpe import NotExpressible, tiktoken_encoding
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +75,21 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+def _tiktoken_or_none(hf: HFTokenizer) -> tiktoken.Encoding | None:
+    """The tiktoken twin of `hf`, or None (with the reason logged) where it cannot give the same ids."""
+    try:
+        return tiktoken_encoding(json.loads(hf.to_str()), SPLIT_PATTERN, _byte_decoder(),
+                                 lambda token: [t.id for t in hf.model.tokenize(token)])
+    except NotExpressible as e:
+        log.warning("encoding with HF tokenizers, tiktoken cannot reproduce this tokenizer.json: %s", e)
+        return None
+
+
 class Tokenizer:
     """GPT-4-style byte-level BPE with nanochat's special tokens and chat format."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, use_tiktoken: bool = True):
+        """use_tiktoken=False encodes with HF even where tiktoken could (benchmarks and equivalence tests)."""
         vocab = hf.get_vocab(with_added_tokens=True)
         missing = [name for name in SPECIAL_TOKENS if name not in vocab]
         if missing:
@@ -79,6 +98,7 @@ class Tokenizer:
         self._hf = hf
         self._special_ids = {name: vocab[name] for name in SPECIAL_TOKENS}
         self._special_id_set = frozenset(self._special_ids.values())
+        self._tiktoken = _tiktoken_or_none(hf) if use_tiktoken else None
 
     # ------------------------------------------------------------------ training and serialisation
 
@@ -108,8 +128,8 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_json(cls, data: str) -> Tokenizer:
-        return cls(HFTokenizer.from_str(data))
+    def from_json(cls, data: str, use_tiktoken: bool = True) -> Tokenizer:
+        return cls(HFTokenizer.from_str(data), use_tiktoken)
 
     def to_json(self) -> str:
         """The tokenizer.json content (HF format, loadable by any `tokenizers` user)."""
@@ -125,6 +145,11 @@ class Tokenizer:
         path.write_text(self.to_json(), encoding="utf-8")
 
     # ------------------------------------------------------------------ ids
+
+    @property
+    def encoder(self) -> str:
+        """Which library encodes: "tiktoken" or "hf"."""
+        return "hf" if self._tiktoken is None else "tiktoken"
 
     @property
     def vocab_size(self) -> int:
@@ -166,14 +191,21 @@ class Tokenizer:
         prepend/append: a special token name or an id to add around each text."""
         if not isinstance(text, (str, list)):
             raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
-        # the _fast variant skips offset tracking, which encode() pays for even for a single text
-        batch = [text] if isinstance(text, str) else text
-        rows = [e.ids for e in self._hf.encode_batch_fast(batch, add_special_tokens=False)]
+        rows = self._encode_batch([text] if isinstance(text, str) else text)
         head = [] if prepend is None else [self._resolve(prepend)]
         tail = [] if append is None else [self._resolve(append)]
         if head or tail:
             rows = [head + row + tail for row in rows]
         return rows[0] if isinstance(text, str) else rows
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._tiktoken is None:
+            # the _fast variant skips offset tracking, which encode() pays for even for a single text
+            return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+        if len(texts) <= 1:
+            return [self._tiktoken.encode_ordinary(t) for t in texts]
+        # encode_ordinary never matches special tokens in text, and releases the GIL: threads run in parallel
+        return self._tiktoken.encode_ordinary_batch(texts, num_threads=min(len(texts), os.cpu_count() or 1))
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids, skip_special_tokens=False)

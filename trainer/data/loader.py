@@ -20,6 +20,11 @@ Notable:
   (uint32 when an id needs it) in base64: JSON-safe, a few MB at nanochat's sizes.
 - loop=True cycles through epochs forever (training); loop=False stops after one pass, dropping the last
   incomplete batch (validation).
+- prefetch=n makes the next n batches in a background thread, so that reading, encoding and packing
+  overlap the training step instead of stalling the GPU after each step's sync point (the training loop
+  reads its first micro-batch right after one). The batches and states are the same as without it: each
+  batch travels with a snapshot of the loader's state after it, and state_dict() packs the snapshot of
+  the last batch yielded. Encoding releases the GIL; packing holds it, briefly.
 - token_bytes(): UTF-8 bytes per token id (0 for special tokens), the denominator of bits per byte.
 """
 
@@ -28,7 +33,11 @@ from __future__ import annotations
 import base64
 import bisect
 import logging
+import queue
+import threading
+import weakref
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -118,6 +127,12 @@ class _BestFitBuffer:
             return self._docs.pop(self._keys.pop(i)[1])
         return self._docs.pop(self._keys.pop(0)[1])[:space]  # nothing fits: crop, drop the rest
 
+    def copy(self) -> _BestFitBuffer:
+        """A copy that later takes and adds leave alone (token lists are shared: neither side changes one)."""
+        other = _BestFitBuffer(self.row)
+        other._keys, other._docs, other._arrivals = list(self._keys), dict(self._docs), self._arrivals
+        return other
+
     def pending(self) -> tuple[list[list[int]], list[int]]:
         """(tokens, full lengths) in arrival order; restoring them in this order restores every future choice."""
         lengths = {n: length for length, n in self._keys}
@@ -154,6 +169,59 @@ def _unpack_buffer(packed: dict[str, Any], buffer: _BestFitBuffer) -> None:
         raise ValueError(f"data loader state: the buffer holds {len(flat)} ids but its lengths account for {start}")
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """The loader's resumable state after a batch, cheap to take (state_dict() packs it on demand)."""
+
+    epoch: int
+    pos: Position | None
+    doc: int
+    buffer: _BestFitBuffer
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Made = tuple[Batch, _Snapshot] | None  # None: the pass is over (loop=False)
+
+
+class _Prefetcher:
+    """Makes a loader's batches in a daemon thread, `depth` ahead. The thread holds the loader only while
+    making a batch (a weak reference otherwise), so a loader that is dropped stops its thread."""
+
+    def __init__(self, loader: DataLoader, depth: int) -> None:
+        self._queue: queue.Queue[Made | BaseException] = queue.Queue(maxsize=depth)
+        self._last: Made | BaseException = None  # once the thread has ended: what it ended with
+        self._ended = False
+        threading.Thread(target=_prefetch, args=(weakref.ref(loader), self._queue), daemon=True,
+                         name=f"data-loader-rank{loader.rank}").start()
+
+    def get(self) -> Made:
+        """The next batch with its snapshot; None at the end; raises what the thread raised."""
+        item = self._last if self._ended else self._queue.get()
+        if item is None or isinstance(item, BaseException):
+            self._ended, self._last = True, item
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def _prefetch(ref: weakref.ref[DataLoader], out: queue.Queue) -> None:
+    while (loader := ref()) is not None:
+        try:
+            item = loader._make()
+        except BaseException as e:  # handed over: the consumer raises it
+            item = e
+        del loader
+        while True:
+            try:
+                out.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                if ref() is None:
+                    return
+        if item is None or isinstance(item, BaseException):
+            return
+
+
 class DataLoader:
     """Iterate to get (inputs, targets), each a LongTensor of shape (batch_size, seq_len) on `device`."""
 
@@ -171,9 +239,13 @@ class DataLoader:
         device: str | torch.device = "cpu",
         loop: bool = True,
         state: dict[str, Any] | None = None,
+        prefetch: int = 0,
     ):
+        """prefetch: batches made ahead in a background thread (0: each one when asked for)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 or more batches, got {prefetch}")
         if batch_size < 1 or seq_len < 1 or buffer_docs < 1 or tokenizer_batch < 1:
             raise ValueError("batch_size, seq_len, buffer_docs and tokenizer_batch must be at least 1")
         if not shards:
@@ -199,19 +271,26 @@ class DataLoader:
             self.epoch, self._pos, self._doc = 0, self._first, 0
         else:
             self._load_state(state, len(shards))
+        self._yielded = self._snapshot()  # the state after the last batch yielded
+        self.prefetch = prefetch
+        self._prefetcher: _Prefetcher | None = None  # started by the first __next__
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: where this loader stands after the last batch it yielded."""
+        s = self._yielded
         return {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
-            "epoch": self.epoch,
-            "position": None if self._pos is None else [self._pos[0], self._pos[1], self._doc],
-            "buffer": _pack_buffer(self._buffer),
+            "epoch": s.epoch,
+            "position": None if s.pos is None else [s.pos[0], s.pos[1], s.doc],
+            "buffer": _pack_buffer(s.buffer),
         }
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(self.epoch, self._pos, self._doc, self._buffer.copy())
 
     def _load_state(self, state: dict[str, Any], num_shards: int) -> None:
         if state.get("version") != STATE_VERSION:
@@ -274,15 +353,24 @@ class DataLoader:
     def __iter__(self) -> DataLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make(self) -> Made:
+        """The next batch on the CPU and the state after it; None once the pass is over."""
         rows = []
         for _ in range(self.batch_size):
             row = self._row()
             if row is None:  # loop=False and the pass is over: the incomplete batch is dropped
-                raise StopIteration
+                return None
             rows.append(row)
         batch = torch.tensor(rows, dtype=torch.long)
-        inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return (batch[:, :-1].contiguous(), batch[:, 1:].contiguous()), self._snapshot()
+
+    def __next__(self) -> Batch:
+        if self.prefetch and self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self, self.prefetch)
+        made = self._prefetcher.get() if self._prefetcher else self._make()
+        if made is None:
+            raise StopIteration
+        (inputs, targets), self._yielded = made
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return (
                 inputs.pin_memory().to(self.device, non_blocking=True),

@@ -4,7 +4,9 @@ Base pretraining: next-token prediction on the corpus, from freshly initialised 
 Notable:
 - the horizon comes from the depth dial (tokens = train.target_param_data_ratio x scaling params, as nanochat)
   unless train.max_steps is set; gradient accumulation fills train.total_batch_size
-- data: the resumable best-fit packing loader over this rank's share of the corpus' row groups
+- data: the resumable best-fit packing loader over this rank's share of the corpus' row groups; on a GPU
+  it makes the next TRAIN_PREFETCH batches in a background thread while the GPU computes (on a CPU the
+  step itself uses the cores, so there is nothing to overlap with)
 - validation bits per byte every train.eval_every steps and at the end
 - train.recipe = record: nanochat's transfer from its d12 tuning (depth_scaling): learning rates x
   sqrt(B / 2**19), Muon weight decay x sqrt(B / 2**19) x D_d12 / D, with D the horizon in tokens at
@@ -38,6 +40,10 @@ from trainer.stages.loop import Stage, train_stage
 from trainer.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# batches the training loader makes ahead on a GPU: a whole step's micro-batches at the presets' two
+# micro-steps, so the first one is ready when the step's sync point returns
+TRAIN_PREFETCH = 2
 
 REFERENCE_DEPTH = 12  # nanochat tuned its learning rates, weight decay and batch size at d12
 
@@ -103,13 +109,15 @@ class BaseStage(Stage):
                      self.cfg.train.total_batch_size, scaling.optimal_batch_size)
         return optim_config(self.cfg, lr_frac=scaling.lr_scale, weight_decay=scaling.weight_decay)
 
-    def _loader(self, shards: list[str], cursor: dict | None, loop: bool) -> DataLoader:
+    def _loader(self, shards: list[str], cursor: dict | None, loop: bool, prefetch: int = 0) -> DataLoader:
         t, w = self.cfg.train, self.worker
         return DataLoader(self.storage, shards, self.tokenizer, batch_size=t.device_batch_size, seq_len=t.seq_len,
-                          rank=w.rank, world_size=w.world_size, device=w.device, state=cursor, loop=loop)
+                          rank=w.rank, world_size=w.world_size, device=w.device, state=cursor, loop=loop,
+                          prefetch=prefetch)
 
     def make_loader(self, cursor: dict | None) -> DataLoader:
-        return self._loader(self.train_shards, cursor, loop=True)
+        prefetch = TRAIN_PREFETCH if self.worker.device.type == "cuda" else 0
+        return self._loader(self.train_shards, cursor, loop=True, prefetch=prefetch)
 
     def horizon(self, model: GPT) -> int:
         t = self.cfg.train

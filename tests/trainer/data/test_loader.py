@@ -4,6 +4,7 @@ import itertools
 import json
 import random
 import sysconfig
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -169,6 +170,19 @@ def test_packing_is_nanochat_best_fit_and_crops_little(corpus, tokenizer):
     assert len(owner) == len(pieces)
 
 
+def test_tiktoken_encoding_yields_the_batches_and_state_of_hf_encoding(corpus, tokenizer):
+    """The loader's tokens do not depend on which library encodes: same batches, same resumable state."""
+    storage, train, _ = corpus
+    hf = Tokenizer.from_json(tokenizer.to_json(), use_tiktoken=False)
+    assert (tokenizer.encoder, hf.encoder) == ("tiktoken", "hf")
+
+    def first_batches(tok: Tokenizer):
+        loader = DataLoader(storage, train, tok, batch_size=4, seq_len=128, buffer_docs=16, tokenizer_batch=5)
+        return [rows_of(*batch) for batch in take(loader, 60)], loader.state_dict()
+
+    assert first_batches(tokenizer) == first_batches(hf)
+
+
 def test_long_documents_are_cropped_to_their_own_first_tokens_and_stay_small(tmp_path, tokenizer):
     text = make_documents(600)
     docs = ["".join(text[i : i + 60]) for i in range(0, 600, 60)]  # 10 documents of 11,000+ characters
@@ -267,6 +281,56 @@ def test_a_state_resumes_only_its_own_rank_and_row_length(corpus, tokenizer):
         DataLoader(storage, train, tokenizer, batch_size=2, seq_len=64, rank=1, world_size=2, state=state)
     with pytest.raises(ValueError, match="train.seq_len"):
         DataLoader(storage, train, tokenizer, batch_size=2, seq_len=128, rank=0, world_size=2, state=state)
+
+
+# ---------------------------------------------------------------- prefetch
+
+
+def test_prefetching_yields_the_same_batches_and_states(corpus, tokenizer):
+    storage, train, val = corpus
+    kwargs = dict(batch_size=2, seq_len=64, rank=1, world_size=2, buffer_docs=16, tokenizer_batch=5)
+    plain = run_with_states(DataLoader(storage, train, tokenizer, **kwargs), 120)  # into the second epoch
+    ahead = run_with_states(DataLoader(storage, train, tokenizer, prefetch=3, **kwargs), 120)
+    assert_same_batches(plain[0], ahead[0])
+    assert plain[1] == ahead[1]
+    one_pass = dict(batch_size=2, seq_len=64, buffer_docs=8, tokenizer_batch=5, loop=False)
+    expected = [rows_of(*b) for b in DataLoader(storage, val, tokenizer, **one_pass)]
+    loader = DataLoader(storage, val, tokenizer, prefetch=2, **one_pass)
+    assert [rows_of(*b) for b in loader] == expected
+    with pytest.raises(StopIteration):  # and again: the finished thread is not waited for
+        next(loader)
+
+
+def test_resuming_a_prefetching_loader_continues_exactly(corpus, tokenizer):
+    storage, train, _ = corpus
+    kwargs = dict(batch_size=2, seq_len=64, buffer_docs=16, tokenizer_batch=5, prefetch=2)
+    batches, states = run_with_states(DataLoader(storage, train, tokenizer, **kwargs), 30)
+    resumed = DataLoader(storage, train, tokenizer, state=json.loads(states[17]), **kwargs)
+    assert_same_batches(take(resumed, 13), batches[17:])
+
+
+def test_a_read_error_in_the_prefetch_thread_is_raised_by_next(corpus, tokenizer, tmp_path):
+    storage, train, _ = corpus
+    broken = LocalStorage(tmp_path)
+    (tmp_path / "a.parquet").write_bytes((storage.root / train[0]).read_bytes())
+    (tmp_path / "b.parquet").write_bytes(b"not parquet")
+    loader = DataLoader(broken, ["a.parquet", "b.parquet"], tokenizer, batch_size=2, seq_len=64, prefetch=2)
+    with pytest.raises(pa.ArrowInvalid):
+        take(loader, 1000)
+    with pytest.raises(pa.ArrowInvalid):  # the error stays: the thread is gone
+        next(loader)
+
+
+def test_a_dropped_prefetching_loader_stops_its_thread(corpus, tokenizer):
+    storage, train, _ = corpus
+    before = set(threading.enumerate())
+    loader = DataLoader(storage, train, tokenizer, batch_size=2, seq_len=64, prefetch=2)
+    next(loader)
+    threads = [t for t in threading.enumerate() if t not in before]
+    assert [t.name for t in threads] == ["data-loader-rank0"]
+    del loader
+    threads[0].join(timeout=10)
+    assert not threads[0].is_alive()
 
 
 # ---------------------------------------------------------------- S3

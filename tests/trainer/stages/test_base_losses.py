@@ -12,7 +12,7 @@ from services.storage import LocalStorage
 from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
 from trainer.optim import apply_schedule, build_optimizers
-from trainer.stages.base import BaseStage
+from trainer.stages.base import TRAIN_PREFETCH, BaseStage
 from trainer.stages.loop import StepHooks, TrainState, step_loop
 from trainer.worker import Worker
 
@@ -43,3 +43,14 @@ def test_tiny_base_run_repeats_the_recorded_losses(tmp_path: Path):
         evaluates_at=lambda step: False, evaluate=dict, publish=lambda metrics: None,
     ))
     assert [entry["loss"] for entry in state.history] == pytest.approx(RECORDED, abs=1e-6, rel=0)
+
+
+def test_the_training_loader_makes_batches_ahead_on_a_gpu_only(tmp_path: Path):
+    """On a GPU the loader works while the GPU computes; on a CPU the step already uses the cores."""
+    cfg = load_config(preset="tiny-cpu", overrides=SMALL)
+    storage = LocalStorage(tmp_path)
+    prepare_corpus(cfg.data, storage, limit=240)
+    train_tokenizer(cfg, storage)
+    for device, prefetch in (("cpu", 0), ("cuda", TRAIN_PREFETCH)):
+        stage = BaseStage(cfg, Worker(0, 1, torch.device(device)), storage, load_tokenizer(storage))
+        assert stage.make_loader(None).prefetch == prefetch
