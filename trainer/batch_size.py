@@ -86,7 +86,7 @@ def _peak_of_pass(forward: nn.Module, model: nn.Module, rows: int, seq_len: int,
     torch.cuda.reset_peak_memory_stats(device)
     try:
         with autocast():
-            loss = forward(tokens[:, :-1], tokens[:, 1:])
+            loss = forward(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
         loss.backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)

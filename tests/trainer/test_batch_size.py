@@ -16,6 +16,7 @@ from trainer.batch_size import (
     rows_per_worker,
     rows_that_fit,
     smaller_divisors,
+    unseen_bytes,
 )
 from trainer.data.corpus import prepare_corpus
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
@@ -59,6 +60,12 @@ def test_step_down_order_and_rows_per_worker():
     assert smaller_divisors(16, 64) == [16, 8, 4, 2, 1]
     assert smaller_divisors(6, 12) == [6, 4, 3, 2, 1]
     assert rows_per_worker(2**20, 2048, 8) == 64
+
+
+def test_what_a_probe_cannot_see_is_the_optimizer_state_and_ddp_buckets():
+    model = torch.nn.Linear(256, 128, bias=False)  # 32768 float32 weights: 128 KiB
+    assert unseen_bytes(model, ddp=False) == 2 * 131072
+    assert unseen_bytes(model, ddp=True) == 3 * 131072
 
 
 def test_auto_validates_when_the_batch_splits_into_whole_rows_per_worker():
