@@ -15,13 +15,15 @@ Throughput:
   SDPA beside them; then whole training steps of an SSSL model with attention auto against sdpa. Ratios
   sdpa / flex (above 1: flex faster). On a CPU, forward only (FlexAttention has no backward there)
 - train: the trainer's optimizer_step (forward, backward, Muon + AdamW) on random batches, eager and under
-  torch.compile, tokens/s, MFU and peak memory, per depth
+  torch.compile, tokens/s, MFU and peak memory, per depth; with --fp8 also compiled in FP8 (GPUs of compute
+  capability 8.9 or newer; elsewhere a line says why not)
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
   prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones, and one request
   alone
 
-    .venv/bin/python bench/gpu.py --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
-    .venv/bin/python bench/gpu.py --small               # the same on tiny models: runs on a CPU in seconds
+    .venv/bin/python -m bench.gpu --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
+    .venv/bin/python -m bench.gpu --only train --fp8 --depths 20   # bf16 and FP8 training side by side
+    .venv/bin/python -m bench.gpu --small               # the same on tiny models: runs on a CPU in seconds
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
+from trainer import fp8 as fp8_training
+from trainer.batch_size import choose_rows
 from trainer.data.corpus import stdlib_documents
 from trainer.optim import OptimConfig, build_optimizers
 from trainer.stages.loop import compiled, optimizer_step
@@ -56,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="tiny models and workloads (CPU smoke run)")
     parser.add_argument("--depths", type=int, nargs="*", default=None, help="training depths (default 12 20)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training runs")
+    parser.add_argument("--rows", type=int, default=16, help="training rows of 2048 tokens per step (d20's preset: 16)")
+    parser.add_argument("--fp8", action="store_true", help="also train in FP8 (train.fp8), compiled, after bf16")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--only", default=None, help="comma-separated sections to run: checks, attention, train, serve")
     return parser.parse_args()
@@ -210,18 +216,25 @@ def time_attention(rows: int, seq_len: int, n_head: int, head_dim: int, steps: i
             "sdpa_over_flex": sdpa / flex, "causal_sdpa_over_window_flex": causal / flex}
 
 
-def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, warmup: int,
-                  compile: bool, device: torch.device, **architecture: Any) -> dict[str, Any]:
-    """architecture: GPTConfig fields besides the depth dial's (window_pattern, attention)."""
-    config = GPTConfig.from_depth(depth, vocab, seq_len, **architecture)
+def time_training(config: GPTConfig, rows: int, steps: int, warmup: int, compile: bool, device: torch.device,
+                  fp8: bool = False, rows_per_step: int = 0) -> dict[str, Any]:
+    """The trainer's optimizer step at `rows` x config.sequence_len tokens: tokens/s, MFU, peak memory.
+    fp8: the Linear layers in FP8 (trainer/fp8.py). rows 0: the most of rows_per_step's divisors that fit the
+    GPU, measured as train.device_batch_size=0 measures them (trainer/batch_size.py)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     model.init_weights()
     model.train()
+    if fp8:
+        fp8_training.require_device(device)
+        fp8_training.convert(model)
     optimizers = build_optimizers(model, OptimConfig())
     forward = compiled(model, compile, device)  # as the training loop does
     worker = Worker(0, 1, device)
-    loader = random_batches(vocab, rows, seq_len, device, 4)
+    if rows == 0:
+        rows = choose_rows(forward, model, config.sequence_len, config.vocab_size, rows_per_step, device,
+                           worker.autocast, ddp=False)
+    loader = random_batches(config.vocab_size, rows, config.sequence_len, device, 4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -234,12 +247,13 @@ def time_training(depth: int, vocab: int, seq_len: int, rows: int, steps: int, w
         loss, _ = optimizer_step(forward, model, optimizers, loader, 1, worker)
     sync(device)
     seconds = (time.perf_counter() - started) / steps
-    tokens_per_second = rows * seq_len / seconds
+    tokens_per_second = rows * config.sequence_len / seconds
     peak = peak_flops(device)
-    result = {"depth": depth, **architecture, "params": model.num_params(), "compiled": compile, "rows": rows, "seq_len": seq_len,
-              "step_seconds": seconds, "tokens_per_second": tokens_per_second, "warmup_seconds": warm_seconds,
-              "loss": loss.item()}
-    if peak:
+    result = {"depth": config.n_layer, "window_pattern": config.window_pattern, "attention": config.attention,
+              "params": model.num_params(), "compiled": compile, "fp8": fp8, "rows": rows,
+              "seq_len": config.sequence_len, "step_seconds": seconds, "tokens_per_second": tokens_per_second,
+              "warmup_seconds": warm_seconds, "loss": loss.item()}
+    if peak:  # MFU against the bf16 peak, FP8 runs included (nanochat's convention)
         result["mfu_percent"] = 100 * model.estimate_flops() * tokens_per_second / peak
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -329,11 +343,12 @@ def main() -> None:
 
     # eager training and serving first, the compiled runs (slow to compile) last
     depths = [] if "train" not in wanted else args.depths if args.depths is not None else ([2] if small else [12, 20])
-    vocab, seq_len, rows, steps = (512, 128, 4, 3) if small else (32768, 2048, 32, 10)
+    vocab, seq_len, rows, steps = (512, 128, 4, 3) if small else (32768, 2048, args.rows, 10)
 
-    def train(depth: int, compile: bool) -> None:
-        section(f"train_d{depth}{'_compiled' if compile else ''}", results,
-                lambda: time_training(depth, vocab, seq_len, rows, steps, 2, compile, device))
+    def train(depth: int, compile: bool, fp8: bool = False) -> None:
+        config = GPTConfig.from_depth(depth, vocab, seq_len)
+        section(f"train_d{depth}{'_compiled' if compile else ''}{'_fp8' if fp8 else ''}", results,
+                lambda: time_training(config, rows, steps, 2, compile, device, fp8=fp8))
 
     if "attention" in wanted:
         attention_shape = (2, 256, 4, 64) if small else (rows, seq_len, 10, 128)  # d20: 10 heads of 128
@@ -342,8 +357,9 @@ def main() -> None:
         # whole training steps of an SSSL stack whose S layers go through FlexAttention (auto) or SDPA
         for attention in ("sdpa", "auto"):
             section(f"train_d12_sssl_{attention}", results,
-                    lambda a=attention: time_training(12, vocab, seq_len, rows, steps, 2, False, device,
-                                                      window_pattern="SSSL", attention=a))
+                    lambda a=attention: time_training(
+                        GPTConfig.from_depth(12, vocab, seq_len, window_pattern="SSSL", attention=a),
+                        rows, steps, 2, False, device))
         sdpa, flex = results["train_d12_sssl_sdpa"], results["train_d12_sssl_auto"]
         if "step_seconds" in sdpa and "step_seconds" in flex:
             results["train_d12_sssl_sdpa_over_flex"] = sdpa["step_seconds"] / flex["step_seconds"]
@@ -366,6 +382,10 @@ def main() -> None:
 
     for depth in [] if args.no_compile else depths:
         train(depth, compile=True)
+    if args.fp8 and fp8_training.device_problem(device):
+        print(f"FP8 rows skipped: {fp8_training.device_problem(device)}")
+    for depth in depths if args.fp8 and not fp8_training.device_problem(device) else []:
+        train(depth, compile=not args.no_compile, fp8=True)
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

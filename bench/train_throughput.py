@@ -12,8 +12,15 @@ train.threads_per_worker=0). Printed: steady-state tokens/s of each arm and the 
 (1 worker) and ours / DDP (N workers); and the optimizer-state bytes each rank holds, replicated (DDP) and
 sharded, side by side.
 
-    .venv/bin/python bench/train_throughput.py                      # tiny-cpu: d4, 8 x 512 tokens a step
-    .venv/bin/python bench/train_throughput.py --preset d20 --workers 8 --steps 20 --set train.max_steps=30
+On a CUDA GPU also, per GPU preset (--gpu-presets): the compiled optimizer step on random tokens at the
+preset's model and device batch (auto where the preset measures it), in bf16 and then in FP8 at the same
+rows: tokens/s, MFU (the model's FLOPs per token x tokens/s over the GPU's bf16 peak, trainer/worker.py's
+table), peak memory, and FP8 / bf16. Without a GPU, or without FP8 tensor cores, a line says which rows
+were skipped and why.
+
+    .venv/bin/python -m bench.train_throughput                      # tiny-cpu: d4, 8 x 512 tokens a step
+    .venv/bin/python -m bench.train_throughput --preset d20 --workers 8 --steps 20 --set train.max_steps=30
+    .venv/bin/python -m bench.train_throughput --gpu-only           # MFU and bf16 vs FP8 of d20 and d24
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import torch.multiprocessing as mp
 from nanochat.config import Config, load_config
 from nanochat.gpt import GPT
 from services.storage import LocalStorage
+from trainer import fp8
+from trainer.batch_size import rows_per_worker
 from trainer.data.corpus import list_shards, prepare_corpus, split_shards
 from trainer.data.loader import DataLoader
 from trainer.data.tokenizer import load_tokenizer, train_tokenizer
@@ -50,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (our stage's own exclusion)")
     parser.add_argument("--rows", type=int, default=8, help="rows per optimizer step, all workers together")
     parser.add_argument("--docs", type=int, default=2000, help="corpus documents to prepare")
+    parser.add_argument("--gpu-presets", nargs="*", default=["d20", "d24"], help="presets timed on a GPU")
+    parser.add_argument("--gpu-steps", type=int, default=10, help="timed steps of each GPU row")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (skip the framework arms)")
     return parser.parse_args()
 
 
@@ -163,8 +175,40 @@ def _mib(sizes: list[int]) -> str:
     return " ".join(f"{b / 2**20:,.2f}" for b in sizes)
 
 
+def gpu_rows(args: argparse.Namespace) -> None:
+    """MFU per preset, bf16 against FP8 at the same model and rows, on this machine's GPU."""
+    if not torch.cuda.is_available():
+        print("\nGPU rows skipped: no CUDA device here (MFU per depth and bf16 vs FP8 need one)")
+        return
+    from bench.gpu import time_training
+
+    device = torch.device("cuda")
+    fp8_problem = fp8.device_problem(device)
+    print(f"\n{torch.cuda.get_device_name(device)}, compiled optimizer step, random tokens, {args.gpu_steps} timed steps")
+    print(f"  {'preset':<7} {'rows':>4} {'bf16 tok/s':>12} {'MFU':>6} {'peak GiB':>9} {'FP8 tok/s':>12} {'MFU':>6} "
+          f"{'peak GiB':>9} {'FP8/bf16':>9}")
+    for preset in args.gpu_presets:
+        cfg = load_config(preset=preset)
+        t = cfg.train
+        config = model_config(cfg, cfg.tokenizer.vocab_size)
+        per_step = rows_per_worker(t.total_batch_size, t.seq_len, t.workers)
+        bf16 = time_training(config, t.device_batch_size, args.gpu_steps, 2, True, device, rows_per_step=per_step)
+        row = f"  {preset:<7} {bf16['rows']:>4} {bf16['tokens_per_second']:>12,.0f} {bf16.get('mfu_percent', 0):>5.1f}% " \
+              f"{bf16['peak_memory_gib']:>9.1f}"
+        if not fp8_problem:
+            low = time_training(config, bf16["rows"], args.gpu_steps, 2, True, device, fp8=True)
+            row += f" {low['tokens_per_second']:>12,.0f} {low.get('mfu_percent', 0):>5.1f}% {low['peak_memory_gib']:>9.1f} " \
+                   f"{low['tokens_per_second'] / bf16['tokens_per_second']:>8.2f}x"
+        print(row, flush=True)
+    if fp8_problem:
+        print(f"  FP8 columns skipped: {fp8_problem}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.gpu_only:
+        gpu_rows(args)
+        return
     os.environ.pop("OMP_NUM_THREADS", None)  # else our stage would take it as its threads per worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,6 +234,7 @@ def main() -> None:
     print(f"  optimizer state per rank, MiB: replicated (DDP) {_mib(replicated_bytes)} | "
           f"sharded (train.shard_optimizer) {_mib(sharded_bytes)} | largest shard / replicated "
           f"{max(sharded_bytes) / max(replicated_bytes):.2f}x")
+    gpu_rows(args)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     seq_len: int = Field(256, ge=8, description="tokens per training row")
-    device_batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
+    device_batch_size: int = Field(8, ge=0, description="rows per worker per micro-step (0: auto, the most that fit the GPU's memory and divide the rows each worker trains per step, measured at the start of base pretraining; on a CPU, and for `eval loss`, 8 or the largest divisor below it)")
     total_batch_size: int = Field(4096, ge=1, description="tokens per optimizer step across all workers (gradient accumulation fills the gap)")
     max_steps: int = Field(-1, ge=-1, description="optimizer steps (-1: derive from target_param_data_ratio)")
     target_param_data_ratio: float = Field(12.0, gt=0, description="tokens = ratio * parameters, when max_steps = -1")
@@ -97,6 +97,7 @@ class TrainConfig(Section):
     backend: Literal["torch", "jax"] = Field("torch", description="base pretraining in PyTorch (DDP) or JAX (sharded over a device mesh; the jax section)")
     compile: bool | None = Field(None, description="torch.compile the model the loop trains (unset: on GPUs, where it takes much less memory and runs faster; off on CPUs, where compiling takes longer than a short run saves)")
     shard_optimizer: bool = Field(False, description="ZeRO-1 with several workers: each worker keeps the AdamW/Muon state (about 2 floats per AdamW and 1 per Muon parameter element) only for the whole parameters it owns, about 1/workers of it, and frees the other parameters' gradients after each step; gradients are summed onto their owners instead of all-reduced (no DDP) and the updated parameters broadcast. Checkpoints gather the state into the usual format, so a run resumes with it on or off. No effect with one worker; torch backend only")
+    fp8: bool = Field(False, description="base pretraining's Linear matmuls in FP8 (torchao, tensorwise scaling; lm_head stays bf16): needs GPU workers of compute capability 8.9 or newer (H100, H200, L4, B200) and runs faster under torch.compile; weights and checkpoints are unchanged")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
@@ -104,6 +105,18 @@ class TrainConfig(Section):
             raise ValueError(f"train.recipe={self.recipe!r}: the JAX backend trains with the classic optimizer groups only")
         if self.backend == "jax" and self.shard_optimizer:
             raise ValueError("train.shard_optimizer applies to the torch backend; the JAX backend shards its optimizer state over the jax section's fsdp mesh axis instead")
+        if self.fp8 and (self.backend != "torch" or self.gpus_per_worker == 0):
+            where = "the JAX backend" if self.backend != "torch" else "CPU workers (train.gpus_per_worker is 0)"
+            raise ValueError(f"train.fp8 needs torch GPU workers of compute capability 8.9 or newer; this run trains on {where}")
+        if self.device_batch_size == 0:
+            if self.backend != "torch":
+                raise ValueError("train.device_batch_size=0 (auto) is for the torch backend; the JAX backend needs a number of rows")
+            rows_per_step = self.seq_len * self.workers
+            if self.total_batch_size % rows_per_step != 0:
+                raise ValueError(
+                    f"train.device_batch_size=0 (auto) splits train.total_batch_size ({self.total_batch_size}) into whole "
+                    f"rows for every worker: it must be a multiple of train.seq_len * train.workers ({rows_per_step})")
+            return self
         rows = self.device_batch_size * self.seq_len
         if self.total_batch_size % rows != 0:
             raise ValueError(

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> top-level modules it must never import
 FORBIDDEN = {
-    "nanochat": {"services", "trainer", "serving", "cli", "ray", "fastapi", "starlette", "uvicorn", "boto3", "botocore", "pyarrow", "jax", "optax"},
+    "nanochat": {"services", "trainer", "serving", "cli", "ray", "fastapi", "starlette", "uvicorn", "boto3", "botocore", "pyarrow", "jax", "optax", "torchao"},
     "services": {"trainer", "serving", "cli"},
     "trainer": {"serving", "cli"},
     "serving": {"trainer", "cli"},

@@ -10,7 +10,8 @@ def test_presets_named_in_the_spec_exist_and_validate():
     for name in available_presets():
         cfg = load_config(preset=name)
         assert cfg.preset == name
-        assert cfg.train.total_batch_size % (cfg.train.device_batch_size * cfg.train.seq_len) == 0
+        rows = cfg.train.device_batch_size or cfg.train.workers  # auto (0): whole rows for every worker
+        assert cfg.train.total_batch_size % (rows * cfg.train.seq_len) == 0
 
 
 def test_depth_dial_differs_between_presets():

@@ -493,7 +493,7 @@ def _training_config(record: StageRecord) -> dict[str, Any]:
                                                                 "scalar_lr") if k in t)
     if record.name == "base":
         return {
-            "Batch": f"{_fmt(t.get('total_batch_size'))} tokens per step ({t.get('device_batch_size')} rows of "
+            "Batch": f"{_fmt(t.get('total_batch_size'))} tokens per step ({t.get('device_batch_size') or 'auto: measured'} rows of "
                      f"{t.get('seq_len')} tokens per worker per micro-step)",
             "Horizon": f"{_fmt(record.metric('horizon'))} steps",
             "Learning rates": lrs or "-",

@@ -11,6 +11,11 @@ Notable:
 - train.recipe = record: nanochat's transfer from its d12 tuning (depth_scaling): learning rates x
   sqrt(B / 2**19), Muon weight decay x sqrt(B / 2**19) x D_d12 / D, with D the horizon in tokens at
   train.target_param_data_ratio; the GPU presets' total_batch_size is nanochat's optimum for their depth
+- train.device_batch_size = 0: the rows per micro-step are measured on the GPU once the model is wrapped
+  (trainer/batch_size.py), the same on every rank; gradient accumulation follows from them
+- train.fp8: the Linear layers become torchao Float8Linear before compile and DDP (trainer/fp8.py); a worker
+  without an FP8-capable GPU stops at once, naming its device. In-training validation runs through the same
+  FP8 matmuls; `eval loss` on the checkpoint (plain weights) does not
 The loop itself (DDP, checkpoints, resume, metrics) is trainer/stages/loop.py.
 """
 
@@ -20,9 +25,13 @@ import logging
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from nanochat.config import Config
 from nanochat.gpt import GPT, GPTConfig
+from trainer import fp8
+from trainer.batch_size import choose_rows, fallback_rows, rows_per_worker
 from trainer.data.corpus import list_shards, split_shards
 from trainer.data.loader import DataLoader, token_bytes
 from trainer.evals.loss import evaluate_bpb
@@ -90,8 +99,11 @@ class BaseStage(Stage):
 
     def __init__(self, *args: Any):
         super().__init__(*args)
+        if self.cfg.train.fp8:
+            fp8.require_device(self.worker.device)  # before anything is loaded
         shards = list_shards(self.storage, self.cfg.data.corpus_name)
         self.train_shards, self.val_shards = split_shards(shards, self.cfg.data.val_shards)
+        self.rows = self.cfg.train.device_batch_size  # rows per micro-step; 0 (auto) until size_batch
 
     def build_model(self) -> GPT:
         model = GPT(model_config(self.cfg, self.tokenizer.vocab_size))
@@ -109,9 +121,32 @@ class BaseStage(Stage):
                      self.cfg.train.total_batch_size, scaling.optimal_batch_size)
         return optim_config(self.cfg, lr_frac=scaling.lr_scale, weight_decay=scaling.weight_decay)
 
+    def wrap(self, model: GPT) -> nn.Module:
+        if self.cfg.train.fp8:
+            if self.cfg.train.compile is False:
+                log.warning("train.fp8 without torch.compile: the float8 casts run as separate kernels, slower than bf16")
+            fp8.convert(model)
+        return super().wrap(model)
+
+    def size_batch(self, forward: nn.Module, model: GPT) -> None:
+        if self.rows:
+            return
+        t, w = self.cfg.train, self.worker
+        per_step = rows_per_worker(t.total_batch_size, t.seq_len, w.world_size)
+        if w.device.type == "cuda":
+            module = forward.module if isinstance(forward, DistributedDataParallel) else forward
+            rows = choose_rows(module, model, t.seq_len, self.tokenizer.vocab_size, per_step, w.device,
+                               w.autocast, ddp=w.world_size > 1)
+        else:
+            rows = fallback_rows(per_step)
+        self.rows = min(w.all_gather(rows))  # ranks whose GPUs differ train at the smallest choice
+        if w.is_main:
+            log.info("train.device_batch_size auto: %d rows of %d tokens per worker per micro-step, %d micro-steps",
+                     self.rows, t.seq_len, self.micro_steps())
+
     def _loader(self, shards: list[str], cursor: dict | None, loop: bool, prefetch: int = 0) -> DataLoader:
         t, w = self.cfg.train, self.worker
-        return DataLoader(self.storage, shards, self.tokenizer, batch_size=t.device_batch_size, seq_len=t.seq_len,
+        return DataLoader(self.storage, shards, self.tokenizer, batch_size=self.rows, seq_len=t.seq_len,
                           rank=w.rank, world_size=w.world_size, device=w.device, state=cursor, loop=loop,
                           prefetch=prefetch)
 
@@ -127,14 +162,14 @@ class BaseStage(Stage):
 
     def micro_steps(self) -> int:
         t = self.cfg.train
-        return grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, self.worker.world_size)
+        return grad_accum_steps(t.total_batch_size, self.rows, t.seq_len, self.worker.world_size)
 
     def eval_every(self) -> int:
         return self.cfg.train.eval_every
 
     def evaluate(self, model: GPT) -> dict[str, float]:
         t, w = self.cfg.train, self.worker
-        steps = max(1, t.eval_tokens // (t.device_batch_size * t.seq_len * w.world_size))
+        steps = max(1, t.eval_tokens // (self.rows * t.seq_len * w.world_size))
         val = self._loader(self.val_shards, None, loop=False)
         with w.autocast():
             bpb = evaluate_bpb(model, iter(val), steps, token_bytes(self.tokenizer).to(w.device))

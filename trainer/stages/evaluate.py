@@ -23,6 +23,7 @@ from nanochat.config import Config
 from services.checkpoints import CheckpointManager
 from services.layout import eval_result_key
 from services.storage import Storage, open_storage
+from trainer.batch_size import FALLBACK_ROWS
 from trainer.data.corpus import list_shards, split_shards
 from trainer.data.loader import DataLoader, token_bytes
 from trainer.data.tokenizer import load_tokenizer
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 
 def _bpb(model, cfg: Config, storage: Storage, tokenizer, worker, shards: list[str]) -> float:
     t = cfg.train
-    steps = max(1, cfg.eval.loss_tokens // (t.device_batch_size * t.seq_len * worker.world_size))
-    loader = DataLoader(storage, shards, tokenizer, batch_size=t.device_batch_size, seq_len=t.seq_len,
+    rows = t.device_batch_size or FALLBACK_ROWS  # auto measures a training step; evaluation takes less
+    steps = max(1, cfg.eval.loss_tokens // (rows * t.seq_len * worker.world_size))
+    loader = DataLoader(storage, shards, tokenizer, batch_size=rows, seq_len=t.seq_len,
                         rank=worker.rank, world_size=worker.world_size, device=worker.device, loop=False)
     with worker.autocast():
         return evaluate_bpb(model, iter(loader), steps, token_bytes(tokenizer).to(worker.device))

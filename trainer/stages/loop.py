@@ -246,6 +246,11 @@ class Stage(ABC):
             return module
         return DistributedDataParallel(module, **ddp_args)
 
+    def size_batch(self, forward: nn.Module, model: GPT) -> None:
+        """After wrap, before the first batch: settle what the batch size depends on (base pretraining: an
+        automatic device batch is measured on the wrapped model). The other stages' batches are set."""
+        return None
+
     def train_step(self, forward: nn.Module, model: GPT, optimizers: list, loader: Loader) -> StepResult:
         """One optimizer step: next-token loss over micro_steps() batches, the loss averaged over ranks."""
         loss, tokens = optimizer_step(forward, model, optimizers, loader, self.micro_steps(), self.worker,
@@ -490,8 +495,9 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
     state, cursor = restore_checkpoint(manager, worker, model, optimizers, stage.sharding)
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
-    loader, horizon = stage.make_loader(cursor), stage.horizon(model)
     forward = stage.wrap(model)
+    stage.size_batch(forward, model)
+    loader, horizon = stage.make_loader(cursor), stage.horizon(model)
     publisher = Publisher.open(settings, stage.name, worker, manager, state, horizon,
                                lambda m: save_checkpoint(stage, manager, model, optimizers, loader, state, m))
     flops_per_token, peak = model.estimate_flops(), peak_flops(worker.device)

@@ -80,6 +80,7 @@ def train_variant(settings: VariantSettings) -> dict[str, Any]:
     model = stage.build_model().to(worker.device).train()
     optim_cfg = stage.optim_config()
     optimizers = build_optimizers(model, optim_cfg)
+    stage.size_batch(model, model)
     loader = stage.make_loader(None)
     flops_per_token = model.estimate_flops()
     state = TrainState()

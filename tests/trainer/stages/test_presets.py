@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from nanochat.config import available_presets, load_config
+from trainer.batch_size import divisors, rows_per_worker
 from trainer.optim import MUON_BETA2, grad_accum_steps, optim_config
 from trainer.stages.base import BaseStage, depth_scaling
 from trainer.stages.chat import MidStage, SFTStage, chat_batch_plan
@@ -20,8 +21,12 @@ def test_every_stage_of_the_preset_splits_its_batch_over_the_preset_workers(pres
     cfg = load_config(preset=preset)
     t, workers = cfg.train, cfg.train.workers
     if stage_backend("base", cfg.train.backend) == "torch":
-        accum = grad_accum_steps(t.total_batch_size, t.device_batch_size, t.seq_len, workers)
-        assert accum * t.device_batch_size * t.seq_len * workers == t.total_batch_size
+        # auto (0): measured on a GPU from the divisors of the rows per worker; every one of them splits
+        choices = divisors(rows_per_worker(t.total_batch_size, t.seq_len, workers)) if t.device_batch_size == 0 \
+            else [t.device_batch_size]
+        for rows in choices:
+            accum = grad_accum_steps(t.total_batch_size, rows, t.seq_len, workers)
+            assert accum * rows * t.seq_len * workers == t.total_batch_size
     else:
         from trainer.jaxgpt.train import micro_steps
 
@@ -124,3 +129,11 @@ def test_chat_stages_train_without_weight_decay_on_their_own_schedules(preset):
     assert (mid.warmup_ratio, mid.warmdown_ratio, mid.final_lr_frac) == (0.0, 0.2, 0.0)
     assert (sft.warmup_ratio, sft.warmdown_ratio, sft.final_lr_frac) == (0.0, 1.0, 0.0)
     assert rl_optim_config(cfg).weight_decay == 0.0
+
+
+def test_d20_fixes_a_device_batch_for_80_gb_and_d24_d26_measure_theirs():
+    """d20 at nanochat's 32 rows measured 86 GiB on one H200: 16 rows in 4 micro-steps; the larger presets
+    choose on the GPU they get (trainer/batch_size.py)."""
+    d20 = load_config(preset="d20").train
+    assert (d20.device_batch_size, grad_accum_steps(d20.total_batch_size, 16, d20.seq_len, d20.workers)) == (16, 4)
+    assert [load_config(preset=p).train.device_batch_size for p in ("d24", "d26")] == [0, 0]
