@@ -2,7 +2,9 @@
 Connecting to Ray: an embedded local cluster by default, or an existing one by address.
 
 Notable:
-- the embedded cluster is started in-process with the dashboard on (Ray Train's state API needs it)
+- the embedded cluster is started in-process; training jobs start it without the dashboard, whose head, agent
+  and state-API traffic take CPU from the workers on a small machine (set NANOCHAT_RAY_DASHBOARD=1 to have it);
+  serving keeps it
 - RAY_ADDRESS / --ray-address attach to a running cluster (`ray start`, KubeRay); its token auth must be
   configured by the caller's environment (RAY_AUTH_MODE / the head's token), as Ray documents
 - speed settings for small CPU runs are applied only where the user has not set them
@@ -22,9 +24,22 @@ _TRAIN_ENV_DEFAULTS = {
 }
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+# Ray Train's placement-group cleaner asks the dashboard's state API every second whether the controller still
+# lives, and warns each time the API is missing
+_PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def _quiet_placement_group_cleaner() -> None:
+    """Worker-process setup hook of an embedded cluster without the dashboard: the cleaner's warning would
+    repeat every second, and the cluster (with any placement group) ends with this process anyway."""
+    logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_port: int | None = None,
+            dashboard: bool = True) -> None:
     """Initialise Ray once per process: attach to `address` (or $RAY_ADDRESS), else start a local cluster
-    (whose metrics agent serves Prometheus text at :metrics_port/metrics when given)."""
+    (whose metrics agent serves Prometheus text at :metrics_port/metrics when given; with the dashboard unless
+    `dashboard` is False and $NANOCHAT_RAY_DASHBOARD is not 1)."""
     import ray
 
     if ray.is_initialized():
@@ -37,5 +52,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting an embedded local Ray cluster")
-        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+        extra: dict = {"_metrics_export_port": metrics_port} if metrics_port else {}
+        if not (dashboard or os.environ.get("NANOCHAT_RAY_DASHBOARD") == "1"):
+            extra.update(include_dashboard=False,
+                         runtime_env={"worker_process_setup_hook": _quiet_placement_group_cleaner})
         ray.init(num_cpus=num_cpus, log_to_driver=True, **extra)

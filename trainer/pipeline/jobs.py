@@ -147,7 +147,7 @@ def _fit(
     import ray.train
 
     t = cfg.train
-    connect(ray_address)
+    connect(ray_address, dashboard=False)  # an embedded cluster: its CPUs are the workers'
     fs, storage_path, ray_name = CheckpointManager(storage, cfg.run, name).ray_run_location()
     progress_actor = f"nanochat-progress-{uuid.uuid4().hex[:8]}"
     settings = WorkerSettings(config=cfg, storage=storage.uri, threads_per_worker=configured_threads(cfg),

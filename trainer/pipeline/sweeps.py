@@ -126,7 +126,7 @@ def run_sweep(cfg: Config, storage: Storage, ray_address: str | None = None) -> 
     log.info("sweep %s: %d variants at %.3g FLOPs each (%s)", e.name, len(variants), budget,
              ", ".join(f"{v.name} {v.steps} steps" for v in variants))
 
-    connect(ray_address)
+    connect(ray_address, dashboard=False)  # an embedded cluster: its CPUs are the variants'
     task = ray.remote(num_cpus=e.cpus_per_variant, num_gpus=e.gpus_per_variant,
                       runtime_env={"env_vars": worker_env()})(train_variant)
     refs = {task.options(name=f"experiment-{v.name}").remote(VariantSettings(
