@@ -20,7 +20,7 @@ dense bf16 peak. Cores per GPU worker: CPU limit / GPUs of the worker pods in k8
 in the Helm chart's training values. Printed: headroom = tokens/s per core x cores per worker / tokens/s
 the GPU consumes; below 1 the GPU waits for text.
 
-    .venv/bin/python bench/data_path.py [--mb 5] [--batches 4] [--repeats 3] [--mfu 0.5]
+    .venv/bin/python -m bench.data_path [--mb 5] [--batches 4] [--repeats 3] [--mfu 0.5]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
-from tokenizer import stdlib_documents  # bench/tokenizer.py, beside this script
 
+from bench.tokenizer import stdlib_documents
 from nanochat.config import load_config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
