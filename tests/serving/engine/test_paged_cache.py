@@ -101,20 +101,29 @@ def drive(runner: ModelRunner, seqs: list[Sequence], full: list[list[int]], chun
     return checked
 
 
+PROMPTS, NEW_TOKENS = [5, 13, 22, 9], 6
+
+
+def four_prompts() -> tuple[list[Sequence], list[list[int]]]:
+    """Four sequences holding their prompts (lengths PROMPTS) in scattered blocks sized for NEW_TOKENS more,
+    and each one's full token list."""
+    rng = random.Random(7)
+    full = [random_tokens(n + NEW_TOKENS, rng) for n in PROMPTS]
+    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, PROMPTS, strict=True)]
+    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
+        seq.block_table = table
+    return seqs, full
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize(("chunk", "stagger"), [(100, 0), (100, 1), (4, 1), (3, 2)],
                          ids=["one-chunk-together", "one-chunk-staggered", "chunks-of-4", "chunks-of-3"])
 def test_paged_logits_match_the_full_forward(name, chunk, stagger):
     """Prefill in one chunk or in chunks, padded together or beside decodes of the others, then decode in
     a mixed batch: every logit row equals the full forward at its position."""
-    rng = random.Random(7)
-    prompts, new_tokens = [5, 13, 22, 9], 6
-    full = [random_tokens(n + new_tokens, rng) for n in prompts]
-    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, prompts, strict=True)]
-    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
-        seq.block_table = table
+    seqs, full = four_prompts()
     checked = drive(runner_for(scrambled(name)), seqs, full, chunk, stagger)
-    assert checked == len(prompts) * (new_tokens + 1)  # one row at each prompt's end, then one per decode
+    assert checked == len(PROMPTS) * (NEW_TOKENS + 1)  # one row at each prompt's end, then one per decode
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -122,18 +131,13 @@ def test_paged_logits_match_the_full_forward(name, chunk, stagger):
 def test_flex_attention_over_the_pools_equals_the_gather_path(name, chunk, stagger):
     """The same steps (chunks padded beside 1-token rows, decodes; GQA, a window) through FlexAttention
     reading the pools in place and through the gather + masked SDPA path, whose stale slots are the same."""
-    rng = random.Random(7)
-    prompts, new_tokens = [5, 13, 22, 9], 6
-    full = [random_tokens(n + new_tokens, rng) for n in prompts]
-    seqs = [Sequence(tokens[:n]) for tokens, n in zip(full, prompts, strict=True)]
-    for seq, table in zip(seqs, scattered_tables([len(f) for f in full], seed=3), strict=True):
-        seq.block_table = table
+    seqs, full = four_prompts()
     model = scrambled(name)
     flex, sdpa = runner_for(model, attention="flex"), runner_for(model, attention="sdpa")
     assert (flex.attention, sdpa.attention) == ("flex", "sdpa")
     torch.testing.assert_close(flex.cache.k, sdpa.cache.k, atol=0, rtol=0)
     checked = drive(flex, seqs, full, chunk, stagger, twin=sdpa)
-    assert checked == len(prompts) * (new_tokens + 1)
+    assert checked == len(PROMPTS) * (NEW_TOKENS + 1)
 
 
 @pytest.mark.slow  # compiling the CPU kernels takes a minute on 2 cores
