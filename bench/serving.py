@@ -3,12 +3,16 @@ Serving throughput, side by side in one run on one model: requests one at a time
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies; time to first token on a long shared prefix with and without the prefix cache
 holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
-together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an
-embedded local Ray, the model published as a checkpoint in a temporary folder) with the official `openai`
-client, whose ratios are against the same server at concurrency 1.
+together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
+TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
+checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
+server at concurrency 1, then a burst of 3x the largest concurrency sent at once, past what the engine runs
+and queues, with how soon the refusals (429 + Retry-After) come; --transports grpc,ray does that for each
+serve.transport.
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32]
-        [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--serve-set serve.KEY=VALUE]
+        [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
+        [--serve-set serve.KEY=VALUE]
         [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
@@ -319,16 +323,37 @@ def prefix_ttft_http(client, tokenizer: Tokenizer, prefix_tokens: int, repeats: 
     return statistics.median(cold), statistics.median(warm)
 
 
+def overload_http(client, text: str, count: int) -> tuple[int, int, list[float], set[str | None]]:
+    """count streamed requests sent at once, more than the server runs and queues: (answered, refused with
+    429/503, seconds to each refusal, the Retry-After values of the refusals)."""
+    import openai
+
+    def send(_: int) -> tuple[bool, float, str | None]:
+        started = time.perf_counter()
+        try:
+            stream_completion(client, text, 8)
+            return True, time.perf_counter() - started, None
+        except (openai.RateLimitError, openai.InternalServerError) as e:  # 429; 503 is an InternalServerError
+            return False, time.perf_counter() - started, e.response.headers.get("retry-after")
+
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(send, range(count)))
+    refused = [(seconds, retry) for ok, seconds, retry in results if not ok]
+    return (len(results) - len(refused), len(refused), [seconds for seconds, _ in refused],
+            {retry for _, retry in refused})
+
+
 def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, levels: list[int],
-               batch: list[list[int]]) -> tuple[list[Result], tuple[float, float]]:
-    """The sweep and the prefix TTFT through `nanochat serve` on the same model; level 1 is the baseline."""
+               batch: list[list[int]], transport: str) -> HTTPResults:
+    """The sweep, the prefix TTFT and an overload burst through `nanochat serve` on the same model, its
+    requests and token streams over `transport`; level 1 is the baseline."""
     import openai
 
     top = max(levels)
     settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
                 "serve.num_blocks=1024", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
                 f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
-                "serve.reload_interval_s=0"] + args.serve_set
+                "serve.reload_interval_s=0", f"serve.transport={transport}"] + args.serve_set
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(publish(model, tokenizer, Path(tmp)), settings, Path(tmp) / "serve.log")
         try:
@@ -337,9 +362,31 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
             over_http(client, texts[:2], 4, 2)  # warm-up
             results = [over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
                        for level in levels]
-            return results, prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
+            ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
+            return HTTPResults(transport, results, *ttft, 2 * top, overload_http(client, texts[0], 3 * top))
         finally:
             server.close()
+
+
+@dataclass
+class HTTPResults:
+    transport: str
+    sweep: list[Result]
+    cold_ttft: float
+    warm_ttft: float
+    bound: int  # requests the engine runs and queues
+    overload: tuple[int, int, list[float], set[str | None]]
+
+    def print(self, args: argparse.Namespace) -> None:
+        print_table(f"Over HTTP through `nanochat serve` (serve.transport={self.transport}) with the openai client "
+                    "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
+                    self.warm_ttft, args)
+        answered, refused, seconds, retry_after = self.overload
+        refusals = (f"refused {refused} in {statistics.median(seconds) * 1000:.0f} ms median, "
+                    f"{max(seconds) * 1000:.0f} ms at most (Retry-After: {', '.join(sorted(map(str, retry_after)))})"
+                    if seconds else "refused none")
+        print(f"overload: {answered + refused} requests at once against {self.bound} the engine runs "
+              f"or queues: answered {answered}, {refusals}")
 
 
 def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args) -> None:
@@ -371,6 +418,8 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "
                         "with the openai client; its baseline is the same server at concurrency 1")
     parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
+    parser.add_argument("--transports", default="grpc", help="serve.transport of the servers swept over HTTP, "
+                        "one after the other (grpc,ray: both)")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")
@@ -423,10 +472,8 @@ def main() -> None:
     if args.http or args.http_only:
         if levels[0] != 1:
             levels = [1, *levels]
-        results, (cold, warm) = http_sweep(model, tokenizer, args, levels, batch)
-        print_table("Over HTTP through `nanochat serve` with the openai client (ratios against 1 concurrent):",
-                    results, results[0].tokens_per_s, cold, warm, args)
-
+        for transport in args.transports.split(","):
+            http_sweep(model, tokenizer, args, levels, batch, transport).print(args)
 
 if __name__ == "__main__":
     main()

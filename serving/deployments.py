@@ -8,8 +8,10 @@ Notable:
   engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
   than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
   gets a 429 with Retry-After, as it does without Ray
-- tokens travel from a replica to the ingress in lists, one Ray object per engine step (or more steps
-  when the ingress fell behind), not one per token
+- tokens travel from a replica to the ingress in lists, one message per engine step (or more steps when
+  the ingress fell behind), not one per token; with serve.transport "grpc" the messages go over Serve's
+  gRPC channels between replicas instead of the object store (the per-request and per-message cost of the
+  hop is what limits many concurrent streams on a few cores)
 - a client that disconnects cancels its stream; the cancellation reaches the replica, whose engine aborts
   the request and frees its blocks
 - requests go to the engine replica that last ran the longest prefix of their prompt (serve.routing
@@ -260,9 +262,9 @@ class EngineReplica:
 class RemoteEngine:
     """The engine replicas behind a deployment handle, with AsyncEngine's interface."""
 
-    def __init__(self, handle: serve.handle.DeploymentHandle):
-        self.plain = handle
-        self.handle = handle.options(stream=True)
+    def __init__(self, handle: serve.handle.DeploymentHandle, transport: str = "grpc"):
+        self.plain = handle.options(_by_reference=transport != "grpc")
+        self.handle = self.plain.options(stream=True)
         self.healthy = True
         self.checked = float("-inf")
 
@@ -338,9 +340,9 @@ class ReplicaModels:
 class Ingress:
     def __init__(self, engine: serve.handle.DeploymentHandle, hint: str, serve_cfg: dict[str, Any],
                  api_keys: list[str] | None):
-        self.engine = RemoteEngine(engine)
-        self.models = ReplicaModels(engine, hint)
         self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.engine = RemoteEngine(engine, self.cfg.transport)
+        self.models = ReplicaModels(engine, hint)
         self.api_keys = api_keys
 
     def __serve_build_asgi_app__(self):

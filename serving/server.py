@@ -10,6 +10,7 @@ signal interrupts whatever the main thread is waiting on.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -40,6 +41,9 @@ def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metric
 
     from serving.deployments import build_app
 
+    # the proxy reads its transport from the environment of the cluster it runs in: for the embedded one,
+    # this process's (a user's own RAY_SERVE_PROXY_USE_GRPC wins)
+    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1" if cfg.serve.transport == "grpc" else "0")
     connect(ray_address, metrics_port=metrics_port)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _request_stop)

@@ -249,6 +249,24 @@ def test_cpu_only_serving_requests_no_gpus(helm):
 # wiring between objects
 
 
+@pytest.mark.parametrize("transport, proxy_grpc", [("grpc", "1"), ("ray", "0")])
+def test_the_serve_transport_reaches_the_app_and_the_proxies_of_every_serving_pod(helm, transport, proxy_grpc):
+    """serve.transport is the app's setting for its own handle; Serve's HTTP proxy reads its side from the
+    environment of the pod it runs on, so every serving pod gets RAY_SERVE_PROXY_USE_GRPC to match, and a
+    user's extraEnv comes after it (the last of two equal names is the one a container gets)."""
+    objects = render(helm, *MINIMAL, "--set", f"serving.engine.transport={transport}")
+    (app,) = serve_config(objects)["applications"]
+    assert f"serve.transport={transport}" in app["args"]["set"].split(",")
+    for template in serving_templates(objects):
+        assert env_of(template["spec"]["containers"][0])["RAY_SERVE_PROXY_USE_GRPC"]["value"] == proxy_grpc
+    overridden = render(helm, *MINIMAL, "--set", "serving.extraEnv[0].name=RAY_SERVE_PROXY_USE_GRPC",
+                        "--set-string", "serving.extraEnv[0].value=0")
+    for template in serving_templates(overridden):
+        names = [e["name"] for e in template["spec"]["containers"][0]["env"]]
+        last = max(i for i, name in enumerate(names) if name == "RAY_SERVE_PROXY_USE_GRPC")
+        assert template["spec"]["containers"][0]["env"][last]["value"] == "0"
+
+
 def ray_templates(objects: list[dict]) -> list[tuple[str, dict]]:
     kinds = {"RayService", "RayCluster", "RayJob"}
     return [(f"{o['kind']} {where}", t) for o in objects if o["kind"] in kinds

@@ -165,8 +165,9 @@ def test_the_ingress_admits_what_the_engines_can_run_or_queue():
 
 def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
     """The engine replica runs 8 requests and queues 8 (the fixture's settings): of 40 sent at once, those
-    past that bound are answered 429 with Retry-After within 1 s, as without Ray, before any admitted one has
-    finished generating (not left waiting in Serve's proxy), and the admitted ones complete."""
+    past that bound are answered 429 with Retry-After, as without Ray, sooner than the admitted ones finish
+    (not left waiting in Serve's proxy), and the admitted ones complete. How soon is a figure of
+    `python -m bench.serving --http`, not a timed assertion."""
     body = {"model": "nanochat", "max_tokens": 32, "messages": [{"role": "user", "content": "Hello"}]}
 
     def send(_: int) -> tuple[int, float, str | None]:
@@ -187,7 +188,6 @@ def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
     assert len(admitted) + len(refused) == 40, results  # nothing else: no 500, no 503 from Serve's proxy
     assert len(admitted) >= 1 and len(refused) >= 10 and all(retry == "1" for _, retry in refused), results
     assert statistics.median(seconds for seconds, _ in refused) < statistics.median(admitted), results
-    assert max(seconds for seconds, _ in refused) < 1.0, results
 
 
 def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_path):

@@ -204,7 +204,9 @@ def empty_server(tmp_path_factory):
     env = {**os.environ, "NANOCHAT_STORAGE": str(root), "NANOCHAT_API_KEYS": ""}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(free_port()),
-                                 "--set", f"serve.reload_interval_s={RELOAD_S}", "--set", "serve.num_blocks=64"],
+                                 "--set", f"serve.reload_interval_s={RELOAD_S}", "--set", "serve.num_blocks=64",
+                                 # the other transport than test_serve_ray's server (grpc, the default)
+                                 "--set", "serve.transport=ray"],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
