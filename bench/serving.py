@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class Result:
     tokens: int
     seconds: float
     ttft: list[float]
+    cpu: Counter[str] | None = None  # over HTTP: CPU seconds by process role (Server.cpu_seconds)
 
     @property
     def tokens_per_s(self) -> float:
@@ -244,6 +246,9 @@ def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
     return str(step_dir)
 
 
+SERVER_ROLES = (("nanochat:engine", "engine replica"), ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
+
+
 class Server:
     """`nanochat serve` on a model URI in a subprocess (Ray Serve on an embedded local Ray), until closed."""
 
@@ -270,6 +275,20 @@ class Server:
             time.sleep(1)
         self.close()
         raise RuntimeError(f"nanochat serve did not serve the model within 240 s:\n{log_path.read_text()[-3000:]}")
+
+    def cpu_seconds(self) -> Counter[str]:
+        """CPU seconds so far of this process (the client) and of the server's processes, by role."""
+        import psutil
+
+        seconds: Counter[str] = Counter()
+        for proc in [psutil.Process(), *psutil.Process(self.proc.pid).children(recursive=True)]:
+            try:
+                times, command = proc.cpu_times(), " ".join(proc.cmdline())
+            except psutil.Error:  # ended meanwhile
+                continue
+            role = next((name for key, name in SERVER_ROLES if key in command), "Ray, the rest")
+            seconds["client" if proc.pid == os.getpid() else role] += times.user + times.system
+        return seconds
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -360,8 +379,12 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
             client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
             texts = [tokenizer.decode(p[1:]) for p in batch]
             over_http(client, texts[:2], 4, 2)  # warm-up
-            results = [over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
-                       for level in levels]
+            results = []
+            for level in levels:
+                before = server.cpu_seconds()
+                result = over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
+                result.cpu = server.cpu_seconds() - before
+                results.append(result)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
             return HTTPResults(transport, results, *ttft, 2 * top, overload_http(client, texts[0], 3 * top))
         finally:
@@ -381,6 +404,13 @@ class HTTPResults:
         print_table(f"Over HTTP through `nanochat serve` (serve.transport={self.transport}) with the openai client "
                     "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
                     self.warm_ttft, args)
+        print(f"CPU milliseconds per output token, by process ({os.cpu_count()} cores give {os.cpu_count()} CPU seconds a second):")
+        roles = [name for _, name in SERVER_ROLES] + ["client", "Ray, the rest"]
+        print(f"{'':40} " + " ".join(f"{role:>14}" for role in roles) + f" {'all':>7}")
+        for r in self.sweep:
+            per_token = {role: 1000 * r.cpu[role] / r.tokens for role in roles}
+            print(f"{r.name:40} " + " ".join(f"{per_token[role]:14.2f}" for role in roles)
+                  + f" {sum(per_token.values()):7.2f}")
         answered, refused, seconds, retry_after = self.overload
         refusals = (f"refused {refused} in {statistics.median(seconds) * 1000:.0f} ms median, "
                     f"{max(seconds) * 1000:.0f} ms at most (Retry-After: {', '.join(sorted(map(str, retry_after)))})"
