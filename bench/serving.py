@@ -6,7 +6,7 @@ holding it; with --n, one request of n choices (one shared prefill) against n re
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
-server at concurrency 1, then a burst of 3x the largest concurrency sent at once, past what the engine runs
+server at concurrency 1, then a burst of 4x the largest concurrency sent at once, past what the engine runs
 and queues, with how soon the refusals (429 + Retry-After) come; --transports grpc,ray does that for each
 serve.transport.
 
@@ -342,15 +342,15 @@ def prefix_ttft_http(client, tokenizer: Tokenizer, prefix_tokens: int, repeats: 
     return statistics.median(cold), statistics.median(warm)
 
 
-def overload_http(client, text: str, count: int) -> tuple[int, int, list[float], set[str | None]]:
-    """count streamed requests sent at once, more than the server runs and queues: (answered, refused with
-    429/503, seconds to each refusal, the Retry-After values of the refusals)."""
+def overload_http(client, text: str, count: int, max_tokens: int) -> tuple[int, int, list[float], set[str | None]]:
+    """count streamed requests of max_tokens sent at once, more than the server runs and queues: (answered,
+    refused with 429/503, seconds to each refusal, the Retry-After values of the refusals)."""
     import openai
 
     def send(_: int) -> tuple[bool, float, str | None]:
         started = time.perf_counter()
         try:
-            stream_completion(client, text, 8)
+            stream_completion(client, text, max_tokens)
             return True, time.perf_counter() - started, None
         except (openai.RateLimitError, openai.InternalServerError) as e:  # 429; 503 is an InternalServerError
             return False, time.perf_counter() - started, e.response.headers.get("retry-after")
@@ -386,7 +386,7 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
                 result.cpu = server.cpu_seconds() - before
                 results.append(result)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
-            return HTTPResults(transport, results, *ttft, 2 * top, overload_http(client, texts[0], 3 * top))
+            return HTTPResults(transport, results, *ttft, 2 * top, overload_http(client, texts[0], 4 * top, args.max_tokens))
         finally:
             server.close()
 
