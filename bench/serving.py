@@ -6,14 +6,13 @@ holding it; with --n, one request of n choices (one shared prefill) against n re
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
-server at concurrency 1, then a burst of 4x the largest concurrency sent at once, past what the engine runs
-and queues, with how soon the refusals (429 + Retry-After) come; --transports grpc,ray does that for each
+server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once,
+with how soon the refusals (429 + Retry-After) come; --transports grpc,ray does that for each
 serve.transport.
 
-    .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32]
+    .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
-        [--serve-set serve.KEY=VALUE]
-        [--threads 1]
+        [--serve-set serve.KEY=VALUE] [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
 4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
@@ -246,6 +245,7 @@ def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
     return str(step_dir)
 
 
+OVERFLOW = 32  # requests of the overload burst past what the engine runs and queues
 SERVER_ROLES = (("nanochat:engine", "engine replica"), ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
 
 
@@ -386,7 +386,8 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
                 result.cpu = server.cpu_seconds() - before
                 results.append(result)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
-            return HTTPResults(transport, results, *ttft, 2 * top, overload_http(client, texts[0], 4 * top, args.max_tokens))
+            burst = overload_http(client, texts[0], 2 * top + OVERFLOW, args.max_tokens)
+            return HTTPResults(transport, results, *ttft, 2 * top, burst)
         finally:
             server.close()
 
@@ -437,7 +438,7 @@ def main() -> None:
     parser.add_argument("--score-prompt", action="store_true",
                         help="also the TTFT of a prompt scored at every position (prompt_logprobs, echo + logprobs)")
     parser.add_argument("--model", default=None, help="a checkpoint: <storage>/runs/<run>/<stage>[/step_XXXXXX]")
-    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--requests", type=int, default=0, help="requests per engine run (default: 2 x the largest concurrency)")
     parser.add_argument("--sequential-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
