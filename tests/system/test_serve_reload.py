@@ -302,7 +302,10 @@ def test_a_newer_checkpoint_replaces_the_served_one_with_no_failed_request(empty
         publish(open_storage(str(empty_server["root"])), tok, 9, NEWER, tmp_path_factory.mktemp("ckpt9"))
         wait_for(lambda: models_step(base) == 9, 60, "step 9 in /v1/models")
         swapped_at.append(time.monotonic())
-        time.sleep(2)  # load after it
+        # load after it, until 8 requests sent since have been answered (under a loaded suite a request
+        # can take longer than any fixed window)
+        wait_for(lambda: sum(sent > swapped_at[0] for sent, _ in list(results)) >= 8 or failures, 60,
+                 "8 requests sent after the swap answered")
     finally:
         stop.set()
         for thread in threads:
