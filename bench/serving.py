@@ -247,6 +247,8 @@ def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
 
 OVERFLOW = 32  # requests of the overload burst past what the engine runs and queues
 SERVER_ROLES = (("nanochat:engine", "engine replica"), ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
+CLIENT, OTHER_RAY = "client", "Ray, the rest"  # this process; the server's processes of no role above
+ROLES = (*(name for _, name in SERVER_ROLES), CLIENT, OTHER_RAY)
 
 
 class Server:
@@ -286,8 +288,8 @@ class Server:
                 times, command = proc.cpu_times(), " ".join(proc.cmdline())
             except psutil.Error:  # ended meanwhile
                 continue
-            role = next((name for key, name in SERVER_ROLES if key in command), "Ray, the rest")
-            seconds["client" if proc.pid == os.getpid() else role] += times.user + times.system
+            role = next((name for key, name in SERVER_ROLES if key in command), OTHER_RAY)
+            seconds[CLIENT if proc.pid == os.getpid() else role] += times.user + times.system
         return seconds
 
     def close(self) -> None:
@@ -342,9 +344,25 @@ def prefix_ttft_http(client, tokenizer: Tokenizer, prefix_tokens: int, repeats: 
     return statistics.median(cold), statistics.median(warm)
 
 
-def overload_http(client, text: str, count: int, max_tokens: int) -> tuple[int, int, list[float], set[str | None]]:
-    """count streamed requests of max_tokens sent at once, more than the server runs and queues: (answered,
-    refused with 429/503, seconds to each refusal, the Retry-After values of the refusals)."""
+@dataclass
+class Overload:
+    """A burst of requests sent at once, more than the server runs and queues."""
+
+    answered: int
+    refusal_seconds: list[float]  # to each refusal (429 or 503)
+    retry_after: set[str | None]  # the refusals' Retry-After values
+
+    def describe(self, bound: int) -> str:
+        refused = len(self.refusal_seconds)
+        refusals = (f"refused {refused} in {statistics.median(self.refusal_seconds) * 1000:.0f} ms median, "
+                    f"{max(self.refusal_seconds) * 1000:.0f} ms at most "
+                    f"(Retry-After: {', '.join(sorted(map(str, self.retry_after)))})" if refused else "refused none")
+        return (f"overload: {self.answered + refused} requests at once against {bound} the engine runs or queues: "
+                f"answered {self.answered}, {refusals}")
+
+
+def overload_http(client, text: str, count: int, max_tokens: int) -> Overload:
+    """count streamed requests of max_tokens sent at once, more than the server runs and queues."""
     import openai
 
     def send(_: int) -> tuple[bool, float, str | None]:
@@ -358,8 +376,7 @@ def overload_http(client, text: str, count: int, max_tokens: int) -> tuple[int, 
     with ThreadPoolExecutor(count) as pool:
         results = list(pool.map(send, range(count)))
     refused = [(seconds, retry) for ok, seconds, retry in results if not ok]
-    return (len(results) - len(refused), len(refused), [seconds for seconds, _ in refused],
-            {retry for _, retry in refused})
+    return Overload(len(results) - len(refused), [seconds for seconds, _ in refused], {retry for _, retry in refused})
 
 
 def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, levels: list[int],
@@ -399,25 +416,19 @@ class HTTPResults:
     cold_ttft: float
     warm_ttft: float
     bound: int  # requests the engine runs and queues
-    overload: tuple[int, int, list[float], set[str | None]]
+    overload: Overload
 
     def print(self, args: argparse.Namespace) -> None:
         print_table(f"Over HTTP through `nanochat serve` (serve.transport={self.transport}) with the openai client "
                     "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
                     self.warm_ttft, args)
         print(f"CPU milliseconds per output token, by process ({os.cpu_count()} cores give {os.cpu_count()} CPU seconds a second):")
-        roles = [name for _, name in SERVER_ROLES] + ["client", "Ray, the rest"]
-        print(f"{'':40} " + " ".join(f"{role:>14}" for role in roles) + f" {'all':>7}")
+        print(f"{'':40} " + " ".join(f"{role:>14}" for role in ROLES) + f" {'all':>7}")
         for r in self.sweep:
-            per_token = {role: 1000 * r.cpu[role] / r.tokens for role in roles}
-            print(f"{r.name:40} " + " ".join(f"{per_token[role]:14.2f}" for role in roles)
+            per_token = {role: 1000 * r.cpu[role] / r.tokens for role in ROLES}
+            print(f"{r.name:40} " + " ".join(f"{per_token[role]:14.2f}" for role in ROLES)
                   + f" {sum(per_token.values()):7.2f}")
-        answered, refused, seconds, retry_after = self.overload
-        refusals = (f"refused {refused} in {statistics.median(seconds) * 1000:.0f} ms median, "
-                    f"{max(seconds) * 1000:.0f} ms at most (Retry-After: {', '.join(sorted(map(str, retry_after)))})"
-                    if seconds else "refused none")
-        print(f"overload: {answered + refused} requests at once against {self.bound} the engine runs "
-              f"or queues: answered {answered}, {refusals}")
+        print(self.overload.describe(self.bound))
 
 
 def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args) -> None:

@@ -262,7 +262,8 @@ class EngineReplica:
 class RemoteEngine:
     """The engine replicas behind a deployment handle, with AsyncEngine's interface."""
 
-    def __init__(self, handle: serve.handle.DeploymentHandle, transport: str = "grpc"):
+    def __init__(self, handle: serve.handle.DeploymentHandle, transport: str):
+        """transport: serve.transport ("grpc": Serve's gRPC channels; "ray": actor calls by object reference)."""
         self.plain = handle.options(_by_reference=transport != "grpc")
         self.handle = self.plain.options(stream=True)
         self.healthy = True
