@@ -5,8 +5,10 @@ Notable:
 - create_app takes anything with AsyncEngine's generate_batches() and alive() (a bool, or an awaitable one):
   the engine itself (tests, one process) or serving/deployments.py's handle on Ray Serve replicas. No Ray
   here, so the tests run it under uvicorn.
-- a stream writes each list of events the engine sends (one step's, or several) as one piece: with many
-  concurrent streams on few cores, fewer writes through the server (and Ray Serve's proxy) per token.
+- a stream writes each list of events the engine sends (one step's, or several) as one piece, and a
+  choice's consecutive text within one list as one chunk (not one per token): with many concurrent
+  streams on few cores, fewer writes through the server (and Ray Serve's proxy) and fewer chunks for the
+  client to parse per token.
 - what is served can change while the app runs: the routes ask `model` (a ServedModels) for the current
   tokenizer and checkpoint step on every request. Before any model exists it has none: /v1/models lists
   nothing and every route that needs the tokenizer answers 503 saying how to train one (/health stays 200).
@@ -689,23 +691,63 @@ def shutting_down() -> str:
     return sse(ErrorResponse(error=error.detail))
 
 
-async def event_stream(run: Run, render: Callable[[TokenEvent], list[str]],
+Choice = TypeVar("Choice", ChunkChoice, CompletionChoice)
+
+
+async def event_stream(run: Run, render: Callable[[TokenEvent], list[Choice]],
+                       merge: Callable[[Choice, Choice], Choice | None], chunk: Callable[[list[Choice]], str],
                        usage: Callable[[], str] | None) -> AsyncGenerator[str, None]:
-    """The stream's events, each list the engine sent written as one piece (render gives an event's SSE
-    chunks), then the usage chunk (if asked) and [DONE]. An abort (the engine shutting down) ends it with an
-    error event instead."""
+    """The stream's events, each list the engine sent written as one piece (render gives an event's
+    choices, each one SSE chunk), then the usage chunk (if asked) and [DONE]. Within a list, a choice's
+    consecutive text pieces go out as one chunk where merge allows it: a list holds several tokens of a
+    stream only when the ingress fell behind or serve.stream_interval_s holds them back, and then one
+    chunk, not one per token, is what every hop and the client parse. An abort (the engine shutting
+    down) ends the stream with an error event instead."""
     async for batch in run.batches():
-        written: list[str] = []
+        choices: list[Choice] = []
         for event in batch:
             if event.finish_reason == "abort":
-                yield "".join(written) + shutting_down()
+                yield "".join(chunk([c]) for c in merged(choices, merge)) + shutting_down()
                 return
-            written += render(event)
-        if written:
-            yield "".join(written)
+            choices += render(event)
+        if choices:
+            yield "".join(chunk([c]) for c in merged(choices, merge))
     if usage is not None:
         yield usage()
     yield sse("[DONE]")
+
+
+def merged(choices: list[Choice], merge: Callable[[Choice, Choice], Choice | None]) -> list[Choice]:
+    """choices with each choice's (index's) runs merged where merge(earlier, later) allows; the order of a
+    choice's pieces is kept (those of different choices are independent streams)."""
+    out: list[Choice] = []
+    last: dict[int, int] = {}  # index -> position in out of its latest piece
+    for choice in choices:
+        at = last.get(choice.index)
+        joined = merge(out[at], choice) if at is not None else None
+        if joined is not None:
+            out[at] = joined
+        else:
+            last[choice.index] = len(out)
+            out.append(choice)
+    return out
+
+
+def merge_chat(earlier: ChunkChoice, later: ChunkChoice) -> ChunkChoice | None:
+    """Two content deltas of a choice as one, when neither carries log-probabilities or a finish reason
+    (a calculator part, the role and the finish stay chunks of their own, as OpenAI sends them)."""
+    if (earlier.delta.keys() == later.delta.keys() == {"content"} and earlier.logprobs is None
+            and later.logprobs is None and earlier.finish_reason is None and later.finish_reason is None):
+        return ChunkChoice(index=earlier.index, delta={"content": earlier.delta["content"] + later.delta["content"]})
+    return None
+
+
+def merge_completion(earlier: CompletionChoice, later: CompletionChoice) -> CompletionChoice | None:
+    """Two text pieces of a choice as one (the later one's finish reason with it), when neither carries
+    log-probabilities: their text offsets are per token."""
+    if earlier.logprobs is None and later.logprobs is None and earlier.finish_reason is None:
+        return CompletionChoice(index=earlier.index, text=earlier.text + later.text, finish_reason=later.finish_reason)
+    return None
 
 
 async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
@@ -717,22 +759,22 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
 
     splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
 
-    def render(event: TokenEvent) -> list[str]:
+    def render(event: TokenEvent) -> list[ChunkChoice]:
         written = []
         pieces = splitters[event.index].add(event.token_id, event.text)
         logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
         for j, piece in enumerate(pieces):
             token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
             if piece.text or piece.type != "text" or token_logprobs is not None:
-                written.append(chunk([ChunkChoice(index=event.index, delta=piece_delta(piece),
-                                                  logprobs=token_logprobs)]))
+                written.append(ChunkChoice(index=event.index, delta=piece_delta(piece), logprobs=token_logprobs))
         if event.finish_reason is not None:
-            written.append(chunk([ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason)]))
+            written.append(ChunkChoice(index=event.index, delta={}, finish_reason=event.finish_reason))
         return written
 
     for index in range(run.n):
         yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-    async for piece in event_stream(run, render, (lambda: chunk([], run.usage())) if include_usage else None):
+    async for piece in event_stream(run, render, merge_chat, chunk,
+                                    (lambda: chunk([], run.usage())) if include_usage else None):
         yield piece
 
 
@@ -746,7 +788,7 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
 
     echoed: set[int] = set()
 
-    def render(event: TokenEvent) -> list[str]:
+    def render(event: TokenEvent) -> list[CompletionChoice]:
         text, infos, first = event.text, [], echo is not None and event.index not in echoed
         if event.logprob is not None:
             infos = run.logprobs[event.index][-1:]
@@ -757,11 +799,12 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
         if logprobs_wanted and (infos or first):
             logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None)
         if text or event.finish_reason is not None or logprobs is not None:
-            return [chunk([CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
-                                            logprobs=logprobs)])]
+            return [CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
+                                     logprobs=logprobs)]
         return []
 
-    async for piece in event_stream(run, render, (lambda: chunk([], run.usage())) if include_usage else None):
+    async for piece in event_stream(run, render, merge_completion, chunk,
+                                    (lambda: chunk([], run.usage())) if include_usage else None):
         yield piece
 
 

@@ -520,7 +520,8 @@ class AsyncEngine:
         or more when it fell behind): a Ray Serve replica sends one object per list, not per token.
         interval_s: after the first list (so the time to first token is not delayed), at least this long
         between lists, each holding every event of the steps in between: fewer, larger messages through
-        every hop to the client, for some burstiness in the stream."""
+        every hop to the client, for some burstiness in the stream. The list that ends the request (or
+        carries an error) goes at once: holding back its last tokens would only delay the reply's end."""
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._cond:
@@ -540,13 +541,19 @@ class AsyncEngine:
         sent_at = None
         try:
             while finished < params.n:
-                if sent_at is not None and interval_s > 0:
-                    await asyncio.sleep(sent_at + interval_s - time.monotonic())
-                items = [await stream.queue.get()]
-                while not stream.queue.empty():
-                    items.append(stream.queue.get_nowait())
                 batch = []
-                for item in items:
+                deadline = sent_at + interval_s if sent_at is not None else 0.0
+                while True:
+                    if batch and stream.queue.empty():
+                        left = deadline - time.monotonic()
+                        if left <= 0 or finished == params.n:
+                            break
+                        try:
+                            item = await asyncio.wait_for(stream.queue.get(), left)
+                        except TimeoutError:
+                            break
+                    else:
+                        item = await stream.queue.get()
                     if isinstance(item, BaseException):
                         raise item
                     finished += item.finish_reason is not None
