@@ -451,7 +451,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a checkpoint: <storage>/runs/<run>/<stage>[/step_XXXXXX]")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--requests", type=int, default=0, help="requests per engine run (default: 2 x the largest concurrency)")
-    parser.add_argument("--sequential-requests", type=int, default=8)
+    parser.add_argument("--sequential-requests", type=int, default=16,
+                        help="requests of the one-at-a-time baselines (a second or two of work: a steadier base)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)

@@ -38,7 +38,7 @@ def test_an_infinite_loop_is_killed_within_the_timeout():
     elapsed = time.monotonic() - start
     assert not ok
     assert "time limit" in output
-    assert elapsed < 2.5
+    assert elapsed < 10  # killed at 1 s (a loaded machine starts the process late), not left to run
 
 
 @pytest.mark.parametrize("bomb", ["x = bytearray(10**10)", "xs = []\nwhile True:\n    xs.append(bytearray(10**6))"])
