@@ -246,26 +246,27 @@ class HeldBack:
 
 def test_tokens_that_come_together_stream_as_one_chunk_per_choice_unless_logprobs_are_asked(model, tok):
     """A list of several tokens (held back, or read late) is one text chunk per choice, not one per token:
-    the same text, finish and usage with far fewer chunks. With logprobs each token keeps its own chunk."""
+    the same text, finish and usage with far fewer chunks. With logprobs each token keeps its own chunk.
+    The interval is long (5 s) but costs nothing: the list that ends a request is never held back."""
     engine = make_engine(model, tok)
     ids = greedy(model, tok, chat_prompt(tok, MESSAGES), 20)
     expected, finish = text_of(tok, ids), "length" if len(ids) == 20 else "stop"
     try:
-        with serve(create_app(HeldBack(engine, 0.5), tok, model_name=MODEL)) as url:
+        with serve(create_app(HeldBack(engine, 5.0), tok, model_name=MODEL)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
                                                          n=2, stream=True, stream_options={"include_usage": True}))
             for index in (0, 1):
                 mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
                 texts = [c.delta.content for c in mine if c.delta.content]
-                assert "".join(texts) == expected and len(texts) <= 3, texts  # the first token, then the rest
+                assert "".join(texts) == expected and len(texts) <= 2, texts  # the first token, then the rest
                 assert [c.finish_reason for c in mine if c.finish_reason] == [finish]
             assert chunks[-1].usage.completion_tokens == 2 * len(ids) > 6
 
             pieces = [c.choices[0].text for c in client.completions.create(
                 model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stream=True) if c.choices]
             whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
-            assert "".join(pieces) == whole.choices[0].text and len(pieces) <= 3, pieces
+            assert "".join(pieces) == whole.choices[0].text and len(pieces) <= 2, pieces
 
             with_logprobs = [c.choices[0] for c in client.chat.completions.create(
                 model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0, logprobs=True, stream=True)
