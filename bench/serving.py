@@ -419,7 +419,8 @@ class HTTPResults:
     overload: Overload
 
     def print(self, args: argparse.Namespace) -> None:
-        print_table(f"Over HTTP through `nanochat serve` (serve.transport={self.transport}) with the openai client "
+        settings = ", ".join([f"serve.transport={self.transport}", *args.serve_set])
+        print_table(f"Over HTTP through `nanochat serve` ({settings}) with the openai client "
                     "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
                     self.warm_ttft, args)
         print(f"CPU milliseconds per output token, by process ({os.cpu_count()} cores give {os.cpu_count()} CPU seconds a second):")
