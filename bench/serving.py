@@ -519,5 +519,6 @@ def main() -> None:
         for transport in args.transports.split(","):
             http_sweep(model, tokenizer, args, levels, batch, transport).print(args)
 
+
 if __name__ == "__main__":
     main()

@@ -705,13 +705,18 @@ async def event_stream(run: Run, render: Callable[[TokenEvent], list[Choice]],
     down) ends the stream with an error event instead."""
     async for batch in run.batches():
         choices: list[Choice] = []
+        aborted = False
         for event in batch:
             if event.finish_reason == "abort":
-                yield "".join(chunk([c]) for c in merged(choices, merge)) + shutting_down()
-                return
+                aborted = True
+                break
             choices += render(event)
-        if choices:
-            yield "".join(chunk([c]) for c in merged(choices, merge))
+        written = "".join(chunk([c]) for c in merged(choices, merge))
+        if aborted:
+            yield written + shutting_down()
+            return
+        if written:
+            yield written
     if usage is not None:
         yield usage()
     yield sse("[DONE]")

@@ -541,23 +541,26 @@ class AsyncEngine:
         sent_at = None
         try:
             while finished < params.n:
-                batch = []
                 deadline = sent_at + interval_s if sent_at is not None else 0.0
-                while True:
-                    if batch and stream.queue.empty():
-                        left = deadline - time.monotonic()
-                        if left <= 0 or finished == params.n:
-                            break
-                        try:
-                            item = await asyncio.wait_for(stream.queue.get(), left)
-                        except TimeoutError:
-                            break
-                    else:
-                        item = await stream.queue.get()
+                batch = []
+                item = await stream.queue.get()
+                while True:  # this item, then what has come meanwhile or comes before the deadline
                     if isinstance(item, BaseException):
                         raise item
                     finished += item.finish_reason is not None
                     batch.append(item)
+                    if finished == params.n:
+                        break
+                    if not stream.queue.empty():
+                        item = stream.queue.get_nowait()
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(stream.queue.get(), left)
+                    except TimeoutError:
+                        break
                 sent_at = time.monotonic()
                 yield batch
         finally:
