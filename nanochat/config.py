@@ -195,6 +195,7 @@ class ServeConfig(Section):
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "
         "gather), sdpa = gather each sequence's blocks for masked SDPA; auto = flex on a GPU, sdpa on a CPU")
+    engine_core: Literal["thread", "process"] = Field("thread", description="where an engine replica's engine steps: thread = a thread of the replica's process; process = a child process of its own (vLLM's EngineCore process), so stepping and the replica's streaming (asyncio, Serve's gRPC, pickling) run on separate cores instead of taking turns on one GIL (the replica then holds the model only in the child: it loads it on the CPU and hands it over)")
     max_queue: int = Field(64, ge=1, description="running + waiting requests per replica before 429")
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")

@@ -3,7 +3,8 @@ The Ray Serve application: an API ingress in front of engine replicas.
 
 Notable:
 - `EngineReplica` holds one continuous-batching engine (its own paged KV cache) and streams TokenEvents;
-  it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it
+  it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it; the engine steps on a thread of the replica or, with serve.engine_core "process", in a child process of
+  its own (serving/engine/engine_process.py)
 - `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
   engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
   than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
@@ -57,16 +58,15 @@ from nanochat.tokenizer import Tokenizer
 from services.storage import KeyNotFound, StorageError
 from serving.api.app import ServedModel
 from serving.api.schemas import now
+from serving.engine.engine_process import ProcessEngine
 from serving.engine.llm_engine import (
     AsyncEngine,
+    EngineClient,
     EngineStopped,
-    LLMEngine,
     QueueFull,
     TokenEvent,
-    free_memory,
-    kv_cache_blocks,
+    build_engine,
 )
-from serving.engine.model_runner import resolve_dtype
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
 from serving.model_source import ModelSource
@@ -88,7 +88,7 @@ class NoModelLoaded(RuntimeError):
 class Loaded:
     """A model being served by a replica: its engine, checkpoint step and tokenizer."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     step: int
     tokenizer_json: str
     fingerprint: str  # of tokenizer_json: the ingress fetches the tokenizer only when this changes
@@ -103,6 +103,8 @@ class EngineReplica:
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.source = source
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # an engine process loads the model onto the device itself: this process keeps it off the GPU
+        self._load_device = "cpu" if self.cfg.engine_core == "process" else self.device
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
         # inside Ray the recorder publishes through Ray's metrics agent (ray_nanochat_* on every replica)
@@ -110,7 +112,7 @@ class EngineReplica:
         self.loaded: Loaded | None = None
         self._stopping = threading.Event()
         if source.step is not None:  # pinned: it must exist, and it never changes
-            self._serve(*source.load(self.device))
+            self._serve(*source.load(self._load_device))
             return
         self._load_newest()
         if self.cfg.reload_interval_s > 0:
@@ -186,26 +188,25 @@ class EngineReplica:
     def _serve(self, model: Any, tokenizer: Tokenizer, step: int) -> None:
         """Start an engine on the loaded model and send new requests to it; retire the one it replaces."""
         cfg = self.cfg
-        num_blocks = cfg.num_blocks
-        if cfg.kv_cache_memory_fraction:
-            free = free_memory(self.device)
-            num_blocks = kv_cache_blocks(model, cfg.block_size, resolve_dtype(cfg.dtype, self.device),
-                                         cfg.kv_cache_memory_fraction, free)
-            log.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, cfg.block_size,
-                     cfg.kv_cache_memory_fraction, free / 2**20)
-        engine = LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=cfg.block_size,
-                           max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                           device=self.device, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
-                           attention=cfg.attention)
+        settings = dict(num_blocks=cfg.num_blocks, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+                        block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens, dtype=cfg.dtype,
+                        enforce_eager=cfg.enforce_eager, attention=cfg.attention)
+        if cfg.engine_core == "process":
+            engine = ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
+                                   metrics=self.metrics, threads=max(1, int(cfg.num_cpus)))
+            del model  # the child holds it now
+        else:
+            engine = AsyncEngine(build_engine(model, tokenizer, self.device, **settings), max_queue=cfg.max_queue,
+                                 metrics=self.metrics)
         tokenizer_json = tokenizer.to_json()
         fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
-        new = Loaded(AsyncEngine(engine, max_queue=cfg.max_queue, metrics=self.metrics), step, tokenizer_json,
-                     fingerprint, now())
+        new = Loaded(engine, step, tokenizer_json, fingerprint, now())
         old, self.loaded = self.loaded, new
         self.metrics.set_model_step(step)
         was = f", replacing step {old.step}" if old is not None else ""
-        log.info("engine replica serving %s step %d on %s (dtype %s)%s", self.source.describe(), step, self.device,
-                 cfg.dtype, was)
+        log.info("engine replica serving %s step %d on %s (dtype %s, engine core: %s)%s", self.source.describe(), step,
+                 self.device, cfg.dtype, cfg.engine_core, was)
         if old is not None:
             self._retire(old)
 
@@ -220,7 +221,7 @@ class EngineReplica:
     def _load_newest(self) -> None:
         """Serve the stage's newest valid checkpoint, if there is one yet."""
         try:
-            self._serve(*self.source.load(self.device))
+            self._serve(*self.source.load(self._load_device))
         except FileNotFoundError as e:  # no tokenizer or no checkpoint yet (KeyNotFound is one too)
             log.info("no model to serve yet (%s); looking for one every %gs", e, self.cfg.reload_interval_s)
         except StorageError as e:  # e.g. a bucket not created yet: keep answering, keep looking
@@ -245,7 +246,7 @@ class EngineReplica:
                     self._load_newest()  # the newest valid one, falling back past a damaged `latest`
                 else:
                     log.info("checkpoint step %d appeared in %s: loading it", step, self.source.describe())
-                    self._serve(*replace(self.source, step=step).load(self.device))
+                    self._serve(*replace(self.source, step=step).load(self._load_device))
             except (CorruptCheckpoint, StorageError) as e:
                 if isinstance(e, StorageError) and not isinstance(e, KeyNotFound):
                     tried = None  # storage trouble, not the checkpoint's fault: try it again next time

@@ -1,6 +1,7 @@
 """
 The serving engine's front: requests in, token events out. LLMEngine is the synchronous core (one step =
-schedule, run the model, sample, postprocess); AsyncEngine runs it on a thread for asyncio servers.
+schedule, run the model, sample, postprocess); EngineCore steps it on a thread, and AsyncEngine serves that
+thread to asyncio servers.
 
 Notable:
 - a request with n choices is n sequences (one per choice index), each with its own torch.Generator:
@@ -52,11 +53,13 @@ Notable:
   hits until then (BlockManager), so every position is computed: cached_tokens is 0.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
-- AsyncEngine: every LLMEngine call happens on its one engine thread (the scheduler and block manager
-  are not thread safe). generate() posts the request through a locked inbox and reads the events from an
-  asyncio.Queue fed with loop.call_soon_threadsafe; closing or cancelling the iteration (a client that
-  disconnected) posts an abort. The queue bound counts requests accepted and not yet finished, including
-  those still in the inbox, so a burst can never overshoot it.
+- EngineCore: every LLMEngine call happens on its one engine thread (the scheduler and block manager
+  are not thread safe), which takes commands (add, abort) from a locked inbox between steps and hands each
+  step's events over by request. EngineClient is the asyncio side: generate() posts the request and reads
+  the events from an asyncio.Queue fed with loop.call_soon_threadsafe; closing or cancelling the iteration
+  (a client that disconnected) posts an abort. The queue bound counts requests accepted and not yet
+  finished, including those not yet in the engine, so a burst can never overshoot it. AsyncEngine runs the
+  EngineCore on a thread of this process; ProcessEngine (serving/engine/engine_process.py) in a child.
 - a failed step (a CUDA error, a bug) ends the engine: every open stream gets the error, the thread stops,
   alive() turns False and new requests get EngineStopped. A server's /health then answers 503 and Ray Serve
   replaces the replica; carrying on would leave a replica that looks healthy while failing every request.
@@ -76,9 +79,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -87,7 +90,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
-from serving.engine.model_runner import ModelRunner, PromptLogits, ServeAttention, ServeDtype
+from serving.engine.model_runner import ModelRunner, PromptLogits, ServeAttention, ServeDtype, resolve_dtype
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -147,6 +150,32 @@ class _Choice:
     prompt_logprobs: list[Logprobs | None] | None = None  # filled by position while the prompt is scored
 
 
+@dataclass(frozen=True)
+class RequestCheck:
+    """What a request must fit: the engine's fixed limits, plain data, so the side that queues requests (a
+    thread's or another process's) refuses a bad one before it reaches the engine."""
+
+    vocab_size: int
+    max_model_len: int
+    end_of_turn: list[int]
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """The params the request's sequences run with (max_tokens cut to the context left, end-of-turn
+        stop tokens added), or a ValueError saying what does not fit."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[0]!r}")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the model's maximum context length "
+                             f"is {self.max_model_len} tokens, including at least 1 to generate")
+        stops = params.stop_token_ids + [t for t in self.end_of_turn if t not in params.stop_token_ids]
+        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops,
+                                   min_tokens=min(params.min_tokens, room))
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache; every method runs on one thread."""
 
@@ -171,6 +200,7 @@ class LLMEngine:
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.tool_delimiters = frozenset({self.python_start, self.python_end, self.output_start, self.output_end})
         self.end_of_turn = [sp("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+        self.check = RequestCheck(self.vocab_size, self.max_model_len, self.end_of_turn)
         self.grammars = Grammars(tokenizer, self.vocab_size, self.end_of_turn)
         self.requests: dict[str, list[_Choice]] = {}  # unfinished choices of each request
         self.choices: dict[int, _Choice] = {}  # by sequence id
@@ -179,21 +209,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """The params the request's sequences run with (max_tokens cut to the context left, end-of-turn
-        stop tokens added), or a ValueError saying what does not fit. Reads only fixed configuration,
-        so any thread may call it (AsyncEngine does, to refuse a request before queueing it)."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[0]!r}")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the model's maximum context length "
-                             f"is {self.max_model_len} tokens, including at least 1 to generate")
-        stops = params.stop_token_ids + [t for t in self.end_of_turn if t not in params.stop_token_ids]
-        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops,
-                                   min_tokens=min(params.min_tokens, room))
+        return self.check.validate(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -450,6 +466,19 @@ def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: f
     return blocks
 
 
+def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float,
+                 **settings: Any) -> LLMEngine:
+    """An LLMEngine on device with serve's settings: num_blocks KV-cache blocks, or as many as fit in
+    kv_cache_memory_fraction of the memory free once the model is loaded (when it is set)."""
+    if kv_cache_memory_fraction:
+        free = free_memory(device)
+        num_blocks = kv_cache_blocks(model, settings["block_size"], resolve_dtype(settings["dtype"], device),
+                                     kv_cache_memory_fraction, free)
+        logger.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks,
+                    settings["block_size"], kv_cache_memory_fraction, free / 2**20)
+    return LLMEngine(model, tokenizer, num_blocks=num_blocks, device=device, **settings)
+
+
 # ---------------------------------------------------------------------------------------------
 # asyncio front
 
@@ -479,27 +508,162 @@ class _RequestTally:
 
 
 IDLE_METRICS_REFRESH_S = 5.0
+Delivery = dict[str, list]  # request id -> its events of one step (or [an exception])
 
 
-class AsyncEngine:
-    """LLMEngine on a background thread; generate() streams a request's TokenEvents to asyncio."""
+class EngineCore:
+    """LLMEngine stepping on a thread of its own. Commands ("add", id, prompt, params, arrival), ("abort", id)
+    are applied between steps; each step's events go to `deliver` by request, with the engine's stats; a
+    failed step goes to `fail` and ends the thread. AsyncEngine runs one beside its event loop; an engine
+    process (serving/engine/engine_process.py) runs one and sends what it is handed down a pipe."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 64, *, metrics: MetricsRecorder | None = None):
+    def __init__(self, engine: LLMEngine, deliver: Callable[[Delivery, dict], None],
+                 fail: Callable[[Exception], None], metrics: MetricsRecorder | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self._deliver = deliver
+        self._fail_to = fail
+        self._cond = threading.Condition()
+        self._inbox: list[tuple] = []
+        self._stopped = False
+        self._tallies: dict[str, _RequestTally] = {}  # engine thread only
+        self.thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
+        self.thread.start()
+
+    def post(self, command: tuple) -> None:
+        with self._cond:
+            self._inbox.append(command)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Abort what is left (its streams end with "abort"), then end the thread and wait for it."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a broken step (or a bug): fail every stream rather than hang it, and stop
+            logger.exception("engine step failed: the engine stops")
+            self._fail(e)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._inbox or self.engine.has_work()):
+                    # idle: wake now and then to re-set the gauges, as exporters drop stale ones
+                    if not self._cond.wait(timeout=IDLE_METRICS_REFRESH_S):
+                        break
+                commands, self._inbox = self._inbox, []
+                stopping = self._stopped
+            for command in commands:
+                self._apply(command)
+            if stopping:
+                for request_id in list(self._tallies):
+                    self.engine.abort(request_id)
+            events = self.engine.step() if self.engine.has_work() else []
+            stats = self.engine.stats()
+            self._record(events, stats)
+            by_request: Delivery = {}
+            for event in events:
+                by_request.setdefault(event.request_id, []).append(event)
+            self._deliver(by_request, stats)
+            if stopping and not self.engine.has_work():
+                return
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort(command[1])
+            return
+        _, request_id, prompt_ids, params, arrival = command
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except Exception as e:  # validated already; this is a bug, which only this request pays for
+            logger.exception("adding request %s failed", request_id)
+            self._deliver({request_id: [e]}, self.engine.stats())
+            return
+        self._tallies[request_id] = _RequestTally(params.n)
+        if self.metrics is not None:
+            self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
+
+    def _fail(self, cause: Exception) -> None:
+        """Hand the failure over (every accepted request ends with it), drop the inbox and free every block."""
+        with self._cond:
+            self._stopped = True
+            self._inbox = []
+        self._fail_to(cause)
+        for request_id in list(self._tallies):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine is broken already: its blocks go with it
+                logger.exception("aborting %s after the failure", request_id)
+            if self.metrics is not None:
+                self.metrics.on_finish(request_id)
+        self._tallies.clear()
+        self.engine.pending.clear()  # their streams have already ended with the error
+
+    def _record(self, events: list[TokenEvent], stats: dict) -> None:
+        """Per-request progress (and metrics) from a step's events."""
+        now = time.monotonic()
+        tokens: dict[str, int] = {}
+        for event in events:
+            if event.token_id is not None:
+                tokens[event.request_id] = tokens.get(event.request_id, 0) + 1
+        for request_id, count in tokens.items():
+            tally = self._tallies[request_id]
+            if self.metrics is not None:
+                if tally.tokens_seen:
+                    self.metrics.on_token(request_id, count, now=now)
+                else:
+                    self.metrics.on_first_token(request_id, count, now=now)
+            tally.tokens_seen = True
+        for event in events:
+            if event.finish_reason is None:
+                continue
+            tally = self._tallies[event.request_id]
+            tally.finished += 1
+            if tally.finished == tally.n:
+                del self._tallies[event.request_id]
+                if self.metrics is not None:
+                    self.metrics.on_finish(event.request_id, now=now)
+        if self.metrics is not None:
+            self.metrics.update(stats)
+
+
+class EngineClient:
+    """The asyncio side of an engine: requests go in as commands, each request's events come back to an
+    asyncio.Queue of its own. The queue bound, draining and the end of every stream on a failure live here;
+    where the engine steps is the subclass's: a thread (AsyncEngine) or a process (ProcessEngine)."""
+
+    def __init__(self, check: RequestCheck, max_queue: int):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.engine = engine
+        self.check = check
         self.max_queue = max_queue
-        self.metrics = metrics
-        self._cond = threading.Condition()
-        self._inbox: list[tuple] = []  # ("add", id, prompt, params, arrival) or ("abort", id), in order
+        self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}  # accepted and not finished: what the queue bound counts
         self._stopped = False
         self._draining = False
-        self.failure: Exception | None = None  # what ended the engine thread, if it failed
-        self._stats = engine.stats()
-        self._tallies: dict[str, _RequestTally] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
-        self._thread.start()
+        self.failure: Exception | None = None  # what ended the engine, if it failed
+        self._stats: dict = {}
+
+    # -- what a subclass provides
+
+    def _post(self, command: tuple) -> None:
+        """Hand ("add", ...) or ("abort", id) to the engine."""
+        raise NotImplementedError
+
+    def core_running(self) -> bool:
+        """Whether the engine's thread (or process) still runs."""
+        raise NotImplementedError
+
+    def _stop_core(self) -> None:
+        """Abort what is left, stop the engine and wait for it."""
+        raise NotImplementedError
+
+    # -- the asyncio side
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenEvent]:
@@ -522,9 +686,9 @@ class AsyncEngine:
         between lists, each holding every event of the steps in between: fewer, larger messages through
         every hop to the client, for some burstiness in the stream. The list that ends the request (or
         carries an error) goes at once: holding back its last tokens would only delay the reply's end."""
-        self.engine.validate(prompt_ids, params)
+        self.check.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        with self._cond:
+        with self._lock:
             if self.failure is not None:
                 raise EngineStopped(f"the engine has failed: {self.failure}")
             if self._stopped or self._draining:
@@ -535,8 +699,7 @@ class AsyncEngine:
                 raise QueueFull(f"{len(self._streams)} requests are already queued or running (max_queue "
                                 f"{self.max_queue})")
             self._streams[request_id] = stream
-            self._inbox.append(("add", request_id, list(prompt_ids), params, time.monotonic()))
-            self._cond.notify()
+            self._post(("add", request_id, list(prompt_ids), params, time.monotonic()))
         finished = 0
         sent_at = None
         try:
@@ -564,25 +727,24 @@ class AsyncEngine:
                 sent_at = time.monotonic()
                 yield batch
         finally:
-            with self._cond:
+            with self._lock:
                 self._streams.pop(request_id, None)
-                if finished < params.n:  # client gone (or engine failure): free what it holds
-                    self._inbox.append(("abort", request_id))
-                    self._cond.notify()
+                if finished < params.n and not self._stopped:  # client gone (or a failure): free its blocks
+                    self._post(("abort", request_id))
 
     @property
     def max_model_len(self) -> int:
         """The longest sequence (prompt and completion) the engine runs."""
-        return self.engine.max_model_len
+        return self.check.max_model_len
 
     def alive(self) -> bool:
-        """Whether the engine takes requests: its thread runs, no step has failed and it is not draining
-        (a server's /health, a replica's health check)."""
-        return self._thread.is_alive() and self.failure is None and not self._draining
+        """Whether the engine takes requests: it runs, no step has failed and it is not draining (a server's
+        /health, a replica's health check)."""
+        return self.core_running() and self.failure is None and not self._draining
 
     def unfinished(self) -> int:
         """Requests accepted and not yet finished (or abandoned by their consumer)."""
-        with self._cond:
+        with self._lock:
             return len(self._streams)
 
     def stats(self) -> dict:
@@ -592,10 +754,10 @@ class AsyncEngine:
     def drain(self, timeout_s: float) -> int:
         """Refuse new requests, let those in flight finish for up to timeout_s, then shut down; how many
         were still unfinished (and aborted). Blocks: call it from a thread, not the event loop."""
-        with self._cond:
+        with self._lock:
             self._draining = True
         deadline = time.monotonic() + timeout_s
-        while self.unfinished() and time.monotonic() < deadline and self._thread.is_alive():
+        while self.unfinished() and time.monotonic() < deadline and self.core_running():
             time.sleep(0.02)
         left = self.unfinished()
         if left:
@@ -604,122 +766,57 @@ class AsyncEngine:
         return left
 
     def shutdown(self) -> None:
-        """Abort what is left (its streams end with "abort"), stop the engine thread and wait for it."""
-        with self._cond:
+        """Abort what is left (its streams end with "abort"), stop the engine and wait for it."""
+        with self._lock:
             self._stopped = True
-            self._cond.notify()
-        self._thread.join()
+        self._stop_core()
 
-    # ------------------------------------------------------------------ the engine thread
+    # -- from the engine (any thread)
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as e:  # a broken step (or a bug): fail every stream rather than hang it, and stop
-            logger.exception("engine step failed: the engine stops")
-            self._fail(e)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopped or self._inbox or self.engine.has_work()):
-                    # idle: wake now and then to re-set the gauges, as exporters drop stale ones
-                    if not self._cond.wait(timeout=IDLE_METRICS_REFRESH_S):
-                        break
-                commands, self._inbox = self._inbox, []
-                stopping = self._stopped
-            for command in commands:
-                self._apply(command)
-            if stopping:
-                for request_id in list(self._tallies):
-                    self.engine.abort(request_id)
-            events = self.engine.step() if self.engine.has_work() else []
-            self._stats = self.engine.stats()
-            self._record(events)
-            self._deliver(events)
-            if stopping and not self.engine.has_work():
-                return
-
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            self.engine.abort(command[1])
-            return
-        _, request_id, prompt_ids, params, arrival = command
-        try:
-            self.engine.add_request(request_id, prompt_ids, params)
-        except Exception as e:  # validated already; this is a bug, which only this request pays for
-            logger.exception("adding request %s failed", request_id)
-            self._send(request_id, [e])
-            return
-        self._tallies[request_id] = _RequestTally(params.n)
-        if self.metrics is not None:
-            self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
+    def _deliver(self, by_request: Delivery, stats: dict) -> None:
+        """A step's events (or a request's error) to their streams."""
+        self._stats = stats
+        with self._lock:
+            targets = [(request_id, self._streams.get(request_id), items) for request_id, items in by_request.items()]
+        for request_id, stream, items in targets:
+            if stream is None:  # its consumer has gone; the abort it posted is on its way
+                continue
+            try:
+                stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read or abort
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                    if not self._stopped:
+                        self._post(("abort", request_id))
 
     def _fail(self, cause: Exception) -> None:
-        """End every accepted request (running or still in the inbox) with the error, and free its blocks."""
+        """The engine failed: every accepted request ends with the error, and no new one is taken."""
         error = RuntimeError(f"engine step failed: {cause}")
-        with self._cond:
+        with self._lock:
             self.failure = cause
             self._stopped = True
-            self._inbox = []
             request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._send(request_id, [error])
-        for request_id in list(self._tallies):
-            try:
-                self.engine.abort(request_id)
-            except Exception:  # the engine is broken already: its blocks go with it
-                logger.exception("aborting %s after the failure", request_id)
-            if self.metrics is not None:
-                self.metrics.on_finish(request_id)
-        self._tallies.clear()
-        self.engine.pending.clear()  # their streams have already ended with the error
+        self._deliver({request_id: [error] for request_id in request_ids}, self._stats)
 
-    def _record(self, events: list[TokenEvent]) -> None:
-        """Per-request progress (and metrics) from a step's events."""
-        now = time.monotonic()
-        tokens: dict[str, int] = {}
-        for event in events:
-            if event.token_id is not None:
-                tokens[event.request_id] = tokens.get(event.request_id, 0) + 1
-        for request_id, count in tokens.items():
-            tally = self._tallies[request_id]
-            if self.metrics is not None:
-                if tally.tokens_seen:
-                    self.metrics.on_token(request_id, count, now=now)
-                else:
-                    self.metrics.on_first_token(request_id, count, now=now)
-            tally.tokens_seen = True
-        for event in events:
-            if event.finish_reason is None:
-                continue
-            tally = self._tallies[event.request_id]
-            tally.finished += 1
-            if tally.finished == tally.n:
-                del self._tallies[event.request_id]
-                if self.metrics is not None:
-                    self.metrics.on_finish(event.request_id, now=now)
-        if self.metrics is not None:
-            self.metrics.update(self._stats)
 
-    def _deliver(self, events: list[TokenEvent]) -> None:
-        by_request: dict[str, list[TokenEvent]] = {}
-        for event in events:
-            by_request.setdefault(event.request_id, []).append(event)
-        for request_id, items in by_request.items():
-            self._send(request_id, items)
+class AsyncEngine(EngineClient):
+    """LLMEngine on a background thread of this process; generate() streams a request's TokenEvents to
+    asyncio."""
 
-    def _send(self, request_id: str, items: list) -> None:
-        with self._cond:
-            stream = self._streams.get(request_id)
-        if stream is None:  # its consumer has gone; the abort it posted is in the inbox
-            return
-        try:
-            stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will read or abort
-            with self._cond:
-                self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
+    def __init__(self, engine: LLMEngine, max_queue: int = 64, *, metrics: MetricsRecorder | None = None):
+        super().__init__(engine.check, max_queue)
+        self.engine = engine
+        self._stats = engine.stats()
+        self._core = EngineCore(engine, self._deliver, self._fail, metrics)
+
+    def _post(self, command: tuple) -> None:
+        self._core.post(command)
+
+    def core_running(self) -> bool:
+        return self._core.thread.is_alive()
+
+    def _stop_core(self) -> None:
+        self._core.stop()
 
 
 def _put_all(queue: asyncio.Queue, items: list) -> None:

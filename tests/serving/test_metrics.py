@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from serving.engine.engine_process import ProcessEngine
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
@@ -112,12 +113,19 @@ def engine_parts():
     return model, tok
 
 
-def test_an_engine_run_exports_its_usage_and_cache_numbers(engine_parts):
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+def test_an_engine_run_exports_its_usage_and_cache_numbers(engine_parts, engine_core):
+    """The same numbers whether the engine steps on a thread or in a process of its own (whose recorder
+    calls the parent makes on its behalf)."""
     model, tok = engine_parts
     registry = CollectorRegistry()
+    recorder = MetricsRecorder("tiny", registry)
     # 12 blocks of 4 are too few for three requests of ~30 tokens at once: preemptions happen
-    core = LLMEngine(model, tok, num_blocks=12, block_size=4, max_num_batched_tokens=64)
-    engine = AsyncEngine(core, metrics=MetricsRecorder("tiny", registry))
+    settings = dict(num_blocks=12, block_size=4, max_num_batched_tokens=64)
+    if engine_core == "process":
+        engine = ProcessEngine(model, tok, "cpu", {**settings, "kv_cache_memory_fraction": 0}, metrics=recorder)
+    else:
+        engine = AsyncEngine(LLMEngine(model, tok, **settings), metrics=recorder)
     prompt = tok.encode("the quick brown fox jumps over the lazy dog", prepend="<|bos|>")
     params = SamplingParams(temperature=0.0, max_tokens=20)
 
@@ -132,9 +140,9 @@ def test_an_engine_run_exports_its_usage_and_cache_numbers(engine_parts):
 
     try:
         usages = asyncio.run(main())
+        final = engine.stats()
     finally:
         engine.shutdown()
-    final = core.stats()
     assert value(registry, "nanochat:prompt_tokens_total") == sum(p for p, _ in usages) == 3 * len(prompt)
     assert value(registry, "nanochat:generation_tokens_total") == sum(c for _, c in usages)
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):

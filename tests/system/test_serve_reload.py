@@ -76,8 +76,8 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 # the engine replica on its own
 
 
-def make_replica(uri: str, step: int | None = None) -> EngineReplica:
-    cfg = ServeConfig(reload_interval_s=RELOAD_S, num_blocks=16, max_num_seqs=4, num_cpus=1)
+def make_replica(uri: str, step: int | None = None, engine_core: str = "thread") -> EngineReplica:
+    cfg = ServeConfig(reload_interval_s=RELOAD_S, num_blocks=16, max_num_seqs=4, num_cpus=1, engine_core=engine_core)
     return EngineReplica.func_or_class(ModelSource(uri, "default", "sft", step), cfg.model_dump())
 
 

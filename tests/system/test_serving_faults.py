@@ -12,6 +12,8 @@ replica's class on its own.
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -24,6 +26,7 @@ import pytest
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from serving.api.app import create_app
+from serving.engine.engine_process import ProcessEngine
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
 from tests.system.chat_server import reply_tokenizer
 from tests.system.test_api import ERROR_KEYS, all_blocks_free, serve, tiny_model, tiny_tokenizer, wait_until
@@ -102,7 +105,7 @@ def test_a_failing_engine_step_stops_the_engine_and_health_answers_503(tok):
             assert INJECTED in str(engine.failure)
     finally:
         engine.shutdown()
-    assert not engine._thread.is_alive()
+    assert not engine.core_running()
 
 
 def test_a_request_in_the_inbox_when_the_step_fails_gets_the_error_too(tok):
@@ -135,6 +138,24 @@ def test_the_engine_replica_fails_its_health_check_once_its_engine_failed(local_
             asyncio.run(failing())
         assert wait_until(lambda: not replica.loaded.engine.alive())
         with pytest.raises(RuntimeError, match="injected"):
+            replica.check_health()
+    finally:
+        replica.stop()
+
+
+def test_an_engine_replica_whose_engine_process_dies_fails_its_health_check(local_storage, tmp_path):
+    """serve.engine_core=process: the replica serves from its child process, and a child that dies (killed,
+    out of memory) makes the replica unhealthy, so Serve replaces it."""
+    tok = reply_tokenizer((FIRST, NEWER))
+    publish(local_storage, tok, 5, FIRST, tmp_path)
+    replica = make_replica(local_storage.uri, step=5, engine_core="process")
+    try:
+        assert isinstance(replica.loaded.engine, ProcessEngine)
+        replica.check_health()
+        assert asyncio.run(reply_of(replica, tok, "ok")) == FIRST
+        os.kill(replica.loaded.engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: not replica.loaded.engine.alive())
+        with pytest.raises(RuntimeError, match="the engine process exited with code -9"):
             replica.check_health()
     finally:
         replica.stop()
@@ -250,7 +271,7 @@ def test_draining_lets_short_requests_finish_refuses_new_ones_and_cuts_long_ones
     short, long = results["short"], results["long"]
     assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
     assert set(long[-1]) == {"error"} and long[-1]["error"]["code"] == "unavailable"
-    assert not engine._thread.is_alive()
+    assert not engine.core_running()
     assert all_blocks_free(engine)
 
 

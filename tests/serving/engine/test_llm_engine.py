@@ -537,7 +537,7 @@ def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
 
     choice = asyncio.run(main())
     assert choice.finish_reason == "abort"
-    assert not engine._thread.is_alive()
+    assert not engine.core_running()
     assert engine.engine.block_manager.num_free_blocks == 256
 
     async def after() -> None:

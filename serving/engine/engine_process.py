@@ -1,0 +1,267 @@
+"""
+The engine in a process of its own (serve.engine_core: process), as vLLM runs its EngineCore: the stepping
+engine and the replica's asyncio loop, Serve's gRPC threads and the per-token Python of the streams no longer
+take turns on one GIL; each gets a core.
+
+Notable:
+- the child is `python -m serving.engine.engine_process`. Down its stdin the parent sends the model (its
+  config and CPU weights: the parent never puts the model on the GPU), the tokenizer and the engine's
+  settings, then commands: ("add", id, prompt, params, arrival), ("abort", id), ("stop",). The child builds
+  the LLMEngine on its device (the KV cache sized there from free memory when a fraction is set) and runs
+  an EngineCore; up its stdout it answers ("ready", RequestCheck, stats) once, then ("step", events by
+  request, stats, metric calls) per step, or ("failed", why, metric calls) when a step fails.
+- frames are pickles behind an 8-byte length. The child moves its fd 1 to stderr first, so a stray print
+  (or a library's) lands in the replica's log instead of corrupting the stream.
+- metrics: the child's EngineCore records into a CallLog that writes each call down; the parent makes the
+  same calls on its MetricsRecorder, so a replica exports the same series with either engine core.
+- the parent's EngineClient does everything else as for a thread (queue bound, validation with the
+  child's RequestCheck, draining, streams). A child that dies (killed, out of memory) ends every open
+  stream with an error and turns alive() False, as a failed step does, so Serve replaces the replica. A
+  child whose parent dies reads the end of its stdin and stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from serving.engine.llm_engine import Delivery, EngineClient, EngineCore, RequestCheck, build_engine
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # building the engine: a large model on a slow disk, CUDA graphs captured
+STOP_TIMEOUT_S = 60.0
+
+
+def send(pipe: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    pipe.write(struct.pack("<Q", len(data)) + data)
+    pipe.flush()
+
+
+def receive(pipe: IO[bytes]) -> Any:
+    """The next message; EOFError once the other side has closed the pipe (or ended)."""
+    head = pipe.read(8)
+    if len(head) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", head)
+    data = pipe.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+class CallLog:
+    """Stands in for a MetricsRecorder in the engine process: each call is written down, for the parent to
+    make on its own recorder (only the engine thread calls it, and takes the log)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def on_request_start(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("on_request_start", args, kwargs))
+
+    def on_first_token(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("on_first_token", args, kwargs))
+
+    def on_token(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("on_token", args, kwargs))
+
+    def on_finish(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("on_finish", args, kwargs))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("update", args, kwargs))
+
+    def take(self) -> list[tuple[str, tuple, dict]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class ProcessEngine(EngineClient):
+    """An EngineClient whose LLMEngine steps in a child process. Blocks until the child has built it (or
+    raises RuntimeError with why it could not)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str, engine_settings: dict[str, Any], *,
+                 max_queue: int = 64, metrics: Any = None, threads: int = 1):
+        root = str(Path(__file__).resolve().parents[2])  # where `serving` is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, "-m", "serving.engine.engine_process"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env)
+        self._write_lock = threading.Lock()
+        self.metrics = metrics
+        self._running: set[str] = set()  # requests the recorder has seen start and not finish
+        spec = {"config": dataclasses.asdict(model.config), "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                "tokenizer": tokenizer.to_json(), "device": device, "engine": engine_settings, "threads": threads}
+        try:
+            send(self._proc.stdin, spec)
+            del spec
+            ready = self._await_ready()
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        check, stats = ready
+        super().__init__(check, max_queue)
+        self._stats = stats
+        self._reader = threading.Thread(target=self._read, name="nanochat-engine-process", daemon=True)
+        self._reader.start()
+
+    def _await_ready(self) -> tuple[RequestCheck, dict]:
+        answer: list = []
+        waiter = threading.Thread(target=lambda: answer.append(self._receive_or_none()), daemon=True)
+        waiter.start()
+        waiter.join(START_TIMEOUT_S)
+        if not answer:
+            raise RuntimeError(f"the engine process was not ready within {START_TIMEOUT_S:g}s")
+        message = answer[0]
+        if message is None:
+            raise RuntimeError(f"the engine process exited with code {self._proc.wait()} before it was ready")
+        if message[0] != "ready":
+            raise RuntimeError(f"the engine process could not build the engine: {message[1]}")
+        return message[1], message[2]
+
+    def _receive_or_none(self) -> Any:
+        try:
+            return receive(self._proc.stdout)
+        except EOFError:
+            return None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _post(self, command: tuple) -> None:
+        with self._write_lock:
+            try:
+                send(self._proc.stdin, command)
+            except (BrokenPipeError, ValueError):  # the child has gone: the reader fails every stream
+                pass
+
+    def core_running(self) -> bool:
+        return self._proc.poll() is None
+
+    def _stop_core(self) -> None:
+        with self._write_lock:
+            try:
+                send(self._proc.stdin, ("stop",))
+                self._proc.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass
+        self._reader.join(STOP_TIMEOUT_S)  # the streams' "abort" ends, then the end of the pipe
+        try:
+            self._proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("the engine process did not stop within %gs: killing it", STOP_TIMEOUT_S)
+            self._proc.kill()
+            self._proc.wait()
+
+    def _read(self) -> None:
+        """The child's messages, until its stdout closes; then, unless it was told to stop, the failure."""
+        while True:
+            try:
+                message = receive(self._proc.stdout)
+            except (EOFError, OSError):
+                break
+            if message[0] == "step":
+                _, by_request, stats, calls = message
+                self._replay(calls)
+                self._deliver(by_request, stats)
+            elif message[0] == "failed":
+                _, why, calls = message
+                self._replay(calls)
+                self._fail(RuntimeError(why))
+                self._finish_running()
+        code = self._proc.wait()
+        with self._lock:
+            told_to_stop = self._stopped
+        if not told_to_stop:
+            logger.error("the engine process exited with code %s", code)
+            self._fail(RuntimeError(f"the engine process exited with code {code}"))
+        self._finish_running()
+
+    def _finish_running(self) -> None:
+        """End, in the metrics, the requests the child can no longer finish (it failed or is gone)."""
+        if self.metrics is not None:
+            for request_id in self._running:
+                self.metrics.on_finish(request_id)
+        self._running.clear()
+
+    def _replay(self, calls: list[tuple[str, tuple, dict]]) -> None:
+        for name, args, kwargs in calls:
+            if name == "on_request_start":
+                self._running.add(args[0])
+            elif name == "on_finish":
+                self._running.discard(args[0])
+            if self.metrics is not None:
+                getattr(self.metrics, name)(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the child
+
+
+def _model(config: dict, state: dict[str, torch.Tensor], device: str) -> GPT:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    model.to_empty(device=device)
+    model.init_weights()  # buffers that are not saved (rotary tables); the weights are overwritten below
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.INFO, format="engine process %(process)d: %(levelname)s %(name)s: %(message)s")
+    commands = sys.stdin.buffer
+    write_lock = threading.Lock()
+
+    def reply(message: Any) -> None:
+        with write_lock:
+            send(out, message)
+
+    spec = receive(commands)
+    try:
+        torch.set_num_threads(spec["threads"])
+        model = _model(spec["config"], spec.pop("state"), spec["device"])
+        engine = build_engine(model, Tokenizer.from_json(spec["tokenizer"]), spec["device"], **spec["engine"])
+    except Exception as e:
+        logger.exception("building the engine failed")
+        reply(("error", f"{type(e).__name__}: {e}"))
+        return
+    calls = CallLog()
+
+    def deliver(by_request: Delivery, stats: dict) -> None:
+        reply(("step", by_request, stats, calls.take()))
+
+    def fail(cause: Exception) -> None:
+        reply(("failed", f"{type(cause).__name__}: {cause}", calls.take()))
+
+    core = EngineCore(engine, deliver, fail, metrics=calls)
+    reply(("ready", engine.check, engine.stats()))
+    while True:
+        try:
+            command = receive(commands)
+        except EOFError:  # the parent has gone
+            command = ("stop",)
+        if command[0] == "stop":
+            core.stop()
+            return
+        core.post(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The engine in a process of its own (serving/engine/engine_process.py), a real child process: it streams what
+the thread engine streams, frees the blocks of a stream its consumer closes, refuses bad requests before they
+reach the child, says why it could not start, and when the child is killed every open stream ends with an
+error and the engine reports itself dead."""
+
+import asyncio
+import os
+import signal
+import time
+from collections import defaultdict
+
+import pytest
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from serving.engine.engine_process import ProcessEngine
+from serving.engine.llm_engine import AsyncEngine, EngineClient, EngineStopped, LLMEngine
+from serving.engine.sequence import SamplingParams
+from tests.serving.engine.test_llm_engine import TEXT, Choice, collect
+from tests.support.gpt_fixtures import scrambled_model
+
+SETTINGS = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train_from_iterator([TEXT * 4], 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    """Random weights, sliding-window layers and GQA, as the thread engine's tests use."""
+    config = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SL")
+    return scrambled_model(config, scale=2.0)
+
+
+def process_engine(model: GPT, tok: Tokenizer, **settings) -> ProcessEngine:
+    return ProcessEngine(model, tok, "cpu", {**SETTINGS, "kv_cache_memory_fraction": 0, **settings})
+
+
+REQUESTS = [
+    ("greedy", "hello world", SamplingParams(temperature=0.0, max_tokens=20)),
+    ("seeded", "the quick brown", SamplingParams(temperature=1.0, max_tokens=16, seed=7, n=2)),
+    ("stop", "calculator 12", SamplingParams(temperature=0.0, max_tokens=30, stop=["o"], logprobs=2)),
+    ("long", "over the lazy dog", SamplingParams(temperature=0.8, top_k=20, max_tokens=40, seed=3)),
+]
+
+
+async def run_all(engine: EngineClient, tok: Tokenizer) -> dict:
+    results: dict = defaultdict(Choice)
+
+    async def one(request_id: str, text: str, params: SamplingParams) -> None:
+        async for event in engine.generate(request_id, tok.encode(text, prepend="<|bos|>"), params):
+            collect(results, [event])
+
+    await asyncio.gather(*(one(*request) for request in REQUESTS))
+    return dict(results)
+
+
+def test_the_engine_process_streams_what_the_thread_engine_streams(model, tok):
+    thread = AsyncEngine(LLMEngine(model, tok, **SETTINGS))
+    try:
+        expected = asyncio.run(run_all(thread, tok))
+    finally:
+        thread.shutdown()
+    engine = process_engine(model, tok)
+    try:
+        assert engine.alive()
+        got = asyncio.run(run_all(engine, tok))
+        assert engine.stats()["free_blocks"] == SETTINGS["num_blocks"]
+    finally:
+        engine.shutdown()
+    assert sorted(got) == sorted(expected) == [("greedy", 0), ("long", 0), ("seeded", 0), ("seeded", 1), ("stop", 0)]
+    assert got == expected
+    assert got["seeded", 0].tokens != got["seeded", 1].tokens
+    assert not engine.core_running() and not engine.alive()
+
+
+def test_a_closed_stream_aborts_its_request_in_the_process_and_frees_its_blocks(model, tok):
+    engine = process_engine(model, tok)
+    params = SamplingParams(temperature=0.0, max_tokens=50, min_tokens=50)
+
+    async def two_events_then_leave() -> None:
+        stream = engine.generate("leaver", tok.encode("hello", prepend="<|bos|>"), params)
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()
+
+    try:
+        asyncio.run(two_events_then_leave())
+        deadline = time.monotonic() + 10
+        while engine.stats()["free_blocks"] != SETTINGS["num_blocks"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["free_blocks"] == SETTINGS["num_blocks"]
+        assert engine.stats()["running"] == 0 and engine.unfinished() == 0
+    finally:
+        engine.shutdown()
+
+
+def test_bad_requests_are_refused_in_the_parent_with_the_childs_limits(model, tok):
+    engine = process_engine(model, tok, num_blocks=8)  # 32 tokens of cache: the context limit
+    assert engine.max_model_len == 32
+
+    async def first(prompt: list[int]) -> None:
+        await anext(engine.generate("bad", prompt, SamplingParams(max_tokens=4)))
+
+    try:
+        with pytest.raises(ValueError, match="maximum context length is 32"):
+            asyncio.run(first([tok.get_bos_token_id()] * 32))
+        with pytest.raises(ValueError, match=r"integers in \[0, "):
+            asyncio.run(first([tok.vocab_size]))
+        assert engine.unfinished() == 0 and engine.alive()
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_process_that_cannot_build_its_engine_says_why(model, tok):
+    with pytest.raises(RuntimeError, match="could not build the engine: ValueError: dtype='float64'"):
+        process_engine(model, tok, dtype="float64")
+
+
+def test_a_killed_engine_process_ends_every_stream_with_an_error_and_takes_no_more(tok):
+    # a context long enough that the streams are still running when the child is killed
+    config = GPTConfig(sequence_len=4096, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    engine = process_engine(scrambled_model(config, scale=2.0), tok, num_blocks=2048, max_num_seqs=4)
+    params = SamplingParams(temperature=0.0, max_tokens=4000, min_tokens=4000)
+    prompt = tok.encode("hello", prepend="<|bos|>")
+
+    async def stream(request_id: str) -> tuple[int, BaseException | None]:
+        tokens = 0
+        try:
+            async for event in engine.generate(request_id, prompt, params):
+                tokens += event.token_id is not None
+                if request_id == "killer" and tokens == 5:
+                    os.kill(engine.pid, signal.SIGKILL)
+        except RuntimeError as e:
+            return tokens, e
+        return tokens, None
+
+    async def main() -> list[tuple[int, BaseException | None]]:
+        return await asyncio.gather(*(stream(name) for name in ("killer", "a", "b")))
+
+    try:
+        results = asyncio.run(main())
+        for tokens, error in results:
+            assert 0 < tokens < 4000
+            assert "the engine process exited with code -9" in str(error)
+        assert not engine.alive() and not engine.core_running()
+        assert engine.unfinished() == 0
+        with pytest.raises(EngineStopped, match="failed"):
+            asyncio.run(anext(engine.generate("late", prompt, params)))
+    finally:
+        engine.shutdown()
