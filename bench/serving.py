@@ -7,12 +7,13 @@ together (what n choices cost when each prefilled the prompt); optionally (--htt
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
 server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once,
-with how soon the refusals (429 + Retry-After) come; --transports grpc,ray does that for each
-serve.transport.
+with how soon the refusals (429 + Retry-After) come. It does that for each serve.engine_core of
+--engine-cores (default: the engine on a thread of its replica, then in a process of its own) and each
+serve.transport of --transports (grpc,ray: both).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
-        [--serve-set serve.KEY=VALUE] [--threads 1]
+        [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
 4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
@@ -246,7 +247,8 @@ def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
 
 
 OVERFLOW = 32  # requests of the overload burst past what the engine runs and queues
-SERVER_ROLES = (("nanochat:engine", "engine replica"), ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
+SERVER_ROLES = (("nanochat:engine", "engine replica"), ("serving.engine.engine_process", "engine process"),
+                ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
 CLIENT, OTHER_RAY = "client", "Ray, the rest"  # this process; the server's processes of no role above
 ROLES = (*(name for _, name in SERVER_ROLES), CLIENT, OTHER_RAY)
 
@@ -380,16 +382,16 @@ def overload_http(client, text: str, count: int, max_tokens: int) -> Overload:
 
 
 def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, levels: list[int],
-               batch: list[list[int]], transport: str) -> HTTPResults:
-    """The sweep, the prefix TTFT and an overload burst through `nanochat serve` on the same model, its
-    requests and token streams over `transport`; level 1 is the baseline."""
+               batch: list[list[int]], variant: list[str]) -> HTTPResults:
+    """The sweep, the prefix TTFT and an overload burst through `nanochat serve` on the same model, the
+    server set up as `variant` says (serve.transport, serve.engine_core); level 1 is the baseline."""
     import openai
 
     top = max(levels)
     settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
                 "serve.num_blocks=1024", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
                 f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
-                "serve.reload_interval_s=0", f"serve.transport={transport}"] + args.serve_set
+                "serve.reload_interval_s=0", *variant] + args.serve_set
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(publish(model, tokenizer, Path(tmp)), settings, Path(tmp) / "serve.log")
         try:
@@ -404,14 +406,14 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
                 results.append(result)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
             burst = overload_http(client, texts[0], 2 * top + OVERFLOW, args.max_tokens)
-            return HTTPResults(transport, results, *ttft, 2 * top, burst)
+            return HTTPResults(variant, results, *ttft, 2 * top, burst)
         finally:
             server.close()
 
 
 @dataclass
 class HTTPResults:
-    transport: str
+    variant: list[str]
     sweep: list[Result]
     cold_ttft: float
     warm_ttft: float
@@ -419,7 +421,7 @@ class HTTPResults:
     overload: Overload
 
     def print(self, args: argparse.Namespace) -> None:
-        settings = ", ".join([f"serve.transport={self.transport}", *args.serve_set])
+        settings = ", ".join([*self.variant, *args.serve_set])
         print_table(f"Over HTTP through `nanochat serve` ({settings}) with the openai client "
                     "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
                     self.warm_ttft, args)
@@ -464,6 +466,8 @@ def main() -> None:
     parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
     parser.add_argument("--transports", default="grpc", help="serve.transport of the servers swept over HTTP, "
                         "one after the other (grpc,ray: both)")
+    parser.add_argument("--engine-cores", default="thread,process", help="serve.engine_core of the servers swept "
+                        "over HTTP, one after the other: where an engine replica's engine steps")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")
@@ -517,7 +521,9 @@ def main() -> None:
         if levels[0] != 1:
             levels = [1, *levels]
         for transport in args.transports.split(","):
-            http_sweep(model, tokenizer, args, levels, batch, transport).print(args)
+            for core in args.engine_cores.split(","):
+                variant = [f"serve.transport={transport}", f"serve.engine_core={core}"]
+                http_sweep(model, tokenizer, args, levels, batch, variant).print(args)
 
 
 if __name__ == "__main__":
