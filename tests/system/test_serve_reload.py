@@ -131,9 +131,11 @@ def test_replica_waits_on_an_empty_s3_prefix_loads_the_first_checkpoint_and_skip
         replica.stop()
 
 
-def test_replica_swaps_in_a_newer_step_while_a_request_finishes_on_the_old_one(local_storage, tok, tmp_path):
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+def test_replica_swaps_in_a_newer_step_while_a_request_finishes_on_the_old_one(local_storage, tok, tmp_path,
+                                                                              engine_core):
     publish(local_storage, tok, 5, FIRST, tmp_path)
-    replica = make_replica(local_storage.uri)
+    replica = make_replica(local_storage.uri, engine_core=engine_core)
     pinned = make_replica(local_storage.uri, step=5)
 
     async def scenario() -> tuple[str, str]:
