@@ -17,7 +17,8 @@ Notable:
 - the parent's EngineClient does everything else as for a thread (queue bound, validation with the
   child's RequestCheck, draining, streams). A child that dies (killed, out of memory) ends every open
   stream with an error and turns alive() False, as a failed step does, so Serve replaces the replica. A
-  child whose parent dies reads the end of its stdin and stops.
+  child whose parent dies reads the end of its stdin and stops; it ignores SIGINT (a Ctrl-C reaches the
+  whole process group), so the replica alone decides when it ends.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -222,6 +224,8 @@ def _model(config: dict, state: dict[str, torch.Tensor], device: str) -> GPT:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the replica decides when this process ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr

@@ -14,7 +14,7 @@ import pytest
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.engine_process import ProcessEngine
-from serving.engine.llm_engine import AsyncEngine, EngineClient, EngineStopped, LLMEngine
+from serving.engine.llm_engine import AsyncEngine, EngineClient, EngineStopped, LLMEngine, TokenEvent
 from serving.engine.sequence import SamplingParams
 from tests.serving.engine.test_llm_engine import TEXT, Choice, collect
 from tests.support.gpt_fixtures import scrambled_model
@@ -98,19 +98,22 @@ def test_a_closed_stream_aborts_its_request_in_the_process_and_frees_its_blocks(
         engine.shutdown()
 
 
-def test_bad_requests_are_refused_in_the_parent_with_the_childs_limits(model, tok):
+def test_bad_requests_are_refused_in_the_parent_and_a_ctrl_c_leaves_the_child_running(model, tok):
     engine = process_engine(model, tok, num_blocks=8)  # 32 tokens of cache: the context limit
     assert engine.max_model_len == 32
 
-    async def first(prompt: list[int]) -> None:
-        await anext(engine.generate("bad", prompt, SamplingParams(max_tokens=4)))
+    async def first(prompt: list[int], params: SamplingParams) -> TokenEvent:
+        return await anext(engine.generate("r", prompt, params))
 
     try:
         with pytest.raises(ValueError, match="maximum context length is 32"):
-            asyncio.run(first([tok.get_bos_token_id()] * 32))
+            asyncio.run(first([tok.get_bos_token_id()] * 32, SamplingParams(max_tokens=4)))
         with pytest.raises(ValueError, match=r"integers in \[0, "):
-            asyncio.run(first([tok.vocab_size]))
+            asyncio.run(first([tok.vocab_size], SamplingParams(max_tokens=4)))
         assert engine.unfinished() == 0 and engine.alive()
+        os.kill(engine.pid, signal.SIGINT)  # what a Ctrl-C sends the whole process group
+        event = asyncio.run(first([tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=1)))
+        assert event.token_id is not None and engine.alive()
     finally:
         engine.shutdown()
 
