@@ -467,16 +467,16 @@ def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: f
 
 
 def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float,
-                 **settings: Any) -> LLMEngine:
+                 block_size: int = 16, dtype: ServeDtype = "auto", **settings: Any) -> LLMEngine:
     """An LLMEngine on device with serve's settings: num_blocks KV-cache blocks, or as many as fit in
     kv_cache_memory_fraction of the memory free once the model is loaded (when it is set)."""
     if kv_cache_memory_fraction:
         free = free_memory(device)
-        num_blocks = kv_cache_blocks(model, settings["block_size"], resolve_dtype(settings["dtype"], device),
-                                     kv_cache_memory_fraction, free)
-        logger.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks,
-                    settings["block_size"], kv_cache_memory_fraction, free / 2**20)
-    return LLMEngine(model, tokenizer, num_blocks=num_blocks, device=device, **settings)
+        num_blocks = kv_cache_blocks(model, block_size, resolve_dtype(dtype, device), kv_cache_memory_fraction, free)
+        logger.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, block_size,
+                    kv_cache_memory_fraction, free / 2**20)
+    return LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, device=device, dtype=dtype,
+                     **settings)
 
 
 # ---------------------------------------------------------------------------------------------

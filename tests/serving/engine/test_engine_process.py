@@ -10,11 +10,20 @@ import time
 from collections import defaultdict
 
 import pytest
+import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.engine_process import ProcessEngine
-from serving.engine.llm_engine import AsyncEngine, EngineClient, EngineStopped, LLMEngine, TokenEvent
+from serving.engine.llm_engine import (
+    AsyncEngine,
+    EngineClient,
+    EngineStopped,
+    LLMEngine,
+    TokenEvent,
+    free_memory,
+    kv_cache_blocks,
+)
 from serving.engine.sequence import SamplingParams
 from tests.serving.engine.test_llm_engine import TEXT, Choice, collect
 from tests.support.gpt_fixtures import scrambled_model
@@ -114,6 +123,17 @@ def test_bad_requests_are_refused_in_the_parent_and_a_ctrl_c_leaves_the_child_ru
         os.kill(engine.pid, signal.SIGINT)  # what a Ctrl-C sends the whole process group
         event = asyncio.run(first([tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=1)))
         assert event.token_id is not None and engine.alive()
+    finally:
+        engine.shutdown()
+
+
+def test_the_child_sizes_the_kv_cache_from_the_memory_free_where_it_runs(model, tok):
+    engine = process_engine(model, tok, kv_cache_memory_fraction=1e-4)
+    try:
+        blocks = engine.stats()["total_blocks"]
+        expected = kv_cache_blocks(model, SETTINGS["block_size"], torch.float32, 1e-4, free_memory("cpu"))
+        assert 0.9 < blocks / expected < 1.1  # the RAM available moves a little between the two readings
+        assert blocks != SETTINGS["num_blocks"] and engine.max_model_len == model.config.sequence_len
     finally:
         engine.shutdown()
 
