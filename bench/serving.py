@@ -1,7 +1,8 @@
 """
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
-several concurrencies; time to first token on a long shared prefix with and without the prefix cache
+several concurrencies, with its KV cache in the weights' dtype and in each of --kv-cache-dtypes (default
+bfloat16); time to first token on a long shared prefix with and without the prefix cache
 holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
@@ -12,7 +13,7 @@ with how soon the refusals (429 + Retry-After) come. It does that for each serve
 serve.transport of --transports (grpc,ray: both).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
-        [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
+        [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
         [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
@@ -152,10 +153,11 @@ async def run_engine(engine: AsyncEngine, batch: list[list[int]], max_tokens: in
     return tokens, ttft
 
 
-def concurrent(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, concurrency: int) -> Result:
+def concurrent(engine: AsyncEngine, batch: list[list[int]], max_tokens: int, concurrency: int,
+               label: str = "engine") -> Result:
     start = time.perf_counter()
-    tokens, ttft = asyncio.run(run_engine(engine, batch, max_tokens, concurrency, f"c{concurrency}"))
-    return Result(f"engine, {concurrency} concurrent", len(batch), tokens, time.perf_counter() - start, ttft)
+    tokens, ttft = asyncio.run(run_engine(engine, batch, max_tokens, concurrency, f"{label}-c{concurrency}"))
+    return Result(f"{label}, {concurrency} concurrent", len(batch), tokens, time.perf_counter() - start, ttft)
 
 
 def long_prompt(tokenizer: Tokenizer, prefix_tokens: int, seed: int, question: int) -> list[int]:
@@ -466,6 +468,8 @@ def main() -> None:
     parser.add_argument("--http-only", action="store_true", help="only the sweep through `nanochat serve`")
     parser.add_argument("--transports", default="grpc", help="serve.transport of the servers swept over HTTP, "
                         "one after the other (grpc,ray: both)")
+    parser.add_argument("--kv-cache-dtypes", default="bfloat16", help="the in-process engine also with these "
+                        "serve.kv_cache_dtype values, comma-separated ('' for none); over HTTP: --serve-set")
     parser.add_argument("--engine-cores", default="thread,process", help="serve.engine_core of the servers swept "
                         "over HTTP, one after the other: where an engine replica's engine steps")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
@@ -493,9 +497,14 @@ def main() -> None:
     batch = prompts(tokenizer, count)
     if not args.http_only:
         results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
-        engine = AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16,
-                                       max_num_seqs=max(*levels, args.n),
-                                       max_num_batched_tokens=max(512, args.prefix_tokens + 64)), max_queue=4 * count)
+
+        def engine_with(kv_cache_dtype: str) -> AsyncEngine:
+            return AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16,
+                                         max_num_seqs=max(*levels, args.n), kv_cache_dtype=kv_cache_dtype,
+                                         max_num_batched_tokens=max(512, args.prefix_tokens + 64)),
+                               max_queue=4 * count)
+
+        engine = engine_with("auto")
         try:
             asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
             for level in levels:
@@ -505,6 +514,14 @@ def main() -> None:
             shared = n_choices(engine, tokenizer, args) if args.n > 1 else None
         finally:
             engine.shutdown()
+        for kv_cache_dtype in filter(None, args.kv_cache_dtypes.split(",")):
+            engine = engine_with(kv_cache_dtype)
+            try:
+                asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
+                for level in levels:
+                    results.append(concurrent(engine, batch, args.max_tokens, level, f"engine, {kv_cache_dtype} KV"))
+            finally:
+                engine.shutdown()
         print_table("In process (ratios against nanochat's own generator, one request at a time):", results,
                     results[0].tokens_per_s, cold, warm, args)
         if scored is not None:

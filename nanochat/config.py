@@ -191,6 +191,8 @@ class ServeConfig(Section):
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunks + decodes)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weights and KV cache: auto = bfloat16 on a GPU, float32 on a CPU")
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="KV cache, and the attention that reads it: auto = serve.dtype (vLLM's kv_cache_dtype); bfloat16 under float32 weights on a CPU halves the bytes each step gathers and reads and holds twice the tokens in the same memory")
     enforce_eager: bool = Field(False, description="decode eagerly instead of replaying CUDA graphs (GPU only)")
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "

@@ -90,7 +90,14 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
 from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
-from serving.engine.model_runner import ModelRunner, PromptLogits, ServeAttention, ServeDtype, resolve_dtype
+from serving.engine.model_runner import (
+    ModelRunner,
+    PromptLogits,
+    ServeAttention,
+    ServeDtype,
+    resolve_dtype,
+    resolve_kv_dtype,
+)
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
@@ -182,7 +189,7 @@ class LLMEngine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
                  max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
-                 attention: ServeAttention = "auto"):
+                 attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto"):
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
@@ -193,7 +200,7 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
-                                  attention=attention)
+                                  attention=attention, kv_cache_dtype=kv_cache_dtype)
         self.vocab_size = model.config.vocab_size
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -467,16 +474,18 @@ def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: f
 
 
 def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float,
-                 block_size: int = 16, dtype: ServeDtype = "auto", **settings: Any) -> LLMEngine:
+                 block_size: int = 16, dtype: ServeDtype = "auto", kv_cache_dtype: ServeDtype = "auto",
+                 **settings: Any) -> LLMEngine:
     """An LLMEngine on device with serve's settings: num_blocks KV-cache blocks, or as many as fit in
     kv_cache_memory_fraction of the memory free once the model is loaded (when it is set)."""
     if kv_cache_memory_fraction:
         free = free_memory(device)
-        num_blocks = kv_cache_blocks(model, block_size, resolve_dtype(dtype, device), kv_cache_memory_fraction, free)
+        pools = resolve_kv_dtype(kv_cache_dtype, resolve_dtype(dtype, device))
+        num_blocks = kv_cache_blocks(model, block_size, pools, kv_cache_memory_fraction, free)
         logger.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, block_size,
                     kv_cache_memory_fraction, free / 2**20)
     return LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, device=device, dtype=dtype,
-                     **settings)
+                     kv_cache_dtype=kv_cache_dtype, **settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,11 @@ Notable:
   per-step gather (paged_cache.py); "sdpa" gathers each row's blocks for masked SDPA; "auto" is flex on a
   GPU and sdpa on a CPU, where flex runs uncompiled and materialises the scores over the whole pool. A
   flex runner computes one token at start, so a device where flex cannot run fails then, naming the key.
-- weights and KV pools in one dtype: "auto" is bfloat16 on a GPU (half the bytes each decode step reads,
-  and the tensor cores) and float32 on a CPU, where bfloat16 matmuls are slower; logits stay float32.
+- weights in serve.dtype: "auto" is bfloat16 on a GPU (half the bytes each decode step reads, and the
+  tensor cores) and float32 on a CPU, where bfloat16 matmuls of a few rows are slower; logits stay float32.
+  The KV pools are in serve.kv_cache_dtype ("auto": the weights' dtype; vLLM's kv_cache_dtype), and
+  attention runs in it: bfloat16 pools under float32 weights halve what a CPU gathers and reads per step
+  (attention over long contexts is memory-bound there) and hold twice the tokens in the same memory.
 """
 
 from dataclasses import dataclass
@@ -57,6 +60,15 @@ def resolve_dtype(dtype: ServeDtype, device: torch.device | str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolve_kv_dtype(kv_cache_dtype: ServeDtype, weights: torch.dtype) -> torch.dtype:
+    """The KV pools' dtype: the weights' under "auto", else the one named."""
+    if kv_cache_dtype == "auto":
+        return weights
+    if kv_cache_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of auto, float32, bfloat16")
+    return getattr(torch, kv_cache_dtype)
+
+
 def resolve_attention(attention: ServeAttention, device: torch.device | str) -> Attention:
     """The paged attention the engine runs on `device`: auto is flex on a GPU, sdpa elsewhere."""
     if attention == "auto":
@@ -84,7 +96,8 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None):
+                 enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None,
+                 kv_cache_dtype: ServeDtype = "auto"):
         """compile_flex: run flex attention compiled (default: on a GPU only)."""
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -93,7 +106,8 @@ class ModelRunner:
         graphs = self.device.type == "cuda" and not enforce_eager
         # with graphs, one block past those the block manager hands out: the graphs' scratch block
         self.cache = PagedKVCache.for_model(self.model, num_blocks + 1 if graphs else num_blocks, block_size,
-                                            attention=self.attention, compile_flex=compile_flex)
+                                            resolve_kv_dtype(kv_cache_dtype, self.dtype), attention=self.attention,
+                                            compile_flex=compile_flex)
         if self.attention == "flex":
             self._check_flex()
         self.graphs = None

@@ -158,14 +158,16 @@ class PagedView:
         tables, mask = self._keys(window)
         flat = tables.flatten()
         # index_select over whole blocks (a block as one row) copies far faster than advanced indexing
-        keys = k_pool.flatten(1).index_select(0, flat).view(B, -1, *k_pool.shape[2:]).to(q.dtype)  # (B, K, n_kv_head, D)
-        values = v_pool.flatten(1).index_select(0, flat).view(B, -1, *v_pool.shape[2:]).to(q.dtype)
-        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        keys = k_pool.flatten(1).index_select(0, flat).view(B, -1, *k_pool.shape[2:])  # (B, K, n_kv_head, D)
+        values = v_pool.flatten(1).index_select(0, flat).view(B, -1, *v_pool.shape[2:])
+        # attention runs in the pools' dtype: a bfloat16 cache is read at half the bytes, not widened first
+        out_dtype = q.dtype
+        q, keys, values = q.to(k_pool.dtype).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         if keys.size(1) != q.size(1):
             # the masked SDPA kernels do not all take GQA: give every query head its own key/value head
             keys, values = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (keys, values))
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return y.transpose(1, 2)
+        return y.transpose(1, 2).to(out_dtype)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
@@ -207,9 +209,9 @@ class PagedView:
         # fails on dynamic flex kernels, so there each new shape compiles anew (tests only)
         on_gpu = self.cache.device.type == "cuda"
         attend = _compiled_flex(None if on_gpu else False) if self.cache.compile_flex else flex_attention
-        y = attend(q.transpose(1, 2), keys, values, block_mask=self._flex_masks[window],
+        y = attend(q.to(keys.dtype).transpose(1, 2), keys, values, block_mask=self._flex_masks[window],
                    enable_gqa=keys.size(1) != q.size(2))
-        return y.transpose(1, 2)
+        return y.transpose(1, 2).to(q.dtype)
 
     def _flex_mask(self, window: int | None) -> BlockMask:
         cache, bs = self.cache, self.cache.block_size

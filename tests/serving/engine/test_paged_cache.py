@@ -9,7 +9,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
-from serving.engine.model_runner import ModelRunner, resolve_attention, resolve_dtype
+from serving.engine.model_runner import ModelRunner, resolve_attention, resolve_dtype, resolve_kv_dtype
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
 from tests.support.gpt_fixtures import scrambled_model
@@ -344,6 +344,39 @@ def test_bfloat16_runner_tracks_the_float32_forward():
     expected = ref[9:]
     relative = ((got - expected).norm() / expected.norm()).item()
     assert 0 < relative < 2e-2, relative  # not float32 (0 would mean the cast did not happen), not garbage
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_bfloat16_kv_cache_under_float32_weights_tracks_the_float32_forward(attention):
+    """kv_cache_dtype=bfloat16 keeps the weights in float32 and the pools (and the attention reading them) in
+    bfloat16: each logit row stays within bf16 rounding of the float32 full forward, through a chunked prefill
+    and teacher-forced decodes, on both attention paths."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(copy.deepcopy(model), NUM_BLOCKS, BLOCK, "cpu", kv_cache_dtype="bfloat16", attention=attention)
+    assert runner.cache.k.dtype == runner.cache.v.dtype == torch.bfloat16
+    assert {p.dtype for p in runner.model.parameters()} == {torch.float32}
+    full = random_tokens(16, random.Random(8))
+    seq = Sequence(full[:10])
+    seq.block_table = scattered_tables([len(full)], seed=4)[0]
+    runner.run([chunk_of(seq, 0, 6)], [])
+    rows = [runner.run([chunk_of(seq, 6, 4)], []).sampled[0]]
+    seq.num_cached_tokens = len(seq)
+    while len(seq) < len(full):
+        seq.token_ids.append(full[len(seq)])
+        rows.append(runner.run([], [seq]).sampled[0])
+        seq.num_cached_tokens += 1
+    got, expected = torch.stack(rows), reference(model, full)[9:]
+    assert got.dtype == torch.float32
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < relative < 2e-2, relative  # not float32 (0: the pools were not bfloat16), not garbage
+
+
+def test_kv_cache_dtype_auto_follows_the_weights():
+    assert resolve_kv_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_dtype("bfloat16", torch.float32) == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype='float16': must be one of auto, float32, bfloat16"):
+        resolve_kv_dtype("float16", torch.float32)
 
 
 def test_dtype_auto_is_bfloat16_on_gpus_only():
