@@ -115,6 +115,13 @@ def prompts(tokenizer: Tokenizer, count: int) -> list[list[int]]:
             for i in range(count)]
 
 
+def cache_blocks(batch: list[list[int]], max_tokens: int, concurrency: int) -> int:
+    """KV-cache blocks (of 16) enough for `concurrency` of the longest request at once, and for the prefix
+    TTFT's prompts: what is measured is batching, not preemption."""
+    longest = max(len(prompt) for prompt in batch) + max_tokens
+    return max(1024, concurrency * -(-longest // 16))
+
+
 def sequential(model: GPT, tokenizer: Tokenizer, batch: list[list[int]], max_tokens: int) -> Result:
     """nanochat's generator, one request at a time, greedy."""
     tokens, ttft = 0, []
@@ -391,7 +398,7 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
 
     top = max(levels)
     settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
-                "serve.num_blocks=1024", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
+                f"serve.num_blocks={cache_blocks(batch, args.max_tokens, top)}", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
                 f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
                 "serve.reload_interval_s=0", *variant] + args.serve_set
     with tempfile.TemporaryDirectory() as tmp:
@@ -499,7 +506,8 @@ def main() -> None:
         results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
 
         def engine_with(kv_cache_dtype: str) -> AsyncEngine:
-            return AsyncEngine(LLMEngine(model, tokenizer, num_blocks=1024, block_size=16,
+            blocks = cache_blocks(batch, args.max_tokens, max(levels))
+            return AsyncEngine(LLMEngine(model, tokenizer, num_blocks=blocks, block_size=16,
                                          max_num_seqs=max(*levels, args.n), kv_cache_dtype=kv_cache_dtype,
                                          max_num_batched_tokens=max(512, args.prefix_tokens + 64)),
                                max_queue=4 * count)

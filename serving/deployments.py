@@ -3,8 +3,10 @@ The Ray Serve application: an API ingress in front of engine replicas.
 
 Notable:
 - `EngineReplica` holds one continuous-batching engine (its own paged KV cache) and streams TokenEvents;
-  it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it; the engine steps on a thread of the replica or, with serve.engine_core "process", in a child process of
-  its own (serving/engine/engine_process.py)
+  it autoscales on ongoing requests, and Ray Serve's `max_queued_requests` bounds the queue in front of it.
+  The engine steps on a thread of the replica or, with serve.engine_core "process", in a child process of
+  its own (serving/engine/engine_process.py), which loads the model onto the device: the replica keeps it
+  on the CPU only until it has handed it over
 - `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
   engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
   than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
