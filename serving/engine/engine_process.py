@@ -191,7 +191,7 @@ class ProcessEngine(EngineClient):
             told_to_stop = self._stopped
         if not told_to_stop:
             logger.error("the engine process exited with code %s", code)
-            self._fail(RuntimeError(f"the engine process exited with code {code}"))
+            self._fail(RuntimeError(f"the engine process exited with code {code}"), what="engine failed")
         self._finish_running()
 
     def _finish_running(self) -> None:

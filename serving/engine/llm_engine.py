@@ -798,9 +798,10 @@ class EngineClient:
                     if not self._stopped:
                         self._post(("abort", request_id))
 
-    def _fail(self, cause: Exception) -> None:
-        """The engine failed: every accepted request ends with the error, and no new one is taken."""
-        error = RuntimeError(f"engine step failed: {cause}")
+    def _fail(self, cause: Exception, what: str = "engine step failed") -> None:
+        """The engine failed: every accepted request ends with the error (`what`: cause), and no new one is
+        taken."""
+        error = RuntimeError(f"{what}: {cause}")
         with self._lock:
             self.failure = cause
             self._stopped = True

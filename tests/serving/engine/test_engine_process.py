@@ -168,7 +168,7 @@ def test_a_killed_engine_process_ends_every_stream_with_an_error_and_takes_no_mo
         results = asyncio.run(main())
         for tokens, error in results:
             assert 0 < tokens < 4000
-            assert "the engine process exited with code -9" in str(error)
+            assert str(error) == "engine failed: the engine process exited with code -9"
         assert not engine.alive() and not engine.core_running()
         assert engine.unfinished() == 0
         with pytest.raises(EngineStopped, match="failed"):
