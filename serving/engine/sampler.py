@@ -63,7 +63,8 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     logits = adjust_logits(logits.float(), params, output_ids, prompt_ids)
     if mask is not None and mask.rows:
         logits = logits.index_add(0, torch.tensor(mask.rows, device=logits.device), mask.bias.to(logits.device))
-    greedy = logits.argmax(dim=-1)
+    # max's indices are argmax's (the first maximal one), and a CPU computes them several times faster
+    greedy = logits.max(dim=-1).indices
     # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
     sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if not sampled:
