@@ -13,8 +13,8 @@ with how soon the refusals (429 + Retry-After) come. It does that for each serve
 serve.transport of --transports (grpc,ray: both).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
-        [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only] [--transports grpc,ray]
-        [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
+        [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]
+        [--transports grpc,ray] [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
 4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.

@@ -296,10 +296,15 @@ def restore_rng_state(state: dict) -> None:
 
 def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> GPT:
     """The GPT a checkpoint describes (meta["model_config"]), with its weights, in eval mode."""
-    config = GPTConfig(**ckpt.meta["model_config"])
+    return model_from_state(ckpt.meta["model_config"], ckpt.model_state, device)
+
+
+def model_from_state(model_config: dict, model_state: dict[str, torch.Tensor],
+                     device: str | torch.device = "cpu") -> GPT:
+    """A GPT of this config (GPTConfig's fields) with these weights, built on device, in eval mode."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(GPTConfig(**model_config))
     model.to_empty(device=device)
     model.init_weights()  # buffers that are not saved (rotary tables); the weights are overwritten below
-    model.load_state_dict(ckpt.model_state)
+    model.load_state_dict(model_state)
     return model.eval()

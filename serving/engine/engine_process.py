@@ -37,7 +37,8 @@ from typing import IO, Any
 
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.checkpoint import model_from_state
+from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import Delivery, EngineClient, EngineCore, RequestCheck, build_engine
 
@@ -214,15 +215,6 @@ class ProcessEngine(EngineClient):
 # ---------------------------------------------------------------------------------------------- the child
 
 
-def _model(config: dict, state: dict[str, torch.Tensor], device: str) -> GPT:
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    model.to_empty(device=device)
-    model.init_weights()  # buffers that are not saved (rotary tables); the weights are overwritten below
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the replica decides when this process ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -240,7 +232,7 @@ def main() -> None:
     spec = receive(commands)
     try:
         torch.set_num_threads(spec["threads"])
-        model = _model(spec["config"], spec.pop("state"), spec["device"])
+        model = model_from_state(spec["config"], spec.pop("state"), spec["device"])
         engine = build_engine(model, Tokenizer.from_json(spec["tokenizer"]), spec["device"], **spec["engine"])
     except Exception as e:
         logger.exception("building the engine failed")
