@@ -378,8 +378,9 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
         graceful_shutdown_timeout_s=s.drain_timeout_s,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(source, s.model_dump())
-    bound = s.ingress_max_ongoing_requests
-    ingress = Ingress.options(max_ongoing_requests=bound, max_queued_requests=bound,
+    # No queue bound in front of the ingress: Serve counts a burst's requests as queued until each is
+    # assigned to a replica, and past a bound its proxy answers a plain-text 503, not the API's 429.
+    ingress = Ingress.options(max_ongoing_requests=s.ingress_max_ongoing_requests, max_queued_requests=-1,
                               graceful_shutdown_timeout_s=s.drain_timeout_s)
     return ingress.bind(engine, no_model_hint(cfg, source), s.model_dump(), api_keys_from_env())
 

@@ -153,7 +153,7 @@ def test_metrics_are_exported_through_ray(server, client):
 def test_the_ingress_admits_what_the_engines_can_run_or_queue():
     """Ray Serve admits 5 requests at a time into a replica unless told otherwise, and holds the rest in its
     proxy unanswered: the API ingress must admit what all engine replicas can run or queue, so that the
-    engines batch up to their bound and refuse past it (the next test sends 40 at once and sees the 429s).
+    engines batch up to their bound and refuse past it (the next test sends 200 at once and sees the 429s).
     Read from the application as deployed; a sampled gauge raced Ray's metrics export."""
     from serving.deployments import build_app
     from serving.model_source import ModelSource
@@ -163,17 +163,19 @@ def test_the_ingress_admits_what_the_engines_can_run_or_queue():
     (engine,) = [a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")]
     assert (engine._deployment_config.max_ongoing_requests, engine._deployment_config.max_queued_requests) == (8, 8)
     bound = ingress._deployment_config.max_ongoing_requests
-    assert bound >= (8 + 8) * 3 and ingress._deployment_config.max_queued_requests >= 0
+    assert bound >= (8 + 8) * 3 and ingress._deployment_config.max_queued_requests == -1
 
 
 def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
-    """The engine replica runs 8 requests and queues 8 (the fixture's settings): of 40 sent at once, those
+    """The engine replica runs 8 requests and queues 8 (the fixture's settings): of 200 sent at once, those
     past that bound are answered 429 with Retry-After, as without Ray, sooner than the admitted ones finish
     (not left waiting in Serve's proxy), and the admitted ones complete. How soon is a figure of
-    `python -m bench.serving --http`, not a timed assertion.
+    `python -m bench.serving --http`, not a timed assertion. 200 is more than the ingress runs and Serve's
+    proxy could queue in front of it with a bound (32 and 32 here): Serve counts a burst's requests as queued
+    until each is assigned, and past a bound its proxy answers a plain-text 503 instead of our 429.
 
-    "At once" is made exact: the 40 connections are opened first and the requests written one after the
-    other from one thread, so they reach the server within milliseconds rather than as 40 client threads
+    "At once" is made exact: the 200 connections are opened first and the requests written one after the
+    other from one thread, so they reach the server within milliseconds rather than as 200 client threads
     get the CPU. Every reply is 160 tokens long (min_tokens), most of the fixture's 12-block cache, so the
     engine runs one at a time and the admitted requests hold their places well past the arrivals: with
     the model's own short replies a fast CPU finished the first ones while the server was still taking
@@ -181,7 +183,7 @@ def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
     host, port = server["base"].removeprefix("http://").split(":")
     body = json.dumps({"model": "nanochat", "max_tokens": 160, "min_tokens": 160,
                        "messages": [{"role": "user", "content": "Hello"}]})
-    connections = [http.client.HTTPConnection(host, int(port), timeout=120) for _ in range(40)]
+    connections = [http.client.HTTPConnection(host, int(port), timeout=120) for _ in range(200)]
     for connection in connections:
         connection.connect()
     sent = []
@@ -191,18 +193,22 @@ def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
 
     def answer(index: int) -> tuple[int, float, str | None]:
         response = connections[index].getresponse()
-        reply = json.loads(response.read())
+        text = response.read()
+        if response.status not in (200, 429):
+            return response.status, time.monotonic() - sent[index], text.decode(errors="replace")
+        reply = json.loads(text)
         if response.status == 200:
             assert reply["choices"][0]["message"]["content"] is not None and reply["usage"]["completion_tokens"] == 160
         return response.status, time.monotonic() - sent[index], response.getheader("Retry-After")
 
-    with ThreadPoolExecutor(40) as pool:
-        results = list(pool.map(answer, range(40)))
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(answer, range(200)))
     for connection in connections:
         connection.close()
     admitted = [seconds for status, seconds, _ in results if status == 200]
     refused = [(seconds, retry) for status, seconds, retry in results if status == 429]
-    assert len(admitted) + len(refused) == 40, results  # nothing else: no 500, no 503 from Serve's proxy
+    others = [result for result in results if result[0] not in (200, 429)]
+    assert not others, others  # nothing else: no 500, no 503 from Serve's proxy
     assert len(admitted) >= 1 and len(refused) >= 10 and all(retry == "1" for _, retry in refused), results
     assert statistics.median(seconds for seconds, _ in refused) < statistics.median(admitted), results
 
