@@ -180,6 +180,10 @@ class EvalConfig(Section):
     loss_tokens: int = Field(1_048_576, ge=1, description="tokens per split for `eval loss`")
 
 
+# the API ingress's default bound on requests at once: none in effect (Ray Serve LLM's ingress default)
+UNBOUNDED_INGRESS = 10**9
+
+
 class ServeConfig(Section):
     model_name: str = Field("nanochat", description="the model id the API answers to (/v1/models)")
     stage: str = Field("sft", description="serve the newest checkpoint of this stage when --model is not given")
@@ -206,7 +210,7 @@ class ServeConfig(Section):
     target_ongoing_requests: int = Field(8, ge=1, description="autoscaling target per engine replica")
     max_ongoing_requests: int = Field(32, ge=1, description="Ray Serve's per-replica cap; near the batch size")
     max_queued_requests: int = Field(64, ge=-1, description="Ray Serve's queue bound per engine replica, past which a request gets a 429 (-1: unbounded)")
-    api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once; Serve's proxy holds the rest until it has room (0: twice what the engine replicas can run or queue, 2 x (max_ongoing_requests + max_queued_requests) x max_replicas, so that requests past the engines' bound reach it and get a 429 with Retry-After; Ray Serve's own default, 5, would hold the rest in its proxy unanswered)")
+    api_max_ongoing_requests: int = Field(0, ge=0, description="requests the API ingress replica handles at once; Serve's proxy holds the rest until it has room (0: no bound, as Ray Serve LLM's ingress: the ingress is asynchronous and answers a request past the engines' bound with a 429 and Retry-After at once, while one waiting in Serve's proxy for room gets no answer; Ray Serve's own default is 5)")
     drain_timeout_s: float = Field(30, ge=0, description="on shutdown (SIGTERM), how long requests in flight may go on finishing while new ones get 503 with Retry-After; those still running then end with an error event (Ray Serve's graceful_shutdown_timeout_s of both deployments)")
     stream_interval_s: float = Field(0.0, ge=0, description="least time between two messages of one stream from an engine replica to the API (the first token and the end go at once); each carries every token made meanwhile, and the API sends them as one SSE chunk per choice: fewer, larger messages through Ray's hops and fewer chunks for the client to parse, for many concurrent streams on few cores, at the cost of a burstier stream (0: one message per engine step)")
     transport: Literal["grpc", "ray"] = Field("grpc", description="how requests and their token streams travel between Serve's HTTP proxy, the API replica and the engine replicas: grpc = Ray Serve's direct gRPC channels between replicas (fewer copies and hops per message); ray = Ray actor calls with object-store streaming generators (Serve's default). `nanochat serve` sets the proxy's side on the embedded cluster; on a cluster it started, the proxy follows RAY_SERVE_PROXY_USE_GRPC in the Ray pods' environment (the chart sets it)")
@@ -216,11 +220,8 @@ class ServeConfig(Section):
 
     @property
     def ingress_max_ongoing_requests(self) -> int:
-        """api_max_ongoing_requests, or by default twice what the engine replicas run or queue: the other
-        half are the requests past the engines' bound, answered 429 at once."""
-        if self.api_max_ongoing_requests:
-            return self.api_max_ongoing_requests
-        return 2 * (self.max_ongoing_requests + max(self.max_queued_requests, 0)) * self.max_replicas
+        """api_max_ongoing_requests, or by default no bound (Ray Serve takes a very large number)."""
+        return self.api_max_ongoing_requests or UNBOUNDED_INGRESS
 
 
 class JaxConfig(Section):

@@ -8,9 +8,10 @@ Notable:
   its own (serving/engine/engine_process.py), which loads the model onto the device: the replica keeps it
   on the CPU only until it has handed it over
 - `Ingress` builds the same FastAPI app the tests run without Ray (`serving/api/app.py`), talking to the
-  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); it admits more requests
-  than the engines can take or queue (serve.api_max_ongoing_requests), so overload meets their bound and
-  gets a 429 with Retry-After, as it does without Ray
+  engine replicas through a handle that looks like an AsyncEngine (`RemoteEngine`); by default it admits
+  every request at once (serve.api_max_ongoing_requests 0, as Ray Serve LLM's ingress), so overload meets
+  the engines' bound and gets a 429 with Retry-After, as it does without Ray, instead of waiting in Serve's
+  proxy for room in the ingress
 - tokens travel from a replica to the ingress in lists, one message per engine step (or more steps when
   the ingress fell behind), not one per token; with serve.transport "grpc" the messages go over Serve's
   gRPC channels between replicas instead of the object store (the per-request and per-message cost of the
@@ -378,8 +379,9 @@ def build_app(cfg: Config, source: ModelSource) -> serve.Application:
         graceful_shutdown_timeout_s=s.drain_timeout_s,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(source, s.model_dump())
-    # No queue bound in front of the ingress: Serve counts a burst's requests as queued until each is
-    # assigned to a replica, and past a bound its proxy answers a plain-text 503, not the API's 429.
+    # No queue bound in front of the ingress either (with api_max_ongoing_requests set): Serve counts a
+    # burst's requests as queued until each is assigned, and past a bound its proxy answers a plain-text
+    # 503, not the API's 429.
     ingress = Ingress.options(max_ongoing_requests=s.ingress_max_ongoing_requests, max_queued_requests=-1,
                               graceful_shutdown_timeout_s=s.drain_timeout_s)
     return ingress.bind(engine, no_model_hint(cfg, source), s.model_dump(), api_keys_from_env())

@@ -150,29 +150,36 @@ def test_metrics_are_exported_through_ray(server, client):
         assert name in text, name
 
 
-def test_the_ingress_admits_what_the_engines_can_run_or_queue():
+def test_the_ingress_admits_every_request_at_once_unless_bounded():
     """Ray Serve admits 5 requests at a time into a replica unless told otherwise, and holds the rest in its
-    proxy unanswered: the API ingress must admit what all engine replicas can run or queue, so that the
-    engines batch up to their bound and refuse past it (the next test sends 200 at once and sees the 429s).
-    Read from the application as deployed; a sampled gauge raced Ray's metrics export."""
+    proxy unanswered: the API ingress admits every request at once (as Ray Serve LLM's), so that the
+    engines batch up to their bound and the ingress refuses past it (the next test sends 200 at once and
+    sees the 429s); api_max_ongoing_requests bounds it, with no queue bound in front (whose overflow Serve's
+    proxy would answer with a plain-text 503). Read from the application as deployed."""
     from serving.deployments import build_app
     from serving.model_source import ModelSource
 
-    cfg = load_config(overrides=["serve.max_ongoing_requests=8", "serve.max_queued_requests=8", "serve.max_replicas=3"])
-    ingress = build_app(cfg, ModelSource("/nowhere", "default", "sft"))._bound_deployment
-    (engine,) = [a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")]
-    assert (engine._deployment_config.max_ongoing_requests, engine._deployment_config.max_queued_requests) == (8, 8)
-    bound = ingress._deployment_config.max_ongoing_requests
-    assert bound >= (8 + 8) * 3 and ingress._deployment_config.max_queued_requests == -1
+    def deployments(*overrides: str) -> tuple:
+        cfg = load_config(overrides=["serve.max_ongoing_requests=8", "serve.max_queued_requests=8", *overrides])
+        ingress = build_app(cfg, ModelSource("/nowhere", "default", "sft"))._bound_deployment
+        (engine,) = [a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")]
+        return ingress._deployment_config, engine._deployment_config
+
+    ingress, engine = deployments("serve.max_replicas=3")
+    assert (engine.max_ongoing_requests, engine.max_queued_requests) == (8, 8)
+    assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (10**9, -1)
+    ingress, _ = deployments("serve.api_max_ongoing_requests=100")
+    assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (100, -1)
 
 
 def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
     """The engine replica runs 8 requests and queues 8 (the fixture's settings): of 200 sent at once, those
     past that bound are answered 429 with Retry-After, as without Ray, sooner than the admitted ones finish
     (not left waiting in Serve's proxy), and the admitted ones complete. How soon is a figure of
-    `python -m bench.serving --http`, not a timed assertion. 200 is more than the ingress runs and Serve's
-    proxy could queue in front of it with a bound (32 and 32 here): Serve counts a burst's requests as queued
-    until each is assigned, and past a bound its proxy answers a plain-text 503 instead of our 429.
+    `python -m bench.serving --http`, not a timed assertion. With 200 at once, an ingress that admitted 32 at a
+    time and queued 32 in Serve's proxy answered plain-text 503s (Serve counts a burst's requests as queued
+    until each is assigned), and with no queue bound the refusals waited their turn in the proxy for
+    longer than the admitted requests ran, on a loaded machine.
 
     "At once" is made exact: the 200 connections are opened first and the requests written one after the
     other from one thread, so they reach the server within milliseconds rather than as 200 client threads
