@@ -813,11 +813,13 @@ def test_serve_import_path_builds_our_app_from_the_chart_args(helm, values, stor
     assert serve_cfg["num_gpus"] == app["deployments"][0]["ray_actor_options"]["num_gpus"]
     assert serve_cfg["num_cpus"] == app["deployments"][0]["ray_actor_options"]["num_cpus"]
     assert source.storage == str(storage_with_tokenizer)
-    # the ingress admits more than the engines can run or queue, so that their bound answers an overload (429)
+    # the ingress admits more than the engines can run or queue, so that their bound answers an overload (429),
+    # and Serve's proxy bounds no queue in front of it (whose overflow would get a plain-text 503)
     engine_config = app["deployments"][0]
     capacity = (engine_config["max_ongoing_requests"] + max(engine_config["max_queued_requests"], 0)) \
         * engine_config["autoscaling_config"]["max_replicas"]
-    assert deployments["api"].max_ongoing_requests == 2 * capacity
+    api = deployments["api"]._deployment_config
+    assert api.max_ongoing_requests > 2 * capacity and api.max_queued_requests == -1
     if values == "all-features":
         assert (source.run, source.stage) == ("ci", "sft")
     else:
