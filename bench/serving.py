@@ -512,11 +512,14 @@ def main() -> None:
                                          max_num_batched_tokens=max(512, args.prefix_tokens + 64)),
                                max_queue=4 * count)
 
+        def sweep(engine: AsyncEngine, label: str) -> None:
+            """Warm the engine up, then time it at every concurrency level."""
+            asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
+            results.extend(concurrent(engine, batch, args.max_tokens, level, label) for level in levels)
+
         engine = engine_with("auto")
         try:
-            asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
-            for level in levels:
-                results.append(concurrent(engine, batch, args.max_tokens, level))
+            sweep(engine, "engine")
             cold, warm, scored = prefix_ttft(engine, tokenizer, args.prefix_tokens, args.prefix_repeats,
                                              args.score_prompt)
             shared = n_choices(engine, tokenizer, args) if args.n > 1 else None
@@ -525,9 +528,7 @@ def main() -> None:
         for kv_cache_dtype in filter(None, args.kv_cache_dtypes.split(",")):
             engine = engine_with(kv_cache_dtype)
             try:
-                asyncio.run(run_engine(engine, batch[:2], 4, 2, "warmup"))
-                for level in levels:
-                    results.append(concurrent(engine, batch, args.max_tokens, level, f"engine, {kv_cache_dtype} KV"))
+                sweep(engine, f"engine, {kv_cache_dtype} KV")
             finally:
                 engine.shutdown()
         print_table("In process (ratios against nanochat's own generator, one request at a time):", results,

@@ -8,8 +8,9 @@ Notable:
   config and CPU weights: the parent never puts the model on the GPU), the tokenizer and the engine's
   settings, then commands: ("add", id, prompt, params, arrival), ("abort", id), ("stop",). The child builds
   the LLMEngine on its device (the KV cache sized there from free memory when a fraction is set) and runs
-  an EngineCore; up its stdout it answers ("ready", RequestCheck, stats) once, then ("step", events by
-  request, stats, metric calls) per step, or ("failed", why, metric calls) when a step fails.
+  an EngineCore; up its stdout it answers ("ready", RequestCheck, stats) once (or ("error", why) when it
+  cannot build the engine), then ("step", events by request, stats, metric calls) per step, or ("failed",
+  why, metric calls) when a step fails.
 - frames are pickles behind an 8-byte length. The child moves its fd 1 to stderr first, so a stray print
   (or a library's) lands in the replica's log instead of corrupting the stream.
 - metrics: the child's EngineCore records into a CallLog that writes each call down; the parent makes the

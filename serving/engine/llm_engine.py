@@ -473,7 +473,7 @@ def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: f
     return blocks
 
 
-def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float,
+def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float = 0.0,
                  block_size: int = 16, dtype: ServeDtype = "auto", kv_cache_dtype: ServeDtype = "auto",
                  **settings: Any) -> LLMEngine:
     """An LLMEngine on device with serve's settings: num_blocks KV-cache blocks, or as many as fit in

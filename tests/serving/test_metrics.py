@@ -123,7 +123,7 @@ def test_an_engine_run_exports_its_usage_and_cache_numbers(engine_parts, engine_
     # 12 blocks of 4 are too few for three requests of ~30 tokens at once: preemptions happen
     settings = dict(num_blocks=12, block_size=4, max_num_batched_tokens=64)
     if engine_core == "process":
-        engine = ProcessEngine(model, tok, "cpu", {**settings, "kv_cache_memory_fraction": 0}, metrics=recorder)
+        engine = ProcessEngine(model, tok, "cpu", settings, metrics=recorder)
     else:
         engine = AsyncEngine(LLMEngine(model, tok, **settings), metrics=recorder)
     prompt = tok.encode("the quick brown fox jumps over the lazy dog", prepend="<|bos|>")

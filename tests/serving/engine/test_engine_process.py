@@ -45,7 +45,7 @@ def model(tok) -> GPT:
 
 
 def process_engine(model: GPT, tok: Tokenizer, **settings) -> ProcessEngine:
-    return ProcessEngine(model, tok, "cpu", {**SETTINGS, "kv_cache_memory_fraction": 0, **settings})
+    return ProcessEngine(model, tok, "cpu", {**SETTINGS, **settings})
 
 
 REQUESTS = [
