@@ -6,7 +6,8 @@ Checks (relative error ||got - ref|| / ||ref|| unless said otherwise):
 - forward: logits on the GPU, fp32 (TF32 off) and bf16 autocast (what training runs), against float64 on the CPU
 - kv_cache: the inference path (forward_cached through nanochat/kv_cache.py) against the full forward, fp32
 - paged: the serving runner (paged KV cache, chunked prefill, then decodes, replayed as CUDA graphs on a GPU)
-  against the float32 full forward, serving in float32 and in bfloat16 (serve.dtype auto on a GPU)
+  against the float32 full forward, serving in float32 and in bfloat16 (serve.dtype auto on a GPU), and in
+  bfloat16 with the window layers' KV in a pool of their own (serve.hybrid_kv_cache)
 - train_step: one optimizer step (bf16 autocast, Muon in bf16) against the same step in float32 on the CPU:
   the loss, and the parameter change
 Throughput:
@@ -118,18 +119,22 @@ def check_kv_cache(config: GPTConfig, device: torch.device) -> dict[str, float]:
 
 
 def check_paged(config: GPTConfig, device: torch.device) -> dict[str, float]:
-    """Two sequences: a prompt prefilled in two chunks, then teacher-forced decodes of both together."""
+    """Two sequences: a prompt prefilled in two chunks, then teacher-forced decodes of both together; last
+    with the window layers' KV in a pool of their own, whose blocks behind the window are given back."""
     model = scrambled(config, device)
+    window = max(w for w in model.window_sizes if w is not None)
     tokens = torch.randint(0, config.vocab_size, (2, 64)).tolist()
     with torch.no_grad():
         refs = [model(torch.tensor([t], device=device))[0] for t in tokens]
     results = {}
-    for dtype, attention in (("float32", "sdpa"), ("float32", "flex"), ("bfloat16", "auto")):
+    for dtype, attention, window_pool in (("float32", "sdpa", False), ("float32", "flex", False),
+                                          ("bfloat16", "auto", False), ("bfloat16", "auto", True)):
         runner = ModelRunner(copy.deepcopy(model), num_blocks=16, block_size=16, device=device, dtype=dtype,
-                             attention=attention)
+                             attention=attention, num_window_blocks=16 if window_pool else 0)
         seqs = [Sequence(t[:40]) for t in tokens]
         for i, seq in enumerate(seqs):
             seq.block_table = list(range(8 * i, 8 * i + 4))
+            seq.window_table = list(range(8 * i + 4, 8 * i + 8)) if window_pool else []
         got: list[list[torch.Tensor]] = [[], []]
         first = runner.run([PrefillChunk(s, 0, 24, samples=False) for s in seqs], []).sampled
         assert first.shape[0] == 0
@@ -140,13 +145,16 @@ def check_paged(config: GPTConfig, device: torch.device) -> dict[str, float]:
         while len(seqs[0]) < 64:
             for i, seq in enumerate(seqs):
                 seq.token_ids.append(tokens[i][len(seq)])
+                behind = max(0, seq.num_cached_tokens - window) // 16 if window_pool else 0
+                seq.window_table[:behind] = [-1] * behind  # as the block manager gives them back
             rows = runner.run([], seqs).sampled
             for i, seq in enumerate(seqs):
                 got[i].append(rows[i])
                 seq.num_cached_tokens += 1
         stacked = torch.cat([torch.stack(g) for g in got])
         expected = torch.cat([ref[39:] for ref in refs])
-        results[f"paged_{dtype}_{runner.attention}_vs_full_fp32"] = relative(stacked, expected)
+        name = f"paged_{dtype}_{runner.attention}{'_window_pool' if window_pool else ''}_vs_full_fp32"
+        results[name] = relative(stacked, expected)
     return results
 
 

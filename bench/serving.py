@@ -45,6 +45,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,9 +77,10 @@ class Result:
         return statistics.median(self.ttft) if self.ttft else float("nan")
 
 
-def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int) -> GPT:
-    """A d<depth> GPT with random weights everywhere (nanochat's init zeroes output projections)."""
-    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len))
+def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int, **config: Any) -> GPT:
+    """A d<depth> GPT (config: more of GPTConfig.from_depth's settings) with random weights everywhere
+    (nanochat's init zeroes output projections)."""
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len, **config))
     torch.manual_seed(0)
     model.init_weights()
     with torch.no_grad():

@@ -197,6 +197,7 @@ class ServeConfig(Section):
         "auto", description="weights and KV cache: auto = bfloat16 on a GPU, float32 on a CPU")
     kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="KV cache, and the attention that reads it: auto = serve.dtype (vLLM's kv_cache_dtype); bfloat16 under float32 weights on a CPU halves the bytes each step gathers and reads and holds twice the tokens in the same memory")
+    hybrid_kv_cache: bool = Field(True, description="sliding-window layers keep only their window: their keys and values live in a pool of their own, sized so it never runs short, and the blocks behind a sequence's window go back to it, leaving the full-context layers more blocks in the same memory (vLLM's hybrid KV cache manager; false: every layer keeps every token, as vLLM's --disable-hybrid-kv-cache-manager). Only for models with window layers, and only when the split gives the full-context layers more blocks")
     enforce_eager: bool = Field(False, description="decode eagerly instead of replaying CUDA graphs (GPU only)")
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "

@@ -194,7 +194,8 @@ class EngineReplica:
         settings = dict(num_blocks=cfg.num_blocks, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
                         block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, dtype=cfg.dtype,
-                        kv_cache_dtype=cfg.kv_cache_dtype, enforce_eager=cfg.enforce_eager, attention=cfg.attention)
+                        kv_cache_dtype=cfg.kv_cache_dtype, enforce_eager=cfg.enforce_eager, attention=cfg.attention,
+                        hybrid_kv_cache=cfg.hybrid_kv_cache)
         if cfg.engine_core == "process":
             engine = ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
                                    metrics=self.metrics, threads=max(1, int(cfg.num_cpus)))

@@ -5,9 +5,10 @@ So the decode forward is captured once per batch-size bucket and each step repla
 
 Notable:
 - a graph has fixed shapes, so every row attends over the longest context the engine allows (max_model_len in
-  whole blocks): block tables are padded with a scratch block, one past those the block manager hands out,
-  and the causal mask hides everything past a row's position. Padding rows decode token 0 at position 0 and
-  write only into the scratch block.
+  whole blocks): block tables are padded with a scratch block, the last block of each pool (one past those
+  the block manager hands out), and the causal mask hides everything past a row's position. Padding rows
+  decode token 0 at position 0 and write only into the scratch blocks. A window pool's table comes after
+  the full one's; its entries behind the window (-1) read block 0 and are masked by the window.
 - that full-context attention is why graphs serve only small batches: batch sizes are bucketed (1, 2, 4, 8)
   and a step of n <= 8 decodes replays the smallest bucket >= n, the rows past n being padding; larger
   batches run eagerly: with graphs for large batches every row would attend over max_model_len keys
@@ -41,17 +42,15 @@ class DecodeGraphs:
     """The decode forward over static input buffers: one CUDA graph per batch bucket, or (capture=False) run
     eagerly through the same buffers."""
 
-    def __init__(self, model: GPT, cache: PagedKVCache, scratch_block: int, max_num_seqs: int,
-                 max_model_len: int, capture: bool):
-        if not 0 <= scratch_block < cache.num_blocks:
-            raise ValueError(f"scratch block {scratch_block} is not in the cache's {cache.num_blocks} blocks")
-        self.model, self.cache, self.scratch = model, cache, scratch_block
+    def __init__(self, model: GPT, cache: PagedKVCache, max_num_seqs: int, max_model_len: int, capture: bool):
+        self.model, self.cache = model, cache
+        self.scratch = [pool.num_blocks - 1 for pool in cache.pools]  # each pool's last block (module docstring)
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = batch_buckets(min(max_num_seqs, MAX_GRAPH_BATCH))
         device, B = cache.device, self.buckets[-1]
         # one buffer, one copy per step: column 0 the token, 1 its position, 2 the token before it (smear reads
-        # it), then the block table
-        self.inputs = torch.zeros(B, 3 + self.max_blocks, dtype=torch.long, device=device)
+        # it), then the block table of each pool
+        self.inputs = torch.zeros(B, 3 + self.max_blocks * len(cache.pools), dtype=torch.long, device=device)
         self.ones = torch.ones(B, dtype=torch.long, device=device)  # every row computes one new token
         self.real = torch.arange(B, device=device)  # every row is a real new token: its flat index is its row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -76,20 +75,25 @@ class DecodeGraphs:
     def _host_inputs(self, seqs: list[Sequence], bucket: int) -> Tensor:
         rows = []
         for seq in seqs:
-            table = seq.block_table + [self.scratch] * (self.max_blocks - len(seq.block_table))
-            rows.append([seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0, *table])
-        rows += [[0, 0, 0] + [self.scratch] * self.max_blocks] * (bucket - len(seqs))
+            tables = [seq.block_table, seq.window_table][: len(self.scratch)]
+            padded = [b for table, scratch in zip(tables, self.scratch, strict=True)
+                      for b in table + [scratch] * (self.max_blocks - len(table))]
+            rows.append([seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0, *padded])
+        padding = [b for scratch in self.scratch for b in [scratch] * self.max_blocks]
+        rows += [[0, 0, 0, *padding]] * (bucket - len(seqs))
         host = torch.tensor(rows, dtype=torch.long)
         return host.pin_memory() if self.cache.device.type == "cuda" else host  # pinned: the copy is async
 
     def _forward(self, bucket: int) -> Tensor:
-        inputs = self.inputs[:bucket]
-        view = PagedView(self.cache, inputs[:, 3:], inputs[:, 1], self.ones[:bucket], 1, self.real[:bucket],
+        inputs, n = self.inputs[:bucket], self.max_blocks
+        tables = [inputs[:, 3 + i * n : 3 + (i + 1) * n] for i in range(len(self.scratch))]
+        view = PagedView(self.cache, tables, inputs[:, 1], self.ones[:bucket], 1, self.real[:bucket],
                          self.max_blocks * self.cache.block_size)
         return self.model.forward_cached(inputs[:, :1], view, prev_idx=inputs[:, 2])
 
     def _capture(self) -> None:
-        self.inputs[:, 3:] = self.scratch  # every row padding while capturing: only the scratch block is written
+        for i, scratch in enumerate(self.scratch):  # every row padding while capturing: only scratch blocks are written
+            self.inputs[:, 3 + i * self.max_blocks : 3 + (i + 1) * self.max_blocks] = scratch
         pool = None
         for bucket in reversed(self.buckets):
             stream = torch.cuda.Stream()

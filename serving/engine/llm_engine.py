@@ -88,7 +88,7 @@ import torch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
-from serving.engine.block_manager import BlockManager
+from serving.engine.block_manager import BlockManager, window_pool_blocks
 from serving.engine.grammar import Grammars
 from serving.engine.model_runner import (
     ModelRunner,
@@ -189,18 +189,26 @@ class LLMEngine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
                  max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
-                 attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto"):
+                 attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto", hybrid_kv_cache: bool = True):
+        """num_blocks: the KV cache's size, in blocks of every layer's keys and values for block_size tokens;
+        hybrid_kv_cache: sliding-window layers keep only their window, in a pool of their own, when that
+        leaves the full-context layers more blocks (kv_cache_split)."""
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
         self.tokenizer = tokenizer
-        self.block_manager = BlockManager(num_blocks, block_size)
+        split = kv_cache_split(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+                               max_model_len) if hybrid_kv_cache else None
+        window, num_window_blocks = (split.window, split.num_window_blocks) if split else (None, 0)
+        num_blocks = split.num_full_blocks if split else num_blocks
+        self.block_manager = BlockManager(num_blocks, block_size, window, num_window_blocks)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # a sequence can never outgrow the cache, whatever the model would accept
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
-                                  attention=attention, kv_cache_dtype=kv_cache_dtype)
+                                  attention=attention, kv_cache_dtype=kv_cache_dtype,
+                                  num_window_blocks=num_window_blocks)
         self.vocab_size = model.config.vocab_size
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
@@ -391,6 +399,9 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "free_blocks": bm.num_free_blocks,
             "total_blocks": bm.num_blocks,
+            # the sliding-window layers' pool, when they keep only their window (0 and 0 otherwise)
+            "free_window_blocks": len(bm.window_pool.free_blocks) if bm.window_pool else 0,
+            "total_window_blocks": bm.window_pool.num_blocks if bm.window_pool else 0,
         }
 
 
@@ -471,6 +482,41 @@ def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: f
         raise ValueError(f"serve.kv_cache_memory_fraction={fraction} of the {free_bytes / 2**20:.0f} MiB free holds "
                          f"{blocks} KV-cache blocks of {per_block / 2**20:.2f} MiB; the engine needs at least 2")
     return blocks
+
+
+@dataclass(frozen=True)
+class KVCacheSplit:
+    """The KV cache split between the full-context layers' pool and the sliding-window layers' one."""
+
+    window: int  # the window layers' window, in tokens (the widest, if they differ)
+    num_window_blocks: int  # the window layers' pool, in blocks of those layers
+    num_full_blocks: int  # the full-context layers' pool, in blocks of those layers
+
+
+def kv_cache_split(model: GPT, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                   max_model_len: int | None = None) -> KVCacheSplit | None:
+    """How the memory of num_blocks blocks (every layer's KV for block_size tokens each) splits when the
+    sliding-window layers keep only their window. In proportion to what a sequence of the longest
+    context holds in each pool (its whole context in the full layers' one, its last window in the
+    window layers'), so the window pool keeps the last windows of as many cached sequences as the full
+    pool keeps whole ones (a prefix hit needs both); but never fewer than window_pool_blocks, which the
+    running sequences may need. None when the model has no window layer or the split would not give
+    the full layers more blocks than num_blocks."""
+    windows = [w for w in model.window_sizes if w is not None]
+    if not windows:
+        return None
+    window, n_window, n_layer = max(windows), len(windows), model.config.n_layer
+    n_full, layer_blocks = n_layer - n_window, num_blocks * n_layer  # the memory, in blocks of one layer
+    context = -(-(max_model_len or model.config.sequence_len) // block_size)  # blocks of the longest sequence
+    last_window = min(context, (window - 1) // block_size + 2)  # blocks its last window spans
+    num_full_blocks = layer_blocks * context // (n_full * context + n_window * last_window)
+    num_window_blocks = (layer_blocks - num_full_blocks * n_full) // n_window
+    needed = window_pool_blocks(window, block_size, max_num_seqs, max_num_batched_tokens)
+    if num_window_blocks < needed:
+        num_window_blocks, num_full_blocks = needed, (layer_blocks - needed * n_window) // n_full
+    if num_full_blocks <= num_blocks:
+        return None
+    return KVCacheSplit(window, num_window_blocks, num_full_blocks)
 
 
 def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float = 0.0,

@@ -19,8 +19,10 @@ Notable:
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
-  enforce_eager; the pools then hold one block more than the block manager hands out, the graphs' scratch
-  block.
+  enforce_eager; each pool then holds one block more than the block manager hands out, the graphs'
+  scratch block.
+- with num_window_blocks, the sliding-window layers keep their KV in a window pool of their own, read
+  through each sequence's window_table (block_manager.py's window group).
 - attention (serve.attention): "flex" reads the pools in place through FlexAttention, compiled, with no
   per-step gather (paged_cache.py); "sdpa" gathers each row's blocks for masked SDPA; "auto" is flex on a
   GPU and sdpa on a CPU, where flex runs uncompiled and materialises the scores over the whole pool. A
@@ -40,6 +42,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT
+from serving.engine.block_manager import BlockCopy
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.paged_cache import Attention, PagedKVCache
 from serving.engine.scheduler import PrefillChunk
@@ -97,23 +100,26 @@ class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None,
-                 kv_cache_dtype: ServeDtype = "auto"):
-        """compile_flex: run flex attention compiled (default: on a GPU only)."""
+                 kv_cache_dtype: ServeDtype = "auto", num_window_blocks: int = 0):
+        """compile_flex: run flex attention compiled (default: on a GPU only); num_window_blocks: the
+        sliding-window layers' KV in a pool of their own of that many blocks (0: in the one pool)."""
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         graphs = self.device.type == "cuda" and not enforce_eager
-        # with graphs, one block past those the block manager hands out: the graphs' scratch block
-        self.cache = PagedKVCache.for_model(self.model, num_blocks + 1 if graphs else num_blocks, block_size,
+        # with graphs, one block past those the block manager hands out in each pool: the graphs' scratch block
+        extra = int(graphs)
+        self.cache = PagedKVCache.for_model(self.model, num_blocks + extra, block_size,
                                             resolve_kv_dtype(kv_cache_dtype, self.dtype), attention=self.attention,
-                                            compile_flex=compile_flex)
+                                            compile_flex=compile_flex,
+                                            num_window_blocks=num_window_blocks + extra if num_window_blocks else 0)
         if self.attention == "flex":
             self._check_flex()
         self.graphs = None
         if graphs:
             with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
-                self.graphs = DecodeGraphs(self.model, self.cache, num_blocks, max_num_seqs,
+                self.graphs = DecodeGraphs(self.model, self.cache, max_num_seqs,
                                            max_model_len or num_blocks * block_size, capture=True)
 
     @torch.inference_mode()
@@ -122,6 +128,7 @@ class ModelRunner:
         sequence holds it: where flex cannot run, the engine fails now, naming the setting."""
         probe = Sequence([0])
         probe.block_table = [0]
+        probe.window_table = [0] if self.cache.window_pool is not None else []
         try:
             self._forward([(probe, 0, 1)])
         except Exception as e:
@@ -131,10 +138,10 @@ class ModelRunner:
     @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
     def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence],
-            block_copies: list[tuple[int, int]] | tuple[()] = ()) -> StepLogits:
+            block_copies: list[BlockCopy] | tuple[()] = ()) -> StepLogits:
         """float32 logits (N, vocab_size), one row per sequence that gets a next token this step, and
-        those of the prompt positions of sequences that score their prompt. block_copies: (source,
-        destination) blocks to copy after the prefill."""
+        those of the prompt positions of sequences that score their prompt. block_copies: forks' blocks
+        to copy after the prefill."""
         logits, prompt = [], []
         if prefill_chunks:
             last, prompt = self._prefill(prefill_chunks)
@@ -180,8 +187,9 @@ class ModelRunner:
             logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
         idx = [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows]
         prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]  # what smear mixes in
+        window_tables = [seq.window_table for seq, _, _ in rows] if self.cache.window_pool is not None else None
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
-                               [length for _, _, length in rows])
+                               [length for _, _, length in rows], window_tables)
         return self.model.forward_cached(torch.tensor(idx, device=self.device), view,
                                          torch.tensor(logits_at, dtype=torch.long, device=self.device),
                                          prev_idx=torch.tensor(prev, dtype=torch.long, device=self.device))

@@ -27,8 +27,11 @@ Notable:
   position start_b - W on, as many as W + T positions can touch (gathered, or listed in the block
   mask). Its keys are then not position j at index j: each row carries the columns of its blocks.
   Blocks past a row's table (the clamped tail of a short row) get positions beyond its last query,
-  so causality hides them. The blocks before the window stay allocated: every model has full-context
-  layers (the last layer always is), and all layers share the one block table.
+  so causality hides them.
+- with a window pool (block_manager.py: sliding-window layers keep only their window), the window
+  layers' keys and values live in pools of their own, addressed by each row's window table, whose
+  entries behind the window are -1: the view reads them as block 0 and never attends to them (a window
+  layer reads from the block of start_b - W on; with the whole table, past-window keys are masked).
 - the pools are written only at the slots of real new tokens (one index_copy per layer), so what a
   sequence shares with others (prefix blocks) or what freed blocks still hold is never disturbed.
 - no step waits on the GPU inside the forward: which tokens are real is known on the host, so they are
@@ -37,7 +40,7 @@ Notable:
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -45,102 +48,156 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from serving.engine.block_manager import BlockCopy
+
 Attention = Literal["sdpa", "flex"]
 
 
-class PagedKVCache:
-    """Keys and values of all layers: k[layer], v[layer] are (num_blocks, block_size, n_kv_head, head_dim)."""
+class KVPool:
+    """Keys and values of some layers: k[i], v[i] are (num_blocks, block_size, n_kv_head, head_dim)."""
 
     def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 attention: Attention = "sdpa", compile_flex: bool | None = None):
-        """attention: "sdpa" gathers each row's blocks, "flex" reads the pools in place (module docstring);
-        compile_flex: run FlexAttention compiled (by default on a GPU only)."""
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: both must be >= 1")
-        if attention not in ("sdpa", "flex"):
-            raise ValueError(f"attention={attention!r}: must be sdpa or flex")
-        # one allocation; k[layer] is that layer's pool
-        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
+                 dtype: torch.dtype, device: torch.device | str | None):
+        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)  # one allocation; k[i] is a layer's pool
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.attention = attention
-        self.compile_flex = self.k.device.type == "cuda" if compile_flex is None else compile_flex
+        self.num_blocks = num_blocks
         # flex: the column at which each block sits in the block tables holding it (the same in all of
         # them: a block shared by prefix caching or a fork holds the same positions everywhere), and one
         # slot past the blocks where the padding of the tables is written
         self.block_column = torch.zeros(num_blocks + 1, dtype=torch.long, device=device)
 
-    @classmethod
-    def for_model(cls, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
-                  attention: Attention = "sdpa", compile_flex: bool | None = None) -> "PagedKVCache":
-        """Pools shaped for `model` (a GPT), on its device, in its parameters' dtype unless told."""
-        cfg = model.config
-        param = next(model.parameters())
-        return cls(cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim, dtype or param.dtype,
-                   param.device, attention, compile_flex)
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy each (source, destination) block's keys and values, in every layer (a fork's last block)."""
-        src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs, strict=True))
+        """Copy each (source, destination) block's keys and values, in every layer."""
+        src, dst = (torch.tensor(ids, dtype=torch.long, device=self.k.device) for ids in zip(*pairs, strict=True))
         for pool in (self.k, self.v):
             pool.index_copy_(1, dst, pool.index_select(1, src))
 
-    def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> "PagedView":
+
+class PagedKVCache:
+    """The KV pools of all layers: the full-context layers' (or every layer's) k, v, and with a window pool
+    the sliding-window layers' window_k, window_v, each (layers, num_blocks, block_size, n_kv_head, head_dim)."""
+
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 attention: Attention = "sdpa", compile_flex: bool | None = None,
+                 window_layers: Sequence[bool] = (), num_window_blocks: int = 0):
+        """attention: "sdpa" gathers each row's blocks, "flex" reads the pools in place (module docstring);
+        compile_flex: run FlexAttention compiled (by default on a GPU only); window_layers[i]: layer i keeps
+        its KV in the window pool of num_window_blocks blocks (none: every layer in the one pool)."""
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks}, block_size={block_size}: both must be >= 1")
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention={attention!r}: must be sdpa or flex")
+        in_window = list(window_layers) or [False] * n_layer
+        if len(in_window) != n_layer or (any(in_window) and num_window_blocks < 1):
+            raise ValueError(f"window_layers needs one flag per layer ({n_layer}) and a window pool "
+                             f"num_window_blocks >= 1, got {len(in_window)} flags and {num_window_blocks}")
+        # each layer's pool (0: full context, 1: window) and its index there
+        self.layer_pool = [int(w) for w in in_window]
+        self.layer_index = [sum(1 for w in in_window[:i] if w == in_window[i]) for i in range(n_layer)]
+        self.pools = [KVPool(n_layer - sum(in_window), num_blocks, block_size, n_kv_head, head_dim, dtype, device)]
+        if any(in_window):
+            self.pools.append(KVPool(sum(in_window), num_window_blocks, block_size, n_kv_head, head_dim, dtype, device))
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.attention = attention
+        self.compile_flex = self.device.type == "cuda" if compile_flex is None else compile_flex
+
+    @classmethod
+    def for_model(cls, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                  attention: Attention = "sdpa", compile_flex: bool | None = None,
+                  num_window_blocks: int = 0) -> "PagedKVCache":
+        """Pools shaped for `model` (a GPT), on its device, in its parameters' dtype unless told; with
+        num_window_blocks, its sliding-window layers in a window pool of that many blocks."""
+        cfg = model.config
+        param = next(model.parameters())
+        window_layers = [w is not None for w in model.window_sizes] if num_window_blocks else ()
+        return cls(cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim, dtype or param.dtype,
+                   param.device, attention, compile_flex, window_layers, num_window_blocks)
+
+    @property
+    def k(self) -> Tensor:
+        return self.pools[0].k
+
+    @property
+    def v(self) -> Tensor:
+        return self.pools[0].v
+
+    @property
+    def window_pool(self) -> KVPool | None:
+        return self.pools[1] if len(self.pools) > 1 else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pools[0].k.device
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Copy each fork's last block, in every layer of each pool."""
+        self.pools[0].copy_blocks([(c.src, c.dst) for c in copies])
+        window = [(c.window_src, c.window_dst) for c in copies if c.window_src is not None]
+        if window:
+            self.pools[1].copy_blocks(window)
+
+    def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int],
+             window_tables: list[list[int]] | None = None) -> "PagedView":
         """A view for one forward over len(starts) rows: row b holds lengths[b] new tokens at positions
         starts[b] .. starts[b] + lengths[b] - 1 and attends to positions 0 .. starts[b] - 1 already in
-        its blocks block_tables[b], which must cover every position up to its last new token."""
+        its blocks block_tables[b] (and window_tables[b] in the window pool, -1 behind the window), which
+        must cover every position up to its last new token."""
         if not (len(block_tables) == len(starts) == len(lengths)) or not starts:
             raise ValueError("block_tables, starts and lengths need one entry per row, and at least one row")
-        for b, (table, start, length) in enumerate(zip(block_tables, starts, lengths, strict=True)):
-            if start < 0 or length < 1:
-                raise ValueError(f"row {b}: start={start}, length={length}: need start >= 0, length >= 1")
-            if len(table) * self.block_size < start + length:
-                raise ValueError(f"row {b}: {len(table)} blocks of {self.block_size} cannot hold "
-                                 f"{start + length} positions")
-            if any(not 0 <= block < self.num_blocks for block in table):
-                raise ValueError(f"row {b}: block ids must lie in [0, {self.num_blocks})")
-        n_blocks = max(len(table) for table in block_tables)
-        # short tables are padded with block 0: those slots lie past the row's context, causality hides them
-        padded = [table + [0] * (n_blocks - len(table)) for table in block_tables]
+        tables = [block_tables]
+        if self.window_pool is not None:
+            if window_tables is None or len(window_tables) != len(starts):
+                raise ValueError("a cache with a window pool needs a window table per row")
+            tables.append(window_tables)
+        for pool, pool_tables in zip(self.pools, tables, strict=True):
+            _check_tables(pool_tables, starts, lengths, self.block_size, pool.num_blocks, pool is not self.pools[0])
         T = max(lengths)
         real = [b * T + t for b, length in enumerate(lengths) for t in range(length)]  # in the flat (B * T) order
         device = self.device
-        return PagedView(self, torch.tensor(padded, dtype=torch.long, device=device),
-                         torch.tensor(starts, dtype=torch.long, device=device),
+
+        def padded(pool_tables: list[list[int]]) -> Tensor:
+            # short tables are padded with block 0: those slots lie past the row's context, causality hides them
+            n_blocks = max(len(table) for table in pool_tables)
+            return torch.tensor([table + [0] * (n_blocks - len(table)) for table in pool_tables], dtype=torch.long,
+                                device=device)
+
+        return PagedView(self, [padded(t) for t in tables], torch.tensor(starts, dtype=torch.long, device=device),
                          torch.tensor(lengths, dtype=torch.long, device=device), T,
                          torch.tensor(real, dtype=torch.long, device=device),
                          max(start + length for start, length in zip(starts, lengths, strict=True)))
 
 
+def _check_tables(tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int, num_blocks: int,
+                  behind_window: bool) -> None:
+    """Each row's table covers its new tokens with blocks of the pool (-1 allowed behind a window)."""
+    low = -1 if behind_window else 0
+    for b, (table, start, length) in enumerate(zip(tables, starts, lengths, strict=True)):
+        if start < 0 or length < 1:
+            raise ValueError(f"row {b}: start={start}, length={length}: need start >= 0, length >= 1")
+        if len(table) * block_size < start + length:
+            raise ValueError(f"row {b}: {len(table)} blocks of {block_size} cannot hold {start + length} positions")
+        if any(not low <= block < num_blocks for block in table):
+            raise ValueError(f"row {b}: block ids must lie in [{low}, {num_blocks})")
+        if behind_window and any(block < 0 for block in table[(start + length - 1) // block_size :]):
+            raise ValueError(f"row {b}: the blocks of its new tokens cannot be behind the window")
+
+
 class PagedView:
     """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded."""
 
-    def __init__(self, cache: PagedKVCache, block_tables: Tensor, starts: Tensor, lengths: Tensor, T: int,
+    def __init__(self, cache: PagedKVCache, block_tables: list[Tensor], starts: Tensor, lengths: Tensor, T: int,
                  real: Tensor, n_positions: int):
-        """real: the flat (B * T) indices of the real new tokens, in order (the rest is padding);
-        n_positions: every new token's position lies below it."""
-        self.cache, self.block_tables, self.T, self.real = cache, block_tables, T, real
+        """block_tables: each pool's (B, n) tables, -1 behind a window; real: the flat (B * T) indices of
+        the real new tokens, in order (the rest is padding); n_positions: every new token's position lies
+        below it."""
+        self.cache, self.T, self.real = cache, T, real
         self.n_positions = n_positions
-        bs = cache.block_size
         offsets = torch.arange(T, device=starts.device)
         # padding repeats the row's last real position (see the module docstring)
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
-        block_ids = block_tables.gather(1, self.pos // bs)
-        self.slots = (block_ids * bs + self.pos % bs).flatten()[real]  # flat pool index of each real new token
-        self.n_used = self.pos[:, -1] // bs + 1  # (B,) blocks each row reads up to its last query
-        self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
-        self._flex_masks: dict[int | None, BlockMask] = {}
-        if cache.attention == "flex":
-            columns = torch.arange(block_tables.size(1), device=starts.device).expand_as(block_tables)
-            # the padding of the tables goes to the spare slot, so a real block's column is never overwritten
-            used = torch.where(columns < self.n_used[:, None], block_tables, cache.num_blocks)
-            cache.block_column.scatter_(0, used.flatten(), columns.flatten())
+        self.pools = [_PoolView(self, pool, tables) for pool, tables in zip(cache.pools, block_tables, strict=True)]
 
     def positions(self, T: int) -> tuple[Tensor, int]:
         if T != self.T:
@@ -148,11 +205,41 @@ class PagedView:
         return self.pos, self.n_positions
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        cache = self.cache
+        return self.pools[cache.layer_pool[layer_idx]].attend(cache.layer_index[layer_idx], q, k, v, window)
+
+    def advance(self, T: int) -> None:
+        """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
+
+
+class _PoolView:
+    """One pool's side of a view: the rows' block tables into it, where the new tokens go, and the keys
+    each window size reads (built once, shared by the layers of that window)."""
+
+    def __init__(self, view: PagedView, pool: KVPool, block_tables: Tensor):
+        cache, pos, bs = view.cache, view.pos, view.cache.block_size
+        self.view, self.pool = view, pool
+        behind = block_tables < 0  # window blocks given back: read as block 0, never attended to
+        self.block_tables = block_tables.clamp(min=0)
+        block_ids = self.block_tables.gather(1, pos // bs)
+        self.slots = (block_ids * bs + pos % bs).flatten()[view.real]  # flat pool index of each real new token
+        self.n_used = pos[:, -1] // bs + 1  # (B,) blocks each row reads up to its last query
+        self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
+        self._flex_masks: dict[int | None, BlockMask] = {}
+        if cache.attention == "flex":
+            columns = torch.arange(block_tables.size(1), device=pos.device).expand_as(block_tables)
+            # the padding of the tables (and what is behind a window) goes to the spare slot, so a real
+            # block's column is never overwritten
+            used = torch.where((columns < self.n_used[:, None]) & ~behind, self.block_tables, pool.num_blocks)
+            pool.block_column.scatter_(0, used.flatten(), columns.flatten())
+
+    def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        k_pool, v_pool = self.pool.k[index], self.pool.v[index]
+        real = self.view.real
         n_slots = k_pool.size(0) * k_pool.size(1)
         for pool, new in ((k_pool, k), (v_pool, v)):
-            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[self.real].to(pool.dtype))
-        if self.cache.attention == "flex":
+            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[real].to(pool.dtype))
+        if self.view.cache.attention == "flex":
             return self._flex(k_pool, v_pool, q, window)
         B = q.size(0)
         tables, mask = self._keys(window)
@@ -169,18 +256,15 @@ class PagedView:
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return y.transpose(1, 2).to(out_dtype)
 
-    def advance(self, T: int) -> None:
-        """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
-
     def _blocks(self, window: int | None) -> tuple[Tensor, Tensor]:
         """The blocks (B, n) a layer with this window reads for each row, and their columns in the row's
         block table (B, n): all of them, or for a window only those it reaches (module docstring)."""
-        bs, n_blocks = self.cache.block_size, self.block_tables.size(1)
-        columns = torch.arange(n_blocks, device=self.pos.device)
-        width = n_blocks if window is None else (window + self.T + bs - 2) // bs + 1
+        bs, n_blocks, pos = self.view.cache.block_size, self.block_tables.size(1), self.view.pos
+        columns = torch.arange(n_blocks, device=pos.device)
+        width = n_blocks if window is None else (window + self.view.T + bs - 2) // bs + 1
         if width >= n_blocks:
             return self.block_tables, columns.expand_as(self.block_tables)
-        columns = (self.pos[:, :1] - window).clamp(min=0) // bs + columns[:width]
+        columns = (pos[:, :1] - window).clamp(min=0) // bs + columns[:width]
         return self.block_tables.gather(1, columns.clamp(max=n_blocks - 1)), columns
 
     def _keys(self, window: int | None) -> tuple[Tensor, Tensor]:
@@ -189,9 +273,9 @@ class PagedView:
         size and shared by the layers that use it."""
         if window not in self._keys_by_window:
             tables, columns = self._blocks(window)
-            bs = self.cache.block_size
+            bs = self.view.cache.block_size
             key_pos = (columns[:, :, None] * bs + torch.arange(bs, device=columns.device)).flatten(1)
-            delta = self.pos[:, :, None] - key_pos[:, None, :]
+            delta = self.view.pos[:, :, None] - key_pos[:, None, :]
             mask = delta >= 0
             if window is not None:
                 mask &= delta <= window
@@ -204,19 +288,20 @@ class PagedView:
         column (module docstring)."""
         if window not in self._flex_masks:
             self._flex_masks[window] = self._flex_mask(window)
+        cache = self.view.cache
         keys, values = (pool.flatten(0, 1).permute(1, 0, 2)[None] for pool in (k_pool, v_pool))  # (1, H, N, D)
         # dynamic shapes on a GPU (vLLM's setting: the batch changes every step); the CPU code generator
         # fails on dynamic flex kernels, so there each new shape compiles anew (tests only)
-        on_gpu = self.cache.device.type == "cuda"
-        attend = _compiled_flex(None if on_gpu else False) if self.cache.compile_flex else flex_attention
+        on_gpu = cache.device.type == "cuda"
+        attend = _compiled_flex(None if on_gpu else False) if cache.compile_flex else flex_attention
         y = attend(q.to(keys.dtype).transpose(1, 2), keys, values, block_mask=self._flex_masks[window],
                    enable_gqa=keys.size(1) != q.size(2))
         return y.transpose(1, 2).to(q.dtype)
 
     def _flex_mask(self, window: int | None) -> BlockMask:
-        cache, bs = self.cache, self.cache.block_size
+        cache, bs, num_blocks = self.view.cache, self.view.cache.block_size, self.pool.num_blocks
         tables, columns = self._blocks(window)
-        pos, block_tables, block_column = self.pos, self.block_tables, cache.block_column
+        pos, block_tables, block_column = self.view.pos, self.block_tables, self.pool.block_column
         last_column = block_tables.size(1) - 1
 
         def visible(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -229,14 +314,14 @@ class PagedView:
             return ok if window is None else ok & (q_pos - key_pos <= window)
 
         B = tables.size(0)
-        n_q = -(-self.T // FLEX_Q_BLOCK)
+        n_q = -(-self.view.T // FLEX_Q_BLOCK)
         if cache.compile_flex and cache.device.type == "cpu":  # the CPU kernel wants every block of the pool listed
-            tables = F.pad(tables, (0, cache.num_blocks - tables.size(1)))
+            tables = F.pad(tables, (0, num_blocks - tables.size(1)))
         counts = self.n_used - columns[:, 0]
         return BlockMask.from_kv_blocks(
             counts[:, None, None].expand(B, 1, n_q).to(torch.int32),
             tables[:, None, None, :].expand(B, 1, n_q, tables.size(1)).to(torch.int32),
-            BLOCK_SIZE=(FLEX_Q_BLOCK, bs), mask_mod=visible, seq_lengths=(self.T, cache.num_blocks * bs),
+            BLOCK_SIZE=(FLEX_Q_BLOCK, bs), mask_mod=visible, seq_lengths=(self.view.T, num_blocks * bs),
             compute_q_blocks=False)
 
 

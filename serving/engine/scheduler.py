@@ -9,7 +9,8 @@ Notable:
 - Chunked prefill: a prompt longer than the budget left is computed over several steps; each chunk is
   (sequence, start, length) with start == seq.num_cached_tokens, and only the chunk that reaches the end
   of the sequence samples a token.
-- A sequence gets blocks for all its tokens when admitted, so only decodes need new blocks. When none is
+- A sequence gets blocks for all its tokens when admitted, so only decodes need new blocks (a window
+  pool, sized never to run short, gives a chunk its blocks when the chunk is scheduled). When none is
   left, the newest running sequence is preempted by recompute: its blocks are freed and it goes back to
   the front of the waiting queue, keeping its generated tokens (prefix caching makes most of the
   recompute cheap). No new sequence is admitted in a step that preempted.
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from serving.engine.block_manager import BlockManager
+from serving.engine.block_manager import BlockCopy, BlockManager, window_pool_blocks
 from serving.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ class PrefillChunk:
 class ScheduledBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)  # each computes its last token, at len(seq) - 1
-    # (source, destination) blocks to copy once the prefills are computed: forks' partly filled last blocks
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # blocks to copy once the prefills are computed: forks' partly filled last blocks
+    block_copies: list[BlockCopy] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +82,13 @@ class Scheduler:
             raise ValueError(
                 f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, {max_num_batched_tokens}"
             )
+        pool = block_manager.window_pool
+        if pool is not None:
+            needed = window_pool_blocks(block_manager.window, block_manager.block_size, max_num_seqs,
+                                        max_num_batched_tokens)
+            if pool.num_blocks < needed:
+                raise ValueError(f"the window pool's {pool.num_blocks} blocks can run short: {max_num_seqs} "
+                                 f"sequences and {max_num_batched_tokens} tokens a step need {needed}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -155,6 +163,7 @@ class Scheduler:
         assert length > 0, f"sequence {seq.id} has nothing to compute: was postprocess skipped?"
         samples = seq.num_cached_tokens + length == len(seq)
         chunk = PrefillChunk(seq, seq.num_cached_tokens, length, samples)
+        self.block_manager.cover(seq, chunk.start + length)
         batch.prefills.append(chunk)
         if samples and seq in self.siblings:
             self._fork(batch, chunk, self.siblings.pop(seq), preempted)

@@ -3,7 +3,7 @@ One request's state as the engine sees it: its tokens, where their KV lives, and
 
 Notable:
 - No tensors: the scheduler and block manager work on these plain objects; the model runner reads
-  token_ids, block_table, num_cached_tokens and sampling to build its batch.
+  token_ids, block_table (and window_table), num_cached_tokens and sampling to build its batch.
 - token_ids holds the prompt followed by the generated tokens; the first num_prompt_tokens are the prompt.
 - num_cached_tokens counts the leading tokens whose KV is in the cache (prefix-cache hits plus what
   earlier steps computed). The next step computes token_ids[num_cached_tokens:], a chunk at a time
@@ -123,6 +123,9 @@ class Sequence:
     num_prompt_tokens: int = field(init=False)
     status: SequenceStatus = field(default=SequenceStatus.WAITING, init=False)
     block_table: list[int] = field(default_factory=list, init=False)  # physical block of each logical one
+    # the window layers' blocks, when they have a pool of their own: -1 for those behind the window
+    window_table: list[int] = field(default_factory=list, init=False)
+    block_hashes: list[bytes] = field(default_factory=list, init=False)  # prefix-cache keys of its full blocks
     num_cached_tokens: int = field(default=0, init=False)
     num_prompt_cache_hits: int | None = field(default=None, init=False)  # None until first admitted
     finish_reason: FinishReason | None = field(default=None, init=False)

@@ -97,7 +97,8 @@ def wait_until(condition, timeout_s: float = 5.0) -> bool:
 
 def all_blocks_free(engine: AsyncEngine) -> bool:
     stats = engine.stats()
-    return stats["free_blocks"] == stats["total_blocks"] and stats["running"] == stats["waiting"] == 0
+    return (stats["free_blocks"] == stats["total_blocks"] and stats["free_window_blocks"] == stats["total_window_blocks"]
+            and stats["running"] == stats["waiting"] == 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def test_killing_an_engine_replica_during_32_streams(cluster):
             break
     assert stats("faults")[replacement]["prefix_cache_queries"] > 0
     for name, s in stats("faults").items():
-        assert s["free_blocks"] == s["total_blocks"] and s["running"] == s["waiting"] == 0, (name, s)
+        assert s["free_blocks"] == s["total_blocks"] and s["free_window_blocks"] == s["total_window_blocks"], (name, s)
+        assert s["running"] == s["waiting"] == 0, (name, s)
 
 
 def test_the_api_health_follows_a_failed_engine(cluster):

@@ -11,6 +11,7 @@ replica's class on its own.
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from nanochat.tokenizer import Tokenizer
 from serving.api.app import create_app
 from serving.engine.engine_process import ProcessEngine
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from tests.support.gpt_fixtures import scrambled_model
 from tests.system.chat_server import reply_tokenizer
 from tests.system.test_api import ERROR_KEYS, all_blocks_free, serve, tiny_model, tiny_tokenizer, wait_until
 from tests.system.test_serve_reload import FIRST, NEWER, chat_params, make_replica, prompt, publish, reply_of
@@ -58,8 +60,16 @@ def faulty(model: GPT, *, delay_s: float = 0.0, fail_after: int | None = None) -
     return model
 
 
-def make_engine(model: GPT, tok: Tokenizer) -> AsyncEngine:
-    return AsyncEngine(LLMEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8, max_num_batched_tokens=64))
+def make_engine(model: GPT, tok: Tokenizer, num_blocks: int = 64) -> AsyncEngine:
+    return AsyncEngine(LLMEngine(model, tok, num_blocks=num_blocks, block_size=8, max_num_seqs=8,
+                                 max_num_batched_tokens=64))
+
+
+def windowed_model(tok: Tokenizer) -> GPT:
+    """tiny_model with a sliding window in its first layer: an engine of 128 blocks keeps that layer's
+    KV in a window pool of its own (64 blocks for its window of 24 tokens), the other's in 192 blocks."""
+    config = dataclasses.replace(tiny_model(tok).config, window_pattern="SL")
+    return scrambled_model(config, scale=2.0)
 
 
 def completion(max_tokens: int, stream: bool = True, prompt: str = "hello world") -> dict:
@@ -195,10 +205,13 @@ def test_the_engine_replica_sends_a_step_of_tokens_per_object_not_one_per_token(
 # clients that leave
 
 
-def test_clients_leaving_mid_stream_free_their_blocks_while_the_others_finish(tok):
+@pytest.mark.parametrize("window_pool", [False, True], ids=["one-pool", "window-pool"])
+def test_clients_leaving_mid_stream_free_their_blocks_while_the_others_finish(tok, window_pool):
     # slow steps (60 tokens take ~3 s): the finishers must still hold their blocks when all five are counted,
     # however long the five clients take to start on a busy machine
-    engine = make_engine(faulty(tiny_model(tok), delay_s=0.05), tok)
+    model = windowed_model(tok) if window_pool else tiny_model(tok)
+    engine = make_engine(faulty(model, delay_s=0.05), tok, num_blocks=128 if window_pool else 64)
+    assert (engine.stats()["total_window_blocks"] > 0) == window_pool
     try:
         with serve(create_app(engine, tok)) as url:
             total = engine.stats()["total_blocks"]

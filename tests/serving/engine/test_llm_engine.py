@@ -38,6 +38,13 @@ def byte_token(tok: Tokenizer, byte: int) -> int:
     return next(i for i in range(tok.vocab_size) if tok.id_to_bytes(i) == bytes([byte]))
 
 
+def no_block_held(engine: LLMEngine) -> bool:
+    """Every block of both pools free (the window layers' pool too, when the engine split the cache)."""
+    bm = engine.block_manager
+    pools = [bm.full] + ([bm.window_pool] if bm.window_pool else [])
+    return all(len(p.free_blocks) == p.num_blocks and not any(p.ref_counts) for p in pools)
+
+
 def make_engine(model: GPT, tok: Tokenizer, **kwargs) -> LLMEngine:
     options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=24)
     return LLMEngine(model, tok, **{**options, **kwargs})
@@ -104,7 +111,7 @@ def test_concurrent_greedy_requests_equal_each_request_generated_alone(model, to
         assert choice.finish_reason == ("length" if len(expected) == 24 else "stop")
         assert choice.completion_tokens == len(expected)
         assert choice.prompt_tokens == len(prompt)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert no_block_held(engine)
 
 
 def test_flex_attention_serves_what_the_gather_path_serves(model, tok):
@@ -116,7 +123,7 @@ def test_flex_attention_serves_what_the_gather_path_serves(model, tok):
         for i, prompt in enumerate(prompts(tok)):
             engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=12, n=2))
         outputs[attention] = {key: choice.tokens for key, choice in run(engine).items()}
-        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert no_block_held(engine)
     assert outputs["flex"] == outputs["sdpa"] and len(outputs["flex"]) == 8
 
 
@@ -186,8 +193,7 @@ def test_n_choices_prefill_the_prompt_once_and_greedy_ones_equal_n_1(model, tok,
     assert sum(counts) == len(prompt)
     expected = alone(model, tok, prompt, max_tokens=16)
     assert all(results["r", i].tokens == expected for i in range(4))
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert not any(engine.block_manager.ref_counts)
+    assert no_block_held(engine)
 
 
 def test_n_choices_share_the_prompts_logprobs_computed_once(model, tok):
@@ -216,7 +222,7 @@ def test_choices_that_cannot_fork_run_after_with_the_prompts_full_blocks_cached(
     assert sum(counts) == len(prompt) + 2 * (len(prompt) % 4)  # the two late ones recompute the partial block
     expected = alone(model, tok, prompt, max_tokens=8)
     assert all(results["r", i].tokens == expected for i in range(4))
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert no_block_held(engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def test_a_stop_string_cuts_the_text_before_it_and_frees_the_blocks(tok):
     assert choice.text == "ab"
     assert choice.texts == ["a", "b", "", ""]  # "c" was held back: it could have begun "ca"
     assert choice.finish_reason == "stop"
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert no_block_held(engine)
 
 
 def test_held_back_text_is_sent_once_it_cannot_begin_a_stop_string(tok):
@@ -335,7 +341,7 @@ def test_preempted_requests_finish_with_the_outputs_they_have_alone(model, tok):
     assert engine.stats()["preemptions"] > 0
     for i, prompt in enumerate(prompts(tok)):
         assert results[f"r{i}", 0].tokens == alone(model, tok, prompt)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert no_block_held(engine)
 
 
 def test_stats_count_requests_and_cache_use(model, tok):
@@ -346,8 +352,10 @@ def test_stats_count_requests_and_cache_use(model, tok):
     engine.step()
     stats = engine.stats()
     assert (stats["running"], stats["waiting"]) == (1, 1)
-    assert stats["total_blocks"] == 64 and 0 < stats["free_blocks"] < 64
-    assert stats["kv_cache_usage"] == pytest.approx(1 - stats["free_blocks"] / 64)
+    total = stats["total_blocks"]  # the full-context layers' pool: more than 64, the window layers have their own
+    assert total > 64 and 0 < stats["free_blocks"] < total
+    assert stats["kv_cache_usage"] == pytest.approx(1 - stats["free_blocks"] / total)
+    assert 0 < stats["free_window_blocks"] < stats["total_window_blocks"]
     run(engine)
     stats = engine.stats()
     # the three sequences share a prompt: the ones admitted after the first hit its full blocks
@@ -483,7 +491,7 @@ def test_closing_or_cancelling_a_stream_frees_its_blocks(tok):
         asyncio.run(main())
     finally:
         engine.shutdown()
-    assert core.block_manager.num_free_blocks == 256 and not core.requests
+    assert no_block_held(core) and not core.requests
 
 
 def test_queue_full_beyond_max_queue_and_normal_service_afterwards(model, tok):
@@ -538,7 +546,7 @@ def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
     choice = asyncio.run(main())
     assert choice.finish_reason == "abort"
     assert not engine.core_running()
-    assert engine.engine.block_manager.num_free_blocks == 256
+    assert no_block_held(engine.engine)
 
     async def after() -> None:
         with pytest.raises(RuntimeError, match="shut down"):
@@ -580,3 +588,74 @@ def test_the_fraction_is_validated_naming_the_field():
     assert load_config(overrides=["serve.kv_cache_memory_fraction=0.9"]).serve.kv_cache_memory_fraction == 0.9
     with pytest.raises(ConfigError, match="kv_cache_memory_fraction"):
         load_config(overrides=["serve.kv_cache_memory_fraction=1.5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# sliding-window layers keeping only their window (the hybrid KV cache)
+
+
+def test_the_split_gives_the_full_context_layers_the_memory_the_window_layers_do_not_need(model):
+    """Layer 0 has a window of 16 tokens (sequence_len 64 // 4), layer 1 full context. A 64-token sequence
+    holds 16 blocks of 4 in the full layer's pool and at most 5 (its last window) in the window pool: the
+    memory of num_blocks blocks of both layers splits 16 : 5, unless the window pool would then have
+    fewer blocks than its running sequences may need. No split when it would not give the full layer
+    more blocks."""
+    from serving.engine.block_manager import window_pool_blocks
+    from serving.engine.llm_engine import KVCacheSplit, kv_cache_split
+
+    assert window_pool_blocks(16, 4, 8, 64) == 8 * (16 // 4 + 3) + 64 // 4 == 72
+    # 2000 blocks of one layer: 2000 * 16 // 21 = 1523 for layer 1, the other 477 for layer 0
+    assert kv_cache_split(model, 1000, 4, 8, 64) == KVCacheSplit(16, 477, 1523)
+    assert kv_cache_split(model, 100, 4, 8, 64) == KVCacheSplit(16, 72, 128)  # 200 * 5 // 21 < 72
+    assert kv_cache_split(model, 72, 4, 8, 64) is None  # the window pool's 72 would leave layer 1 just 72
+    assert kv_cache_split(model, 1000, 4, 8, 64, max_model_len=32) == KVCacheSplit(16, 770, 1230)  # 8 : 5
+    full_context = GPT(GPTConfig(**{**model.config.__dict__, "window_pattern": "L"}))
+    assert kv_cache_split(full_context, 1000, 4, 8, 64) is None
+    tok = Tokenizer.train_from_iterator([TEXT], 300)
+    engine = make_engine(model, tok, num_blocks=1000, max_num_seqs=8, max_num_batched_tokens=64)
+    assert (engine.block_manager.num_blocks, engine.block_manager.window_pool.num_blocks) == (1523, 477)
+    one_pool = make_engine(model, tok, num_blocks=1000, hybrid_kv_cache=False)
+    assert one_pool.block_manager.num_blocks == 1000 and one_pool.block_manager.window_pool is None
+    cache = engine.runner.cache
+    assert cache.k.nbytes + cache.window_pool.k.nbytes == one_pool.runner.cache.k.nbytes  # the same memory
+
+
+def test_the_window_pool_keeps_only_the_window_and_the_engine_serves_what_one_pool_serves(model, tok):
+    """Long prompts (chunked), an n=2 request (a fork) and a second turn over the first's tokens (a
+    prefix hit, which needs the window layer's last window too): the same tokens as every request alone
+    and as an engine with one pool. Sequences hold only their last window in the window pool, and every
+    block comes back. (Preemption with a window pool: the scheduler's tests.)"""
+    texts = [f"{i} {TEXT[:40]}" for i in range(4)]  # different from the first block on: no sharing
+    long_prompts = [tok.encode(t * 2, prepend="<|bos|>")[:36] for t in texts]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    outputs = {}
+    for hybrid in (True, False):
+        engine = make_engine(model, tok, num_blocks=100, max_num_seqs=4, hybrid_kv_cache=hybrid)
+        bm = engine.block_manager
+        assert (bm.window_pool is not None) == hybrid
+        for i, prompt in enumerate(long_prompts):
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=24, n=2 if i == 0 else 1))
+        results, released = defaultdict(Choice), 0
+        while engine.has_work():
+            collect(results, engine.step())
+            for seq in engine.scheduler.running if hybrid else ():
+                first_live = max(0, seq.num_cached_tokens - 16) // 4
+                assert seq.window_table[:first_live] == [-1] * first_live  # behind the window: given back
+                assert all(b >= 0 for b in seq.window_table[first_live:])
+                released = max(released, first_live)
+        assert no_block_held(engine)
+        if hybrid:
+            assert (bm.num_blocks, bm.window_pool.num_blocks) == (152, 48) and released >= 10
+        second = long_prompts[1] + results["r1", 0].tokens[:12]  # the next turn: 48 tokens, 11 full blocks cached
+        hits = engine.stats()["prefix_cache_hits"]
+        engine.add_request("turn2", second, params)
+        collect(results, engine.step())
+        assert engine.stats()["prefix_cache_hits"] - hits == 44
+        run(engine, results)
+        assert no_block_held(engine)
+        outputs[hybrid] = {key: choice.tokens for key, choice in results.items()}
+    assert outputs[True] == outputs[False]
+    for i, prompt in enumerate(long_prompts):
+        assert outputs[True][f"r{i}", 0] == alone(model, tok, prompt)
+    assert outputs[True]["r0", 1] == outputs[True]["r0", 0]  # greedy: both choices alike
+    assert outputs[True]["turn2", 0] == alone(model, tok, second, max_tokens=16)  # the context holds 16 more

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
+from serving.engine.block_manager import BlockCopy
 from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from serving.engine.model_runner import ModelRunner, resolve_attention, resolve_dtype, resolve_kv_dtype
 from serving.engine.scheduler import PrefillChunk
@@ -235,7 +236,7 @@ def test_a_fork_gets_its_leaders_row_and_a_copy_of_its_last_block_then_decodes_i
     leader.block_table, sib.block_table = table, table[:2] + own
     chunk = chunk_of(leader, 0, len(prompt))
     chunk.forks.append(sib)
-    logits = runner.run([chunk], [], [(table[2], own[0])]).sampled
+    logits = runner.run([chunk], [], [BlockCopy(table[2], own[0])]).sampled
     expected = reference(model, prompt)[-1]
     assert logits.shape == (2, VOCAB)
     torch.testing.assert_close(logits, torch.stack([expected, expected]), atol=ATOL, rtol=0)
@@ -398,38 +399,87 @@ def test_batch_buckets():
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
 
 
+def behind_window(seq: Sequence, window: int) -> list[int]:
+    """Mark seq's window blocks wholly behind the window of its next query -1, as the block manager gives
+    them back; returns those blocks."""
+    first = max(0, seq.num_cached_tokens - window) // BLOCK
+    gone = [b for b in seq.window_table[:first] if b >= 0]
+    seq.window_table[:first] = [-1] * first
+    return gone
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_decode_through_the_graph_buffers_equals_the_eager_decode(attention):
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_window_pool_that_keeps_only_the_window_serves_the_full_forwards_logits(attention, chunk):
+    """Layer 0 (a window of 4) keeps its KV in a pool of its own, read through a window table whose blocks
+    behind the window are given back (-1) and poisoned (NaN: even a masked read would spread it); the
+    logits still match the full forward, prefilling in chunks and then decoding."""
+    model = scrambled("gqa-window")
+    runner = runner_for(model, attention=attention, num_window_blocks=NUM_BLOCKS)
+    window_pool = runner.cache.window_pool
+    assert runner.cache.k.size(0) == window_pool.k.size(0) == 1  # one layer in each pool
+    full = random_tokens(26, random.Random(13))
+    seq = Sequence(full[:14])
+    seq.block_table = scattered_tables([26], seed=5)[0]
+    seq.window_table = scattered_tables([26], seed=6)[0]
+    refs = reference(model, full)
+    checked = 0
+    while seq.num_cached_tokens < len(full) - 1:
+        start = seq.num_cached_tokens
+        for block in behind_window(seq, model.window_sizes[0]):
+            window_pool.k[0, block] = float("nan") if attention == "sdpa" else 1e4
+            window_pool.v[0, block] = float("nan") if attention == "sdpa" else -1e4
+        length = min(chunk, 14 - start) if start < 14 else 1
+        seq.token_ids = full[: max(14, start + length)]
+        logits = runner.run([chunk_of(seq, start, length)], []).sampled
+        if start + length == len(seq):
+            torch.testing.assert_close(logits[0], refs[start + length - 1], atol=ATOL, rtol=0)
+            checked += 1
+        seq.num_cached_tokens = start + length
+    assert seq.window_table.count(-1) >= 4 and checked >= 12
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("window_pool", [False, True], ids=["one-pool", "window-pool"])
+def test_decode_through_the_graph_buffers_equals_the_eager_decode(attention, window_pool):
     """Three sequences of different lengths in scattered blocks decode through DecodeGraphs' static buffers
     (bucket 4: one padding row, block tables padded to the longest context with the scratch block): the same
-    logits as the eager decode, and the pools untouched outside the scratch block."""
+    logits as the eager decode, and the pools untouched outside the scratch block. With a window pool, the
+    window layer's table is a second one, its blocks behind the window given back."""
     model = scrambled("smear-backout")  # windows, GQA, and the token before each decode through the buffers
-    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu", attention=attention)  # block NUM_BLOCKS: scratch
-    graphs = DecodeGraphs(model, runner.cache, NUM_BLOCKS, max_num_seqs=6, max_model_len=40, capture=False)
+    # block NUM_BLOCKS of each pool: the scratch block
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu", attention=attention,
+                         num_window_blocks=NUM_BLOCKS + 1 if window_pool else 0)
+    graphs = DecodeGraphs(model, runner.cache, max_num_seqs=6, max_model_len=40, capture=False)
     rng = random.Random(11)
     seqs = [Sequence(random_tokens(n, rng)) for n in (5, 13, 22)]
-    for seq, table in zip(seqs, scattered_tables([n + 3 for n in (5, 13, 22)], seed=12), strict=True):
+    lengths = [n + 3 for n in (5, 13, 22)]
+    for seq, table, window_table in zip(seqs, scattered_tables(lengths, seed=12), scattered_tables(lengths, seed=13),
+                                        strict=True):
         seq.block_table = table
+        seq.window_table = window_table if window_pool else []
         runner.run([chunk_of(seq, 0, len(seq))], [])
         seq.num_cached_tokens = len(seq)
-    others = [b for b in range(NUM_BLOCKS) if not any(b in seq.block_table for seq in seqs)]
+    pools = runner.cache.pools
+    others = [[b for b in range(NUM_BLOCKS) if not any(b in table for seq in seqs for table in tables(seq))]
+              for tables in (lambda s: [s.block_table], lambda s: [s.window_table])][: len(pools)]
     for _ in range(3):
         for seq in seqs:
             seq.token_ids.append(rng.randrange(VOCAB))
+            if window_pool:
+                behind_window(seq, model.window_sizes[0])
         eager = runner.run([], seqs).sampled  # writes each last token's key and value
-        k_before, v_before = runner.cache.k.clone(), runner.cache.v.clone()
+        before = [(pool.k.clone(), pool.v.clone()) for pool in pools]
         with torch.inference_mode():  # as ModelRunner.run calls it
             through_buffers = graphs.run(seqs)  # the same keys and values again; padding into the scratch block
         torch.testing.assert_close(through_buffers, eager, atol=ATOL, rtol=0)
-        for pool, before in ((runner.cache.k, k_before), (runner.cache.v, v_before)):
-            torch.testing.assert_close(pool[:, :NUM_BLOCKS], before[:, :NUM_BLOCKS], atol=ATOL, rtol=0)
-            assert torch.equal(pool[:, others], before[:, others])  # blocks of no sequence: not a bit changed
+        for pool, (k_before, v_before), untouched in zip(pools, before, others, strict=True):
+            for tensor, old in ((pool.k, k_before), (pool.v, v_before)):
+                torch.testing.assert_close(tensor[:, :NUM_BLOCKS], old[:, :NUM_BLOCKS], atol=ATOL, rtol=0)
+                assert torch.equal(tensor[:, untouched], old[:, untouched])  # blocks of no sequence: not a bit changed
         for seq in seqs:
             seq.num_cached_tokens += 1
-    assert torch.equal(graphs.inputs[3, 3:], torch.full((graphs.max_blocks,), NUM_BLOCKS))  # the padding row
-
-
-def test_scratch_block_must_be_in_the_cache():
-    runner = ModelRunner(scrambled("mha-full"), NUM_BLOCKS, BLOCK, "cpu")
-    with pytest.raises(ValueError, match="scratch block 64 is not in the cache's 64 blocks"):
-        DecodeGraphs(runner.model, runner.cache, NUM_BLOCKS, max_num_seqs=4, max_model_len=16, capture=False)
+    if window_pool:
+        assert all(-1 in seq.window_table for seq in seqs[1:])
+    padding_row = torch.full((graphs.max_blocks * len(pools),), NUM_BLOCKS)
+    assert torch.equal(graphs.inputs[3, 3:], padding_row)

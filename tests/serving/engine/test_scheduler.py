@@ -4,14 +4,15 @@ Scheduler: continuous batching, chunked prefill, preemption, abort and finishing
 FakeModel is a test driver standing in for the model runner: it writes each computed token into a
 shadow KV cache at the slot the block table gives, checks that every position a step attends to reads
 back the sequence's own token (so a wrongly shared or overwritten block fails the test), and
-"generates" (last token + 1) % V, which makes every sequence's expected output known in advance.
+"generates" (last token + 1) % V, which makes every sequence's expected output known in advance. With a
+window pool it does the same through the window tables for the positions a window layer attends to.
 """
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.engine.block_manager import BlockManager
+from serving.engine.block_manager import BlockManager, window_pool_blocks
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -21,8 +22,9 @@ BS = 4
 
 class FakeModel:
     def __init__(self, bm: BlockManager):
-        self.bs = bm.block_size
+        self.bs, self.window = bm.block_size, bm.window
         self.kv: dict[tuple[int, int], int] = {}  # (block id, slot) -> token whose KV is there
+        self.window_kv: dict[tuple[int, int], int] = {}  # the same in the window pool
 
     def step(self, sched: Scheduler) -> tuple[ScheduledBatch, list[Sequence]]:
         busy = sched.has_unfinished()
@@ -37,20 +39,33 @@ class FakeModel:
                 self.kv[seq.block_table[pos // self.bs], pos % self.bs] = seq.token_ids[pos]
             for pos in range(start + length):  # the context this step attends to
                 assert self.kv[seq.block_table[pos // self.bs], pos % self.bs] == seq.token_ids[pos]
-        for src, dst in batch.block_copies:  # after the prefill, as the model runner does
-            for slot in range(self.bs):
-                if (src, slot) in self.kv:
-                    self.kv[dst, slot] = self.kv[src, slot]
+            if self.window is not None:
+                self._window_step(seq, start, length)
+        for copy in batch.block_copies:  # after the prefill, as the model runner does
+            for kv, src, dst in ((self.kv, copy.src, copy.dst), (self.window_kv, copy.window_src, copy.window_dst)):
+                for slot in range(self.bs):
+                    if (src, slot) in kv:
+                        kv[dst, slot] = kv[src, slot]
         new_tokens = [(s.token_ids[-1] + 1) % V for s in batch.sampled_seqs]
         return batch, sched.postprocess(batch, new_tokens)
+
+    def _window_step(self, seq: Sequence, start: int, length: int) -> None:
+        table = seq.window_table
+        for pos in range(start, start + length):
+            self.window_kv[table[pos // self.bs], pos % self.bs] = seq.token_ids[pos]
+        for pos in range(max(0, start - self.window), start + length):  # what the first query's window sees on
+            assert table[pos // self.bs] >= 0, f"sequence {seq.id}: position {pos} is in the window but given back"
+            assert self.window_kv[table[pos // self.bs], pos % self.bs] == seq.token_ids[pos]
 
 
 def expected_output(prompt: list[int], n: int) -> list[int]:
     return [(prompt[-1] + k) % V for k in range(1, n + 1)]
 
 
-def make(num_blocks=32, max_num_seqs=8, max_num_batched_tokens=64) -> tuple[Scheduler, FakeModel]:
-    bm = BlockManager(num_blocks, BS)
+def make(num_blocks=32, max_num_seqs=8, max_num_batched_tokens=64, window=None) -> tuple[Scheduler, FakeModel]:
+    """With a window, a window pool of just the blocks it needs never to run short."""
+    window_blocks = window and window_pool_blocks(window, BS, max_num_seqs, max_num_batched_tokens)
+    bm = BlockManager(num_blocks, BS, window, window_blocks or 0)
     return Scheduler(bm, max_num_seqs, max_num_batched_tokens), FakeModel(bm)
 
 
@@ -211,12 +226,12 @@ def test_siblings_fork_off_one_prefill_and_sample_in_the_same_step(prompt_len):
     bm = sched.block_manager
     full = prompt_len // BS
     assert all(s.block_table[:full] == leader.block_table[:full] for s in siblings)
-    assert all(bm.ref_counts[b] == 4 for b in leader.block_table[:full])
+    assert all(bm.full.ref_counts[b] == 4 for b in leader.block_table[:full])
     check_block_accounting(sched)
     run_to_completion(sched, model)  # the fake model checks every sibling reads its own tokens back
     for s in (leader, *siblings):
         assert s.output_token_ids == expected_output(list(range(prompt_len)), 6)
-    assert bm.num_free_blocks == 32 and not any(bm.ref_counts)
+    assert bm.num_free_blocks == 32 and not any(bm.full.ref_counts)
     assert bm.prefix_cache_queries == prompt_len  # a fork is no lookup
 
 
@@ -287,9 +302,12 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops, num_blocks=st.integers(6, 12), budget=st.integers(1, 24), max_num_seqs=st.integers(1, 6))
-def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, budget, max_num_seqs):
-    sched, model = make(num_blocks, max_num_seqs, budget)
+@given(ops=ops, num_blocks=st.integers(6, 12), budget=st.integers(1, 24), max_num_seqs=st.integers(1, 6),
+       window=st.sampled_from([None, 1, 3, 6]))
+def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, budget, max_num_seqs, window):
+    """Random adds (with shared prefixes and forks), aborts and steps: the fake model reads every
+    position back (through the window tables too), the blocks add up after every op, all come back."""
+    sched, model = make(num_blocks, max_num_seqs, budget, window)
     bm = sched.block_manager
     prefixes = [[1] * 8, [2] * 4, [3] * 2]  # shared prefixes, so prefix caching is exercised
     added: list[Sequence] = []
@@ -308,7 +326,9 @@ def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, bu
                 model.step(sched)
         check_block_accounting(sched)
     run_to_completion(sched, model)
-    assert bm.num_free_blocks == num_blocks and not any(bm.ref_counts)
+    assert bm.num_free_blocks == num_blocks and not any(bm.full.ref_counts)
+    if window is not None:
+        assert len(bm.window_pool.free_blocks) == bm.window_pool.num_blocks and not any(bm.window_pool.ref_counts)
     for s in added:
         if s.finish_reason != "abort":
             prompt = s.token_ids[: s.num_prompt_tokens]
@@ -325,8 +345,27 @@ def check_block_accounting(sched: Scheduler) -> None:
             holders[b] += 1
     for s in [*sched.waiting, *(sib for sibs in sched.siblings.values() for sib in sibs)]:
         assert s.block_table == []
-    assert holders == bm.ref_counts
+    assert holders == bm.full.ref_counts
     # a block is shared only through the prefix cache or a fork, both of computed blocks, which are keyed
     # (the fake model checks that their tokens match)
-    assert all(bm.block_hash[b] is not None for b in range(bm.num_blocks) if holders[b] > 1)
-    assert set(bm.free_blocks) == {b for b in range(bm.num_blocks) if holders[b] == 0}
+    assert all(bm.full.block_hash[b] is not None for b in range(bm.num_blocks) if holders[b] > 1)
+    assert set(bm.full.free_blocks) == {b for b in range(bm.num_blocks) if holders[b] == 0}
+    if bm.window_pool is not None:
+        check_window_accounting(sched)
+
+
+def check_window_accounting(sched: Scheduler) -> None:
+    """The window pool's blocks add up, and a running sequence holds only those of its last window."""
+    bm, pool = sched.block_manager, sched.block_manager.window_pool
+    holders = [0] * pool.num_blocks
+    for s in sched.running:
+        live = [b for b in s.window_table if b >= 0]
+        assert len(set(live)) == len(live)
+        first = max(0, s.num_cached_tokens - bm.window) // bm.block_size
+        assert all(b < 0 for b in s.window_table[:first]) and all(b >= 0 for b in s.window_table[first:])
+        for b in live:
+            holders[b] += 1
+    for s in [*sched.waiting, *(sib for sibs in sched.siblings.values() for sib in sibs)]:
+        assert s.window_table == []
+    assert holders == pool.ref_counts
+    assert set(pool.free_blocks) == {b for b in range(pool.num_blocks) if holders[b] == 0}
