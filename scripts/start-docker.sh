@@ -31,6 +31,13 @@ if [[ $(id -u) != 0 ]]; then
   exit 1
 fi
 if ! pgrep -x dockerd > /dev/null 2>&1; then
+  # a pid file left by a daemon that died with its machine (a restored snapshot, a power cut) stops dockerd
+  # from starting: "pid file found, ensure docker is not running"
+  pidfile=/var/run/docker.pid
+  if [[ -f $pidfile ]] && ! ps -p "$(cat "$pidfile")" -o comm= 2> /dev/null | grep -qx dockerd; then
+    echo "start-docker: removing the stale $pidfile (no dockerd runs as pid $(cat "$pidfile"))" >&2
+    rm -f "$pidfile"
+  fi
   echo "start-docker: starting $dockerd_bin (log: $log) ..." >&2
   # setsid: the daemon outlives this script and the shell or test session that ran it
   setsid "$dockerd_bin" > "$log" 2>&1 < /dev/null &
