@@ -189,7 +189,7 @@ class ServeConfig(Section):
     stage: str = Field("sft", description="serve the newest checkpoint of this stage when --model is not given")
     reload_interval_s: float = Field(30, ge=0, description="how often the server looks for a newer checkpoint of serve.stage (its `latest` marker) and swaps it in without a restart (0: never; a --model pinned to a step never reloads)")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
-    num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica (unless kv_cache_memory_fraction is set)")
+    num_blocks: int = Field(512, ge=2, description="KV-cache blocks per engine replica, each every layer's keys and values for block_size tokens (unless kv_cache_memory_fraction is set); with serve.hybrid_kv_cache the same memory holds more blocks for the full-context layers")
     kv_cache_memory_fraction: float = Field(0, ge=0, le=1, description="size the KV cache to this fraction of the memory free once the model is loaded (the GPU's free memory; on a CPU the RAM available), as vLLM's gpu_memory_utilization; replicas sharing a device each take their fraction of what is free when they start (0: serve.num_blocks blocks)")
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunks + decodes)")

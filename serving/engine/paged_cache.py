@@ -180,7 +180,7 @@ def _check_tables(tables: list[list[int]], starts: list[int], lengths: list[int]
             raise ValueError(f"row {b}: {len(table)} blocks of {block_size} cannot hold {start + length} positions")
         if any(not low <= block < num_blocks for block in table):
             raise ValueError(f"row {b}: block ids must lie in [{low}, {num_blocks})")
-        if behind_window and any(block < 0 for block in table[(start + length - 1) // block_size :]):
+        if behind_window and any(block < 0 for block in table[start // block_size :]):
             raise ValueError(f"row {b}: the blocks of its new tokens cannot be behind the window")
 
 

@@ -321,6 +321,20 @@ def test_block_table_too_short_is_refused():
         runner.run([chunk_of(seq, 0, 9)], [])
 
 
+def test_window_tables_are_required_and_cannot_give_back_the_new_tokens_blocks():
+    runner = runner_for(scrambled("gqa-window"), num_window_blocks=NUM_BLOCKS)
+    seq = Sequence(random_tokens(9, random.Random(0)))
+    seq.block_table = [5, 6, 7]
+    with pytest.raises(ValueError, match="needs a window table per row"):
+        runner.cache.view([seq.block_table], [0], [9])
+    seq.window_table = [-1, 2, 3]  # column 0 holds positions 0..3, two of which the chunk from 2 computes
+    with pytest.raises(ValueError, match="cannot be behind the window"):
+        runner.run([chunk_of(seq, 2, 7)], [])
+    seq.window_table = [-1, 2, -2]
+    with pytest.raises(ValueError, match=r"block ids must lie in \[-1, 64\)"):
+        runner.run([chunk_of(seq, 8, 1)], [])
+
+
 def test_bfloat16_runner_tracks_the_float32_forward():
     """dtype=bfloat16 (what "auto" serves on a GPU) casts the weights and the pools; each logit row stays
     within bf16 rounding of the float32 full forward, through a chunked prefill and teacher-forced decodes."""
