@@ -31,9 +31,9 @@ Notable:
   a prefill chunk gets its window blocks when it is scheduled (cover), not at admission. The full-context
   layers keep every block as before. A prefix hit then needs both: the full layers' blocks of the whole
   prefix and the window layers' blocks of its last window, so the hit is the longest prefix with both.
-- The window pool is sized so it never runs short (window_pool_blocks): a running sequence holds at most
-  the blocks its window and its step's new tokens touch. So only the full pool decides admission,
-  appends and preemption, as without a window.
+- The window pool has at least window_pool_blocks (the scheduler refuses fewer): a running sequence
+  holds at most the blocks its window and its step's new tokens touch, so the pool never runs short and
+  only the full pool decides admission, appends and preemption, as without a window.
 """
 
 from __future__ import annotations
