@@ -27,27 +27,25 @@ from bench.serving import bench_tokenizer, made_up_words, random_model
 from nanochat.config import load_config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import LLMEngine, kv_cache_split
+from serving.engine.llm_engine import LLMEngine, kv_cache_blocks, kv_cache_split
 from serving.engine.sequence import SamplingParams
 from trainer.stages.base import model_config
 
 PRESETS = {"tiny-cpu": None, "d20": "gpu", "d24": "gpu", "d26": "gpu"}
 
 
-def capacity(preset: str, gpu_kv_gib: float) -> tuple[int, int, int]:
-    """(num_blocks, full-context blocks with one pool, with a window pool) for the preset's model and
-    serve settings, in a KV cache of the same memory."""
+def capacity(preset: str, gpu_kv_gib: float) -> tuple[int, int]:
+    """Full-context blocks with one pool and with a window pool, for the preset's model and serve settings
+    in a KV cache of the same memory."""
     cfg = load_config(preset)
     serve = cfg.serve
     with torch.device("meta"):
         model = GPT(model_config(cfg, cfg.tokenizer.vocab_size))
     num_blocks = serve.num_blocks
-    if PRESETS[preset] == "gpu":  # bfloat16 keys and values of every layer, block_size tokens a block
-        c = model.config
-        per_block = 2 * c.n_layer * serve.block_size * c.n_kv_head * c.head_dim * 2
-        num_blocks = int(gpu_kv_gib * 2**30) // per_block
+    if PRESETS[preset] == "gpu":  # bfloat16 keys and values of every layer
+        num_blocks = kv_cache_blocks(model, serve.block_size, torch.bfloat16, 1.0, int(gpu_kv_gib * 2**30))
     split = kv_cache_split(model, num_blocks, serve.block_size, serve.max_num_seqs, serve.max_num_batched_tokens)
-    return num_blocks, num_blocks, split.num_full_blocks if split else num_blocks
+    return num_blocks, split.num_full_blocks if split else num_blocks
 
 
 def under_pressure(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], args: argparse.Namespace,
@@ -92,7 +90,7 @@ def main() -> None:
           f"GiB of bfloat16)")
     print(f"{'preset':<10} {'one pool':>12} {'window pool':>12} {'ratio':>7}")
     for preset in PRESETS:
-        _, one, split = capacity(preset, args.gpu_kv_gib)
+        one, split = capacity(preset, args.gpu_kv_gib)
         block = load_config(preset).serve.block_size
         print(f"{preset:<10} {one * block:>12,} {split * block:>12,} {split / one:>6.2f}x")
 

@@ -199,12 +199,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         split = kv_cache_split(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                                max_model_len) if hybrid_kv_cache else None
-        window, num_window_blocks = (split.window, split.num_window_blocks) if split else (None, 0)
+        window, num_window_blocks = None, 0
         if split:
             logger.info("KV cache: the sliding-window layers keep only their %d-token window: %d blocks for the "
                         "full-context layers and %d for the window layers, in the memory of %d blocks of all layers",
-                        window, split.num_full_blocks, num_window_blocks, num_blocks)
-        num_blocks = split.num_full_blocks if split else num_blocks
+                        split.window, split.num_full_blocks, split.num_window_blocks, num_blocks)
+            window, num_window_blocks, num_blocks = split.window, split.num_window_blocks, split.num_full_blocks
         self.block_manager = BlockManager(num_blocks, block_size, window, num_window_blocks)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # a sequence can never outgrow the cache, whatever the model would accept

@@ -197,7 +197,9 @@ class PagedView:
         offsets = torch.arange(T, device=starts.device)
         # padding repeats the row's last real position (see the module docstring)
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
-        self.pools = [_PoolView(self, pool, tables) for pool, tables in zip(cache.pools, block_tables, strict=True)]
+        self.n_used = self.pos[:, -1] // cache.block_size + 1  # (B,) blocks each row reads up to its last query
+        self.pools = [_PoolView(self, pool, tables, behind_window=i > 0)
+                      for i, (pool, tables) in enumerate(zip(cache.pools, block_tables, strict=True))]
 
     def positions(self, T: int) -> tuple[Tensor, int]:
         if T != self.T:
@@ -216,21 +218,25 @@ class _PoolView:
     """One pool's side of a view: the rows' block tables into it, where the new tokens go, and the keys
     each window size reads (built once, shared by the layers of that window)."""
 
-    def __init__(self, view: PagedView, pool: KVPool, block_tables: Tensor):
+    def __init__(self, view: PagedView, pool: KVPool, block_tables: Tensor, behind_window: bool):
+        """behind_window: the tables may hold -1 for blocks given back behind a window (the window pool's)."""
         cache, pos, bs = view.cache, view.pos, view.cache.block_size
-        self.view, self.pool = view, pool
-        behind = block_tables < 0  # window blocks given back: read as block 0, never attended to
-        self.block_tables = block_tables.clamp(min=0)
+        self.view, self.pool, self.n_used = view, pool, view.n_used
+        # window blocks given back: read as block 0, never attended to
+        behind = block_tables < 0 if behind_window else None
+        self.block_tables = block_tables.clamp(min=0) if behind_window else block_tables
         block_ids = self.block_tables.gather(1, pos // bs)
         self.slots = (block_ids * bs + pos % bs).flatten()[view.real]  # flat pool index of each real new token
-        self.n_used = pos[:, -1] // bs + 1  # (B,) blocks each row reads up to its last query
         self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
         self._flex_masks: dict[int | None, BlockMask] = {}
         if cache.attention == "flex":
             columns = torch.arange(block_tables.size(1), device=pos.device).expand_as(block_tables)
             # the padding of the tables (and what is behind a window) goes to the spare slot, so a real
             # block's column is never overwritten
-            used = torch.where((columns < self.n_used[:, None]) & ~behind, self.block_tables, pool.num_blocks)
+            used = columns < self.n_used[:, None]
+            if behind is not None:
+                used &= ~behind
+            used = torch.where(used, self.block_tables, pool.num_blocks)
             pool.block_column.scatter_(0, used.flatten(), columns.flatten())
 
     def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
