@@ -9,10 +9,13 @@ Notable:
   the block manager hands out), and the causal mask hides everything past a row's position. Padding rows
   decode token 0 at position 0 and write only into the scratch blocks. A window pool's table comes after
   the full one's; its entries behind the window (-1) read block 0 and are masked by the window.
-- that full-context attention is why graphs serve only small batches: batch sizes are bucketed (1, 2, 4, 8)
-  and a step of n <= 8 decodes replays the smallest bucket >= n, the rows past n being padding; larger
-  batches run eagerly: with graphs for large batches every row would attend over max_model_len keys
-  instead of its own context, slower than eager (bench/ measures both).
+- batch sizes are bucketed (1, 2, 4, 8, then multiples of 8, as vLLM's capture sizes) and a step of n
+  decodes replays the smallest bucket >= n, the rows past n being padding. How far the buckets go depends
+  on the attention. FlexAttention (serve.attention flex, auto's choice on a GPU) visits only the blocks
+  each row holds (its block mask counts them on the device, inside the graph), so a row's cost follows its
+  own context and graphs cover every batch up to max_num_seqs. The gather path (sdpa) copies and attends
+  over all max_model_len keys of every row, slower than eager for large batches, so there graphs stop at
+  8 decodes and larger batches run eagerly (bench/gpu.py measures graphs against eager).
 - the inputs live in static buffers that each step overwrites (token, position, the token before, block
   table) with one
   host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is built inside the
@@ -29,7 +32,7 @@ from nanochat.gpt import GPT
 from serving.engine.paged_cache import PagedKVCache, PagedView
 from serving.engine.sequence import Sequence
 
-MAX_GRAPH_BATCH = 8  # see above: larger decode batches are faster eager
+MAX_SDPA_GRAPH_BATCH = 8  # see above: larger decode batches through the gather path are faster eager
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -46,7 +49,8 @@ class DecodeGraphs:
         self.model, self.cache = model, cache
         self.scratch = [pool.num_blocks - 1 for pool in cache.pools]  # each pool's last block (module docstring)
         self.max_blocks = -(-max_model_len // cache.block_size)
-        self.buckets = batch_buckets(min(max_num_seqs, MAX_GRAPH_BATCH))
+        self.buckets = batch_buckets(max_num_seqs if cache.attention == "flex"
+                                     else min(max_num_seqs, MAX_SDPA_GRAPH_BATCH))
         device, B = cache.device, self.buckets[-1]
         # one buffer, one copy per step: column 0 the token, 1 its position, 2 the token before it (smear reads
         # it), then the block table of each pool

@@ -18,8 +18,8 @@ Notable:
   once the prefill has written them.
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
-- on a GPU, decode batches of up to 8 replay CUDA graphs (serving/engine/cuda_graphs.py) unless
-  enforce_eager; each pool then holds one block more than the block manager hands out, the graphs'
+- on a GPU, decode batches replay CUDA graphs (serving/engine/cuda_graphs.py) unless enforce_eager: every
+  batch up to max_num_seqs with flex attention, up to 8 with sdpa's gather; each pool then holds one block more than the block manager hands out, the graphs'
   scratch block.
 - with num_window_blocks, the sliding-window layers keep their KV in a window pool of their own, read
   through each sequence's window_table (block_manager.py's window group).

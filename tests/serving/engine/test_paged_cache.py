@@ -413,6 +413,42 @@ def test_batch_buckets():
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_flex_graphs_cover_every_batch_up_to_max_num_seqs_and_the_gather_paths_stop_at_8(attention):
+    """Flex reads only each row's own blocks, so its graphs go up to max_num_seqs; the gather path's would
+    attend over max_model_len keys per row, so its stop at 8. Twelve sequences decode through flex's bucket
+    of 16 (four padding rows) with the eager decode's logits, writing nothing outside their own slots and
+    the scratch block."""
+    model = scrambled("gqa-window")
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu", attention=attention)  # block NUM_BLOCKS: scratch
+    graphs = DecodeGraphs(model, runner.cache, max_num_seqs=16, max_model_len=20, capture=False)
+    assert graphs.buckets == ([1, 2, 4, 8, 16] if attention == "flex" else [1, 2, 4, 8])
+    assert graphs.serves(12) == (attention == "flex") and graphs.serves(8)
+    if attention == "sdpa":
+        return
+    rng = random.Random(21)
+    lengths = [rng.randrange(2, 15) for _ in range(12)]
+    seqs = [Sequence(random_tokens(n, rng)) for n in lengths]
+    for seq, table in zip(seqs, scattered_tables([n + 2 for n in lengths], seed=22), strict=True):
+        seq.block_table = table
+        runner.run([chunk_of(seq, 0, len(seq))], [])
+        seq.num_cached_tokens = len(seq)
+    held = {b for seq in seqs for b in seq.block_table}
+    untouched = [b for b in range(NUM_BLOCKS) if b not in held]
+    for _ in range(2):
+        for seq in seqs:
+            seq.token_ids.append(rng.randrange(VOCAB))
+        eager = runner.run([], seqs).sampled
+        before = runner.cache.k.clone(), runner.cache.v.clone()
+        with torch.inference_mode():
+            through_buffers = graphs.run(seqs)
+        torch.testing.assert_close(through_buffers, eager, atol=ATOL, rtol=0)
+        for tensor, old in zip((runner.cache.k, runner.cache.v), before, strict=True):
+            assert torch.equal(tensor[:, untouched], old[:, untouched])
+        for seq in seqs:
+            seq.num_cached_tokens += 1
+
+
 def behind_window(seq: Sequence, window: int) -> list[int]:
     """Mark seq's window blocks wholly behind the window of its next query -1, as the block manager gives
     them back; returns those blocks."""
