@@ -16,8 +16,9 @@ serve.transport of --transports (grpc,ray: both).
         [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]
         [--transports grpc,ray] [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
 
-Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here (d4 and
-4096: the shape of the tiny-cpu speedrun model): what is measured is the serving machinery, not the text.
+Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here, with
+the tiny-cpu preset's heads (grouped-query) and sliding windows (d4 and 4096: the shape of the speedrun
+model): what is measured is the serving machinery, not the text.
 Every request asks for exactly --max-tokens tokens (min_tokens keeps the stop tokens out); the sequential
 baseline stops at a stop token, so its tokens/s counts the tokens it produced. The server's engine gets
 --threads CPUs (serve.num_cpus) and room for the largest concurrency; --serve-set changes any of it. Run it
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 
+from nanochat.config import load_config
 from nanochat.generate import generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -496,7 +498,9 @@ def main() -> None:
         described = args.model
     else:
         tokenizer = bench_tokenizer(args.vocab_size)
-        model = random_model(args.depth, tokenizer, sequence_len=max(2048, args.prefix_tokens + 256))
+        tiny = load_config("tiny-cpu").model  # the speedrun model's heads (grouped-query) and windows
+        model = random_model(args.depth, tokenizer, sequence_len=max(2048, args.prefix_tokens + 256),
+                             head_dim=tiny.head_dim, n_kv_head=tiny.n_kv_head, window_pattern=tiny.window_pattern)
         described = f"d{args.depth} random weights, vocab {tokenizer.vocab_size}"
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {described} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} output tokens per request, "

@@ -166,11 +166,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_
     elif window is None or window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     else:
-        # the masked kernels do not all take GQA: give every query head its own key/value head
-        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        k, v, gqa = grouped_kv(q, k, v)
         delta = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta <= window))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta <= window), enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+def grouped_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Keys and values (B, H_kv, S, D) ready for a masked SDPA of q (B, H, T, D), and its enable_gqa. On a
+    CPU SDPA takes the grouped heads as they are, far faster than copying every key and value to each query
+    head of its group; on a GPU the masked kernels do not all take GQA (SDPA would fall back to its slow
+    reference path), so there every query head gets its own copy."""
+    if k.size(1) == q.size(1):
+        return k, v, False
+    if q.device.type == "cpu":
+        return k, v, True
+    k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    return k, v, False
 
 
 @lru_cache(maxsize=32)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from nanochat.gpt import grouped_kv
 from serving.engine.block_manager import BlockCopy
 
 Attention = Literal["sdpa", "flex"]
@@ -256,10 +257,8 @@ class _PoolView:
         # attention runs in the pools' dtype: a bfloat16 cache is read at half the bytes, not widened first
         out_dtype = q.dtype
         q, keys, values = q.to(k_pool.dtype).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        if keys.size(1) != q.size(1):
-            # the masked SDPA kernels do not all take GQA: give every query head its own key/value head
-            keys, values = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (keys, values))
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        keys, values, gqa = grouped_kv(q, keys, values)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return y.transpose(1, 2).to(out_dtype)
 
     def _blocks(self, window: int | None) -> tuple[Tensor, Tensor]:

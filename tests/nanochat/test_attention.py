@@ -43,6 +43,26 @@ def test_flex_attention_equals_the_masked_sdpa_path(T, window, n_head, n_kv_head
     torch.testing.assert_close(flex, sdpa, rtol=0, atol=64 * EPS32)
 
 
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_the_windowed_sdpa_path_equals_explicit_attention_and_so_do_its_gradients(n_kv_head):
+    """The dense-mask path takes grouped key/value heads as they are on a CPU (enable_gqa): the output and
+    the gradients of q, k and v equal attention written out by hand, each query head reading the key/value
+    head of its group."""
+    T, window, n_head, D = 40, 9, 4, 16
+    q, k, v = (t.double().requires_grad_() for t in qkv(2, T, n_head, n_kv_head, D, seed=3))
+    group = n_head // n_kv_head
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(group, dim=2)) / D**0.5
+    delta = torch.arange(T)[:, None] - torch.arange(T)
+    scores = scores.masked_fill(~((delta >= 0) & (delta <= window)), float("-inf"))
+    expected = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.repeat_interleave(group, dim=2))
+    got = causal_attention(q, k, v, window)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), upstream)
+    for grad, want in zip(grads, torch.autograd.grad(expected, (q, k, v), upstream), strict=True):
+        torch.testing.assert_close(grad, want)
+
+
 @torch.no_grad()
 def test_flex_attention_follows_autocast_as_sdpa_does():
     """Under autocast (as training runs on a GPU) both kernels compute in bfloat16 whatever their inputs' dtypes:
