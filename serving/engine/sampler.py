@@ -15,10 +15,15 @@ Notable:
 - the draw is inverse-CDF sampling with a single uniform per row, taken from that row's own CPU
   torch.Generator: a row's token depends only on its logits, its params and its generator, never on
   which other requests share the batch, so a seeded request is reproducible (on any device).
-- filtering happens in sorted order (stable sort, most likely first): top-k and the nucleus are both a
-  prefix of it, which also bounds the draw to the kept tokens whatever the float rounding. The draw takes
-  the first position whose cumulative mass reaches it: a token of probability 0 (masked by a grammar or
-  min_tokens, or outside the nucleus) shares that mass with the token before it, so it is never drawn.
+- rows that filter (top-k below the vocabulary, top_p < 1) draw in sorted order (stable sort, most likely
+  first): top-k and the nucleus are both a prefix of it, which also bounds the draw to the kept tokens
+  whatever the float rounding. The draw takes the first position whose cumulative mass reaches it: a token
+  of probability 0 (masked by a grammar or min_tokens, or outside the nucleus) shares that mass with the
+  token before it, so it is never drawn.
+- rows that keep every token draw in vocabulary order instead, with no sort (sorting the vocabulary of
+  every row would cost more than the rest of sampling; vLLM skips it likewise): the first token whose
+  cumulative mass exceeds the uniform's share of the total, so a token of probability 0 is never drawn
+  there either. Inverse-CDF sampling is exact in any fixed order.
 """
 
 import itertools
@@ -133,11 +138,38 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
 
 
 def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
+    """One token per row from softmax(logits / temperature), filtered by the row's top-k and top-p."""
     device, V = logits.device, logits.size(1)
     temperature = torch.tensor([p.temperature for p in params], device=device)
+    scaled = logits / temperature[:, None]
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+    filtered = [b for b, p in enumerate(params) if (p.top_k is not None and p.top_k < V) or p.top_p < 1.0]
+    if not filtered:
+        return _draw_in_order(scaled, u)
+    kept = [b for b in range(len(params)) if b not in set(filtered)]
+    tokens = torch.empty(len(params), dtype=torch.long, device=device)
+    if kept:
+        rows = torch.tensor(kept, device=device)
+        tokens[rows] = _draw_in_order(scaled[rows], u[rows])
+    rows = torch.tensor(filtered, device=device)
+    tokens[rows] = _draw_sorted(scaled[rows], [params[b] for b in filtered], u[rows])
+    return tokens
+
+
+def _draw_in_order(scaled: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draws over the whole vocabulary in its own order (module docstring)."""
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    # u * total may round up to the total: then the last token of positive probability, where the cdf peaks
+    return torch.where(position < cdf.size(1), position, cdf.argmax(dim=-1))
+
+
+def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Tensor:
+    """Inverse-CDF draws over each row's top-k and nucleus, most likely first (module docstring)."""
+    device, V = scaled.device, scaled.size(1)
     top_k = torch.tensor([V if p.top_k is None else p.top_k for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True, stable=True)
+    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
     keep = torch.arange(V, device=device) < top_k[:, None]
     probs = ordered.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     # a token is in the nucleus if the mass before it has not reached top_p yet; top_p = 1 keeps every
@@ -145,7 +177,6 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     keep &= (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep[:, 0] = True  # the most likely token is always in the nucleus, however small top_p (it may round to 0)
     cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
     position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
     position = torch.minimum(position, keep.sum(dim=-1) - 1)
     return order.gather(1, position[:, None]).squeeze(1)

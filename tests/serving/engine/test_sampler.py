@@ -86,15 +86,21 @@ def test_higher_temperature_flattens_the_distribution():
     assert cold[0] > 1900 and hot[0] < 200 and len(hot) > len(cold)
 
 
-def test_same_seed_same_tokens_whatever_the_batch():
+FILTERED = SamplingParams(temperature=1.2, top_p=0.9, top_k=20, seed=1234)  # drawn in sorted order
+UNFILTERED = SamplingParams(temperature=1.2, seed=1234)  # every token kept: drawn in vocabulary order
+
+
+@pytest.mark.parametrize("mine", [FILTERED, UNFILTERED], ids=["filtered", "unfiltered"])
+def test_same_seed_same_tokens_whatever_the_batch(mine):
+    """A seeded request gets the same tokens alone and in batches of others, whether it filters (the
+    others do not) or keeps every token (and then the others filter)."""
     logits = random_logits(5, seed=9)
-    mine = SamplingParams(temperature=1.2, top_p=0.9, top_k=20, seed=1234)
+    other = SamplingParams(temperature=0.7) if mine is FILTERED else SamplingParams(temperature=0.7, top_k=5)
 
     def my_tokens(batch_rows: list[int], my_row: int, steps: int = 20) -> list[int]:
         """My request at row my_row of a batch whose other rows are other requests with their own seeds."""
         generators = [make_generator(1234 if b == my_row else 100 + b) for b in range(len(batch_rows))]
-        params = [mine if b == my_row else SamplingParams(temperature=0.7, seed=100 + b)
-                  for b in range(len(batch_rows))]
+        params = [mine if b == my_row else other for b in range(len(batch_rows))]
         out = []
         for _ in range(steps):
             out.append(int(sample(logits[batch_rows], params, generators)[my_row]))
@@ -104,6 +110,26 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert my_tokens([3, 0, 4], 1) == alone
     assert my_tokens([2, 1, 3, 4, 0], 4) == alone
     assert len(set(alone)) > 1  # it does sample: 20 draws at temperature 1.2 are not all one token
+
+
+def test_rows_that_keep_every_token_never_draw_one_of_probability_zero():
+    """Drawn in vocabulary order, a masked token (first, last and inside) is never drawn, not even at the
+    uniform's extremes, and the others come in proportion to their probabilities."""
+    from serving.engine.sampler import _draw_in_order
+
+    logits = random_logits(1, seed=4)
+    masked = [0, 7, V - 1]
+    logits[0, masked] = float("-inf")
+    extremes = torch.tensor([0.0, math.nextafter(1.0, 0.0)])
+    drawn = _draw_in_order(logits.expand(2, -1), extremes).tolist()
+    assert not set(drawn) & set(masked)
+    assert drawn[0] == 1 and drawn[1] == V - 2  # the first and the last token of positive probability
+    counts = draws(logits, SamplingParams(temperature=1.0), 20_000, seed=5)
+    assert not set(counts) & set(masked)
+    probs = logits[0].softmax(-1)
+    for token, p in enumerate(probs.tolist()):
+        if p > 0.02:
+            assert abs(counts[token] / 20_000 - p) < 4 * math.sqrt(p * (1 - p) / 20_000), token
 
 
 def test_different_seeds_give_different_tokens():
