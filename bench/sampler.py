@@ -1,9 +1,10 @@
 """
-What a decode step's sampling costs per batch, side by side in one run: rows that keep every token (no
-top-k, top_p 1: OpenAI's and vLLM's defaults), which draw in vocabulary order with no sort, against rows
-that filter (top_p < 1), which sort each row's vocabulary first, the path every sampled row took before
-the unfiltered ones skipped the sort. Then the tiny model's decode step (LLMEngine.step() on a batch in its
-decode phase) at temperature 1 with and without top_p, to put the sampling in proportion.
+What a decode step's sampling costs per batch, side by side in one run: rows that filter by top_p alone
+(0.95), which sort each row's whole vocabulary first (the path every sampled row once took); rows with a
+top_k (nanochat's chat: 50), which sort only the top-k's candidates; and rows that keep every token (no
+top-k, top_p 1: OpenAI's and vLLM's defaults), which draw in vocabulary order with no sort. Ratios: the
+whole sort's time over each. Then the tiny model's decode step (LLMEngine.step() on a batch in its decode
+phase) at temperature 1 with top_p 0.95 and with neither, to put the sampling in proportion.
 
     .venv/bin/python -m bench.sampler [--batch 1,32,64] [--vocab 4096,32768] [--repeats 5]
 
@@ -75,17 +76,21 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     unfiltered, filtered = SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.95)
+    top_k = SamplingParams(temperature=1.0, top_k=50)
     print("sample() per step, CPU ms (best of rounds), 1 torch thread")
-    print(f"{'vocab':>6} {'batch':>6} {'top_p 0.95 (sort)':>18} {'top_p 1 (no sort)':>18} {'ratio':>7}")
+    print(f"{'vocab':>6} {'batch':>6} {'top_p 0.95 (sort)':>18} {'top_k 50':>10} {'ratio':>7} "
+          f"{'neither (no sort)':>18} {'ratio':>7}")
     for vocab in (int(v) for v in args.vocab.split(",")):
         for batch in (int(b) for b in args.batch.split(",")):
             sorted_ms = sampling_ms(batch, vocab, filtered, args)
+            top_k_ms = sampling_ms(batch, vocab, top_k, args)
             plain_ms = sampling_ms(batch, vocab, unfiltered, args)
-            print(f"{vocab:>6} {batch:>6} {sorted_ms:>18.3f} {plain_ms:>18.3f} {sorted_ms / plain_ms:>6.2f}x")
+            print(f"{vocab:>6} {batch:>6} {sorted_ms:>18.3f} {top_k_ms:>10.3f} {sorted_ms / top_k_ms:>6.2f}x "
+                  f"{plain_ms:>18.3f} {sorted_ms / plain_ms:>6.2f}x")
     batch = max(int(b) for b in args.batch.split(","))
     sorted_step, plain_step = engine_step_ms(batch, filtered, args), engine_step_ms(batch, unfiltered, args)
     print(f"\nLLMEngine decode step, d4 tiny-cpu shape, {batch} rows at temperature 1, CPU ms: "
-          f"top_p 0.95 {sorted_step:.2f}, top_p 1 {plain_step:.2f} ({sorted_step / plain_step:.2f}x)")
+          f"top_p 0.95 {sorted_step:.2f}, neither {plain_step:.2f} ({sorted_step / plain_step:.2f}x)")
 
 
 if __name__ == "__main__":

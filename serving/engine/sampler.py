@@ -16,7 +16,8 @@ Notable:
   torch.Generator: a row's token depends only on its logits, its params and its generator, never on
   which other requests share the batch, so a seeded request is reproducible (on any device).
 - rows that filter (top-k below the vocabulary, top_p < 1) draw in sorted order (stable sort, most likely
-  first): top-k and the nucleus are both a prefix of it, which also bounds the draw to the kept tokens
+  first; when every such row has a top-k, only the largest top-k of the batch is sorted): top-k and the
+  nucleus are both a prefix of it, which also bounds the draw to the kept tokens
   whatever the float rounding. The draw takes the first position whose cumulative mass reaches it: a token
   of probability 0 (masked by a grammar or min_tokens, or outside the nucleus) shares that mass with the
   token before it, so it is never drawn.
@@ -169,8 +170,8 @@ def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Ten
     device, V = scaled.device, scaled.size(1)
     top_k = torch.tensor([V if p.top_k is None else p.top_k for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
-    keep = torch.arange(V, device=device) < top_k[:, None]
+    ordered, order = _most_likely(scaled, int(top_k.max()))
+    keep = torch.arange(ordered.size(1), device=device) < top_k[:, None]
     probs = ordered.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     # a token is in the nucleus if the mass before it has not reached top_p yet; top_p = 1 keeps every
     # token outright, as rounding can push the cumulative mass to 1 before the last ones
@@ -180,6 +181,22 @@ def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Ten
     position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
     position = torch.minimum(position, keep.sum(dim=-1) - 1)
     return order.gather(1, position[:, None]).squeeze(1)
+
+
+def _most_likely(scaled: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row and their token ids, in the order of a stable descending sort of the whole
+    row (equal values by token id), so a row's order never depends on the k its batch asks for. A top-k of k
+    elements costs far less than sorting the vocabulary when k is small (nanochat's chat uses top_k 50)."""
+    if k >= scaled.size(1):
+        return scaled.sort(dim=-1, descending=True, stable=True)
+    # topk alone may keep any of the values equal to the k-th: keep the lowest ids among them, as the sort does
+    threshold = scaled.topk(k, dim=-1).values[:, -1:]
+    above, equal = scaled > threshold, scaled == threshold
+    wanted = k - above.sum(dim=-1, keepdim=True)
+    chosen = above | (equal & (equal.cumsum(dim=-1) <= wanted))
+    ids = chosen.nonzero()[:, 1].view(scaled.size(0), k)  # row by row, each row's ids ascending
+    values, by_value = scaled.gather(1, ids).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, by_value)
 
 
 def _check(p: SamplingParams) -> None:

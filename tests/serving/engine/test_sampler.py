@@ -95,12 +95,13 @@ def test_same_seed_same_tokens_whatever_the_batch(mine):
     """A seeded request gets the same tokens alone and in batches of others, whether it filters (the
     others do not) or keeps every token (and then the others filter)."""
     logits = random_logits(5, seed=9)
-    other = SamplingParams(temperature=0.7) if mine is FILTERED else SamplingParams(temperature=0.7, top_k=5)
+    # the others: rows that keep every token, and rows whose larger top-k widens the batch's sorted prefix
+    others = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=40)]
 
     def my_tokens(batch_rows: list[int], my_row: int, steps: int = 20) -> list[int]:
         """My request at row my_row of a batch whose other rows are other requests with their own seeds."""
         generators = [make_generator(1234 if b == my_row else 100 + b) for b in range(len(batch_rows))]
-        params = [mine if b == my_row else other for b in range(len(batch_rows))]
+        params = [mine if b == my_row else others[b % 2] for b in range(len(batch_rows))]
         out = []
         for _ in range(steps):
             out.append(int(sample(logits[batch_rows], params, generators)[my_row]))
@@ -110,6 +111,18 @@ def test_same_seed_same_tokens_whatever_the_batch(mine):
     assert my_tokens([3, 0, 4], 1) == alone
     assert my_tokens([2, 1, 3, 4, 0], 4) == alone
     assert len(set(alone)) > 1  # it does sample: 20 draws at temperature 1.2 are not all one token
+
+
+def test_the_sorted_prefix_of_a_top_k_orders_equal_logits_by_token_id_whatever_its_width():
+    """Ties (here many) come in token-id order, as the full stable sort gives them, so a row's top-k
+    and draws are the same alone (its own k) and beside a row with a larger k."""
+    from serving.engine.sampler import _most_likely
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, 2.0, 0.5, 1.0, 2.0, 1.0]])
+    full_values, full_ids = logits.sort(dim=-1, descending=True, stable=True)
+    for k in (3, 4, 6, 9):
+        values, ids = _most_likely(logits, k)
+        assert torch.equal(ids, full_ids[:, :k]) and torch.equal(values, full_values[:, :k])
 
 
 def test_rows_that_keep_every_token_never_draw_one_of_probability_zero():
