@@ -20,7 +20,10 @@ Throughput:
   capability 8.9 or newer; elsewhere a line says why not)
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
   prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones, and one request
-  alone
+  alone; for that request also its decode's memory-bandwidth utilisation: the bytes a decode step reads
+  (every weight but the embedding tables, of which it reads one row, and the keys and values of its
+  context: all of it in a full layer, the last window in a window layer) times its decode steps per second,
+  over the GPU's peak bandwidth (the roofline of a decode that reads each byte once)
 
     .venv/bin/python -m bench.gpu --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
     .venv/bin/python -m bench.gpu --only train --fp8 --depths 20   # bf16 and FP8 training side by side
@@ -282,6 +285,30 @@ def stdlib_text(max_chars: int) -> list[str]:
     return texts
 
 
+# peak memory bandwidth, bytes/s, by a part of the device's name (the first that matches): the decode roofline
+PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                  ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12),
+                  ("L4", 0.3e12), ("A10G", 0.6e12), ("B200", 8.0e12)]
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bandwidth for key, bandwidth in PEAK_BANDWIDTH if key in name), None)
+
+
+def decode_step_bytes(model: GPT, kv_dtype: torch.dtype, contexts: list[int]) -> int:
+    """What one decode step of sequences with these contexts reads: every weight but the embedding tables
+    (of which a step reads only its rows) once for the whole batch, and each sequence's keys and values: its
+    whole context in a full-context layer, its last window (and the new token) in a window layer."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+    per_token = 2 * model.config.n_kv_head * model.config.head_dim * torch.tensor([], dtype=kv_dtype).element_size()
+    kv = sum(per_token * (n if w is None else min(n, w + 1)) for n in contexts for w in model.window_sizes)
+    return weights + kv
+
+
 def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, attention: str, requests: int,
                  prompt_len: int, max_tokens: int, device: torch.device) -> dict[str, Any]:
     block_size = 16
@@ -308,12 +335,21 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
 
     run(min(requests, 4))  # warm-up: allocator, kernels
     seconds, generated, ttft = run(requests)
-    alone_seconds, alone_generated, _ = run(1)
+    alone_seconds, alone_generated, alone_ttft = run(1)
+    # the lone request's decode: the steps after its first token, at its mean context
+    decode_steps_per_second = (alone_generated - 1) / (alone_seconds - alone_ttft)
+    step_bytes = decode_step_bytes(engine.runner.model, engine.runner.cache.k.dtype,
+                                   [prompt_len + alone_generated // 2])
+    peak = peak_bandwidth(device)
     return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None,
             "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
-            "single_request_tokens_per_second": alone_generated / alone_seconds}
+            "single_request_tokens_per_second": alone_generated / alone_seconds,
+            "single_request_decode_tokens_per_second": decode_steps_per_second,
+            "single_request_decode_bytes_per_step": step_bytes,
+            "single_request_decode_bytes_per_second": step_bytes * decode_steps_per_second,
+            "single_request_bandwidth_utilisation": None if peak is None else step_bytes * decode_steps_per_second / peak}
 
 
 # ------------------------------------------------------------------------------------------------ main
