@@ -25,6 +25,7 @@ Notable:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +58,10 @@ class DecodeGraphs:
         self.inputs = torch.zeros(B, 3 + self.max_blocks * len(cache.pools), dtype=torch.long, device=device)
         self.ones = torch.ones(B, dtype=torch.long, device=device)  # every row computes one new token
         self.real = torch.arange(B, device=device)  # every row is a real new token: its flat index is its row
+        # a padding row (token 0 at position 0, every table entry its pool's scratch block) per bucket row
+        self.padding = np.zeros((B, self.inputs.size(1)), dtype=np.int64)
+        for i, scratch in enumerate(self.scratch):
+            self.padding[:, 3 + i * self.max_blocks : 3 + (i + 1) * self.max_blocks] = scratch
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
         if capture:
@@ -77,15 +82,15 @@ class DecodeGraphs:
         return self._forward(bucket)[:n, 0]
 
     def _host_inputs(self, seqs: list[Sequence], bucket: int) -> Tensor:
-        rows = []
-        for seq in seqs:
-            tables = [seq.block_table, seq.window_table][: len(self.scratch)]
-            padded = [b for table, scratch in zip(tables, self.scratch, strict=True)
-                      for b in table + [scratch] * (self.max_blocks - len(table))]
-            rows.append([seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0, *padded])
-        padding = [b for scratch in self.scratch for b in [scratch] * self.max_blocks]
-        rows += [[0, 0, 0, *padding]] * (bucket - len(seqs))
-        host = torch.tensor(rows, dtype=torch.long)
+        """The step's input rows, built in numpy from a copy of the padding (a slice assignment per table
+        rather than a Python list of every entry: a host-bound step has no time to spare)."""
+        rows = self.padding[:bucket].copy()
+        n = self.max_blocks
+        for i, seq in enumerate(seqs):
+            rows[i, :3] = seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0
+            for p, table in enumerate([seq.block_table, seq.window_table][: len(self.scratch)]):
+                rows[i, 3 + p * n : 3 + p * n + len(table)] = table
+        host = torch.from_numpy(rows)
         return host.pin_memory() if self.cache.device.type == "cuda" else host  # pinned: the copy is async
 
     def _forward(self, bucket: int) -> Tensor:
