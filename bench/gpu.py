@@ -19,7 +19,8 @@ Throughput:
   torch.compile, tokens/s, MFU and peak memory, per depth; with --fp8 also compiled in FP8 (GPUs of compute
   capability 8.9 or newer; elsewhere a line says why not)
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
-  prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones, and one request
+  prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones and against the
+  graphs of the compiled decode step (serve.compile_decode), and one request
   alone; for that request also its decode's memory-bandwidth utilisation: the bytes a decode step reads
   (every weight but the embedding tables, of which it reads one row, and the keys and values of its
   context: all of it in a full layer, the last window in a window layer) times its decode steps per second,
@@ -310,12 +311,12 @@ def decode_step_bytes(model: GPT, kv_dtype: torch.dtype, contexts: list[int]) ->
 
 
 def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, attention: str, requests: int,
-                 prompt_len: int, max_tokens: int, device: torch.device) -> dict[str, Any]:
+                 prompt_len: int, max_tokens: int, device: torch.device, compile_decode: bool = False) -> dict[str, Any]:
     block_size = 16
     per_request = -(-(prompt_len + max_tokens) // block_size)
     engine = LLMEngine(copy.deepcopy(model), tokenizer, num_blocks=requests * per_request + 8, block_size=block_size,
                        max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
-                       dtype=dtype, enforce_eager=enforce_eager, attention=attention)
+                       dtype=dtype, enforce_eager=enforce_eager, attention=attention, compile_decode=compile_decode)
     plain = tokenizer.vocab_size - 16  # below the special tokens
     generator = torch.Generator().manual_seed(1)
 
@@ -341,7 +342,9 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
     step_bytes = decode_step_bytes(engine.runner.model, engine.runner.cache.k.dtype,
                                    [prompt_len + alone_generated // 2])
     peak = peak_bandwidth(device)
-    return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None,
+    graphs = engine.runner.graphs
+    return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": graphs is not None,
+            "compiled_decode": graphs is not None and graphs.compiled,
             "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
@@ -415,14 +418,15 @@ def main() -> None:
     serve_depth, serve_vocab, requests, prompt_len, max_tokens = (2, 512, 4, 32, 16) if small else (20, 8192, 64, 512, 256)
     tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
     serve_model = scrambled(GPTConfig.from_depth(serve_depth, tokenizer.vocab_size, 2048), "cpu")
-    # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio, and the gather path
-    # (sdpa) beside FlexAttention over the pools (flex, what auto picks on a GPU) the attention's
-    runs = (("float32", False, "auto"), ("bfloat16", False, "sdpa"), ("bfloat16", False, "flex"),
-            ("bfloat16", True, "flex"))
-    for dtype, eager, attention in runs if "serve" in wanted else ():
-        section(f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}", results,
-                lambda dt=dtype, e=eager, a=attention: time_serving(serve_model, tokenizer, dt, e, a, requests,
-                                                                    prompt_len, max_tokens, device))
+    # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio, the gather path
+    # (sdpa) beside FlexAttention over the pools (flex, what auto picks on a GPU) the attention's, and the
+    # graphs of the compiled decode step (serve.compile_decode) the compiler's
+    runs = (("float32", False, "auto", False), ("bfloat16", False, "sdpa", False), ("bfloat16", False, "flex", False),
+            ("bfloat16", True, "flex", False), ("bfloat16", False, "flex", True))
+    for dtype, eager, attention, compile_decode in runs if "serve" in wanted else ():
+        name = f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}{'_compiled' if compile_decode else ''}"
+        section(name, results, lambda dt=dtype, e=eager, a=attention, c=compile_decode: time_serving(
+            serve_model, tokenizer, dt, e, a, requests, prompt_len, max_tokens, device, compile_decode=c))
 
     for depth in [] if args.no_compile else depths:
         train(depth, compile=True)

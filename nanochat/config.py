@@ -199,6 +199,7 @@ class ServeConfig(Section):
         "auto", description="KV cache, and the attention that reads it: auto = serve.dtype (vLLM's kv_cache_dtype); bfloat16 under float32 weights on a CPU halves the bytes each step gathers and reads and holds twice the tokens in the same memory")
     hybrid_kv_cache: bool = Field(True, description="sliding-window layers keep only their window: their keys and values live in a pool of their own, sized so it never runs short, and the blocks behind a sequence's window go back to it, leaving the full-context layers more blocks in the same memory (vLLM's hybrid KV cache manager; false: every layer keeps every token, as vLLM's --disable-hybrid-kv-cache-manager). Only for models with window layers, and only when the split gives the full-context layers more blocks")
     enforce_eager: bool = Field(False, description="decode eagerly instead of replaying CUDA graphs (GPU only)")
+    compile_decode: bool = Field(False, description="compile the decode step (torch.compile, one graph for every batch size) before capturing its CUDA graphs, so each replay runs fused kernels; start-up takes longer. GPU only, not with enforce_eager; a step that fails to compile is logged and captured uncompiled")
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "
         "gather), sdpa = gather each sequence's blocks for masked SDPA; auto = flex on a GPU, sdpa on a CPU")

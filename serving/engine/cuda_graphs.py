@@ -20,10 +20,16 @@ Notable:
   table) with one
   host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is built inside the
   capture, so its index arithmetic replays too. The graphs share one memory pool, captured largest first.
-- without capture (a CPU, or a test) the same buffers run through the same forward eagerly.
+- with compile (serve.compile_decode) the forward over the buffers is compiled once, with the batch size
+  symbolic (one graph for every bucket, as vLLM compiles its model), before the graphs capture it: each
+  replay then runs fused kernels. A forward that fails to compile is logged and the graphs capture it
+  uncompiled, so a compiler problem costs speed, not the server.
+- without capture (a CPU, or a test) the same buffers run through the same forward eagerly (or compiled).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -32,6 +38,8 @@ from torch import Tensor
 from nanochat.gpt import GPT
 from serving.engine.paged_cache import PagedKVCache, PagedView
 from serving.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 MAX_SDPA_GRAPH_BATCH = 8  # see above: larger decode batches through the gather path are faster eager
 
@@ -44,10 +52,12 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """The decode forward over static input buffers: one CUDA graph per batch bucket, or (capture=False) run
-    eagerly through the same buffers."""
+    through the same buffers without graphs; compiled first when compile (module docstring)."""
 
-    def __init__(self, model: GPT, cache: PagedKVCache, max_num_seqs: int, max_model_len: int, capture: bool):
+    def __init__(self, model: GPT, cache: PagedKVCache, max_num_seqs: int, max_model_len: int, capture: bool,
+                 compile: bool = False):
         self.model, self.cache = model, cache
+        self._step = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
         self.scratch = [pool.num_blocks - 1 for pool in cache.pools]  # each pool's last block (module docstring)
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = batch_buckets(max_num_seqs if cache.attention == "flex"
@@ -67,6 +77,11 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the decode step runs compiled (asked for, and not fallen back from)."""
+        return self._step != self._forward
+
     def serves(self, n: int) -> bool:
         """Whether a decode batch of n sequences has a bucket (larger ones are left to the eager path)."""
         return n <= self.buckets[-1]
@@ -79,7 +94,7 @@ class DecodeGraphs:
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n, 0].clone()
-        return self._forward(bucket)[:n, 0]
+        return self._forward_through_step(bucket)[:n, 0]
 
     def _host_inputs(self, seqs: list[Sequence], bucket: int) -> Tensor:
         """The step's input rows, built in numpy from a copy of the padding (a slice assignment per table
@@ -100,6 +115,18 @@ class DecodeGraphs:
                          self.max_blocks * self.cache.block_size)
         return self.model.forward_cached(inputs[:, :1], view, prev_idx=inputs[:, 2])
 
+    def _forward_through_step(self, bucket: int) -> Tensor:
+        """The forward, compiled when asked; a compiled step that fails falls back to the plain one, once."""
+        if self._step == self._forward:
+            return self._forward(bucket)
+        try:
+            return self._step(bucket)
+        except Exception as e:  # the compiler's, whatever its kind: the plain forward still serves
+            logger.warning("the decode step did not compile (%s: %s); decoding with it uncompiled",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._step = self._forward
+            return self._forward(bucket)
+
     def _capture(self) -> None:
         for i, scratch in enumerate(self.scratch):  # every row padding while capturing: only scratch blocks are written
             self.inputs[:, 3 + i * self.max_blocks : 3 + (i + 1) * self.max_blocks] = scratch
@@ -109,11 +136,11 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up off the capture (allocator, kernels' lazy init)
                 for _ in range(2):
-                    self._forward(bucket)
+                    self._forward_through_step(bucket)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bucket] = self._forward(bucket)
+                self.outputs[bucket] = self._step(bucket)
             pool = graph.pool()
             self.graphs[bucket] = graph
         torch.cuda.synchronize()

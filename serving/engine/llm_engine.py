@@ -189,7 +189,8 @@ class LLMEngine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
                  max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
-                 attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto", hybrid_kv_cache: bool = True):
+                 attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto", hybrid_kv_cache: bool = True,
+                 compile_decode: bool = False):
         """num_blocks: the KV cache's size, in blocks of every layer's keys and values for block_size tokens;
         hybrid_kv_cache: sliding-window layers keep only their window, in a pool of their own, when that
         leaves the full-context layers more blocks (kv_cache_split)."""
@@ -212,7 +213,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=enforce_eager,
                                   attention=attention, kv_cache_dtype=kv_cache_dtype,
-                                  num_window_blocks=num_window_blocks)
+                                  num_window_blocks=num_window_blocks, compile_decode=compile_decode)
         self.vocab_size = model.config.vocab_size
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")

@@ -19,8 +19,9 @@ Notable:
 - reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches replay CUDA graphs (serving/engine/cuda_graphs.py) unless enforce_eager: every
-  batch up to max_num_seqs with flex attention, up to 8 with sdpa's gather; each pool then holds one block more than the block manager hands out, the graphs'
-  scratch block.
+  batch up to max_num_seqs with flex attention, up to 8 with sdpa's gather; each pool then holds one block
+  more than the block manager hands out, the graphs' scratch block. With compile_decode the graphs replay
+  the decode step compiled.
 - with num_window_blocks, the sliding-window layers keep their KV in a window pool of their own, read
   through each sequence's window_table (block_manager.py's window group).
 - attention (serve.attention): "flex" reads the pools in place through FlexAttention, compiled, with no
@@ -100,9 +101,10 @@ class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None,
-                 kv_cache_dtype: ServeDtype = "auto", num_window_blocks: int = 0):
+                 kv_cache_dtype: ServeDtype = "auto", num_window_blocks: int = 0, compile_decode: bool = False):
         """compile_flex: run flex attention compiled (default: on a GPU only); num_window_blocks: the
-        sliding-window layers' KV in a pool of their own of that many blocks (0: in the one pool)."""
+        sliding-window layers' KV in a pool of their own of that many blocks (0: in the one pool);
+        compile_decode: the CUDA graphs replay the decode step compiled (cuda_graphs.py)."""
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
@@ -120,7 +122,8 @@ class ModelRunner:
         if graphs:
             with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
                 self.graphs = DecodeGraphs(self.model, self.cache, max_num_seqs,
-                                           max_model_len or num_blocks * block_size, capture=True)
+                                           max_model_len or num_blocks * block_size, capture=True,
+                                           compile=compile_decode)
 
     @torch.inference_mode()
     def _check_flex(self) -> None:

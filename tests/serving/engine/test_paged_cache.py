@@ -449,6 +449,55 @@ def test_flex_graphs_cover_every_batch_up_to_max_num_seqs_and_the_gather_paths_s
             seq.num_cached_tokens += 1
 
 
+def decoding_sequences(runner: ModelRunner, n: int, seed: int) -> list[Sequence]:
+    """n prefilled sequences of different lengths in scattered blocks, each given its next token."""
+    rng = random.Random(seed)
+    lengths = [rng.randrange(2, 12) for _ in range(n)]
+    seqs = [Sequence(random_tokens(k, rng)) for k in lengths]
+    for seq, table in zip(seqs, scattered_tables([k + 2 for k in lengths], seed=seed), strict=True):
+        seq.block_table = table
+        runner.run([chunk_of(seq, 0, len(seq))], [])
+        seq.num_cached_tokens = len(seq)
+        seq.token_ids.append(rng.randrange(VOCAB))
+    return seqs
+
+
+def test_the_compiled_decode_step_gives_the_eager_decodes_logits_at_every_bucket():
+    """serve.compile_decode: the forward over the graph buffers compiled once with a symbolic batch size
+    (here run without capture) gives the eager decode's logits in the buckets of 4 and of 8."""
+    model = scrambled("smear-backout")
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")  # block NUM_BLOCKS: the scratch block
+    graphs = DecodeGraphs(model, runner.cache, max_num_seqs=8, max_model_len=20, capture=False, compile=True)
+    for n, seed in ((3, 31), (6, 32)):
+        seqs = decoding_sequences(runner, n, seed)
+        eager = runner.run([], seqs).sampled
+        with torch.inference_mode():
+            compiled = graphs.run(seqs)
+        torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+    assert graphs.compiled  # it did run compiled, not fallen back
+
+
+def test_a_decode_step_that_fails_to_compile_is_logged_and_runs_uncompiled(monkeypatch, caplog):
+    import serving.engine.cuda_graphs as cuda_graphs
+
+    def failing_compile(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("backend compiler failed\nwith a long story")
+        return compiled
+
+    monkeypatch.setattr(cuda_graphs.torch, "compile", failing_compile)
+    model = scrambled("gqa-window")
+    runner = ModelRunner(model, NUM_BLOCKS + 1, BLOCK, "cpu")
+    graphs = DecodeGraphs(model, runner.cache, max_num_seqs=4, max_model_len=20, capture=False, compile=True)
+    seqs = decoding_sequences(runner, 3, 33)
+    eager = runner.run([], seqs).sampled
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="serving.engine.cuda_graphs"):
+        through_buffers = graphs.run(seqs)
+    torch.testing.assert_close(through_buffers, eager, atol=ATOL, rtol=0)
+    assert "the decode step did not compile (RuntimeError: backend compiler failed)" in caplog.text
+    assert not graphs.compiled
+
+
 def behind_window(seq: Sequence, window: int) -> list[int]:
     """Mark seq's window blocks wholly behind the window of its next query -1, as the block manager gives
     them back; returns those blocks."""
