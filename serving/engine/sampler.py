@@ -160,9 +160,10 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
 def _draw_in_order(scaled: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draws over the whole vocabulary in its own order (module docstring)."""
     cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
-    position = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    # u * total may round up to the total: then the last token of positive probability, where the cdf peaks
-    return torch.where(position < cdf.size(1), position, cdf.argmax(dim=-1))
+    total = cdf[:, -1]
+    # u * total may round up to the total: held just below it, the draw is the last token of positive probability
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp(max=cdf.size(1) - 1)
 
 
 def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Tensor:
