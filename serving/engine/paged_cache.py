@@ -43,6 +43,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,37 +153,43 @@ class PagedKVCache:
             if window_tables is None or len(window_tables) != len(starts):
                 raise ValueError("a cache with a window pool needs a window table per row")
             tables.append(window_tables)
+        device, padded_tables = self.device, []
         for pool, pool_tables in zip(self.pools, tables, strict=True):
-            _check_tables(pool_tables, starts, lengths, self.block_size, pool.num_blocks, pool is not self.pools[0])
+            padded = _checked_tables(pool_tables, starts, lengths, self.block_size, pool.num_blocks,
+                                     behind_window=pool is not self.pools[0])
+            padded_tables.append(torch.from_numpy(padded).to(device))
         T = max(lengths)
         real = [b * T + t for b, length in enumerate(lengths) for t in range(length)]  # in the flat (B * T) order
-        device = self.device
-
-        def padded(pool_tables: list[list[int]]) -> Tensor:
-            # short tables are padded with block 0: those slots lie past the row's context, causality hides them
-            n_blocks = max(len(table) for table in pool_tables)
-            return torch.tensor([table + [0] * (n_blocks - len(table)) for table in pool_tables], dtype=torch.long,
-                                device=device)
-
-        return PagedView(self, [padded(t) for t in tables], torch.tensor(starts, dtype=torch.long, device=device),
+        return PagedView(self, padded_tables, torch.tensor(starts, dtype=torch.long, device=device),
                          torch.tensor(lengths, dtype=torch.long, device=device), T,
                          torch.tensor(real, dtype=torch.long, device=device),
                          max(start + length for start, length in zip(starts, lengths, strict=True)))
 
 
-def _check_tables(tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int, num_blocks: int,
-                  behind_window: bool) -> None:
-    """Each row's table covers its new tokens with blocks of the pool (-1 allowed behind a window)."""
-    low = -1 if behind_window else 0
+def _checked_tables(tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
+                    num_blocks: int, behind_window: bool) -> np.ndarray:
+    """The tables as one (rows, longest) array, short ones padded with block 0 (those slots lie past the
+    row's context: causality hides them), once each row's table is known to cover its new tokens with
+    blocks of the pool (-1 allowed behind a window). The block ids are checked on the array, not one by one
+    in Python: this runs every step."""
     for b, (table, start, length) in enumerate(zip(tables, starts, lengths, strict=True)):
         if start < 0 or length < 1:
             raise ValueError(f"row {b}: start={start}, length={length}: need start >= 0, length >= 1")
         if len(table) * block_size < start + length:
             raise ValueError(f"row {b}: {len(table)} blocks of {block_size} cannot hold {start + length} positions")
-        if any(not low <= block < num_blocks for block in table):
-            raise ValueError(f"row {b}: block ids must lie in [{low}, {num_blocks})")
-        if behind_window and any(block < 0 for block in table[start // block_size :]):
-            raise ValueError(f"row {b}: the blocks of its new tokens cannot be behind the window")
+    padded = np.zeros((len(tables), max(len(table) for table in tables)), dtype=np.int64)
+    for b, table in enumerate(tables):
+        padded[b, : len(table)] = table
+    low = -1 if behind_window else 0
+    outside = ((padded < low) | (padded >= num_blocks)).any(axis=1)
+    if outside.any():
+        raise ValueError(f"row {int(outside.argmax())}: block ids must lie in [{low}, {num_blocks})")
+    if behind_window:
+        new_columns = np.arange(padded.shape[1]) >= (np.asarray(starts) // block_size)[:, None]
+        behind = ((padded < 0) & new_columns).any(axis=1)
+        if behind.any():
+            raise ValueError(f"row {int(behind.argmax())}: the blocks of its new tokens cannot be behind the window")
+    return padded
 
 
 class PagedView:
