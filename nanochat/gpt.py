@@ -175,8 +175,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, block_
 def grouped_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
     """Keys and values (B, H_kv, S, D) ready for a masked SDPA of q (B, H, T, D), and its enable_gqa. On a
     CPU SDPA takes the grouped heads as they are, far faster than copying every key and value to each query
-    head of its group; on a GPU the masked kernels do not all take GQA (SDPA would fall back to its slow
-    reference path), so there every query head gets its own copy."""
+    head of its group; on a GPU the masked kernels do not all take GQA (SDPA could fall back to its slow
+    math path), so there every query head gets its own copy."""
     if k.size(1) == q.size(1):
         return k, v, False
     if q.device.type == "cpu":

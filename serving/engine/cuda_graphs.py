@@ -17,9 +17,9 @@ Notable:
   over all max_model_len keys of every row, slower than eager for large batches, so there graphs stop at
   8 decodes and larger batches run eagerly (bench/gpu.py measures graphs against eager).
 - the inputs live in static buffers that each step overwrites (token, position, the token before, block
-  table) with one
-  host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is built inside the
-  capture, so its index arithmetic replays too. The graphs share one memory pool, captured largest first.
+  table) with one host-to-device copy; the view over them (serving/engine/paged_cache.py's PagedView) is
+  built inside the capture, so its index arithmetic replays too. The graphs share one memory pool, captured
+  largest first.
 - with compile (serve.compile_decode) the forward over the buffers is compiled once, with the batch size
   symbolic (one graph for every bucket, as vLLM compiles its model), before the graphs capture it: each
   replay then runs fused kernels. A forward that fails to compile is logged and the graphs capture it
@@ -117,7 +117,7 @@ class DecodeGraphs:
 
     def _forward_through_step(self, bucket: int) -> Tensor:
         """The forward, compiled when asked; a compiled step that fails falls back to the plain one, once."""
-        if self._step == self._forward:
+        if not self.compiled:
             return self._forward(bucket)
         try:
             return self._step(bucket)

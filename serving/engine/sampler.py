@@ -17,10 +17,10 @@ Notable:
   which other requests share the batch, so a seeded request is reproducible (on any device).
 - rows that filter (top-k below the vocabulary, top_p < 1) draw in sorted order (stable sort, most likely
   first; when every such row has a top-k, only the largest top-k of the batch is sorted): top-k and the
-  nucleus are both a prefix of it, which also bounds the draw to the kept tokens
-  whatever the float rounding. The draw takes the first position whose cumulative mass reaches it: a token
-  of probability 0 (masked by a grammar or min_tokens, or outside the nucleus) shares that mass with the
-  token before it, so it is never drawn.
+  nucleus are both a prefix of it, which also bounds the draw to the kept tokens whatever the float
+  rounding. The draw takes the first position whose cumulative mass reaches it: a token of probability 0
+  (masked by a grammar or min_tokens, or outside the nucleus) shares that mass with the token before it,
+  so it is never drawn.
 - rows that keep every token draw in vocabulary order instead, with no sort (sorting the vocabulary of
   every row would cost more than the rest of sampling; vLLM skips it likewise): the first token whose
   cumulative mass exceeds the uniform's share of the total, so a token of probability 0 is never drawn
@@ -147,7 +147,7 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     filtered = [b for b, p in enumerate(params) if (p.top_k is not None and p.top_k < V) or p.top_p < 1.0]
     if not filtered:
         return _draw_in_order(scaled, u)
-    kept = [b for b in range(len(params)) if b not in set(filtered)]
+    kept = sorted(set(range(len(params))) - set(filtered))
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     if kept:
         rows = torch.tensor(kept, device=device)
@@ -169,9 +169,10 @@ def _draw_in_order(scaled: Tensor, u: Tensor) -> Tensor:
 def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Tensor:
     """Inverse-CDF draws over each row's top-k and nucleus, most likely first (module docstring)."""
     device, V = scaled.device, scaled.size(1)
-    top_k = torch.tensor([V if p.top_k is None else p.top_k for p in params], device=device)
+    ks = [V if p.top_k is None else p.top_k for p in params]
+    top_k = torch.tensor(ks, device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    ordered, order = _most_likely(scaled, int(top_k.max()))
+    ordered, order = _most_likely(scaled, max(ks))  # from the params: no wait on the device
     keep = torch.arange(ordered.size(1), device=device) < top_k[:, None]
     probs = ordered.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     # a token is in the nucleus if the mass before it has not reached top_p yet; top_p = 1 keeps every
@@ -195,7 +196,10 @@ def _most_likely(scaled: Tensor, k: int) -> tuple[Tensor, Tensor]:
     above, equal = scaled > threshold, scaled == threshold
     wanted = k - above.sum(dim=-1, keepdim=True)
     chosen = above | (equal & (equal.cumsum(dim=-1) <= wanted))
-    ids = chosen.nonzero()[:, 1].view(scaled.size(0), k)  # row by row, each row's ids ascending
+    # the k chosen ids of each row, lowest first, by a top-k of a key (no nonzero(): its size would have to be
+    # read back from the device)
+    V = scaled.size(1)
+    ids = V - torch.where(chosen, V - torch.arange(V, device=scaled.device), -1).topk(k, dim=-1).values
     values, by_value = scaled.gather(1, ids).sort(dim=-1, descending=True, stable=True)
     return values, ids.gather(1, by_value)
 
