@@ -48,7 +48,9 @@ SMALL = [
     # the remainder, 2 documents in 1 row group, too few for 2 workers to evaluate on alone
     "data.val_shards=2",
 ]
-RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\S+ pid=")  # "(RayTrainWorker pid=12, ip=...)", maybe coloured
+# what Ray forwards into a job's log, maybe coloured: a worker's lines "(RayTrainWorker pid=12, ip=...) ...", and
+# the raylet's own warnings "(raylet) ..." (a nearly full disk, say)
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|\S+ pid=)")
 SETTINGS = [arg for override in SMALL for arg in ("--set", override)]
 
 
@@ -165,8 +167,8 @@ def ray_list(cluster: Cluster, kind: str, *filters: str) -> list[dict]:
 
 
 def driver_lines(job_log: str) -> list[str]:
-    """What the job's entrypoint printed itself: the log also holds the workers' lines that Ray forwards
-    (prefixed "(RayTrainWorker pid=...)"), and those may arrive after the driver's last line."""
+    """What the job's entrypoint printed itself: the log also holds the lines Ray forwards from the workers
+    (prefixed "(RayTrainWorker pid=...)") and the raylet ("(raylet)"), which may arrive after the driver's last."""
     return [line for line in job_log.splitlines() if line.strip() and not RAY_FORWARDED.match(line)]
 
 
