@@ -19,6 +19,10 @@ import time
 
 import torch
 
+from bench.serving import bench_tokenizer, prompts, tiny_shaped_model
+from nanochat.gpt import GPT
+from nanochat.tokenizer import Tokenizer
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sampler import make_generator, sample
 from serving.engine.sequence import SamplingParams
 
@@ -50,16 +54,9 @@ def sampling_ms(batch: int, vocab: int, params: SamplingParams, args: argparse.N
     return best_cpu_ms(lambda: sample(logits, [params] * batch, generators), args.steps, args.repeats)
 
 
-def engine_step_ms(batch: int, params: SamplingParams, args: argparse.Namespace) -> float:
-    """One decode step of the tiny-cpu-shaped model with every row sampled by params (CPU ms)."""
-    from bench.serving import bench_tokenizer, prompts, random_model
-    from nanochat.config import load_config
-    from serving.engine.llm_engine import LLMEngine
-
-    tokenizer = bench_tokenizer(4096)
-    tiny = load_config("tiny-cpu").model
-    model = random_model(tiny.depth, tokenizer, 1024, head_dim=tiny.head_dim, n_kv_head=tiny.n_kv_head,
-                         window_pattern=tiny.window_pattern)
+def engine_step_ms(model: GPT, tokenizer: Tokenizer, batch: int, params: SamplingParams,
+                   args: argparse.Namespace) -> float:
+    """One decode step of model with every row sampled by params (CPU ms)."""
     engine = LLMEngine(model, tokenizer, num_blocks=batch * 24, block_size=16, max_num_seqs=batch,
                        max_num_batched_tokens=1024)
     steps = args.engine_steps
@@ -88,7 +85,10 @@ def main() -> None:
             print(f"{vocab:>6} {batch:>6} {sorted_ms:>18.3f} {top_k_ms:>10.3f} {sorted_ms / top_k_ms:>6.2f}x "
                   f"{plain_ms:>18.3f} {sorted_ms / plain_ms:>6.2f}x")
     batch = max(int(b) for b in args.batch.split(","))
-    sorted_step, plain_step = engine_step_ms(batch, filtered, args), engine_step_ms(batch, unfiltered, args)
+    tokenizer = bench_tokenizer(4096)
+    model = tiny_shaped_model(tokenizer, 1024)
+    sorted_step = engine_step_ms(model, tokenizer, batch, filtered, args)
+    plain_step = engine_step_ms(model, tokenizer, batch, unfiltered, args)
     print(f"\nLLMEngine decode step, d4 tiny-cpu shape, {batch} rows at temperature 1, CPU ms: "
           f"top_p 0.95 {sorted_step:.2f}, neither {plain_step:.2f} ({sorted_step / plain_step:.2f}x)")
 

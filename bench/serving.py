@@ -92,6 +92,14 @@ def random_model(depth: int, tokenizer: Tokenizer, sequence_len: int, **config: 
     return model.eval()
 
 
+def tiny_shaped_model(tokenizer: Tokenizer, sequence_len: int, depth: int | None = None, **overrides: Any) -> GPT:
+    """A random_model with the tiny-cpu preset's heads (grouped-query) and sliding windows, at its depth
+    unless told (overrides: more of GPTConfig.from_depth's settings)."""
+    tiny = load_config("tiny-cpu").model
+    shape = dict(head_dim=tiny.head_dim, n_kv_head=tiny.n_kv_head, window_pattern=tiny.window_pattern)
+    return random_model(depth or tiny.depth, tokenizer, sequence_len, **{**shape, **overrides})
+
+
 def made_up_words(count: int, seed: int = 0) -> str:
     """count words of 1-4 random syllables: text with enough distinct pieces to train a large vocabulary."""
     rng = random.Random(seed)
@@ -498,9 +506,7 @@ def main() -> None:
         described = args.model
     else:
         tokenizer = bench_tokenizer(args.vocab_size)
-        tiny = load_config("tiny-cpu").model  # the speedrun model's heads (grouped-query) and windows
-        model = random_model(args.depth, tokenizer, sequence_len=max(2048, args.prefix_tokens + 256),
-                             head_dim=tiny.head_dim, n_kv_head=tiny.n_kv_head, window_pattern=tiny.window_pattern)
+        model = tiny_shaped_model(tokenizer, max(2048, args.prefix_tokens + 256), args.depth)
         described = f"d{args.depth} random weights, vocab {tokenizer.vocab_size}"
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {described} ({n_params / 1e6:.1f}M parameters), {args.max_tokens} output tokens per request, "

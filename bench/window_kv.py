@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.serving import bench_tokenizer, made_up_words, random_model
+from bench.serving import bench_tokenizer, made_up_words, tiny_shaped_model
 from nanochat.config import load_config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
@@ -95,12 +95,11 @@ def main() -> None:
         print(f"{preset:<10} {one * block:>12,} {split * block:>12,} {split / one:>6.2f}x")
 
     tokenizer = bench_tokenizer(4096)
-    tiny = load_config("tiny-cpu").model
-    model = random_model(tiny.depth, tokenizer, args.context, head_dim=tiny.head_dim, n_kv_head=tiny.n_kv_head,
-                         window_pattern=args.window_pattern or tiny.window_pattern)
+    model = tiny_shaped_model(tokenizer, args.context,
+                              **({"window_pattern": args.window_pattern} if args.window_pattern else {}))
     ids = tokenizer.encode(made_up_words(4 * args.prompt_tokens))
     prompts = [[tokenizer.get_bos_token_id()] + ids[i : i + args.prompt_tokens - 1] for i in range(args.concurrency)]
-    print(f"\nunder memory pressure: d{tiny.depth} {model.config.window_pattern} at a {args.context}-token context, "
+    print(f"\nunder memory pressure: d{model.config.n_layer} {model.config.window_pattern} at a {args.context}-token context, "
           f"{args.concurrency} requests of {args.prompt_tokens} + {args.max_tokens} tokens, {args.num_blocks} blocks of "
           f"16 tokens ({args.num_blocks * 16:,} tokens in one pool)")
     results = {hybrid: under_pressure(model, tokenizer, prompts, args, hybrid) for hybrid in (False, True)}

@@ -144,10 +144,11 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     temperature = torch.tensor([p.temperature for p in params], device=device)
     scaled = logits / temperature[:, None]
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-    filtered = [b for b, p in enumerate(params) if (p.top_k is not None and p.top_k < V) or p.top_p < 1.0]
+    filters = [(p.top_k is not None and p.top_k < V) or p.top_p < 1.0 for p in params]
+    filtered = [b for b, f in enumerate(filters) if f]
     if not filtered:
         return _draw_in_order(scaled, u)
-    kept = sorted(set(range(len(params))) - set(filtered))
+    kept = [b for b, f in enumerate(filters) if not f]
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     if kept:
         rows = torch.tensor(kept, device=device)

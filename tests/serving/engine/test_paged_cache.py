@@ -426,18 +426,11 @@ def test_flex_graphs_cover_every_batch_up_to_max_num_seqs_and_the_gather_paths_s
     assert graphs.serves(12) == (attention == "flex") and graphs.serves(8)
     if attention == "sdpa":
         return
-    rng = random.Random(21)
-    lengths = [rng.randrange(2, 15) for _ in range(12)]
-    seqs = [Sequence(random_tokens(n, rng)) for n in lengths]
-    for seq, table in zip(seqs, scattered_tables([n + 2 for n in lengths], seed=22), strict=True):
-        seq.block_table = table
-        runner.run([chunk_of(seq, 0, len(seq))], [])
-        seq.num_cached_tokens = len(seq)
+    seqs = decoding_sequences(runner, 12, seed=22)
     held = {b for seq in seqs for b in seq.block_table}
     untouched = [b for b in range(NUM_BLOCKS) if b not in held]
+    rng = random.Random(21)
     for _ in range(2):
-        for seq in seqs:
-            seq.token_ids.append(rng.randrange(VOCAB))
         eager = runner.run([], seqs).sampled
         before = runner.cache.k.clone(), runner.cache.v.clone()
         with torch.inference_mode():
@@ -447,6 +440,7 @@ def test_flex_graphs_cover_every_batch_up_to_max_num_seqs_and_the_gather_paths_s
             assert torch.equal(tensor[:, untouched], old[:, untouched])
         for seq in seqs:
             seq.num_cached_tokens += 1
+            seq.token_ids.append(rng.randrange(VOCAB))
 
 
 def decoding_sequences(runner: ModelRunner, n: int, seed: int) -> list[Sequence]:
