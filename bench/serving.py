@@ -7,8 +7,8 @@ holding it; with --n, one request of n choices (one shared prefill) against n re
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
-server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once,
-with how soon the refusals (429 + Retry-After) come. It does that for each serve.engine_core of
+server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once
+(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come. It does that for each serve.engine_core of
 --engine-cores (default: the engine on a thread of its replica, then in a process of its own) and each
 serve.transport of --transports (grpc,ray: both).
 
@@ -374,14 +374,21 @@ class Overload:
     answered: int
     refusal_seconds: list[float]  # to each refusal (429 or 503)
     retry_after: set[str | None]  # the refusals' Retry-After values
+    bursts: int = 1
+
+    @classmethod
+    def merged(cls, bursts: list[Overload]) -> Overload:
+        return cls(sum(b.answered for b in bursts), [s for b in bursts for s in b.refusal_seconds],
+                   set().union(*(b.retry_after for b in bursts)), len(bursts))
 
     def describe(self, bound: int) -> str:
         refused = len(self.refusal_seconds)
         refusals = (f"refused {refused} in {statistics.median(self.refusal_seconds) * 1000:.0f} ms median, "
                     f"{max(self.refusal_seconds) * 1000:.0f} ms at most "
                     f"(Retry-After: {', '.join(sorted(map(str, self.retry_after)))})" if refused else "refused none")
-        return (f"overload: {self.answered + refused} requests at once against {bound} the engine runs or queues: "
-                f"answered {self.answered}, {refusals}")
+        bursts = f"{self.bursts} bursts of " if self.bursts > 1 else ""
+        return (f"overload: {bursts}{(self.answered + refused) // self.bursts} requests at once against {bound} the "
+                f"engine runs or queues: answered {self.answered}, {refusals}")
 
 
 def overload_http(client, text: str, count: int, max_tokens: int) -> Overload:
@@ -426,8 +433,8 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
                 result.cpu = server.cpu_seconds() - before
                 results.append(result)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
-            burst = overload_http(client, texts[0], 2 * top + OVERFLOW, args.max_tokens)
-            return HTTPResults(variant, results, *ttft, 2 * top, burst)
+            bursts = [overload_http(client, texts[0], 2 * top + OVERFLOW, args.max_tokens) for _ in range(args.bursts)]
+            return HTTPResults(variant, results, *ttft, 2 * top, Overload.merged(bursts))
         finally:
             server.close()
 
@@ -480,6 +487,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)
+    parser.add_argument("--bursts", type=int, default=1, help="overload bursts over HTTP, one after another")
     parser.add_argument("--n", type=int, default=1, help="with n > 1, also time one request of n choices on a "
                         "--prefix-tokens prompt against n single-choice requests sent together")
     parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "

@@ -8,6 +8,9 @@ Notable:
 - RAY_ADDRESS / --ray-address attach to a running cluster (`ray start`, KubeRay); its token auth must be
   configured by the caller's environment (RAY_AUTH_MODE / the head's token), as Ray documents
 - speed settings for small CPU runs are applied only where the user has not set them
+- the embedded cluster's workers run at niceness 0: Ray starts workers at 15, beneath its own daemons, which
+  suits a node of its own; on a machine shared with the user's programs (and with a client of the server)
+  every stage and replica would yield to them, the engine's step included
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ _TRAIN_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+
+# the raylet reads it when it starts: an embedded cluster's workers at an ordinary process's niceness
+_EMBEDDED_ENV_DEFAULTS = {"RAY_worker_niceness": "0"}
 
 
 # Ray Train's placement-group cleaner asks the dashboard's state API every second whether the controller still
@@ -52,6 +58,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting an embedded local Ray cluster")
+        for key, value in _EMBEDDED_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         extra: dict = {"_metrics_export_port": metrics_port} if metrics_port else {}
         if not (dashboard or os.environ.get("NANOCHAT_RAY_DASHBOARD") == "1"):
             extra.update(include_dashboard=False,
