@@ -10,7 +10,9 @@ AdamW) on the data loader's batches of the prepared corpus; the first --warmup s
 plain loop every core, the DDP ranks and our workers a share each (our stage picks it itself,
 train.threads_per_worker=0). Printed: steady-state tokens/s of each arm and the ratios ours / plain
 (1 worker) and ours / DDP (N workers); and the optimizer-state bytes each rank holds, replicated (DDP) and
-sharded, side by side.
+sharded, side by side. With --rounds R every arm runs R times, round after round, and the figures are
+medians (a ratio: the median of the rounds' own ratios, whose arms ran minutes apart at most), since a
+shared machine's speed drifts by more than the gaps measured.
 
 On a CUDA GPU also, per GPU preset (--gpu-presets): the compiled optimizer step on random tokens at the
 preset's model and device batch (auto where the preset measures it), in bf16 and then in FP8 at the same
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (our stage's own exclusion)")
     parser.add_argument("--rows", type=int, default=8, help="rows per optimizer step, all workers together")
     parser.add_argument("--docs", type=int, default=2000, help="corpus documents to prepare")
+    parser.add_argument("--rounds", type=int, default=1, help="times every framework arm runs, one round after "
+                        "another; figures are medians over rounds, ratios medians of each round's own")
     parser.add_argument("--gpu-presets", nargs="*", default=["d20", "d24"], help="presets timed on a GPU")
     parser.add_argument("--gpu-steps", type=int, default=10, help="timed steps of each GPU row")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (skip the framework arms)")
@@ -211,26 +216,32 @@ def main() -> None:
         return
     os.environ.pop("OMP_NUM_THREADS", None)  # else our stage would take it as its threads per worker
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         storage = prepare(args, Path(tmp))
-        replicated, replicated_bytes = ddp(args, storage, cores)
-        sharded, sharded_bytes = ddp(args, storage, cores, shard=True)
-        figures = {
-            "plain loop, 1 process": plain(args, storage, cores),
-            f"plain DDP, {args.workers} processes": replicated,
-            "ours (Ray Train), 1 worker": ours(args, storage, 1),
-            f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
-            f"sharded optimizer, {args.workers} processes": sharded,
-        }
+        for _ in range(args.rounds):
+            replicated, replicated_bytes = ddp(args, storage, cores)
+            sharded, sharded_bytes = ddp(args, storage, cores, shard=True)
+            rounds.append({
+                "plain loop, 1 process": plain(args, storage, cores),
+                f"plain DDP, {args.workers} processes": replicated,
+                "ours (Ray Train), 1 worker": ours(args, storage, 1),
+                f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
+                f"sharded optimizer, {args.workers} processes": sharded,
+            })
     seq_len = load_config(preset=args.preset, overrides=args.overrides).train.seq_len
+    over = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\nbase pretraining, preset {args.preset}: {args.rows} rows x {seq_len} tokens a step, "
-          f"{args.steps} timed steps after {args.warmup}, {cores} cores")
-    for name, tps in figures.items():
-        print(f"  {name:<32} {tps:>10,.0f} tokens/s")
-    values = list(figures.values())
-    print(f"  ours / plain loop (1 worker)      {values[2] / values[0]:.2f}x")
-    print(f"  ours / plain DDP ({args.workers} workers)      {values[3] / values[1]:.2f}x")
-    print(f"  sharded / plain DDP ({args.workers} processes) {values[4] / values[1]:.2f}x")
+          f"{args.steps} timed steps after {args.warmup}, {cores} cores{over}")
+    for name in rounds[0]:
+        print(f"  {name:<32} {statistics.median(r[name] for r in rounds):>10,.0f} tokens/s")
+    names = list(rounds[0])
+    for label, (a, b) in {"ours / plain loop (1 worker)     ": (2, 0),
+                          f"ours / plain DDP ({args.workers} workers)     ": (3, 1),
+                          f"sharded / plain DDP ({args.workers} processes)": (4, 1)}.items():
+        ratios = [r[names[a]] / r[names[b]] for r in rounds]
+        each = f"  (rounds: {' '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
+        print(f"  {label} {statistics.median(ratios):.2f}x{each}")
     print(f"  optimizer state per rank, MiB: replicated (DDP) {_mib(replicated_bytes)} | "
           f"sharded (train.shard_optimizer) {_mib(sharded_bytes)} | largest shard / replicated "
           f"{max(sharded_bytes) / max(replicated_bytes):.2f}x")
