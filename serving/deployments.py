@@ -198,7 +198,8 @@ class EngineReplica:
                         hybrid_kv_cache=cfg.hybrid_kv_cache, compile_decode=cfg.compile_decode)
         if cfg.engine_core == "process":
             engine = ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
-                                   metrics=self.metrics, threads=max(1, int(cfg.num_cpus)))
+                                   metrics=self.metrics, threads=max(1, int(cfg.num_cpus)),
+                                   stream_interval_s=cfg.stream_interval_s)
             del model  # the child holds it now
         else:
             engine = AsyncEngine(build_engine(model, tokenizer, self.device, **settings), max_queue=cfg.max_queue,

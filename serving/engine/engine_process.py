@@ -9,8 +9,8 @@ Notable:
   settings, then commands: ("add", id, prompt, params, arrival), ("abort", id), ("stop",). The child builds
   the LLMEngine on its device (the KV cache sized there from free memory when a fraction is set) and runs
   an EngineCore; up its stdout it answers ("ready", RequestCheck, stats) once (or ("error", why) when it
-  cannot build the engine), then ("step", events by request, stats, metric calls) per step, or ("failed",
-  why, metric calls) when a step fails.
+  cannot build the engine), then ("step", events by request, stats, metric calls) per step, or per several
+  steps with serve.stream_interval_s (Outbox), or ("failed", why, metric calls) when a step fails.
 - frames are pickles behind an 8-byte length. The child moves its fd 1 to stderr first, so a stray print
   (or a library's) lands in the replica's log instead of corrupting the stream.
 - metrics: the child's EngineCore records into a CallLog that writes each call down; the parent makes the
@@ -33,6 +33,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,12 +96,53 @@ class CallLog:
         return calls
 
 
+class Outbox:
+    """The child's step deliveries on their way up the pipe, held back for at most `hold_s`
+    (serve.stream_interval_s) while nothing is urgent. Then one message, and one wake-up of the parent, goes
+    per interval rather than per step, and the parent's streams would hold the tokens that long anyway.
+    Sent at once, with everything held: a request's first events (its time to first token), a choice's end
+    or an error, and anything when the engine has no work left. Of the held "update" metric calls
+    (gauges), only the newest is sent."""
+
+    def __init__(self, send_step: Callable[[Delivery, dict, list], None], hold_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._send_step, self.hold_s, self._clock = send_step, hold_s, clock
+        self._held: Delivery = {}
+        self._calls: list[tuple[str, tuple, dict]] = []
+        self._stats: dict = {}
+        self._sent_at = float("-inf")
+        self._started: set[str] = set()  # requests whose first events have gone up
+
+    def add(self, by_request: Delivery, stats: dict, calls: list[tuple[str, tuple, dict]], idle: bool) -> None:
+        urgent = idle or self._clock() - self._sent_at >= self.hold_s
+        for request_id, events in by_request.items():
+            self._held.setdefault(request_id, []).extend(events)
+            if request_id not in self._started:
+                self._started.add(request_id)
+                urgent = True
+            if any(isinstance(e, BaseException) or e.finish_reason is not None for e in events):
+                self._started.discard(request_id)  # (an n > 1 request whose other choices go on: sent at once again)
+                urgent = True
+        if any(name == "update" for name, _, _ in calls):
+            self._calls = [call for call in self._calls if call[0] != "update"]
+        self._calls.extend(calls)
+        self._stats = stats
+        if urgent:
+            self.flush()
+
+    def flush(self) -> None:
+        held, self._held, calls, self._calls = self._held, {}, self._calls, []
+        self._sent_at = self._clock()
+        self._send_step(held, self._stats, calls)
+
+
 class ProcessEngine(EngineClient):
-    """An EngineClient whose LLMEngine steps in a child process. Blocks until the child has built it (or
-    raises RuntimeError with why it could not)."""
+    """An EngineClient whose LLMEngine steps in a child process, which sends its steps' events up through an
+    Outbox holding them for up to stream_interval_s. Blocks until the child has built the engine (or raises
+    RuntimeError with why it could not)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str, engine_settings: dict[str, Any], *,
-                 max_queue: int = 64, metrics: Any = None, threads: int = 1):
+                 max_queue: int = 64, metrics: Any = None, threads: int = 1, stream_interval_s: float = 0.0):
         root = str(Path(__file__).resolve().parents[2])  # where `serving` is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen([sys.executable, "-m", "serving.engine.engine_process"], stdin=subprocess.PIPE,
@@ -108,7 +151,8 @@ class ProcessEngine(EngineClient):
         self.metrics = metrics
         self._running: set[str] = set()  # requests the recorder has seen start and not finish
         spec = {"config": dataclasses.asdict(model.config), "state": {k: v.cpu() for k, v in model.state_dict().items()},
-                "tokenizer": tokenizer.to_json(), "device": device, "engine": engine_settings, "threads": threads}
+                "tokenizer": tokenizer.to_json(), "device": device, "engine": engine_settings, "threads": threads,
+                "stream_interval_s": stream_interval_s}
         try:
             send(self._proc.stdin, spec)
             del spec
@@ -241,10 +285,14 @@ def main() -> None:
         return
     calls = CallLog()
 
+    outbox = Outbox(lambda by_request, stats, step_calls: reply(("step", by_request, stats, step_calls)),
+                    spec["stream_interval_s"])
+
     def deliver(by_request: Delivery, stats: dict) -> None:
-        reply(("step", by_request, stats, calls.take()))
+        outbox.add(by_request, stats, calls.take(), idle=not engine.has_work())
 
     def fail(cause: Exception) -> None:
+        outbox.flush()
         reply(("failed", f"{type(cause).__name__}: {cause}", calls.take()))
 
     core = EngineCore(engine, deliver, fail, metrics=calls)

@@ -14,9 +14,10 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from serving.engine.engine_process import ProcessEngine
+from serving.engine.engine_process import Outbox, ProcessEngine
 from serving.engine.llm_engine import (
     AsyncEngine,
+    Delivery,
     EngineClient,
     EngineStopped,
     LLMEngine,
@@ -51,8 +52,8 @@ def all_free(stats: dict) -> bool:
     return stats["free_blocks"] == stats["total_blocks"] and stats["free_window_blocks"] == stats["total_window_blocks"]
 
 
-def process_engine(model: GPT, tok: Tokenizer, **settings) -> ProcessEngine:
-    return ProcessEngine(model, tok, "cpu", {**SETTINGS, **settings})
+def process_engine(model: GPT, tok: Tokenizer, stream_interval_s: float = 0.0, **settings) -> ProcessEngine:
+    return ProcessEngine(model, tok, "cpu", {**SETTINGS, **settings}, stream_interval_s=stream_interval_s)
 
 
 REQUESTS = [
@@ -74,13 +75,15 @@ async def run_all(engine: EngineClient, tok: Tokenizer) -> dict:
     return dict(results)
 
 
-def test_the_engine_process_streams_what_the_thread_engine_streams(model, tok):
+@pytest.mark.parametrize("stream_interval_s", [0.0, 0.05])
+def test_the_engine_process_streams_what_the_thread_engine_streams(model, tok, stream_interval_s):
+    """Also when the child holds its steps' events back (its Outbox) for a stream interval."""
     thread = AsyncEngine(LLMEngine(model, tok, **SETTINGS))
     try:
         expected = asyncio.run(run_all(thread, tok))
     finally:
         thread.shutdown()
-    engine = process_engine(model, tok)
+    engine = process_engine(model, tok, stream_interval_s)
     try:
         assert engine.alive()
         got = asyncio.run(run_all(engine, tok))
@@ -185,3 +188,60 @@ def test_a_killed_engine_process_ends_every_stream_with_an_error_and_takes_no_mo
             asyncio.run(anext(engine.generate("late", prompt, params)))
     finally:
         engine.shutdown()
+
+
+def token(request_id: str, n: int, end: bool = False) -> TokenEvent:
+    return TokenEvent(request_id, 0, None if end else n, "" if end else f"t{n}", "length" if end else None, 3, n)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_outbox_holds_steps_back_only_while_nothing_is_urgent():
+    sent: list[tuple] = []
+    clock = Clock()
+    outbox = Outbox(lambda events, stats, calls: sent.append((events, stats, calls)), 0.1, clock)
+    update = lambda step: ("update", ({"step": step},), {})  # noqa: E731
+
+    outbox.add({"a": [token("a", 1)]}, {"step": 1}, [("on_first_token", ("a",), {}), update(1)], idle=False)
+    assert sent == [({"a": [token("a", 1)]}, {"step": 1}, [("on_first_token", ("a",), {}), update(1)])]  # a first token
+
+    clock.now += 0.03
+    outbox.add({"a": [token("a", 2)]}, {"step": 2}, [("on_token", ("a",), {}), update(2)], idle=False)
+    clock.now += 0.03
+    outbox.add({"a": [token("a", 3)]}, {"step": 3}, [("on_token", ("a",), {}), update(3)], idle=False)
+    assert len(sent) == 1  # held: within the interval, nothing urgent
+
+    clock.now += 0.03
+    outbox.add({"b": [token("b", 1)]}, {"step": 4}, [update(4)], idle=False)  # b's first token: all at once
+    assert sent[1] == ({"a": [token("a", 2), token("a", 3)], "b": [token("b", 1)]}, {"step": 4},
+                       [("on_token", ("a",), {}), ("on_token", ("a",), {}), update(4)])
+
+    clock.now += 0.05
+    outbox.add({"a": [token("a", 4)], "b": [token("b", 2)]}, {"step": 5}, [update(5)], idle=False)
+    clock.now += 0.06  # 0.11 since the last message
+    outbox.add({"a": [token("a", 5)]}, {"step": 6}, [update(6)], idle=False)
+    assert sent[2] == ({"a": [token("a", 4), token("a", 5)], "b": [token("b", 2)]}, {"step": 6}, [update(6)])
+
+    clock.now += 0.01
+    outbox.add({"a": [token("a", 6, end=True)]}, {"step": 7}, [], idle=False)  # an end goes at once
+    clock.now += 0.01
+    outbox.add({"b": [token("b", 3)]}, {"step": 8}, [], idle=False)
+    outbox.add({}, {"step": 8}, [update(8)], idle=True)  # nothing more is coming: what is held goes
+    error = RuntimeError("bad request")
+    outbox.add({"c": [error]}, {"step": 9}, [], idle=False)  # an error goes at once too (a first event besides)
+    assert [events for events, _, _ in sent[3:]] == [{"a": [token("a", 6, end=True)]}, {"b": [token("b", 3)]},
+                                                      {"c": [error]}]
+
+
+def test_an_outbox_without_an_interval_sends_every_step():
+    sent: list[Delivery] = []
+    outbox = Outbox(lambda events, stats, calls: sent.append(events), 0.0)
+    for n in range(1, 4):
+        outbox.add({"a": [token("a", n)]}, {}, [], idle=False)
+    assert sent == [{"a": [token("a", n)]} for n in range(1, 4)]
