@@ -8,9 +8,9 @@ together (what n choices cost when each prefilled the prompt); optionally (--htt
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
 server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once
-(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come. It does that for each serve.engine_core of
---engine-cores (default: the engine on a thread of its replica, then in a process of its own) and each
-serve.transport of --transports (grpc,ray: both).
+(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come. It does that for
+each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process
+of its own) and each serve.transport of --transports (grpc,ray: both).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]

@@ -27,7 +27,7 @@ _TRAIN_ENV_DEFAULTS = {
 }
 
 # the raylet reads it when it starts: an embedded cluster's workers at an ordinary process's niceness
-_EMBEDDED_ENV_DEFAULTS = {"RAY_worker_niceness": "0"}
+_EMBEDDED_WORKER_NICENESS = "0"
 
 
 # Ray Train's placement-group cleaner asks the dashboard's state API every second whether the controller still
@@ -58,8 +58,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting an embedded local Ray cluster")
-        for key, value in _EMBEDDED_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+        os.environ.setdefault("RAY_worker_niceness", _EMBEDDED_WORKER_NICENESS)
         extra: dict = {"_metrics_export_port": metrics_port} if metrics_port else {}
         if not (dashboard or os.environ.get("NANOCHAT_RAY_DASHBOARD") == "1"):
             extra.update(include_dashboard=False,

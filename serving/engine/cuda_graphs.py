@@ -128,8 +128,7 @@ class DecodeGraphs:
             return self._forward(bucket)
 
     def _capture(self) -> None:
-        for i, scratch in enumerate(self.scratch):  # every row padding while capturing: only scratch blocks are written
-            self.inputs[:, 3 + i * self.max_blocks : 3 + (i + 1) * self.max_blocks] = scratch
+        self.inputs.copy_(torch.from_numpy(self.padding))  # every row padding while capturing: only scratch blocks are written
         pool = None
         for bucket in reversed(self.buckets):
             stream = torch.cuda.Stream()
