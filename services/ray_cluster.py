@@ -30,14 +30,20 @@ _TRAIN_ENV_DEFAULTS = {
 _EMBEDDED_WORKER_NICENESS = "0"
 
 
-# Ray Train's placement-group cleaner asks the dashboard's state API every second whether the controller still
-# lives, and warns each time the API is missing
+# Ray Train's placement-group cleaner asks the dashboard's state API every second whether the job's controller
+# still lives, and removes the job's placement group (killing its workers) when the API answers that it does not.
+# A cluster without the dashboard still advertises the default one's address, where another cluster on the
+# same machine may serve a dashboard that has never heard of the controller; its workers get an address where
+# no server can listen instead (port 0), so the question fails at once, as Ray Train tolerates
+_NO_STATE_API = "http://127.0.0.1:0"
 _PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def _quiet_placement_group_cleaner() -> None:
-    """Worker-process setup hook of an embedded cluster without the dashboard: the cleaner's warning would
-    repeat every second, and the cluster (with any placement group) ends with this process anyway."""
+def _without_state_api() -> None:
+    """Worker-process setup hook of an embedded cluster without the dashboard: its state API is nowhere, and
+    the cleaner's warning about that would repeat every second (the cluster, with any placement group, ends
+    with this process anyway)."""
+    os.environ["RAY_API_SERVER_ADDRESS"] = _NO_STATE_API
     logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
@@ -62,5 +68,5 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, metrics_
         extra: dict = {"_metrics_export_port": metrics_port} if metrics_port else {}
         if not (dashboard or os.environ.get("NANOCHAT_RAY_DASHBOARD") == "1"):
             extra.update(include_dashboard=False,
-                         runtime_env={"worker_process_setup_hook": _quiet_placement_group_cleaner})
+                         runtime_env={"worker_process_setup_hook": _without_state_api})
         ray.init(num_cpus=num_cpus, log_to_driver=True, **extra)

@@ -1,4 +1,4 @@
-"""The embedded Ray cluster's settings, seen from inside its workers (a real local cluster per case, in a
+"""The embedded Ray cluster's settings, seen from inside its workers and jobs (a real local cluster per case, in a
 process of its own so that the variables reach its raylet)."""
 
 import os
@@ -34,3 +34,59 @@ def test_embedded_workers_run_at_an_ordinary_niceness_unless_told(setting: str |
     if setting is not None:
         env["RAY_worker_niceness"] = setting
     assert worker_niceness(env) == expected
+
+
+
+# a cluster with the dashboard, as `nanochat serve` starts one: it waits for the job to be training, starts,
+# says so, and ends when its stdin closes
+OTHER_CLUSTER = """
+import sys, time
+from pathlib import Path
+from services.ray_cluster import connect
+
+flags = Path(sys.argv[1])
+while not (flags / "training").exists():
+    time.sleep(0.2)
+connect(num_cpus=1)
+(flags / "up").touch()
+sys.stdin.read()
+"""
+
+TRAIN_WHILE_ANOTHER_CLUSTER_STARTS = """
+import os, subprocess, sys, tempfile, time
+from pathlib import Path
+import ray.train
+from ray.train.torch import TorchTrainer
+from services.ray_cluster import connect
+
+flags = Path(tempfile.mkdtemp())
+own_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # the other must not attach to ours
+
+
+def train():
+    (flags / "training").touch()
+    while not (flags / "up").exists():
+        time.sleep(0.2)
+    time.sleep(5)  # the placement-group cleaner asks once a second
+
+
+connect(num_cpus=1, dashboard=False)
+other = subprocess.Popen([sys.executable, "-c", OTHER, str(flags)], stdin=subprocess.PIPE, env=own_env)
+try:
+    run = ray.train.RunConfig(storage_path=str(flags), failure_config=ray.train.FailureConfig(max_failures=0))
+    TorchTrainer(train, scaling_config=ray.train.ScalingConfig(num_workers=1), run_config=run).fit()
+    print("trained")
+finally:
+    other.stdin.close()
+    other.wait(timeout=120)
+"""
+
+
+@pytest.mark.system
+def test_a_training_job_survives_another_cluster_starting_on_the_same_machine() -> None:
+    """A training cluster (no dashboard) keeps its job's workers while a cluster with a dashboard starts beside
+    it: Ray Train's placement-group cleaner would otherwise ask that dashboard whether the job's controller
+    lives, hear no, and remove the job's placement group mid-run."""
+    script = TRAIN_WHILE_ANOTHER_CLUSTER_STARTS.replace("OTHER,", f"{OTHER_CLUSTER!r},")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
