@@ -8,7 +8,8 @@ together (what n choices cost when each prefilled the prompt); optionally (--htt
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
 server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once
-(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come. It does that for
+(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come; --rounds R runs
+the HTTP levels in turn R times, each ratio the median of the rounds' own. It does that for
 each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process
 of its own) and each serve.transport of --transports (grpc,ray: both).
 
@@ -426,15 +427,19 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
             client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
             texts = [tokenizer.decode(p[1:]) for p in batch]
             over_http(client, texts[:2], 4, 2)  # warm-up
-            results = []
-            for level in levels:
-                before = server.cpu_seconds()
-                result = over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens, level)
-                result.cpu = server.cpu_seconds() - before
-                results.append(result)
+            rounds = []
+            for _ in range(args.rounds):
+                results = []
+                for level in levels:
+                    before = server.cpu_seconds()
+                    result = over_http(client, texts[: max(2 * level, args.sequential_requests)], args.max_tokens,
+                                       level)
+                    result.cpu = server.cpu_seconds() - before
+                    results.append(result)
+                rounds.append(results)
             ttft = prefix_ttft_http(client, tokenizer, args.prefix_tokens, args.prefix_repeats)
             bursts = [overload_http(client, texts[0], 2 * top + OVERFLOW, args.max_tokens) for _ in range(args.bursts)]
-            return HTTPResults(variant, results, *ttft, 2 * top, Overload.merged(bursts))
+            return HTTPResults(variant, rounds, *ttft, 2 * top, Overload.merged(bursts))
         finally:
             server.close()
 
@@ -442,32 +447,53 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
 @dataclass
 class HTTPResults:
     variant: list[str]
-    sweep: list[Result]
+    rounds: list[list[Result]]  # each round: one Result per concurrency level, level 1 first
     cold_ttft: float
     warm_ttft: float
     bound: int  # requests the engine runs and queues
     overload: Overload
 
+    def sweep(self) -> list[Result]:
+        """Each level's rounds as one Result: their requests, tokens, seconds and TTFTs together."""
+        return [Result(level[0].name, sum(r.requests for r in level), sum(r.tokens for r in level),
+                       sum(r.seconds for r in level), [t for r in level for t in r.ttft],
+                       sum((r.cpu for r in level), Counter()))
+                for level in zip(*self.rounds)]
+
+    def ratios(self) -> list[list[float]]:
+        """Each level's tokens/s against level 1's of the same round, round by round."""
+        return [[results[i].tokens_per_s / results[0].tokens_per_s for results in self.rounds]
+                for i in range(len(self.rounds[0]))]
+
     def print(self, args: argparse.Namespace) -> None:
         settings = ", ".join([*self.variant, *args.serve_set])
+        sweep, ratios = self.sweep(), self.ratios()
+        over = (f"; {len(self.rounds)} rounds, the levels in turn: tokens/s over all of them, ratios the median "
+                "of each round's own" if len(self.rounds) > 1 else "")
         print_table(f"Over HTTP through `nanochat serve` ({settings}) with the openai client "
-                    "(ratios against 1 concurrent):", self.sweep, self.sweep[0].tokens_per_s, self.cold_ttft,
-                    self.warm_ttft, args)
+                    f"(ratios against 1 concurrent{over}):", sweep, sweep[0].tokens_per_s, self.cold_ttft,
+                    self.warm_ttft, args, [statistics.median(r) for r in ratios])
+        if len(self.rounds) > 1:
+            for r, level_ratios in zip(sweep[1:], ratios[1:]):
+                print(f"  {r.name}, each round: {' '.join(f'{x:.2f}x' for x in level_ratios)}")
         print(f"CPU milliseconds per output token, by process ({os.cpu_count()} cores give {os.cpu_count()} CPU seconds a second):")
         print(f"{'':40} " + " ".join(f"{role:>14}" for role in ROLES) + f" {'all':>7}")
-        for r in self.sweep:
+        for r in sweep:
             per_token = {role: 1000 * r.cpu[role] / r.tokens for role in ROLES}
             print(f"{r.name:40} " + " ".join(f"{per_token[role]:14.2f}" for role in ROLES)
                   + f" {sum(per_token.values()):7.2f}")
         print(self.overload.describe(self.bound))
 
 
-def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args) -> None:
+def print_table(title: str, results: list[Result], base: float, cold: float, warm: float, args,
+                ratios: list[float] | None = None) -> None:
+    """results with their tokens/s against base (or the ratios given, one per result)."""
     print(f"\n{title}")
     print(f"{'':40} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9}")
-    for r in results:
+    for i, r in enumerate(results):
+        ratio = ratios[i] if ratios else r.tokens_per_s / base
         print(f"{r.name:40} {r.requests:8d} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_s:8.1f} "
-              f"{r.tokens_per_s / base:6.2f}x {r.median_ttft * 1000:7.0f}ms")
+              f"{ratio:6.2f}x {r.median_ttft * 1000:7.0f}ms")
     print(f"TTFT on a {args.prefix_tokens}-token prompt, one request at a time (median of {args.prefix_repeats}): "
           f"prefix not cached {cold * 1000:.0f} ms; shared prefix cached {warm * 1000:.0f} ms; "
           f"speedup {cold / warm:.1f}x")
@@ -488,6 +514,8 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--prefix-repeats", type=int, default=3)
     parser.add_argument("--bursts", type=int, default=1, help="overload bursts over HTTP, one after another")
+    parser.add_argument("--rounds", type=int, default=1, help="times the HTTP sweep runs its levels in turn on "
+                        "one server; each ratio is the median of the rounds' own (the machine's speed drifts)")
     parser.add_argument("--n", type=int, default=1, help="with n > 1, also time one request of n choices on a "
                         "--prefix-tokens prompt against n single-choice requests sent together")
     parser.add_argument("--http", action="store_true", help="also the sweep through `nanochat serve` (Ray Serve) "
