@@ -14,7 +14,9 @@ Notable:
 - two attention paths (the cache's `attention`):
   "sdpa" gathers each row's blocks into a contiguous (B, n_blocks * block_size, ...) tensor and runs
   SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
-  of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU.
+  of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU. A decode
+  forward (one new token a row) hands SDPA each key/value head's group of query heads as that head's rows
+  of queries (_decode_grouped).
   "flex" reads the pools in place, no gather: FlexAttention with the pool of a layer as one long key
   sequence (shared by every row) and a block mask listing, for each row, its own blocks as the KV
   blocks to visit (KV block = cache block). The mask_mod places a key by its block's column in the
@@ -166,6 +168,19 @@ class PagedKVCache:
                          max(start + length for start, length in zip(starts, lengths, strict=True)))
 
 
+def _decode_grouped(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one new token per row, q (B, H, 1, D), over keys and values (B, H_kv, S, D) that groups
+    of H / H_kv query heads share, with mask (B, 1, 1, S): each group attends as its key/value head's rows
+    of queries (B, H_kv, H / H_kv, D), the sums of SDPA's enable_gqa without it. Torch's CPU kernel packs
+    bfloat16 keys and values anew for every single-row query head, which made a bfloat16 cache's decode
+    several times slower than a float32 one's (bench/serving.py); grouped, a key/value head is packed once
+    for its group. On a GPU no head copies its group's keys and values either (grouped_kv)."""
+    B, H, _, D = q.shape
+    y = F.scaled_dot_product_attention(q.reshape(B, keys.size(1), H // keys.size(1), D), keys, values,
+                                       attn_mask=mask)
+    return y.view(B, H, 1, D)
+
+
 def _checked_tables(tables: list[list[int]], starts: list[int], lengths: list[int], block_size: int,
                     num_blocks: int, behind_window: bool) -> np.ndarray:
     """The tables as one (rows, longest) array, short ones padded with block 0 (those slots lie past the
@@ -264,6 +279,8 @@ class _PoolView:
         # attention runs in the pools' dtype: a bfloat16 cache is read at half the bytes, not widened first
         out_dtype = q.dtype
         q, keys, values = q.to(k_pool.dtype).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        if q.size(2) == 1 and keys.size(1) < q.size(1):
+            return _decode_grouped(q, keys, values, mask).transpose(1, 2).to(out_dtype)
         keys, values, gqa = grouped_kv(q, keys, values)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return y.transpose(1, 2).to(out_dtype)
