@@ -20,11 +20,17 @@ print("niceness", ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0))
 """
 
 
-def worker_niceness(env: dict[str, str]) -> int:
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> str:
+    """Run a Python script from the repository root in a process of its own; its stdout, once it succeeded."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    return int(next(line for line in done.stdout.splitlines() if line.startswith("niceness")).split()[1])
+    return done.stdout
+
+
+def worker_niceness(env: dict[str, str]) -> int:
+    out = run_script(PROBE, env=env)
+    return int(next(line for line in out.splitlines() if line.startswith("niceness")).split()[1])
 
 
 @pytest.mark.parametrize("setting, expected", [(None, 0), ("7", 7)])
@@ -34,7 +40,6 @@ def test_embedded_workers_run_at_an_ordinary_niceness_unless_told(setting: str |
     if setting is not None:
         env["RAY_worker_niceness"] = setting
     assert worker_niceness(env) == expected
-
 
 
 # a cluster with the dashboard, as `nanochat serve` starts one: it waits for the job to be training, starts,
@@ -52,6 +57,7 @@ connect(num_cpus=1)
 sys.stdin.read()
 """
 
+# argv[1]: the other cluster's script
 TRAIN_WHILE_ANOTHER_CLUSTER_STARTS = """
 import os, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -71,7 +77,7 @@ def train():
 
 
 connect(num_cpus=1, dashboard=False)
-other = subprocess.Popen([sys.executable, "-c", OTHER, str(flags)], stdin=subprocess.PIPE, env=own_env)
+other = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(flags)], stdin=subprocess.PIPE, env=own_env)
 try:
     run = ray.train.RunConfig(storage_path=str(flags), failure_config=ray.train.FailureConfig(max_failures=0))
     TorchTrainer(train, scaling_config=ray.train.ScalingConfig(num_workers=1), run_config=run).fit()
@@ -87,6 +93,4 @@ def test_a_training_job_survives_another_cluster_starting_on_the_same_machine() 
     """A training cluster (no dashboard) keeps its job's workers while a cluster with a dashboard starts beside
     it: Ray Train's placement-group cleaner would otherwise ask that dashboard whether the job's controller
     lives, hear no, and remove the job's placement group mid-run."""
-    script = TRAIN_WHILE_ANOTHER_CLUSTER_STARTS.replace("OTHER,", f"{OTHER_CLUSTER!r},")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
+    assert "trained" in run_script(TRAIN_WHILE_ANOTHER_CLUSTER_STARTS, OTHER_CLUSTER, timeout=300)

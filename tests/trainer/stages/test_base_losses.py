@@ -5,8 +5,9 @@ and step loop together still compute what they did.
 The first loss (the initial model's forward) holds to float32 rounding on any CPU. The later ones hold to a
 fraction of a percent only: torch picks other vectorised kernels on another CPU (AVX2, AVX-512), and once
 the optimizers have stepped the losses of the two differ by that much, as the run under
-ATEN_CPU_CAPABILITY=avx2 shows on a CPU with AVX-512. 1% still fails a changed schedule (warmdown_ratio 0.5 for 0.65 moves the last loss
-by 4%) or other batches (the losses of successive batches differ by 2-40%)."""
+ATEN_CPU_CAPABILITY=avx2 shows on a CPU with AVX-512. 1% still fails a changed schedule (warmdown_ratio
+0.5 for 0.65 moves the last loss by 4%) or other batches (the losses of successive batches differ by
+2-40%)."""
 
 import json
 import os
