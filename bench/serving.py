@@ -2,7 +2,7 @@
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies, with its KV cache in the weights' dtype and in each of --kv-cache-dtypes (default
-bfloat16); time to first token on a long shared prefix with and without the prefix cache
+bfloat16), and with async scheduling (serve.async_scheduling; --no-async leaves it out); time to first token on a long shared prefix with and without the prefix cache
 holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
@@ -525,6 +525,8 @@ def main() -> None:
                         "one after the other (grpc,ray: both)")
     parser.add_argument("--kv-cache-dtypes", default="bfloat16", help="the in-process engine also with these "
                         "serve.kv_cache_dtype values, comma-separated ('' for none); over HTTP: --serve-set")
+    parser.add_argument("--no-async", action="store_true", help="leave out the in-process engine's sweep with "
+                        "async scheduling")
     parser.add_argument("--engine-cores", default="thread,process", help="serve.engine_core of the servers swept "
                         "over HTTP, one after the other: where an engine replica's engine steps")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
@@ -553,11 +555,12 @@ def main() -> None:
     if not args.http_only:
         results = [sequential(model, tokenizer, batch[: args.sequential_requests], args.max_tokens)]
 
-        def engine_with(kv_cache_dtype: str) -> AsyncEngine:
+        def engine_with(kv_cache_dtype: str, async_scheduling: bool = False) -> AsyncEngine:
             blocks = cache_blocks(batch, args.max_tokens, max(levels))
             return AsyncEngine(LLMEngine(model, tokenizer, num_blocks=blocks, block_size=16,
                                          max_num_seqs=max(*levels, args.n), kv_cache_dtype=kv_cache_dtype,
-                                         max_num_batched_tokens=max(512, args.prefix_tokens + 64)),
+                                         max_num_batched_tokens=max(512, args.prefix_tokens + 64),
+                                         async_scheduling=async_scheduling),
                                max_queue=4 * count)
 
         def sweep(engine: AsyncEngine, label: str) -> None:
@@ -573,10 +576,12 @@ def main() -> None:
             shared = n_choices(engine, tokenizer, args) if args.n > 1 else None
         finally:
             engine.shutdown()
-        for kv_cache_dtype in filter(None, args.kv_cache_dtypes.split(",")):
-            engine = engine_with(kv_cache_dtype)
+        variants = [(dtype, False, f"engine, {dtype} KV") for dtype in filter(None, args.kv_cache_dtypes.split(","))]
+        variants += [] if args.no_async else [("auto", True, "engine, async scheduling")]
+        for kv_cache_dtype, async_scheduling, label in variants:
+            engine = engine_with(kv_cache_dtype, async_scheduling)
             try:
-                sweep(engine, f"engine, {kv_cache_dtype} KV")
+                sweep(engine, label)
             finally:
                 engine.shutdown()
         print_table("In process (ratios against nanochat's own generator, one request at a time):", results,

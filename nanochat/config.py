@@ -40,6 +40,7 @@ class ModelConfig(Section):
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["relu2", "gelu", "swiglu"] = "relu2"
     qk_norm: bool = True
+    async_scheduling: bool = Field(False, description="schedule and launch each engine step before reading the tokens of the one before (vLLM's async scheduling): on a GPU the host's scheduling, detokenisation and streaming overlap the device's step instead of leaving it idle. A request whose sampling reads its own tokens (a grammar, penalties, min_tokens) has its step read before the next is scheduled")
     attention: Literal["auto", "sdpa", "flex"] = Field("auto", description="training attention kernels: auto = FlexAttention for the sliding-window layers on a GPU (its block mask skips the hidden score tiles) and SDPA elsewhere; sdpa = SDPA everywhere (a window is a dense mask and costs as much as full attention); flex = FlexAttention for every layer (GPU only for training: it has no backward pass on a CPU). Inference (KV caches, serving) is unaffected")
     smear: bool = Field(False, description="add to each token's embedding a gated share of the previous token's (nanochat's record run: on): bigram information before the first attention layer; adds 25 parameters")
     backout: bool = Field(False, description="subtract a learned share (initially 0.2) of the middle layer's residual stream before the final norm (nanochat's record run: on): removes low-level features the prediction does not want; adds 1 parameter")

@@ -195,7 +195,8 @@ class EngineReplica:
                         block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, dtype=cfg.dtype,
                         kv_cache_dtype=cfg.kv_cache_dtype, enforce_eager=cfg.enforce_eager, attention=cfg.attention,
-                        hybrid_kv_cache=cfg.hybrid_kv_cache, compile_decode=cfg.compile_decode)
+                        hybrid_kv_cache=cfg.hybrid_kv_cache, compile_decode=cfg.compile_decode,
+                        async_scheduling=cfg.async_scheduling)
         if cfg.engine_core == "process":
             engine = ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
                                    metrics=self.metrics, threads=max(1, int(cfg.num_cpus)),

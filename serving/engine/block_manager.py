@@ -260,10 +260,12 @@ class BlockManager:
         self.cover(seq, len(seq))
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Key seq's full blocks whose KV is now computed, so later sequences can hit them; then give
-        back the window blocks no later query of seq can see."""
+        """Key seq's full blocks whose KV is now computed (or being computed by a launched step) and whose
+        tokens are known (not pending), so later sequences can hit them; then give back the window blocks no
+        later query of seq can see. A step launched later runs after the launched one, so neither a hit nor
+        a block given back and taken again can meet KV still being written."""
         bs = self.block_size
-        end = seq.num_cached_tokens // bs
+        end = min(seq.num_cached_tokens, len(seq.token_ids)) // bs
         start = end
         while start > 0 and self.full.block_hash[seq.block_table[start - 1]] is None:
             start -= 1  # blocks are keyed in order: walk back to the last one already keyed

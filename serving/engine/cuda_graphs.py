@@ -86,11 +86,14 @@ class DecodeGraphs:
         """Whether a decode batch of n sequences has a bucket (larger ones are left to the eager path)."""
         return n <= self.buckets[-1]
 
-    def run(self, seqs: list[Sequence]) -> Tensor:
-        """float32 logits (len(seqs), vocab_size) of each sequence's next token; its last token is computed."""
+    def run(self, seqs: list[Sequence], tokens: Tensor | None = None) -> Tensor:
+        """float32 logits (len(seqs), vocab_size) of each sequence's next token; its last token is computed.
+        tokens: those last tokens on the device, when some are still pending there (async scheduling)."""
         n = len(seqs)
         bucket = next(b for b in self.buckets if b >= n)
         self.inputs[:bucket].copy_(self._host_inputs(seqs, bucket), non_blocking=True)
+        if tokens is not None:
+            self.inputs[:n, 0] = tokens
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n, 0].clone()
@@ -102,7 +105,8 @@ class DecodeGraphs:
         rows = self.padding[:bucket].copy()
         n = self.max_blocks
         for i, seq in enumerate(seqs):
-            rows[i, :3] = seq.token_ids[-1], len(seq) - 1, seq.token_ids[-2] if len(seq) > 1 else 0
+            last = len(seq) - 1  # a pending last token (not in token_ids yet) comes through run's tokens
+            rows[i, :3] = seq.token_ids[last] if not seq.num_pending else 0, last, seq.token_ids[last - 1] if last else 0
             for p, table in enumerate([seq.block_table, seq.window_table][: len(self.scratch)]):
                 rows[i, 3 + p * n : 3 + p * n + len(table)] = table
         host = torch.from_numpy(rows)

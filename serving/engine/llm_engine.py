@@ -95,11 +95,12 @@ from serving.engine.model_runner import (
     PromptLogits,
     ServeAttention,
     ServeDtype,
+    StepLogits,
     resolve_dtype,
     resolve_kv_dtype,
 )
 from serving.engine.sampler import TokenMask, make_generator, sample
-from serving.engine.scheduler import Scheduler
+from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -156,6 +157,24 @@ class _Choice:
     grammar: LLMatcher | None = None  # structured output: where the choice stands in its grammar
     prompt_logprobs: list[Logprobs | None] | None = None  # filled by position while the prompt is scored
 
+    @property
+    def samples_from_its_tokens(self) -> bool:
+        """Whether its next draw reads its last token on the host (a grammar's mask, penalties, min_tokens),
+        so no step of it can be scheduled before that token is known."""
+        return self.grammar is not None or self.seq.sampling.needs_outputs
+
+
+@dataclass(eq=False)
+class _Step:
+    """A step the model has, until its tokens are read: what it computes, whose tokens it samples (the
+    choices of batch.sampled_seqs, in order) and those tokens, still on the device."""
+
+    batch: ScheduledBatch
+    choices: list[_Choice]
+    logits: StepLogits
+    tokens: torch.Tensor  # (N,) each sampled row's draw; rows with a forced token hold 0
+    rows: dict[int, int]  # row of each sampled sequence, by id
+
 
 @dataclass(frozen=True)
 class RequestCheck:
@@ -190,10 +209,11 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
                  max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
                  attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto", hybrid_kv_cache: bool = True,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, async_scheduling: bool = False):
         """num_blocks: the KV cache's size, in blocks of every layer's keys and values for block_size tokens;
         hybrid_kv_cache: sliding-window layers keep only their window, in a pool of their own, when that
-        leaves the full-context layers more blocks (kv_cache_split)."""
+        leaves the full-context layers more blocks (kv_cache_split); async_scheduling: each step schedules
+        and launches the next before it reads its own tokens (module docstring)."""
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size})")
@@ -225,6 +245,8 @@ class LLMEngine:
         self.requests: dict[str, list[_Choice]] = {}  # unfinished choices of each request
         self.choices: dict[int, _Choice] = {}  # by sequence id
         self.pending: list[TokenEvent] = []  # final events of aborted choices, returned by the next step
+        self.async_scheduling = async_scheduling
+        self.in_flight: _Step | None = None  # launched by the last step(), tokens not read yet (async only)
 
     # ------------------------------------------------------------------ requests
 
@@ -255,27 +277,95 @@ class LLMEngine:
             self.pending.append(self._event(choice, None, "", "abort"))
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.pending)
+        return self.scheduler.has_unfinished() or bool(self.pending) or self.in_flight is not None
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[TokenEvent]:
-        """Advance every scheduled sequence by one step; the token (and final) events it produced."""
+        """Advance every scheduled sequence by one step; the token (and final) events it produced. With
+        async scheduling the events are those of the step launched by the call before: this call schedules
+        and launches the next step first, so the device computes it while the host reads the tokens."""
         events, self.pending = self.pending, []
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None and any(c.samples_from_its_tokens for c in in_flight.choices):
+            events.extend(self._resolve(in_flight))
+            in_flight = None
         batch = self.scheduler.schedule()
-        if batch.num_tokens == 0:
-            return events
-        step_logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies)
-        self._score_prompts(step_logits.prompt)
-        for chunk in batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
-            for sib in chunk.forks:
-                self.choices[sib.id].prompt_logprobs = self.choices[chunk.seq.id].prompt_logprobs
-        logits = step_logits.sampled
+        launched = self._launch(batch, in_flight) if batch.num_tokens else None
+        if in_flight is not None:
+            events.extend(self._resolve(in_flight))
+        if launched is not None and not self.async_scheduling:
+            events.extend(self._resolve(launched))
+        elif launched is not None:
+            self.in_flight = launched
+        return events
+
+    def _launch(self, batch: ScheduledBatch, in_flight: _Step | None) -> _Step:
+        """Run the batch's forward and draw its tokens, without waiting for the device."""
         choices = [self.choices[seq.id] for seq in batch.sampled_seqs]
-        tokens = self._next_tokens(logits, choices)
-        logprobs = _logprobs(logits, tokens, [c.seq.sampling.logprobs for c in choices])
-        self.scheduler.postprocess(batch, tokens, self._completed_grammars(choices, tokens))
-        for choice, token, token_logprobs in zip(choices, tokens, logprobs, strict=True):
+        logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies,
+                                 self._decode_tokens(batch.decodes, in_flight))
+        tokens = self._draw(logits.sampled, choices)
+        self.scheduler.launched(batch)
+        return _Step(batch, choices, logits, tokens, {seq.id: i for i, seq in enumerate(batch.sampled_seqs)})
+
+    def _decode_tokens(self, decodes: list[Sequence], in_flight: _Step | None) -> torch.Tensor | None:
+        """The decodes' input tokens on the device when some are pending (async scheduling): a pending one
+        is in_flight's draw, or its choice's first forced token, which will take the draw's place."""
+        if not any(seq.num_pending for seq in decodes):
+            return None
+        assert in_flight is not None and all(seq.num_pending <= 1 for seq in decodes)
+        forced = [self.choices[seq.id].forced for seq in decodes]
+        known = [f[0] if seq.num_pending and f else seq.token_ids[-1] if not seq.num_pending else 0
+                 for seq, f in zip(decodes, forced, strict=True)]
+        tokens = torch.tensor(known, device=in_flight.tokens.device)
+        drawn = [(i, in_flight.rows[seq.id]) for i, (seq, f) in enumerate(zip(decodes, forced, strict=True))
+                 if seq.num_pending and not f]
+        if drawn:
+            rows, sources = zip(*drawn, strict=True)
+            tokens[list(rows)] = in_flight.tokens[list(sources)]
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, choices: list[_Choice]) -> torch.Tensor:
+        """Each choice's sample, on the device. A choice whose token this step is forced (its calculator
+        output: the queue holds more than its pending tokens will take) does not draw from its generator."""
+        rows = [i for i, c in enumerate(choices) if len(c.forced) <= c.seq.num_pending]
+        if not rows:
+            return torch.zeros(len(choices), dtype=torch.long, device=logits.device)
+        seqs = [choices[i].seq for i in rows]
+        outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
+        prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
+                   for seq in seqs]
+        every = len(rows) == len(choices)
+        drawn = sample(logits if every else logits[rows], [seq.sampling for seq in seqs],
+                       [choices[i].generator for i in rows], outputs, prompts,
+                       self._grammar_mask([choices[i] for i in rows]))
+        if every:
+            return drawn
+        return torch.zeros(len(choices), dtype=torch.long, device=logits.device).index_copy(
+            0, torch.tensor(rows, device=logits.device), drawn)
+
+    def _resolve(self, step: _Step) -> list[TokenEvent]:
+        """Read a launched step's tokens (waiting for the device) and account for them: forced tokens in
+        place of draws, logprobs, the scheduler's postprocess, text and stops. Choices that ended meanwhile
+        (aborted, or stopped by the step before) are skipped."""
+        tokens = step.tokens.tolist()
+        live = [i for i, c in enumerate(step.choices) if not c.seq.is_finished]
+        for i in live:
+            if step.choices[i].forced:
+                tokens[i] = step.choices[i].forced.popleft()
+        self._score_prompts([p for p in step.logits.prompt if not p.seq.is_finished])
+        for chunk in step.batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
+            for sib in chunk.forks:
+                if not sib.is_finished and not chunk.seq.is_finished:
+                    self.choices[sib.id].prompt_logprobs = self.choices[chunk.seq.id].prompt_logprobs
+        choices = [step.choices[i] for i in live]
+        live_tokens = [tokens[i] for i in live]
+        logprobs = _logprobs(step.logits.sampled[live], live_tokens, [c.seq.sampling.logprobs for c in choices])
+        completed = self._completed_grammars(choices, live_tokens)
+        self.scheduler.postprocess(step.batch, tokens, completed)
+        events = []
+        for choice, token, token_logprobs in zip(choices, live_tokens, logprobs, strict=True):
             events.extend(self._advance(choice, token, token_logprobs))
         return events
 
@@ -294,22 +384,6 @@ class LLMEngine:
                 choice.prompt_logprobs = [None] * p.seq.num_prompt_tokens
             for position in range(p.start + 1, p.start + 1 + len(p.logits)):
                 choice.prompt_logprobs[position] = next(found)
-
-    def _next_tokens(self, logits: torch.Tensor, choices: list[_Choice]) -> list[int]:
-        """Each choice's next token: its waiting tool output if any, else a sample. Only choices that
-        sample draw from their generator."""
-        tokens = [c.forced.popleft() if c.forced else -1 for c in choices]
-        rows = [i for i, t in enumerate(tokens) if t == -1]
-        if rows:
-            seqs = [choices[i].seq for i in rows]
-            outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
-            prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
-                       for seq in seqs]
-            drawn = sample(logits[rows], [seq.sampling for seq in seqs], [choices[i].generator for i in rows],
-                           outputs, prompts, self._grammar_mask([choices[i] for i in rows])).tolist()
-            for i, token in zip(rows, drawn, strict=True):
-                tokens[i] = token
-        return tokens
 
     def _grammar_mask(self, choices: list[_Choice]) -> TokenMask | None:
         """The allowed tokens of the choices that follow a grammar (None when none does)."""

@@ -141,10 +141,12 @@ class ModelRunner:
     @torch.inference_mode()
     @sdpa_kernel(ATTENTION_BACKENDS)
     def run(self, prefill_chunks: list[PrefillChunk], decode_seqs: list[Sequence],
-            block_copies: list[BlockCopy] | tuple[()] = ()) -> StepLogits:
+            block_copies: list[BlockCopy] | tuple[()] = (), decode_tokens: Tensor | None = None) -> StepLogits:
         """float32 logits (N, vocab_size), one row per sequence that gets a next token this step, and
         those of the prompt positions of sequences that score their prompt. block_copies: forks' blocks
-        to copy after the prefill."""
+        to copy after the prefill. decode_tokens: each decode's input (its last token) on the device, for
+        a step launched while the one before, which samples some of them, still runs (async scheduling);
+        by default they are read from the sequences. Nothing here waits for the device."""
         logits, prompt = [], []
         if prefill_chunks:
             last, prompt = self._prefill(prefill_chunks)
@@ -152,9 +154,9 @@ class ModelRunner:
         if block_copies:
             self.cache.copy_blocks(list(block_copies))
         if decode_seqs and self.graphs is not None and self.graphs.serves(len(decode_seqs)):
-            logits.append(self.graphs.run(decode_seqs))
+            logits.append(self.graphs.run(decode_seqs, decode_tokens))
         elif decode_seqs:
-            logits.append(self._forward([(seq, len(seq) - 1, 1) for seq in decode_seqs]))
+            logits.append(self._forward([(seq, len(seq) - 1, 1) for seq in decode_seqs], tokens=decode_tokens))
         if not logits:
             return StepLogits(torch.empty(0, self.model.config.vocab_size, device=self.device), prompt)
         return StepLogits(torch.cat(logits), prompt)
@@ -178,9 +180,11 @@ class ModelRunner:
                   for seq, start, i, n in spans]
         return rows[: len(sampled)], prompt
 
-    def _forward(self, rows: list[tuple[Sequence, int, int]], logits_at: list[int] | None = None) -> Tensor:
+    def _forward(self, rows: list[tuple[Sequence, int, int]], logits_at: list[int] | None = None,
+                 tokens: Tensor | None = None) -> Tensor:
         """Computes seq.token_ids[start : start + length] of each row; the logits at logits_at (indices
-        into the rows' positions padded to the longest, row-major), or by default at each row's last."""
+        into the rows' positions padded to the longest, row-major), or by default at each row's last.
+        tokens: the rows' one token each, on the device, instead of token_ids (decodes of pending tokens)."""
         for seq, start, length in rows:
             if start + length > len(seq):
                 raise ValueError(f"sequence {seq.id} has {len(seq)} tokens, "
@@ -188,11 +192,13 @@ class ModelRunner:
         T = max(length for _, _, length in rows)
         if logits_at is None:
             logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
-        idx = [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows]
+        idx = tokens[:, None] if tokens is not None else torch.tensor(
+            [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows],
+            device=self.device)
         prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]  # what smear mixes in
         window_tables = [seq.window_table for seq, _, _ in rows] if self.cache.window_pool is not None else None
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
                                [length for _, _, length in rows], window_tables)
-        return self.model.forward_cached(torch.tensor(idx, device=self.device), view,
+        return self.model.forward_cached(idx, view,
                                          torch.tensor(logits_at, dtype=torch.long, device=self.device),
                                          prev_idx=torch.tensor(prev, dtype=torch.long, device=self.device))

@@ -22,8 +22,13 @@ Notable:
   decode on their own from the next. A sibling that cannot fork then (no free block for the copy of a
   partly filled last block, max_num_seqs reached, or a step that preempted) joins the front of the
   waiting queue as an ordinary sequence, where the prefix cache gives it the prompt's full blocks.
-- The scheduler is not thread safe: the engine calls schedule, postprocess, abort and finish from one
-  loop. A sequence aborted while its step ran is skipped by postprocess.
+- A step is recorded in two halves: launched() once the model has it (each computed token's KV is in
+  the cache, each sampled token pending, sequence.py) and postprocess() once its tokens are known. With
+  async scheduling the engine schedules and launches the next step between the two, so a sequence
+  decodes its pending token; one whose pending token is its last (max_tokens) waits for postprocess.
+- The scheduler is not thread safe: the engine calls schedule, launched, postprocess, abort and finish
+  from one loop. A sequence that finished (or was aborted) while its step ran is skipped by postprocess;
+  one preempted meanwhile still gets its token.
 """
 
 from __future__ import annotations
@@ -69,9 +74,14 @@ class ScheduledBatch:
         return [s for c in self.prefills if c.samples for s in (c.seq, *c.forks)] + self.decodes
 
 
+def _is_prefill(seq: Sequence) -> bool:
+    # prompt (or, after preemption, recompute) not done; a 1-token prompt's first step is still a prefill
+    return seq.num_cached_tokens < len(seq) - 1 or len(seq) == seq.num_prompt_tokens
+
+
 def _is_decode(seq: Sequence) -> bool:
-    # prefill done and one sampled token to compute; a 1-token prompt's first step is still a prefill
-    return seq.num_cached_tokens == len(seq) - 1 and seq.num_output_tokens > 0
+    # one sampled token to compute, unless it is the last the sequence may have (it only waits to be known)
+    return not _is_prefill(seq) and len(seq) - seq.num_prompt_tokens < seq.sampling.max_tokens
 
 
 class Scheduler:
@@ -145,7 +155,7 @@ class Scheduler:
                 budget -= 1
                 i += 1
         for seq in list(self.running):  # chunks of sequences admitted earlier and still prefilling (forks join)
-            if budget > 0 and not _is_decode(seq):
+            if budget > 0 and _is_prefill(seq):
                 budget -= self._add_chunk(batch, seq, budget, preempted)
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -159,6 +169,7 @@ class Scheduler:
         return batch
 
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int, preempted: bool) -> int:
+        assert not seq.num_pending, f"sequence {seq.id} prefills before its pending token is known"
         length = min(len(seq) - seq.num_cached_tokens, budget)
         assert length > 0, f"sequence {seq.id} has nothing to compute: was postprocess skipped?"
         samples = seq.num_cached_tokens + length == len(seq)
@@ -193,25 +204,36 @@ class Scheduler:
         self.num_preemptions += 1
         return seq
 
-    def postprocess(self, batch: ScheduledBatch, new_token_ids: list[int],
-                    completed: Collection[Sequence] = ()) -> list[Sequence]:
-        """Record a step's results: new_token_ids[i] is batch.sampled_seqs[i]'s. completed: sequences whose
-        new token ended them ("stop") whatever it is (it completed their grammar). Returns what finished."""
-        sampled = batch.sampled_seqs
-        if len(new_token_ids) != len(sampled):
-            raise ValueError(f"{len(new_token_ids)} new tokens for {len(sampled)} sampled sequences")
-        # each sequence computed (or, a fork, was given) the KV of its tokens up to end
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The model has the step: each sequence has the KV of its tokens up to its chunk's end (a fork: was
+        given it), and each sampled one a pending token. Blocks are keyed for the prefix cache as far as
+        their tokens are known (postprocess keys the rest)."""
         computed = [(s, c.start + c.length) for c in batch.prefills for s in (c.seq, *c.forks)]
         computed += [(s, len(s)) for s in batch.decodes]
         for seq, end in computed:
-            if seq.status is SequenceStatus.RUNNING:  # not aborted meanwhile
-                seq.num_cached_tokens = end
+            seq.num_cached_tokens = end
+            self.block_manager.cache_computed_blocks(seq)
+        for seq in batch.sampled_seqs:
+            seq.num_pending += 1
+
+    def postprocess(self, batch: ScheduledBatch, new_token_ids: list[int],
+                    completed: Collection[Sequence] = ()) -> list[Sequence]:
+        """Record a launched step's results: new_token_ids[i] is batch.sampled_seqs[i]'s. completed: sequences
+        whose new token ended them ("stop") whatever it is (it completed their grammar). Returns what
+        finished."""
+        sampled = batch.sampled_seqs
+        if len(new_token_ids) != len(sampled):
+            raise ValueError(f"{len(new_token_ids)} new tokens for {len(sampled)} sampled sequences")
+        live = [(seq, token_id) for seq, token_id in zip(sampled, new_token_ids, strict=True)
+                if not seq.is_finished]  # one aborted, or stopped by the step before: its token is moot
+        for seq, token_id in live:
+            seq.num_pending -= 1
+            seq.token_ids.append(token_id)
+        for seq in [s for c in batch.prefills for s in (c.seq, *c.forks)] + batch.decodes:
+            if seq.status is SequenceStatus.RUNNING:  # not preempted (nor finished) meanwhile
                 self.block_manager.cache_computed_blocks(seq)
         finished = []
-        for seq, token_id in zip(sampled, new_token_ids, strict=True):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            seq.token_ids.append(token_id)
+        for seq, token_id in live:
             if token_id in seq.sampling.stop_token_ids or seq in completed:
                 self.finish(seq, "stop")
             elif seq.num_output_tokens >= seq.sampling.max_tokens:
@@ -234,6 +256,7 @@ class Scheduler:
         # siblings left without their leader go ahead as ordinary sequences
         self.waiting.extendleft(reversed(self.siblings.pop(seq, [])))
         self.block_manager.free(seq)
+        seq.num_pending = 0  # a token still on its way is moot
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.seqs[seq.id]

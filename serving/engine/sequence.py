@@ -5,6 +5,10 @@ Notable:
 - No tensors: the scheduler and block manager work on these plain objects; the model runner reads
   token_ids, block_table (and window_table), num_cached_tokens and sampling to build its batch.
 - token_ids holds the prompt followed by the generated tokens; the first num_prompt_tokens are the prompt.
+- num_pending counts tokens sampled by a step still running on the device (async scheduling: the engine
+  schedules the next step before it reads this one's tokens). They count in len(seq), so the scheduler and
+  block manager plan the next step as if they were there, and are appended to token_ids when they arrive;
+  everything that reads the tokens themselves (prefix-cache keys, stop checks, penalties) sees only those.
 - num_cached_tokens counts the leading tokens whose KV is in the cache (prefix-cache hits plus what
   earlier steps computed). The next step computes token_ids[num_cached_tokens:], a chunk at a time
   while prefilling, one token while decoding. Preemption resets it to 0 (recompute).
@@ -127,6 +131,7 @@ class Sequence:
     window_table: list[int] = field(default_factory=list, init=False)
     block_hashes: list[bytes] = field(default_factory=list, init=False)  # prefix-cache keys of its full blocks
     num_cached_tokens: int = field(default=0, init=False)
+    num_pending: int = field(default=0, init=False)  # sampled, still on the device (module docstring)
     num_prompt_cache_hits: int | None = field(default=None, init=False)  # None until first admitted
     finish_reason: FinishReason | None = field(default=None, init=False)
 
@@ -137,7 +142,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -45,8 +45,20 @@ def no_block_held(engine: LLMEngine) -> bool:
     return all(len(p.free_blocks) == p.num_blocks and not any(p.ref_counts) for p in pools)
 
 
+SCHEDULING = {"async_scheduling": False}  # how make_engine's engines schedule: set by the fixture below
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request):
+    """Every test of this file with each step read before the next is scheduled, and with the next step
+    launched first (async scheduling): both must serve the same."""
+    SCHEDULING["async_scheduling"] = request.param
+    yield request.param
+    SCHEDULING["async_scheduling"] = False
+
+
 def make_engine(model: GPT, tok: Tokenizer, **kwargs) -> LLMEngine:
-    options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=24)
+    options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=24, **SCHEDULING)
     return LLMEngine(model, tok, **{**options, **kwargs})
 
 
@@ -127,7 +139,7 @@ def test_flex_attention_serves_what_the_gather_path_serves(model, tok):
     assert outputs["flex"] == outputs["sdpa"] and len(outputs["flex"]) == 8
 
 
-def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok):
+def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok, scheduling):
     engine = make_engine(model, tok)
     first, later = prompts(tok)[1], prompts(tok)[0]
     engine.add_request("first", first, GREEDY)
@@ -135,7 +147,8 @@ def test_a_request_added_mid_flight_is_admitted_while_others_run(model, tok):
     for _ in range(5):
         collect(results, engine.step())
     engine.add_request("later", later, GREEDY)
-    collect(results, engine.step())
+    for _ in range(1 + scheduling):  # async: a step returns the tokens of the one before
+        collect(results, engine.step())
     assert results["later", 0].tokens, "the new request got no token in its first step"
     assert results["first", 0].finish_reason is None
     run(engine, results)
@@ -171,9 +184,9 @@ def counting_prefill_tokens(engine: LLMEngine) -> list[int]:
     counts: list[int] = []
     real_run = engine.runner.run
 
-    def run_and_count(prefills, decodes, block_copies=()):
+    def run_and_count(prefills, decodes, *args):
         counts.append(sum(c.length for c in prefills))
-        return real_run(prefills, decodes, block_copies)
+        return real_run(prefills, decodes, *args)
 
     engine.runner.run = run_and_count
     return counts

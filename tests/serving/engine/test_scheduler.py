@@ -47,6 +47,7 @@ class FakeModel:
                     if (src, slot) in kv:
                         kv[dst, slot] = kv[src, slot]
         new_tokens = [(s.token_ids[-1] + 1) % V for s in batch.sampled_seqs]
+        sched.launched(batch)
         return batch, sched.postprocess(batch, new_tokens)
 
     def _window_step(self, seq: Sequence, start: int, length: int) -> None:
@@ -159,6 +160,7 @@ def test_sequence_aborted_during_its_step_is_skipped():
     s = seq([1, 2, 3])
     sched.add(s)
     batch = sched.schedule()
+    sched.launched(batch)
     sched.abort(s.id)
     assert sched.postprocess(batch, [7]) == [] and s.token_ids == [1, 2, 3]
 
@@ -181,6 +183,7 @@ def test_a_token_that_completes_a_grammar_ends_the_sequence_with_stop_even_at_ma
     sched.add(early)
     sched.add(last)
     batch = sched.schedule()
+    sched.launched(batch)
     assert sched.postprocess(batch, [9, 9], completed={early, last}) == [early, last]
     assert (early.finish_reason, last.finish_reason) == ("stop", "stop")
     assert early.output_token_ids == [9] and sched.block_manager.num_free_blocks == 32
