@@ -20,7 +20,9 @@ Throughput:
   capability 8.9 or newer; elsewhere a line says why not)
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
   prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones and against the
-  graphs of the compiled decode step (serve.compile_decode), and one request
+  graphs of the compiled decode step (serve.compile_decode), with async scheduling (serve.async_scheduling:
+  each step launched before the one before is read; its row also counts the device syncs its launches made,
+  which should be none), and one request
   alone; for that request also its decode's memory-bandwidth utilisation: the bytes a decode step reads
   (every weight but the embedding tables, of which it reads one row, and the keys and values of its
   context: all of it in a full layer, the last window in a window layer) times its decode steps per second,
@@ -39,6 +41,7 @@ import gc
 import json
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -311,12 +314,15 @@ def decode_step_bytes(model: GPT, kv_dtype: torch.dtype, contexts: list[int]) ->
 
 
 def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bool, attention: str, requests: int,
-                 prompt_len: int, max_tokens: int, device: torch.device, compile_decode: bool = False) -> dict[str, Any]:
+                 prompt_len: int, max_tokens: int, device: torch.device, compile_decode: bool = False,
+                 async_scheduling: bool = False) -> dict[str, Any]:
     block_size = 16
     per_request = -(-(prompt_len + max_tokens) // block_size)
     engine = LLMEngine(copy.deepcopy(model), tokenizer, num_blocks=requests * per_request + 8, block_size=block_size,
                        max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
-                       dtype=dtype, enforce_eager=enforce_eager, attention=attention, compile_decode=compile_decode)
+                       dtype=dtype, enforce_eager=enforce_eager, attention=attention, compile_decode=compile_decode,
+                       async_scheduling=async_scheduling)
+    launch_syncs = count_launch_syncs(engine) if async_scheduling and device.type == "cuda" else None
     plain = tokenizer.vocab_size - 16  # below the special tokens
     generator = torch.Generator().manual_seed(1)
 
@@ -344,7 +350,9 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
     peak = peak_bandwidth(device)
     graphs = engine.runner.graphs
     return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": graphs is not None,
-            "compiled_decode": graphs is not None and graphs.compiled,
+            "compiled_decode": graphs is not None and graphs.compiled, "async_scheduling": async_scheduling,
+            "launch_syncs": None if launch_syncs is None else len(launch_syncs),
+            "first_launch_sync": launch_syncs[0] if launch_syncs else None,
             "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
@@ -353,6 +361,26 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
             "single_request_decode_bytes_per_step": step_bytes,
             "single_request_decode_bytes_per_second": step_bytes * decode_steps_per_second,
             "single_request_bandwidth_utilisation": None if peak is None else step_bytes * decode_steps_per_second / peak}
+
+
+def count_launch_syncs(engine: LLMEngine) -> list[str]:
+    """Record every device sync the engine's step launches make (torch's sync debug mode, as warnings): with
+    async scheduling a launch that waits for the device serialises the steps it should overlap."""
+    syncs: list[str] = []
+    launch = engine._launch
+
+    def launch_recording(*args: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return launch(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+
+    engine._launch = launch_recording
+    return syncs
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -419,14 +447,18 @@ def main() -> None:
     tokenizer = Tokenizer.train_from_iterator(stdlib_text(200_000 if small else 3_000_000), serve_vocab)
     serve_model = scrambled(GPTConfig.from_depth(serve_depth, tokenizer.vocab_size, 2048), "cpu")
     # decodes replay CUDA graphs on a GPU; the eager runs beside them give the ratio, the gather path
-    # (sdpa) beside FlexAttention over the pools (flex, what auto picks on a GPU) the attention's, and the
-    # graphs of the compiled decode step (serve.compile_decode) the compiler's
-    runs = (("float32", False, "auto", False), ("bfloat16", False, "sdpa", False), ("bfloat16", False, "flex", False),
-            ("bfloat16", True, "flex", False), ("bfloat16", False, "flex", True))
-    for dtype, eager, attention, compile_decode in runs if "serve" in wanted else ():
-        name = f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}{'_compiled' if compile_decode else ''}"
-        section(name, results, lambda dt=dtype, e=eager, a=attention, c=compile_decode: time_serving(
-            serve_model, tokenizer, dt, e, a, requests, prompt_len, max_tokens, device, compile_decode=c))
+    # (sdpa) beside FlexAttention over the pools (flex, what auto picks on a GPU) the attention's, the
+    # graphs of the compiled decode step (serve.compile_decode) the compiler's, and async scheduling the overlap's
+    runs = (("float32", False, "auto", False, False), ("bfloat16", False, "sdpa", False, False),
+            ("bfloat16", False, "flex", False, False), ("bfloat16", True, "flex", False, False),
+            ("bfloat16", False, "flex", True, False), ("bfloat16", False, "flex", False, True),
+            ("bfloat16", False, "flex", True, True))
+    for dtype, eager, attention, compile_decode, overlap in runs if "serve" in wanted else ():
+        name = (f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}"
+                f"{'_compiled' if compile_decode else ''}{'_async' if overlap else ''}")
+        section(name, results, lambda dt=dtype, e=eager, a=attention, c=compile_decode, o=overlap: time_serving(
+            serve_model, tokenizer, dt, e, a, requests, prompt_len, max_tokens, device, compile_decode=c,
+            async_scheduling=o))
 
     for depth in [] if args.no_compile else depths:
         train(depth, compile=True)

@@ -53,6 +53,17 @@ Notable:
   hits until then (BlockManager), so every position is computed: cached_tokens is 0.
 - abort(request_id) frees every block of the request at once; its "abort" final events come with the
   next step(), so a consumer sees every choice end.
+- async scheduling (async_scheduling, vLLM's): step() schedules and launches the next step before it reads
+  the tokens of the one launched by the call before, and returns that one's events; on a GPU the host's
+  reading, detokenising, streaming and scheduling then overlap the device's step, which otherwise waits
+  for them (the launch sends its inputs without waiting for the device: transfer.py). A sampled token is
+  pending until read (sequence.py): the next step takes it from the device, or from the choice's calculator
+  queue when a forced token will take the draw's place (a draw made meanwhile is dropped, so a seeded
+  request that calls the calculator may draw differently from a sync engine afterwards). A choice whose
+  sampling reads its own tokens on the host (a grammar's mask, penalties, min_tokens) has its step read
+  before the next is scheduled; a choice that stops ends with the step it is read in, and the step
+  launched meanwhile computed one token for nothing. On a CPU the step runs as it is launched, so there is
+  nothing to overlap.
 - EngineCore: every LLMEngine call happens on its one engine thread (the scheduler and block manager
   are not thread safe), which takes commands (add, abort) from a locked inbox between steps and hands each
   step's events over by request. EngineClient is the asyncio side: generate() posts the request and reads
@@ -102,6 +113,7 @@ from serving.engine.model_runner import (
 from serving.engine.sampler import TokenMask, make_generator, sample
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from serving.engine.transfer import to_device
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -318,12 +330,12 @@ class LLMEngine:
         forced = [self.choices[seq.id].forced for seq in decodes]
         known = [f[0] if seq.num_pending and f else seq.token_ids[-1] if not seq.num_pending else 0
                  for seq, f in zip(decodes, forced, strict=True)]
-        tokens = torch.tensor(known, device=in_flight.tokens.device)
+        tokens = to_device(known, in_flight.tokens.device)
         drawn = [(i, in_flight.rows[seq.id]) for i, (seq, f) in enumerate(zip(decodes, forced, strict=True))
                  if seq.num_pending and not f]
         if drawn:
             rows, sources = zip(*drawn, strict=True)
-            tokens[list(rows)] = in_flight.tokens[list(sources)]
+            tokens[to_device(rows, tokens.device)] = in_flight.tokens[to_device(sources, tokens.device)]
         return tokens
 
     def _draw(self, logits: torch.Tensor, choices: list[_Choice]) -> torch.Tensor:
@@ -336,14 +348,13 @@ class LLMEngine:
         outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
         prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
                    for seq in seqs]
-        every = len(rows) == len(choices)
-        drawn = sample(logits if every else logits[rows], [seq.sampling for seq in seqs],
-                       [choices[i].generator for i in rows], outputs, prompts,
-                       self._grammar_mask([choices[i] for i in rows]))
-        if every:
-            return drawn
-        return torch.zeros(len(choices), dtype=torch.long, device=logits.device).index_copy(
-            0, torch.tensor(rows, device=logits.device), drawn)
+        params, generators = [seq.sampling for seq in seqs], [choices[i].generator for i in rows]
+        mask = self._grammar_mask([choices[i] for i in rows])
+        if len(rows) == len(choices):
+            return sample(logits, params, generators, outputs, prompts, mask)
+        index = to_device(rows, logits.device)
+        drawn = sample(logits.index_select(0, index), params, generators, outputs, prompts, mask)
+        return torch.zeros(len(choices), dtype=torch.long, device=logits.device).index_copy(0, index, drawn)
 
     def _resolve(self, step: _Step) -> list[TokenEvent]:
         """Read a launched step's tokens (waiting for the device) and account for them: forced tokens in

@@ -48,6 +48,7 @@ from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.paged_cache import Attention, PagedKVCache
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import Sequence
+from serving.engine.transfer import to_device
 
 ServeDtype = Literal["auto", "float32", "bfloat16"]
 ServeAttention = Literal["auto", "sdpa", "flex"]
@@ -192,13 +193,12 @@ class ModelRunner:
         T = max(length for _, _, length in rows)
         if logits_at is None:
             logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
-        idx = tokens[:, None] if tokens is not None else torch.tensor(
-            [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows],
-            device=self.device)
+        idx = tokens[:, None] if tokens is not None else to_device(
+            [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows], self.device)
         prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]  # what smear mixes in
         window_tables = [seq.window_table for seq, _, _ in rows] if self.cache.window_pool is not None else None
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
                                [length for _, _, length in rows], window_tables)
         return self.model.forward_cached(idx, view,
-                                         torch.tensor(logits_at, dtype=torch.long, device=self.device),
-                                         prev_idx=torch.tensor(prev, dtype=torch.long, device=self.device))
+                                         to_device(logits_at, self.device, torch.long),
+                                         prev_idx=to_device(prev, self.device, torch.long))

@@ -53,6 +53,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nanochat.gpt import grouped_kv
 from serving.engine.block_manager import BlockCopy
+from serving.engine.transfer import to_device
 
 Attention = Literal["sdpa", "flex"]
 
@@ -73,7 +74,7 @@ class KVPool:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy each (source, destination) block's keys and values, in every layer."""
-        src, dst = (torch.tensor(ids, dtype=torch.long, device=self.k.device) for ids in zip(*pairs, strict=True))
+        src, dst = (to_device(ids, self.k.device, torch.long) for ids in zip(*pairs, strict=True))
         for pool in (self.k, self.v):
             pool.index_copy_(1, dst, pool.index_select(1, src))
 
@@ -159,12 +160,11 @@ class PagedKVCache:
         for pool, pool_tables in zip(self.pools, tables, strict=True):
             padded = _checked_tables(pool_tables, starts, lengths, self.block_size, pool.num_blocks,
                                      behind_window=pool is not self.pools[0])
-            padded_tables.append(torch.from_numpy(padded).to(device))
+            padded_tables.append(to_device(torch.from_numpy(padded), device))
         T = max(lengths)
         real = [b * T + t for b, length in enumerate(lengths) for t in range(length)]  # in the flat (B * T) order
-        return PagedView(self, padded_tables, torch.tensor(starts, dtype=torch.long, device=device),
-                         torch.tensor(lengths, dtype=torch.long, device=device), T,
-                         torch.tensor(real, dtype=torch.long, device=device),
+        return PagedView(self, padded_tables, to_device(starts, device, torch.long),
+                         to_device(lengths, device, torch.long), T, to_device(real, device, torch.long),
                          max(start + length for start, length in zip(starts, lengths, strict=True)))
 
 

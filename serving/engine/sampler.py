@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from serving.engine.sequence import SamplingParams
+from serving.engine.transfer import to_device
 
 
 @dataclass
@@ -68,14 +69,14 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         _check(p)  # SamplingParams validates on construction, but it is mutable
     logits = adjust_logits(logits.float(), params, output_ids, prompt_ids)
     if mask is not None and mask.rows:
-        logits = logits.index_add(0, torch.tensor(mask.rows, device=logits.device), mask.bias.to(logits.device))
+        logits = logits.index_add(0, to_device(mask.rows, logits.device), to_device(mask.bias, logits.device))
     # max's indices are argmax's (the first maximal one), and a CPU computes them several times faster
     greedy = logits.max(dim=-1).indices
     # below MIN_TEMPERATURE, logits / temperature overflows to inf/NaN: such requests are greedy (as vLLM)
     sampled = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if not sampled:
         return greedy
-    rows = torch.tensor(sampled, device=logits.device)
+    rows = to_device(sampled, logits.device)
     chosen = _draw(logits[rows], [params[b] for b in sampled], [generators[b] for b in sampled])
     return greedy.index_copy(0, rows, chosen)
 
@@ -86,9 +87,9 @@ MIN_TEMPERATURE = 1e-5
 def _counts(rows: list[int], ids: list[list[int]], B: int, V: int, device: torch.device) -> Tensor:
     """(B, V) float: how often each token occurs in ids[b], for b in rows (zeros elsewhere), from one
     index_put_ over the rows' tokens laid end to end."""
-    lengths = torch.tensor([len(ids[b]) for b in rows], device=device)
-    flat = torch.tensor(list(itertools.chain.from_iterable(ids[b] for b in rows)), dtype=torch.long, device=device)
-    index = torch.repeat_interleave(torch.tensor(rows, device=device), lengths)
+    lengths = to_device([len(ids[b]) for b in rows], device)
+    flat = to_device(list(itertools.chain.from_iterable(ids[b] for b in rows)), device, torch.long)
+    index = torch.repeat_interleave(to_device(rows, device), lengths)
     counts = torch.zeros(B, V, device=device)
     counts.index_put_((index, flat), torch.ones(len(flat), device=device), accumulate=True)
     return counts
@@ -113,37 +114,36 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
     device = logits.device
     if repeated:  # vLLM's (from CTRL): seen tokens' positive logits divided, negative ones multiplied
         seen = (_counts(repeated, output_ids, B, V, device) + _counts(repeated, prompt_ids, B, V, device)) > 0
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None].expand(B, V)
+        penalty = to_device([p.repetition_penalty for p in params], device)[:, None].expand(B, V)
         factor = torch.where(logits > 0, 1.0 / penalty, penalty)
         logits = torch.where(seen, logits * factor, logits)
     if penalized:
         counts = _counts(penalized, output_ids, B, V, device)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = to_device([p.frequency_penalty for p in params], device)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device)[:, None]
         logits -= frequency * counts + presence * (counts > 0)
     if biased:
         rows = [b for b in biased for _ in params[b].logit_bias]
         tokens = [t for b in biased for t in params[b].logit_bias]
         values = [v for b in biased for v in params[b].logit_bias.values()]
         keep = [i for i, t in enumerate(tokens) if t < V]  # a bias on an id past the vocabulary has no token
-        index = (torch.tensor([rows[i] for i in keep], dtype=torch.long, device=device),
-                 torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=device))
-        logits.index_put_(index, torch.tensor([values[i] for i in keep], device=device), accumulate=True)
+        index = (to_device([rows[i] for i in keep], device, torch.long),
+                 to_device([tokens[i] for i in keep], device, torch.long))
+        logits.index_put_(index, to_device([values[i] for i in keep], device, torch.float32), accumulate=True)
     if short:
         rows = [b for b in short for t in params[b].stop_token_ids if t < V]
         tokens = [t for b in short for t in params[b].stop_token_ids if t < V]
-        index = (torch.tensor(rows, dtype=torch.long, device=device),
-                 torch.tensor(tokens, dtype=torch.long, device=device))
-        logits.index_put_(index, torch.tensor(float("-inf"), device=device))
+        index = (to_device(rows, device, torch.long), to_device(tokens, device, torch.long))
+        logits.index_put_(index, torch.full((len(rows),), float("-inf"), device=device))
     return logits
 
 
 def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
     """One token per row from softmax(logits / temperature), filtered by the row's top-k and top-p."""
     device, V = logits.device, logits.size(1)
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = to_device([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+    u = to_device(torch.cat([torch.rand(1, generator=g) for g in generators]), device)
     filters = [(p.top_k is not None and p.top_k < V) or p.top_p < 1.0 for p in params]
     filtered = [b for b, f in enumerate(filters) if f]
     if not filtered:
@@ -151,9 +151,9 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     kept = [b for b, f in enumerate(filters) if not f]
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     if kept:
-        rows = torch.tensor(kept, device=device)
+        rows = to_device(kept, device)
         tokens[rows] = _draw_in_order(scaled[rows], u[rows])
-    rows = torch.tensor(filtered, device=device)
+    rows = to_device(filtered, device)
     tokens[rows] = _draw_sorted(scaled[rows], [params[b] for b in filtered], u[rows])
     return tokens
 
@@ -171,8 +171,8 @@ def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Ten
     """Inverse-CDF draws over each row's top-k and nucleus, most likely first (module docstring)."""
     device, V = scaled.device, scaled.size(1)
     ks = [V if p.top_k is None else p.top_k for p in params]
-    top_k = torch.tensor(ks, device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    top_k = to_device(ks, device)
+    top_p = to_device([p.top_p for p in params], device, torch.float32)
     ordered, order = _most_likely(scaled, max(ks))  # from the params: no wait on the device
     keep = torch.arange(ordered.size(1), device=device) < top_k[:, None]
     probs = ordered.masked_fill(~keep, float("-inf")).softmax(dim=-1)

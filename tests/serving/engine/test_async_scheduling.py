@@ -7,6 +7,7 @@ and no token past max_tokens is computed."""
 from collections import defaultdict
 
 import pytest
+import torch
 
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
@@ -121,3 +122,27 @@ def test_an_engine_that_is_aborted_with_a_step_in_flight_drops_its_tokens(model,
     collect(results, engine.step())
     assert results["r", 0].finish_reason == "abort" and len(results["r", 0].tokens) == 3
     assert not engine.has_work()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_launching_a_step_never_waits_for_the_device(model, tok):
+    """Everything the host sends for a step goes from pinned memory without a sync (serving/engine/transfer.py),
+    so the launch of step k+1 does not wait for step k: torch's sync debug mode raises on any that does."""
+    engine = make_engine(model, tok, async_scheduling=True, device="cuda")
+    real_launch = engine._launch
+
+    def launch_without_syncs(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine._launch = launch_without_syncs
+    requests = [SamplingParams(temperature=0.0, max_tokens=12, n=2, logprobs=1),
+                SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_tokens=12, seed=1, logit_bias={3: 1.0}),
+                SamplingParams(temperature=1.0, max_tokens=12, seed=2)]
+    for i, params in enumerate(requests):
+        engine.add_request(f"r{i}", prompts(tok)[i], params)
+    results = run(engine)
+    assert len(results) == 4 and all(c.tokens and c.finish_reason in ("stop", "length") for c in results.values())
