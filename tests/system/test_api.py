@@ -61,9 +61,10 @@ class RecordingEngine(LLMEngine):
         super().abort(request_id)
 
 
-def make_engine(model: GPT, tok: Tokenizer, max_queue: int = 64) -> AsyncEngine:
+def make_engine(model: GPT, tok: Tokenizer, max_queue: int = 64, async_scheduling: bool = False) -> AsyncEngine:
     return AsyncEngine(RecordingEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8,
-                                       max_num_batched_tokens=64), max_queue=max_queue)
+                                       max_num_batched_tokens=64, async_scheduling=async_scheduling),
+                       max_queue=max_queue)
 
 
 @contextmanager
@@ -115,9 +116,10 @@ def model(tok) -> GPT:
     return tiny_model(tok)
 
 
-@pytest.fixture(scope="module")
-def engine(model, tok) -> Iterator[AsyncEngine]:
-    engine = make_engine(model, tok)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(model, tok, request) -> Iterator[AsyncEngine]:
+    """The API's engine, reading each step before the next (sync) and with async scheduling."""
+    engine = make_engine(model, tok, async_scheduling=request.param)
     yield engine
     engine.shutdown()
 

@@ -4,8 +4,9 @@ real Prometheus scraping it; SIGTERM shuts it down cleanly, also during start-up
 
 The server has a small KV cache (12 blocks), so that the dashboard's load makes the engine preempt, and Ray's
 agent exports metrics every second. Its engine steps in a process of its own (serve.engine_core=process), so
-the metrics the replica exports are the child's, replayed; the other servers of the suite run the default
-engine thread."""
+the metrics the replica exports are the child's, replayed, and with async scheduling (each step launched
+before the one before is read, preemption included); the other servers of the suite run the default engine
+thread, each step read before the next."""
 
 import http.client
 import json
@@ -63,7 +64,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "NANOCHAT_STORAGE": str(root), "RAY_metrics_report_interval_ms": "1000", "NANOCHAT_API_KEYS": ""}
     proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(metrics_port),
                              "--set", "serve.num_blocks=12", "--set", "serve.max_ongoing_requests=8",
-                             "--set", "serve.max_queued_requests=8", "--set", "serve.engine_core=process"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--set", "serve.max_queued_requests=8", "--set", "serve.engine_core=process",
+                             "--set", "serve.async_scheduling=true"], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 150
     while time.time() < deadline:
