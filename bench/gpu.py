@@ -21,8 +21,8 @@ Throughput:
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
   prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones and against the
   graphs of the compiled decode step (serve.compile_decode), with async scheduling (serve.async_scheduling:
-  each step launched before the one before is read; its row also counts the device syncs its launches made,
-  which should be none), and one request
+  each step launched before the one before is read; its row also counts the stream syncs its launches and
+  reads made, which should be none), and one request
   alone; for that request also its decode's memory-bandwidth utilisation: the bytes a decode step reads
   (every weight but the embedding tables, of which it reads one row, and the keys and values of its
   context: all of it in a full layer, the last window in a window layer) times its decode steps per second,
@@ -322,7 +322,7 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
                        max_num_seqs=requests, max_num_batched_tokens=max(2048, prompt_len), device=device,
                        dtype=dtype, enforce_eager=enforce_eager, attention=attention, compile_decode=compile_decode,
                        async_scheduling=async_scheduling)
-    launch_syncs = count_launch_syncs(engine) if async_scheduling and device.type == "cuda" else None
+    step_syncs = count_step_syncs(engine) if async_scheduling and device.type == "cuda" else None
     plain = tokenizer.vocab_size - 16  # below the special tokens
     generator = torch.Generator().manual_seed(1)
 
@@ -351,8 +351,8 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
     graphs = engine.runner.graphs
     return {"dtype": dtype, "attention": engine.runner.attention, "cuda_graphs": graphs is not None,
             "compiled_decode": graphs is not None and graphs.compiled, "async_scheduling": async_scheduling,
-            "launch_syncs": None if launch_syncs is None else len(launch_syncs),
-            "first_launch_sync": launch_syncs[0] if launch_syncs else None,
+            "step_syncs": None if step_syncs is None else len(step_syncs),
+            "first_step_sync": step_syncs[0] if step_syncs else None,
             "requests": requests, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "seconds": seconds, "output_tokens": generated, "output_tokens_per_second": generated / seconds,
             "total_tokens_per_second": (generated + requests * prompt_len) / seconds, "first_token_seconds": ttft,
@@ -363,23 +363,25 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
             "single_request_bandwidth_utilisation": None if peak is None else step_bytes * decode_steps_per_second / peak}
 
 
-def count_launch_syncs(engine: LLMEngine) -> list[str]:
-    """Record every device sync the engine's step launches make (torch's sync debug mode, as warnings): with
-    async scheduling a launch that waits for the device serialises the steps it should overlap."""
+def count_step_syncs(engine: LLMEngine) -> list[str]:
+    """Record every stream sync the engine's step launches and reads make (torch's sync debug mode, as
+    warnings): with async scheduling one that waits for the queue serialises the steps it should overlap."""
     syncs: list[str] = []
-    launch = engine._launch
 
-    def launch_recording(*args: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return launch(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                syncs.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+    def recording(method: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any) -> Any:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return method(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    syncs.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
 
-    engine._launch = launch_recording
+        return recorded
+
+    engine._launch, engine._resolve = recording(engine._launch), recording(engine._resolve)
     return syncs
 
 

@@ -179,13 +179,61 @@ class _Choice:
 @dataclass(eq=False)
 class _Step:
     """A step the model has, until its tokens are read: what it computes, whose tokens it samples (the
-    choices of batch.sampled_seqs, in order) and those tokens, still on the device."""
+    choices of batch.sampled_seqs, in order), those tokens on the device, and what the host will read."""
 
     batch: ScheduledBatch
     choices: list[_Choice]
     logits: StepLogits
-    tokens: torch.Tensor  # (N,) each sampled row's draw; rows with a forced token hold 0
+    tokens: torch.Tensor  # (N,) each sampled row's token: its draw, or its forced token when known at launch
     rows: dict[int, int]  # row of each sampled sequence, by id
+    output: _StepOutput
+
+
+@dataclass(eq=False)
+class _LogprobTensors:
+    """Log-probabilities of the rows that asked (wanted[row] = k): each one's token, and its k most likely
+    tokens with theirs (topped up to the largest k), as tensors on the device until copied."""
+
+    rows: list[int]
+    ks: list[int]
+    chosen: torch.Tensor  # (R,)
+    top_values: torch.Tensor  # (R, max k)
+    top_ids: torch.Tensor  # (R, max k)
+
+    def to_host(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> _LogprobTensors:
+        return _LogprobTensors(self.rows, self.ks, copy(self.chosen), copy(self.top_values), copy(self.top_ids))
+
+    def lists(self, n: int) -> list[Logprobs | None]:
+        """Per row of n (None for those that did not ask): (log-probability, [(token, log-probability)])."""
+        out: list[Logprobs | None] = [None] * n
+        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+        for j, (row, k) in enumerate(zip(self.rows, self.ks, strict=True)):
+            out[row] = (chosen[j], list(zip(ids[j][:k], values[j][:k], strict=True)))
+        return out
+
+
+class _StepOutput:
+    """What the host reads of a launched step (its tokens, and the log-probabilities asked for), copied to
+    the host as the device produces them: on a GPU into pinned memory without waiting, with an event that
+    read() waits for, so reading step k never waits for step k+1, launched meanwhile (a plain .tolist()
+    would wait for every kernel queued)."""
+
+    def __init__(self, tokens: torch.Tensor, sampled: _LogprobTensors | None, prompt: _LogprobTensors | None):
+        self.event = torch.cuda.Event() if tokens.device.type == "cuda" else None
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.to("cpu", non_blocking=True) if self.event is not None else t
+
+        self.tokens = copy(tokens)
+        self.sampled = sampled.to_host(copy) if sampled is not None else None
+        self.prompt = prompt.to_host(copy) if prompt is not None else None
+        if self.event is not None:
+            self.event.record()
+
+    def read(self) -> _StepOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self
 
 
 @dataclass(frozen=True)
@@ -318,8 +366,10 @@ class LLMEngine:
         logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies,
                                  self._decode_tokens(batch.decodes, in_flight))
         tokens = self._draw(logits.sampled, choices)
+        output = _StepOutput(tokens, _logprob_tensors(logits.sampled, tokens, [c.seq.sampling.logprobs for c in choices]),
+                             _prompt_logprob_tensors(logits.prompt))
         self.scheduler.launched(batch)
-        return _Step(batch, choices, logits, tokens, {seq.id: i for i, seq in enumerate(batch.sampled_seqs)})
+        return _Step(batch, choices, logits, tokens, {seq.id: i for i, seq in enumerate(batch.sampled_seqs)}, output)
 
     def _decode_tokens(self, decodes: list[Sequence], in_flight: _Step | None) -> torch.Tensor | None:
         """The decodes' input tokens on the device when some are pending (async scheduling): a pending one
@@ -339,11 +389,13 @@ class LLMEngine:
         return tokens
 
     def _draw(self, logits: torch.Tensor, choices: list[_Choice]) -> torch.Tensor:
-        """Each choice's sample, on the device. A choice whose token this step is forced (its calculator
-        output: the queue holds more than its pending tokens will take) does not draw from its generator."""
-        rows = [i for i, c in enumerate(choices) if len(c.forced) <= c.seq.num_pending]
+        """Each choice's token, on the device: a sample, or its forced token when the choice's calculator
+        output is known now (the queue holds more than its pending tokens will take), which draws nothing
+        from its generator."""
+        known = [c.forced[c.seq.num_pending] if len(c.forced) > c.seq.num_pending else None for c in choices]
+        rows = [i for i, token in enumerate(known) if token is None]
         if not rows:
-            return torch.zeros(len(choices), dtype=torch.long, device=logits.device)
+            return to_device(known, logits.device, torch.long)
         seqs = [choices[i].seq for i in rows]
         outputs = [seq.output_token_ids if seq.sampling.needs_outputs else [] for seq in seqs]
         prompts = [seq.token_ids[: seq.num_prompt_tokens] if seq.sampling.repetition_penalty != 1.0 else []
@@ -354,47 +406,54 @@ class LLMEngine:
             return sample(logits, params, generators, outputs, prompts, mask)
         index = to_device(rows, logits.device)
         drawn = sample(logits.index_select(0, index), params, generators, outputs, prompts, mask)
-        return torch.zeros(len(choices), dtype=torch.long, device=logits.device).index_copy(0, index, drawn)
+        return to_device([token or 0 for token in known], logits.device, torch.long).index_copy(0, index, drawn)
 
     def _resolve(self, step: _Step) -> list[TokenEvent]:
-        """Read a launched step's tokens (waiting for the device) and account for them: forced tokens in
-        place of draws, logprobs, the scheduler's postprocess, text and stops. Choices that ended meanwhile
-        (aborted, or stopped by the step before) are skipped."""
-        tokens = step.tokens.tolist()
+        """Read a launched step's tokens (waiting for the device to finish that step, not the ones launched
+        after it) and account for them: forced tokens in place of draws, logprobs, the scheduler's
+        postprocess, text and stops. Choices that ended meanwhile (aborted, or stopped by the step before)
+        are skipped."""
+        output = step.output.read()
+        tokens = output.tokens.tolist()
+        wanted = [c.seq.sampling.logprobs for c in step.choices]
+        logprobs = output.sampled.lists(len(tokens)) if output.sampled is not None else [None] * len(tokens)
         live = [i for i, c in enumerate(step.choices) if not c.seq.is_finished]
         for i in live:
-            if step.choices[i].forced:
-                tokens[i] = step.choices[i].forced.popleft()
-        self._score_prompts([p for p in step.logits.prompt if not p.seq.is_finished])
+            forced = step.choices[i].forced
+            if forced and forced[0] != tokens[i]:  # forced since the launch: it replaces the draw
+                tokens[i] = forced.popleft()
+                if wanted[i] is not None:  # rare (a calculator call with logprobs): computed now, waiting
+                    logprobs[i] = _logprobs(step.logits.sampled[i : i + 1], [tokens[i]], [wanted[i]])[0]
+            elif forced:
+                forced.popleft()
+        self._store_prompt_logprobs(step.logits.prompt, output.prompt)
         for chunk in step.batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
             for sib in chunk.forks:
                 if not sib.is_finished and not chunk.seq.is_finished:
                     self.choices[sib.id].prompt_logprobs = self.choices[chunk.seq.id].prompt_logprobs
         choices = [step.choices[i] for i in live]
         live_tokens = [tokens[i] for i in live]
-        logprobs = _logprobs(step.logits.sampled[live], live_tokens, [c.seq.sampling.logprobs for c in choices])
         completed = self._completed_grammars(choices, live_tokens)
         self.scheduler.postprocess(step.batch, tokens, completed)
         events = []
-        for choice, token, token_logprobs in zip(choices, live_tokens, logprobs, strict=True):
-            events.extend(self._advance(choice, token, token_logprobs))
+        for i, choice, token in zip(live, choices, live_tokens, strict=True):
+            events.extend(self._advance(choice, token, logprobs[i]))
         return events
 
-    def _score_prompts(self, prompt: list[PromptLogits]) -> None:
-        """Each scored prompt row's log-probabilities into its choice, by position; one log_softmax and one
-        topk over the rows of every sequence of the step."""
-        if not prompt:
+    def _store_prompt_logprobs(self, prompt: list[PromptLogits], found: _LogprobTensors | None) -> None:
+        """Each scored prompt row's log-probabilities (_prompt_logprob_tensors, read) into its choice, by
+        position; a sequence that ended meanwhile has none to keep."""
+        if not prompt or found is None:
             return
-        rows = torch.cat([p.logits for p in prompt])
-        targets = [t for p in prompt for t in p.seq.token_ids[p.start + 1 : p.start + 1 + len(p.logits)]]
-        wanted = [p.seq.sampling.prompt_logprobs for p in prompt for _ in range(len(p.logits))]
-        found = iter(_logprobs(rows, targets, wanted))
+        rows = iter(found.lists(sum(len(p.logits) for p in prompt)))
         for p in prompt:
+            scored = [next(rows) for _ in range(len(p.logits))]
+            if p.seq.is_finished:
+                continue
             choice = self.choices[p.seq.id]
             if choice.prompt_logprobs is None:
                 choice.prompt_logprobs = [None] * p.seq.num_prompt_tokens
-            for position in range(p.start + 1, p.start + 1 + len(p.logits)):
-                choice.prompt_logprobs[position] = next(found)
+            choice.prompt_logprobs[p.start + 1 : p.start + 1 + len(scored)] = scored
 
     def _grammar_mask(self, choices: list[_Choice]) -> TokenMask | None:
         """The allowed tokens of the choices that follow a grammar (None when none does)."""
@@ -499,29 +558,39 @@ Logprobs = tuple[float, list[tuple[int, float]]]  # a token's log-probability, a
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps at the same value
 
 
-def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[Logprobs | None]:
+def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> _LogprobTensors | None:
     """For each row that wants them (wanted[i] = k, not None): the log-probability of tokens[i] under the
-    row's raw logits, and the k most likely tokens with theirs. One logsumexp and one topk for all: a
-    log-probability is the logit minus its row's logsumexp, so no second (rows, vocab) tensor is made
-    (a scored prompt has a row per position)."""
+    row's raw logits, and the k most likely tokens with theirs; None when no row does. One logsumexp and one
+    topk for all, on the device: a log-probability is the logit minus its row's logsumexp, so no second
+    (rows, vocab) tensor is made (a scored prompt has a row per position)."""
     rows = [i for i, k in enumerate(wanted) if k is not None]
-    out: list[Logprobs | None] = [None] * len(tokens)
     if not rows:
-        return out
-    if len(rows) < len(tokens):
-        logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return None
+    if len(rows) < len(wanted):
+        index = to_device(rows, logits.device)
+        logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
     logits = logits.float()
     lse = logits.logsumexp(dim=-1, keepdim=True)
-    chosen = logits.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)) - lse
-    chosen = chosen.squeeze(1).clamp(min=MIN_LOGPROB)
+    chosen = (logits.gather(1, tokens[:, None]) - lse).squeeze(1).clamp(min=MIN_LOGPROB)
     k = max(wanted[i] for i in rows)
     top_values, top_ids = logits.topk(k, dim=-1) if k else (logits[:, :0], logits[:, :0].long())
-    top_values = (top_values - lse).clamp(min=MIN_LOGPROB)
-    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(rows):
-        top = list(zip(top_ids[j][: wanted[i]], top_values[j][: wanted[i]], strict=True))
-        out[i] = (chosen[j], top)
-    return out
+    return _LogprobTensors(rows, [wanted[i] for i in rows], chosen, (top_values - lse).clamp(min=MIN_LOGPROB), top_ids)
+
+
+def _prompt_logprob_tensors(prompt: list[PromptLogits]) -> _LogprobTensors | None:
+    """_logprob_tensors of every scored prompt row of a step, each predicting the prompt token after it."""
+    if not prompt:
+        return None
+    rows = torch.cat([p.logits for p in prompt])
+    targets = [t for p in prompt for t in p.seq.token_ids[p.start + 1 : p.start + 1 + len(p.logits)]]
+    wanted = [p.seq.sampling.prompt_logprobs for p in prompt for _ in range(len(p.logits))]
+    return _logprob_tensors(rows, to_device(targets, rows.device, torch.long), wanted)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[Logprobs | None]:
+    """_logprob_tensors of host tokens, read at once."""
+    found = _logprob_tensors(logits, to_device(tokens, logits.device, torch.long), wanted)
+    return found.lists(len(tokens)) if found is not None else [None] * len(tokens)
 
 
 def _find_stop(text: str, stops: list[str], before: int, floor: int = 0) -> int | None:

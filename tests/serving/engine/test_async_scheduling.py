@@ -24,7 +24,7 @@ from tests.serving.engine.test_llm_engine import (
     run,
     tok,
 )
-from tests.support.bigram import bigram_model
+from tests.support.bigram import bigram_model, tool_model
 
 __all__ = ["model", "tok"]  # fixtures
 
@@ -89,6 +89,27 @@ def test_a_grammar_request_generates_what_it_generates_in_a_sync_engine(model, t
     assert sync == async_
 
 
+def test_forced_calculator_tokens_get_the_log_probabilities_a_sync_engine_gives_them(tok):
+    """The calculator's output is forced after the step that samples in its place was launched: that row's
+    draw is replaced and its log-probabilities are those of the forced token, as in a sync engine."""
+    model = tool_model(tok, "3+1")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "3+1?"}]})
+    outputs = []
+    for async_scheduling in (False, True):
+        engine = make_engine(model, tok, async_scheduling=async_scheduling)
+        engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=20, logprobs=2))
+        events = []
+        while engine.has_work():
+            events += [(e.token_id, e.logprob, e.top_logprobs) for e in engine.step() if e.token_id is not None]
+        outputs.append(events)
+    sync, async_ = outputs
+    assert [token for token, _, _ in async_] == [token for token, _, _ in sync]
+    assert tok.encode_special("<|output_start|>") in [token for token, _, _ in sync]
+    for (_, logprob, top), (_, expected, expected_top) in zip(async_, sync, strict=True):
+        assert logprob == pytest.approx(expected, abs=1e-5)
+        assert [t for t, _ in top] == [t for t, _ in expected_top]
+
+
 def test_no_token_past_max_tokens_is_computed(tok):
     """A sequence whose pending token is its last is not scheduled again: every decode row computes a token
     some request gets."""
@@ -125,24 +146,29 @@ def test_an_engine_that_is_aborted_with_a_step_in_flight_drops_its_tokens(model,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-def test_launching_a_step_never_waits_for_the_device(model, tok):
-    """Everything the host sends for a step goes from pinned memory without a sync (serving/engine/transfer.py),
-    so the launch of step k+1 does not wait for step k: torch's sync debug mode raises on any that does."""
+def test_neither_launching_nor_reading_a_step_waits_for_the_device_queue(model, tok):
+    """What the host sends for a step goes from pinned memory (serving/engine/transfer.py) and what it reads
+    comes back into pinned memory behind an event, so launching step k+1 does not wait for step k and reading
+    step k does not wait for step k+1: torch's sync debug mode raises on any stream sync (an event's is
+    not one)."""
     engine = make_engine(model, tok, async_scheduling=True, device="cuda")
-    real_launch = engine._launch
-
-    def launch_without_syncs(*args):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return real_launch(*args)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    engine._launch = launch_without_syncs
-    requests = [SamplingParams(temperature=0.0, max_tokens=12, n=2, logprobs=1),
+    for name in ("_launch", "_resolve"):
+        setattr(engine, name, without_stream_syncs(getattr(engine, name)))
+    requests = [SamplingParams(temperature=0.0, max_tokens=12, n=2, logprobs=1, prompt_logprobs=1),
                 SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_tokens=12, seed=1, logit_bias={3: 1.0}),
                 SamplingParams(temperature=1.0, max_tokens=12, seed=2)]
     for i, params in enumerate(requests):
         engine.add_request(f"r{i}", prompts(tok)[i], params)
     results = run(engine)
     assert len(results) == 4 and all(c.tokens and c.finish_reason in ("stop", "length") for c in results.values())
+
+
+def without_stream_syncs(method):
+    def guarded(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return method(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return guarded
