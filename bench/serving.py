@@ -2,8 +2,8 @@
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
 generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
 several concurrencies, with its KV cache in the weights' dtype and in each of --kv-cache-dtypes (default
-bfloat16), and with async scheduling (serve.async_scheduling; --no-async leaves it out); time to first token on a long shared prefix with and without the prefix cache
-holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
+bfloat16), and with async scheduling (serve.async_scheduling; --no-async leaves it out); time to first
+token on a long shared prefix with and without the prefix cache holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
 together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
 TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
 checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same

@@ -106,7 +106,8 @@ class DecodeGraphs:
         n = self.max_blocks
         for i, seq in enumerate(seqs):
             last = len(seq) - 1  # a pending last token (not in token_ids yet) comes through run's tokens
-            rows[i, :3] = seq.token_ids[last] if not seq.num_pending else 0, last, seq.token_ids[last - 1] if last else 0
+            token = seq.token_ids[last] if not seq.num_pending else 0
+            rows[i, :3] = token, last, seq.token_ids[last - 1] if last else 0
             for p, table in enumerate([seq.block_table, seq.window_table][: len(self.scratch)]):
                 rows[i, 3 + p * n : 3 + p * n + len(table)] = table
         host = torch.from_numpy(rows)

@@ -366,10 +366,11 @@ class LLMEngine:
         logits = self.runner.run(batch.prefills, batch.decodes, batch.block_copies,
                                  self._decode_tokens(batch.decodes, in_flight))
         tokens = self._draw(logits.sampled, choices)
-        output = _StepOutput(tokens, _logprob_tensors(logits.sampled, tokens, [c.seq.sampling.logprobs for c in choices]),
-                             _prompt_logprob_tensors(logits.prompt))
+        sampled = _logprob_tensors(logits.sampled, tokens, [c.seq.sampling.logprobs for c in choices])
+        output = _StepOutput(tokens, sampled, _prompt_logprob_tensors(logits.prompt))
         self.scheduler.launched(batch)
-        return _Step(batch, choices, logits, tokens, {seq.id: i for i, seq in enumerate(batch.sampled_seqs)}, output)
+        rows = {seq.id: i for i, seq in enumerate(batch.sampled_seqs)}
+        return _Step(batch, choices, logits, tokens, rows, output)
 
     def _decode_tokens(self, decodes: list[Sequence], in_flight: _Step | None) -> torch.Tensor | None:
         """The decodes' input tokens on the device when some are pending (async scheduling): a pending one
@@ -558,7 +559,8 @@ Logprobs = tuple[float, list[tuple[int, float]]]  # a token's log-probability, a
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps at the same value
 
 
-def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> _LogprobTensors | None:
+def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor,
+                     wanted: list[int | None]) -> _LogprobTensors | None:
     """For each row that wants them (wanted[i] = k, not None): the log-probability of tokens[i] under the
     row's raw logits, and the k most likely tokens with theirs; None when no row does. One logsumexp and one
     topk for all, on the device: a log-probability is the logit minus its row's logsumexp, so no second
@@ -574,7 +576,8 @@ def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[in
     chosen = (logits.gather(1, tokens[:, None]) - lse).squeeze(1).clamp(min=MIN_LOGPROB)
     k = max(wanted[i] for i in rows)
     top_values, top_ids = logits.topk(k, dim=-1) if k else (logits[:, :0], logits[:, :0].long())
-    return _LogprobTensors(rows, [wanted[i] for i in rows], chosen, (top_values - lse).clamp(min=MIN_LOGPROB), top_ids)
+    top_values = (top_values - lse).clamp(min=MIN_LOGPROB)
+    return _LogprobTensors(rows, [wanted[i] for i in rows], chosen, top_values, top_ids)
 
 
 def _prompt_logprob_tensors(prompt: list[PromptLogits]) -> _LogprobTensors | None:
