@@ -1,21 +1,21 @@
 """
 Serving throughput, side by side in one run on one model: requests one at a time through nanochat's own
-generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at
-several concurrencies, with its KV cache in the weights' dtype and in each of --kv-cache-dtypes (default
-bfloat16), and with async scheduling (serve.async_scheduling; --no-async leaves it out); time to first
-token on a long shared prefix with and without the prefix cache holding it; with --n, one request of n choices (one shared prefill) against n requests of one choice sent
-together (what n choices cost when each prefilled the prompt); optionally (--http) the same sweep and
-TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded local Ray, the model published as a
-checkpoint in a temporary folder) with the official `openai` client, whose ratios are against the same
-server at concurrency 1, then a burst of 32 requests more than the engine runs and queues, sent at once
-(--bursts times, one after another), with how soon the refusals (429 + Retry-After) come; --rounds R runs
-the HTTP levels in turn R times, each ratio the median of the rounds' own. It does that for
-each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process
-of its own) and each serve.transport of --transports (grpc,ray: both).
+generator (a contiguous KV cache, as `nanochat chat` serves) against the continuous-batching engine at several
+concurrencies, with its KV cache in the weights' dtype and in each of --kv-cache-dtypes (default bfloat16),
+and with async scheduling (serve.async_scheduling; --no-async leaves it out); time to first token on a long
+shared prefix with and without the prefix cache holding it; with --n, one request of n choices (one shared
+prefill) against n requests of one choice sent together (what n choices cost when each prefilled the prompt);
+optionally (--http) the same sweep and TTFTs over HTTP through `nanochat serve` (Ray Serve on an embedded
+local Ray, the model published as a checkpoint in a temporary folder) with the official `openai` client, whose
+ratios are against the same server at concurrency 1, then a burst of 32 requests more than the engine runs and
+queues, sent at once (--bursts times, one after another), with how soon the refusals (429 + Retry-After) come;
+--rounds R runs the HTTP levels in turn R times, each ratio the median of the rounds' own. It does that for
+each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process of
+its own) and each serve.transport of --transports (grpc,ray: both).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]
-        [--transports grpc,ray] [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1]
+        [--transports grpc,ray] [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1] [--no-async]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here, with
 the tiny-cpu preset's heads (grouped-query) and sliding windows (d4 and 4096: the shape of the speedrun
