@@ -16,7 +16,7 @@ Notable:
   as PromptLogits, row i predicting the token at start + i + 1. A chunk's forks (siblings of an n > 1
   request) get copies of its sampling row, and their partly filled last blocks are copied from its
   once the prefill has written them.
-- reads sequences and never changes them: the scheduler's postprocess advances num_cached_tokens.
+- reads sequences and never changes them: the scheduler's launched() advances num_cached_tokens.
 - everything under torch.inference_mode(): no autograd bookkeeping, and the pools are written in place.
 - on a GPU, decode batches replay CUDA graphs (serving/engine/cuda_graphs.py) unless enforce_eager: every
   batch up to max_num_seqs with flex attention, up to 8 with sdpa's gather; each pool then holds one block

@@ -19,8 +19,10 @@ from torch import Tensor
 
 def to_device(data: Any, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
     """data (a list, a number, or a CPU tensor) as a tensor on device, queued without waiting there."""
-    host = data.to(dtype) if isinstance(data, Tensor) and dtype is not None else (
-        data if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype))
+    if isinstance(data, Tensor):
+        host = data if dtype is None else data.to(dtype)
+    else:
+        host = torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
