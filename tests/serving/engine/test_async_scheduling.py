@@ -30,16 +30,43 @@ __all__ = ["model", "tok"]  # fixtures
 
 
 def both(model: GPT, tok: Tokenizer, requests: list[tuple[list[int], SamplingParams]], **kwargs) -> list[dict]:
-    """What a sync engine and an async one return for the same requests, added at once."""
+    """What a sync engine and an async one return for the same requests, added at once: each choice's tokens,
+    text, finish reason and completion tokens."""
+    return [{key: value[:4] for key, value in outputs.items()} for outputs in both_with_logprobs(
+        model, tok, requests, **kwargs)]
+
+
+def both_with_logprobs(model: GPT, tok: Tokenizer, requests: list[tuple[list[int], SamplingParams]],
+                       **kwargs) -> list[dict]:
+    """both's, and each choice's token log-probabilities (with the top ones') and prompt log-probabilities."""
     outputs = []
     for async_scheduling in (False, True):
         engine = make_engine(model, tok, async_scheduling=async_scheduling, **kwargs)
         for i, (prompt, params) in enumerate(requests):
             engine.add_request(f"r{i}", prompt, params)
-        results = run(engine)
+        results, logprobs, prompt_logprobs = defaultdict(Choice), defaultdict(list), {}
+        while engine.has_work():
+            events = engine.step()
+            collect(results, events)
+            for e in events:
+                if e.token_id is not None:
+                    logprobs[e.request_id, e.index].append((e.logprob, e.top_logprobs))
+                if e.prompt_logprobs is not None:
+                    prompt_logprobs[e.request_id, e.index] = e.prompt_logprobs
         assert no_block_held(engine)
-        outputs.append({key: (c.tokens, c.text, c.finish_reason, c.completion_tokens) for key, c in results.items()})
+        outputs.append({key: (c.tokens, c.text, c.finish_reason, c.completion_tokens, logprobs[key],
+                              prompt_logprobs.get(key)) for key, c in results.items()})
     return outputs
+
+
+def close(got, expected) -> bool:
+    """Log-probabilities (nested tuples and lists of token ids and floats) equal up to float rounding: the
+    two engines batch the same rows in different steps."""
+    if isinstance(expected, float):
+        return got == pytest.approx(expected, abs=1e-5)
+    if isinstance(expected, (list, tuple)):
+        return len(got) == len(expected) and all(close(g, e) for g, e in zip(got, expected, strict=True))
+    return got == expected
 
 
 def test_the_next_step_is_launched_before_the_tokens_of_this_one_are_read(model, tok):
@@ -56,9 +83,13 @@ def test_the_next_step_is_launched_before_the_tokens_of_this_one_are_read(model,
 
 def test_seeded_sampling_n_choices_and_logprobs_are_those_of_a_sync_engine(model, tok):
     sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, n=3, seed=11, logprobs=2)
-    sync, async_ = both(model, tok, [(prompts(tok)[0], sampled), (prompts(tok)[1], SamplingParams(
+    sync, async_ = both_with_logprobs(model, tok, [(prompts(tok)[0], sampled), (prompts(tok)[1], SamplingParams(
         temperature=0.7, max_tokens=12, seed=5, prompt_logprobs=1))])
-    assert sync == async_ and len(sync) == 4
+    assert sync.keys() == async_.keys() and len(sync) == 4
+    for key in sync:
+        assert async_[key][:4] == sync[key][:4]
+        assert close(async_[key][4:], sync[key][4:])
+    assert all(logprob is not None for logprob, _ in sync["r0", 2][4]) and sync["r1", 0][5] is not None
 
 
 @pytest.mark.parametrize("params", [
