@@ -269,11 +269,12 @@ class BlockManager:
         start = end
         while start > 0 and self.full.block_hash[seq.block_table[start - 1]] is None:
             start -= 1  # blocks are keyed in order: walk back to the last one already keyed
-        hashes = self._hashes(seq, end)
-        for i in range(start, end):
-            self.full.key(seq.block_table[i], hashes[i])
-            if self.window_pool is not None and seq.window_table[i] >= 0:
-                self.window_pool.key(seq.window_table[i], hashes[i])
+        if start < end:  # most calls (a decode within its block, a step's second look) key nothing new
+            hashes = self._hashes(seq, end)
+            for i in range(start, end):
+                self.full.key(seq.block_table[i], hashes[i])
+                if self.window_pool is not None and seq.window_table[i] >= 0:
+                    self.window_pool.key(seq.window_table[i], hashes[i])
         if self.window_pool is not None:
             for i in reversed(range(self._first_live(seq.num_cached_tokens))):
                 if seq.window_table[i] < 0:

@@ -378,14 +378,19 @@ class LLMEngine:
         if not any(seq.num_pending for seq in decodes):
             return None
         assert in_flight is not None and all(seq.num_pending <= 1 for seq in decodes)
-        forced = [self.choices[seq.id].forced for seq in decodes]
-        known = [f[0] if seq.num_pending and f else seq.token_ids[-1] if not seq.num_pending else 0
-                 for seq, f in zip(decodes, forced, strict=True)]
+        known, rows, sources = [], [], []
+        for i, seq in enumerate(decodes):
+            forced = self.choices[seq.id].forced
+            if not seq.num_pending:
+                known.append(seq.token_ids[-1])
+            elif forced:
+                known.append(forced[0])
+            else:  # in_flight's draw
+                known.append(0)
+                rows.append(i)
+                sources.append(in_flight.rows[seq.id])
         tokens = to_device(known, in_flight.tokens.device)
-        drawn = [(i, in_flight.rows[seq.id]) for i, (seq, f) in enumerate(zip(decodes, forced, strict=True))
-                 if seq.num_pending and not f]
-        if drawn:
-            rows, sources = zip(*drawn, strict=True)
+        if rows:
             tokens[to_device(rows, tokens.device)] = in_flight.tokens[to_device(sources, tokens.device)]
         return tokens
 
@@ -407,7 +412,8 @@ class LLMEngine:
             return sample(logits, params, generators, outputs, prompts, mask)
         index = to_device(rows, logits.device)
         drawn = sample(logits.index_select(0, index), params, generators, outputs, prompts, mask)
-        return to_device([token or 0 for token in known], logits.device, torch.long).index_copy(0, index, drawn)
+        placeholders = [0 if token is None else token for token in known]
+        return to_device(placeholders, logits.device, torch.long).index_copy(0, index, drawn)
 
     def _resolve(self, step: _Step) -> list[TokenEvent]:
         """Read a launched step's tokens (waiting for the device to finish that step, not the ones launched
@@ -416,17 +422,17 @@ class LLMEngine:
         are skipped."""
         output = step.output.read()
         tokens = output.tokens.tolist()
-        wanted = [c.seq.sampling.logprobs for c in step.choices]
         logprobs = output.sampled.lists(len(tokens)) if output.sampled is not None else [None] * len(tokens)
         live = [i for i, c in enumerate(step.choices) if not c.seq.is_finished]
         for i in live:
-            forced = step.choices[i].forced
-            if forced and forced[0] != tokens[i]:  # forced since the launch: it replaces the draw
-                tokens[i] = forced.popleft()
-                if wanted[i] is not None:  # rare (a calculator call with logprobs): computed now, waiting
-                    logprobs[i] = _logprobs(step.logits.sampled[i : i + 1], [tokens[i]], [wanted[i]])[0]
-            elif forced:
-                forced.popleft()
+            forced, wanted = step.choices[i].forced, step.choices[i].seq.sampling.logprobs
+            if not forced:
+                continue
+            token = forced.popleft()
+            if token != tokens[i]:  # forced since the launch: it replaces the draw
+                tokens[i] = token
+                if wanted is not None:  # rare (a calculator call with logprobs): computed now, waiting
+                    logprobs[i] = _logprobs(step.logits.sampled[i : i + 1], [token], [wanted])[0]
         self._store_prompt_logprobs(step.logits.prompt, output.prompt)
         for chunk in step.batch.prefills:  # forks share their leader's prompt, hence its prompt logprobs
             for sib in chunk.forks:
