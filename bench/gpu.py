@@ -26,7 +26,9 @@ Throughput:
   alone; for that request also its decode's memory-bandwidth utilisation: the bytes a decode step reads
   (every weight but the embedding tables, of which it reads one row, and the keys and values of its
   context: all of it in a full layer, the last window in a window layer) times its decode steps per second,
-  over the GPU's peak bandwidth (the roofline of a decode that reads each byte once)
+  over the GPU's peak bandwidth (the roofline of a decode that reads each byte once); and prefill tokens/s of
+  chunks of mixed lengths packed back to back (the runner's default) against rows padded to the longest
+  (bench/prefill.py)
 
     .venv/bin/python -m bench.gpu --json results.json   # on a GPU machine (~4 minutes on an H100/H200)
     .venv/bin/python -m bench.gpu --only train --fp8 --depths 20   # bf16 and FP8 training side by side
@@ -48,6 +50,7 @@ from typing import Any
 
 import torch
 
+from bench import prefill
 from nanochat.gpt import GPT, GPTConfig, causal_attention, window_block_mask
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
@@ -455,6 +458,9 @@ def main() -> None:
             ("bfloat16", False, "flex", False, False), ("bfloat16", True, "flex", False, False),
             ("bfloat16", False, "flex", True, False), ("bfloat16", False, "flex", False, True),
             ("bfloat16", False, "flex", True, True))
+    if "serve" in wanted:  # a step's prefill chunks packed back to back against rows padded to the longest
+        section(f"prefill_d{serve_depth}_packed_vs_padded", results, lambda: prefill.compare(
+            serve_model, 8, 64 if small else 2048, 5, device, "auto"))
     for dtype, eager, attention, compile_decode, overlap in runs if "serve" in wanted else ():
         name = (f"serve_d{serve_depth}_{dtype}_{attention}{'_eager' if eager else ''}"
                 f"{'_compiled' if compile_decode else ''}{'_async' if overlap else ''}")

@@ -354,7 +354,9 @@ class GPT(nn.Module):
         vocab_size): a prefill samples from one position per row, and the lm_head over the whole
         vocabulary at every position would be the largest matmul of a small model. prev_idx (B,): the token
         just before each row's first new token (any value where a row starts at position 0), which smear
-        mixes in; required with config.smear, unused without."""
+        mixes in; or (B, T): the token before each new token, for rows that hold several sequences back to
+        back (a packed prefill), where the token before a sequence's first is not the row's previous one.
+        Required with config.smear, unused without."""
         positions, bound = cache.positions(idx.size(1))
         self._ensure_rotary(bound)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
@@ -362,8 +364,10 @@ class GPT(nn.Module):
         if self.smear_gate is not None:
             if prev_idx is None:
                 raise ValueError("a model with smear needs prev_idx, the token before each row's new tokens")
-            # the previous token's embedding, zero where a row starts at position 0 (there is none)
-            before = self.norm(self.transformer.wte(prev_idx))[:, None] * (positions[:, :1, None] > 0)
+            # the previous token's embedding, zero at position 0 (there is none)
+            if prev_idx.dim() == 1:
+                prev_idx, positions = prev_idx[:, None], positions[:, :1]
+            before = self.norm(self.transformer.wte(prev_idx)) * (positions[..., None] > 0)
         x = self._trunk(idx, cos, sin, cache, [None] * self.config.n_layer, before)
         cache.advance(idx.size(1))
         if logits_at is not None:
@@ -373,7 +377,8 @@ class GPT(nn.Module):
     def _trunk(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheLike | None,
                block_masks: list[BlockMask | None], before: Tensor | None) -> Tensor:
         """The normed residual stream after the last block. before (B, 1, n_embd): the normed embedding of
-        the token preceding idx[:, 0] for smear (None: there is none)."""
+        the token preceding idx[:, 0] for smear, or (B, T, n_embd) that of the token preceding each (None:
+        there is none)."""
         x = self.norm(self.transformer.wte(idx))
         if self.smear_gate is not None:
             x = self._smear(x, before)
@@ -397,7 +402,7 @@ class GPT(nn.Module):
         first channels and is scaled by smear_lambda, which starts at zero."""
         if before is None:
             before = torch.zeros_like(x[:, :1])
-        previous = torch.cat([before, x[:, :-1]], dim=1)
+        previous = before if before.size(1) == x.size(1) else torch.cat([before, x[:, :-1]], dim=1)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
         return x + gate * previous
 

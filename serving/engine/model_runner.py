@@ -5,9 +5,12 @@ through the paged KV cache, and returns the logits that will be sampled.
 Notable:
 - owns the model (in eval mode, on its device) and the KV pools (serving/engine/paged_cache.py); the
   sequences' block tables, from the block manager, say where each token's keys and values go.
-- at most two forwards a step: all decodes together as a (B, 1) batch, and all prefill chunks together
-  as a (B, T_max) batch with rows right-padded to the longest chunk. Keeping them apart means the
-  decodes, the common case, never pay for a chunk's length in padding.
+- at most two forwards a step: all decodes together as a (B, 1) batch, and all prefill chunks together,
+  packed: their tokens back to back in one (1, N) row, so no token-wise part of the forward computes
+  padding, however different the chunks' lengths (attention takes the rows apart: paged_cache.py).
+  Keeping the two apart means the decodes, the common case, never pay for a chunk's length. With
+  packed_prefill=False the chunks are (B, T_max) rows right-padded to the longest (bench/prefill.py
+  compares the two).
 - logits are computed only where they are used (the lm_head over the vocabulary, and the float32 softcap
   after it, would otherwise run at every prompt position): the last position of a row that needs a next
   token, while a chunk that stops short of the end of its sequence only fills the cache. The order
@@ -35,6 +38,7 @@ Notable:
   (attention over long contexts is memory-bound there) and hold twice the tokens in the same memory.
 """
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,11 +106,14 @@ class ModelRunner:
     def __init__(self, model: GPT, num_blocks: int, block_size: int, device: torch.device | str,
                  dtype: ServeDtype = "auto", *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  enforce_eager: bool = False, attention: ServeAttention = "auto", compile_flex: bool | None = None,
-                 kv_cache_dtype: ServeDtype = "auto", num_window_blocks: int = 0, compile_decode: bool = False):
+                 kv_cache_dtype: ServeDtype = "auto", num_window_blocks: int = 0, compile_decode: bool = False,
+                 packed_prefill: bool = True):
         """compile_flex: run flex attention compiled (default: on a GPU only); num_window_blocks: the
         sliding-window layers' KV in a pool of their own of that many blocks (0: in the one pool);
-        compile_decode: the CUDA graphs replay the decode step compiled (cuda_graphs.py)."""
+        compile_decode: the CUDA graphs replay the decode step compiled (cuda_graphs.py); packed_prefill:
+        a step's prefill chunks go back to back in one row (else right-padded rows)."""
         self.device = torch.device(device)
+        self.packed_prefill = packed_prefill
         self.dtype = resolve_dtype(dtype, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -166,39 +173,59 @@ class ModelRunner:
         """One forward over the chunks, with logits at the last position of each sampling chunk and at
         the prompt positions of those that score their prompt (all but the prompt's last, which is
         the sampling position or lies past the chunk)."""
+        # where each chunk's first token sits in the forward's tokens: back to back, or at the start of its row
         T = max(c.length for c in chunks)
+        firsts = _starts([c.length for c in chunks]) if self.packed_prefill else [b * T for b in range(len(chunks))]
         sampled, scored, spans = [], [], []
-        for b, c in enumerate(chunks):
+        for first, c in zip(firsts, chunks, strict=True):
             if c.seq.scores_prompt:
                 end = min(c.start + c.length, c.seq.num_prompt_tokens - 1)
                 if end > c.start:
                     spans.append((c.seq, c.start, len(scored), end - c.start))
-                    scored.extend(range(b * T, b * T + end - c.start))
+                    scored.extend(range(first, first + end - c.start))
             if c.samples:
-                sampled.extend([b * T + c.length - 1] * (1 + len(c.forks)))
-        rows = self._forward([(c.seq, c.start, c.length) for c in chunks], sampled + scored)
+                sampled.extend([first + c.length - 1] * (1 + len(c.forks)))
+        rows = self._forward([(c.seq, c.start, c.length) for c in chunks], sampled + scored,
+                             packed=self.packed_prefill)
         prompt = [PromptLogits(seq, start, rows[len(sampled) + i : len(sampled) + i + n])
                   for seq, start, i, n in spans]
         return rows[: len(sampled)], prompt
 
     def _forward(self, rows: list[tuple[Sequence, int, int]], logits_at: list[int] | None = None,
-                 tokens: Tensor | None = None) -> Tensor:
+                 tokens: Tensor | None = None, packed: bool = False) -> Tensor:
         """Computes seq.token_ids[start : start + length] of each row; the logits at logits_at (indices
-        into the rows' positions padded to the longest, row-major), or by default at each row's last.
-        tokens: the rows' one token each, on the device, instead of token_ids (decodes of pending tokens)."""
+        into the forward's tokens: the rows' back to back if packed, else the rows' padded to the longest,
+        row-major), or by default at each row's last. tokens: the rows' one token each, on the device,
+        instead of token_ids (decodes of pending tokens)."""
         for seq, start, length in rows:
             if start + length > len(seq):
                 raise ValueError(f"sequence {seq.id} has {len(seq)} tokens, "
                                  f"asked to compute positions {start}..{start + length - 1}")
-        T = max(length for _, _, length in rows)
-        if logits_at is None:
-            logits_at = [b * T + length - 1 for b, (_, _, length) in enumerate(rows)]
-        idx = tokens[:, None] if tokens is not None else to_device(
-            [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows], self.device)
-        prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]  # what smear mixes in
+        lengths = [length for _, _, length in rows]
+        T = max(lengths)
+        if logits_at is None:  # each row's last token
+            ends = itertools.accumulate(lengths) if packed else (b * T + n for b, n in enumerate(lengths))
+            logits_at = [end - 1 for end in ends]
+        if tokens is not None:
+            idx = tokens[:, None]
+        elif packed:
+            idx = [[t for seq, start, length in rows for t in seq.token_ids[start : start + length]]]
+        else:
+            idx = [seq.token_ids[start : start + length] + [0] * (T - length) for seq, start, length in rows]
+        # what smear mixes in: the token before each row's first or, packed, before each token
+        if packed:
+            prev = [[t for seq, start, length in rows for t in ([seq.token_ids[start - 1]] if start else [0])
+                     + seq.token_ids[start : start + length - 1]]]
+        else:
+            prev = [seq.token_ids[start - 1] if start else 0 for seq, start, _ in rows]
         window_tables = [seq.window_table for seq, _, _ in rows] if self.cache.window_pool is not None else None
         view = self.cache.view([seq.block_table for seq, _, _ in rows], [start for _, start, _ in rows],
-                               [length for _, _, length in rows], window_tables)
-        return self.model.forward_cached(idx, view,
+                               lengths, window_tables, packed=packed)
+        return self.model.forward_cached(idx if tokens is not None else to_device(idx, self.device), view,
                                          to_device(logits_at, self.device, torch.long),
                                          prev_idx=to_device(prev, self.device, torch.long))
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    """Where each of rows of these lengths begins when they are laid back to back."""
+    return list(itertools.accumulate(lengths[:-1], initial=0))

@@ -8,9 +8,15 @@ Notable:
   not be contiguous or ordered, and sequences with a common prefix may share blocks.
 - `PagedView` implements nanochat/kv_cache.py's KVCacheLike for one forward over a batch of rows, each
   row being one sequence's new tokens (a prefill chunk, or one decode token) at consecutive positions.
-- rows of different lengths are right-padded to the longest. A padded token repeats its row's last real
-  position: it is never written to the pool and it attends exactly like the last real token, so no
-  query row is ever fully masked (SDPA would return NaN). Its outputs are simply never read.
+- packed (a prefill): the forward's tokens are the rows' new tokens back to back, one (1, N) row of
+  N = sum of lengths, so every token-wise part of the model (projections, MLP, norms: most of a forward)
+  computes real tokens only, however different the chunks' lengths (vLLM's varlen batches). Attention
+  alone takes the rows apart: each layer's queries go into (B, T) rows right-padded to the longest, and
+  its outputs come back packed. Unpacked (decodes, one token a row; CUDA graphs), the forward's tokens are
+  the (B, T) rows themselves.
+- in the (B, T) rows, a padded token repeats its row's last real position: it is never written to the pool
+  and it attends exactly like the last real token, so no query row is ever fully masked (SDPA would
+  return NaN). Its outputs are simply never read; flex skips the query blocks made only of padding.
 - two attention paths (the cache's `attention`):
   "sdpa" gathers each row's blocks into a contiguous (B, n_blocks * block_size, ...) tensor and runs
   SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
@@ -144,11 +150,12 @@ class PagedKVCache:
             self.pools[1].copy_blocks(window)
 
     def view(self, block_tables: list[list[int]], starts: list[int], lengths: list[int],
-             window_tables: list[list[int]] | None = None) -> "PagedView":
+             window_tables: list[list[int]] | None = None, packed: bool = False) -> "PagedView":
         """A view for one forward over len(starts) rows: row b holds lengths[b] new tokens at positions
         starts[b] .. starts[b] + lengths[b] - 1 and attends to positions 0 .. starts[b] - 1 already in
         its blocks block_tables[b] (and window_tables[b] in the window pool, -1 behind the window), which
-        must cover every position up to its last new token."""
+        must cover every position up to its last new token. packed: the forward's tokens are the rows'
+        new tokens back to back, (1, sum(lengths)), rather than (len(starts), max(lengths))."""
         if not (len(block_tables) == len(starts) == len(lengths)) or not starts:
             raise ValueError("block_tables, starts and lengths need one entry per row, and at least one row")
         tables = [block_tables]
@@ -165,7 +172,8 @@ class PagedKVCache:
         real = [b * T + t for b, length in enumerate(lengths) for t in range(length)]  # in the flat (B * T) order
         return PagedView(self, padded_tables, to_device(starts, device, torch.long),
                          to_device(lengths, device, torch.long), T, to_device(real, device, torch.long),
-                         max(start + length for start, length in zip(starts, lengths, strict=True)))
+                         max(start + length for start, length in zip(starts, lengths, strict=True)),
+                         packed=packed, padded=len(real) < len(lengths) * T)
 
 
 def _decode_grouped(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -208,15 +216,17 @@ def _checked_tables(tables: list[list[int]], starts: list[int], lengths: list[in
 
 
 class PagedView:
-    """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded."""
+    """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded, or
+    packed, (1, N) with N the rows' new tokens back to back. Attention runs over the (B, T) rows."""
 
     def __init__(self, cache: PagedKVCache, block_tables: list[Tensor], starts: Tensor, lengths: Tensor, T: int,
-                 real: Tensor, n_positions: int):
+                 real: Tensor, n_positions: int, packed: bool = False, padded: bool = False):
         """block_tables: each pool's (B, n) tables, -1 behind a window; real: the flat (B * T) indices of
         the real new tokens, in order (the rest is padding); n_positions: every new token's position lies
-        below it."""
-        self.cache, self.T, self.real = cache, T, real
-        self.n_positions = n_positions
+        below it; packed: the forward's tokens are the real ones back to back; padded: some row is shorter
+        than T (else real is every index, and no index needs to be applied)."""
+        self.cache, self.T, self.real, self.lengths = cache, T, real, lengths
+        self.n_positions, self.packed, self.padded = n_positions, packed, padded
         offsets = torch.arange(T, device=starts.device)
         # padding repeats the row's last real position (see the module docstring)
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
@@ -225,13 +235,37 @@ class PagedView:
                       for i, (pool, tables) in enumerate(zip(cache.pools, block_tables, strict=True))]
 
     def positions(self, T: int) -> tuple[Tensor, int]:
-        if T != self.T:
-            raise ValueError(f"this view was built for {self.T} new tokens per row, the model sent {T}")
-        return self.pos, self.n_positions
+        expected = self.real.numel() if self.packed else self.T
+        if T != expected:
+            where = "in its one packed row" if self.packed else "per row"
+            raise ValueError(f"this view was built for {expected} new tokens {where}, the model sent {T}")
+        return (self._packed(self.pos) if self.packed else self.pos), self.n_positions
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         cache = self.cache
-        return self.pools[cache.layer_pool[layer_idx]].attend(cache.layer_index[layer_idx], q, k, v, window)
+        pool = self.pools[cache.layer_pool[layer_idx]]
+        if self.packed:  # the new keys and values are the real tokens already; the queries go into rows
+            new_k, new_v, q = k[0], v[0], self._rows(q)
+        else:
+            new_k, new_v = self.real_tokens(k), self.real_tokens(v)
+        y = pool.attend(cache.layer_index[layer_idx], q, new_k, new_v, window)
+        return self._packed(y) if self.packed else y
+
+    def real_tokens(self, x: Tensor) -> Tensor:
+        """The real new tokens of x (B, T, ...), flat and in order."""
+        x = x.flatten(0, 1)
+        return x.index_select(0, self.real) if self.padded else x
+
+    def _packed(self, x: Tensor) -> Tensor:
+        """x (B, T, ...) as the forward's packed tokens (1, N, ...)."""
+        return self.real_tokens(x)[None]
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """The forward's packed tokens x (1, N, ...) placed in the (B, T, ...) rows, padding zero."""
+        B, shape = self.pos.size(0), x.shape[2:]
+        if not self.padded:
+            return x.view(B, self.T, *shape)
+        return x.new_zeros(B * self.T, *shape).index_copy_(0, self.real, x[0]).view(B, self.T, *shape)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the pools already hold the new tokens, and the lengths live in the sequences."""
@@ -249,7 +283,7 @@ class _PoolView:
         behind = block_tables < 0 if behind_window else None
         self.block_tables = block_tables.clamp(min=0) if behind_window else block_tables
         block_ids = self.block_tables.gather(1, pos // bs)
-        self.slots = (block_ids * bs + pos % bs).flatten()[view.real]  # flat pool index of each real new token
+        self.slots = view.real_tokens(block_ids * bs + pos % bs)  # flat pool index of each real new token
         self._keys_by_window: dict[int | None, tuple[Tensor, Tensor]] = {}
         self._flex_masks: dict[int | None, BlockMask] = {}
         if cache.attention == "flex":
@@ -263,11 +297,12 @@ class _PoolView:
             pool.block_column.scatter_(0, used.flatten(), columns.flatten())
 
     def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        """Writes the real new tokens' keys and values k, v (n_real, n_kv_head, D) to the pool, then returns
+        the attention of q (B, T, n_head, D) over the rows' keys."""
         k_pool, v_pool = self.pool.k[index], self.pool.v[index]
-        real = self.view.real
         n_slots = k_pool.size(0) * k_pool.size(1)
         for pool, new in ((k_pool, k), (v_pool, v)):
-            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.flatten(0, 1)[real].to(pool.dtype))
+            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.to(pool.dtype))
         if self.view.cache.attention == "flex":
             return self._flex(k_pool, v_pool, q, window)
         B = q.size(0)
@@ -346,9 +381,11 @@ class _PoolView:
         n_q = -(-self.view.T // FLEX_Q_BLOCK)
         if cache.compile_flex and cache.device.type == "cpu":  # the CPU kernel wants every block of the pool listed
             tables = F.pad(tables, (0, num_blocks - tables.size(1)))
-        counts = self.n_used - columns[:, 0]
+        # a query block of padding only (past its row's length) visits no block at all
+        q_starts = torch.arange(n_q, device=tables.device) * FLEX_Q_BLOCK
+        counts = torch.where(q_starts < self.view.lengths[:, None], (self.n_used - columns[:, 0])[:, None], 0)
         return BlockMask.from_kv_blocks(
-            counts[:, None, None].expand(B, 1, n_q).to(torch.int32),
+            counts[:, None].to(torch.int32),
             tables[:, None, None, :].expand(B, 1, n_q, tables.size(1)).to(torch.int32),
             BLOCK_SIZE=(FLEX_Q_BLOCK, bs), mask_mod=visible, seq_lengths=(self.view.T, num_blocks * bs),
             compute_q_blocks=False)

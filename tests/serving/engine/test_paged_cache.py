@@ -144,22 +144,60 @@ def test_flex_attention_over_the_pools_equals_the_gather_path(name, chunk, stagg
 @pytest.mark.slow  # compiling the CPU kernels takes a minute on 2 cores
 def test_compiled_flex_attention_equals_the_gather_path():
     """One mixed step (a chunk late in its sequence beside a fresh prompt and a decode, a window, GQA)
-    through flex_attention compiled, as a GPU runs it, over pools the gather path filled."""
+    through flex_attention compiled, as a GPU runs it, over pools the gather path filled. The long chunk
+    spans two query blocks, so the short rows' second block is padding only and visits nothing."""
     model = scrambled("gqa-window")
     flex = runner_for(model, attention="flex", compile_flex=True)
     sdpa = runner_for(model, attention="sdpa")
     rng = random.Random(9)
-    late, fresh, decoding = (Sequence(random_tokens(n, rng)) for n in (19, 6, 11))
-    for seq, table in zip((late, fresh, decoding), scattered_tables([19, 6, 11], seed=8), strict=True):
+    late, fresh, decoding = (Sequence(random_tokens(n, rng)) for n in (40, 6, 11))
+    for seq, table in zip((late, fresh, decoding), scattered_tables([40, 6, 11], seed=8), strict=True):
         seq.block_table = table
     sdpa.run([chunk_of(late, 0, 12), chunk_of(decoding, 0, 10)], [])
     flex.cache.k.copy_(sdpa.cache.k)
     flex.cache.v.copy_(sdpa.cache.v)
     late.num_cached_tokens, decoding.num_cached_tokens = 12, 10
-    step = [chunk_of(late, 12, 7), chunk_of(fresh, 0, 6), chunk_of(decoding, 10, 1)]
+    step = [chunk_of(late, 12, 28), chunk_of(fresh, 0, 6), chunk_of(decoding, 10, 1)]
     got, expected = flex.run(step, []).sampled, sdpa.run(step, []).sampled
     assert got.shape == (3, VOCAB)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_packed_prefill_equals_rows_padded_to_the_longest(name, attention):
+    """Chunks of different lengths back to back in one row (the runner's default) against the same chunks
+    right-padded to the longest: the same logits at every step, and the same keys and values in the pools
+    (which started equal, stale values and all), through either attention path."""
+    seqs, full = four_prompts()
+    model = scrambled(name)
+    packed, padded = runner_for(model, attention=attention), runner_for(model, attention=attention,
+                                                                        packed_prefill=False)
+    assert (packed.packed_prefill, padded.packed_prefill) == (True, False)
+    assert drive(packed, seqs, full, chunk=100, stagger=1, twin=padded) == len(PROMPTS) * (NEW_TOKENS + 1)
+    for pool, twin in ((packed.cache.k, padded.cache.k), (packed.cache.v, padded.cache.v)):
+        torch.testing.assert_close(pool, twin, atol=1e-5, rtol=0)
+
+
+def test_a_packed_prefill_computes_no_padding():
+    """The token-wise parts of the forward (here the first MLP) see the chunks' tokens and nothing else:
+    4 chunks of 5, 13, 22 and 9 tokens are 49 rows packed, 4 x 22 = 88 padded."""
+    model = scrambled("gqa-window")
+    rows_seen = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[:2]))
+    for packed in (True, False):
+        seqs, _ = four_prompts()
+        runner_for(model, packed_prefill=packed).run([chunk_of(s, 0, len(s)) for s in seqs], [])
+    assert rows_seen == [(1, sum(PROMPTS)), (len(PROMPTS), max(PROMPTS))]
+
+
+def test_flex_query_blocks_of_padding_only_visit_no_block():
+    """Beside a 40-token chunk (three query blocks of 16), a 3-token chunk's second and third query blocks
+    hold padding only: its block mask lists no key block for them; the long row visits its blocks in all."""
+    runner = runner_for(scrambled("mha-full"), attention="flex")
+    view = runner.cache.view([list(range(10)), [10]], starts=[0, 0], lengths=[40, 3], packed=True)
+    mask = view.pools[0]._flex_mask(None)
+    assert mask.kv_num_blocks[:, 0].tolist() == [[10, 10, 10], [1, 0, 0]]
 
 
 def test_attention_auto_is_flex_on_gpus_only():
