@@ -92,6 +92,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -623,20 +624,37 @@ def _held_back(text: str, emitted: int, stops: list[str]) -> int:
 # sizing the KV cache
 
 
-def free_memory(device: torch.device | str) -> int:
+def free_memory(device: torch.device | str, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """Bytes free now on device: the GPU's free memory, or on a CPU the memory the kernel says is
-    available (MemAvailable: free plus what it can reclaim)."""
+    available (MemAvailable: free plus what it can reclaim), and no more than the memory cgroup mounted at
+    cgroup_root (a container's own) has left below its limit: a container (a Kubernetes pod with a memory
+    limit) is killed past its limit however much the node has free."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    left = cgroup_memory_left(cgroup_root)
+    return available if left is None else min(available, left)
+
+
+def cgroup_memory_left(root: Path) -> int | None:
+    """Bytes the memory cgroup this process runs in has left below its limit (cgroup v2's memory.max less
+    memory.current, or v1's memory.limit_in_bytes less memory.usage_in_bytes), or None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = ((root / name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        # no limit: "max" (v2), or a number near 2**63 (v1)
+        if limit == "max" or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - int(usage))
+    return None
 
 
 def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: float, free_bytes: int) -> int:

@@ -588,6 +588,30 @@ def test_the_kv_cache_fills_its_fraction_of_free_memory(model):
     assert 0 < free_memory("cpu")
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_free_memory_on_a_cpu_is_what_the_memory_cgroup_has_left_below_its_limit(tmp_path, version):
+    """A pod's memory limit binds however much the node has free: the KV cache is sized from the smaller."""
+    from serving.engine.llm_engine import cgroup_memory_left, free_memory
+
+    names = ("memory.max", "memory.current") if version == "v2" else ("memory/memory.limit_in_bytes",
+                                                                       "memory/memory.usage_in_bytes")
+    (tmp_path / "memory").mkdir()
+
+    def cgroup(limit: str, usage: int) -> None:
+        for name, value in zip(names, (limit, str(usage)), strict=True):
+            (tmp_path / name).write_text(value + "\n")
+
+    node_free = free_memory("cpu", cgroup_root=tmp_path / "none")
+    assert cgroup_memory_left(tmp_path / "none") is None and node_free > 0
+    cgroup(str(3 * 2**20), 2**20)
+    assert cgroup_memory_left(tmp_path) == 2 * 2**20 and free_memory("cpu", cgroup_root=tmp_path) == 2 * 2**20
+    cgroup(str(2**20), 3 * 2**20)  # over the limit already (reclaimable cache): nothing left
+    assert free_memory("cpu", cgroup_root=tmp_path) == 0
+    cgroup("max" if version == "v2" else str(2**63 - 4096), 2**20)  # no limit: the node's
+    assert cgroup_memory_left(tmp_path) is None
+    assert abs(free_memory("cpu", cgroup_root=tmp_path) - node_free) < node_free / 2
+
+
 def test_a_fraction_too_small_for_two_blocks_names_the_setting(model):
     from serving.engine.llm_engine import kv_cache_blocks
 
