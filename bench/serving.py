@@ -11,11 +11,13 @@ ratios are against the same server at concurrency 1, then a burst of 32 requests
 queues, sent at once (--bursts times, one after another), with how soon the refusals (429 + Retry-After) come;
 --rounds R runs the HTTP levels in turn R times, each ratio the median of the rounds' own. It does that for
 each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process of
-its own) and each serve.transport of --transports (grpc,ray: both).
+its own), each serve.transport of --transports (grpc,ray: both) and each serve.ingress of --ingresses
+(proxy,haproxy: Serve's HTTP proxy, then HAProxy straight to the API replica).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]
-        [--transports grpc,ray] [--engine-cores thread,process] [--serve-set serve.KEY=VALUE] [--threads 1] [--no-async]
+        [--transports grpc,ray] [--engine-cores thread,process] [--ingresses proxy,haproxy]
+        [--serve-set serve.KEY=VALUE] [--threads 1] [--no-async]
 
 Without --model the model is a d<depth> GPT with random weights and a --vocab-size tokenizer trained here, with
 the tiny-cpu preset's heads (grouped-query) and sliding windows (d4 and 4096: the shape of the speedrun
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -270,7 +273,7 @@ def publish(model: GPT, tokenizer: Tokenizer, root: Path) -> str:
 
 OVERFLOW = 32  # requests of the overload burst past what the engine runs and queues
 SERVER_ROLES = (("nanochat:engine", "engine replica"), ("serving.engine.engine_process", "engine process"),
-                ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"))
+                ("nanochat:api", "API replica"), ("ProxyActor", "Serve proxy"), ("bin/haproxy", "HAProxy"))
 CLIENT, OTHER_RAY = "client", "Ray, the rest"  # this process; the server's processes of no role above
 ROLES = (*(name for _, name in SERVER_ROLES), CLIENT, OTHER_RAY)
 
@@ -529,6 +532,8 @@ def main() -> None:
                         "async scheduling")
     parser.add_argument("--engine-cores", default="thread,process", help="serve.engine_core of the servers swept "
                         "over HTTP, one after the other: where an engine replica's engine steps")
+    parser.add_argument("--ingresses", default="proxy", help="serve.ingress of the servers swept over HTTP, one "
+                        "after the other (proxy,haproxy: both)")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")
@@ -599,10 +604,10 @@ def main() -> None:
     if args.http or args.http_only:
         if levels[0] != 1:
             levels = [1, *levels]
-        for transport in args.transports.split(","):
-            for core in args.engine_cores.split(","):
-                variant = [f"serve.transport={transport}", f"serve.engine_core={core}"]
-                http_sweep(model, tokenizer, args, levels, batch, variant).print(args)
+        for transport, core, ingress in itertools.product(args.transports.split(","), args.engine_cores.split(","),
+                                                          args.ingresses.split(",")):
+            variant = [f"serve.transport={transport}", f"serve.engine_core={core}", f"serve.ingress={ingress}"]
+            http_sweep(model, tokenizer, args, levels, batch, variant).print(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Ready when /health answers; SIGINT or SIGTERM shuts Serve and Ray down cleanly, 
 replica answers /health before serve.run() returns, and a pod may be stopped at any moment, so our handlers
 go in right after ray.init() (whose core worker installs its own, which would abort the process) and a
 signal interrupts whatever the main thread is waiting on.
+
+Ray Serve reads serve.transport's proxy side and serve.ingress from the environment of the cluster it runs
+in: on the embedded one, this process's, set before Ray starts (serve_environment); on a cluster started
+elsewhere, the Ray pods' (the chart sets both).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import tempfile
 import time
+from pathlib import Path
 
-from nanochat.config import Config
+from nanochat.config import Config, ServeConfig
 from services.ray_cluster import connect
 from serving.model_source import ModelSource
 
@@ -41,20 +48,45 @@ def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metric
 
     from serving.deployments import build_app
 
-    # the proxy reads its transport from the environment of the cluster it runs in: for the embedded one,
-    # this process's (a user's own RAY_SERVE_PROXY_USE_GRPC wins)
-    os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1" if cfg.serve.transport == "grpc" else "0")
-    connect(ray_address, metrics_port=metrics_port)
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _request_stop)
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg, source), name="nanochat", route_prefix="/")
-        print(f"nanochat serve: {source.describe()} at http://{host}:{port}/ (OpenAI API under /v1; "
-              f"metrics at http://127.0.0.1:{metrics_port}/metrics)", flush=True)
-        while True:
-            time.sleep(3600)
-    except StopRequested as stop:
-        log.info("%s: shutting down", stop)
-    serve.shutdown()
-    ray.shutdown()
+    # short: Ray puts HAProxy's socket two levels down (a node id between), and HAProxy takes 97 characters
+    with tempfile.TemporaryDirectory(prefix="nchp-") as haproxy_dir:
+        # Serve reads its transport and ingress from the environment of the cluster it runs in: for the
+        # embedded one, this process's (a user's own values win)
+        for name, value in serve_environment(cfg.serve, Path(haproxy_dir)).items():
+            os.environ.setdefault(name, value)
+        connect(ray_address, metrics_port=metrics_port)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _request_stop)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_app(cfg, source), name="nanochat", route_prefix="/")
+            print(f"nanochat serve: {source.describe()} at http://{host}:{port}/ (OpenAI API under /v1; "
+                  f"metrics at http://127.0.0.1:{metrics_port}/metrics)", flush=True)
+            while True:
+                time.sleep(3600)
+        except StopRequested as stop:
+            log.info("%s: shutting down", stop)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, str]:
+    """What Ray Serve reads from its cluster's environment for serve.transport and serve.ingress. With
+    haproxy, the files and ports HAProxy would otherwise take at fixed places (/tmp/haproxy-serve, stats on
+    8404, metrics on 9101) are this server's own, so two servers on one machine do not collide."""
+    env = {"RAY_SERVE_PROXY_USE_GRPC": "1" if serve_cfg.transport == "grpc" else "0"}
+    if serve_cfg.ingress == "haproxy":
+        env |= {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -267,6 +267,28 @@ def test_the_serve_transport_reaches_the_app_and_the_proxies_of_every_serving_po
         assert template["spec"]["containers"][0]["env"][last]["value"] == "0"
 
 
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_the_serve_ingress_reaches_the_app_and_the_environment_of_every_serving_pod(helm, ingress):
+    """serve.ingress=haproxy is Ray Serve's high-throughput mode, which Serve reads from the Ray pods'
+    environment (RAY_SERVE_THROUGHPUT_OPTIMIZED, RAY_SERVE_ENABLE_HA_PROXY): on every serving pod, and on
+    none with Serve's own proxy."""
+    objects = render(helm, *MINIMAL, "--set", f"serving.engine.ingress={ingress}")
+    (app,) = serve_config(objects)["applications"]
+    assert f"serve.ingress={ingress}" in app["args"]["set"].split(",")
+    expected = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress == "haproxy" else {}
+    templates = serving_templates(objects)
+    assert templates
+    for template in templates:
+        env = env_of(template["spec"]["containers"][0])
+        assert {name: env[name]["value"] for name in env if name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                                                                     "RAY_SERVE_ENABLE_HA_PROXY")} == expected
+
+
+def test_an_unknown_serve_ingress_is_refused_by_the_schema(helm):
+    result = run_helm(helm, "template", RELEASE, str(CHART), *MINIMAL, "--set", "serving.engine.ingress=nginx")
+    assert result.returncode != 0 and "ingress" in result.stderr
+
+
 def ray_templates(objects: list[dict]) -> list[tuple[str, dict]]:
     kinds = {"RayService", "RayCluster", "RayJob"}
     return [(f"{o['kind']} {where}", t) for o in objects if o["kind"] in kinds

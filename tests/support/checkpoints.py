@@ -3,10 +3,14 @@ training one (in a run, Ray Train uploads the step folder and rank 0 marks it la
 
 from pathlib import Path
 
-from nanochat.checkpoint import MANIFEST, verify_checkpoint
+import torch
+
+from nanochat.checkpoint import MANIFEST, verify_checkpoint, write_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 from services.checkpoints import CheckpointManager
 from services.layout import step_dir_name
-from services.storage import Storage
+from services.storage import Storage, open_storage
 
 
 def upload_checkpoint(storage: Storage, run: str, stage: str, step: int, folder: str | Path) -> None:
@@ -22,3 +26,18 @@ def upload_checkpoint(storage: Storage, run: str, stage: str, step: int, folder:
         storage.upload_file(path, prefix + path.relative_to(folder).as_posix())
     storage.upload_file(folder / MANIFEST, prefix + MANIFEST)
     manager.mark_latest(step)
+
+
+def publish_sft_checkpoint(root: Path) -> None:
+    """A tokenizer and a small random-weight SFT checkpoint, laid out in storage as training leaves them."""
+    storage = open_storage(str(root))
+    texts = [Path(torch.__file__).read_text()] * 2 + ["Hello there. How are you today? I am fine."] * 50
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=400)
+    storage.write_text("tokenizer/tokenizer.json", tokenizer.to_json())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
+    model.init_weights()
+    folder = root.parent / "ckpt"
+    write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
+                     meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
+    upload_checkpoint(storage, "default", "sft", 5, folder)

@@ -23,36 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from nanochat.checkpoint import write_checkpoint
 from nanochat.config import load_config
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import Tokenizer
-from services.storage import open_storage
 from tests.deploy import dashboards
-from tests.support.checkpoints import upload_checkpoint
+from tests.support.checkpoints import publish_sft_checkpoint
 from tests.support.processes import free_port, stop_process, wait_until_answers
 
 pytestmark = pytest.mark.slow
 
 NANOCHAT = str(Path(sys.executable).parent / "nanochat")
-
-
-def publish_sft_checkpoint(root: Path) -> None:
-    """A tokenizer and a small random-weight SFT checkpoint, laid out in storage as training leaves them."""
-    storage = open_storage(str(root))
-    texts = [Path(torch.__file__).read_text()] * 2 + ["Hello there. How are you today? I am fine."] * 50
-    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=400)
-    storage.write_text("tokenizer/tokenizer.json", tokenizer.to_json())
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
-    model.init_weights()
-    folder = root.parent / "ckpt"
-    write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
-                     meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
-    upload_checkpoint(storage, "default", "sft", 5, folder)
 
 
 @pytest.fixture(scope="module")

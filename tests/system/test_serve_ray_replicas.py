@@ -23,8 +23,8 @@ from ray import serve
 from nanochat.config import load_config
 from serving.deployments import build_app
 from serving.model_source import ModelSource
+from tests.support.checkpoints import publish_sft_checkpoint
 from tests.support.processes import free_port
-from tests.system.test_serve_ray import publish_sft_checkpoint
 
 pytestmark = pytest.mark.slow
 

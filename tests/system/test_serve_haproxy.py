@@ -1,0 +1,126 @@
+"""`nanochat serve` in Ray Serve's high-throughput mode (serve.ingress=haproxy): HAProxy, bundled with
+ray[serve], takes the serve port and routes each request straight to the API replica's own HTTP server. The
+same API through it with the official `openai` client, the engines' bound answered with 429 + Retry-After as
+through Serve's proxy, and SIGTERM leaving no HAProxy behind."""
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support.checkpoints import publish_sft_checkpoint
+from tests.support.processes import free_port
+
+pytestmark = pytest.mark.slow
+
+NANOCHAT = str(Path(sys.executable).parent / "nanochat")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-haproxy") / "storage"
+    publish_sft_checkpoint(root)
+    port = free_port()
+    log_path = root.parent / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(free_port()),
+                                 "--set", "serve.ingress=haproxy", "--set", "serve.num_blocks=12",
+                                 "--set", "serve.max_ongoing_requests=4", "--set", "serve.max_queued_requests=4"],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NANOCHAT_STORAGE": str(root), "NANOCHAT_API_KEYS": ""})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("nanochat serve did not become healthy in 150 s")
+    yield {"base": base, "port": port, "proc": proc, "log": log_path}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def haproxies(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "haproxy"]
+
+
+def test_the_serve_port_is_haproxys(server):
+    """What answers on the serve port is an HAProxy the server started (not Serve's Python proxy), with its
+    state in a folder of the server's own."""
+    listeners = {c.pid for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]}
+    [haproxy] = haproxies(server["proc"])
+    assert listeners == {haproxy.pid}
+    config = next(arg for arg in haproxy.cmdline() if arg.endswith(".cfg"))
+    assert Path(config).name == "haproxy.cfg" and "/nchp-" in config
+
+
+def test_streamed_chat_through_haproxy_equals_the_unstreamed_reply(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["nanochat"]
+    messages = [{"role": "user", "content": "How are you?"}]
+    whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == whole.choices[0].message.content and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_engines_bound_is_answered_429_through_haproxy(server):
+    """40 requests at once against an engine replica that runs 4 and queues 4: the rest get 429 with
+    Retry-After from our API, as through Serve's proxy, and the admitted ones complete."""
+    host, port = "127.0.0.1", server["port"]
+    body = json.dumps({"model": "nanochat", "max_tokens": 160, "min_tokens": 160,
+                       "messages": [{"role": "user", "content": "Hello"}]})
+    connections = [http.client.HTTPConnection(host, port, timeout=120) for _ in range(40)]
+    for connection in connections:
+        connection.connect()
+    for connection in connections:
+        connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+
+    def answer(connection: http.client.HTTPConnection) -> tuple[int, str | None]:
+        response = connection.getresponse()
+        reply = json.loads(response.read())
+        if response.status == 200:
+            assert reply["usage"]["completion_tokens"] == 160
+        return response.status, response.getheader("Retry-After")
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(answer, connections))
+    for connection in connections:
+        connection.close()
+    statuses = [status for status, _ in results]
+    assert set(statuses) == {200, 429} and statuses.count(429) >= 10, results
+    assert {retry for status, retry in results if status == 429} == {"1"}
+
+
+def test_sigterm_stops_haproxy_and_removes_its_folder(server):
+    proc = server["proc"]
+    [haproxy] = haproxies(proc)
+    config = Path(next(arg for arg in haproxy.cmdline() if arg.endswith(".cfg")))
+    folder = next(parent for parent in config.parents if parent.name.startswith("nchp-"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, server["log"].read_text()[-3000:]
+    psutil.wait_procs([haproxy], timeout=10)
+    assert not haproxy.is_running() and not folder.exists()
