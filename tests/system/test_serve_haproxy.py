@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import psutil
 import pytest
 
 from tests.support.checkpoints import publish_sft_checkpoint
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process, wait_until_answers
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +36,11 @@ def server(tmp_path_factory):
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "NANOCHAT_STORAGE": str(root), "NANOCHAT_API_KEYS": ""})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("nanochat serve did not become healthy in 150 s")
-    yield {"base": base, "port": port, "proc": proc, "log": log_path}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    try:
+        wait_until_answers(base + "/health", proc, log_path, "nanochat serve", timeout_s=150)
+        yield {"base": base, "port": port, "proc": proc, "log": log_path}
+    finally:
+        stop_process(proc, timeout=60)
 
 
 def haproxies(proc: subprocess.Popen) -> list[psutil.Process]:
