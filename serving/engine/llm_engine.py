@@ -642,18 +642,23 @@ def free_memory(device: torch.device | str, cgroup_root: Path = Path("/sys/fs/cg
 
 
 def cgroup_memory_left(root: Path) -> int | None:
-    """Bytes the memory cgroup this process runs in has left below its limit (cgroup v2's memory.max less
-    memory.current, or v1's memory.limit_in_bytes less memory.usage_in_bytes), or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    """Bytes the memory cgroup mounted at root has left below its limit, or None without a limit: the limit
+    less the working set, as the kubelet counts it (the usage less the inactive file cache, which the kernel
+    reclaims before it would kill); cgroup v2's memory.max, memory.current and memory.stat, or v1's files."""
+    for limit_file, usage_file, stat_file, inactive_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
         try:
-            limit, usage = ((root / name).read_text().strip() for name in (limit_file, usage_file))
+            limit, usage, stat = ((root / name).read_text() for name in (limit_file, usage_file, stat_file))
         except OSError:
             continue
+        limit = limit.strip()
         # no limit: "max" (v2), or a number near 2**63 (v1)
         if limit == "max" or int(limit) >= 2**60:
             return None
-        return max(0, int(limit) - int(usage))
+        inactive = next((int(line.split()[1]) for line in stat.splitlines() if line.split()[:1] == [inactive_key]), 0)
+        return max(0, int(limit) - (int(usage) - inactive))
     return None
 
 

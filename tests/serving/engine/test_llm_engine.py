@@ -593,21 +593,27 @@ def test_free_memory_on_a_cpu_is_what_the_memory_cgroup_has_left_below_its_limit
     """A pod's memory limit binds however much the node has free: the KV cache is sized from the smaller."""
     from serving.engine.llm_engine import cgroup_memory_left, free_memory
 
-    names = ("memory.max", "memory.current") if version == "v2" else ("memory/memory.limit_in_bytes",
-                                                                       "memory/memory.usage_in_bytes")
+    names = ("memory.max", "memory.current", "memory.stat") if version == "v2" else (
+        "memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat")
+    inactive_key = "inactive_file" if version == "v2" else "total_inactive_file"
     (tmp_path / "memory").mkdir()
+    MiB = 2**20
 
-    def cgroup(limit: str, usage: int) -> None:
-        for name, value in zip(names, (limit, str(usage)), strict=True):
-            (tmp_path / name).write_text(value + "\n")
+    def cgroup(limit: str, usage: int, inactive_file: int = 0) -> None:
+        stat = f"anon {usage}\nactive_file 7\n{inactive_key} {inactive_file}\n"
+        for name, value in zip(names, (limit + "\n", f"{usage}\n", stat), strict=True):
+            (tmp_path / name).write_text(value)
 
     node_free = free_memory("cpu", cgroup_root=tmp_path / "none")
     assert cgroup_memory_left(tmp_path / "none") is None and node_free > 0
-    cgroup(str(3 * 2**20), 2**20)
-    assert cgroup_memory_left(tmp_path) == 2 * 2**20 and free_memory("cpu", cgroup_root=tmp_path) == 2 * 2**20
-    cgroup(str(2**20), 3 * 2**20)  # over the limit already (reclaimable cache): nothing left
+    cgroup(str(3 * MiB), MiB)
+    assert cgroup_memory_left(tmp_path) == 2 * MiB and free_memory("cpu", cgroup_root=tmp_path) == 2 * MiB
+    # the inactive file cache (a checkpoint just read, say) is reclaimed before the limit would kill: not used
+    cgroup(str(3 * MiB), 3 * MiB, inactive_file=2 * MiB)
+    assert cgroup_memory_left(tmp_path) == 2 * MiB
+    cgroup(str(MiB), 3 * MiB)  # a working set past the limit: nothing left
     assert free_memory("cpu", cgroup_root=tmp_path) == 0
-    cgroup("max" if version == "v2" else str(2**63 - 4096), 2**20)  # no limit: the node's
+    cgroup("max" if version == "v2" else str(2**63 - 4096), MiB)  # no limit: the node's
     assert cgroup_memory_left(tmp_path) is None
     assert abs(free_memory("cpu", cgroup_root=tmp_path) - node_free) < node_free / 2
 
