@@ -148,6 +148,9 @@ def test_markup_in_a_reply_is_shown_as_text_and_never_runs(browser, server):
     # without the page's CSP an inline handler would run, so an alert would prove HTML was parsed
     chat = Chat(browser, server[0], bypass_csp=True)
     try:
+        # greedy: at the page's default temperature the scripted model strays about once in a few thousand
+        # replies (after "done" into a second copy of the reply, which doubles every mark counted below)
+        chat.settings(temperature="0")
         chat.send("show me an image tag")
         reply = chat.page.locator(".message.assistant .body")
         assert XSS in reply.text_content()
