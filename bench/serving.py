@@ -12,7 +12,7 @@ queues, sent at once (--bursts times, one after another), with how soon the refu
 --rounds R runs the HTTP levels in turn R times, each ratio the median of the rounds' own. It does that for
 each serve.engine_core of --engine-cores (default: the engine on a thread of its replica, then in a process of
 its own), each serve.transport of --transports (grpc,ray: both) and each serve.ingress of --ingresses
-(proxy,haproxy: Serve's HTTP proxy, then HAProxy straight to the API replica).
+(default haproxy: HAProxy straight to the API replica; proxy: Serve's HTTP proxy).
 
     .venv/bin/python -m bench.serving [--depth 4] [--vocab-size 4096] [--model URI] [--concurrency 1,4,16,32,64]
         [--kv-cache-dtypes bfloat16] [--max-tokens 32] [--prefix-tokens 1000] [--n 4] [--http | --http-only]
@@ -532,8 +532,8 @@ def main() -> None:
                         "async scheduling")
     parser.add_argument("--engine-cores", default="thread,process", help="serve.engine_core of the servers swept "
                         "over HTTP, one after the other: where an engine replica's engine steps")
-    parser.add_argument("--ingresses", default="proxy", help="serve.ingress of the servers swept over HTTP, one "
-                        "after the other (proxy,haproxy: both)")
+    parser.add_argument("--ingresses", default="haproxy", help="serve.ingress of the servers swept over HTTP, one "
+                        "after the other (haproxy,proxy: both)")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the server (repeatable), e.g. serve.num_cpus=1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and serve.num_cpus of the server's engine (on 2 cores, 2 threads contend with the server's other processes)")

@@ -73,10 +73,12 @@ def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metric
 def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, str]:
     """What Ray Serve reads from its cluster's environment for serve.transport and serve.ingress. With
     haproxy, the files and ports HAProxy would otherwise take at fixed places (/tmp/haproxy-serve, stats on
-    8404, metrics on 9101) are this server's own, so two servers on one machine do not collide."""
+    8404, metrics on 9101) are this server's own, so two servers on one machine do not collide, and the
+    replicas' logs still reach the console."""
     env = {"RAY_SERVE_PROXY_USE_GRPC": "1" if serve_cfg.transport == "grpc" else "0"}
     if serve_cfg.ingress == "haproxy":
-        env |= {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # the mode would also stop Serve's replicas logging to stderr: their logs stay where they were
+        env |= {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LOG_TO_STDERR": "1",
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),

@@ -275,13 +275,13 @@ def test_the_serve_ingress_reaches_the_app_and_the_environment_of_every_serving_
     objects = render(helm, *MINIMAL, "--set", f"serving.engine.ingress={ingress}")
     (app,) = serve_config(objects)["applications"]
     assert f"serve.ingress={ingress}" in app["args"]["set"].split(",")
-    expected = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress == "haproxy" else {}
+    names = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_LOG_TO_STDERR")
+    expected = dict.fromkeys(names, "1") if ingress == "haproxy" else {}
     templates = serving_templates(objects)
     assert templates
     for template in templates:
         env = env_of(template["spec"]["containers"][0])
-        assert {name: env[name]["value"] for name in env if name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED",
-                                                                     "RAY_SERVE_ENABLE_HA_PROXY")} == expected
+        assert {name: env[name]["value"] for name in env if name in names} == expected
 
 
 def test_an_unknown_serve_ingress_is_refused_by_the_schema(helm):
