@@ -39,7 +39,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
 from serving.engine.sequence import SamplingParams
+from serving.server import free_port
 
 TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps by the fire; "
         "numbers like 12, 345 and 6789 appear now and then, as do questions: how are you today? ")
@@ -327,12 +327,6 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stream_completion(client, text: str, max_tokens: int) -> tuple[int, float]:

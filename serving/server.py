@@ -78,17 +78,19 @@ def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, st
     env = {"RAY_SERVE_PROXY_USE_GRPC": "1" if serve_cfg.transport == "grpc" else "0"}
     if serve_cfg.ingress == "haproxy":
         # the mode would also stop Serve's replicas logging to stderr: their logs stay where they were
-        env |= {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LOG_TO_STDERR": "1",
+        env |= {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_LOG_TO_STDERR": "1",
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
                 "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
-                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

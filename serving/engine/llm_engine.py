@@ -657,7 +657,8 @@ def cgroup_memory_left(root: Path) -> int | None:
         # no limit: "max" (v2), or a number near 2**63 (v1)
         if limit == "max" or int(limit) >= 2**60:
             return None
-        inactive = next((int(line.split()[1]) for line in stat.splitlines() if line.split()[:1] == [inactive_key]), 0)
+        inactive = next((int(line.split()[1]) for line in stat.splitlines()
+                         if line.split()[:1] == [inactive_key]), 0)
         return max(0, int(limit) - (int(usage) - inactive))
     return None
 

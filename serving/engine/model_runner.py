@@ -173,9 +173,9 @@ class ModelRunner:
         """One forward over the chunks, with logits at the last position of each sampling chunk and at
         the prompt positions of those that score their prompt (all but the prompt's last, which is
         the sampling position or lies past the chunk)."""
-        # where each chunk's first token sits in the forward's tokens: back to back, or at the start of its row
-        T = max(c.length for c in chunks)
-        firsts = _starts([c.length for c in chunks]) if self.packed_prefill else [b * T for b in range(len(chunks))]
+        # where each chunk's first token sits in the forward's tokens: back to back, or where its row starts
+        lengths = [c.length for c in chunks]
+        firsts = _starts(lengths) if self.packed_prefill else [b * max(lengths) for b in range(len(chunks))]
         sampled, scored, spans = [], [], []
         for first, c in zip(firsts, chunks, strict=True):
             if c.seq.scores_prompt:

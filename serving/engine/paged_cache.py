@@ -173,7 +173,7 @@ class PagedKVCache:
         return PagedView(self, padded_tables, to_device(starts, device, torch.long),
                          to_device(lengths, device, torch.long), T, to_device(real, device, torch.long),
                          max(start + length for start, length in zip(starts, lengths, strict=True)),
-                         packed=packed, padded=len(real) < len(lengths) * T)
+                         packed=packed)
 
 
 def _decode_grouped(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -220,13 +220,15 @@ class PagedView:
     packed, (1, N) with N the rows' new tokens back to back. Attention runs over the (B, T) rows."""
 
     def __init__(self, cache: PagedKVCache, block_tables: list[Tensor], starts: Tensor, lengths: Tensor, T: int,
-                 real: Tensor, n_positions: int, packed: bool = False, padded: bool = False):
+                 real: Tensor, n_positions: int, packed: bool = False):
         """block_tables: each pool's (B, n) tables, -1 behind a window; real: the flat (B * T) indices of
         the real new tokens, in order (the rest is padding); n_positions: every new token's position lies
-        below it; packed: the forward's tokens are the real ones back to back; padded: some row is shorter
-        than T (else real is every index, and no index needs to be applied)."""
+        below it; packed: the forward's tokens are the real ones back to back."""
         self.cache, self.T, self.real, self.lengths = cache, T, real, lengths
-        self.n_positions, self.packed, self.padded = n_positions, packed, padded
+        self.n_positions, self.packed = n_positions, packed
+        # some row is shorter than T (else real is every index, and no index needs to be applied); sizes
+        # are the host's to know, so this reads nothing from the device
+        self.padded = real.numel() < starts.numel() * T
         offsets = torch.arange(T, device=starts.device)
         # padding repeats the row's last real position (see the module docstring)
         self.pos = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)

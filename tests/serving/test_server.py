@@ -8,12 +8,14 @@ from serving.server import serve_environment
 HAPROXY_NAMES = {"RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_LOG_TO_STDERR",
                  "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC",
                  "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_BASE",
-                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"}
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_HAPROXY_METRICS_PORT"}
 
 
 def test_serves_proxy_gets_only_the_transport(tmp_path):
     assert serve_environment(ServeConfig(ingress="proxy"), tmp_path) == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
-    assert serve_environment(ServeConfig(ingress="proxy", transport="ray"), tmp_path) == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+    assert serve_environment(ServeConfig(ingress="proxy", transport="ray"),
+                             tmp_path) == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
 
 
 def test_haproxy_by_default_gets_the_high_throughput_mode_with_files_and_ports_of_its_own(tmp_path):

@@ -184,7 +184,8 @@ def test_a_packed_prefill_computes_no_padding():
     4 chunks of 5, 13, 22 and 9 tokens are 49 rows packed, 4 x 22 = 88 padded."""
     model = scrambled("gqa-window")
     rows_seen = []
-    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[:2]))
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(
+        lambda _m, args, _out: rows_seen.append(args[0].shape[:2]))
     for packed in (True, False):
         seqs, _ = four_prompts()
         runner_for(model, packed_prefill=packed).run([chunk_of(s, 0, len(s)) for s in seqs], [])
