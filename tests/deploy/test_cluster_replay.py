@@ -248,6 +248,15 @@ def test_serving_starts_on_an_empty_bucket_and_says_how_to_train(serving: Servin
     assert refused.value.status_code == 503
     assert "speedrun" in refused.value.message
     assert refused.value.response.headers.get("retry-after")
+    # the chart's default ingress is Ray Serve's high-throughput mode: HAProxy takes the serve port in every pod
+    for pod in (serving.head, serving.worker):
+        assert "haproxy" in _process_names(pod), f"no HAProxy in {pod.name}"
+
+
+def _process_names(pod: kuberay.Pod) -> set[str]:
+    """The names of the processes running in pod's container (the image has no ps)."""
+    out = kuberay.docker("exec", pod.name, "bash", "-c", "cat /proc/[0-9]*/comm 2>/dev/null", check=False)
+    return set(out.stdout.split())
 
 
 # ---------------------------------------------------------------------------------------------

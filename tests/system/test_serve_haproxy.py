@@ -5,10 +5,8 @@ through Serve's proxy, and SIGTERM leaving no HAProxy behind."""
 
 import http.client
 import json
-import os
 import signal
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,31 +14,18 @@ import psutil
 import pytest
 
 from tests.support.checkpoints import publish_sft_checkpoint
-from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.serve import nanochat_serve
 
 pytestmark = pytest.mark.slow
-
-NANOCHAT = str(Path(sys.executable).parent / "nanochat")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-haproxy") / "storage"
     publish_sft_checkpoint(root)
-    port = free_port()
-    log_path = root.parent / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(free_port()),
-                                 "--set", "serve.ingress=haproxy", "--set", "serve.num_blocks=12",
-                                 "--set", "serve.max_ongoing_requests=4", "--set", "serve.max_queued_requests=4"],
-                                stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "NANOCHAT_STORAGE": str(root), "NANOCHAT_API_KEYS": ""})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answers(base + "/health", proc, log_path, "nanochat serve", timeout_s=150)
-        yield {"base": base, "port": port, "proc": proc, "log": log_path}
-    finally:
-        stop_process(proc, timeout=60)
+    with nanochat_serve(root, "serve.ingress=haproxy", "serve.num_blocks=12", "serve.max_ongoing_requests=4",
+                        "serve.max_queued_requests=4") as server:
+        yield server
 
 
 def haproxies(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -57,13 +42,13 @@ def test_the_serve_port_is_haproxys(server):
     process drains beside the new one, and may no longer be the server's child.)"""
     listeners = set()
     for connection in psutil.net_connections("tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == server["port"]:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == server.port:
             try:
                 listeners.add(psutil.Process(connection.pid).name())
             except psutil.NoSuchProcess:  # an old HAProxy that has just finished draining
                 pass
     assert listeners == {"haproxy"}
-    started = haproxies(server["proc"])
+    started = haproxies(server.proc)
     assert started
     for haproxy in started:
         assert config_of(haproxy).name == "haproxy.cfg" and "/nchp-" in str(config_of(haproxy))
@@ -72,7 +57,7 @@ def test_the_serve_port_is_haproxys(server):
 def test_streamed_chat_through_haproxy_equals_the_unstreamed_reply(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["nanochat"]
     messages = [{"role": "user", "content": "How are you?"}]
     whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
@@ -90,7 +75,7 @@ def test_streamed_chat_through_haproxy_equals_the_unstreamed_reply(server):
 def test_the_engines_bound_is_answered_429_through_haproxy(server):
     """40 requests at once against an engine replica that runs 4 and queues 4: the rest get 429 with
     Retry-After from our API, as through Serve's proxy, and the admitted ones complete."""
-    host, port = "127.0.0.1", server["port"]
+    host, port = "127.0.0.1", server.port
     body = json.dumps({"model": "nanochat", "max_tokens": 160, "min_tokens": 160,
                        "messages": [{"role": "user", "content": "Hello"}]})
     connections = [http.client.HTTPConnection(host, port, timeout=120) for _ in range(40)]
@@ -116,10 +101,10 @@ def test_the_engines_bound_is_answered_429_through_haproxy(server):
 
 
 def test_sigterm_stops_haproxy_and_removes_its_folder(server):
-    proc = server["proc"]
+    proc = server.proc
     started = haproxies(proc)
     folder = next(parent for parent in config_of(started[0]).parents if parent.name.startswith("nchp-"))
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, server["log"].read_text()[-3000:]
+    assert proc.wait(timeout=60) == 0, server.log.read_text()[-3000:]
     psutil.wait_procs(started, timeout=10)
     assert not any(haproxy.is_running() for haproxy in started) and not folder.exists()

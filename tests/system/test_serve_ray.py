@@ -10,17 +10,14 @@ thread, each step read before the next."""
 
 import http.client
 import json
-import os
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import yaml
@@ -29,47 +26,26 @@ from nanochat.config import load_config
 from tests.deploy import dashboards
 from tests.support.checkpoints import publish_sft_checkpoint
 from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.serve import nanochat_serve
 
 pytestmark = pytest.mark.slow
-
-NANOCHAT = str(Path(sys.executable).parent / "nanochat")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve") / "storage"
     publish_sft_checkpoint(root)
-    port, metrics_port = free_port(), free_port()
-    log = open(root.parent / "serve.log", "w")
-    env = {**os.environ, "NANOCHAT_STORAGE": str(root), "RAY_metrics_report_interval_ms": "1000", "NANOCHAT_API_KEYS": ""}
-    proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(metrics_port),
-                             "--set", "serve.num_blocks=12", "--set", "serve.max_ongoing_requests=8",
-                             "--set", "serve.max_queued_requests=8", "--set", "serve.engine_core=process",
-                             "--set", "serve.async_scheduling=true"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        assert proc.poll() is None, (root.parent / "serve.log").read_text()[-3000:]
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("nanochat serve did not become healthy in 150 s")
-    yield {"base": base, "metrics_port": metrics_port, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "proc": proc}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    log.close()
+    with nanochat_serve(root, "serve.num_blocks=12", "serve.max_ongoing_requests=8", "serve.max_queued_requests=8",
+                        "serve.engine_core=process", "serve.async_scheduling=true",
+                        env={"RAY_metrics_report_interval_ms": "1000"}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def test_models_lists_the_served_model(client):
@@ -81,7 +57,7 @@ def test_tokenize_reports_the_engine_replicas_context(server):
     from nanochat.config import load_config
 
     body = json.dumps({"prompt": "Hello"}).encode()
-    request = urllib.request.Request(server["base"] + "/tokenize", data=body,
+    request = urllib.request.Request(server.base + "/tokenize", data=body,
                                      headers={"Content-Type": "application/json"})
     answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
     block_size = load_config().serve.block_size
@@ -127,7 +103,7 @@ def test_metrics_are_exported_through_ray(server, client):
     deadline, text = time.time() + 30, ""
     while time.time() < deadline and not all(name in text for name in names):
         time.sleep(2)
-        text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
+        text = urllib.request.urlopen(server.metrics, timeout=5).read().decode()
     for name in names:
         assert name in text, name
 
@@ -169,7 +145,7 @@ def test_overload_past_the_engines_bound_gets_a_prompt_429(server):
     engine runs one at a time and the admitted requests hold their places well past the arrivals: with
     the model's own short replies a fast CPU finished the first ones while the server was still taking
     the last, and admitted those too."""
-    host, port = server["base"].removeprefix("http://").split(":")
+    host, port = server.base.removeprefix("http://").split(":")
     body = json.dumps({"model": "nanochat", "max_tokens": 160, "min_tokens": 160,
                        "messages": [{"role": "user", "content": "Hello"}]})
     connections = [http.client.HTTPConnection(host, int(port), timeout=120) for _ in range(200)]
@@ -212,7 +188,7 @@ def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_pa
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "nanochat",
-                            "static_configs": [{"targets": [f"127.0.0.1:{server['metrics_port']}"]}]}]}))
+                            "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}))
     log = tmp_path / "prometheus.log"
     with open(log, "wb") as out:
         prometheus = subprocess.Popen(
@@ -233,7 +209,7 @@ def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_pa
         # histogram or counter needs a later wave after Ray's agent first exported it (every second here)
         deadline, missing = time.monotonic() + 90, ["(not checked yet)"]
         while missing and time.monotonic() < deadline:
-            dashboards.send_load(server["base"])
+            dashboards.send_load(server.base)
             time.sleep(3)
             missing = empty()
         assert not missing, "panels without data:\n  " + "\n  ".join(missing)
@@ -242,7 +218,7 @@ def test_serving_dashboard_queries_return_data_through_prometheus(server, tmp_pa
 
 
 def test_sigterm_shuts_down_cleanly(server):
-    proc = server["proc"]
+    proc = server.proc
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
 
@@ -252,19 +228,9 @@ def test_sigterm_during_start_up_shuts_down_cleanly(tmp_path):
     start-up and shuts down cleanly, instead of Ray's own handler aborting the process."""
     root = tmp_path / "storage"
     publish_sft_checkpoint(root)
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(free_port()), "--metrics-port", str(free_port())],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NANOCHAT_STORAGE": str(root)})
-    try:
-        deadline = time.time() + 120
-        while b"Started Serve" not in log.read_bytes():  # logged by serve.start(), before the app deploys
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
+    # "Started Serve" is logged by serve.start(), before the app deploys
+    with nanochat_serve(root, ready_line="Started Serve", timeout_s=120) as server:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.log.read_text()[-3000:]
+        text = server.log.read_text()
     assert "SIGTERM: shutting down" in text and "nanochat serve:" not in text, "stopped before it was ready"

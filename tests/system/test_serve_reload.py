@@ -16,10 +16,6 @@ exactly which checkpoint wrote it.
 import asyncio
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -39,12 +35,11 @@ from serving.deployments import log as app_log
 from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.support.checkpoints import upload_checkpoint
-from tests.support.processes import free_port
+from tests.support.serve import nanochat_serve
 from tests.system.chat_server import reply_model, reply_tokenizer
 
 FIRST = "Hello from the first checkpoint."
 NEWER = "Greetings, this is a newer model!"
-NANOCHAT = str(Path(sys.executable).parent / "nanochat")
 RELOAD_S = 0.3  # the tests' serve.reload_interval_s
 
 
@@ -200,35 +195,21 @@ def models_step(base: str) -> int | None:
 
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
-    """`nanochat serve` on a storage folder that does not exist yet."""
+    """`nanochat serve` on a storage folder that does not exist yet, ready once serve.run() has deployed the
+    app (it prints "nanochat serve:" then)."""
     root = tmp_path_factory.mktemp("reload") / "storage"
-    port, log_path = free_port(), root.parent / "serve.log"
-    env = {**os.environ, "NANOCHAT_STORAGE": str(root), "NANOCHAT_API_KEYS": ""}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([NANOCHAT, "serve", "--port", str(port), "--metrics-port", str(free_port()),
-                                 "--set", f"serve.reload_interval_s={RELOAD_S}", "--set", "serve.num_blocks=64",
-                                 # the other transport than test_serve_ray's server (grpc, the default)
-                                 "--set", "serve.transport=ray"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 150
-        while b"nanochat serve:" not in log_path.read_bytes():  # printed once serve.run() has deployed the app
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        yield {"base": base, "root": root, "log": log_path}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    # the other transport than test_serve_ray's server (grpc, the default)
+    with nanochat_serve(root, f"serve.reload_interval_s={RELOAD_S}", "serve.num_blocks=64", "serve.transport=ray",
+                        ready_line="nanochat serve:") as server:
+        yield server
 
 
 @pytest.mark.slow
 def test_serve_starts_with_no_model(empty_server):
     from openai import APIStatusError, OpenAI
 
-    base = empty_server["base"]
-    assert not empty_server["root"].exists() or not any(empty_server["root"].iterdir())
+    base = empty_server.base
+    assert not empty_server.root.exists() or not any(empty_server.root.iterdir())
     assert get(base + "/health")[0] == 200
     assert get(base + "/v1/models")[2] == {"object": "list", "data": []}
     for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
@@ -237,7 +218,7 @@ def test_serve_starts_with_no_model(empty_server):
         assert status == 503 and headers.get("retry-after", "").isdigit(), (status, headers, answer)
         assert set(answer["error"]) == {"message", "type", "param", "code"}
         assert "No model is trained yet" in answer["error"]["message"], answer
-        assert f"nanochat speedrun --storage {empty_server['root']}" in answer["error"]["message"], answer
+        assert f"nanochat speedrun --storage {empty_server.root}" in answer["error"]["message"], answer
     client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
     with pytest.raises(APIStatusError) as refused:
         client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
@@ -249,8 +230,8 @@ def test_serve_starts_with_no_model(empty_server):
 def first_model(empty_server, tok, tmp_path_factory):
     """Step 5 written into the running server's storage, and served: seconds from written to served."""
     written = time.monotonic()
-    publish(open_storage(str(empty_server["root"])), tok, 5, FIRST, tmp_path_factory.mktemp("ckpt"))
-    wait_for(lambda: models_step(empty_server["base"]) == 5, 60, "step 5 in /v1/models")
+    publish(open_storage(str(empty_server.root)), tok, 5, FIRST, tmp_path_factory.mktemp("ckpt"))
+    wait_for(lambda: models_step(empty_server.base) == 5, 60, "step 5 in /v1/models")
     return {"seconds": time.monotonic() - written}
 
 
@@ -258,7 +239,7 @@ def first_model(empty_server, tok, tmp_path_factory):
 def test_the_first_checkpoint_is_served_without_a_restart(empty_server, first_model):
     from openai import OpenAI
 
-    client = OpenAI(base_url=empty_server["base"] + "/v1", api_key="unused", max_retries=0, timeout=30)
+    client = OpenAI(base_url=empty_server.base + "/v1", api_key="unused", max_retries=0, timeout=30)
     [card] = client.models.list().data
     assert card.id == "nanochat" and card.model_extra["step"] == 5
     reply = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}], temperature=0)
@@ -273,7 +254,7 @@ def test_a_newer_checkpoint_replaces_the_served_one_with_no_failed_request(empty
     request sent after /v1/models shows step 9 is answered by step 9."""
     from openai import OpenAI
 
-    base = empty_server["base"]
+    base = empty_server.base
     client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
     stop = threading.Event()
     swapped_at: list[float] = []
@@ -301,7 +282,7 @@ def test_a_newer_checkpoint_replaces_the_served_one_with_no_failed_request(empty
     try:
         time.sleep(2)  # load before the new checkpoint lands
         written = time.monotonic()
-        publish(open_storage(str(empty_server["root"])), tok, 9, NEWER, tmp_path_factory.mktemp("ckpt9"))
+        publish(open_storage(str(empty_server.root)), tok, 9, NEWER, tmp_path_factory.mktemp("ckpt9"))
         wait_for(lambda: models_step(base) == 9, 60, "step 9 in /v1/models")
         swapped_at.append(time.monotonic())
         # load after it, until 8 requests sent since have been answered (under a loaded suite a request
@@ -319,7 +300,7 @@ def test_a_newer_checkpoint_replaces_the_served_one_with_no_failed_request(empty
     assert failures == [], failures[:5]
     assert before and set(before) == {FIRST}
     assert after and set(after) == {NEWER}, set(after)
-    log = empty_server["log"].read_text()
+    log = empty_server.log.read_text()
     assert "replacing step 5" in log, log[-3000:]
 
 
