@@ -415,7 +415,9 @@ def http_sweep(model: GPT, tokenizer: Tokenizer, args: argparse.Namespace, level
 
     top = max(levels)
     settings = [f"serve.max_num_seqs={top}", f"serve.max_ongoing_requests={top}", f"serve.max_queued_requests={top}",
-                f"serve.num_blocks={cache_blocks(batch, args.max_tokens, top)}", f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
+                # num_blocks on a GPU too: the server must leave this process's engines their memory
+                f"serve.num_blocks={cache_blocks(batch, args.max_tokens, top)}", "serve.kv_cache_memory_fraction=0",
+                f"serve.max_num_batched_tokens={max(512, args.prefix_tokens + 64)}",
                 f"serve.num_cpus={args.threads}", f"serve.max_prompt_tokens={args.prefix_tokens + 64}",
                 "serve.reload_interval_s=0", *variant] + args.serve_set
     with tempfile.TemporaryDirectory() as tmp:

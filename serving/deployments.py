@@ -26,7 +26,9 @@ Notable:
   API lists no model and answers 503 saying how to train one. Each replica looks at the stage's `latest`
   marker every serve.reload_interval_s and loads what it names (model and tokenizer) beside the model it
   serves; only once it is loaded does it take new requests, while those in flight finish on the old
-  engine, which then shuts down (so for a while a replica holds two models and two KV caches). A
+  engine, which then shuts down (so for a while a replica holds two models and two KV caches). A KV cache
+  sized from free memory (serve.kv_cache_memory_fraction; a GPU's by default) leaves no room for a second:
+  then the old engine drains first, new requests waiting, and the new engine starts in its memory. A
   checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
   served is the gauge nanochat:model_step and the `step` of /v1/models' entry.
 - /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
@@ -42,6 +44,7 @@ Notable:
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -69,6 +72,7 @@ from serving.engine.llm_engine import (
     QueueFull,
     TokenEvent,
     build_engine,
+    resolve_kv_memory_fraction,
 )
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
@@ -81,6 +85,7 @@ log = logging.getLogger("ray.serve.nanochat")
 REFRESH_S = 1.0  # how stale the ingress's idea of the served model, and of the engine's health, may get
 HEALTH_TIMEOUT_S = 2.0  # an engine replica that does not say within this whether its engine is alive is busy
 RETIRE_TIMEOUT_S = 600.0  # a replaced engine shuts down once its requests finish, or after this long
+SWAP_POLL_S = 0.05  # how often a request that arrived while the old engine drains looks for the new one
 
 
 class NoModelLoaded(RuntimeError):
@@ -114,6 +119,7 @@ class EngineReplica:
         self.metrics = MetricsRecorder(self.cfg.model_name)
         self.loaded: Loaded | None = None
         self._stopping = threading.Event()
+        self._swapping = threading.Event()  # set while the old engine drains before the new one starts
         if source.step is not None:  # pinned: it must exist, and it never changes
             self._serve(*source.load(self._load_device))
             return
@@ -134,9 +140,11 @@ class EngineReplica:
                 first = await anext(events)
                 break
             except EngineStopped:
-                if loaded is self.loaded:  # not replaced: this engine really has stopped
+                if self._swapping.is_set():  # the old engine drains before the new one starts: wait for it
+                    await asyncio.sleep(SWAP_POLL_S)
+                elif loaded is self.loaded:  # not replaced: this engine really has stopped
                     raise
-                # replaced between reading self.loaded and submitting: the new engine takes it
+                # else replaced between reading self.loaded and submitting: the new engine takes it
         try:
             yield first
             async for event in events:
@@ -166,14 +174,15 @@ class EngineReplica:
         return self.stats()
 
     def engine_alive(self) -> bool:
-        """Whether the served engine takes requests (True while no model is loaded: the replica is fine)."""
+        """Whether the served engine takes requests (True while no model is loaded, or while the old engine
+        drains for a swap: the replica is fine)."""
         loaded = self.loaded
-        return loaded is None or loaded.engine.alive()
+        return loaded is None or self._swapping.is_set() or loaded.engine.alive()
 
     def check_health(self) -> None:
         """Raises once the served engine has failed (or stopped): Serve then replaces this replica."""
         loaded = self.loaded
-        if loaded is not None and not loaded.engine.alive():
+        if loaded is not None and not self._swapping.is_set() and not loaded.engine.alive():
             failure = loaded.engine.failure
             raise RuntimeError(f"the engine has failed: {failure}" if failure else "the engine has stopped")
 
@@ -189,7 +198,30 @@ class EngineReplica:
     # -- loading and swapping models (the watcher thread, and __init__)
 
     def _serve(self, model: Any, tokenizer: Tokenizer, step: int) -> None:
-        """Start an engine on the loaded model and send new requests to it; retire the one it replaces."""
+        """Start an engine on the loaded model and send new requests to it; retire the one it replaces:
+        beside the new one, or first when the KV cache is sized from free memory (_drain_for_swap)."""
+        cfg = self.cfg
+        old = self.loaded
+        drained = old is not None and resolve_kv_memory_fraction(cfg.kv_cache_memory_fraction, self.device) > 0
+        try:
+            if drained:
+                self._drain_for_swap(old, step)
+            engine = self._start_engine(model, tokenizer)
+            del model  # an engine process holds its own copy: this one need not wait out the old engine
+            tokenizer_json = tokenizer.to_json()
+            fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
+            self.loaded = Loaded(engine, step, tokenizer_json, fingerprint, now())
+        finally:
+            self._swapping.clear()  # requests waiting for the swap now go to the new engine (or fail)
+        self.metrics.set_model_step(step)
+        was = f", replacing step {old.step}" if old is not None else ""
+        log.info("engine replica serving %s step %d on %s (dtype %s, engine core: %s)%s", self.source.describe(), step,
+                 self.device, cfg.dtype, cfg.engine_core, was)
+        if old is not None and not drained:
+            self._retire(old)
+
+    def _start_engine(self, model: Any, tokenizer: Tokenizer) -> EngineClient:
+        """An engine on model with serve's settings, stepping on a thread or in a process of its own."""
         cfg = self.cfg
         settings = dict(num_blocks=cfg.num_blocks, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
                         block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
@@ -198,23 +230,29 @@ class EngineReplica:
                         hybrid_kv_cache=cfg.hybrid_kv_cache, compile_decode=cfg.compile_decode,
                         async_scheduling=cfg.async_scheduling)
         if cfg.engine_core == "process":
-            engine = ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
-                                   metrics=self.metrics, threads=max(1, int(cfg.num_cpus)),
-                                   stream_interval_s=cfg.stream_interval_s)
-            del model  # the child holds it now
-        else:
-            engine = AsyncEngine(build_engine(model, tokenizer, self.device, **settings), max_queue=cfg.max_queue,
-                                 metrics=self.metrics)
-        tokenizer_json = tokenizer.to_json()
-        fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
-        new = Loaded(engine, step, tokenizer_json, fingerprint, now())
-        old, self.loaded = self.loaded, new
-        self.metrics.set_model_step(step)
-        was = f", replacing step {old.step}" if old is not None else ""
-        log.info("engine replica serving %s step %d on %s (dtype %s, engine core: %s)%s", self.source.describe(), step,
-                 self.device, cfg.dtype, cfg.engine_core, was)
-        if old is not None:
-            self._retire(old)
+            return ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
+                                 metrics=self.metrics, threads=max(1, int(cfg.num_cpus)),
+                                 stream_interval_s=cfg.stream_interval_s)
+        return AsyncEngine(build_engine(model, tokenizer, self.device, **settings), max_queue=cfg.max_queue,
+                           metrics=self.metrics)
+
+    def _drain_for_swap(self, old: Loaded, step: int) -> None:
+        """Make room for step's engine in the memory of the old one: a KV cache sized as a fraction of the
+        free memory leaves none for a second. The old engine lets its requests finish (for up to
+        serve.drain_timeout_s; what is left then is aborted) while new ones wait in generate(), then shuts
+        down and gives its memory back. Should the new engine then fail to start, the replica is left with a
+        stopped engine: its health check fails and Serve replaces it."""
+        self._swapping.set()
+        log.info("loading step %d in the memory of step %d's engine: its %d requests finish first, new ones wait",
+                 step, old.step, old.engine.unfinished())
+        aborted = old.engine.drain(self.cfg.drain_timeout_s)
+        gc.collect()  # the old engine's model and cache, now unreferenced, go before the new cache is sized
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        log.info("engine of step %d shut down for the swap (%d requests aborted at serve.drain_timeout_s)",
+                 old.step, aborted)
 
     def _retire(self, old: Loaded) -> None:
         """Shut the replaced engine down once the requests it holds have finished."""

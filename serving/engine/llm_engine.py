@@ -711,17 +711,31 @@ def kv_cache_split(model: GPT, num_blocks: int, block_size: int, max_num_seqs: i
     return KVCacheSplit(window, num_window_blocks, num_full_blocks)
 
 
-def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int, kv_cache_memory_fraction: float = 0.0,
-                 block_size: int = 16, dtype: ServeDtype = "auto", kv_cache_dtype: ServeDtype = "auto",
-                 **settings: Any) -> LLMEngine:
+GPU_KV_CACHE_MEMORY_FRACTION = 0.9  # vLLM's default gpu_memory_utilization
+
+
+def resolve_kv_memory_fraction(setting: float | None, device: torch.device | str) -> float:
+    """serve.kv_cache_memory_fraction on device: unset, GPU_KV_CACHE_MEMORY_FRACTION on a GPU (the engine is
+    all its memory is for, as in vLLM) and 0 on a CPU, whose memory the host shares with everything else (the
+    cache is then serve.num_blocks blocks)."""
+    if setting is not None:
+        return setting
+    return GPU_KV_CACHE_MEMORY_FRACTION if torch.device(device).type == "cuda" else 0.0
+
+
+def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int,
+                 kv_cache_memory_fraction: float | None = None, block_size: int = 16, dtype: ServeDtype = "auto",
+                 kv_cache_dtype: ServeDtype = "auto", **settings: Any) -> LLMEngine:
     """An LLMEngine on device with serve's settings: num_blocks KV-cache blocks, or as many as fit in
-    kv_cache_memory_fraction of the memory free once the model is loaded (when it is set)."""
-    if kv_cache_memory_fraction:
+    kv_cache_memory_fraction of the memory free once the model is loaded (when it is, or resolves to, more
+    than 0)."""
+    fraction = resolve_kv_memory_fraction(kv_cache_memory_fraction, device)
+    if fraction:
         free = free_memory(device)
         pools = resolve_kv_dtype(kv_cache_dtype, resolve_dtype(dtype, device))
-        num_blocks = kv_cache_blocks(model, block_size, pools, kv_cache_memory_fraction, free)
+        num_blocks = kv_cache_blocks(model, block_size, pools, fraction, free)
         logger.info("KV cache: %d blocks of %d tokens in %g of the %.0f MiB free", num_blocks, block_size,
-                    kv_cache_memory_fraction, free / 2**20)
+                    fraction, free / 2**20)
     return LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, device=device, dtype=dtype,
                      kv_cache_dtype=kv_cache_dtype, **settings)
 
@@ -766,7 +780,7 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine, deliver: Callable[[Delivery, dict], None],
                  fail: Callable[[Exception], None], metrics: MetricsRecorder | None = None):
-        self.engine = engine
+        self.engine: LLMEngine | None = engine  # None once stopped and dropped (AsyncEngine.shutdown)
         self.metrics = metrics
         self._deliver = deliver
         self._fail_to = fail
@@ -1053,7 +1067,7 @@ class AsyncEngine(EngineClient):
 
     def __init__(self, engine: LLMEngine, max_queue: int = 64, *, metrics: MetricsRecorder | None = None):
         super().__init__(engine.check, max_queue)
-        self.engine = engine
+        self.engine: LLMEngine | None = engine  # None once shut down
         self._stats = engine.stats()
         self._core = EngineCore(engine, self._deliver, self._fail, metrics)
 
@@ -1065,6 +1079,8 @@ class AsyncEngine(EngineClient):
 
     def _stop_core(self) -> None:
         self._core.stop()
+        # what stepped holds the model and the KV cache: dropped, their memory can go to the engine after
+        self._core.engine = self.engine = None
 
 
 def _put_all(queue: asyncio.Queue, items: list) -> None:

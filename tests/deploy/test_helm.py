@@ -284,6 +284,22 @@ def test_the_serve_ingress_reaches_the_app_and_the_environment_of_every_serving_
         assert {name: env[name]["value"] for name in env if name in names} == expected
 
 
+def test_the_kv_cache_is_sized_by_the_app_unless_the_values_set_a_fraction(helm):
+    """By default the chart sets no kv_cache_memory_fraction, so the app sizes a GPU's cache from its free
+    memory and a CPU's by num_blocks; a fraction in the values reaches the app, and one past 1 is refused."""
+    def engine_settings(*args: str) -> dict[str, str]:
+        (app,) = serve_config(render(helm, *MINIMAL, *args))["applications"]
+        return dict(item.split("=", 1) for item in app["args"]["set"].split(","))
+
+    default = engine_settings()
+    assert "serve.kv_cache_memory_fraction" not in default and default["serve.num_blocks"] == "2048"
+    assert engine_settings("--set-json", "serving.engine.kv_cache_memory_fraction=0.5")[
+        "serve.kv_cache_memory_fraction"] == "0.5"
+    refused = run_helm(helm, "template", RELEASE, str(CHART), *MINIMAL,
+                       "--set-json", "serving.engine.kv_cache_memory_fraction=1.5")
+    assert refused.returncode != 0 and "kv_cache_memory_fraction" in refused.stderr
+
+
 def test_an_unknown_serve_ingress_is_refused_by_the_schema(helm):
     result = run_helm(helm, "template", RELEASE, str(CHART), *MINIMAL, "--set", "serving.engine.ingress=nginx")
     assert result.returncode != 0 and "ingress" in result.stderr

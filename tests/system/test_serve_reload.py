@@ -32,6 +32,7 @@ from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
 from serving.deployments import EngineReplica, NoModelLoaded
 from serving.deployments import log as app_log
+from serving.engine.llm_engine import free_memory
 from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.support.checkpoints import upload_checkpoint
@@ -71,8 +72,9 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 # the engine replica on its own
 
 
-def make_replica(uri: str, step: int | None = None, engine_core: str = "thread") -> EngineReplica:
-    cfg = ServeConfig(reload_interval_s=RELOAD_S, num_blocks=16, max_num_seqs=4, num_cpus=1, engine_core=engine_core)
+def make_replica(uri: str, step: int | None = None, engine_core: str = "thread", **settings) -> EngineReplica:
+    cfg = ServeConfig(reload_interval_s=RELOAD_S, num_blocks=16, max_num_seqs=4, num_cpus=1, engine_core=engine_core,
+                      **settings)
     return EngineReplica.func_or_class(ModelSource(uri, "default", "sft", step), cfg.model_dump())
 
 
@@ -159,6 +161,48 @@ def test_replica_swaps_in_a_newer_step_while_a_request_finishes_on_the_old_one(l
     finally:
         replica.stop()
         pinned.stop()
+
+
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+def test_a_cache_sized_from_free_memory_is_swapped_once_the_old_engine_has_drained(local_storage, tok, tmp_path,
+                                                                                   engine_core, caplog):
+    """A KV cache sized as a fraction of the free memory leaves no room for a second beside it (on a GPU):
+    the old engine lets its request finish and shuts down before the new one starts. A request that arrives
+    meanwhile waits and is answered by the new step; the replica stays healthy throughout."""
+    cfg = reply_model(tok, reply_text=FIRST).config
+    block_bytes = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4  # float32 keys and values
+    fraction = 64 * block_bytes / free_memory("cpu")  # about 64 blocks
+    publish(local_storage, tok, 5, FIRST, tmp_path)
+    replica = make_replica(local_storage.uri, engine_core=engine_core, kv_cache_memory_fraction=fraction)
+    first_engine = replica.loaded.engine
+
+    async def scenario() -> tuple[str, str]:
+        old = replica.generate("old", prompt(tok), chat_params(tok))
+        text = "".join(e.text for e in await anext(old))  # in flight on step 5's engine, not read to the end
+        publish(local_storage, tok, 9, NEWER, tmp_path)
+        deadline = time.monotonic() + 30
+        while first_engine.alive():  # draining: it takes no new request
+            assert time.monotonic() < deadline, "the old engine did not start draining"
+            await asyncio.sleep(0.05)
+        assert served_step(replica) == 5 and replica.engine_alive()
+        replica.check_health()  # a swap, not a failure: Serve must not replace the replica
+        during = asyncio.ensure_future(reply_of(replica, tok, "during"))
+        await asyncio.sleep(0.5)
+        assert not during.done()  # it waits for the new engine, which waits for the old one's request
+        text += "".join([e.text async for batch in old for e in batch])
+        return text, await asyncio.wait_for(during, 60)
+
+    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
+    try:
+        old_text, during_text = asyncio.run(scenario())
+        assert old_text == FIRST and during_text == NEWER
+        assert served_step(replica) == 9 and not first_engine.core_running()
+        # the old engine was down before the new one was built, not after it (as in a swap beside it)
+        assert caplog.text.index("engine of step 5 shut down for the swap (0 requests aborted") < \
+            caplog.text.index(" step 9 on cpu")
+    finally:
+        logging.getLogger(app_log.name).removeHandler(caplog.handler)
+        replica.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------

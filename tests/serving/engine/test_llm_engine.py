@@ -3,6 +3,8 @@ would get alone, choices and seeds, stopping, the context limit, aborts that fre
 calculator tool, streaming text, and the asyncio wrapper (streams, cancellation, the queue bound, shutdown)."""
 
 import asyncio
+import gc
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -543,9 +545,13 @@ def test_a_request_that_cannot_run_is_refused_before_any_event(model, tok):
     assert engine.stats()["waiting"] == 0
 
 
-def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
+def test_shutdown_ends_open_streams_with_abort_stops_the_thread_and_lets_the_cache_go(tok):
+    """... and the stopped engine no longer holds the KV cache: a swap that drains the old engine first
+    sizes the new one's cache in that memory."""
     model, params = long_running(tok)
-    engine = AsyncEngine(make_engine(model, tok, num_blocks=256))
+    stepping = make_engine(model, tok, num_blocks=256)
+    cache = weakref.ref(stepping.runner.cache)
+    engine = AsyncEngine(stepping)
 
     async def main() -> Choice:
         stream = engine.generate("r", [tok.get_bos_token_id()], params)
@@ -559,7 +565,10 @@ def test_shutdown_ends_open_streams_with_abort_and_stops_the_thread(tok):
     choice = asyncio.run(main())
     assert choice.finish_reason == "abort"
     assert not engine.core_running()
-    assert no_block_held(engine.engine)
+    assert no_block_held(stepping)
+    del stepping
+    gc.collect()
+    assert cache() is None
 
     async def after() -> None:
         with pytest.raises(RuntimeError, match="shut down"):
@@ -623,6 +632,16 @@ def test_a_fraction_too_small_for_two_blocks_names_the_setting(model):
 
     with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction"):
         kv_cache_blocks(model, 16, torch.float32, 0.001, 1000)
+
+
+def test_an_unset_fraction_sizes_the_cache_from_a_gpus_memory_and_by_num_blocks_on_a_cpu():
+    from nanochat.config import load_config
+    from serving.engine.llm_engine import GPU_KV_CACHE_MEMORY_FRACTION, resolve_kv_memory_fraction
+
+    assert load_config().serve.kv_cache_memory_fraction is None
+    assert resolve_kv_memory_fraction(None, "cuda") == GPU_KV_CACHE_MEMORY_FRACTION == 0.9
+    assert resolve_kv_memory_fraction(None, "cpu") == 0.0
+    assert resolve_kv_memory_fraction(0.0, "cuda") == 0.0 and resolve_kv_memory_fraction(0.5, "cpu") == 0.5
 
 
 def test_the_fraction_is_validated_naming_the_field():
