@@ -1,8 +1,9 @@
 """
 Base pretraining throughput, side by side in one run on the same model, batch and data: a plain
 single-process torch loop, plain torch DDP (spawned processes, gloo or NCCL), the same processes with the
-optimizer state sharded instead (train.shard_optimizer's ZeroSharding), and our Ray Train stage
-(`nanochat train base`) at 1 and at N workers. What the framework costs, not what the model costs.
+optimizer state sharded instead (train.shard_optimizer's ZeroSharding, its communication overlapped with
+the backward and the optimizer steps, and not), and our Ray Train stage (`nanochat train base`) at 1 and at N
+workers. What the framework costs, not what the model costs.
 
 Every arm runs the trainer's own optimizer step (trainer/stages/loop.py's optimizer_step: forward, backward, Muon +
 AdamW) on the data loader's batches of the prepared corpus; the first --warmup steps of each are not timed
@@ -34,6 +35,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,8 @@ from trainer.optim import apply_schedule, build_optimizers, grad_accum_steps, op
 from trainer.stages.base import model_config
 from trainer.stages.loop import compiled, optimizer_step, shard_optimizers
 from trainer.worker import Worker
+
+Shard = Literal["off", "overlapped", "sequential"]  # replicated state (DDP), or ZeroSharding's overlap on or off
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,9 +96,10 @@ def prepare(args: argparse.Namespace, root: Path) -> LocalStorage:
 
 
 def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: torch.device,
-               shard: bool = False) -> tuple[list[float], int]:
-    """The plain loop (DDP when world > 1, or the sharded optimizer step instead when shard): every step's
-    seconds, synchronised at its end as our stage's are, and the optimizer-state bytes this rank ends with."""
+               shard: Shard = "off") -> tuple[list[float], int]:
+    """The plain loop (DDP when world > 1, or the sharded optimizer step instead when shard is not "off"):
+    every step's seconds, synchronised at its end as our stage's are, and the optimizer-state bytes this rank
+    ends with."""
     storage = LocalStorage(storage_root)
     tokenizer = load_tokenizer(storage)
     t = cfg.train
@@ -105,7 +110,7 @@ def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: to
     ocfg = optim_config(cfg)
     optimizers = build_optimizers(model, ocfg)
     worker = Worker(rank, world, device)
-    sharding = shard_optimizers(shard, optimizers, worker)
+    sharding = shard_optimizers(shard != "off", optimizers, worker, overlap=shard == "overlapped")
     forward = compiled(model, t.compile, device)
     ddp = torch.nn.parallel.DistributedDataParallel(forward) if world > 1 and sharding is None else forward
     train, _ = split_shards(list_shards(storage, cfg.data.corpus_name), cfg.data.val_shards)
@@ -123,7 +128,7 @@ def train_loop(cfg: Config, storage_root: str, rank: int, world: int, device: to
     return seconds, state_bytes(optimizers)
 
 
-def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: str, threads: int, shard: bool,
+def _ddp_rank(rank: int, world: int, init_file: str, cfg: Config, storage_root: str, threads: int, shard: Shard,
               out: str) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -152,7 +157,7 @@ def plain(args: argparse.Namespace, storage: LocalStorage, cores: int) -> float:
     return steady_tokens_per_second(seconds, args.warmup, cfg.train.total_batch_size)
 
 
-def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int, shard: bool = False) -> tuple[float, list[int]]:
+def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int, shard: Shard = "off") -> tuple[float, list[int]]:
     """Spawned ranks' tokens/s (rank 0's step times) and every rank's optimizer-state bytes."""
     cfg = bench_config(args, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,12 +170,13 @@ def ddp(args: argparse.Namespace, storage: LocalStorage, cores: int, shard: bool
     return tps, [r["optimizer_bytes"] for r in ranks]
 
 
-def ours(args: argparse.Namespace, storage: LocalStorage, workers: int) -> float:
-    """`nanochat train base` on an embedded Ray: its own steady-state figure (steps after its warm-up)."""
+def ours(args: argparse.Namespace, storage: LocalStorage, workers: int, round_: int) -> float:
+    """`nanochat train base` on an embedded Ray: its own steady-state figure (steps after its warm-up). A run
+    of its own each round: a run already trained would be resumed at its end, and nothing timed."""
     from trainer.pipeline.jobs import run_stage, stage_function
 
     gpus = 1 if torch.cuda.is_available() else 0
-    cfg = bench_config(args, workers, f"run=bench-{workers}", "train.threads_per_worker=0",
+    cfg = bench_config(args, workers, f"run=bench-{workers}-{round_}", "train.threads_per_worker=0",
                        f"train.gpus_per_worker={gpus}")
     summary = run_stage("base", stage_function("base", cfg), cfg, storage, show_progress=False)
     return summary["tokens_per_second"]
@@ -219,15 +225,16 @@ def main() -> None:
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         storage = prepare(args, Path(tmp))
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             replicated, replicated_bytes = ddp(args, storage, cores)
-            sharded, sharded_bytes = ddp(args, storage, cores, shard=True)
+            sharded, sharded_bytes = ddp(args, storage, cores, shard="overlapped")
             rounds.append({
                 "plain loop, 1 process": plain(args, storage, cores),
                 f"plain DDP, {args.workers} processes": replicated,
-                "ours (Ray Train), 1 worker": ours(args, storage, 1),
-                f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers),
+                "ours (Ray Train), 1 worker": ours(args, storage, 1, round_),
+                f"ours (Ray Train), {args.workers} workers": ours(args, storage, args.workers, round_),
                 f"sharded optimizer, {args.workers} processes": sharded,
+                f"sharded, no overlap, {args.workers} processes": ddp(args, storage, cores, shard="sequential")[0],
             })
     seq_len = load_config(preset=args.preset, overrides=args.overrides).train.seq_len
     over = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
@@ -238,7 +245,8 @@ def main() -> None:
     names = list(rounds[0])
     for label, (a, b) in {"ours / plain loop (1 worker)     ": (2, 0),
                           f"ours / plain DDP ({args.workers} workers)     ": (3, 1),
-                          f"sharded / plain DDP ({args.workers} processes)": (4, 1)}.items():
+                          f"sharded / plain DDP ({args.workers} processes)": (4, 1),
+                          "sharded, overlapped / not       ": (4, 5)}.items():
         ratios = [r[names[a]] / r[names[b]] for r in rounds]
         each = f"  (rounds: {' '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
         print(f"  {label} {statistics.median(ratios):.2f}x{each}")

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -406,14 +407,32 @@ class ZeroSharding:
     then the optimizers step, and both AdamW and Muon skip parameters without a gradient, so state is only
     ever created for owned ones; then every owner broadcasts its updated parameters. param_groups still list
     every parameter, so apply_schedule reaches every group. The model must not be under DDP.
+
+    Communication overlaps computation (overlap=True), as DDP's does: inside `last_backward()` (the last
+    micro-step's backward) each gradient's reduce starts as soon as that gradient is final, while the backward
+    goes on computing the others; and each optimizer's parameters are broadcast while the next one steps.
+    Collectives must start in the same order on every rank, so reduces start in one agreed order: the order in
+    which rank 0's gradients became final in the first step's backward (DDP keeps its buckets in one order
+    for the same reason); a gradient final before its turn waits for the ones ahead of it.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, optimizers: list[torch.optim.Optimizer], rank: int, world_size: int, overlap: bool = True):
+        self.rank, self.world_size, self.overlap = rank, world_size, overlap
         pairs = [(opt, p) for opt in optimizers for p in _params(opt)]
         self.params = [p for _, p in pairs]
         self.owners = balanced_owners([_state_elements(opt, p) for opt, p in pairs], world_size)
         self._owned = {id(p) for p, owner in zip(self.params, self.owners, strict=True) if owner == rank}
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._order: list[int] | None = None  # the agreed order of the reduces, by index into params
+        self._final: list[int] = []  # the order this step's gradients became final in (the first step's)
+        self._ready: set[int] = set()
+        self._launched = 0  # _order[:_launched] have their reduce started
+        self._works: list[dist.Work] = []
+        self._armed = False
+        self.reduces_in_backward = 0  # of the last step: how many started before its backward returned
+        if overlap:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._gradient_final)
 
     def owns(self, p: nn.Parameter) -> bool:
         return id(p) in self._owned
@@ -421,36 +440,80 @@ class ZeroSharding:
     def owned_elements(self) -> int:
         return sum(p.numel() for p in self.params if self.owns(p))
 
+    @contextmanager
+    def last_backward(self) -> Iterator[None]:
+        """Around the backward after which the optimizers step: its gradients start their reduces as they
+        become final (earlier micro-steps' gradients are still accumulating)."""
+        self._armed, self.reduces_in_backward = True, 0
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _gradient_final(self, p: nn.Parameter) -> None:
+        """Autograd's hook once p.grad holds this backward's whole gradient."""
+        if not self._armed:
+            return
+        self._final.append(self._index[id(p)])
+        if self._order is None:
+            return
+        self._ready.add(self._index[id(p)])
+        while self._launched < len(self._order) and self._order[self._launched] in self._ready:
+            self._reduce(self._order[self._launched])
+            self._launched += 1
+            self.reduces_in_backward += 1
+
+    def _reduce(self, i: int) -> None:
+        """Start summing params[i]'s gradient onto its owner. A parameter without a gradient on this rank
+        contributes zeros, so every rank joins every reduce."""
+        p = self.params[i]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        self._works.append(dist.reduce(p.grad, dst=self.owners[i], op=dist.ReduceOp.SUM, async_op=True))
+
+    def _agree_on_order(self) -> list[int]:
+        """Rank 0's order of final gradients (the parameters that had none last, in index order), on every
+        rank; plain index order without overlap."""
+        if not self.overlap:
+            return list(range(len(self.params)))
+        seen = list(dict.fromkeys(self._final))
+        order = [seen + [i for i in range(len(self.params)) if i not in set(seen)]]
+        dist.broadcast_object_list(order, src=0)
+        return order[0]
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Each gradient summed onto its owner and divided there by the ranks (DDP's mean); dropped elsewhere.
-        A parameter without a gradient on this rank contributes zeros, so every rank joins every reduce."""
-        works = []
-        for p, owner in zip(self.params, self.owners, strict=True):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            works.append(dist.reduce(p.grad, dst=owner, op=dist.ReduceOp.SUM, async_op=True))
-        for work in works:
+        Starts the reduces last_backward() did not, then waits for all of them."""
+        if self._order is None:
+            self._order = self._agree_on_order()
+        for i in self._order[self._launched:]:
+            self._reduce(i)
+        for work in self._works:
             work.wait()
+        self._works, self._final, self._ready, self._launched = [], [], set(), 0
         for p in self.params:
             if self.owns(p):
                 p.grad.div_(self.world_size)
             else:
                 p.grad = None
 
-    @torch.no_grad()
-    def share_parameters(self) -> None:
-        """Every parameter broadcast from its owner, which has just updated it."""
-        works = [dist.broadcast(p.detach(), src=owner, async_op=True)
-                 for p, owner in zip(self.params, self.owners, strict=True)]
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Gradients to their owners; then each optimizer steps and broadcasts its parameters from their
+        owners, while the next one steps."""
+        self.reduce_gradients()
+        works = []
+        for opt in optimizers:
+            with torch.no_grad():
+                opt.step()
+                works += [dist.broadcast(p.detach(), src=self.owners[self._index[id(p)]], async_op=True)
+                          for p in _params(opt)]
+            if not self.overlap:  # each optimizer's broadcasts finish before the next one steps
+                for work in works:
+                    work.wait()
+                works = []
         for work in works:
             work.wait()
-
-    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.reduce_gradients()
-        for opt in optimizers:
-            opt.step()
-        self.share_parameters()
 
     def gathered_state_dict(self, optimizers: list[torch.optim.Optimizer]) -> list[dict[str, Any]] | None:
         """optimizers_state_dict of the whole, unsharded state, on rank 0 (None elsewhere): each rank's owned

@@ -18,6 +18,7 @@ from tests.support.checkpoints import upload_checkpoint
 from tests.support.ranks import run_ranks
 from trainer.optim import (
     OptimConfig,
+    ZeroSharding,
     apply_schedule,
     balanced_owners,
     build_optimizers,
@@ -98,7 +99,15 @@ def _rank(rank: int, world: int, tmp: str) -> None:
             out[f"state_params_{sharded}"] = sum(len(opt.state) for opt in optimizers)
         out["total_params"] = len(list(model.parameters()))
         out["owned_elements"] = sharding.owned_elements()
+        out["reduces_in_backward"] = sharding.reduces_in_backward
         out["sharded_matches_ddp"] = max((ends[True][k] - ends[False][k]).abs().max().item() for k in ends[True])
+        # without overlap: the same sums in another order of reduces, so the same weights, bit for bit
+        model, optimizers, _ = setup(False, worker)
+        sequential = ZeroSharding(optimizers, worker.rank, worker.world_size, overlap=False)
+        train(model, optimizers, sequential, worker, range(STEPS))
+        end = params(model)
+        out["overlap_matches_sequential"] = all(end[k].equal(ends[True][k]) for k in end)
+        out["sequential_reduces_in_backward"] = sequential.reduces_in_backward
 
         # checkpoints at step SPLIT, written sharded or not, resumed sharded or not
         storage = LocalStorage(Path(tmp) / "storage")
@@ -136,6 +145,15 @@ def test_sharded_training_matches_ddp_with_accumulation(ranks):
     for out in ranks:
         assert out["sharded_matches_ddp"] < 1e-6
         assert out["ranks_agree"]
+
+
+def test_gradients_start_their_reduces_during_the_last_backward(ranks):
+    """From the second step on, every reduce starts inside the last micro-step's backward (the first step
+    agrees on their order); with overlap off none does, and the weights come out the same, bit for bit."""
+    for out in ranks:
+        assert out["reduces_in_backward"] == out["total_params"]
+        assert out["sequential_reduces_in_backward"] == 0
+        assert out["overlap_matches_sequential"]
 
 
 def test_each_rank_holds_about_half_the_optimizer_state(ranks):

@@ -171,9 +171,11 @@ def optimizer_step(forward, model: GPT, optimizers, loader: Loader, accum: int, 
     tokens = torch.zeros((), device=worker.device, dtype=torch.long)
     for micro in range(accum):
         inputs, targets = next(loader)
-        with accumulating(forward, micro == accum - 1), worker.autocast():
+        last = micro == accum - 1
+        with accumulating(forward, last), worker.autocast():
             loss = forward(inputs, targets)
-        (loss / accum).backward()
+        with sharding.last_backward() if sharding is not None and last else nullcontext():
+            (loss / accum).backward()  # sharded: the gradients' reduces start as they become final
         loss_sum += loss.detach()
         tokens += (targets >= 0).sum()
     step_optimizers(optimizers, sharding)
@@ -181,15 +183,16 @@ def optimizer_step(forward, model: GPT, optimizers, loader: Loader, accum: int, 
     return loss_sum / accum, tokens
 
 
-def shard_optimizers(enabled: bool, optimizers: list[torch.optim.Optimizer], worker: Worker
+def shard_optimizers(enabled: bool, optimizers: list[torch.optim.Optimizer], worker: Worker, overlap: bool = True
                      ) -> ZeroSharding | None:
-    """The ZeroSharding of train.shard_optimizer; None when it is off or there is one worker to hold it all."""
+    """The ZeroSharding of train.shard_optimizer; None when it is off or there is one worker to hold it all.
+    overlap: ZeroSharding's (off only to measure what it gains, bench/train_throughput.py)."""
     if not enabled:
         return None
     if worker.world_size == 1:
         log.info("train.shard_optimizer: one worker holds all optimizer state; nothing to shard")
         return None
-    sharding = ZeroSharding(optimizers, worker.rank, worker.world_size)
+    sharding = ZeroSharding(optimizers, worker.rank, worker.world_size, overlap)
     log.info("rank %d owns the optimizer state of %d of %d parameter elements", worker.rank,
              sharding.owned_elements(), sum(p.numel() for p in sharding.params))
     return sharding
