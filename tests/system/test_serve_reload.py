@@ -78,6 +78,14 @@ def make_replica(uri: str, step: int | None = None, engine_core: str = "thread",
     return EngineReplica.func_or_class(ModelSource(uri, "default", "sft", step), cfg.model_dump())
 
 
+def about_64_blocks(tok: Tokenizer) -> float:
+    """The kv_cache_memory_fraction of this machine's free memory that holds about 64 KV-cache blocks of the
+    reply models."""
+    cfg = reply_model(tok, reply_text=FIRST).config
+    block_bytes = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4  # float32 keys and values
+    return 64 * block_bytes / free_memory("cpu")
+
+
 def chat_params(tok: Tokenizer) -> dict:
     stops = [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
     return asdict(SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=stops))
@@ -169,11 +177,8 @@ def test_a_cache_sized_from_free_memory_is_swapped_once_the_old_engine_has_drain
     """A KV cache sized as a fraction of the free memory leaves no room for a second beside it (on a GPU):
     the old engine lets its request finish and shuts down before the new one starts. A request that arrives
     meanwhile waits and is answered by the new step; the replica stays healthy throughout."""
-    cfg = reply_model(tok, reply_text=FIRST).config
-    block_bytes = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4  # float32 keys and values
-    fraction = 64 * block_bytes / free_memory("cpu")  # about 64 blocks
     publish(local_storage, tok, 5, FIRST, tmp_path)
-    replica = make_replica(local_storage.uri, engine_core=engine_core, kv_cache_memory_fraction=fraction)
+    replica = make_replica(local_storage.uri, engine_core=engine_core, kv_cache_memory_fraction=about_64_blocks(tok))
     first_engine = replica.loaded.engine
 
     async def scenario() -> tuple[str, str]:
@@ -237,13 +242,16 @@ def models_step(base: str) -> int | None:
     return data[0]["step"] if data else None
 
 
-@pytest.fixture(scope="module")
-def empty_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["beside", "drain-first"])
+def empty_server(request, tok, tmp_path_factory):
     """`nanochat serve` on a storage folder that does not exist yet, ready once serve.run() has deployed the
-    app (it prints "nanochat serve:" then)."""
+    app (it prints "nanochat serve:" then). Its KV cache is 64 blocks, so a new checkpoint's engine starts
+    beside the old one; or sized from free memory, so the old engine drains first."""
     root = tmp_path_factory.mktemp("reload") / "storage"
+    cache = "serve.num_blocks=64" if request.param == "beside" else \
+        f"serve.kv_cache_memory_fraction={about_64_blocks(tok)}"
     # the other transport than test_serve_ray's server (grpc, the default)
-    with nanochat_serve(root, f"serve.reload_interval_s={RELOAD_S}", "serve.num_blocks=64", "serve.transport=ray",
+    with nanochat_serve(root, f"serve.reload_interval_s={RELOAD_S}", cache, "serve.transport=ray",
                         ready_line="nanochat serve:") as server:
         yield server
 
