@@ -18,6 +18,9 @@ Throughput:
 - train: the trainer's optimizer_step (forward, backward, Muon + AdamW) on random batches, eager and under
   torch.compile, tokens/s, MFU and peak memory, per depth; with --fp8 also compiled in FP8 (GPUs of compute
   capability 8.9 or newer; elsewhere a line says why not)
+- kv_cache_memory: the KV cache serve sizes by default (0.9 of the free memory on a GPU), and whether a second
+  engine sized after the first is dropped finds the same memory (a checkpoint reload drains the old engine
+  first for that); again_over_first should be about 1
 - serve: the serving engine (continuous batching over the paged cache) on concurrent requests with random
   prompts, output tokens/s, float32 against bfloat16, CUDA-graph decodes against eager ones and against the
   graphs of the compiled decode step (serve.compile_decode), with async scheduling (serve.async_scheduling:
@@ -54,7 +57,7 @@ from bench import prefill
 from nanochat.gpt import GPT, GPTConfig, causal_attention, window_block_mask
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import LLMEngine
+from serving.engine.llm_engine import LLMEngine, build_engine, resolve_kv_memory_fraction
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence
@@ -366,6 +369,29 @@ def time_serving(model: GPT, tokenizer: Tokenizer, dtype: str, enforce_eager: bo
             "single_request_bandwidth_utilisation": None if peak is None else step_bytes * decode_steps_per_second / peak}
 
 
+def check_kv_memory(model: GPT, tokenizer: Tokenizer, device: torch.device, requests: int) -> dict[str, Any]:
+    """The KV cache serve sizes with kv_cache_memory_fraction unset (0.9 of the free memory on a GPU; on a
+    CPU, where unset means num_blocks, 0.001 of the RAM available), twice: an engine serves `requests`
+    requests and is dropped, then another is sized. A checkpoint reload that drains the old engine first
+    relies on the second finding the first one's memory (its pools and CUDA graphs) free again."""
+    fraction = None if device.type == "cuda" else 0.001
+    blocks = []
+    for _ in range(2):
+        engine = build_engine(copy.deepcopy(model), tokenizer, str(device), num_blocks=16,
+                              kv_cache_memory_fraction=fraction, max_num_seqs=requests, dtype="bfloat16")
+        for i in range(requests):
+            engine.add_request(f"r{i}", [1 + i, 2, 3], SamplingParams(temperature=0.0, max_tokens=8))
+        while engine.has_work():
+            engine.step()
+        blocks.append(engine.block_manager.num_blocks)
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"fraction": resolve_kv_memory_fraction(fraction, device), "blocks": blocks[0],
+            "tokens": blocks[0] * 16, "again_over_first": blocks[1] / blocks[0]}
+
+
 def count_step_syncs(engine: LLMEngine) -> list[str]:
     """Record every stream sync the engine's step launches and reads make (torch's sync debug mode, as
     warnings): with async scheduling one that waits for the queue serialises the steps it should overlap."""
@@ -458,6 +484,8 @@ def main() -> None:
             ("bfloat16", False, "flex", False, False), ("bfloat16", True, "flex", False, False),
             ("bfloat16", False, "flex", True, False), ("bfloat16", False, "flex", False, True),
             ("bfloat16", False, "flex", True, True))
+    if "serve" in wanted:
+        section("kv_cache_memory", results, lambda: check_kv_memory(serve_model, tokenizer, device, 8))
     if "serve" in wanted:  # a step's prefill chunks packed back to back against rows padded to the longest
         section(f"prefill_d{serve_depth}_packed_vs_padded", results, lambda: prefill.compare(
             serve_model, 8, 64 if small else 2048, 5, device, "auto"))
