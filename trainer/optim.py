@@ -14,8 +14,9 @@ Notable:
 - by default plain optimizers: under DDP every rank holds all state and applies the identical,
   deterministic update to identical averaged gradients, so ranks stay bit-identical
 - ZeroSharding (train.shard_optimizer), ZeRO-1: each rank keeps optimizer state for the whole parameters it
-  owns, receives their summed gradients, updates them and broadcasts them; checkpoints gather the state into
-  the unsharded format, so a run resumes with the flag on or off
+  owns, receives their summed gradients, updates them and broadcasts them, the reduces overlapping the last
+  backward and the broadcasts the optimizer steps; checkpoints gather the state into the unsharded format, so
+  a run resumes with the flag on or off
 - schedule: linear warmup, constant, linear warmdown to final_lr_frac; Muon momentum ramps 0.85 -> 0.97
   over 400 steps and eases to 0.90 during the warmdown; Muon weight decay follows a cosine to zero
 - depth dial: the training horizon from a tokens:params ratio, gradient accumulation from batch sizes,
@@ -476,8 +477,8 @@ class ZeroSharding:
         rank; plain index order without overlap."""
         if not self.overlap:
             return list(range(len(self.params)))
-        seen = list(dict.fromkeys(self._final))
-        order = [seen + [i for i in range(len(self.params)) if i not in set(seen)]]
+        seen = dict.fromkeys(self._final)
+        order = [[*seen, *(i for i in range(len(self.params)) if i not in seen)]]
         dist.broadcast_object_list(order, src=0)
         return order[0]
 
@@ -504,10 +505,9 @@ class ZeroSharding:
         self.reduce_gradients()
         works = []
         for opt in optimizers:
-            with torch.no_grad():
-                opt.step()
-                works += [dist.broadcast(p.detach(), src=self.owners[self._index[id(p)]], async_op=True)
-                          for p in _params(opt)]
+            opt.step()
+            works += [dist.broadcast(p.detach(), src=self.owners[self._index[id(p)]], async_op=True)
+                      for p in _params(opt)]
             if not self.overlap:  # each optimizer's broadcasts finish before the next one steps
                 for work in works:
                     work.wait()
