@@ -72,6 +72,7 @@ from serving.engine.llm_engine import (
     QueueFull,
     TokenEvent,
     build_engine,
+    check_servable,
     resolve_kv_memory_fraction,
 )
 from serving.engine.sequence import SamplingParams
@@ -203,6 +204,7 @@ class EngineReplica:
         cfg = self.cfg
         old = self.loaded
         drained = old is not None and resolve_kv_memory_fraction(cfg.kv_cache_memory_fraction, self.device) > 0
+        check_servable(model, tokenizer)  # a checkpoint that cannot be served costs no drain
         try:
             if drained:
                 self._drain_for_swap(old, step)

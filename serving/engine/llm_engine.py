@@ -263,6 +263,14 @@ class RequestCheck:
                                    min_tokens=min(params.min_tokens, room))
 
 
+def check_servable(model: GPT, tokenizer: Tokenizer) -> None:
+    """A ValueError when tokenizer's tokens are not all the model's: what makes a checkpoint unservable
+    whatever the engine's settings (a server checks it before it gives up the engine it has)."""
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                         f"tokenizer's ({tokenizer.vocab_size})")
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache; every method runs on one thread."""
 
@@ -275,9 +283,7 @@ class LLMEngine:
         hybrid_kv_cache: sliding-window layers keep only their window, in a pool of their own, when that
         leaves the full-context layers more blocks (kv_cache_split); async_scheduling: each step schedules
         and launches the next before it reads its own tokens (module docstring)."""
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                             f"tokenizer's ({tokenizer.vocab_size})")
+        check_servable(model, tokenizer)
         self.tokenizer = tokenizer
         split = kv_cache_split(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                                max_model_len) if hybrid_kv_cache else None

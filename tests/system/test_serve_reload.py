@@ -20,13 +20,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from nanochat.checkpoint import MODEL, write_checkpoint
 from nanochat.config import ServeConfig
+from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
@@ -49,12 +50,12 @@ def tok() -> Tokenizer:
     return reply_tokenizer((FIRST, NEWER))
 
 
-def publish(storage: Storage, tok: Tokenizer, step: int, reply: str, scratch: Path) -> None:
-    """The tokenizer and an SFT checkpoint of a model that answers `reply`, laid out as training leaves them
-    (the step's files, its manifest, then `latest`)."""
+def publish(storage: Storage, tok: Tokenizer, step: int, reply: str, scratch: Path, model: GPT | None = None) -> None:
+    """The tokenizer and an SFT checkpoint of a model that answers `reply` (or of model), laid out as training
+    leaves them (the step's files, its manifest, then `latest`)."""
     if not storage.exists(TOKENIZER_KEY):
         storage.write_text(TOKENIZER_KEY, tok.to_json())
-    model = reply_model(tok, reply_text=reply)
+    model = model or reply_model(tok, reply_text=reply)
     folder = scratch / step_dir_name(step)
     write_checkpoint(folder, model_state=model.state_dict(), optimizer_state=None, cursor=None, config={}, rng=None,
                      meta={"stage": "sft", "world_size": 1, "model_config": vars(model.config)})
@@ -205,6 +206,29 @@ def test_a_cache_sized_from_free_memory_is_swapped_once_the_old_engine_has_drain
         # the old engine was down before the new one was built, not after it (as in a swap beside it)
         assert caplog.text.index("engine of step 5 shut down for the swap (0 requests aborted") < \
             caplog.text.index(" step 9 on cpu")
+    finally:
+        logging.getLogger(app_log.name).removeHandler(caplog.handler)
+        replica.stop()
+
+
+def test_a_checkpoint_that_cannot_be_served_is_refused_before_the_old_engine_drains(local_storage, tok, tmp_path,
+                                                                                   caplog):
+    """A reload that would drain the old engine first (a cache sized from free memory) checks the new
+    checkpoint first: one whose model cannot take the tokenizer's tokens is refused, and the old engine
+    goes on serving, healthy."""
+    publish(local_storage, tok, 5, FIRST, tmp_path)
+    replica = make_replica(local_storage.uri, kv_cache_memory_fraction=about_64_blocks(tok))
+    first_engine = replica.loaded.engine
+    too_small = GPT(replace(reply_model(tok, reply_text=NEWER).config, vocab_size=tok.vocab_size - 8))
+    too_small.init_weights()
+    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
+    try:
+        publish(local_storage, tok, 9, NEWER, tmp_path, model=too_small)
+        wait_for(lambda: "not loading step 9" in caplog.text, 30, "step 9 to be refused")
+        assert "smaller than the tokenizer's" in caplog.text and "in the memory of" not in caplog.text
+        assert served_step(replica) == 5 and first_engine.alive()
+        replica.check_health()
+        assert asyncio.run(reply_of(replica, tok, "after")) == FIRST
     finally:
         logging.getLogger(app_log.name).removeHandler(caplog.handler)
         replica.stop()
