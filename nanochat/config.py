@@ -141,6 +141,7 @@ class ChatStageConfig(Section):
     final_lr_frac: float = Field(0.0, ge=0, le=1)
     max_examples: int = Field(-1, ge=-1, description="cap on examples drawn from each task (-1: all)")
     eval_every: int = Field(-1, ge=-1, description="validation loss every N steps (-1: only at the end)")
+    warm_start_optimizer: bool = Field(True, description="the optimizers start from the state of the checkpoint the stage starts from (Muon's momentum, AdamW's moments), with this stage's learning rates and decays, as nanochat's SFT loads the pretraining optimizer's; false: fresh optimizers")
 
 
 class MidConfig(ChatStageConfig):

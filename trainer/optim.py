@@ -366,6 +366,24 @@ def load_optimizers_state_dict(optimizers: list[torch.optim.Optimizer], states: 
         opt.load_state_dict(state)
 
 
+def warm_start_optimizers(optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]],
+                          sharding: ZeroSharding | None = None) -> None:
+    """Load the state another stage's optimizers saved (momentum buffers, Adam moments and step counts) into
+    optimizers built the same way, keeping their own hyperparameters (learning rates, betas, decays,
+    schedule anchors), which load_state_dict would overwrite. A ValueError when they were not built the same
+    way (other optimizers, groups or parameters), before anything is loaded."""
+    for opt, saved in zip(optimizers, states, strict=True):
+        groups = saved["state"]["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise ValueError(f"the saved {saved['type']} state has groups of {[len(g['params']) for g in groups]} "
+                             f"parameters, this one {[len(g['params']) for g in opt.param_groups]}")
+    own = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
+    load_optimizers_state_dict(optimizers, states, sharding)
+    for opt, settings in zip(optimizers, own, strict=True):
+        for group, kept in zip(opt.param_groups, settings, strict=True):
+            group.update(kept)
+
+
 def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     """Bytes of tensors this process holds as optimizer state (moments, momentum buffers, step counts)."""
     return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()

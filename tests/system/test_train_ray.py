@@ -126,8 +126,9 @@ def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
     cfg = config("reference", *chat)
     mid = run_stage("mid", stage_function("mid", cfg), cfg, s3_storage, show_progress=False)
     assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}
+    assert mid["metrics"]["optimizer_from"] == "base step 12"  # the momentum base pretraining ended with
     sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, show_progress=False)
-    assert sft["steps"] == 3
+    assert sft["steps"] == 3 and sft["metrics"]["optimizer_from"] == "mid step 3"
     assert "smoltalk" in sft["metrics"]["skipped_tasks"], "offline, SmolTalk is skipped with its reason"
     keys = s3_storage.list("runs/reference/")
     assert "runs/reference/mid/step_000003/manifest.json" in keys

@@ -1,5 +1,6 @@
 """Muon/AdamW, the schedules and the depth-dial helpers of trainer/optim.py, on a tiny self-contained model."""
 
+import copy
 import io
 import os
 import tempfile
@@ -387,6 +388,35 @@ def test_loading_state_into_different_optimizers_is_an_error():
     adamw, muon = build_optimizers(model, OptimConfig())
     with pytest.raises(ValueError, match="Muon"):
         load_optimizers_state_dict([adamw, muon], optimizers_state_dict([muon, adamw]))
+
+
+def test_a_warm_start_takes_the_saved_state_and_keeps_its_own_settings():
+    """A chat stage's optimizers start from the previous stage's momentum and moments (warm_start_optimizers),
+    with their own learning rates and decays, which load_state_dict alone would overwrite."""
+    from trainer.optim import warm_start_optimizers
+
+    model = make_model()
+    base_cfg = OptimConfig()
+    trained = build_optimizers(model, base_cfg)
+    train_steps(model, trained, base_cfg, range(5), 10)
+    saved = optimizers_state_dict(trained)
+    chat = build_optimizers(model, OptimConfig(weight_decay=0.0), lr_scale=0.02)
+    settings = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in chat]
+    assert settings != [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trained]
+    warm_start_optimizers(chat, saved)
+    for fresh, old in zip(chat, trained, strict=True):
+        assert len(fresh.state) == len(old.state) > 0
+        for p in fresh.state:
+            for key, value in old.state[p].items():
+                assert torch.equal(torch.as_tensor(fresh.state[p][key]), torch.as_tensor(value)), key
+    assert [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in chat] == settings
+    # the state of optimizers over other parameters: refused before anything is loaded
+    other = copy.deepcopy(saved)
+    other[1]["state"]["param_groups"][0]["params"].pop()
+    fresh = build_optimizers(model, base_cfg)
+    with pytest.raises(ValueError, match="groups"):
+        warm_start_optimizers(fresh, other)
+    assert all(not opt.state for opt in fresh)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Notable:
   into rows of train.seq_len tokens, and the rows per worker and micro-steps follow from the budget and
   the worker count (chat_batch_plan), so every preset's stages run at its own worker count
 - tasks whose data cannot be had (offline, no local files) are left out with the reason logged and recorded
-- mid starts from base; sft from mid (or base when there is no mid); optimizers start fresh; learning rates
+- mid starts from base; sft from mid (or base when there is no mid); the optimizers from the state that
+  checkpoint saved (momentum and moments: fresh ones would spend their first steps estimating them again),
+  or fresh ones with warm_start_optimizer false or when the state is not the same optimizers'; learning rates
   are the base ones times lr_frac (not the batch-scaled ones of recipe record: nanochat's SFT takes the
   base run's unscaled settings too), on the stage's own schedule (warmup, warmdown, final_lr_frac; mid
   holds them and falls over its last 20%, sft falls linearly to zero), Muon weight decay 0 by default
@@ -18,17 +20,19 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from nanochat.checkpoint import read_checkpoint
 from nanochat.config import ChatStageConfig, Config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
 from services.layout import run_prefix
 from trainer.data.conversations import ConversationLoader, mixture_tokens
-from trainer.optim import OptimConfig, optim_config
+from trainer.optim import OptimConfig, optim_config, warm_start_optimizers
 from trainer.stages.loop import Stage, TrainState, train_stage
 from trainer.stages.table import STAGES
 from trainer.tasks import build_mixture
@@ -75,6 +79,8 @@ class ChatStage(Stage):
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.stage_cfg: ChatStageConfig = getattr(self.cfg, self.name)
+        self.started_from: tuple[str, int] | None = None  # (stage, step) of the checkpoint build_model loaded
+        self.optimizer_from: str | None = None  # where the optimizers' state came from, if not fresh
         self.mixture, self.skipped = stage_mixture(self.stage_cfg, self.cfg, "train", self.storage)
         self.plan = chat_batch_plan(self.stage_cfg, self.cfg.train.seq_len, self.worker.world_size)
         if self.worker.is_main and self.plan.tokens_per_step != self.stage_cfg.tokens_per_step:
@@ -90,8 +96,29 @@ class ChatStage(Stage):
             if checkpoints.latest_step() is not None:
                 model, step = checkpoints.load_model(torch.device("cpu"))
                 log.info("%s starts from %s step %d", self.name, previous, step)
+                self.started_from = previous, step
                 return model
         raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in {run_prefix(self.cfg.run)}")
+
+    def warm_start(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """The optimizer state saved with the checkpoint build_model started from, this stage's own settings
+        kept; fresh optimizers, with the reason logged, when it is a JAX run's or other optimizers'."""
+        if not self.stage_cfg.warm_start_optimizer or self.started_from is None:
+            return
+        previous, step = self.started_from
+        with tempfile.TemporaryDirectory(prefix="nanochat-warm-") as tmp:
+            folder = CheckpointManager(self.storage, self.cfg.run, previous).fetch(step, tmp)
+            ckpt = read_checkpoint(folder, map_location="cpu")
+        saved = (ckpt.optimizer_state or {}).get("optimizers") if ckpt.meta.get("backend", "torch") == "torch" else None
+        try:
+            if saved is None:
+                raise ValueError("it saved no torch optimizer state")
+            warm_start_optimizers(optimizers, saved, self.sharding)
+        except ValueError as e:
+            log.warning("%s: fresh optimizers, not %s step %d's (%s)", self.name, previous, step, e)
+            return
+        self.optimizer_from = f"{previous} step {step}"
+        log.info("%s: optimizer state from %s", self.name, self.optimizer_from)
 
     def optim_config(self) -> OptimConfig:
         s = self.stage_cfg
@@ -116,7 +143,8 @@ class ChatStage(Stage):
         return self.stage_cfg.eval_every
 
     def summary_extra(self, state: TrainState) -> dict[str, Any]:
-        return {"mixture": self.mixture.counts(), "skipped_tasks": self.skipped}
+        return {"mixture": self.mixture.counts(), "skipped_tasks": self.skipped,
+                "optimizer_from": self.optimizer_from}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
         """Mean loss on assistant tokens of held-out conversations (the tasks' test splits where they exist)."""

@@ -249,6 +249,11 @@ class Stage(ABC):
             return module
         return DistributedDataParallel(module, **ddp_args)
 
+    def warm_start(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """On a fresh start (no checkpoint of the stage's own): whatever optimizer state the stage starts
+        from. None by default: fresh optimizers."""
+        return None
+
     def size_batch(self, forward: nn.Module, model: GPT) -> None:
         """After wrap, before the first batch: settle what the batch size depends on (base pretraining: an
         automatic device batch is measured on the wrapped model). The other stages' batches are set."""
@@ -496,6 +501,8 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
     optimizers = build_optimizers(model, optim_cfg)
     stage.sharding = shard_optimizers(cfg.train.shard_optimizer, optimizers, worker)
     state, cursor = restore_checkpoint(manager, worker, model, optimizers, stage.sharding)
+    if not state.resumed_from:
+        stage.warm_start(optimizers)
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
     forward = stage.wrap(model)
