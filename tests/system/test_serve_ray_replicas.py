@@ -109,12 +109,15 @@ def shared_prefix_prompt(group: int, i: int) -> str:
 
 
 def routed_hit_rate(client: openai.OpenAI, app: str) -> tuple[float, list[set[str]]]:
-    """4 groups of 6 requests sharing a long prefix, interleaved (A B C D A B ...), one at a time: the
-    prefix cache's hit rate over them, and for each group the replicas that ran it."""
+    """4 groups of 6 requests sharing a long prefix, interleaved and rotated a place each round (A B C D,
+    B C D A, ...), one at a time: the prefix cache's hit rate over them, and for each group the replicas that
+    ran it. Rotated, so that a router alternating between the two replicas (as Serve's can, when the one
+    it just used still looks busy) splits every group between them too, rather than keeping A and C on one
+    and B and D on the other by accident."""
     before = stats(app)
     where: list[set[str]] = [set() for _ in range(4)]
     for i in range(6):
-        for group in range(4):
+        for group in [(i + k) % 4 for k in range(4)]:
             client.completions.create(model="nanochat", prompt=shared_prefix_prompt(group, i), max_tokens=2)
             now = stats(app)
             where[group] |= {name for name in now if now[name]["prefix_cache_queries"]
