@@ -28,6 +28,7 @@ import torch
 from nanochat.checkpoint import (
     MANIFEST,
     META,
+    Checkpoint,
     CorruptCheckpoint,
     model_from_checkpoint,
     read_checkpoint,
@@ -199,8 +200,9 @@ class CheckpointManager:
             raise CorruptCheckpoint(self._where(step), problems)
         return dest
 
-    def load_model(self, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, int]:
-        """The stage's newest valid checkpoint (or the given step) as a model in eval mode, and its step."""
+    def load_checkpoint(self, step: int | None = None, load_optimizer: bool = False) -> tuple[Checkpoint, int]:
+        """The stage's newest valid checkpoint (or the given step), read on the CPU (its optimizer state
+        only when asked), and its step."""
         with tempfile.TemporaryDirectory(prefix="nanochat-model-") as tmp:
             if step is None:
                 found = self.latest_valid(tmp)
@@ -210,8 +212,12 @@ class CheckpointManager:
                 step, folder = found
             else:
                 folder = self.fetch(step, tmp)
-            model = model_from_checkpoint(read_checkpoint(folder, load_optimizer=False), device)
-        return model, step
+            return read_checkpoint(folder, load_optimizer=load_optimizer), step
+
+    def load_model(self, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, int]:
+        """The stage's newest valid checkpoint (or the given step) as a model in eval mode, and its step."""
+        ckpt, step = self.load_checkpoint(step)
+        return model_from_checkpoint(ckpt, device), step
 
     # -- stage completion
 

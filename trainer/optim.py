@@ -443,7 +443,7 @@ class ZeroSharding:
         self._owned = {id(p) for p, owner in zip(self.params, self.owners, strict=True) if owner == rank}
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._order: list[int] | None = None  # the agreed order of the reduces, by index into params
-        self._final: list[int] = []  # the order this step's gradients became final in (the first step's)
+        self._final: list[int] = []  # the order the first step's gradients became final in (rank 0's is agreed)
         self._ready: set[int] = set()
         self._launched = 0  # _order[:_launched] have their reduce started
         self._works: list[dist.Work] = []
@@ -473,10 +473,11 @@ class ZeroSharding:
         """Autograd's hook once p.grad holds this backward's whole gradient."""
         if not self._armed:
             return
-        self._final.append(self._index[id(p)])
-        if self._order is None:
+        i = self._index[id(p)]
+        if self._order is None:  # the first step: only learn the order
+            self._final.append(i)
             return
-        self._ready.add(self._index[id(p)])
+        self._ready.add(i)
         while self._launched < len(self._order) and self._order[self._launched] in self._ready:
             self._reduce(self._order[self._launched])
             self._launched += 1

@@ -669,12 +669,17 @@ def cgroup_memory_left(root: Path) -> int | None:
     return None
 
 
+def kv_cache_block_bytes(model: GPT, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV-cache block: keys and values of every layer for block_size tokens."""
+    cfg = model.config
+    return 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+
+
 def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: float, free_bytes: int) -> int:
     """How many KV-cache blocks fit in fraction of free_bytes (vLLM's gpu_memory_utilization, of the memory
     left once the model is loaded): keys and values of every layer for block_size tokens each. A ValueError
     naming serve.kv_cache_memory_fraction when fewer than 2 fit."""
-    cfg = model.config
-    per_block = 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+    per_block = kv_cache_block_bytes(model, block_size, dtype)
     blocks = int(fraction * free_bytes) // per_block
     if blocks < 2:
         raise ValueError(f"serve.kv_cache_memory_fraction={fraction} of the {free_bytes / 2**20:.0f} MiB free holds "

@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanochat.checkpoint import MODEL, write_checkpoint
 from nanochat.config import ServeConfig
@@ -33,7 +34,7 @@ from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
 from serving.deployments import EngineReplica, NoModelLoaded
 from serving.deployments import log as app_log
-from serving.engine.llm_engine import free_memory
+from serving.engine.llm_engine import free_memory, kv_cache_block_bytes
 from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.support.checkpoints import upload_checkpoint
@@ -82,8 +83,7 @@ def make_replica(uri: str, step: int | None = None, engine_core: str = "thread",
 def about_64_blocks(tok: Tokenizer) -> float:
     """The kv_cache_memory_fraction of this machine's free memory that holds about 64 KV-cache blocks of the
     reply models."""
-    cfg = reply_model(tok, reply_text=FIRST).config
-    block_bytes = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4  # float32 keys and values
+    block_bytes = kv_cache_block_bytes(reply_model(tok, reply_text=FIRST), 16, torch.float32)
     return 64 * block_bytes / free_memory("cpu")
 
 

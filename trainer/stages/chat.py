@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nanochat.checkpoint import read_checkpoint
+from nanochat.checkpoint import model_from_checkpoint
 from nanochat.config import ChatStageConfig, Config
 from nanochat.gpt import GPT
 from services.checkpoints import CheckpointManager
@@ -80,6 +79,7 @@ class ChatStage(Stage):
         super().__init__(*args)
         self.stage_cfg: ChatStageConfig = getattr(self.cfg, self.name)
         self.started_from: tuple[str, int] | None = None  # (stage, step) of the checkpoint build_model loaded
+        self.saved_optimizers: list[dict] | None = None  # that checkpoint's torch optimizer state, until warm_start
         self.optimizer_from: str | None = None  # where the optimizers' state came from, if not fresh
         self.mixture, self.skipped = stage_mixture(self.stage_cfg, self.cfg, "train", self.storage)
         self.plan = chat_batch_plan(self.stage_cfg, self.cfg.train.seq_len, self.worker.world_size)
@@ -90,26 +90,28 @@ class ChatStage(Stage):
                      self.stage_cfg.tokens_per_step)
 
     def build_model(self) -> GPT:
+        """The previous stage's newest checkpoint; read with its optimizer state for warm_start when the stage
+        warm-starts, so the checkpoint is downloaded and verified once."""
         sources = STAGES[self.name].starts_from
         for previous in sources:
             checkpoints = CheckpointManager(self.storage, self.cfg.run, previous)
             if checkpoints.latest_step() is not None:
-                model, step = checkpoints.load_model(torch.device("cpu"))
+                ckpt, step = checkpoints.load_checkpoint(load_optimizer=self.stage_cfg.warm_start_optimizer)
                 log.info("%s starts from %s step %d", self.name, previous, step)
                 self.started_from = previous, step
-                return model
+                if ckpt.meta.get("backend", "torch") == "torch" and ckpt.optimizer_state is not None:
+                    self.saved_optimizers = ckpt.optimizer_state["optimizers"]
+                return model_from_checkpoint(ckpt, torch.device("cpu"))
         raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in {run_prefix(self.cfg.run)}")
 
-    def warm_start(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """The optimizer state saved with the checkpoint build_model started from, this stage's own settings
-        kept; fresh optimizers, with the reason logged, when it is a JAX run's or other optimizers'."""
-        if not self.stage_cfg.warm_start_optimizer or self.started_from is None:
+    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> None:
+        """On a fresh start, the optimizer state saved with the checkpoint build_model started from, this
+        stage's own settings kept; fresh optimizers, with the reason logged, when it is a JAX run's or other
+        optimizers'."""
+        saved, self.saved_optimizers = self.saved_optimizers, None  # not needed past this, either way
+        if resumed or not self.stage_cfg.warm_start_optimizer or self.started_from is None:
             return
         previous, step = self.started_from
-        with tempfile.TemporaryDirectory(prefix="nanochat-warm-") as tmp:
-            folder = CheckpointManager(self.storage, self.cfg.run, previous).fetch(step, tmp)
-            ckpt = read_checkpoint(folder, map_location="cpu")
-        saved = (ckpt.optimizer_state or {}).get("optimizers") if ckpt.meta.get("backend", "torch") == "torch" else None
         try:
             if saved is None:
                 raise ValueError("it saved no torch optimizer state")

@@ -249,9 +249,9 @@ class Stage(ABC):
             return module
         return DistributedDataParallel(module, **ddp_args)
 
-    def warm_start(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """On a fresh start (no checkpoint of the stage's own): whatever optimizer state the stage starts
-        from. None by default: fresh optimizers."""
+    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> None:
+        """Once the stage's own checkpoint is restored (resumed) or not: on a fresh start, whatever optimizer
+        state the stage starts from. None by default: fresh optimizers."""
         return None
 
     def size_batch(self, forward: nn.Module, model: GPT) -> None:
@@ -501,8 +501,7 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
     optimizers = build_optimizers(model, optim_cfg)
     stage.sharding = shard_optimizers(cfg.train.shard_optimizer, optimizers, worker)
     state, cursor = restore_checkpoint(manager, worker, model, optimizers, stage.sharding)
-    if not state.resumed_from:
-        stage.warm_start(optimizers)
+    stage.warm_start(optimizers, resumed=bool(state.resumed_from))
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
     forward = stage.wrap(model)
