@@ -7,6 +7,7 @@ import http.client
 import json
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,17 +37,28 @@ def config_of(haproxy: psutil.Process) -> Path:
     return Path(next(arg for arg in haproxy.cmdline() if arg.endswith(".cfg")))
 
 
+def listeners_of(port: int) -> set[str]:
+    """Names of the processes holding a socket that listens on `port`, asked process by process: HAProxy's seamless
+    reload hands the listening socket itself to the new process, and a system-wide table names only one holder."""
+    names = set()
+    for pid in psutil.pids():
+        try:
+            process = psutil.Process(pid)
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")):
+                names.add(process.name())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone meanwhile (an old HAProxy that drained), or PID 1
+            pass
+    return names
+
+
 def test_the_serve_port_is_haproxys(server):
     """What answers on the serve port is HAProxy (not Serve's Python proxy), and the server's HAProxy keeps its
-    state in a folder of the server's own. (Ray reloads HAProxy as replicas come and go: for a while the old
-    process drains beside the new one, and may no longer be the server's child.)"""
-    listeners = set()
-    for connection in psutil.net_connections("tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == server.port:
-            try:
-                listeners.add(psutil.Process(connection.pid).name())
-            except psutil.NoSuchProcess:  # an old HAProxy that has just finished draining
-                pass
+    state in a folder of the server's own. Ray reloads HAProxy as replicas come and go, often just as the server
+    turns healthy: the old process hands its socket to the new one and stops, and a scan of the processes can
+    read the old one after it let go and miss the new one, so an empty scan is taken again."""
+    deadline = time.monotonic() + 10
+    while not (listeners := listeners_of(server.port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert listeners == {"haproxy"}
     started = haproxies(server.proc)
     assert started
