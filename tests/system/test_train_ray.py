@@ -120,7 +120,7 @@ def test_sharded_optimizer_state_trains_as_ddp_and_resumes_after_a_crash(s3_stor
 
 
 def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
-    chat = ["mid.max_steps=3", "sft.max_steps=3", "mid.tasks={identity: 1, simple-spelling: 1}",
+    chat = ["mid.max_steps=3", "sft.max_steps=4", "mid.tasks={identity: 1, simple-spelling: 1}",
             "sft.tasks={identity: 1, smoltalk: 1}", "mid.device_batch_size=1", "mid.tokens_per_step=256",
             "sft.device_batch_size=2", "sft.tokens_per_step=256", "train.checkpoint_every=2"]
     cfg = config("reference", *chat)
@@ -128,9 +128,12 @@ def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
     assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}
     base_step = CheckpointManager(s3_storage, "reference", "base").latest_step()  # other tests train it on
     assert mid["metrics"]["optimizer_from"] == f"base step {base_step}"  # the momentum base training ended with
-    sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, show_progress=False)
-    assert sft["steps"] == 3 and sft["metrics"]["optimizer_from"] == "mid step 3"
+    # a worker dies after step 3 (step 2's checkpoint is complete: rank 0 finished it before step 3's
+    # all-reduce): SFT resumes from step 2 and still knows where its momentum came from
+    sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, fail_at_step=3, show_progress=False)
+    assert sft["steps"] == 4 and sft["metrics"]["resumed_from"] == [2]
+    assert sft["metrics"]["optimizer_from"] == "mid step 3"
     assert "smoltalk" in sft["metrics"]["skipped_tasks"], "offline, SmolTalk is skipped with its reason"
     keys = s3_storage.list("runs/reference/")
     assert "runs/reference/mid/step_000003/manifest.json" in keys
-    assert "runs/reference/sft/step_000003/manifest.json" in keys
+    assert "runs/reference/sft/step_000004/manifest.json" in keys

@@ -80,7 +80,6 @@ class ChatStage(Stage):
         self.stage_cfg: ChatStageConfig = getattr(self.cfg, self.name)
         self.started_from: tuple[str, int] | None = None  # (stage, step) of the checkpoint build_model loaded
         self.saved_optimizers: list[dict] | None = None  # that checkpoint's torch optimizer state, until warm_start
-        self.optimizer_from: str | None = None  # where the optimizers' state came from, if not fresh
         self.mixture, self.skipped = stage_mixture(self.stage_cfg, self.cfg, "train", self.storage)
         self.plan = chat_batch_plan(self.stage_cfg, self.cfg.train.seq_len, self.worker.world_size)
         if self.worker.is_main and self.plan.tokens_per_step != self.stage_cfg.tokens_per_step:
@@ -104,13 +103,13 @@ class ChatStage(Stage):
                 return model_from_checkpoint(ckpt, torch.device("cpu"))
         raise FileNotFoundError(f"{self.name} needs a checkpoint of {' or '.join(sources)} in {run_prefix(self.cfg.run)}")
 
-    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> None:
+    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> str | None:
         """On a fresh start, the optimizer state saved with the checkpoint build_model started from, this
         stage's own settings kept; fresh optimizers, with the reason logged, when it is a JAX run's or other
         optimizers'."""
         saved, self.saved_optimizers = self.saved_optimizers, None  # not needed past this, either way
         if resumed or not self.stage_cfg.warm_start_optimizer or self.started_from is None:
-            return
+            return None
         previous, step = self.started_from
         try:
             if saved is None:
@@ -118,9 +117,9 @@ class ChatStage(Stage):
             warm_start_optimizers(optimizers, saved, self.sharding)
         except ValueError as e:
             log.warning("%s: fresh optimizers, not %s step %d's (%s)", self.name, previous, step, e)
-            return
-        self.optimizer_from = f"{previous} step {step}"
-        log.info("%s: optimizer state from %s", self.name, self.optimizer_from)
+            return None
+        log.info("%s: optimizer state from %s step %d", self.name, previous, step)
+        return f"{previous} step {step}"
 
     def optim_config(self) -> OptimConfig:
         s = self.stage_cfg
@@ -145,8 +144,7 @@ class ChatStage(Stage):
         return self.stage_cfg.eval_every
 
     def summary_extra(self, state: TrainState) -> dict[str, Any]:
-        return {"mixture": self.mixture.counts(), "skipped_tasks": self.skipped,
-                "optimizer_from": self.optimizer_from}
+        return {"mixture": self.mixture.counts(), "skipped_tasks": self.skipped}
 
     def evaluate(self, model: GPT) -> dict[str, float]:
         """Mean loss on assistant tokens of held-out conversations (the tasks' test splits where they exist)."""

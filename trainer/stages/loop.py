@@ -87,6 +87,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
+    optimizer_from: str | None = None  # the checkpoint whose optimizer state step 1 started from; None: fresh
 
     def tokens_per_second(self) -> float:
         return self.train_tokens_timed / self.train_seconds if self.train_seconds > 0 else 0.0
@@ -249,9 +250,9 @@ class Stage(ABC):
             return module
         return DistributedDataParallel(module, **ddp_args)
 
-    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> None:
-        """Once the stage's own checkpoint is restored (resumed) or not: on a fresh start, whatever optimizer
-        state the stage starts from. None by default: fresh optimizers."""
+    def warm_start(self, optimizers: list[torch.optim.Optimizer], resumed: bool) -> str | None:
+        """Once the stage's own checkpoint is restored (resumed) or not: on a fresh start, load whatever
+        optimizer state the stage starts from and name where it came from. None by default: fresh optimizers."""
         return None
 
     def size_batch(self, forward: nn.Module, model: GPT) -> None:
@@ -368,7 +369,8 @@ def resume_problem(step: int, meta: dict[str, Any], backend: str, world_size: in
 
 
 def resumed_state(step: int, ckpt: Checkpoint) -> TrainState:
-    state = TrainState(**{k: ckpt.meta[k] for k in TrainState.__dataclass_fields__})
+    # a field the checkpoint's writer did not have keeps its default
+    state = TrainState(**{k: ckpt.meta[k] for k in TrainState.__dataclass_fields__ if k in ckpt.meta})
     state.resumed_from.append(step)
     return state
 
@@ -478,6 +480,7 @@ def summary(name: str, state: TrainState, model: GPT, cfg: Config, horizon: int)
             "final_loss": state.history[-1]["loss"] if state.history else None,
             **{k: v for k, v in last_eval.items() if k != "step"},
             "params": model.num_params(), "horizon": horizon, "resumed_from": state.resumed_from,
+            "optimizer_from": state.optimizer_from,
         },
     }
 
@@ -501,7 +504,9 @@ def train_stage(settings: WorkerSettings, stage_class: type[Stage]) -> None:
     optimizers = build_optimizers(model, optim_cfg)
     stage.sharding = shard_optimizers(cfg.train.shard_optimizer, optimizers, worker)
     state, cursor = restore_checkpoint(manager, worker, model, optimizers, stage.sharding)
-    stage.warm_start(optimizers, resumed=bool(state.resumed_from))
+    warm_from = stage.warm_start(optimizers, resumed=bool(state.resumed_from))
+    if warm_from is not None:
+        state.optimizer_from = warm_from  # saved with every checkpoint, so a resumed stage still knows
     if cursor is None:
         torch.manual_seed(cfg.train.seed + worker.rank)
     forward = stage.wrap(model)
