@@ -30,7 +30,9 @@ Notable:
   sized from free memory (serve.kv_cache_memory_fraction; a GPU's by default) leaves no room for a second:
   then the old engine drains first, new requests waiting, and the new engine starts in its memory. A
   checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
-  served is the gauge nanochat:model_step and the `step` of /v1/models' entry.
+  served is the gauge nanochat:model_step and the `step` of /v1/models' entry. A replica whose newest
+  checkpoint loads but cannot be served (another vocabulary, no room for it) stays up without a model,
+  its 503 saying why, and serves the next step that lands, rather than fail at start again and again.
 - /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
   replica's check_health raises and Serve replaces it; the API's /health asks an engine replica (at most
   every REFRESH_S) and answers 503 while the engine it reaches has failed or is draining
@@ -119,6 +121,8 @@ class EngineReplica:
         # inside Ray the recorder publishes through Ray's metrics agent (ray_nanochat_* on every replica)
         self.metrics = MetricsRecorder(self.cfg.model_name)
         self.loaded: Loaded | None = None
+        self.refused: str | None = None  # while no model is served: why the newest checkpoint is not
+        self._refused_step: int | None = None
         self._stopping = threading.Event()
         self._swapping = threading.Event()  # set while the old engine drains before the new one starts
         if source.step is not None:  # pinned: it must exist, and it never changes
@@ -158,7 +162,7 @@ class EngineReplica:
         its JSON when it is not the one the caller knows."""
         loaded = self.loaded
         if loaded is None:
-            return {"step": None}
+            return {"step": None, "refused": self.refused}
         info = {"step": loaded.step, "created": loaded.created, "fingerprint": loaded.fingerprint,
                 "max_model_len": loaded.engine.max_model_len}
         if loaded.fingerprint != known_fingerprint:
@@ -213,6 +217,7 @@ class EngineReplica:
             tokenizer_json = tokenizer.to_json()
             fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
             self.loaded = Loaded(engine, step, tokenizer_json, fingerprint, now())
+            self.refused = None
         finally:
             self._swapping.clear()  # requests waiting for the swap now go to the new engine (or fail)
         self.metrics.set_model_step(step)
@@ -265,19 +270,33 @@ class EngineReplica:
         log.info("engine of step %d shut down", old.step)
 
     def _load_newest(self) -> None:
-        """Serve the stage's newest valid checkpoint, if there is one yet."""
+        """Serve the stage's newest valid checkpoint, if there is one yet and this server can serve it."""
         try:
-            self._serve(*self.source.load(self._load_device))
+            model, tokenizer, step = self.source.load(self._load_device)
         except FileNotFoundError as e:  # no tokenizer or no checkpoint yet (KeyNotFound is one too)
             log.info("no model to serve yet (%s); looking for one every %gs", e, self.cfg.reload_interval_s)
+            return
         except StorageError as e:  # e.g. a bucket not created yet: keep answering, keep looking
             log.warning("cannot read %s yet (%s); looking again every %gs", self.source.describe(), e,
                         self.cfg.reload_interval_s)
+            return
+        try:
+            self._serve(model, tokenizer, step)
+        except Exception as e:  # failing the replica would only fail its successor the same way
+            self._refuse(step, e)
+
+    def _refuse(self, step: int, error: Exception) -> None:
+        """Serve nothing, saying why, until a newer step lands."""
+        then = ("this server loads a newer checkpoint when one lands" if self.cfg.reload_interval_s > 0 else
+                "restart this server once one that can is there (serve.reload_interval_s is 0: it does not look again)")
+        self.refused = f"step {step} of {self.source.describe()} cannot be served ({error}); {then}"
+        self._refused_step = step
+        log.error("serving no model: %s", self.refused, exc_info=not isinstance(error, ValueError))
 
     def _watch(self) -> None:
         """Every reload_interval_s: load the step `latest` names when it is not the one served (or tried)."""
         checkpoints = self.source.checkpoints()
-        tried = self.loaded.step if self.loaded is not None else None
+        tried = self.loaded.step if self.loaded is not None else self._refused_step
         while not self._stopping.wait(self.cfg.reload_interval_s):
             try:
                 step = checkpoints.latest_step()
@@ -352,6 +371,7 @@ class ReplicaModels:
     def __init__(self, handle: serve.handle.DeploymentHandle, hint: str):
         self.handle = handle
         self.hint = hint
+        self.refused: str | None = None
         self.model: ServedModel | None = None
         self.tokenizer: Tokenizer | None = None
         self.fingerprint: str | None = None
@@ -372,6 +392,7 @@ class ReplicaModels:
         except Exception as e:  # busy or restarting replicas: keep what we know
             log.warning("could not ask the engine replicas which model they serve: %s", e)
             return
+        self.refused = info.get("refused")
         if info["step"] is None:
             self.model = None
             return

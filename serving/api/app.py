@@ -175,9 +175,11 @@ class ServedModel:
 
 
 class ServedModels(Protocol):
-    """Which model is served right now (None: none yet), and, for the 503 until then, how to get one."""
+    """Which model is served right now (None: none yet), and, for the 503 until then, how to get one, or why
+    the checkpoint there is not served."""
 
     hint: str
+    refused: str | None
 
     async def current(self) -> ServedModel | None: ...
 
@@ -186,6 +188,7 @@ class FixedModel:
     """One model for the app's whole life (tests, tools that load it themselves)."""
 
     hint = "no model was given to this server"
+    refused = None
 
     def __init__(self, tokenizer: Tokenizer | None, step: int | None = None):
         self.model = None if tokenizer is None else ServedModel(tokenizer, step)
@@ -209,7 +212,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     async def current() -> ServedModel:
         found = await served.current()
         if found is None:
-            raise no_model(served.hint)
+            raise no_model(served.hint, served.refused)
         return found
 
     def model_card(found: ServedModel) -> ModelCard:

@@ -71,9 +71,11 @@ def unavailable(message: str) -> APIError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def no_model(hint: str) -> APIError:
-    """No checkpoint is served yet; hint says where the server looks and how to train one."""
-    return APIError(503, f"No model is trained yet: {hint}", type="server_error", code="model_not_loaded",
+def no_model(hint: str, refused: str | None = None) -> APIError:
+    """No checkpoint is served yet; hint says where the server looks and how to train one, refused (when
+    set) why the checkpoint there is not served."""
+    message = f"No model is served: {refused}" if refused else f"No model is trained yet: {hint}"
+    return APIError(503, message, type="server_error", code="model_not_loaded",
                     headers={"Retry-After": str(NO_MODEL_RETRY_AFTER_S)})
 
 

@@ -579,6 +579,7 @@ class SwitchedModel:
 
     def __init__(self):
         self.model: api_app.ServedModel | None = None
+        self.refused: str | None = None
 
     async def current(self) -> api_app.ServedModel | None:
         return self.model
@@ -606,6 +607,14 @@ def test_no_model_yet_is_a_503_saying_how_to_train_one_then_the_model_serves(eng
             client.chat.completions.create(model=MODEL, messages=chat["messages"], max_tokens=4)
         assert refused.value.status_code == 503
         assert http.get("/").status_code == 200  # the web UI still loads
+
+        # a checkpoint there that the server cannot serve: the 503 says so, not that none is trained
+        served.refused = "step 5 of /somewhere cannot be served (its vocabulary is smaller than the tokenizer's)"
+        r = http.post("/v1/chat/completions", json=chat)
+        error = assert_error(r, 503)
+        assert error["code"] == "model_not_loaded" and r.headers["retry-after"].isdigit()
+        assert error["message"] == f"No model is served: {served.refused}"
+        served.refused = None
 
         served.model = api_app.ServedModel(tok, step=7)
         [card] = client.models.list().data

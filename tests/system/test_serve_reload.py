@@ -234,6 +234,38 @@ def test_a_checkpoint_that_cannot_be_served_is_refused_before_the_old_engine_dra
         replica.stop()
 
 
+def test_a_replica_whose_newest_checkpoint_cannot_be_served_stays_up_and_serves_the_next(local_storage, tok,
+                                                                                      tmp_path, caplog):
+    """At start, a newest checkpoint that loads but cannot be served (its vocabulary is smaller than the
+    tokenizer's) leaves the replica healthy with no model, saying why (tried once, not at every look), and
+    the next step that lands is served."""
+    too_small = GPT(replace(reply_model(tok, reply_text=FIRST).config, vocab_size=tok.vocab_size - 8))
+    too_small.init_weights()
+    publish(local_storage, tok, 5, FIRST, tmp_path, model=too_small)
+    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
+    try:
+        replica = make_replica(local_storage.uri)
+        try:
+            info = replica.model_info()
+            assert info["step"] is None and "step 5 of" in info["refused"], info
+            assert "smaller than the tokenizer's" in info["refused"] and "newer checkpoint" in info["refused"]
+            replica.check_health()
+            with pytest.raises(NoModelLoaded):
+                asyncio.run(reply_of(replica, tok, "r0"))
+            time.sleep(5 * RELOAD_S)
+            refusals = {id(r) for r in caplog.records if "cannot be served" in r.getMessage()}
+            assert len(refusals) == 1, "step 5 is not tried again at every look"
+
+            publish(local_storage, tok, 7, NEWER, tmp_path)
+            wait_for(lambda: served_step(replica) == 7, 30, "step 7 to be served")
+            assert replica.refused is None
+            assert asyncio.run(reply_of(replica, tok, "r1")) == NEWER
+        finally:
+            replica.stop()
+    finally:
+        logging.getLogger(app_log.name).removeHandler(caplog.handler)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # `nanochat serve` on Ray Serve
 
