@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.processes import free_port, stop_process, wait_until_answers
 
@@ -63,3 +64,18 @@ def _wait_for_line(server: ServeProcess, line: str, timeout_s: float) -> None:
             raise RuntimeError(f"nanochat serve did not print {line!r} within {timeout_s} s "
                                f"(exit code {server.proc.poll()}):\n{server.log.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+def assert_streamed_chat_equals_the_unstreamed_reply(client: Any) -> None:
+    """Through an `openai.OpenAI` client: a greedy chat reply streamed (with usage) is the reply given whole."""
+    messages = [{"role": "user", "content": "How are you?"}]
+    whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens

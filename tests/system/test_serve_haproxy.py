@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.support.checkpoints import publish_sft_checkpoint
-from tests.support.serve import nanochat_serve
+from tests.support.serve import assert_streamed_chat_equals_the_unstreamed_reply, nanochat_serve
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +71,7 @@ def test_streamed_chat_through_haproxy_equals_the_unstreamed_reply(server):
 
     client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["nanochat"]
-    messages = [{"role": "user", "content": "How are you?"}]
-    whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        usage = chunk.usage or usage
-    assert text == whole.choices[0].message.content
-    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert_streamed_chat_equals_the_unstreamed_reply(client)
 
 
 def test_the_engines_bound_is_answered_429_through_haproxy(server):

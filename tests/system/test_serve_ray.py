@@ -26,7 +26,7 @@ from nanochat.config import load_config
 from tests.deploy import dashboards
 from tests.support.checkpoints import publish_sft_checkpoint
 from tests.support.processes import free_port, stop_process, wait_until_answers
-from tests.support.serve import nanochat_serve
+from tests.support.serve import assert_streamed_chat_equals_the_unstreamed_reply, nanochat_serve
 
 pytestmark = pytest.mark.slow
 
@@ -75,17 +75,7 @@ def test_chat_completion_with_usage(client):
 
 
 def test_streamed_chat_equals_the_unstreamed_reply(client):
-    messages = [{"role": "user", "content": "How are you?"}]
-    whole = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        usage = chunk.usage or usage
-    assert text == whole.choices[0].message.content
-    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert_streamed_chat_equals_the_unstreamed_reply(client)
 
 
 def test_completions_streamed_and_not(client):
