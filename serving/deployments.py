@@ -28,9 +28,10 @@ Notable:
   serves; only once it is loaded does it take new requests, while those in flight finish on the old
   engine, which then shuts down (so for a while a replica holds two models and two KV caches). A KV cache
   sized from free memory (serve.kv_cache_memory_fraction; a GPU's by default) leaves no room for a second:
-  then the old engine drains first, new requests waiting, and the new engine starts in its memory. A
-  checkpoint that fails to load is logged and skipped; a --model pinned to a step never reloads. The step
-  served is the gauge nanochat:model_step and the `step` of /v1/models' entry. A replica whose newest
+  then the old engine drains first, new requests waiting, and the new engine starts in its memory (should
+  it not fit there, the old step is loaded again). A checkpoint that fails to load is logged and skipped;
+  a --model pinned to a step never reloads. The step served is the gauge nanochat:model_step and the
+  `step` of /v1/models' entry. A replica whose newest
   checkpoint loads but cannot be served (another vocabulary, no room for it) stays up without a model,
   its 503 saying why, and serves the next step that lands, rather than fail at start again and again.
 - /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
@@ -212,7 +213,13 @@ class EngineReplica:
         try:
             if drained:
                 self._drain_for_swap(old, step)
-            engine = self._start_engine(model, tokenizer)
+            try:
+                engine = self._start_engine(model, tokenizer)
+            except Exception:
+                if drained:
+                    del model
+                    self._restart(old, step)
+                raise
             del model  # an engine process holds its own copy: this one need not wait out the old engine
             tokenizer_json = tokenizer.to_json()
             fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
@@ -247,19 +254,34 @@ class EngineReplica:
         """Make room for step's engine in the memory of the old one: a KV cache sized as a fraction of the
         free memory leaves none for a second. The old engine lets its requests finish (for up to
         serve.drain_timeout_s; what is left then is aborted) while new ones wait in generate(), then shuts
-        down and gives its memory back. Should the new engine then fail to start, the replica is left with a
-        stopped engine: its health check fails and Serve replaces it."""
+        down and gives its memory back. Should the new engine then fail to start, _restart serves the old
+        step again."""
         self._swapping.set()
         log.info("loading step %d in the memory of step %d's engine: its %d requests finish first, new ones wait",
                  step, old.step, old.engine.unfinished())
         aborted = old.engine.drain(self.cfg.drain_timeout_s)
-        gc.collect()  # the old engine's model and cache, now unreferenced, go before the new cache is sized
+        self._free_memory()  # the old engine's model and cache, now unreferenced, go before the new cache is sized
+        log.info("engine of step %d shut down for the swap (%d requests aborted at serve.drain_timeout_s)",
+                 old.step, aborted)
+
+    def _restart(self, old: Loaded, step: int) -> None:
+        """After a drained swap whose new engine failed to start (step's model or cache does not fit where the
+        old one did): the old step again, read from storage (its model went with its engine), so the replica
+        goes on serving what it served rather than nothing. Should that fail too, the replica is left with a
+        stopped engine: its health check fails and Serve replaces it."""
+        log.error("step %d's engine cannot start in the memory step %d's left; serving step %d again",
+                  step, old.step, old.step)
+        self._free_memory()  # what the failed engine allocated
+        model, tokenizer, _ = replace(self.source, step=old.step).load(self._load_device)
+        self.loaded = replace(old, engine=self._start_engine(model, tokenizer))
+
+    def _free_memory(self) -> None:
+        """Give back the memory of engines and models no longer referenced, a GPU's included."""
+        gc.collect()
         if self.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
-        log.info("engine of step %d shut down for the swap (%d requests aborted at serve.drain_timeout_s)",
-                 old.step, aborted)
 
     def _retire(self, old: Loaded) -> None:
         """Shut the replaced engine down once the requests it holds have finished."""

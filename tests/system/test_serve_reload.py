@@ -234,6 +234,31 @@ def test_a_checkpoint_that_cannot_be_served_is_refused_before_the_old_engine_dra
         replica.stop()
 
 
+def test_a_drained_swap_whose_new_engine_does_not_fit_serves_the_old_step_again(local_storage, tok, tmp_path,
+                                                                               caplog):
+    """A cache of about 8 blocks sized from free memory, then a step whose model has 32 times the KV bytes per
+    block: after the old engine drains, the new one's cache holds under 2 blocks and cannot start. The
+    replica serves the old step again, healthy, and a request sent during the swap is answered by it."""
+    publish(local_storage, tok, 5, FIRST, tmp_path)
+    replica = make_replica(local_storage.uri, kv_cache_memory_fraction=about_64_blocks(tok) / 8)
+    first_engine = replica.loaded.engine
+    deep = GPT(replace(reply_model(tok, reply_text=NEWER).config, n_layer=64))
+    deep.init_weights()
+    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
+    try:
+        publish(local_storage, tok, 9, NEWER, tmp_path, model=deep)
+        wait_for(lambda: not first_engine.alive(), 30, "the old engine to drain")
+        assert asyncio.run(reply_of(replica, tok, "during")) == FIRST
+        wait_for(lambda: "not loading step 9" in caplog.text, 30, "step 9 to be given up")
+        assert "KV-cache blocks" in caplog.text and "serving step 5 again" in caplog.text
+        assert served_step(replica) == 5 and replica.loaded.engine is not first_engine
+        replica.check_health()
+        assert asyncio.run(reply_of(replica, tok, "after")) == FIRST
+    finally:
+        logging.getLogger(app_log.name).removeHandler(caplog.handler)
+        replica.stop()
+
+
 def test_a_replica_whose_newest_checkpoint_cannot_be_served_stays_up_and_serves_the_next(local_storage, tok,
                                                                                       tmp_path, caplog):
     """At start, a newest checkpoint that loads but cannot be served (its vocabulary is smaller than the
