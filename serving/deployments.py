@@ -31,9 +31,9 @@ Notable:
   then the old engine drains first, new requests waiting, and the new engine starts in its memory (should
   it not fit there, the old step is loaded again). A checkpoint that fails to load is logged and skipped;
   a --model pinned to a step never reloads. The step served is the gauge nanochat:model_step and the
-  `step` of /v1/models' entry. A replica whose newest
-  checkpoint loads but cannot be served (another vocabulary, no room for it) stays up without a model,
-  its 503 saying why, and serves the next step that lands, rather than fail at start again and again.
+  `step` of /v1/models' entry. A replica whose newest checkpoint loads but cannot be served (another
+  vocabulary, no room for it) stays up without a model, its 503 saying why, and serves the next step that
+  lands, rather than fail at start again and again.
 - /health and Serve's health check follow the engine: a failed engine step stops the engine, so the
   replica's check_health raises and Serve replaces it; the API's /health asks an engine replica (at most
   every REFRESH_S) and answers 503 while the engine it reaches has failed or is draining
@@ -310,7 +310,8 @@ class EngineReplica:
     def _refuse(self, step: int, error: Exception) -> None:
         """Serve nothing, saying why, until a newer step lands."""
         then = ("this server loads a newer checkpoint when one lands" if self.cfg.reload_interval_s > 0 else
-                "restart this server once one that can is there (serve.reload_interval_s is 0: it does not look again)")
+                "restart this server once one that can is there (serve.reload_interval_s is 0: it does not "
+                "look again)")
         self.refused = f"step {step} of {self.source.describe()} cannot be served ({error}); {then}"
         self._refused_step = step
         log.error("serving no model: %s", self.refused, exc_info=not isinstance(error, ValueError))
