@@ -260,7 +260,7 @@ class EngineReplica:
         log.info("loading step %d in the memory of step %d's engine: its %d requests finish first, new ones wait",
                  step, old.step, old.engine.unfinished())
         aborted = old.engine.drain(self.cfg.drain_timeout_s)
-        self._free_memory()  # the old engine's model and cache, now unreferenced, go before the new cache is sized
+        self._free_memory()  # the old engine's model and cache go before the new cache is sized
         log.info("engine of step %d shut down for the swap (%d requests aborted at serve.drain_timeout_s)",
                  old.step, aborted)
 
