@@ -102,6 +102,16 @@ def replaced(app: str, victim: str, timeout_s: float = 90) -> dict[str, dict]:
     raise AssertionError(f"no replacement for {victim} within {timeout_s} s: {replicas(app)}")
 
 
+def serves_on_both(client: openai.OpenAI, app: str) -> None:
+    """Requests until each of the app's two replicas has run one: serve.run returns once both are up, but the
+    ingress's router may learn of the second a moment later, and until then routes everything to the first."""
+    for i in range(40):
+        client.completions.create(model="nanochat", prompt=f"warm-up {i}", max_tokens=1)
+        if all(s["prefix_cache_queries"] for s in stats(app).values()):
+            return
+    raise AssertionError(f"the router kept to one replica for 40 requests: {stats(app)}")
+
+
 def shared_prefix_prompt(group: int, i: int) -> str:
     """~100 tokens (7 KV blocks) shared by a group, then a question of its own."""
     body = " ".join(WORDS[(group * 5 + k) % len(WORDS)] + str(group) for k in range(20))
@@ -114,7 +124,8 @@ def routed_hit_rate(client: openai.OpenAI, app: str) -> tuple[float, list[set[st
     ran it. Rotated, so that a router alternating between the two replicas (as Serve's can, when the one
     it just used still looks busy) splits every group between them too, rather than keeping A and C on one
     and B and D on the other by accident."""
-    before = stats(app)
+    serves_on_both(client, app)
+    start = before = stats(app)
     where: list[set[str]] = [set() for _ in range(4)]
     for i in range(6):
         for group in [(i + k) % 4 for k in range(4)]:
@@ -123,8 +134,8 @@ def routed_hit_rate(client: openai.OpenAI, app: str) -> tuple[float, list[set[st
             where[group] |= {name for name in now if now[name]["prefix_cache_queries"]
                              != before.get(name, {}).get("prefix_cache_queries", 0)}
             before = now
-    queries = sum(s["prefix_cache_queries"] for s in before.values())
-    hits = sum(s["prefix_cache_hits"] for s in before.values())
+    queries, hits = (sum(before[name][key] - start[name][key] for name in start)
+                     for key in ("prefix_cache_queries", "prefix_cache_hits"))
     return hits / queries, where
 
 
@@ -160,16 +171,6 @@ def stream(client: openai.OpenAI, prompt: str, started: threading.Barrier) -> tu
         assert isinstance(e.body, dict) and set(e.body) >= {"message", "type", "code"}, e.body
         return "error", chunks
     return "ok", tokens
-
-
-def serves_on_both(client: openai.OpenAI, app: str) -> None:
-    """Requests until each of the app's two replicas has run one: serve.run returns once both are up, but the
-    ingress's router may learn of the second a moment later, and until then routes everything to the first."""
-    for i in range(40):
-        client.completions.create(model="nanochat", prompt=f"warm-up {i}", max_tokens=1)
-        if all(s["prefix_cache_queries"] for s in stats(app).values()):
-            return
-    raise AssertionError(f"the router kept to one replica for 40 requests: {stats(app)}")
 
 
 def test_killing_an_engine_replica_during_32_streams(cluster):
