@@ -57,9 +57,9 @@ from nanochat.config import load_config
 from nanochat.generate import generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from services.network import free_port
 from serving.engine.llm_engine import AsyncEngine, LLMEngine
 from serving.engine.sequence import SamplingParams
-from serving.server import free_port
 
 TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps by the fire; "
         "numbers like 12, 345 and 6789 appear now and then, as do questions: how are you today? ")

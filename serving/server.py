@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from nanochat.config import Config, ServeConfig
+from services.network import free_port
 from services.ray_cluster import connect
 from serving.model_source import ModelSource
 
@@ -87,10 +87,3 @@ def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, st
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     return env
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

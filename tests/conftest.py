@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from services.network import free_port
 from services.storage import LocalStorage
-from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.processes import stop_process, wait_until_answers
 from tests.support.s3 import create_bucket, set_s3_env
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

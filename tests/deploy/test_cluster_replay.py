@@ -40,8 +40,9 @@ from typing import Any
 import pytest
 import yaml
 
+from services.network import free_port
 from tests.deploy import kuberay
-from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.processes import stop_process, wait_until_answers
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 

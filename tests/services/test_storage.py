@@ -23,6 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from services.network import free_port
 from services.settings import default_storage_uri, s3_settings
 from services.storage import (
     _TMP_MARK,
@@ -35,7 +36,6 @@ from services.storage import (
     StorageUnreachable,
     open_storage,
 )
-from tests.support.processes import free_port
 from tests.support.s3 import create_bucket, set_s3_env
 
 REPO = Path(__file__).resolve().parents[2]

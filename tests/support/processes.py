@@ -1,16 +1,9 @@
-"""Processes the tests start (servers, Ray nodes): a free port, waiting until one answers, stopping it."""
+"""Processes the tests start (servers, Ray nodes): waiting until one answers, stopping it."""
 
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.processes import free_port, stop_process, wait_until_answers
+from services.network import free_port
+from tests.support.processes import stop_process, wait_until_answers
 
 NANOCHAT = str(Path(sys.executable).parent / "nanochat")
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from services.network import free_port
 from services.storage import open_storage
-from tests.support.processes import free_port, stop_process
+from tests.support.processes import stop_process
 
 BIN = Path(sys.executable).parent
 RAY, NANOCHAT = str(BIN / "ray"), str(BIN / "nanochat")

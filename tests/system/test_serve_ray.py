@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from nanochat.config import load_config
+from services.network import free_port
 from tests.deploy import dashboards
 from tests.support.checkpoints import publish_sft_checkpoint
-from tests.support.processes import free_port, stop_process, wait_until_answers
+from tests.support.processes import stop_process, wait_until_answers
 from tests.support.serve import assert_streamed_chat_equals_the_unstreamed_reply, nanochat_serve
 
 pytestmark = pytest.mark.slow

@@ -21,10 +21,10 @@ import ray
 from ray import serve
 
 from nanochat.config import load_config
+from services.network import free_port
 from serving.deployments import build_app
 from serving.model_source import ModelSource
 from tests.support.checkpoints import publish_sft_checkpoint
-from tests.support.processes import free_port
 
 pytestmark = pytest.mark.slow
 
