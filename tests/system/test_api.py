@@ -19,6 +19,7 @@ import uvicorn
 from nanochat.generate import generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from services.network import free_port
 from serving.api import app as api_app
 from serving.api.app import create_app
 from serving.engine.llm_engine import AsyncEngine, LLMEngine, TokenEvent
@@ -70,9 +71,7 @@ def make_engine(model: GPT, tok: Tokenizer, max_queue: int = 64, async_schedulin
 @contextmanager
 def serve(app) -> Iterator[str]:
     """app under uvicorn in a background thread on a free port of 127.0.0.1; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

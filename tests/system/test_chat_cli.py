@@ -3,7 +3,6 @@ and interactive, and, with no server, against the newest checkpoint in storage; 
 that makes one) and token log-probabilities."""
 
 import io
-import socket
 import tempfile
 import time
 
@@ -14,6 +13,7 @@ from nanochat.checkpoint import write_checkpoint
 from nanochat.config import Config
 from nanochat.gpt import GPT
 from services.layout import TOKENIZER_KEY
+from services.network import free_port
 from serving.chat_cli import ChatSession, LocalChat, Piece, RemoteChat, Reply, echo, run_chat
 from tests.support.checkpoints import upload_checkpoint
 from tests.system.chat_server import (
@@ -67,10 +67,7 @@ def url(tok):
 
 
 def unused_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"  # closed again: nothing listens there
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def test_one_shot_prints_the_reply_as_it_streams(url):
