@@ -70,6 +70,21 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture
+def app_logs(caplog):
+    """caplog, with the serving app's log records: Ray's loggers do not reach the root's."""
+    logging.getLogger(app_log.name).addHandler(caplog.handler)
+    yield caplog
+    logging.getLogger(app_log.name).removeHandler(caplog.handler)
+
+
+def reshaped_model(tok: Tokenizer, **config) -> GPT:
+    """A freshly initialised GPT of the reply models' config with config's fields changed."""
+    model = GPT(replace(reply_model(tok, reply_text=NEWER).config, **config))
+    model.init_weights()
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the engine replica on its own
 
@@ -106,7 +121,7 @@ def served_step(replica: EngineReplica) -> int | None:
 
 
 def test_replica_waits_on_an_empty_s3_prefix_loads_the_first_checkpoint_and_skips_a_damaged_one(
-        s3_env, tok, tmp_path, caplog):
+        s3_env, tok, tmp_path, app_logs):
     uri = f"{s3_env}/not-created-yet"
     replica = make_replica(uri)
     try:
@@ -124,14 +139,10 @@ def test_replica_waits_on_an_empty_s3_prefix_loads_the_first_checkpoint_and_skip
         assert asyncio.run(reply_of(replica, tok, "r1")) == FIRST
 
         # a damaged step 7: its weights are cut short after `latest` names it
-        logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
-        try:
-            publish(storage, tok, 7, NEWER, tmp_path)
-            key = f"runs/default/sft/{step_dir_name(7)}/{MODEL}"
-            storage.write_bytes(key, storage.read_bytes(key)[:100])
-            wait_for(lambda: "not loading step 7" in caplog.text, 30, "step 7 to be refused")
-        finally:
-            logging.getLogger(app_log.name).removeHandler(caplog.handler)
+        publish(storage, tok, 7, NEWER, tmp_path)
+        key = f"runs/default/sft/{step_dir_name(7)}/{MODEL}"
+        storage.write_bytes(key, storage.read_bytes(key)[:100])
+        wait_for(lambda: "not loading step 7" in app_logs.text, 30, "step 7 to be refused")
         assert served_step(replica) == 5 and asyncio.run(reply_of(replica, tok, "r2")) == FIRST
     finally:
         replica.stop()
@@ -174,7 +185,7 @@ def test_replica_swaps_in_a_newer_step_while_a_request_finishes_on_the_old_one(l
 
 @pytest.mark.parametrize("engine_core", ["thread", "process"])
 def test_a_cache_sized_from_free_memory_is_swapped_once_the_old_engine_has_drained(local_storage, tok, tmp_path,
-                                                                                   engine_core, caplog):
+                                                                                   engine_core, app_logs):
     """A KV cache sized as a fraction of the free memory leaves no room for a second beside it (on a GPU):
     the old engine lets its request finish and shuts down before the new one starts. A request that arrives
     meanwhile waits and is answered by the new step; the replica stays healthy throughout."""
@@ -198,97 +209,81 @@ def test_a_cache_sized_from_free_memory_is_swapped_once_the_old_engine_has_drain
         text += "".join([e.text async for batch in old for e in batch])
         return text, await asyncio.wait_for(during, 60)
 
-    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
     try:
         old_text, during_text = asyncio.run(scenario())
         assert old_text == FIRST and during_text == NEWER
         assert served_step(replica) == 9 and not first_engine.core_running()
         # the old engine was down before the new one was built, not after it (as in a swap beside it)
-        assert caplog.text.index("engine of step 5 shut down for the swap (0 requests aborted") < \
-            caplog.text.index(" step 9 on cpu")
+        assert app_logs.text.index("engine of step 5 shut down for the swap (0 requests aborted") < \
+            app_logs.text.index(" step 9 on cpu")
     finally:
-        logging.getLogger(app_log.name).removeHandler(caplog.handler)
         replica.stop()
 
 
 def test_a_checkpoint_that_cannot_be_served_is_refused_before_the_old_engine_drains(local_storage, tok, tmp_path,
-                                                                                   caplog):
+                                                                                   app_logs):
     """A reload that would drain the old engine first (a cache sized from free memory) checks the new
     checkpoint first: one whose model cannot take the tokenizer's tokens is refused, and the old engine
     goes on serving, healthy."""
     publish(local_storage, tok, 5, FIRST, tmp_path)
     replica = make_replica(local_storage.uri, kv_cache_memory_fraction=about_64_blocks(tok))
     first_engine = replica.loaded.engine
-    too_small = GPT(replace(reply_model(tok, reply_text=NEWER).config, vocab_size=tok.vocab_size - 8))
-    too_small.init_weights()
-    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
     try:
-        publish(local_storage, tok, 9, NEWER, tmp_path, model=too_small)
-        wait_for(lambda: "not loading step 9" in caplog.text, 30, "step 9 to be refused")
-        assert "smaller than the tokenizer's" in caplog.text and "in the memory of" not in caplog.text
+        publish(local_storage, tok, 9, NEWER, tmp_path, model=reshaped_model(tok, vocab_size=tok.vocab_size - 8))
+        wait_for(lambda: "not loading step 9" in app_logs.text, 30, "step 9 to be refused")
+        assert "smaller than the tokenizer's" in app_logs.text and "in the memory of" not in app_logs.text
         assert served_step(replica) == 5 and first_engine.alive()
         replica.check_health()
         assert asyncio.run(reply_of(replica, tok, "after")) == FIRST
     finally:
-        logging.getLogger(app_log.name).removeHandler(caplog.handler)
         replica.stop()
 
 
 def test_a_drained_swap_whose_new_engine_does_not_fit_serves_the_old_step_again(local_storage, tok, tmp_path,
-                                                                               caplog):
+                                                                               app_logs):
     """A cache of about 8 blocks sized from free memory, then a step whose model has 32 times the KV bytes per
     block: after the old engine drains, the new one's cache holds under 2 blocks and cannot start. The
     replica serves the old step again, healthy, and a request sent during the swap is answered by it."""
     publish(local_storage, tok, 5, FIRST, tmp_path)
     replica = make_replica(local_storage.uri, kv_cache_memory_fraction=about_64_blocks(tok) / 8)
     first_engine = replica.loaded.engine
-    deep = GPT(replace(reply_model(tok, reply_text=NEWER).config, n_layer=64))
-    deep.init_weights()
-    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
     try:
-        publish(local_storage, tok, 9, NEWER, tmp_path, model=deep)
+        publish(local_storage, tok, 9, NEWER, tmp_path, model=reshaped_model(tok, n_layer=64))
         wait_for(lambda: not first_engine.alive(), 30, "the old engine to drain")
         assert asyncio.run(reply_of(replica, tok, "during")) == FIRST
-        wait_for(lambda: "not loading step 9" in caplog.text, 30, "step 9 to be given up")
-        assert "KV-cache blocks" in caplog.text and "serving step 5 again" in caplog.text
+        wait_for(lambda: "not loading step 9" in app_logs.text, 30, "step 9 to be given up")
+        assert "KV-cache blocks" in app_logs.text and "serving step 5 again" in app_logs.text
         assert served_step(replica) == 5 and replica.loaded.engine is not first_engine
         replica.check_health()
         assert asyncio.run(reply_of(replica, tok, "after")) == FIRST
     finally:
-        logging.getLogger(app_log.name).removeHandler(caplog.handler)
         replica.stop()
 
 
 def test_a_replica_whose_newest_checkpoint_cannot_be_served_stays_up_and_serves_the_next(local_storage, tok,
-                                                                                      tmp_path, caplog):
+                                                                                      tmp_path, app_logs):
     """At start, a newest checkpoint that loads but cannot be served (its vocabulary is smaller than the
     tokenizer's) leaves the replica healthy with no model, saying why (tried once, not at every look), and
     the next step that lands is served."""
-    too_small = GPT(replace(reply_model(tok, reply_text=FIRST).config, vocab_size=tok.vocab_size - 8))
-    too_small.init_weights()
-    publish(local_storage, tok, 5, FIRST, tmp_path, model=too_small)
-    logging.getLogger(app_log.name).addHandler(caplog.handler)  # Ray's loggers do not reach the root's
+    publish(local_storage, tok, 5, FIRST, tmp_path, model=reshaped_model(tok, vocab_size=tok.vocab_size - 8))
+    replica = make_replica(local_storage.uri)
     try:
-        replica = make_replica(local_storage.uri)
-        try:
-            info = replica.model_info()
-            assert info["step"] is None and "step 5 of" in info["refused"], info
-            assert "smaller than the tokenizer's" in info["refused"] and "newer checkpoint" in info["refused"]
-            replica.check_health()
-            with pytest.raises(NoModelLoaded):
-                asyncio.run(reply_of(replica, tok, "r0"))
-            time.sleep(5 * RELOAD_S)
-            refusals = {id(r) for r in caplog.records if "cannot be served" in r.getMessage()}
-            assert len(refusals) == 1, "step 5 is not tried again at every look"
+        info = replica.model_info()
+        assert info["step"] is None and "step 5 of" in info["refused"], info
+        assert "smaller than the tokenizer's" in info["refused"] and "newer checkpoint" in info["refused"]
+        replica.check_health()
+        with pytest.raises(NoModelLoaded):
+            asyncio.run(reply_of(replica, tok, "r0"))
+        time.sleep(5 * RELOAD_S)
+        refusals = {id(r) for r in app_logs.records if "cannot be served" in r.getMessage()}
+        assert len(refusals) == 1, "step 5 is not tried again at every look"
 
-            publish(local_storage, tok, 7, NEWER, tmp_path)
-            wait_for(lambda: served_step(replica) == 7, 30, "step 7 to be served")
-            assert replica.refused is None
-            assert asyncio.run(reply_of(replica, tok, "r1")) == NEWER
-        finally:
-            replica.stop()
+        publish(local_storage, tok, 7, NEWER, tmp_path)
+        wait_for(lambda: served_step(replica) == 7, 30, "step 7 to be served")
+        assert replica.refused is None
+        assert asyncio.run(reply_of(replica, tok, "r1")) == NEWER
     finally:
-        logging.getLogger(app_log.name).removeHandler(caplog.handler)
+        replica.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------
