@@ -155,14 +155,17 @@ def test_requests_sharing_a_prefix_go_to_the_replica_that_holds_it(cluster):
     assert plain[0] < prefix[0] - 0.15, (prefix, plain)
 
 
+STREAM_TOKENS = 120  # long enough that no stream ends before the last has its first token
+
+
 def stream(client: openai.OpenAI, prompt: str, started: threading.Barrier) -> tuple[str, int]:
-    """A streamed completion of 60 tokens: ("ok", completion tokens) or ("error", chunks before the error
-    event, which must be in OpenAI's shape)."""
+    """A streamed completion of STREAM_TOKENS tokens: ("ok", completion tokens) or ("error", chunks before the
+    error event, which must be in OpenAI's shape)."""
     chunks, tokens = 0, 0
     try:
-        for chunk in client.completions.create(model="nanochat", prompt=prompt, max_tokens=60, temperature=0,
+        for chunk in client.completions.create(model="nanochat", prompt=prompt, max_tokens=STREAM_TOKENS, temperature=0,
                                                stream=True, stream_options={"include_usage": True},
-                                               extra_body={"min_tokens": 60}):
+                                               extra_body={"min_tokens": STREAM_TOKENS}):
             if chunks == 0:
                 started.wait(timeout=60)
             chunks += 1
@@ -184,15 +187,14 @@ def test_killing_an_engine_replica_during_32_streams(cluster):
         futures = [pool.submit(stream, client, f"story {i}: once upon a time", started) for i in range(32)]
         started.wait(timeout=60)  # every stream has its first token
         holding = {name: s["running"] + s["waiting"] for name, s in stats("faults").items()}
-        assert 0 not in holding.values(), holding  # streams on both replicas
-        victim = next(iter(before))
+        victim = max(holding, key=holding.get)
         ray.kill(before[victim])
         outcomes = [f.result(timeout=120) for f in futures]
     print(f"streams per replica when one was killed: {holding}")
     failed = [o for o in outcomes if o[0] == "error"]
     # the victim's streams (less any that finished between the count and the kill), not the other replica's
-    assert 0 < len(failed) <= holding[victim], (holding, outcomes)
-    assert all(tokens == 60 for status, tokens in outcomes if status == "ok"), outcomes
+    assert 0 < len(failed) <= holding[victim] and len(failed) < 32, (holding, outcomes)
+    assert all(tokens == STREAM_TOKENS for status, tokens in outcomes if status == "ok"), outcomes
     now = replaced("faults", victim)
     replacement = (set(now) - set(before)).pop()
     for i in range(20):  # until the replacement has served one
