@@ -362,7 +362,9 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(model, t
                                                          stream=True, extra_body={"top_k": 1, "stop": None})
             first = next(iter(chat_stream))
             assert first.choices[0].delta.role == "assistant"
-            with http.stream("POST", COMPLETIONS, json=completion(max_tokens=MAX_TOKENS, stream=True)) as raw:
+            # greedy, so that it runs to max_tokens: a sampled end-of-text could finish it before the shutdown
+            greedy_completion = completion(max_tokens=MAX_TOKENS, stream=True, top_k=1)
+            with http.stream("POST", COMPLETIONS, json=greedy_completion) as raw:
                 lines = raw.iter_lines()
                 assert next(lines).startswith("data: ")
                 threading.Thread(target=engine.shutdown).start()
