@@ -7,7 +7,7 @@ Notable:
 - a CPU worker's torch threads: its share of the node's CPUs (train.threads_per_worker overrides): one
   worker alone uses every core, and workers sharing a node never oversubscribe it, which slows every step
 - bf16 autocast on GPU, fp32 on CPU
-- small collectives (mean, all_gather of Python objects) that degrade to no-ops with one worker
+- small collectives (mean, all_gather of Python objects, barrier) that degrade to no-ops with one worker
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ class Worker:
 
     def mean(self, value: torch.Tensor) -> float:
         return (self.sum(value) / self.world_size).item()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def cpu_threads(configured: int, node_cpus: float, workers_on_node: int) -> int:

@@ -128,9 +128,9 @@ def test_mid_and_sft_continue_from_the_previous_stage(s3_storage, reference):
     assert mid["steps"] == 3 and mid["metrics"]["mixture"] == {"identity": 1000, "simple-spelling": 10000}
     base_step = CheckpointManager(s3_storage, "reference", "base").latest_step()  # other tests train it on
     assert mid["metrics"]["optimizer_from"] == f"base step {base_step}"  # the momentum base training ended with
-    # a worker dies after step 3 (step 2's checkpoint is complete: rank 0 finished it before step 3's
-    # all-reduce): SFT resumes from step 2 and still knows where its momentum came from
-    sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, fail_at_step=3, show_progress=False)
+    # a worker dies as soon as step 2's checkpoint is reported: the checkpoint is whole (every rank waits for
+    # rank 0's upload), SFT resumes from it and still knows where its momentum came from
+    sft = run_stage("sft", stage_function("sft", cfg), cfg, s3_storage, fail_at_step=2, show_progress=False)
     assert sft["steps"] == 4 and sft["metrics"]["resumed_from"] == [2]
     assert sft["metrics"]["optimizer_from"] == "mid step 3"
     assert "smoltalk" in sft["metrics"]["skipped_tasks"], "offline, SmolTalk is skipped with its reason"

@@ -356,7 +356,8 @@ class JaxRun:
             config=self.cfg.model_dump(), rng=None,
             meta={"stage": "base", "backend": "jax", "world_size": self.worker.world_size,
                   "devices": len(self.mesh.devices.flat), "model_config": vars(self.model.config),
-                  **self.state.__dict__}))
+                  **self.state.__dict__}),
+            barrier=lambda: _allgather_json(None))
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train

@@ -303,10 +303,14 @@ def evaluated(evaluate: Callable[[GPT], dict[str, float]], model: GPT) -> dict[s
 
 
 def publish_checkpoint(worker: Worker, manager: CheckpointManager, step: int, metrics: dict[str, float],
-                       write: Callable[[Path], None]) -> float:
+                       write: Callable[[Path], None], barrier: Callable[[], object] | None = None) -> float:
     """Rank 0 writes the step's checkpoint folder with write(folder); Ray Train uploads it with the metrics
     (every rank reports), then rank 0 marks it latest. Returns the seconds it took. Both backends save
-    through here; what each has to gather from every rank it gathers before."""
+    through here; what each has to gather from every rank it gathers before.
+
+    Every rank then waits at `barrier` (default: the worker's) for rank 0 to be done: the other ranks'
+    report returns while rank 0 still uploads, and a rank that died then would take the group, and the
+    half-uploaded checkpoint, down with it. After the barrier a reported checkpoint is a resumable one."""
     import ray.train
 
     started = time.time()
@@ -318,6 +322,7 @@ def publish_checkpoint(worker: Worker, manager: CheckpointManager, step: int, me
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
         if worker.is_main:
             manager.mark_latest(step)
+    (barrier or worker.barrier)()
     return time.time() - started
 
 
