@@ -359,12 +359,12 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(model, t
         with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             chat_stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS,
-                                                         stream=True, extra_body={"top_k": 1, "stop": None})
+                                                         stream=True, extra_body={"min_tokens": MAX_TOKENS})
             first = next(iter(chat_stream))
             assert first.choices[0].delta.role == "assistant"
-            # greedy, so that it runs to max_tokens: a sampled end-of-text could finish it before the shutdown
-            greedy_completion = completion(max_tokens=MAX_TOKENS, stream=True, top_k=1)
-            with http.stream("POST", COMPLETIONS, json=greedy_completion) as raw:
+            # min_tokens: a sampled end-of-text could finish it before the shutdown reaches it
+            long_completion = completion(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, stream=True)
+            with http.stream("POST", COMPLETIONS, json=long_completion) as raw:
                 lines = raw.iter_lines()
                 assert next(lines).startswith("data: ")
                 threading.Thread(target=engine.shutdown).start()
