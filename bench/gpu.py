@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training runs")
     parser.add_argument("--rows", type=int, default=16, help="training rows of 2048 tokens per step (d20's preset: 16)")
     parser.add_argument("--fp8", action="store_true", help="also train in FP8 (train.fp8), compiled, after bf16")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here (after each section)")
     parser.add_argument("--only", default=None, help="comma-separated sections to run: checks, attention, train, serve")
     return parser.parse_args()
 
@@ -417,7 +417,20 @@ def count_step_syncs(engine: LLMEngine) -> list[str]:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def section(name: str, results: dict[str, Any], fn: Callable[[], Any]) -> None:
+class Results(dict):
+    """Every figure, by section; written to `path` (when given) after each section, so that a run stopped at
+    its time limit still leaves what it measured."""
+
+    def __init__(self, path: Path | None, **fields: Any):
+        super().__init__(**fields)
+        self.path = path
+
+    def save(self) -> None:
+        if self.path:
+            self.path.write_text(json.dumps(self, indent=2, default=str))
+
+
+def section(name: str, results: Results, fn: Callable[[], Any]) -> None:
     started = time.perf_counter()
     try:
         results[name] = fn()
@@ -427,6 +440,7 @@ def section(name: str, results: dict[str, Any], fn: Callable[[], Any]) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    results.save()
     print(f"[{time.perf_counter() - started:6.1f}s] {name}: {json.dumps(results[name], default=str)}", flush=True)
 
 
@@ -436,8 +450,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks are fp32; bf16 runs use autocast
     torch.backends.cudnn.allow_tf32 = False
     small = args.small or device.type == "cpu"
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                               "torch": torch.__version__}
+    results = Results(args.json, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      torch=torch.__version__)
     check_config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                              window_pattern="SL")
     wanted = set(args.only.split(",")) if args.only else {"checks", "attention", "train", "serve"}
@@ -469,6 +483,7 @@ def main() -> None:
         sdpa, flex = results["train_d12_sssl_sdpa"], results["train_d12_sssl_auto"]
         if "step_seconds" in sdpa and "step_seconds" in flex:
             results["train_d12_sssl_sdpa_over_flex"] = sdpa["step_seconds"] / flex["step_seconds"]
+            results.save()
             print(f"train d12 SSSL step, sdpa / flex: {results['train_d12_sssl_sdpa_over_flex']:.3f}", flush=True)
 
     for depth in depths:
@@ -503,8 +518,6 @@ def main() -> None:
     for depth in depths if args.fp8 and not fp8_training.device_problem(device) else []:
         train(depth, compile=not args.no_compile, fp8=True)
 
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
 
 

@@ -1,9 +1,12 @@
-"""bench/gpu.py is what a short GPU lease runs, so it has to work the first time: its --small run on this
-machine's CPU goes through every section (the correctness checks against their references, attention,
-training eager and compiled, the KV-cache sizing, packed prefill and every serving configuration) and each
-must finish without an error and with figures that hold on a CPU."""
+"""scripts/gpu-checks.sh and bench/gpu.py are what a short GPU lease runs, so they have to work the first time.
+Here on the CPU the script runs all its parts (the GPU-only tests, which pass or skip here, bench/gpu.py,
+which runs its --small sizes on a CPU, and the GPU training rows, which say why they are skipped), and
+bench/gpu.py goes through every section (the correctness checks against their references, attention,
+training eager and compiled, the KV-cache sizing, packed prefill and every serving configuration): each must
+finish without an error and with figures that hold on a CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +19,34 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench-gpu") / "results.json"
-    run = subprocess.run([sys.executable, "-m", "bench.gpu", "--small", "--json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text())
+def out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-checks")
+    run = subprocess.run([str(ROOT / "scripts" / "gpu-checks.sh"), str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "3 parts, 0 failed" in run.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(out) -> dict:
+    return json.loads((out / "gpu.json").read_text())
+
+
+def test_every_part_leaves_its_log(out):
+    assert " passed" in (out / "tests.log").read_text()
+    assert "GPU rows skipped: no CUDA device here" in (out / "train.log").read_text()
+    assert "train_d2_compiled" in (out / "gpu.log").read_text()
+
+
+def test_a_part_past_its_limit_is_stopped_and_counted_and_leaves_what_it_measured(tmp_path):
+    run = subprocess.run([str(ROOT / "scripts" / "gpu-checks.sh"), str(tmp_path), "gpu", "nonsense"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable, "GPU_S": "20"})
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "gpu: stopped at its limit of 20s" in run.stdout and "unknown part 'nonsense'" in run.stderr
+    partial = json.loads((tmp_path / "gpu.json").read_text())
+    assert "forward" in partial and "train_d2_compiled" not in partial
 
 
 def test_no_section_fails(results):
