@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -39,14 +41,21 @@ def test_every_part_leaves_its_log(out):
     assert "train_d2_compiled" in (out / "gpu.log").read_text()
 
 
-def test_a_part_past_its_limit_is_stopped_and_counted_and_leaves_what_it_measured(tmp_path):
-    run = subprocess.run([str(ROOT / "scripts" / "gpu-checks.sh"), str(tmp_path), "gpu", "nonsense"], cwd=ROOT,
+def test_a_part_past_its_limit_is_stopped_and_counted(tmp_path):
+    run = subprocess.run([str(ROOT / "scripts" / "gpu-checks.sh"), str(tmp_path), "tests", "nonsense"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHON": sys.executable, "GPU_S": "20"})
+                         env={**os.environ, "PYTHON": sys.executable, "TESTS_S": "1"})  # pytest starts slower
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "gpu: stopped at its limit of 20s" in run.stdout and "unknown part 'nonsense'" in run.stderr
-    partial = json.loads((tmp_path / "gpu.json").read_text())
-    assert "forward" in partial and "train_d2_compiled" not in partial
+    assert "tests: stopped at its limit of 1s" in run.stdout and "unknown part 'nonsense'" in run.stderr
+
+
+def test_the_figures_are_written_after_each_section(tmp_path):
+    path = tmp_path / "results.json"
+    results = gpu.Results(path, device="cpu")
+    gpu.section("first", results, lambda: {"x": 1})
+    assert json.loads(path.read_text()) == {"device": "cpu", "first": {"x": 1}}
+    gpu.section("broken", results, lambda: 1 / 0)
+    assert json.loads(path.read_text())["broken"] == {"error": "ZeroDivisionError: division by zero"}
 
 
 def test_no_section_fails(results):
