@@ -22,7 +22,8 @@ Notable:
   SDPA with an explicit mask: causal (which also hides stale slots past the context and the padding
   of the block tables) and, for sliding-window layers, p - W <= j. Plain torch on CPU and GPU. A decode
   forward (one new token a row) hands SDPA each key/value head's group of query heads as that head's rows
-  of queries (_decode_grouped).
+  of queries (_decode_grouped). A packed prefill of rows of different lengths runs one SDPA per row, over
+  that row's real queries and the keys up to its own last block, so padding costs no attention either.
   "flex" reads the pools in place, no gather: FlexAttention with the pool of a layer as one long key
   sequence (shared by every row) and a block mask listing, for each row, its own blocks as the KV
   blocks to visit (KV block = cache block). The mask_mod places a key by its block's column in the
@@ -173,7 +174,7 @@ class PagedKVCache:
         return PagedView(self, padded_tables, to_device(starts, device, torch.long),
                          to_device(lengths, device, torch.long), T, to_device(real, device, torch.long),
                          max(start + length for start, length in zip(starts, lengths, strict=True)),
-                         packed=packed)
+                         packed=packed, row_spans=list(zip(starts, lengths, strict=True)))
 
 
 def _decode_grouped(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -220,12 +221,14 @@ class PagedView:
     packed, (1, N) with N the rows' new tokens back to back. Attention runs over the (B, T) rows."""
 
     def __init__(self, cache: PagedKVCache, block_tables: list[Tensor], starts: Tensor, lengths: Tensor, T: int,
-                 real: Tensor, n_positions: int, packed: bool = False):
+                 real: Tensor, n_positions: int, packed: bool = False,
+                 row_spans: list[tuple[int, int]] | None = None):
         """block_tables: each pool's (B, n) tables, -1 behind a window; real: the flat (B * T) indices of
         the real new tokens, in order (the rest is padding); n_positions: every new token's position lies
-        below it; packed: the forward's tokens are the real ones back to back."""
+        below it; packed: the forward's tokens are the real ones back to back; row_spans: each row's
+        (start, length) as the host knows them (a packed view's gather path attends row by row with them)."""
         self.cache, self.T, self.real, self.lengths = cache, T, real, lengths
-        self.n_positions, self.packed = n_positions, packed
+        self.n_positions, self.packed, self.row_spans = n_positions, packed, row_spans
         # some row is shorter than T (else real is every index, and no index needs to be applied); sizes
         # are the host's to know, so this reads nothing from the device
         self.padded = real.numel() < starts.numel() * T
@@ -245,13 +248,13 @@ class PagedView:
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         cache = self.cache
-        pool = self.pools[cache.layer_pool[layer_idx]]
-        if self.packed:  # the new keys and values are the real tokens already; the queries go into rows
-            new_k, new_v, q = k[0], v[0], self._rows(q)
-        else:
-            new_k, new_v = self.real_tokens(k), self.real_tokens(v)
-        y = pool.attend(cache.layer_index[layer_idx], q, new_k, new_v, window)
-        return self._packed(y) if self.packed else y
+        pool, index = self.pools[cache.layer_pool[layer_idx]], cache.layer_index[layer_idx]
+        if not self.packed:
+            return pool.attend(index, q, self.real_tokens(k), self.real_tokens(v), window)
+        # the new keys and values are the real tokens already
+        if self.padded and cache.attention == "sdpa" and self.row_spans is not None:
+            return pool.attend_packed_rows(index, q, k[0], v[0], window, self.row_spans)
+        return self._packed(pool.attend(index, self._rows(q), k[0], v[0], window))  # the queries in rows
 
     def real_tokens(self, x: Tensor) -> Tensor:
         """The real new tokens of x (B, T, ...), flat and in order."""
@@ -301,18 +304,10 @@ class _PoolView:
     def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
         """Writes the real new tokens' keys and values k, v (n_real, n_kv_head, D) to the pool, then returns
         the attention of q (B, T, n_head, D) over the rows' keys."""
-        k_pool, v_pool = self.pool.k[index], self.pool.v[index]
-        n_slots = k_pool.size(0) * k_pool.size(1)
-        for pool, new in ((k_pool, k), (v_pool, v)):
-            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.to(pool.dtype))
+        k_pool, v_pool = self._write(index, k, v)
         if self.view.cache.attention == "flex":
             return self._flex(k_pool, v_pool, q, window)
-        B = q.size(0)
-        tables, mask = self._keys(window)
-        flat = tables.flatten()
-        # index_select over whole blocks (a block as one row) copies far faster than advanced indexing
-        keys = k_pool.flatten(1).index_select(0, flat).view(B, -1, *k_pool.shape[2:])  # (B, K, n_kv_head, D)
-        values = v_pool.flatten(1).index_select(0, flat).view(B, -1, *v_pool.shape[2:])
+        keys, values, mask = self._gathered(k_pool, v_pool, window)
         # attention runs in the pools' dtype: a bfloat16 cache is read at half the bytes, not widened first
         out_dtype = q.dtype
         q, keys, values = q.to(k_pool.dtype).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
@@ -321,6 +316,46 @@ class _PoolView:
         keys, values, gqa = grouped_kv(q, keys, values)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return y.transpose(1, 2).to(out_dtype)
+
+    def attend_packed_rows(self, index: int, q: Tensor, k: Tensor, v: Tensor, window: int | None,
+                           row_spans: list[tuple[int, int]]) -> Tensor:
+        """The gather path's attention for packed rows of different lengths, q (1, N, n_head, D) packed and
+        the result packed as well: each row's real queries over the keys up to its own last position, one
+        SDPA per row, so that no padded query (the most of a step where one long chunk sits beside short
+        ones) and no key past the row's context is computed. k, v: as attend's."""
+        k_pool, v_pool = self._write(index, k, v)
+        keys, values, mask = self._gathered(k_pool, v_pool, window)
+        bs, full_width = self.view.cache.block_size, self.block_tables.size(1) * self.view.cache.block_size
+        out_dtype, q = q.dtype, q.to(k_pool.dtype)  # in the pools' dtype, as attend
+        out, offset = [], 0
+        for b, (start, length) in enumerate(row_spans):
+            # keys gathered from the table's first column on (no window cut) end at the row's last block
+            n_keys = (start + length + bs - 1) // bs * bs if keys.size(1) == full_width else keys.size(1)
+            q_row = q[:, offset:offset + length].transpose(1, 2)
+            k_row, v_row = keys[b:b + 1, :n_keys].transpose(1, 2), values[b:b + 1, :n_keys].transpose(1, 2)
+            k_row, v_row, gqa = grouped_kv(q_row, k_row, v_row)
+            y = F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=mask[b:b + 1, :, :length, :n_keys],
+                                               enable_gqa=gqa)
+            out.append(y.transpose(1, 2))
+            offset += length
+        return torch.cat(out, dim=1).to(out_dtype)
+
+    def _write(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes the real new tokens' keys and values to the layer's pools; returns those pools."""
+        k_pool, v_pool = self.pool.k[index], self.pool.v[index]
+        n_slots = k_pool.size(0) * k_pool.size(1)
+        for pool, new in ((k_pool, k), (v_pool, v)):
+            pool.view(n_slots, *pool.shape[2:]).index_copy_(0, self.slots, new.to(pool.dtype))
+        return k_pool, v_pool
+
+    def _gathered(self, k_pool: Tensor, v_pool: Tensor, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's keys and values (B, K, n_kv_head, D), gathered from its blocks, and their mask."""
+        tables, mask = self._keys(window)
+        B, flat = tables.size(0), tables.flatten()
+        # index_select over whole blocks (a block as one row) copies far faster than advanced indexing
+        keys = k_pool.flatten(1).index_select(0, flat).view(B, -1, *k_pool.shape[2:])
+        values = v_pool.flatten(1).index_select(0, flat).view(B, -1, *v_pool.shape[2:])
+        return keys, values, mask
 
     def _blocks(self, window: int | None) -> tuple[Tensor, Tensor]:
         """The blocks (B, n) a layer with this window reads for each row, and their columns in the row's

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
+from serving.engine import paged_cache
 from serving.engine.block_manager import BlockCopy
 from serving.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from serving.engine.model_runner import ModelRunner, resolve_attention, resolve_dtype, resolve_kv_dtype
@@ -190,6 +191,24 @@ def test_a_packed_prefill_computes_no_padding():
         seqs, _ = four_prompts()
         runner_for(model, packed_prefill=packed).run([chunk_of(s, 0, len(s)) for s in seqs], [])
     assert rows_seen == [(1, sum(PROMPTS)), (len(PROMPTS), max(PROMPTS))]
+
+
+def test_the_gather_path_attends_a_packed_prefills_rows_without_their_padding(monkeypatch):
+    """Chunks of 5, 13, 22 and 9 tokens: each layer attends each row's own queries over its keys up to its
+    last block (4 tokens a block), not 4 rows of 22 queries over 24 keys."""
+    calls = []
+    sdpa = paged_cache.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append((q.size(-2), k.size(-2)))
+        return sdpa(q, k, v, **kwargs)
+
+    seqs, _ = four_prompts()
+    runner = runner_for(scrambled("mha-full"), attention="sdpa")
+    monkeypatch.setattr(paged_cache.F, "scaled_dot_product_attention", recording)
+    runner.run([chunk_of(s, 0, len(s)) for s in seqs], [])
+    rows = [(n, -(-n // BLOCK) * BLOCK) for n in PROMPTS]
+    assert calls == rows * 2  # both layers
 
 
 def test_flex_query_blocks_of_padding_only_visit_no_block():
