@@ -52,6 +52,7 @@ Notable:
   text, and a reply that called the tool also has `content_parts`, streamed as deltas of their own. An
   assistant message sent back with its content_parts renders them as in training. A text completion's
   text keeps the call and output inline: the prompt is raw text, with no turns to hold parts.
+- /v1/responses: OpenAI's Responses API, answered as the chat turn of the same messages (responses.py).
 - /tokenize, /detokenize and /version follow vLLM's routes: a prompt or messages to the token ids the
   completions would run (and the engine's max_model_len), token ids back to text, the server's version.
   The first two need the served tokenizer (503 before a model exists) and, like /v1/, an API key when
@@ -96,6 +97,7 @@ from serving.api.errors import (
     unavailable,
 )
 from serving.api.parts import PartSplitter, Piece
+from serving.api.responses import ResponseBuilder, ResponsesRequest, response_events
 from serving.api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -301,6 +303,31 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                    for i, (parts, reason, infos) in enumerate(zip(splitters, run.finish_reasons, run.logprobs))]
         return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
                                             usage=run.usage()))
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API: one chat turn (serving/api/responses.py)."""
+        tokenizer = (await current()).tokenizer
+        if body.max_output_tokens is not None and body.max_output_tokens > max_tokens_limit:
+            raise bad_request(f"max_output_tokens is {body.max_output_tokens}, more than this server's limit of "
+                              f"{max_tokens_limit}", param="max_output_tokens")
+        chat = body.as_chat()
+        end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+        try:
+            grammar = await response_grammar(chat.response_format)
+        except APIError as e:  # named as this route names it
+            e.detail.param = "text.format" if e.detail.param == "response_format" else e.detail.param
+            raise
+        params = sampling_params(chat, tokenizer, end_of_turn, grammar)
+        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages)
+        check_prompt_length(prompt_ids, "input")
+        run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input")
+        builder = ResponseBuilder(body, model_name, run)
+        if body.stream:
+            return SSEResponse(run, response_events(builder, tokenizer))
+        splitter = PartSplitter(tokenizer)
+        await until_disconnected(request, run.collect(lambda e: splitter.add(e.token_id, e.text)))
+        return json_response(builder.finished(splitter.content))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:

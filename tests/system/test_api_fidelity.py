@@ -379,6 +379,26 @@ def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(model, t
     assert last["error"]["code"] == "unavailable" and "shutting down" in last["error"]["message"]
 
 
+def test_a_response_stream_cut_by_shutdown_ends_with_an_error_event(model, tok):
+    engine = AsyncEngine(SlowEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8,
+                                    max_num_batched_tokens=64))
+    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
+    try:
+        with serve(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+            # greedy, and a reply that runs to the limit (a turn that ended first would not be cut)
+            ask = dict(model=MODEL, input="hello", max_output_tokens=MAX_TOKENS, temperature=0)
+            assert client.responses.create(**ask).status == "incomplete"
+            stream = iter(client.responses.create(**ask, stream=True))
+            assert next(stream).type == "response.created"
+            threading.Thread(target=engine.shutdown).start()
+            rest = list(stream)
+    finally:
+        engine.shutdown()
+    assert rest[-1].type == "error" and rest[-1].code == "unavailable" and "shutting down" in rest[-1].message
+    assert not any(e.type in ("response.completed", "response.incomplete") for e in rest)
+
+
 # ---------------------------------------------------------------------------------------------
 # /tokenize, /detokenize, /version
 

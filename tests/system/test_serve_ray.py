@@ -86,6 +86,16 @@ def test_completions_streamed_and_not(client):
     assert streamed == whole.choices[0].text and whole.usage.completion_tokens <= 10
 
 
+def test_responses_streamed_and_not(client):
+    ask = dict(model="nanochat", input="Hello", max_output_tokens=10, temperature=0)
+    whole = client.responses.create(**ask)
+    chat = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=10, temperature=0)
+    assert whole.output_text == chat.choices[0].message.content
+    events = list(client.responses.create(**ask, stream=True))
+    assert events[-1].type == f"response.{whole.status}" and events[-1].response.output_text == whole.output_text
+
+
 def test_metrics_are_exported_through_ray(server, client):
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     names = ["ray_nanochat_generation_tokens_total", "ray_nanochat_prompt_tokens_total",

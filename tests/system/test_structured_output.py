@@ -145,3 +145,21 @@ def test_a_bad_response_format_is_a_400_naming_it(client, response_format, param
             call()
         assert refused.value.param == param, refused.value.body
         assert words in refused.value.body["message"], refused.value.body
+
+
+def test_a_response_with_a_json_schema_format_validates_streamed_or_not(client):
+    """/v1/responses takes the schema as text.format, OpenAI's shape of the same grammar."""
+    text = {"format": {"type": "json_schema", "name": "person", "schema": SCHEMA, "strict": True}}
+    response = client.responses.create(model=MODEL, input=MESSAGES[0]["content"], text=text, temperature=1.0,
+                                       max_output_tokens=MAX_TOKENS)
+    assert response.status == "completed", response
+    jsonschema.validate(json.loads(response.output_text), SCHEMA)
+    assert response.text.format.type == "json_schema" and response.text.format.name == "person"
+    events = list(client.responses.create(model=MODEL, input=MESSAGES[0]["content"], text=text, stream=True,
+                                          max_output_tokens=MAX_TOKENS))
+    assert events[-1].type == "response.completed"
+    jsonschema.validate(json.loads(events[-1].response.output_text), SCHEMA)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_schema", "name": "bad",
+                                                                          "schema": {"type": "nonsense"}}})
+    assert e.value.body["param"] == "text.format", e.value.body
