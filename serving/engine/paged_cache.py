@@ -218,7 +218,8 @@ def _checked_tables(tables: list[list[int]], starts: list[int], lengths: list[in
 
 class PagedView:
     """KVCacheLike for one forward: new tokens of shape (B, T) with T = the longest row, others padded, or
-    packed, (1, N) with N the rows' new tokens back to back. Attention runs over the (B, T) rows."""
+    packed, (1, N) with N the rows' new tokens back to back. Attention runs over the (B, T) rows, or with the
+    gather path over each packed row alone."""
 
     def __init__(self, cache: PagedKVCache, block_tables: list[Tensor], starts: Tensor, lengths: Tensor, T: int,
                  real: Tensor, n_positions: int, packed: bool = False,
