@@ -155,10 +155,13 @@ def test_a_response_with_a_json_schema_format_validates_streamed_or_not(client):
     assert response.status == "completed", response
     jsonschema.validate(json.loads(response.output_text), SCHEMA)
     assert response.text.format.type == "json_schema" and response.text.format.name == "person"
-    events = list(client.responses.create(model=MODEL, input=MESSAGES[0]["content"], text=text, stream=True,
-                                          max_output_tokens=MAX_TOKENS))
-    assert events[-1].type == "response.completed"
-    jsonschema.validate(json.loads(events[-1].response.output_text), SCHEMA)
+    # the SDK's stream helper rebuilds the response from the events, and wants them in OpenAI's order
+    with client.responses.stream(model=MODEL, input=MESSAGES[0]["content"], text=text,
+                                 max_output_tokens=MAX_TOKENS) as stream:
+        deltas = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        streamed = stream.get_final_response()
+    assert streamed.status == "completed" and streamed.output_text == deltas
+    jsonschema.validate(json.loads(deltas), SCHEMA)
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_schema", "name": "bad",
                                                                           "schema": {"type": "nonsense"}}})
