@@ -97,7 +97,7 @@ from serving.api.errors import (
     unavailable,
 )
 from serving.api.parts import PartSplitter, Piece
-from serving.api.responses import ResponseBuilder, ResponsesRequest, response_events
+from serving.api.responses import ResponseBuilder, ResponsesRequest, input_param, response_events
 from serving.api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -319,7 +319,11 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             e.detail.param = "text.format" if e.detail.param == "response_format" else e.detail.param
             raise
         params = sampling_params(chat, tokenizer, end_of_turn, grammar)
-        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages)
+        try:
+            prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages)
+        except APIError as e:
+            e.detail.param = input_param(e.detail.param, body.instructions is not None)
+            raise
         check_prompt_length(prompt_ids, "input")
         run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input")
         builder = ResponseBuilder(body, model_name, run)

@@ -170,6 +170,19 @@ class ResponsesRequest(StrictModel):
         })
 
 
+def input_param(param: str | None, has_instructions: bool) -> str | None:
+    """A chat route's error param ("messages[3].role", "messages") as this route names the same field: the
+    input message it came from ("input[2].role", "input"), instructions being the system message first."""
+    if param is None or not param.startswith("messages"):
+        return param
+    rest = param.removeprefix("messages")
+    if rest.startswith("["):
+        index, _, tail = rest[1:].partition("]")
+        index = int(index) - has_instructions
+        return "instructions" if index < 0 else f"input[{index}]{tail}"
+    return "input" + rest
+
+
 # ---------------------------------------------------------------------------------------------- response
 
 

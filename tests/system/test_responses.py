@@ -103,6 +103,9 @@ def test_bad_input_is_a_400_naming_the_field(client):
         ("input[0].role", dict(input=[{"role": "tool", "content": "x"}])),
         ("text.format", dict(text={"format": {"type": "json_schema", "schema": {"type": "object"}}})),
         ("text.format", dict(text={"format": {"type": "json_schema", "name": "a name!", "schema": {}}})),
+        ("input[1].role", dict(input=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                               instructions=INSTRUCTIONS)),
+        ("input", dict(input=[{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])),
     ]
     for param, fields in cases:
         with pytest.raises(openai.BadRequestError) as e:
