@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
@@ -37,10 +37,21 @@ from serving.api.schemas import (
     ResponseFormat,
     StrictModel,
     Text,
+    Usage,
 )
+from serving.engine.llm_engine import TokenEvent
 
-if TYPE_CHECKING:
-    from serving.api.app import Run
+
+class Run(Protocol):
+    """What a response reads of the chat route's run (serving/api/app.py's Run)."""
+
+    id: str
+    created: int
+    finish_reasons: list[str | None]
+
+    def batches(self) -> AsyncIterator[Iterator[TokenEvent]]: ...
+
+    def usage(self) -> Usage: ...
 
 
 # ---------------------------------------------------------------------------------------------- request
