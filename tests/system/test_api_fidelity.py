@@ -11,6 +11,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import httpx
 import openai
@@ -351,50 +353,53 @@ class SlowEngine(RecordingEngine):
         return super().step()
 
 
-def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(model, tok):
+@pytest.fixture
+def slow_engine(model, tok) -> Iterator[AsyncEngine]:
+    """A SlowEngine of its own (a test shuts it down), shut down after the test whatever happened."""
     engine = AsyncEngine(SlowEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8,
                                     max_num_batched_tokens=64))
-    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
-    try:
-        with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-            chat_stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS,
-                                                         stream=True, extra_body={"min_tokens": MAX_TOKENS})
-            first = next(iter(chat_stream))
-            assert first.choices[0].delta.role == "assistant"
-            # min_tokens: a sampled end-of-text could finish it before the shutdown reaches it
-            long_completion = completion(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, stream=True)
-            with http.stream("POST", COMPLETIONS, json=long_completion) as raw:
-                lines = raw.iter_lines()
-                assert next(lines).startswith("data: ")
-                threading.Thread(target=engine.shutdown).start()
-                rest = [line for line in lines if line]
-            with pytest.raises(openai.APIError, match="shutting down"):
-                for chunk in chat_stream:
-                    assert chunk.choices[0].finish_reason in FINISH_REASONS | {None}
-    finally:
-        engine.shutdown()
+    yield engine
+    engine.shutdown()
+
+
+def slow_server(engine: AsyncEngine, tok: Tokenizer) -> AbstractContextManager[str]:
+    """The API over engine, served: its URL."""
+    return serve(create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT,
+                            max_tokens_limit=MAX_TOKENS))
+
+
+def test_a_stream_cut_by_shutdown_ends_with_an_error_event_not_an_abort(slow_engine, tok):
+    with slow_server(slow_engine, tok) as url, httpx.Client(base_url=url, timeout=30) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        chat_stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                                     stream=True, extra_body={"min_tokens": MAX_TOKENS})
+        first = next(iter(chat_stream))
+        assert first.choices[0].delta.role == "assistant"
+        # min_tokens: a sampled end-of-text could finish it before the shutdown reaches it
+        long_completion = completion(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, stream=True)
+        with http.stream("POST", COMPLETIONS, json=long_completion) as raw:
+            lines = raw.iter_lines()
+            assert next(lines).startswith("data: ")
+            threading.Thread(target=slow_engine.shutdown).start()
+            rest = [line for line in lines if line]
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for chunk in chat_stream:
+                assert chunk.choices[0].finish_reason in FINISH_REASONS | {None}
     *chunks, last = [json.loads(line.removeprefix("data: ")) for line in rest]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
     assert last["error"]["code"] == "unavailable" and "shutting down" in last["error"]["message"]
 
 
-def test_a_response_stream_cut_by_shutdown_ends_with_an_error_event(model, tok):
-    engine = AsyncEngine(SlowEngine(model, tok, num_blocks=64, block_size=8, max_num_seqs=8,
-                                    max_num_batched_tokens=64))
-    app = create_app(engine, tok, model_name=MODEL, max_prompt_tokens=MAX_PROMPT, max_tokens_limit=MAX_TOKENS)
-    try:
-        with serve(app) as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-            # greedy, and a reply that runs to the limit (a turn that ended first would not be cut)
-            ask = dict(model=MODEL, input="hello", max_output_tokens=MAX_TOKENS, temperature=0)
-            assert client.responses.create(**ask).status == "incomplete"
-            stream = iter(client.responses.create(**ask, stream=True))
-            assert next(stream).type == "response.created"
-            threading.Thread(target=engine.shutdown).start()
-            rest = list(stream)
-    finally:
-        engine.shutdown()
+def test_a_response_stream_cut_by_shutdown_ends_with_an_error_event(slow_engine, tok):
+    with slow_server(slow_engine, tok) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        # greedy, and a reply that runs to the limit (a turn that ended first would not be cut)
+        ask = dict(model=MODEL, input="hello", max_output_tokens=MAX_TOKENS, temperature=0)
+        assert client.responses.create(**ask).status == "incomplete"
+        stream = iter(client.responses.create(**ask, stream=True))
+        assert next(stream).type == "response.created"
+        threading.Thread(target=slow_engine.shutdown).start()
+        rest = list(stream)
     assert rest[-1].type == "error" and rest[-1].code == "unavailable" and "shutting down" in rest[-1].message
     assert not any(e.type in ("response.completed", "response.incomplete") for e in rest)
 
