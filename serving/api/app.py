@@ -97,7 +97,7 @@ from serving.api.errors import (
     unavailable,
 )
 from serving.api.parts import PartSplitter, Piece
-from serving.api.responses import ResponseBuilder, ResponsesRequest, input_param, response_events
+from serving.api.responses import ResponseBuilder, ResponsesRequest, response_events, responses_param
 from serving.api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -313,16 +313,12 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               f"{max_tokens_limit}", param="max_output_tokens")
         chat = body.as_chat()
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
-        try:
+        try:  # the chat route's checks, their errors named as this route names the fields
             grammar = await response_grammar(chat.response_format)
-        except APIError as e:  # named as this route names it
-            e.detail.param = "text.format" if e.detail.param == "response_format" else e.detail.param
-            raise
-        params = sampling_params(chat, tokenizer, end_of_turn, grammar)
-        try:
+            params = sampling_params(chat, tokenizer, end_of_turn, grammar)
             prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages)
         except APIError as e:
-            e.detail.param = input_param(e.detail.param, body.instructions is not None)
+            e.detail.param = responses_param(e.detail.param, body.instructions is not None)
             raise
         check_prompt_length(prompt_ids, "input")
         run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input")

@@ -181,9 +181,12 @@ class ResponsesRequest(StrictModel):
         })
 
 
-def input_param(param: str | None, has_instructions: bool) -> str | None:
-    """A chat route's error param ("messages[3].role", "messages") as this route names the same field: the
-    input message it came from ("input[2].role", "input"), instructions being the system message first."""
+def responses_param(param: str | None, has_instructions: bool) -> str | None:
+    """A chat route's error param as this route names the same field: response_format is text.format, and a
+    message ("messages[3].role", "messages") the input message it came from ("input[2].role", "input"),
+    instructions being the system message first."""
+    if param == "response_format":
+        return "text.format"
     if param is None or not param.startswith("messages"):
         return param
     rest = param.removeprefix("messages")
