@@ -57,7 +57,8 @@ from bench import prefill
 from nanochat.gpt import GPT, GPTConfig, causal_attention, window_block_mask
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import LLMEngine, build_engine, resolve_kv_memory_fraction
+from serving.engine.kv_cache_size import resolve_kv_memory_fraction
+from serving.engine.llm_engine import LLMEngine, build_engine
 from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import PrefillChunk
 from serving.engine.sequence import SamplingParams, Sequence

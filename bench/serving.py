@@ -58,7 +58,8 @@ from nanochat.generate import generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from services.network import free_port
-from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import SamplingParams
 
 TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps by the fire; "

@@ -27,7 +27,8 @@ from bench.serving import bench_tokenizer, made_up_words, tiny_shaped_model
 from nanochat.config import load_config
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import LLMEngine, kv_cache_blocks, kv_cache_split
+from serving.engine.kv_cache_size import kv_cache_blocks, kv_cache_split
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import SamplingParams
 from trainer.stages.base import model_config
 

@@ -67,17 +67,10 @@ from nanochat.tokenizer import Tokenizer
 from services.storage import KeyNotFound, StorageError
 from serving.api.app import ServedModel
 from serving.api.schemas import now
+from serving.engine.async_engine import AsyncEngine, EngineClient, EngineStopped, QueueFull
 from serving.engine.engine_process import ProcessEngine
-from serving.engine.llm_engine import (
-    AsyncEngine,
-    EngineClient,
-    EngineStopped,
-    QueueFull,
-    TokenEvent,
-    build_engine,
-    check_servable,
-    resolve_kv_memory_fraction,
-)
+from serving.engine.kv_cache_size import resolve_kv_memory_fraction
+from serving.engine.llm_engine import TokenEvent, build_engine, check_servable
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
 from serving.model_source import ModelSource

@@ -128,8 +128,9 @@ from serving.api.schemas import (
     Usage,
     now,
 )
+from serving.engine.async_engine import QueueFull
 from serving.engine.grammar import ANY_OBJECT, json_grammar
-from serving.engine.llm_engine import Logprobs, QueueFull, TokenEvent
+from serving.engine.llm_engine import Logprobs, TokenEvent
 from serving.engine.sequence import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ import torch
 from nanochat.checkpoint import model_from_state
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import Delivery, EngineClient, EngineCore, RequestCheck, build_engine
+from serving.engine.async_engine import Delivery, EngineClient, EngineCore
+from serving.engine.llm_engine import RequestCheck, build_engine
 
 logger = logging.getLogger(__name__)
 

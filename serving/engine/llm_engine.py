@@ -1,7 +1,7 @@
 """
-The serving engine's front: requests in, token events out. LLMEngine is the synchronous core (one step =
-schedule, run the model, sample, postprocess); EngineCore steps it on a thread, and AsyncEngine serves that
-thread to asyncio servers.
+The serving engine: requests in, token events out. LLMEngine is the synchronous core (one step = schedule,
+run the model, sample, postprocess); serving/engine/async_engine.py steps it on a thread and serves it to
+asyncio servers, and serving/engine/kv_cache_size.py sizes its KV cache.
 
 Notable:
 - a request with n choices is n sequences (one per choice index), each with its own torch.Generator:
@@ -64,35 +64,17 @@ Notable:
   before the next is scheduled; a choice that stops ends with the step it is read in, and the step
   launched meanwhile computed one token for nothing. On a CPU the step runs as it is launched, so there is
   nothing to overlap.
-- EngineCore: every LLMEngine call happens on its one engine thread (the scheduler and block manager
-  are not thread safe), which takes commands (add, abort) from a locked inbox between steps and hands each
-  step's events over by request. EngineClient is the asyncio side: generate() posts the request and reads
-  the events from an asyncio.Queue fed with loop.call_soon_threadsafe; closing or cancelling the iteration
-  (a client that disconnected) posts an abort. The queue bound counts requests accepted and not yet
-  finished, including those not yet in the engine, so a burst can never overshoot it. AsyncEngine runs the
-  EngineCore on a thread of this process; ProcessEngine (serving/engine/engine_process.py) in a child.
-- a failed step (a CUDA error, a bug) ends the engine: every open stream gets the error, the thread stops,
-  alive() turns False and new requests get EngineStopped. A server's /health then answers 503 and Ray Serve
-  replaces the replica; carrying on would leave a replica that looks healthy while failing every request.
-- drain(timeout_s): the graceful end of a server. New requests get EngineStopped (503 with Retry-After)
-  and alive() turns False at once, so load balancers stop sending; requests in flight may finish within
-  timeout_s, then what is left is aborted (its streams end with "abort") and the thread stops.
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import dataclasses
 import hashlib
 import logging
-import os
-import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,8 +82,14 @@ import torch
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import safe_eval
-from serving.engine.block_manager import BlockManager, window_pool_blocks
+from serving.engine.block_manager import BlockManager
 from serving.engine.grammar import Grammars
+from serving.engine.kv_cache_size import (
+    free_memory,
+    kv_cache_blocks,
+    kv_cache_split,
+    resolve_kv_memory_fraction,
+)
 from serving.engine.model_runner import (
     ModelRunner,
     PromptLogits,
@@ -118,8 +106,6 @@ from serving.engine.transfer import to_device
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
-
-    from serving.metrics import MetricsRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -626,114 +612,6 @@ def _held_back(text: str, emitted: int, stops: list[str]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# sizing the KV cache
-
-
-def free_memory(device: torch.device | str, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes free now on device: the GPU's free memory, or on a CPU the memory the kernel says is
-    available (MemAvailable: free plus what it can reclaim), and no more than the memory cgroup mounted at
-    cgroup_root (a container's own) has left below its limit: a container (a Kubernetes pod with a memory
-    limit) is killed past its limit however much the node has free."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    left = cgroup_memory_left(cgroup_root)
-    return available if left is None else min(available, left)
-
-
-def cgroup_memory_left(root: Path) -> int | None:
-    """Bytes the memory cgroup mounted at root has left below its limit, or None without a limit: the limit
-    less the working set, as the kubelet counts it (the usage less the inactive file cache, which the kernel
-    reclaims before it would kill); cgroup v2's memory.max, memory.current and memory.stat, or v1's files."""
-    for limit_file, usage_file, stat_file, inactive_key in (
-            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-             "total_inactive_file")):
-        try:
-            limit, usage, stat = ((root / name).read_text() for name in (limit_file, usage_file, stat_file))
-        except OSError:
-            continue
-        limit = limit.strip()
-        # no limit: "max" (v2), or a number near 2**63 (v1)
-        if limit == "max" or int(limit) >= 2**60:
-            return None
-        inactive = next((int(line.split()[1]) for line in stat.splitlines()
-                         if line.split()[:1] == [inactive_key]), 0)
-        return max(0, int(limit) - (int(usage) - inactive))
-    return None
-
-
-def kv_cache_block_bytes(model: GPT, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV-cache block: keys and values of every layer for block_size tokens."""
-    cfg = model.config
-    return 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
-
-
-def kv_cache_blocks(model: GPT, block_size: int, dtype: torch.dtype, fraction: float, free_bytes: int) -> int:
-    """How many KV-cache blocks fit in fraction of free_bytes (vLLM's gpu_memory_utilization, of the memory
-    left once the model is loaded): keys and values of every layer for block_size tokens each. A ValueError
-    naming serve.kv_cache_memory_fraction when fewer than 2 fit."""
-    per_block = kv_cache_block_bytes(model, block_size, dtype)
-    blocks = int(fraction * free_bytes) // per_block
-    if blocks < 2:
-        raise ValueError(f"serve.kv_cache_memory_fraction={fraction} of the {free_bytes / 2**20:.0f} MiB free holds "
-                         f"{blocks} KV-cache blocks of {per_block / 2**20:.2f} MiB; the engine needs at least 2")
-    return blocks
-
-
-@dataclass(frozen=True)
-class KVCacheSplit:
-    """The KV cache split between the full-context layers' pool and the sliding-window layers' one."""
-
-    window: int  # the window layers' window, in tokens (the widest, if they differ)
-    num_window_blocks: int  # the window layers' pool, in blocks of those layers
-    num_full_blocks: int  # the full-context layers' pool, in blocks of those layers
-
-
-def kv_cache_split(model: GPT, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                   max_model_len: int | None = None) -> KVCacheSplit | None:
-    """How the memory of num_blocks blocks (every layer's KV for block_size tokens each) splits when the
-    sliding-window layers keep only their window. In proportion to what a sequence of the longest
-    context holds in each pool (its whole context in the full layers' one, its last window in the
-    window layers'), so the window pool keeps the last windows of as many cached sequences as the full
-    pool keeps whole ones (a prefix hit needs both); but never fewer than window_pool_blocks, which the
-    running sequences may need. None when the model has no window layer or the split would not give
-    the full layers more blocks than num_blocks."""
-    windows = [w for w in model.window_sizes if w is not None]
-    if not windows:
-        return None
-    window, n_window, n_layer = max(windows), len(windows), model.config.n_layer
-    n_full, layer_blocks = n_layer - n_window, num_blocks * n_layer  # the memory, in blocks of one layer
-    context = -(-(max_model_len or model.config.sequence_len) // block_size)  # blocks of the longest sequence
-    last_window = min(context, (window - 1) // block_size + 2)  # blocks its last window spans
-    num_full_blocks = layer_blocks * context // (n_full * context + n_window * last_window)
-    num_window_blocks = (layer_blocks - num_full_blocks * n_full) // n_window
-    needed = window_pool_blocks(window, block_size, max_num_seqs, max_num_batched_tokens)
-    if num_window_blocks < needed:
-        num_window_blocks, num_full_blocks = needed, (layer_blocks - needed * n_window) // n_full
-    if num_full_blocks <= num_blocks:
-        return None
-    return KVCacheSplit(window, num_window_blocks, num_full_blocks)
-
-
-GPU_KV_CACHE_MEMORY_FRACTION = 0.9  # vLLM's default gpu_memory_utilization
-
-
-def resolve_kv_memory_fraction(setting: float | None, device: torch.device | str) -> float:
-    """serve.kv_cache_memory_fraction on device: unset, GPU_KV_CACHE_MEMORY_FRACTION on a GPU (the engine is
-    all its memory is for, as in vLLM) and 0 on a CPU, whose memory the host shares with everything else (the
-    cache is then serve.num_blocks blocks)."""
-    if setting is not None:
-        return setting
-    return GPU_KV_CACHE_MEMORY_FRACTION if torch.device(device).type == "cuda" else 0.0
-
-
 def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: int,
                  kv_cache_memory_fraction: float | None = None, block_size: int = 16, dtype: ServeDtype = "auto",
                  kv_cache_dtype: ServeDtype = "auto", **settings: Any) -> LLMEngine:
@@ -749,351 +627,3 @@ def build_engine(model: GPT, tokenizer: Tokenizer, device: str, *, num_blocks: i
                     fraction, free / 2**20)
     return LLMEngine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, device=device, dtype=dtype,
                      kv_cache_dtype=kv_cache_dtype, **settings)
-
-
-# ---------------------------------------------------------------------------------------------
-# asyncio front
-
-
-class QueueFull(Exception):
-    """The engine already holds max_queue unfinished requests: the server should answer 429/503."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shut down (or replaced by a newer model's) and takes no new requests."""
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    n: int
-
-
-@dataclass
-class _RequestTally:
-    """Engine-thread bookkeeping of a request, for metrics and for ending it."""
-
-    n: int
-    finished: int = 0
-    tokens_seen: bool = False
-
-
-IDLE_METRICS_REFRESH_S = 5.0
-Delivery = dict[str, list]  # request id -> its events of one step (or [an exception])
-
-
-class EngineCore:
-    """LLMEngine stepping on a thread of its own. Commands ("add", id, prompt, params, arrival), ("abort", id)
-    are applied between steps; each step's events go to `deliver` by request, with the engine's stats; a
-    failed step goes to `fail` and ends the thread. AsyncEngine runs one beside its event loop; an engine
-    process (serving/engine/engine_process.py) runs one and sends what it is handed down a pipe."""
-
-    def __init__(self, engine: LLMEngine, deliver: Callable[[Delivery, dict], None],
-                 fail: Callable[[Exception], None], metrics: MetricsRecorder | None = None):
-        self.engine: LLMEngine | None = engine  # None once stopped and dropped (AsyncEngine.shutdown)
-        self.metrics = metrics
-        self._deliver = deliver
-        self._fail_to = fail
-        self._cond = threading.Condition()
-        self._inbox: list[tuple] = []
-        self._stopped = False
-        self._tallies: dict[str, _RequestTally] = {}  # engine thread only
-        self.thread = threading.Thread(target=self._run, name="nanochat-engine", daemon=True)
-        self.thread.start()
-
-    def post(self, command: tuple) -> None:
-        with self._cond:
-            self._inbox.append(command)
-            self._cond.notify()
-
-    def stop(self) -> None:
-        """Abort what is left (its streams end with "abort"), then end the thread and wait for it."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self.thread.join()
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as e:  # a broken step (or a bug): fail every stream rather than hang it, and stop
-            logger.exception("engine step failed: the engine stops")
-            self._fail(e)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopped or self._inbox or self.engine.has_work()):
-                    # idle: wake now and then to re-set the gauges, as exporters drop stale ones
-                    if not self._cond.wait(timeout=IDLE_METRICS_REFRESH_S):
-                        break
-                commands, self._inbox = self._inbox, []
-                stopping = self._stopped
-            for command in commands:
-                self._apply(command)
-            if stopping:
-                for request_id in list(self._tallies):
-                    self.engine.abort(request_id)
-            events = self.engine.step() if self.engine.has_work() else []
-            stats = self.engine.stats()
-            self._record(events, stats)
-            by_request: Delivery = {}
-            for event in events:
-                by_request.setdefault(event.request_id, []).append(event)
-            self._deliver(by_request, stats)
-            if stopping and not self.engine.has_work():
-                return
-
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            self.engine.abort(command[1])
-            return
-        _, request_id, prompt_ids, params, arrival = command
-        try:
-            self.engine.add_request(request_id, prompt_ids, params)
-        except Exception as e:  # validated already; this is a bug, which only this request pays for
-            logger.exception("adding request %s failed", request_id)
-            self._deliver({request_id: [e]}, self.engine.stats())
-            return
-        self._tallies[request_id] = _RequestTally(params.n)
-        if self.metrics is not None:
-            self.metrics.on_request_start(request_id, len(prompt_ids), now=arrival)
-
-    def _fail(self, cause: Exception) -> None:
-        """Hand the failure over (every accepted request ends with it), drop the inbox and free every block."""
-        with self._cond:
-            self._stopped = True
-            self._inbox = []
-        self._fail_to(cause)
-        for request_id in list(self._tallies):
-            try:
-                self.engine.abort(request_id)
-            except Exception:  # the engine is broken already: its blocks go with it
-                logger.exception("aborting %s after the failure", request_id)
-            if self.metrics is not None:
-                self.metrics.on_finish(request_id)
-        self._tallies.clear()
-        self.engine.pending.clear()  # their streams have already ended with the error
-
-    def _record(self, events: list[TokenEvent], stats: dict) -> None:
-        """Per-request progress (and metrics) from a step's events."""
-        now = time.monotonic()
-        tokens: dict[str, int] = {}
-        for event in events:
-            if event.token_id is not None:
-                tokens[event.request_id] = tokens.get(event.request_id, 0) + 1
-        for request_id, count in tokens.items():
-            tally = self._tallies[request_id]
-            if self.metrics is not None:
-                if tally.tokens_seen:
-                    self.metrics.on_token(request_id, count, now=now)
-                else:
-                    self.metrics.on_first_token(request_id, count, now=now)
-            tally.tokens_seen = True
-        for event in events:
-            if event.finish_reason is None:
-                continue
-            tally = self._tallies[event.request_id]
-            tally.finished += 1
-            if tally.finished == tally.n:
-                del self._tallies[event.request_id]
-                if self.metrics is not None:
-                    self.metrics.on_finish(event.request_id, now=now)
-        if self.metrics is not None:
-            self.metrics.update(stats)
-
-
-class EngineClient:
-    """The asyncio side of an engine: requests go in as commands, each request's events come back to an
-    asyncio.Queue of its own. The queue bound, draining and the end of every stream on a failure live here;
-    where the engine steps is the subclass's: a thread (AsyncEngine) or a process (ProcessEngine)."""
-
-    def __init__(self, check: RequestCheck, max_queue: int):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.check = check
-        self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}  # accepted and not finished: what the queue bound counts
-        self._stopped = False
-        self._draining = False
-        self.failure: Exception | None = None  # what ended the engine, if it failed
-        self._stats: dict = {}
-
-    # -- what a subclass provides
-
-    def _post(self, command: tuple) -> None:
-        """Hand ("add", ...) or ("abort", id) to the engine."""
-        raise NotImplementedError
-
-    def core_running(self) -> bool:
-        """Whether the engine's thread (or process) still runs."""
-        raise NotImplementedError
-
-    def _stop_core(self) -> None:
-        """Abort what is left, stop the engine and wait for it."""
-        raise NotImplementedError
-
-    # -- the asyncio side
-
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Stream the request's events until every choice has ended. Before the first event: ValueError
-        for a request that cannot run, QueueFull when max_queue requests are unfinished. Closing or
-        cancelling the iteration aborts the request and frees its blocks."""
-        batches = self.generate_batches(request_id, prompt_ids, params)
-        try:
-            async for batch in batches:
-                for event in batch:
-                    yield event
-        finally:
-            await batches.aclose()
-
-    async def generate_batches(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                               interval_s: float = 0.0) -> AsyncIterator[list[TokenEvent]]:
-        """generate(), as lists of the events that have arrived by the time the consumer asks (one step's,
-        or more when it fell behind): a Ray Serve replica sends one object per list, not per token.
-        interval_s: after the first list (so the time to first token is not delayed), at least this long
-        between lists, each holding every event of the steps in between: fewer, larger messages through
-        every hop to the client, for some burstiness in the stream. The list that ends the request (or
-        carries an error) goes at once: holding back its last tokens would only delay the reply's end."""
-        self.check.validate(prompt_ids, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        with self._lock:
-            if self.failure is not None:
-                raise EngineStopped(f"the engine has failed: {self.failure}")
-            if self._stopped or self._draining:
-                raise EngineStopped("the engine is shut down or draining: it takes no new requests")
-            if request_id in self._streams:
-                raise ValueError(f"request {request_id!r} is already running")
-            if len(self._streams) >= self.max_queue:
-                raise QueueFull(f"{len(self._streams)} requests are already queued or running (max_queue "
-                                f"{self.max_queue})")
-            self._streams[request_id] = stream
-            self._post(("add", request_id, list(prompt_ids), params, time.monotonic()))
-        finished = 0
-        sent_at = None
-        try:
-            while finished < params.n:
-                deadline = sent_at + interval_s if sent_at is not None else 0.0
-                batch = []
-                item = await stream.queue.get()
-                while True:  # this item, then what has come meanwhile or comes before the deadline
-                    if isinstance(item, BaseException):
-                        raise item
-                    finished += item.finish_reason is not None
-                    batch.append(item)
-                    if finished == params.n:
-                        break
-                    if not stream.queue.empty():
-                        item = stream.queue.get_nowait()
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(stream.queue.get(), left)
-                    except TimeoutError:
-                        break
-                sent_at = time.monotonic()
-                yield batch
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-                if finished < params.n and not self._stopped:  # client gone (or a failure): free its blocks
-                    self._post(("abort", request_id))
-
-    @property
-    def max_model_len(self) -> int:
-        """The longest sequence (prompt and completion) the engine runs."""
-        return self.check.max_model_len
-
-    def alive(self) -> bool:
-        """Whether the engine takes requests: it runs, no step has failed and it is not draining (a server's
-        /health, a replica's health check)."""
-        return self.core_running() and self.failure is None and not self._draining
-
-    def unfinished(self) -> int:
-        """Requests accepted and not yet finished (or abandoned by their consumer)."""
-        with self._lock:
-            return len(self._streams)
-
-    def stats(self) -> dict:
-        """LLMEngine.stats() as of the last step (safe from any thread)."""
-        return dict(self._stats)
-
-    def drain(self, timeout_s: float) -> int:
-        """Refuse new requests, let those in flight finish for up to timeout_s, then shut down; how many
-        were still unfinished (and aborted). Blocks: call it from a thread, not the event loop."""
-        with self._lock:
-            self._draining = True
-        deadline = time.monotonic() + timeout_s
-        while self.unfinished() and time.monotonic() < deadline and self.core_running():
-            time.sleep(0.02)
-        left = self.unfinished()
-        if left:
-            logger.warning("drain: %d requests still running after %gs are aborted", left, timeout_s)
-        self.shutdown()
-        return left
-
-    def shutdown(self) -> None:
-        """Abort what is left (its streams end with "abort"), stop the engine and wait for it."""
-        with self._lock:
-            self._stopped = True
-        self._stop_core()
-
-    # -- from the engine (any thread)
-
-    def _deliver(self, by_request: Delivery, stats: dict) -> None:
-        """A step's events (or a request's error) to their streams."""
-        self._stats = stats
-        with self._lock:
-            targets = [(request_id, self._streams.get(request_id), items) for request_id, items in by_request.items()]
-        for request_id, stream, items in targets:
-            if stream is None:  # its consumer has gone; the abort it posted is on its way
-                continue
-            try:
-                stream.loop.call_soon_threadsafe(_put_all, stream.queue, items)
-            except RuntimeError:  # the consumer's event loop is closed: nobody will read or abort
-                with self._lock:
-                    self._streams.pop(request_id, None)
-                    if not self._stopped:
-                        self._post(("abort", request_id))
-
-    def _fail(self, cause: Exception, what: str = "engine step failed") -> None:
-        """The engine failed: every accepted request ends with the error (`what`: cause), and no new one is
-        taken."""
-        error = RuntimeError(f"{what}: {cause}")
-        with self._lock:
-            self.failure = cause
-            self._stopped = True
-            request_ids = list(self._streams)
-        self._deliver({request_id: [error] for request_id in request_ids}, self._stats)
-
-
-class AsyncEngine(EngineClient):
-    """LLMEngine on a background thread of this process; generate() streams a request's TokenEvents to
-    asyncio."""
-
-    def __init__(self, engine: LLMEngine, max_queue: int = 64, *, metrics: MetricsRecorder | None = None):
-        super().__init__(engine.check, max_queue)
-        self.engine: LLMEngine | None = engine  # None once shut down
-        self._stats = engine.stats()
-        self._core = EngineCore(engine, self._deliver, self._fail, metrics)
-
-    def _post(self, command: tuple) -> None:
-        self._core.post(command)
-
-    def core_running(self) -> bool:
-        return self._core.thread.is_alive()
-
-    def _stop_core(self) -> None:
-        self._core.stop()
-        # what stepped holds the model and the KV cache: dropped, their memory can go to the engine after
-        self._core.engine = self.engine = None
-
-
-def _put_all(queue: asyncio.Queue, items: list) -> None:
-    for item in items:
-        queue.put_nowait(item)

@@ -589,7 +589,8 @@ def api_server(served_tokenizer) -> Iterator[str]:
     import uvicorn
 
     from serving.api.app import create_app
-    from serving.engine.llm_engine import AsyncEngine, LLMEngine
+    from serving.engine.async_engine import AsyncEngine
+    from serving.engine.llm_engine import LLMEngine
     from tests.system.chat_server import reply_model, reply_tokenizer
 
     tok = reply_tokenizer()

@@ -8,8 +8,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from serving.engine.async_engine import AsyncEngine
 from serving.engine.engine_process import ProcessEngine
-from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import SamplingParams
 from serving.metrics import MetricsRecorder
 from tests.support.gpt_fixtures import scrambled_model

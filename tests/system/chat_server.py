@@ -25,7 +25,8 @@ import uvicorn
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from serving.api.app import create_app
-from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.llm_engine import LLMEngine
 
 REPLY = "Hello **world**, try `x`: <img src=x onerror=alert(1)> done"
 REPLY_TEXT = "Hello world, try x: <img src=x onerror=alert(1)> done"  # REPLY rendered: markdown marks gone

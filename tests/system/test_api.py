@@ -22,7 +22,8 @@ from nanochat.tokenizer import Tokenizer
 from services.network import free_port
 from serving.api import app as api_app
 from serving.api.app import create_app
-from serving.engine.llm_engine import AsyncEngine, LLMEngine, TokenEvent
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.llm_engine import LLMEngine, TokenEvent
 from tests.support.gpt_fixtures import scrambled_model
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. how are you today? fine, thanks. "

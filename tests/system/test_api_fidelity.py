@@ -27,7 +27,7 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from serving.api import app as api_app
 from serving.api.app import create_app
-from serving.engine.llm_engine import AsyncEngine
+from serving.engine.async_engine import AsyncEngine
 from tests.system import test_api
 from tests.system.test_api import (
     CONTEXT,

@@ -34,7 +34,7 @@ from services.layout import TOKENIZER_KEY, step_dir_name
 from services.storage import Storage, open_storage
 from serving.deployments import EngineReplica, NoModelLoaded
 from serving.deployments import log as app_log
-from serving.engine.llm_engine import free_memory, kv_cache_block_bytes
+from serving.engine.kv_cache_size import free_memory, kv_cache_block_bytes
 from serving.engine.sequence import SamplingParams
 from serving.model_source import ModelSource
 from tests.support.checkpoints import upload_checkpoint

@@ -27,8 +27,9 @@ import pytest
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from serving.api.app import create_app
+from serving.engine.async_engine import AsyncEngine
 from serving.engine.engine_process import ProcessEngine
-from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from serving.engine.llm_engine import LLMEngine
 from tests.support.gpt_fixtures import scrambled_model
 from tests.system.chat_server import reply_tokenizer
 from tests.system.test_api import ERROR_KEYS, all_blocks_free, serve, tiny_model, tiny_tokenizer, wait_until

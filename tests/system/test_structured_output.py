@@ -15,7 +15,8 @@ import pytest
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serving.api.app import create_app
-from serving.engine.llm_engine import AsyncEngine, LLMEngine
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.llm_engine import LLMEngine
 from tests.serving.engine.test_grammar import MAX_TOKENS, SCHEMA
 from tests.support.gpt_fixtures import scrambled_model
 from tests.system.test_api import serve, tiny_tokenizer

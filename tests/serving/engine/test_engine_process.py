@@ -14,18 +14,10 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from serving.engine.async_engine import AsyncEngine, Delivery, EngineClient, EngineStopped
 from serving.engine.engine_process import Outbox, ProcessEngine
-from serving.engine.llm_engine import (
-    AsyncEngine,
-    Delivery,
-    EngineClient,
-    EngineStopped,
-    LLMEngine,
-    TokenEvent,
-    free_memory,
-    kv_cache_blocks,
-    kv_cache_split,
-)
+from serving.engine.kv_cache_size import free_memory, kv_cache_blocks, kv_cache_split
+from serving.engine.llm_engine import LLMEngine, TokenEvent
 from serving.engine.sequence import SamplingParams
 from tests.serving.engine.test_llm_engine import TEXT, Choice, collect
 from tests.support.gpt_fixtures import scrambled_model

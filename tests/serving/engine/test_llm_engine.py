@@ -1,6 +1,7 @@
-"""The serving engine's front (serving/engine/llm_engine.py): continuous batching gives each request what it
-would get alone, choices and seeds, stopping, the context limit, aborts that free blocks, preemption, the
-calculator tool, streaming text, and the asyncio wrapper (streams, cancellation, the queue bound, shutdown)."""
+"""The serving engine (serving/engine/llm_engine.py, and its asyncio front serving/engine/async_engine.py):
+continuous batching gives each request what it would get alone, choices and seeds, stopping, the context
+limit, aborts that free blocks, preemption, the calculator tool, streaming text, and the asyncio wrapper
+(streams, cancellation, the queue bound, shutdown)."""
 
 import asyncio
 import gc
@@ -9,12 +10,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from nanochat.generate import generate_batch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from serving.engine.llm_engine import AsyncEngine, LLMEngine, QueueFull, TokenEvent
+from serving.engine.async_engine import AsyncEngine, QueueFull
+from serving.engine.llm_engine import LLMEngine, TokenEvent
 from serving.engine.sequence import SamplingParams
 from tests.support.bigram import bigram_model, chain, tool_model
 from tests.support.gpt_fixtures import scrambled_model
@@ -578,81 +579,6 @@ def test_shutdown_ends_open_streams_with_abort_stops_the_thread_and_lets_the_cac
 
 
 # ---------------------------------------------------------------------------------------------
-# the KV cache sized from free memory
-
-
-def test_the_kv_cache_fills_its_fraction_of_free_memory(model):
-    """Blocks of keys and values for every layer: as many as fit in the fraction, and the cache really
-    takes that much."""
-    from serving.engine.llm_engine import free_memory, kv_cache_blocks
-    from serving.engine.paged_cache import PagedKVCache
-
-    cfg = model.config
-    per_block = 2 * cfg.n_layer * 16 * cfg.n_kv_head * cfg.head_dim * 4
-    assert kv_cache_blocks(model, 16, torch.float32, 0.5, 100 * per_block) == 50
-    assert kv_cache_blocks(model, 16, torch.bfloat16, 0.5, 100 * per_block) == 100
-    blocks = kv_cache_blocks(model, 16, torch.float32, 0.25, 100 * per_block + per_block - 1)
-    cache = PagedKVCache.for_model(model, blocks, 16)
-    assert blocks == 25 and (cache.k.nbytes + cache.v.nbytes) == 25 * per_block
-    assert 0 < free_memory("cpu")
-
-
-@pytest.mark.parametrize("version", ["v2", "v1"])
-def test_free_memory_on_a_cpu_is_what_the_memory_cgroup_has_left_below_its_limit(tmp_path, version):
-    """A pod's memory limit binds however much the node has free: the KV cache is sized from the smaller."""
-    from serving.engine.llm_engine import cgroup_memory_left, free_memory
-
-    names = ("memory.max", "memory.current", "memory.stat") if version == "v2" else (
-        "memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat")
-    inactive_key = "inactive_file" if version == "v2" else "total_inactive_file"
-    (tmp_path / "memory").mkdir()
-    MiB = 2**20
-
-    def cgroup(limit: str, usage: int, inactive_file: int = 0) -> None:
-        stat = f"anon {usage}\nactive_file 7\n{inactive_key} {inactive_file}\n"
-        for name, value in zip(names, (limit + "\n", f"{usage}\n", stat), strict=True):
-            (tmp_path / name).write_text(value)
-
-    node_free = free_memory("cpu", cgroup_root=tmp_path / "none")
-    assert cgroup_memory_left(tmp_path / "none") is None and node_free > 0
-    cgroup(str(3 * MiB), MiB)
-    assert cgroup_memory_left(tmp_path) == 2 * MiB and free_memory("cpu", cgroup_root=tmp_path) == 2 * MiB
-    # the inactive file cache (a checkpoint just read, say) is reclaimed before the limit would kill: not used
-    cgroup(str(3 * MiB), 3 * MiB, inactive_file=2 * MiB)
-    assert cgroup_memory_left(tmp_path) == 2 * MiB
-    cgroup(str(MiB), 3 * MiB)  # a working set past the limit: nothing left
-    assert free_memory("cpu", cgroup_root=tmp_path) == 0
-    cgroup("max" if version == "v2" else str(2**63 - 4096), MiB)  # no limit: the node's
-    assert cgroup_memory_left(tmp_path) is None
-    assert abs(free_memory("cpu", cgroup_root=tmp_path) - node_free) < node_free / 2
-
-
-def test_a_fraction_too_small_for_two_blocks_names_the_setting(model):
-    from serving.engine.llm_engine import kv_cache_blocks
-
-    with pytest.raises(ValueError, match="serve.kv_cache_memory_fraction"):
-        kv_cache_blocks(model, 16, torch.float32, 0.001, 1000)
-
-
-def test_an_unset_fraction_sizes_the_cache_from_a_gpus_memory_and_by_num_blocks_on_a_cpu():
-    from nanochat.config import load_config
-    from serving.engine.llm_engine import GPU_KV_CACHE_MEMORY_FRACTION, resolve_kv_memory_fraction
-
-    assert load_config().serve.kv_cache_memory_fraction is None
-    assert resolve_kv_memory_fraction(None, "cuda") == GPU_KV_CACHE_MEMORY_FRACTION == 0.9
-    assert resolve_kv_memory_fraction(None, "cpu") == 0.0
-    assert resolve_kv_memory_fraction(0.0, "cuda") == 0.0 and resolve_kv_memory_fraction(0.5, "cpu") == 0.5
-
-
-def test_the_fraction_is_validated_naming_the_field():
-    from nanochat.config import ConfigError, load_config
-
-    assert load_config(overrides=["serve.kv_cache_memory_fraction=0.9"]).serve.kv_cache_memory_fraction == 0.9
-    with pytest.raises(ConfigError, match="kv_cache_memory_fraction"):
-        load_config(overrides=["serve.kv_cache_memory_fraction=1.5"])
-
-
-# ---------------------------------------------------------------------------------------------
 # sliding-window layers keeping only their window (the hybrid KV cache)
 
 
@@ -663,7 +589,7 @@ def test_the_split_gives_the_full_context_layers_the_memory_the_window_layers_do
     fewer blocks than its running sequences may need. No split when it would not give the full layer
     more blocks."""
     from serving.engine.block_manager import window_pool_blocks
-    from serving.engine.llm_engine import KVCacheSplit, kv_cache_split
+    from serving.engine.kv_cache_size import KVCacheSplit, kv_cache_split
 
     assert window_pool_blocks(16, 4, 8, 64) == 8 * (16 // 4 + 3) + 64 // 4 == 72
     # 2000 blocks of one layer: 2000 * 16 // 21 = 1523 for layer 1, the other 477 for layer 0
