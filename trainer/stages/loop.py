@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -314,7 +315,7 @@ def publish_checkpoint(worker: Worker, manager: CheckpointManager, step: int, me
     import ray.train
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="nanochat-ckpt-") as tmp:
+    with checkpoint_scratch() as tmp:
         checkpoint = None
         if worker.is_main:
             write(Path(tmp))
@@ -324,6 +325,33 @@ def publish_checkpoint(worker: Worker, manager: CheckpointManager, step: int, me
             manager.mark_latest(step)
     (barrier or worker.barrier)()
     return time.time() - started
+
+
+SCRATCH_PREFIX = "nanochat-ckpt-"
+
+
+def checkpoint_scratch(root: Path | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary folder (in root, default the system's) for rank 0 to write a checkpoint in before Ray Train
+    uploads it, named after this process; first removes the folders there of processes that no longer run. A
+    worker killed mid-save never runs TemporaryDirectory's cleanup, and a large model's checkpoint left behind
+    at every crash would fill the node's disk: the restarted worker's first save clears it."""
+    root = Path(root or tempfile.gettempdir())
+    for left in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = left.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_runs(int(pid)):
+            log.info("removing %s, the checkpoint folder of a process that no longer runs", left)
+            shutil.rmtree(left, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_checkpoint(stage: Stage, manager: CheckpointManager, model: GPT, optimizers, loader: Loader,
