@@ -128,6 +128,7 @@ from serving.api.schemas import (
     Usage,
     now,
 )
+from serving.api.tools import CallStream, ToolCalling, conversation, tool_calling
 from serving.engine.async_engine import QueueFull
 from serving.engine.grammar import ANY_OBJECT, json_grammar
 from serving.engine.llm_engine import Logprobs, TokenEvent
@@ -289,19 +290,24 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
-        params = sampling_params(body, tokenizer, end_of_turn,
-                                 await response_grammar(body.response_format))
-        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
+        calling = await asyncio.to_thread(tool_calling, body)
+        grammar = calling.grammar if calling is not None else await response_grammar(body.response_format)
+        params = sampling_params(body, tokenizer, end_of_turn, grammar)
+        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
                           hidden_logprobs=frozenset(params.stop_token_ids))
         if body.stream:
-            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer))
+            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer, calling))
         splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
         await until_disconnected(request, run.collect(lambda e: splitters[e.index].add(e.token_id, e.text)))
-        choices = [ChatChoice(index=i, message=response_message(parts), finish_reason=reason,
-                              logprobs=chat_logprobs(tokenizer, infos) if body.logprobs else None)
-                   for i, (parts, reason, infos) in enumerate(zip(splitters, run.finish_reasons, run.logprobs))]
+        choices = []
+        for i, (parts, reason, infos) in enumerate(zip(splitters, run.finish_reasons, run.logprobs)):
+            message = response_message(parts)
+            if calling is not None:
+                message, reason = calling.reply(parts.content, reason)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
+                                      logprobs=chat_logprobs(tokenizer, infos) if body.logprobs else None))
         return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
                                             usage=run.usage()))
 
@@ -427,17 +433,15 @@ def json_response(body: BaseModel) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """The prompt that asks for the assistant's next message."""
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: ToolCalling | None = None) -> list[int]:
+    """The prompt that asks for the assistant's next message (which calls a function with calling)."""
     last = len(messages) - 1
-    if messages[last].role != "user":
+    if messages[last].role not in ("user", "tool"):
         # render_for_completion would silently drop a final assistant message: say so instead
-        raise bad_request("The last message must be from the user", param=f"messages[{last}].role")
-    # developer is OpenAI's newer name for the system role
-    conversation = {"messages": [{"role": "system" if m.role == "developer" else m.role,
-                                  "content": m.rendered_content} for m in messages]}
+        raise bad_request("The last message must be from the user (or a tool's result)",
+                          param=f"messages[{last}].role")
     try:
-        return tokenizer.render_for_completion(conversation)
+        return tokenizer.render_for_completion({"messages": conversation(messages, calling)})
     except ValueError as e:  # roles out of order: the chat format alternates user and assistant
         raise bad_request(str(e), param="messages") from None
 
@@ -770,11 +774,20 @@ def merged(choices: list[Choice], merge: Callable[[Choice, Choice], Choice | Non
 
 
 def merge_chat(earlier: ChunkChoice, later: ChunkChoice) -> ChunkChoice | None:
-    """Two content deltas of a choice as one, when neither carries log-probabilities or a finish reason
-    (a calculator part, the role and the finish stay chunks of their own, as OpenAI sends them)."""
-    if (earlier.delta.keys() == later.delta.keys() == {"content"} and earlier.logprobs is None
-            and later.logprobs is None and earlier.finish_reason is None and later.finish_reason is None):
+    """Two content deltas of a choice as one, or two deltas of a call's arguments, when neither carries
+    log-probabilities or a finish reason (a calculator part, the role, a call's start and the finish stay
+    chunks of their own, as OpenAI sends them)."""
+    if (earlier.logprobs is not None or later.logprobs is not None or earlier.finish_reason is not None
+            or later.finish_reason is not None):
+        return None
+    if earlier.delta.keys() == later.delta.keys() == {"content"}:
         return ChunkChoice(index=earlier.index, delta={"content": earlier.delta["content"] + later.delta["content"]})
+    before, after = earlier.delta.get("tool_calls"), later.delta.get("tool_calls")
+    if (earlier.delta.keys() == later.delta.keys() == {"tool_calls"} and len(before) == len(after) == 1
+            and before[0].index == after[0].index and after[0].id is None):
+        arguments = before[0].function.arguments + after[0].function.arguments
+        call = before[0].model_copy(update={"function": before[0].function.model_copy(update={"arguments": arguments})})
+        return ChunkChoice(index=earlier.index, delta={"tool_calls": [call]})
     return None
 
 
@@ -786,16 +799,34 @@ def merge_completion(earlier: CompletionChoice, later: CompletionChoice) -> Comp
     return None
 
 
-async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
-    """chat.completion.chunk events: each choice's role, its content deltas, its finish_reason; then the
-    usage (if asked) and [DONE]."""
+async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer,
+                      calling: ToolCalling | None = None) -> AsyncGenerator[str, None]:
+    """chat.completion.chunk events: each choice's role, its content (or tool call) deltas, its
+    finish_reason; then the usage (if asked) and [DONE]."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
+    calls = [CallStream(calling) for _ in range(run.n)] if calling is not None else None
+
+    def render_call(event: TokenEvent, stream: CallStream) -> list[ChunkChoice]:
+        written = []
+        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+        delta = stream.add(event.text)
+        if delta is not None or (logprobs is not None and stream.calling.named is not None):
+            written.append(ChunkChoice(index=event.index, delta=delta or {}, logprobs=logprobs))
+        if event.finish_reason is not None:
+            delta, reason = stream.finish(event.finish_reason)
+            if delta is not None:  # "required"'s calls: with the log-probabilities of every token, if asked
+                kept = chat_logprobs(tokenizer, run.logprobs[event.index]) if run.logprobs[event.index] else None
+                written.append(ChunkChoice(index=event.index, delta=delta, logprobs=kept))
+            written.append(ChunkChoice(index=event.index, delta={}, finish_reason=reason))
+        return written
 
     def render(event: TokenEvent) -> list[ChunkChoice]:
+        if calls is not None:
+            return render_call(event, calls[event.index])
         written = []
         pieces = splitters[event.index].add(event.token_id, event.text)
         logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
@@ -808,7 +839,8 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
         return written
 
     for index in range(run.n):
-        yield chunk([ChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
+        opening = calls[index].opening() if calls is not None else {"role": "assistant", "content": ""}
+        yield chunk([ChunkChoice(index=index, delta=opening)])
     async for piece in event_stream(run, render, merge_chat, chunk,
                                     (lambda: chunk([], run.usage())) if include_usage else None):
         yield piece

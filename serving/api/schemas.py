@@ -14,8 +14,9 @@ Notable:
   accepted; those fields with a value are refused.
 - the built-in calculator's calls and outputs come back in `content_parts`, our extension of the message
   and of the streamed delta (serving/api/parts.py says why not `tool_calls`); an assistant message sent
-  back with them is rendered part by part, as in training. Client functions (`tools`, `tool_choice`,
-  `functions`, `function_call`) are refused: the model was trained for its calculator only.
+  back with them is rendered part by part, as in training. A client's functions (`tools`, `tool_choice`)
+  are called when tool_choice forces a call (serving/api/tools.py); the deprecated `functions` and
+  `function_call` are refused.
 - OpenAI's either-or fields (`stop`: a string or a list, `content`: a string or a list of text parts,
   `prompt`: a string, a list of token ids, or a list of one of those) are normalised to the list form
   before validation, rather than typed as unions, so an error names the field ("stop[1]") instead of a
@@ -41,6 +42,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -116,14 +118,11 @@ def _empty(value: Any) -> bool:
     return value in ([], {}) and isinstance(value, (list, dict))
 
 
-NOT_TRAINED = ("this model was not trained to call client functions: its only tool is its built-in calculator, "
-               "which the server runs itself and returns in the message's content_parts")
 # each field OpenAI defines that we do not implement: when its value is "off" and why it is refused otherwise
 REFUSED: dict[str, tuple[Any, str]] = {
-    "tools": (_empty, f"tools: {NOT_TRAINED}"),
-    "tool_choice": (_off("none"), f"tool_choice: {NOT_TRAINED}"),
-    "functions": (_empty, f"functions: {NOT_TRAINED}"),
-    "function_call": (_off("none"), f"function_call: {NOT_TRAINED}"),
+    "functions": (_empty, "functions is OpenAI's deprecated form of tools: send tools and tool_choice"),
+    "function_call": (_off("none"), "function_call is OpenAI's deprecated form of tool_choice: send tools and "
+                                    "tool_choice"),
     "audio": (lambda v: False, "audio output is not supported"),
     "modalities": (_off(["text"]), 'modalities: only ["text"] is supported'),
     "prediction": (lambda v: False, "prediction (predicted outputs) is not supported"),
@@ -142,6 +141,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
 CHAT_REFUSED = [k for k in REFUSED if k not in ("best_of", "suffix")]
 COMPLETION_REFUSED = ["best_of", "suffix"]
 MAX_LOGIT_BIAS = 300  # entries
+MAX_TOOLS = 128  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; 5 for completions' logprobs
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -215,7 +215,7 @@ class SamplingRequest(StrictModel):
     user: str | None = None  # accepted: an end-user id for abuse tracking; we keep no per-user state
     safety_identifier: str | None = None  # the same, OpenAI's newer name
     prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
-    parallel_tool_calls: bool | None = None  # accepted: it only matters with tools, which are refused
+    parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
     response_format: ResponseFormat | None = None  # None: text
 
     @property
@@ -252,15 +252,66 @@ class MessagePart(StrictModel):
     text: Text
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON text of the arguments object, as the model wrote it
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object; None: no arguments
+    strict: bool | None = None  # accepted: the arguments always follow the schema
+
+
+class FunctionTool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+def _tool_choice(value: Any) -> str | NamedToolChoice | None:
+    """A mode, or the function to call (one type, not a union, so that an error names tool_choice itself)."""
+    if value is None or value in TOOL_CHOICE_MODES:
+        return value
+    if isinstance(value, dict):
+        try:
+            return NamedToolChoice.model_validate(value)
+        except ValidationError:
+            pass
+    raise ValueError('should be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+
+
+ToolChoice = Annotated[Any, AfterValidator(_tool_choice)]
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[list[TextPart], BeforeValidator(_text_parts)]
     name: Any = None  # refused: the chat format has no participant names
     # an assistant message's text, calculator calls and outputs in order (our extension; see parts.py)
     content_parts: list[MessagePart] | None = None
+    tool_calls: list[ToolCall] = []  # an assistant message's calls of the client's functions (serving/api/tools.py)
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool message's: the call it answers
     # what an assistant message we answered carries, sent back as is: accepted only when null (or empty)
     refusal: None = None
-    tool_calls: list[Any] = []
     function_call: None = None
     audio: None = None
     annotations: Annotated[list[Any], Field(max_length=0)] = []
@@ -269,12 +320,16 @@ class ChatMessage(StrictModel):
     @classmethod
     def _content_from_parts(cls, data: Any) -> Any:
         """With content_parts, content may be left out or null (as OpenAI's with tool calls): it is then
-        the text parts."""
-        if isinstance(data, dict) and data.get("content") is None and isinstance(data.get("content_parts"), list):
+        the text parts. With tool_calls and no parts, it may be null: no text."""
+        if not isinstance(data, dict) or data.get("content") is not None:
+            return data
+        if isinstance(data.get("content_parts"), list):
             parts = data["content_parts"]
             return {**data, "content": "".join(p.get("text", "") for p in parts
                                                if isinstance(p, dict) and p.get("type") == "text"
                                                and isinstance(p.get("text"), str))}
+        if data.get("tool_calls"):
+            return {**data, "content": ""}
         return data
 
     @field_validator("name")
@@ -297,10 +352,17 @@ class ChatMessage(StrictModel):
 
     @field_validator("tool_calls")
     @classmethod
-    def _no_tool_calls(cls, value: list[Any]) -> list[Any]:
-        if value:
-            raise ValueError("this model calls no client functions; its calculator's calls and outputs are sent "
-                             "back in content_parts, as the server returned them")
+    def _assistant_calls(cls, value: list[ToolCall], info: ValidationInfo) -> list[ToolCall]:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (value is None) == (info.data.get("role") == "tool"):
+            raise ValueError("a tool message needs the tool_call_id of the call it answers, and only a tool "
+                             "message has one")
         return value
 
     @property
@@ -316,8 +378,6 @@ class ChatMessage(StrictModel):
 
 
 class _ChatRefused(StrictModel):
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -345,6 +405,9 @@ class _CompletionRefused(StrictModel):
 
 class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    # None: "auto" with tools, "none" without (OpenAI's defaults); serving/api/tools.py says what each does
+    tool_choice: ToolChoice = None
     logprobs: bool = False  # each content token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and the most likely tokens at each
 
@@ -384,7 +447,7 @@ def now() -> int:
     return int(time.time())
 
 
-FinishReason = Literal["stop", "length"]  # of OpenAI's set, the ones this server ends a choice with
+FinishReason = Literal["stop", "length", "tool_calls"]  # of OpenAI's set, the ones this server ends a choice with
 
 
 class PromptTokensDetails(BaseModel):
@@ -437,10 +500,11 @@ class ContentPartDelta(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str  # the text parts: the calculator's calls and outputs are in content_parts
+    content: str | None  # the text parts: the calculator's calls and outputs are in content_parts; None: calls
     refusal: None = None  # OpenAI's schema requires it (null: the model did not refuse)
     # our extension, only when the reply called the calculator: every part in order (serving/api/parts.py)
     content_parts: list[ContentPart] | None = Field(None, exclude_if=lambda parts: parts is None)
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChoice(BaseModel):
@@ -459,11 +523,30 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_unset)  # in a call's first delta
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: its first carries the id, type and name, the rest more arguments."""
+
+    index: int  # the call's place among the choice's calls
+    id: str | None = Field(None, exclude_if=_unset)
+    type: Literal["function"] | None = Field(None, exclude_if=_unset)
+    function: FunctionDelta
+
+
 class ChunkChoice(BaseModel):
     index: int
     # {"role": "assistant", "content": ""} first, then {"content": ...} or (a calculator call or output)
-    # {"content_parts": [ContentPartDelta]}, and {} with the finish_reason
-    delta: dict[str, str | list[ContentPartDelta]]
+    # {"content_parts": [ContentPartDelta]}, and {} with the finish_reason; with tools, {"tool_calls": [...]}
+    # (serving/api/tools.py)
+    delta: dict[str, str | None | list[ContentPartDelta] | list[ToolCallDelta]]
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 

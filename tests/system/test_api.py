@@ -87,6 +87,23 @@ def serve(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextmanager
+def serve_scrambled_model(tok: Tokenizer, *, sequence_len: int, max_num_seqs: int, max_tokens_limit: int,
+                          model_name: str) -> Iterator[str]:
+    """A server over an engine running a tiny GPT of random weights that make its replies depend on their
+    context, with room for max_num_seqs sequences at once; yields its base URL."""
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64)
+    engine = AsyncEngine(LLMEngine(scrambled_model(config, scale=2.0), tok, num_blocks=1024, block_size=8,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=sequence_len), max_queue=64)
+    app = create_app(engine, tok, model_name=model_name, max_tokens_limit=max_tokens_limit)
+    try:
+        with serve(app) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
 def wait_until(condition, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():

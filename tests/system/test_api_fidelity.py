@@ -301,9 +301,8 @@ def test_an_assistant_message_sent_back_as_received_is_accepted(client, http):
     second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     tool_calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    bad = [*MESSAGES, {"role": "assistant", "content": "x", "tool_calls": tool_calls},
-           {"role": "user", "content": "y"}]
-    assert_error(http.post(CHAT, json=chat(messages=bad)), 400, param="messages[2].tool_calls")
+    bad = [*MESSAGES, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y", "tool_calls": tool_calls}]
+    assert_error(http.post(CHAT, json=chat(messages=bad)), 400, param="messages[3].tool_calls")
     named = [{"role": "user", "content": "hi", "name": "ada"}]
     assert_error(http.post(CHAT, json=chat(messages=named)), 400, param="messages[0].name")
 

@@ -66,8 +66,11 @@ PLAUSIBLE = {
     "best_of": st.integers(0, 2),
     "suffix": text,
     "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
-    "tools": st.just([]) | st.just([{"type": "function", "function": {"name": "f"}}]),
-    "tool_choice": st.sampled_from(["none", "auto"]),
+    "tools": st.just([]) | st.just([{"type": "function", "function": {"name": "f"}}]) | st.just(
+        [{"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+            "x": {"enum": [1, "a", None]}}, "required": ["x"]}}}, {"type": "function", "function": {"name": "f"}}]),
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "g"}}]),
+    "parallel_tool_calls": st.booleans(),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),

@@ -96,6 +96,21 @@ def test_responses_streamed_and_not(client):
     assert events[-1].type == f"response.{whole.status}" and events[-1].response.output_text == whole.output_text
 
 
+def test_a_function_call_streamed_and_not(client):
+    parameters = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+                  "additionalProperties": False}
+    ask = dict(model="nanochat", messages=[{"role": "user", "content": "Weather?"}], max_tokens=30, temperature=0,
+               tools=[{"type": "function", "function": {"name": "weather", "parameters": parameters}}],
+               tool_choice={"type": "function", "function": {"name": "weather"}})
+    whole = client.chat.completions.create(**ask)
+    [call] = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "tool_calls" and call.function.name == "weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    with client.chat.completions.stream(**ask) as stream:
+        [streamed] = stream.get_final_completion().choices[0].message.tool_calls
+    assert streamed.function.arguments == call.function.arguments
+
+
 def test_metrics_are_exported_through_ray(server, client):
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     names = ["ray_nanochat_generation_tokens_total", "ray_nanochat_prompt_tokens_total",

@@ -12,14 +12,9 @@ import jsonschema
 import openai
 import pytest
 
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from serving.api.app import create_app
-from serving.engine.async_engine import AsyncEngine
-from serving.engine.llm_engine import LLMEngine
 from tests.serving.engine.test_grammar import MAX_TOKENS, SCHEMA
-from tests.support.gpt_fixtures import scrambled_model
-from tests.system.test_api import serve, tiny_tokenizer
+from tests.system.test_api import serve_scrambled_model, tiny_tokenizer
 
 MODEL = "nanochat-test"
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -33,18 +28,10 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def base_url(tok) -> Iterator[str]:
-    """tests/test_api.py's server, with a context and a max_tokens limit that hold a whole reply to SCHEMA,
-    and room for 32 sequences at once."""
-    config = GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-    model: GPT = scrambled_model(config, scale=2.0)
-    engine = AsyncEngine(LLMEngine(model, tok, num_blocks=1024, block_size=8, max_num_seqs=32,
-                                   max_num_batched_tokens=256), max_queue=64)
-    app = create_app(engine, tok, model_name=MODEL, max_tokens_limit=MAX_TOKENS)
-    try:
-        with serve(app) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    """A context and a max_tokens limit that hold a whole reply to SCHEMA, and room for 32 sequences at once."""
+    with serve_scrambled_model(tok, sequence_len=256, max_num_seqs=32, max_tokens_limit=MAX_TOKENS,
+                               model_name=MODEL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The calculator's turns over the API (serving/api/parts.py), against a real server whose model calls the
 tool (tests/chat_server.py's tool_reply_model), through the official `openai` client: the call and its
 output come back as content_parts, unstreamed and streamed; sent back in a later turn they render to the
-tokens of training and the next turn hits the prefix cache; client functions get a 400 naming the field."""
+tokens of training and the next turn hits the prefix cache; a malformed turn gets a 400 naming the field."""
 
 import asyncio
 import json
@@ -174,23 +174,15 @@ def assert_400(response: httpx.Response, param: str, says: str) -> None:
      "messages[1].content_parts", "add up to the message's content"),
     ({"role": "assistant", "content_parts": [{"type": "function", "text": "f()"}]},
      "messages[1].content_parts[0].type", "'text', 'python' or 'python_output'"),
-    ({"role": "assistant", "content": "x",
+    # the calculator's call is no client function's: a result sent back for it answers no call
+    ({"role": "user", "content": "x",
       "tool_calls": [{"id": "c", "type": "function", "function": {"name": "python", "arguments": "{}"}}]},
-     "messages[1].tool_calls", "content_parts"),
-    ({"role": "tool", "tool_call_id": "c", "content": "36"}, "messages[1].role", "'assistant'"),
+     "messages[0].tool_calls", "only an assistant message"),
+    ({"role": "tool", "tool_call_id": "c", "content": "36"}, "messages[1].tool_call_id", "none of the calls"),
 ])
 def test_malformed_tool_turns_are_400s_naming_the_field(http, message, param, says):
     messages = [message] if message["role"] == "user" else [*QUESTION, message, {"role": "user", "content": "?"}]
     assert_400(http.post("/v1/chat/completions", json={"messages": messages}), param, says)
-
-
-def test_client_functions_are_refused_naming_the_field(client):
-    tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object"}}}]
-    for options, param in (({"tools": tools}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-                           ({"tool_choice": {"type": "function", "function": {"name": "python"}}}, "tool_choice")):
-        with pytest.raises(openai.BadRequestError) as caught:
-            ask(client, **options)
-        assert caught.value.param == param and "content_parts" in caught.value.message
 
 
 def test_the_async_client_gets_the_parts_streamed_and_not(base_url):

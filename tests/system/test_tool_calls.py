@@ -1,0 +1,242 @@
+"""Function calling over the API (serving/api/tools.py), with the official `openai` client against a real server
+over a real engine running a tiny random GPT: a named function and tool_choice "required" give calls whose
+arguments validate against the function's schema, in OpenAI's shapes (strict), streamed or not; a reply cut
+short keeps its finish_reason; a conversation's earlier calls and results render as text and round-trip; every
+request the server cannot serve is a 400 naming the field."""
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
+
+from nanochat.tokenizer import Tokenizer
+from serving.api.app import merge_chat, merged
+from serving.api.schemas import ChatMessage, ChunkChoice, FunctionDelta, ToolCallDelta
+from serving.api.tools import NO_ARGUMENTS, ToolCalling, conversation
+from tests.system.test_api import serve_scrambled_model, tiny_tokenizer
+from tests.system.test_api_fidelity import assert_error, check_shape, events
+
+MODEL = "nanochat-test"
+MAX_TOKENS = 96  # a whole call: bounded schemas (enum, integer range), at most 2 of them
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time"}}]  # no parameters: no arguments
+SCHEMAS = {"get_weather": WEATHER, "get_time": NO_ARGUMENTS}
+WEATHER_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_url(tok) -> Iterator[str]:
+    """A context that holds the functions' listing and a whole call."""
+    with serve_scrambled_model(tok, sequence_len=512, max_num_seqs=16, max_tokens_limit=MAX_TOKENS,
+                               model_name=MODEL) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def http(base_url) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        yield http
+
+
+def check_calls(choice, single: bool = False) -> list[tuple[str, dict]]:
+    """A choice that is a complete call: its (name, arguments), each valid against its function's schema."""
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    calls = choice.message.tool_calls
+    assert calls and (len(calls) == 1 or not single)
+    found = []
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, SCHEMAS[call.function.name])
+        found.append((call.function.name, arguments))
+    return found
+
+
+def test_a_named_function_is_called_with_arguments_that_follow_its_schema(client):
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=WEATHER_CHOICE,
+                                           n=8, seed=3, temperature=1.0, max_tokens=MAX_TOKENS)
+    calls = [check_calls(choice, single=True)[0] for choice in reply.choices]
+    assert {name for name, _ in calls} == {"get_weather"}
+    assert len({json.dumps(arguments) for _, arguments in calls}) > 1  # samples, not one call 8 times
+    ids = [choice.message.tool_calls[0].id for choice in reply.choices]
+    assert len(set(ids)) == 8 and reply.usage.completion_tokens > 8
+
+
+def test_required_calls_one_or_more_of_the_functions_and_one_without_parallel_calls(client):
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                           n=8, seed=5, temperature=1.0, max_tokens=MAX_TOKENS)
+    names = [name for choice in reply.choices for name, _ in check_calls(choice)]
+    assert set(names) <= {"get_weather", "get_time"}
+    single = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False, n=8, seed=5, temperature=1.0,
+                                            max_tokens=MAX_TOKENS)
+    for choice in single.choices:
+        check_calls(choice, single=True)
+
+
+@pytest.mark.parametrize("tool_choice", [WEATHER_CHOICE, "required"], ids=["named", "required"])
+def test_streamed_calls_are_the_calls_sent_whole(client, http, tool_choice):
+    """Raw chunks in OpenAI's strict shapes (a named call's id and name first, then its arguments), and the
+    SDK's stream helper, which rebuilds the message from the deltas, gets the whole reply's calls."""
+    ask = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, temperature=0.0,
+               max_tokens=MAX_TOKENS)
+    whole = client.chat.completions.create(**ask)
+    expected = check_calls(whole.choices[0])
+    with client.chat.completions.stream(**ask) as stream:
+        final = stream.get_final_completion()
+    assert check_calls(final.choices[0]) == expected
+    chunks = events(http.post("/v1/chat/completions", json={**ask, "stream": True, "logprobs": True}))
+    for chunk in chunks:
+        check_shape(OpenAIChatCompletionChunk, chunk)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant" and deltas[0]["content"] is None
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    pieces = [call for delta in deltas for call in delta.get("tool_calls", [])]
+    if tool_choice == "required":  # the calls once the array is complete, with every token's logprobs
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in pieces] == expected
+        assert len(chunks[-2]["choices"][0]["logprobs"]["content"]) == whole.usage.completion_tokens
+    else:
+        assert pieces[0]["id"].startswith("call_") and pieces[0]["function"] == {"name": "get_weather",
+                                                                                  "arguments": ""}
+        assert all(set(p) == {"index", "function"} for p in pieces[1:]) and len(pieces) > 2
+        arguments = "".join(p["function"]["arguments"] for p in pieces)
+        assert [("get_weather", json.loads(arguments))] == expected
+
+
+def test_a_reply_cut_short_keeps_its_finish_reason(client):
+    named = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=WEATHER_CHOICE,
+                                           max_tokens=3, temperature=0.0)
+    choice = named.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments.startswith('{"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)
+    required = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                              max_tokens=3, temperature=0.0)
+    choice = required.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content == '[{"'  # three tokens of the tiny tokenizer
+
+
+def test_every_reply_is_openais_chat_completion_in_strict_mode(http):
+    for tool_choice in (WEATHER_CHOICE, "required", "none"):
+        r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice,
+                                                    "max_tokens": MAX_TOKENS, "n": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        check_shape(OpenAIChatCompletion, r.json())
+        assert ("tool_calls" in r.json()["choices"][0]["message"]) == (tool_choice != "none")
+
+
+def test_a_conversation_of_calls_and_results_round_trips(client):
+    """The assistant message sent back as the client got it, the tool's result, and a follow-up question:
+    rendered as the chat format's alternating turns, the reply a text again (tool_choice none)."""
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=WEATHER_CHOICE,
+                                           max_tokens=MAX_TOKENS, temperature=0.0)
+    assistant = first.choices[0].message
+    result = {"role": "tool", "tool_call_id": assistant.tool_calls[0].id, "content": "sunny, 21 C"}
+    messages = [*MESSAGES, assistant.model_dump(exclude_none=True), result]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+                                            max_tokens=8, temperature=0.0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+    followed = client.chat.completions.create(model=MODEL, messages=[*messages, {"role": "user", "content": "ok?"}],
+                                              max_tokens=8, temperature=0.0)
+    assert followed.usage.prompt_tokens > answer.usage.prompt_tokens
+
+
+def test_calls_and_results_render_as_alternating_turns_and_the_functions_follow_the_system_message():
+    calls = [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+             {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    messages = [ChatMessage.model_validate(m) for m in [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+        {"role": "tool", "tool_call_id": "call_a", "content": "rain"},
+        {"role": "user", "content": "Thanks. Umbrella?"}]]
+    calling = ToolCalling(grammar="", listing="Functions you can call, as JSON:\n[...]", named=None)
+    assert conversation(messages, calling) == [
+        {"role": "system", "content": "Be brief.\n\nFunctions you can call, as JSON:\n[...]"},
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "content": '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                                         '{"name": "get_time", "arguments": {}}]'},
+        {"role": "user", "content": 'Function results, as JSON:\n[{"name": "get_time", "result": "noon"}, '
+                                    '{"name": "get_weather", "result": "rain"}]\n\nThanks. Umbrella?'}]
+    assert conversation(messages[1:3] + messages[4:5], None)[-1]["content"].startswith("Function results")
+
+
+def test_a_calls_argument_deltas_that_arrive_together_go_out_as_one_chunk():
+    """As content deltas do, when the engine hands several tokens over at once (serve.stream_interval_s)."""
+    def piece(arguments: str, **start) -> ChunkChoice:
+        return ChunkChoice(index=1, delta={"tool_calls": [ToolCallDelta(index=0, function=FunctionDelta(
+            arguments=arguments, name=start.get("name")), id=start.get("id"), type=start.get("type"))]})
+
+    [one] = merged([piece('{"ci'), piece('ty": '), piece('"Oslo"')], merge_chat)
+    assert one == piece('{"city": "Oslo"')
+    opening = piece("", id="call_x", type="function", name="get_weather")
+    assert merged([piece("{"), opening], merge_chat) == [piece("{"), opening]  # a new call's start: its own chunk
+    assert merged([piece("{"), ChunkChoice(index=1, delta={}, finish_reason="tool_calls")], merge_chat)[0] == piece("{")
+
+
+BAD_ARGUMENTS = [{"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{oops"}}]
+# (what the request changes, the param its 400 names)
+REFUSED = [
+    ({}, "tools"),  # tool_choice "auto", the default with tools: the model was not trained to decide
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_mood"}}}, "tool_choice.function.name"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [*TOOLS, TOOLS[1]], "tool_choice": "required"}, "tools[2].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}], "tool_choice": "required"}, "tools[0].type"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required", "messages": [*MESSAGES, {"role": "tool", "tool_call_id": "c", "content": "x"}]},
+     "messages[1].tool_call_id"),
+    ({"tool_choice": "required", "messages": [*MESSAGES, {"role": "tool", "content": "x"}]},
+     "messages[1].tool_call_id"),
+    ({"tool_choice": "required", "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
+     "messages[0].tool_call_id"),
+    ({"tool_choice": "required", "messages": [{"role": "user", "content": "x", "tool_calls": BAD_ARGUMENTS}]},
+     "messages[0].tool_calls"),
+    ({"tool_choice": "required", "messages": [
+        *MESSAGES, {"role": "assistant", "content": None, "tool_calls": BAD_ARGUMENTS},
+        {"role": "tool", "tool_call_id": "c", "content": "noon"}]}, "messages[1].tool_calls[0].function.arguments"),
+]
+
+
+@pytest.mark.parametrize("change,param", REFUSED, ids=[f"{i}-{p}" for i, (_, p) in enumerate(REFUSED)])
+def test_a_request_that_cannot_be_served_is_a_400_naming_the_field(http, change, param):
+    body = {"messages": MESSAGES, "tools": TOOLS, "max_tokens": MAX_TOKENS, **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    assert_error(http.post("/v1/chat/completions", json=body), 400, param=param)
+
+
+def test_the_client_sees_why_auto_is_refused(client):
+    with pytest.raises(openai.BadRequestError, match="not trained") as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
+    assert refused.value.param == "tools"
