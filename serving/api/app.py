@@ -318,18 +318,19 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         if body.max_output_tokens is not None and body.max_output_tokens > max_tokens_limit:
             raise bad_request(f"max_output_tokens is {body.max_output_tokens}, more than this server's limit of "
                               f"{max_tokens_limit}", param="max_output_tokens")
-        chat = body.as_chat()
+        chat, origins = body.as_chat()
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         try:  # the chat route's checks, their errors named as this route names the fields
-            grammar = await response_grammar(chat.response_format)
+            calling = await asyncio.to_thread(tool_calling, chat)
+            grammar = calling.grammar if calling is not None else await response_grammar(chat.response_format)
             params = sampling_params(chat, tokenizer, end_of_turn, grammar)
-            prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages)
+            prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages, calling)
         except APIError as e:
-            e.detail.param = responses_param(e.detail.param, body.instructions is not None)
+            e.detail.param = responses_param(e.detail.param, origins)
             raise
         check_prompt_length(prompt_ids, "input")
         run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input")
-        builder = ResponseBuilder(body, model_name, run)
+        builder = ResponseBuilder(body, model_name, run, calling)
         if body.stream:
             return SSEResponse(run, response_events(builder, tokenizer))
         splitter = PartSplitter(tokenizer)

@@ -7,17 +7,23 @@ Notable:
   max_output_tokens, temperature, top_p and text.format (as response_format: a grammar) its sampling. So
   prompts, limits, grammars and errors are the chat route's; a prompt renders exactly as the same messages
   sent to /v1/chat/completions.
-- the server keeps no state: `store` is accepted (it stores nothing), and what needs stored responses or
-  tools (previous_response_id, conversation, tools, background, ...) is a 400 naming the field.
+- the server keeps no state: `store` is accepted (it stores nothing), and what needs stored responses
+  (previous_response_id, conversation, background, ...) is a 400 naming the field.
 - the output is one assistant message with one output_text part: the reply's text parts (the calculator's
   calls and outputs, which the chat route returns as content_parts, are left out). status is "completed",
   or "incomplete" with incomplete_details.reason "max_output_tokens" when the reply was cut by the limit.
+- function tools ({"type": "function", "name", "parameters", ...}) and tool_choice ("required" or
+  {"type": "function", "name"}) are the chat route's (serving/api/tools.py): the output is then the calls,
+  function_call items; input function_call and function_call_output items sent back become an assistant
+  message's tool calls and tool messages, so they render as the chat route renders them.
 - streamed, the events are OpenAI's for one text message, each with its sequence_number and an SSE
   `event:` line: response.created, response.in_progress, response.output_item.added,
   response.content_part.added, response.output_text.delta (one per list of tokens the engine sends),
   response.output_text.done, response.content_part.done, response.output_item.done, then
   response.completed (or response.incomplete). No [DONE]: the stream ends after the last event. A request
-  the engine aborts (the replica shutting down) ends with an `error` event (code "unavailable").
+  the engine aborts (the replica shutting down) ends with an `error` event (code "unavailable"). A named
+  function's call is added first and its arguments stream as response.function_call_arguments.delta; a
+  "required" reply's calls are added, with their whole arguments, once the array is complete.
 """
 
 from __future__ import annotations
@@ -25,13 +31,25 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nanochat.tokenizer import Tokenizer
 from serving.api.parts import PartSplitter
 from serving.api.schemas import (
+    FUNCTION_NAME,
+    MAX_TOOLS,
+    TOOL_CHOICE_MODES,
     ChatCompletionRequest,
     JSONSchemaFormat,
     ResponseFormat,
@@ -39,6 +57,7 @@ from serving.api.schemas import (
     Text,
     Usage,
 )
+from serving.api.tools import ToolCalling, call_id
 from serving.engine.llm_engine import TokenEvent
 
 
@@ -68,12 +87,40 @@ def _text_as_parts(value: Any) -> Any:
     return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
 
 
-class InputMessage(StrictModel):
-    type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[list[InputText], BeforeValidator(_text_as_parts)]
-    id: str | None = None  # an output message as we returned it, sent back
+ITEM_FIELDS = {  # each input item type's fields besides its type: required, then optional
+    "message": ({"role", "content"}, {"id", "status"}),
+    "function_call": ({"call_id", "name", "arguments"}, {"id", "status"}),
+    "function_call_output": ({"call_id", "output"}, {"id", "status"}),
+}
+
+
+class InputItem(StrictModel):
+    """An input message, or an earlier function call and its output sent back: one model rather than a union,
+    so that an error names the item's own field ("input[0].role")."""
+
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: Annotated[list[InputText], BeforeValidator(_text_as_parts)] | None = None
+    id: str | None = None  # an output item as we returned it, sent back
     status: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: Text | None = None  # a function's result: text
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> InputItem:
+        required, optional = ITEM_FIELDS[self.type]
+        given = {name for name in type(self).model_fields if name != "type" and getattr(self, name) is not None}
+        missing, extra = sorted(required - given), sorted(given - required - optional)
+        if missing or extra:
+            wrong = [f"needs {', '.join(missing)}"] * bool(missing) + [f"takes no {', '.join(extra)}"] * bool(extra)
+            raise ValueError(f"a {self.type} item {' and '.join(wrong)}")
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or [])
 
 
 def _text_as_message(value: Any) -> Any:
@@ -119,10 +166,8 @@ class TextConfig(StrictModel):
 
 
 OFF: list[Any] = [None, False, [], {}]  # what leaves a refused field off; some fields have a word for it too
-OFF_WORDS = {"tool_choice": ["none", "auto"], "truncation": ["disabled"], "service_tier": ["auto", "default"]}
+OFF_WORDS = {"truncation": ["disabled"], "service_tier": ["auto", "default"]}
 REFUSED = {  # field -> why it is refused unless off
-    "tools": "tools are not supported: this model calls no client functions",
-    "tool_choice": "tool_choice is not supported: this model calls no client functions",
     "previous_response_id": "previous_response_id is not supported: this server stores no responses; send the "
                             "conversation as input",
     "conversation": "conversation is not supported: this server stores no conversations; send them as input",
@@ -136,9 +181,36 @@ REFUSED = {  # field -> why it is refused unless off
 }
 
 
+class FunctionToolSpec(StrictModel):
+    """A function tool, as the Responses API writes one (the chat route's fields inline)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(StrictModel):
+    type: Literal["function"]
+    name: str
+
+
+def _tool_choice(value: Any) -> str | NamedFunction | None:
+    """A mode, or the function to call (one type, so that an error names tool_choice itself)."""
+    if value is None or value in TOOL_CHOICE_MODES:
+        return value
+    if isinstance(value, dict):
+        try:
+            return NamedFunction.model_validate(value)
+        except ValidationError:
+            pass
+    raise ValueError('should be "none", "auto", "required" or {"type": "function", "name": ...}')
+
+
 class ResponsesRequest(StrictModel):
     model: str | None = None
-    input: Annotated[list[InputMessage], BeforeValidator(_text_as_message), Field(min_length=1)]
+    input: Annotated[list[InputItem], BeforeValidator(_text_as_message), Field(min_length=1)]
     instructions: Text | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -150,10 +222,10 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    parallel_tool_calls: bool | None = None  # accepted: it only matters with tools, which are refused
-    max_tool_calls: int | None = None  # likewise
-    tools: Any = None
-    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
+    max_tool_calls: int | None = None  # accepted: it bounds built-in tools' calls, and there are none
+    tools: Annotated[list[FunctionToolSpec], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Annotated[Any, AfterValidator(_tool_choice)] = None
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = None
@@ -171,30 +243,86 @@ class ResponsesRequest(StrictModel):
             raise ValueError(REFUSED[info.field_name])
         return value
 
-    def as_chat(self) -> ChatCompletionRequest:
-        """The chat completion request this response is."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        messages += [{"role": m.role, "content": "".join(part.text for part in m.content)} for m in self.input]
+    def as_chat(self) -> tuple[ChatCompletionRequest, ChatOrigins]:
+        """The chat completion request this response is, and where each of its messages came from. An input
+        function call becomes an assistant message's tool call (consecutive calls, and calls right after an
+        assistant message, one message's), its output a tool message."""
+        messages: list[dict[str, Any]] = []
+        origins = ChatOrigins()
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+            origins.messages.append(None)
+        for j, item in enumerate(self.input):
+            if item.type == "function_call":
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if not (messages and messages[-1]["role"] == "assistant"):
+                    messages.append({"role": "assistant", "content": None})
+                    origins.messages.append(j)
+                    origins.of_calls.add(len(messages) - 1)
+                calls = messages[-1].setdefault("tool_calls", [])
+                origins.calls[len(messages) - 1, len(calls)] = j
+                calls.append(call)
+            elif item.type == "function_call_output":
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                origins.messages.append(j)
+            else:
+                messages.append({"role": item.role, "content": item.text})
+                origins.messages.append(j)
+        tools = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                 for tool in self.tools or []]
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunction):
+            choice = {"type": "function", "function": {"name": choice.name}}
         return ChatCompletionRequest.model_validate({
             "model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "response_format": self.text.format.response_format(),
-        })
+            "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls,
+        }), origins
 
 
-def responses_param(param: str | None, has_instructions: bool) -> str | None:
-    """A chat route's error param as this route names the same field: response_format is text.format, and a
-    message ("messages[3].role", "messages") the input message it came from ("input[2].role", "input"),
-    instructions being the system message first."""
+@dataclass
+class ChatOrigins:
+    """The input item each message of a response's chat request came from (None: the instructions), and each
+    tool call's, by (message, call)."""
+
+    messages: list[int | None] = field(default_factory=list)
+    calls: dict[tuple[int, int], int] = field(default_factory=dict)
+    of_calls: set[int] = field(default_factory=set)  # the assistant messages made of function_call items only
+
+
+# a chat field's name on this route, after the input item or tool it belongs to
+CALL_FIELDS = {"": "", ".id": ".call_id", ".function.name": ".name", ".function.arguments": ".arguments",
+               ".function": ""}
+
+
+def responses_param(param: str | None, origins: ChatOrigins) -> str | None:
+    """A chat route's error param as this route names the same field: response_format is text.format, tools'
+    and tool_choice's fields are inline, and a message's ("messages[3].role", "messages") is the input item's it
+    came from ("input[2].role", "input"), a tool call's the function_call item's, the instructions being the
+    system message first."""
     if param == "response_format":
         return "text.format"
-    if param is None or not param.startswith("messages"):
+    if param is None:
+        return param
+    if param.startswith(("tools", "tool_choice")):
+        return param.replace(".function", "", 1)
+    if not param.startswith("messages"):
         return param
     rest = param.removeprefix("messages")
-    if rest.startswith("["):
-        index, _, tail = rest[1:].partition("]")
-        index = int(index) - has_instructions
-        return "instructions" if index < 0 else f"input[{index}]{tail}"
-    return "input" + rest
+    if not rest.startswith("["):
+        return "input" + rest
+    index, _, tail = rest[1:].partition("]")
+    message = int(index)
+    if tail.startswith(".tool_calls["):
+        call, _, tail = tail.removeprefix(".tool_calls[").partition("]")
+        return f"input[{origins.calls[message, int(call)]}]{CALL_FIELDS.get(tail, tail)}"
+    item = origins.messages[message]
+    if item is None:
+        return "instructions"
+    if message in origins.of_calls and tail == ".role":  # a function_call item has no role: the item itself
+        tail = ""
+    return f"input[{item}]" + (".call_id" if tail == ".tool_call_id" else tail)
 
 
 # ---------------------------------------------------------------------------------------------- response
@@ -213,6 +341,15 @@ class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: Literal["in_progress", "completed", "incomplete"]
     content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
 
 
 class InputTokensDetails(BaseModel):
@@ -239,7 +376,7 @@ class Response(BaseModel):
     incomplete_details: dict[str, str] | None = None
     error: None = None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputMessage | OutputFunctionCall]
     instructions: str | None
     max_output_tokens: int | None
     temperature: float
@@ -248,8 +385,8 @@ class Response(BaseModel):
     text: dict[str, Any]
     usage: ResponseUsage | None = None
     parallel_tool_calls: bool = True
-    tool_choice: str = "none"
-    tools: list[Any] = []
+    tool_choice: str | dict[str, str] = "none"
+    tools: list[dict[str, Any]] = []
     previous_response_id: None = None
     store: bool = False  # whatever was asked: nothing is stored
     truncation: str = "disabled"
@@ -257,24 +394,29 @@ class Response(BaseModel):
 
 
 class ResponseBuilder:
-    """One response's fixed fields (from its request) and its message; `response(...)` at any point."""
+    """One response's fixed fields (from its request) and its output; `response(...)` at any point."""
 
-    def __init__(self, body: ResponsesRequest, model_name: str, run: Run):
-        self.body, self.model_name, self.run = body, model_name, run
+    def __init__(self, body: ResponsesRequest, model_name: str, run: Run, calling: ToolCalling | None):
+        self.body, self.model_name, self.run, self.calling = body, model_name, run, calling
         self.id, self.message_id = run.id, f"msg_{uuid.uuid4().hex}"  # the engine's request id is the response's
+        self.call_id = call_id()  # a named function's call: known (and streamed) before the reply
 
     def message(self, text: str, status: str) -> OutputMessage:
         return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text)])
 
-    def response(self, output: list[OutputMessage], status: str, usage: bool = True) -> Response:
+    def response(self, output: list[OutputMessage | OutputFunctionCall], status: str, usage: bool = True) -> Response:
         body, run = self.body, self.run
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
         return Response(
             id=self.id, created_at=run.created, status=status, incomplete_details=incomplete, model=self.model_name,
             output=output, instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
             text=body.text.model_dump(by_alias=True, exclude_none=True), user=body.user,
-            usage=self.usage() if usage else None)
+            usage=self.usage() if usage else None, tools=tools,
+            tool_choice=choice.model_dump() if isinstance(choice, NamedFunction) else choice,
+            parallel_tool_calls=body.parallel_tool_calls is not False)
 
     def usage(self) -> ResponseUsage:
         chat = self.run.usage()
@@ -283,8 +425,23 @@ class ResponseBuilder:
                              input_tokens_details=InputTokensDetails(cached_tokens=chat.prompt_tokens_details.cached_tokens))
 
     def finished(self, text: str) -> Response:
-        status = "incomplete" if self.run.finish_reasons[0] == "length" else "completed"
-        return self.response([self.message(text, status)], status)
+        """The whole response to a reply of this text: a message, or with tools the calls (module docstring)."""
+        reason = self.run.finish_reasons[0]
+        status = "incomplete" if reason == "length" else "completed"
+        if self.calling is None:
+            return self.response([self.message(text, status)], status)
+        message, _ = self.calling.reply(text, reason)
+        if message.tool_calls is None:
+            return self.response([self.message(message.content, status)], status)
+        ids = [self.call_id] if self.calling.named is not None else [call.id for call in message.tool_calls]
+        return self.response([function_call(id_, call.function.name, call.function.arguments, status)
+                              for id_, call in zip(ids, message.tool_calls, strict=True)], status)
+
+
+def function_call(call_id: str, name: str, arguments: str, status: str) -> OutputFunctionCall:
+    """A tool call as an output item, whose id is the call's."""
+    return OutputFunctionCall(id=f"fc_{call_id.removeprefix('call_')}", call_id=call_id, name=name,
+                              arguments=arguments, status=status)
 
 
 async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
@@ -300,28 +457,62 @@ async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> Asy
     def dumped(model: BaseModel) -> dict:
         return model.model_dump(mode="json")
 
+    def message_opened() -> str:
+        return (event("response.output_item.added", output_index=0,
+                      item=dumped(OutputMessage(id=builder.message_id, status="in_progress", content=[])))
+                + event("response.content_part.added", **where, part=dumped(OutputText(text=""))))
+
+    def text_delta(delta: str) -> str:
+        if named:
+            return event("response.function_call_arguments.delta", item_id=streamed_call.id, output_index=0,
+                         delta=delta)
+        return event("response.output_text.delta", **where, delta=delta, logprobs=[])
+
+    def call_done(index: int, item: OutputFunctionCall) -> str:
+        return (event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                      name=item.name, arguments=item.arguments)
+                + event("response.output_item.done", output_index=index, item=dumped(item)))
+
+    calling = builder.calling
+    named = calling is not None and calling.named is not None
     where = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
     started = builder.response([], "in_progress", usage=False)
-    yield (event("response.created", response=dumped(started)) + event("response.in_progress", response=dumped(started))
-           + event("response.output_item.added", output_index=0,
-                   item=dumped(OutputMessage(id=builder.message_id, status="in_progress", content=[])))
-           + event("response.content_part.added", **where, part=dumped(OutputText(text=""))))
+    opening = event("response.created", response=dumped(started)) + event("response.in_progress",
+                                                                          response=dumped(started))
+    if calling is None:
+        opening += message_opened()
+    elif named:  # the call is known before its arguments: they stream as they are written
+        streamed_call = function_call(builder.call_id, calling.named, "", "in_progress")
+        opening += event("response.output_item.added", output_index=0, item=dumped(streamed_call))
+    yield opening
     splitter = PartSplitter(tokenizer)
     async for batch in builder.run.batches():
         delta = ""
         for item in batch:
             if item.finish_reason == "abort":
-                yield (event("response.output_text.delta", **where, delta=delta, logprobs=[]) if delta else "") + \
+                yield (text_delta(delta) if delta and (calling is None or named) else "") + \
                     event("error", code="unavailable", param=None,
                           message="The server is shutting down: the response was cut short; retry on another replica")
                 return
             delta += "".join(piece.text for piece in splitter.add(item.token_id, item.text) if piece.type == "text")
-        if delta:
-            yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+        if delta and (calling is None or named):  # "required"'s calls are only known once the array ends
+            yield text_delta(delta)
     text = splitter.content
     final = builder.finished(text)
-    item = final.output[0]
-    yield (event("response.output_text.done", **where, text=text, logprobs=[])
-           + event("response.content_part.done", **where, part=dumped(item.content[0]))
-           + event("response.output_item.done", output_index=0, item=dumped(item))
-           + event(f"response.{final.status}", response=dumped(final)))
+    closing = ""
+    for index, item in enumerate(final.output):
+        if isinstance(item, OutputFunctionCall):
+            if not named:
+                closing += (event("response.output_item.added", output_index=index,
+                                  item=dumped(item.model_copy(update={"status": "in_progress", "arguments": ""})))
+                            + event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
+                                    delta=item.arguments))
+            closing += call_done(index, item)
+            continue
+        if calling is not None:  # a "required" reply cut before its calls: its text, as a message
+            closing += message_opened() + event("response.output_text.delta", **where, delta=item.content[0].text,
+                                                logprobs=[])
+        closing += (event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
+                    + event("response.content_part.done", **where, part=dumped(item.content[0]))
+                    + event("response.output_item.done", output_index=0, item=dumped(item)))
+    yield closing + event(f"response.{final.status}", response=dumped(final))

@@ -263,8 +263,11 @@ class ToolCall(StrictModel):
     function: FunctionCall
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule
+
+
 class FunctionDefinition(StrictModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object; None: no arguments
     strict: bool | None = None  # accepted: the arguments always follow the schema

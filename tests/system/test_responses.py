@@ -1,7 +1,7 @@
 """OpenAI's Responses API (/v1/responses) with the official `openai` client, against tests/system/test_api.py's
 server: a response is the chat turn of the same messages (its text and token counts), streamed as OpenAI's
-event sequence, with earlier output sent back as input; what needs stored state or tools is a 400 naming
-the field."""
+event sequence, with earlier output sent back as input; what needs stored state is a 400 naming the field.
+(Function calls: tests/system/test_tool_calls.py.)"""
 
 import openai
 import pytest
@@ -82,13 +82,12 @@ def test_input_messages_render_as_the_chat_messages_and_an_output_can_be_sent_ba
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("tools", [{"type": "function", "name": "f", "parameters": {}}]),
     ("previous_response_id", "resp_123"),
     ("background", True),
     ("reasoning", {"effort": "low"}),
     ("truncation", "auto"),
 ])
-def test_what_needs_stored_state_or_tools_is_a_400_naming_the_field(client, field, value):
+def test_what_needs_stored_state_is_a_400_naming_the_field(client, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=MODEL, input=QUESTION, **{field: value})
     assert e.value.body["param"] == field, e.value.body

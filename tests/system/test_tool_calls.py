@@ -240,3 +240,97 @@ def test_the_client_sees_why_auto_is_refused(client):
     with pytest.raises(openai.BadRequestError, match="not trained") as refused:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
     assert refused.value.param == "tools"
+
+
+# ---------------------------------------------------------------------------------------------
+# the Responses API (/v1/responses): the same calls as function_call output items
+
+RESPONSE_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]  # the fields inline
+NAMED = {"type": "function", "name": "get_weather"}
+QUESTION = MESSAGES[0]["content"]
+
+
+def response_calls(response) -> list[tuple[str, dict]]:
+    assert response.status == "completed" and all(item.type == "function_call" for item in response.output)
+    return [(item.name, json.loads(item.arguments)) for item in response.output]
+
+
+@pytest.mark.parametrize(("tool_choice", "chat_choice"), [(NAMED, WEATHER_CHOICE), ("required", "required")],
+                         ids=["named", "required"])
+def test_a_response_calls_what_the_chat_route_calls_streamed_or_not(client, tool_choice, chat_choice):
+    ask = dict(model=MODEL, input=QUESTION, tools=RESPONSE_TOOLS, tool_choice=tool_choice, temperature=0.0,
+               max_output_tokens=MAX_TOKENS)
+    response = client.responses.create(**ask)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=chat_choice,
+                                          temperature=0.0, max_tokens=MAX_TOKENS)
+    assert response_calls(response) == check_calls(chat.choices[0])
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert [item.id for item in response.output] == [f"fc_{item.call_id[5:]}" for item in response.output]
+    choice = response.tool_choice
+    assert response.tools[0].name == "get_weather" and (choice == tool_choice or choice.name == "get_weather")
+
+    events = list(client.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    calls = len(response.output)
+    if tool_choice == "required":  # each call once the array is complete
+        middle = ["response.output_item.added", "response.function_call_arguments.delta",
+                  "response.function_call_arguments.done", "response.output_item.done"] * calls
+    else:  # the call first, its arguments as they are written
+        middle = ["response.output_item.added", *["response.function_call_arguments.delta"] * (len(kinds) - 6),
+                  "response.function_call_arguments.done", "response.output_item.done"]
+        assert len(kinds) > 7
+    assert kinds == ["response.created", "response.in_progress", *middle, "response.completed"]
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(a.call_id, a.status) for a in added] == [(item.call_id, "in_progress") for item in events[-1].response.output]
+    with client.responses.stream(**ask) as stream:
+        final = stream.get_final_response()
+    assert response_calls(final) == response_calls(response) == response_calls(events[-1].response)
+
+
+def test_calls_and_their_outputs_sent_back_render_as_the_chat_messages(client):
+    first = client.responses.create(model=MODEL, input=QUESTION, tools=RESPONSE_TOOLS, tool_choice="required",
+                                    temperature=0.0, max_output_tokens=MAX_TOKENS)
+    outputs = [{"type": "function_call_output", "call_id": item.call_id, "output": f"result {i}"}
+               for i, item in enumerate(first.output)]
+    items = [{"role": "user", "content": QUESTION}, *[item.model_dump(exclude_none=True) for item in first.output],
+             *outputs, {"role": "user", "content": "and?"}]
+    again = client.responses.create(model=MODEL, input=items, tools=RESPONSE_TOOLS, tool_choice="none",
+                                    temperature=0.0, max_output_tokens=8)
+    calls = [{"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+             for item in first.output]
+    chat = client.chat.completions.create(model=MODEL, tools=TOOLS, tool_choice="none", temperature=0.0, max_tokens=8,
+                                          messages=[*MESSAGES, {"role": "assistant", "content": None, "tool_calls": calls},
+                                                    *[{"role": "tool", "tool_call_id": o["call_id"], "content": o["output"]}
+                                                      for o in outputs], {"role": "user", "content": "and?"}])
+    assert again.usage.input_tokens == chat.usage.prompt_tokens
+    assert again.output_text == chat.choices[0].message.content
+
+
+CALL = {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": "{}"}
+RESPONSE_REFUSED = [
+    ({}, "tools"),
+    ({"tool_choice": {"type": "function", "name": "get_mood"}}, "tool_choice.name"),
+    ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]}, "tools[0].parameters"),
+    ({"tools": [*RESPONSE_TOOLS, RESPONSE_TOOLS[0]]}, "tools[2].name"),
+    ({"input": [{"role": "user", "content": "x"}, {**CALL, "arguments": None}]}, "input[1]"),
+    ({"input": [{"role": "user", "content": "x"}, {**CALL, "role": "user"}]}, "input[1]"),
+    ({"input": [{"role": "user", "content": "x"}, {**CALL, "arguments": "{oops"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "x"}]}, "input[1].arguments"),
+    ({"input": [{"role": "user", "content": "x"}, CALL]}, "input[1]"),  # the input ends with a call, no output
+    ({"input": [{"role": "user", "content": "x"}, CALL,
+                {"type": "function_call_output", "call_id": "call_2", "output": "x"}]}, "input[2].call_id"),
+]
+
+
+@pytest.mark.parametrize("change,param", RESPONSE_REFUSED, ids=[f"{i}-{p}" for i, (_, p) in enumerate(RESPONSE_REFUSED)])
+def test_a_response_that_cannot_be_served_is_a_400_naming_the_field(http, change, param):
+    body = {"input": QUESTION, "tools": RESPONSE_TOOLS, "tool_choice": "required", **change}
+    if not change:
+        del body["tool_choice"]
+    body = {k: v for k, v in body.items() if v is not None}
+    body["input"] = [{k: v for k, v in item.items() if v is not None} if isinstance(item, dict) else item
+                     for item in body["input"]] if isinstance(body["input"], list) else body["input"]
+    assert_error(http.post("/v1/responses", json=body), 400, param=param)
