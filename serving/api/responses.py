@@ -49,13 +49,13 @@ from serving.api.parts import PartSplitter
 from serving.api.schemas import (
     FUNCTION_NAME,
     MAX_TOOLS,
-    TOOL_CHOICE_MODES,
     ChatCompletionRequest,
     JSONSchemaFormat,
     ResponseFormat,
     StrictModel,
     Text,
     Usage,
+    tool_choice_check,
 )
 from serving.api.tools import ToolCalling, call_id
 from serving.engine.llm_engine import TokenEvent
@@ -196,16 +196,7 @@ class NamedFunction(StrictModel):
     name: str
 
 
-def _tool_choice(value: Any) -> str | NamedFunction | None:
-    """A mode, or the function to call (one type, so that an error names tool_choice itself)."""
-    if value is None or value in TOOL_CHOICE_MODES:
-        return value
-    if isinstance(value, dict):
-        try:
-            return NamedFunction.model_validate(value)
-        except ValidationError:
-            pass
-    raise ValueError('should be "none", "auto", "required" or {"type": "function", "name": ...}')
+ToolChoice = Annotated[Any, AfterValidator(tool_choice_check(NamedFunction, '{"type": "function", "name": ...}'))]
 
 
 class ResponsesRequest(StrictModel):
@@ -225,7 +216,7 @@ class ResponsesRequest(StrictModel):
     parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
     max_tool_calls: int | None = None  # accepted: it bounds built-in tools' calls, and there are none
     tools: Annotated[list[FunctionToolSpec], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Annotated[Any, AfterValidator(_tool_choice)] = None
+    tool_choice: ToolChoice = None
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = None

@@ -34,6 +34,7 @@ Notable:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -290,19 +291,25 @@ class NamedToolChoice(StrictModel):
 TOOL_CHOICE_MODES = ("none", "auto", "required")
 
 
-def _tool_choice(value: Any) -> str | NamedToolChoice | None:
-    """A mode, or the function to call (one type, not a union, so that an error names tool_choice itself)."""
-    if value is None or value in TOOL_CHOICE_MODES:
-        return value
-    if isinstance(value, dict):
-        try:
-            return NamedToolChoice.model_validate(value)
-        except ValidationError:
-            pass
-    raise ValueError('should be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+def tool_choice_check(named: type[StrictModel], shape: str) -> Callable[[Any], Any]:
+    """tool_choice's check: a mode, or the function to call as a `named` model (written `shape` in the error).
+    One type, not a union, so that an error names tool_choice itself."""
+
+    def check(value: Any) -> str | StrictModel | None:
+        if value is None or value in TOOL_CHOICE_MODES:
+            return value
+        if isinstance(value, dict):
+            try:
+                return named.model_validate(value)
+            except ValidationError:
+                pass
+        raise ValueError(f'should be "none", "auto", "required" or {shape}')
+
+    return check
 
 
-ToolChoice = Annotated[Any, AfterValidator(_tool_choice)]
+ToolChoice = Annotated[Any, AfterValidator(tool_choice_check(NamedToolChoice,
+                                                             '{"type": "function", "function": {"name": ...}}'))]
 
 
 class ChatMessage(StrictModel):
