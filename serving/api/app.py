@@ -71,6 +71,7 @@ import dataclasses
 import hmac
 import importlib.metadata
 import inspect
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -121,6 +122,7 @@ from serving.api.schemas import (
     ResponseFormat,
     ResponseMessage,
     SamplingRequest,
+    StructuredOutputs,
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprob,
@@ -130,7 +132,7 @@ from serving.api.schemas import (
 )
 from serving.api.tools import CallStream, ToolCalling, conversation, tool_calling
 from serving.engine.async_engine import QueueFull
-from serving.engine.grammar import ANY_OBJECT, json_grammar
+from serving.engine.grammar import ANY_OBJECT, choice_grammar, json_grammar, lark_grammar, regex_grammar
 from serving.engine.llm_engine import Logprobs, TokenEvent
 from serving.engine.sequence import SamplingParams
 
@@ -291,7 +293,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         tokenizer = (await current()).tokenizer
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         calling = await asyncio.to_thread(tool_calling, body)
-        grammar = calling.grammar if calling is not None else await response_grammar(body.response_format)
+        grammar = calling.grammar if calling is not None else await request_grammar(body)
         params = sampling_params(body, tokenizer, end_of_turn, grammar)
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
         check_prompt_length(prompt_ids, "messages")
@@ -322,7 +324,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         try:  # the chat route's checks, their errors named as this route names the fields
             calling = await asyncio.to_thread(tool_calling, chat)
-            grammar = calling.grammar if calling is not None else await response_grammar(chat.response_format)
+            grammar = calling.grammar if calling is not None else await request_grammar(chat)
             params = sampling_params(chat, tokenizer, end_of_turn, grammar)
             prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages, calling)
         except APIError as e:
@@ -344,7 +346,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             raise bad_request("max_tokens: 0 is only accepted with echo (which scores the prompt)",
                               param="max_tokens")
         params = sampling_params(body, tokenizer, [tokenizer.get_bos_token_id()],
-                                 await response_grammar(body.response_format))
+                                 await request_grammar(body))
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prompt = body.prompt[0]
@@ -447,12 +449,38 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: Tool
         raise bad_request(str(e), param="messages") from None
 
 
-async def response_grammar(response_format: ResponseFormat | None) -> str | None:
-    """The grammar a response_format asks for (None: plain text), or a 400 saying why the schema has none.
-    Compiled on a worker thread: a big schema takes a while."""
+async def request_grammar(body: SamplingRequest) -> str | None:
+    """The grammar body's response_format or structured_outputs asks for (None: plain text), or a 400 saying
+    why there is none. Compiled on a worker thread: a big schema takes a while."""
+    response_format = body.response_format
+    if body.structured_outputs is not None:
+        if response_format is not None and response_format.type != "text":
+            raise bad_request("give response_format or structured_outputs, not both", param="structured_outputs")
+        return await asyncio.to_thread(structured_grammar, body.structured_outputs)
     if response_format is None or response_format.type == "text":
         return None
     return await asyncio.to_thread(format_grammar, response_format)
+
+
+def structured_grammar(wanted: StructuredOutputs) -> str:
+    """The grammar of vLLM's structured_outputs, or a 400 naming the constraint that has none."""
+    if wanted.json_object:
+        return json_grammar(ANY_OBJECT)
+    param = "structured_outputs." + next(name for name in ("json", "regex", "choice", "grammar")
+                                         if getattr(wanted, "json_" if name == "json" else name) is not None)
+    try:
+        if wanted.regex is not None:
+            return regex_grammar(wanted.regex)
+        if wanted.choice is not None:
+            return choice_grammar(wanted.choice)
+        if wanted.grammar is not None:
+            return lark_grammar(wanted.grammar)
+        schema = json.loads(wanted.json_) if isinstance(wanted.json_, str) else wanted.json_
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON Schema is an object")
+        return json_grammar(schema)
+    except ValueError as e:  # json.JSONDecodeError too
+        raise bad_request(f"{param}: {e}", param=param) from None
 
 
 def format_grammar(response_format: ResponseFormat) -> str:

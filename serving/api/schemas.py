@@ -7,7 +7,8 @@ Notable:
 - no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
   that means "off" (`tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
   400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
-  extensions (`top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty`): a client that sends vLLM's extensions learns at once that they do nothing here.
+  extensions (`top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty`, `structured_outputs`): a client
+  that sends vLLM's other extensions learns at once that they do nothing here.
 - an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
 - the `developer` role is the `system` role (OpenAI's newer name for it).
 - assistant messages a client sends back as it got them (with `refusal`, `tool_calls`, ... null) are
@@ -26,7 +27,9 @@ Notable:
 - `response_format` is OpenAI's shape: text, json_object, or json_schema {name, description, schema,
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
-- `top_k`, `min_tokens`, `stop_token_ids` and `repetition_penalty` are our extensions (vLLM's names; OpenAI has none); `max_completion_tokens` is OpenAI's newer name for
+- `top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty` and `structured_outputs` (json, regex,
+  choice, a Lark grammar or json_object) are our extensions (vLLM's names; OpenAI has none);
+  `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
 """
@@ -53,6 +56,7 @@ MAX_N = 16  # completions per request: each is a sequence holding KV blocks
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; torch's generators take it
+MAX_CHOICES = 1024  # structured_outputs.choice's alternatives
 
 
 def _unicode(value: str) -> str:
@@ -191,6 +195,24 @@ class ResponseFormat(StrictModel):
         return self
 
 
+class StructuredOutputs(StrictModel):
+    """vLLM's structured_outputs extension: exactly one constraint on the reply."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON Schema (or its JSON text)
+    regex: str | None = None  # the whole reply matches it (Rust regex syntax)
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None  # exactly one of them
+    grammar: str | None = None  # a context-free grammar in Lark syntax (llguidance's), its rule `start` the reply
+    json_object: bool | None = None  # any JSON object
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, choice, grammar and json_object, not {given or 'none'}")
+        return self
+
+
 class SamplingRequest(StrictModel):
     """The parameters chat and text completions share."""
 
@@ -218,6 +240,7 @@ class SamplingRequest(StrictModel):
     prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
     parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
     response_format: ResponseFormat | None = None  # None: text
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension; not with response_format
 
     @property
     def requested_max_tokens(self) -> int | None:

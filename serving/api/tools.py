@@ -110,6 +110,9 @@ def tool_calling(body: ChatCompletionRequest) -> ToolCalling | None:
     if body.response_format is not None and body.response_format.type != "text":
         raise bad_request("response_format cannot shape a reply that tool_choice makes a function call",
                           param="response_format")
+    if body.structured_outputs is not None:
+        raise bad_request("structured_outputs cannot shape a reply that tool_choice makes a function call",
+                          param="structured_outputs")
     schemas = [arguments_schema(tool, i) for i, tool in enumerate(tools)]
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:

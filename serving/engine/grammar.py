@@ -49,6 +49,28 @@ def json_grammar(schema: dict[str, Any]) -> str:
     return grammar
 
 
+def regex_grammar(pattern: str) -> str:
+    """The grammar of text that the regular expression (Rust regex syntax, as llguidance reads it) matches
+    whole, or a ValueError saying why there is none."""
+    grammar = llguidance.LLMatcher.grammar_from_regex(pattern)
+    check_grammar(grammar)
+    return grammar
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The grammar of exactly one of choices: a regex of the alternatives, each character written as its
+    code point, so that no choice's text is read as regex syntax."""
+    return regex_grammar("|".join("".join(f"\\x{{{ord(ch):x}}}" for ch in choice) or "()" for choice in choices))
+
+
+def lark_grammar(text: str) -> str:
+    """The grammar of a context-free grammar in llguidance's Lark syntax (its rule `start` is the whole
+    reply), or a ValueError saying why there is none."""
+    grammar = llguidance.LLMatcher.grammar_from_lark(text)
+    check_grammar(grammar)
+    return grammar
+
+
 def check_grammar(grammar: str) -> None:
     """ValueError with llguidance's message when grammar cannot be compiled."""
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)

@@ -66,6 +66,8 @@ PLAUSIBLE = {
     "best_of": st.integers(0, 2),
     "suffix": text,
     "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "structured_outputs": st.sampled_from([{"choice": ["a", "b"]}, {"regex": "[0-9]{2}"}, {"json_object": True},
+                                           {"grammar": 'start: "x"'}, {"regex": "(["}, {"json": "[]"}, {}]),
     "tools": st.just([]) | st.just([{"type": "function", "function": {"name": "f"}}]) | st.just(
         [{"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
             "x": {"enum": [1, "a", None]}}, "required": ["x"]}}}, {"type": "function", "function": {"name": "f"}}]),

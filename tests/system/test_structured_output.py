@@ -6,6 +6,7 @@ response_format."""
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 
 import jsonschema
@@ -154,3 +155,77 @@ def test_a_response_with_a_json_schema_format_validates_streamed_or_not(client):
         client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_schema", "name": "bad",
                                                                           "schema": {"type": "nonsense"}}})
     assert e.value.body["param"] == "text.format", e.value.body
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's structured_outputs: json, regex, choice, a Lark grammar, json_object
+
+CODE = r"[A-Z]{2}-[0-9]{3}"
+CHOICES = ["positive", "negative", "mixed (both)"]
+LARK = 'start: ANSWER " because " REASON\nANSWER: "yes" | "no"\nREASON: /[a-z]{1,12}/'
+
+
+def constrained(client, structured_outputs: dict, n: int = 6) -> list[str]:
+    """Each choice's text in chat and in completions, every one ended by its grammar (a finite language:
+    every reply ends within MAX_TOKENS)."""
+    body = {"structured_outputs": structured_outputs}
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=n, seed=7, temperature=1.0,
+                                          max_tokens=MAX_TOKENS, extra_body=body)
+    text = client.completions.create(model=MODEL, prompt="Answer:", n=n, seed=7, max_tokens=MAX_TOKENS,
+                                     extra_body=body)
+    assert {c.finish_reason for c in chat.choices + text.choices} == {"stop"}
+    return [c.message.content for c in chat.choices] + [c.text for c in text.choices]
+
+
+def test_structured_outputs_constrain_chat_and_completions(client):
+    assert all(re.fullmatch(CODE, reply) for reply in constrained(client, {"regex": CODE}))
+    chosen = constrained(client, {"choice": CHOICES}, n=12)
+    assert set(chosen) <= set(CHOICES) and len(set(chosen)) > 1
+    assert all(re.fullmatch(r"(yes|no) because [a-z]{1,12}", reply) for reply in constrained(client, {"grammar": LARK}))
+    for schema in (SCHEMA, json.dumps(SCHEMA)):  # vLLM takes the schema or its JSON text
+        for reply in constrained(client, {"json": schema}, n=2):
+            jsonschema.validate(json.loads(reply), SCHEMA)
+    # an object's keys and strings are unbounded: the random model's replies are cut by max_tokens
+    objects = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=4, seed=7, max_tokens=16, extra_body={
+        "structured_outputs": {"json_object": True, "regex": None}})
+    for choice in objects.choices:
+        assert choice.message.content.startswith("{")
+        assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content), dict)
+
+
+def test_a_streamed_choice_is_the_unstreamed_one(client):
+    ask = dict(model=MODEL, messages=MESSAGES, seed=11, temperature=1.0, extra_body={"structured_outputs": {
+        "choice": CHOICES}})
+    whole = client.chat.completions.create(**ask).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                       if c.choices)
+    assert streamed == whole and whole in CHOICES
+
+
+@pytest.mark.parametrize("structured_outputs,param", [
+    ({"regex": "(["}, "structured_outputs.regex"),
+    ({"grammar": "start: undefined_rule"}, "structured_outputs.grammar"),
+    ({"json": {"type": "strin"}}, "structured_outputs.json"),
+    ({"json": "{not json"}, "structured_outputs.json"),
+    ({"json": "[1]"}, "structured_outputs.json"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"regex": "a", "choice": ["a"]}, "structured_outputs"),
+    ({}, "structured_outputs"),
+    ({"json_object": False}, "structured_outputs"),
+    ({"whitespace_pattern": " "}, "structured_outputs.whitespace_pattern"),
+])
+def test_a_bad_structured_outputs_is_a_400_naming_it(client, structured_outputs, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                       extra_body={"structured_outputs": structured_outputs})
+    assert refused.value.param == param, refused.value.body
+
+
+def test_structured_outputs_and_another_constraint_are_a_400(client):
+    for extra, param in (({"response_format": {"type": "json_object"}}, "structured_outputs"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                          "structured_outputs")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                           extra_body={"structured_outputs": {"regex": "a"}, **extra})
+        assert refused.value.param == param, refused.value.body
