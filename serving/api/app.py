@@ -293,8 +293,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         tokenizer = (await current()).tokenizer
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         calling = await asyncio.to_thread(tool_calling, body)
-        grammar = calling.grammar if calling is not None else await request_grammar(body)
-        params = sampling_params(body, tokenizer, end_of_turn, grammar)
+        params = sampling_params(body, tokenizer, end_of_turn, await request_grammar(body, calling))
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
@@ -324,8 +323,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         try:  # the chat route's checks, their errors named as this route names the fields
             calling = await asyncio.to_thread(tool_calling, chat)
-            grammar = calling.grammar if calling is not None else await request_grammar(chat)
-            params = sampling_params(chat, tokenizer, end_of_turn, grammar)
+            params = sampling_params(chat, tokenizer, end_of_turn, await request_grammar(chat, calling))
             prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages, calling)
         except APIError as e:
             e.detail.param = responses_param(e.detail.param, origins)
@@ -394,7 +392,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             prepend = "<|bos|>" if body.add_special_tokens else None
             tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, prepend=prepend)
         else:
-            tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
+            calling = await asyncio.to_thread(tool_calling, body)
+            tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
             if not body.add_generation_prompt:
                 tokens = tokens[:-1]  # the <|assistant_start|> render_for_completion ends with
         max_model_len = served.max_model_len or getattr(engine, "max_model_len", None)
@@ -449,15 +448,21 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: Tool
         raise bad_request(str(e), param="messages") from None
 
 
-async def request_grammar(body: SamplingRequest) -> str | None:
-    """The grammar body's response_format or structured_outputs asks for (None: plain text), or a 400 saying
-    why there is none. Compiled on a worker thread: a big schema takes a while."""
+async def request_grammar(body: SamplingRequest, calling: ToolCalling | None = None) -> str | None:
+    """The grammar body's function call (calling), response_format or structured_outputs asks for (None:
+    plain text), or a 400 saying why there is none. Compiled on a worker thread: a big schema takes a while."""
     response_format = body.response_format
+    constrained = response_format is not None and response_format.type != "text"
+    if calling is not None:
+        if constrained or body.structured_outputs is not None:
+            param = "response_format" if constrained else "structured_outputs"
+            raise bad_request(f"{param} cannot shape a reply that tool_choice makes a function call", param=param)
+        return calling.grammar
     if body.structured_outputs is not None:
-        if response_format is not None and response_format.type != "text":
+        if constrained:
             raise bad_request("give response_format or structured_outputs, not both", param="structured_outputs")
         return await asyncio.to_thread(structured_grammar, body.structured_outputs)
-    if response_format is None or response_format.type == "text":
+    if not constrained:
         return None
     return await asyncio.to_thread(format_grammar, response_format)
 

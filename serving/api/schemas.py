@@ -630,6 +630,10 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
+    # messages: the functions, shown to the model when tool_choice forces a call (serving/api/tools.py)
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None  # accepted as on the chat route: it shapes the call, not the prompt
     add_special_tokens: bool = True  # prompt: the <|bos|> the completions put before it
     add_generation_prompt: bool = True  # messages: end with <|assistant_start|>, as the chat completions do
 

@@ -30,11 +30,10 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from serving.api.errors import bad_request
 from serving.api.schemas import (
-    ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
     FunctionDelta,
@@ -92,7 +91,15 @@ def call_id() -> str:
 # ---------------------------------------------------------------------------------------------- requests
 
 
-def tool_calling(body: ChatCompletionRequest) -> ToolCalling | None:
+class ToolRequest(Protocol):
+    """What a request says of its functions (a chat completion's, a /tokenize's)."""
+
+    tools: list[FunctionTool] | None
+    tool_choice: str | NamedToolChoice | None
+    parallel_tool_calls: bool | None
+
+
+def tool_calling(body: ToolRequest) -> ToolCalling | None:
     """What body's tools and tool_choice ask of the reply (None: text), or a 400 naming the field that cannot
     be served. Compiles grammars: call it off the event loop."""
     tools = body.tools or []
@@ -107,12 +114,6 @@ def tool_calling(body: ChatCompletionRequest) -> ToolCalling | None:
             raise bad_request(f"function {name!r} is defined twice", param=f"tools[{i}].function.name")
     if choice == "auto":
         raise bad_request(AUTO_REFUSED, param="tool_choice" if body.tool_choice is not None else "tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request("response_format cannot shape a reply that tool_choice makes a function call",
-                          param="response_format")
-    if body.structured_outputs is not None:
-        raise bad_request("structured_outputs cannot shape a reply that tool_choice makes a function call",
-                          param="structured_outputs")
     schemas = [arguments_schema(tool, i) for i, tool in enumerate(tools)]
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:

@@ -148,11 +148,15 @@ def test_every_reply_is_openais_chat_completion_in_strict_mode(http):
         assert ("tool_calls" in r.json()["choices"][0]["message"]) == (tool_choice != "none")
 
 
-def test_a_conversation_of_calls_and_results_round_trips(client):
+def test_a_conversation_of_calls_and_results_round_trips(client, http):
     """The assistant message sent back as the client got it, the tool's result, and a follow-up question:
-    rendered as the chat format's alternating turns, the reply a text again (tool_choice none)."""
+    rendered as the chat format's alternating turns, the reply a text again (tool_choice none). /tokenize
+    renders the same prompts."""
     first = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=WEATHER_CHOICE,
                                            max_tokens=MAX_TOKENS, temperature=0.0)
+    tokenized = http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": WEATHER_CHOICE})
+    plain = http.post("/tokenize", json={"messages": MESSAGES}).json()["count"]
+    assert tokenized.json()["count"] == first.usage.prompt_tokens > plain  # the functions' listing
     assistant = first.choices[0].message
     result = {"role": "tool", "tool_call_id": assistant.tool_calls[0].id, "content": "sunny, 21 C"}
     messages = [*MESSAGES, assistant.model_dump(exclude_none=True), result]
@@ -162,6 +166,8 @@ def test_a_conversation_of_calls_and_results_round_trips(client):
     followed = client.chat.completions.create(model=MODEL, messages=[*messages, {"role": "user", "content": "ok?"}],
                                               max_tokens=8, temperature=0.0)
     assert followed.usage.prompt_tokens > answer.usage.prompt_tokens
+    tokenized = http.post("/tokenize", json={"messages": messages, "tools": TOOLS, "tool_choice": "none"})
+    assert tokenized.json()["count"] == answer.usage.prompt_tokens
 
 
 def test_calls_and_results_render_as_alternating_turns_and_the_functions_follow_the_system_message():
