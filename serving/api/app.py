@@ -254,12 +254,14 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         if any(token >= tokenizer.vocab_size for token in bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary's size {tokenizer.vocab_size}",
                               param="logit_bias")
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=body.seed,
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=body.min_p, seed=body.seed,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty,
                               logit_bias=bias,
                               max_tokens=max_tokens, stop=body.stop or [], n=body.n, logprobs=body.num_logprobs,
-                              stop_token_ids=stop_token_ids + body.stop_token_ids, min_tokens=body.min_tokens,
+                              # ignore_eos: the route's end tokens are no stop tokens either (the engine bans them)
+                              stop_token_ids=([] if body.ignore_eos else stop_token_ids) + body.stop_token_ids,
+                              min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                               grammar=grammar)
 
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:

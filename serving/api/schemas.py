@@ -7,8 +7,9 @@ Notable:
 - no field is silently ignored. Every field OpenAI defines is honoured, or accepted only with the value
   that means "off" (`tools` [], `best_of` 1, ...) and otherwise refused with a 400 naming it (REFUSED says why for each). A field OpenAI does not define is a
   400 too ("Unrecognized request argument supplied", as OpenAI answers), unless it is one of our
-  extensions (`top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty`, `structured_outputs`): a client
-  that sends vLLM's other extensions learns at once that they do nothing here.
+  extensions (`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
+  `structured_outputs`): a client that sends vLLM's other extensions learns at once that they do nothing
+  here.
 - an explicit null is the field's default, as OpenAI takes it (`"temperature": null` is 1).
 - the `developer` role is the `system` role (OpenAI's newer name for it).
 - assistant messages a client sends back as it got them (with `refusal`, `tool_calls`, ... null) are
@@ -27,8 +28,9 @@ Notable:
 - `response_format` is OpenAI's shape: text, json_object, or json_schema {name, description, schema,
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
-- `top_k`, `min_tokens`, `stop_token_ids`, `repetition_penalty` and `structured_outputs` (json, regex,
-  choice, a Lark grammar or json_object) are our extensions (vLLM's names; OpenAI has none);
+- `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` and
+  `structured_outputs` (json, regex, choice, a Lark grammar or json_object) are our extensions (vLLM's
+  names; OpenAI has none);
   `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
@@ -223,6 +225,8 @@ class SamplingRequest(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)  # no stop token or stop string before this many tokens
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # only tokens at least min_p times as likely as the likeliest
+    ignore_eos: bool = False  # the end-of-turn tokens neither end the reply nor are sampled (benchmarks)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # > 1 discourages every token seen (prompt too)
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
     n: int = Field(1, ge=1, le=MAX_N)

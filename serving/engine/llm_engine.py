@@ -13,7 +13,8 @@ Notable:
   besides its own stop_token_ids; a stop token is reported as a token (no text, even for an ordinary
   token given in stop_token_ids) and counts as a completion token, like vLLM's EOS. min_tokens: the
   sampler keeps the stop tokens out until a choice has that many tokens, and stop strings only match
-  from then on.
+  from then on. ignore_eos (vLLM's): the end-of-turn tokens are no stop tokens and are never sampled, so
+  the reply runs to max_tokens unless a stop string or one of its own stop_token_ids ends it.
 - the context is bounded by max_model_len (the model's training sequence_len unless given, and never
   more than the KV cache holds): a prompt that leaves no room to generate is refused with a ValueError
   naming the limits; max_tokens is cut to the room the prompt leaves, and a choice that reaches the end
@@ -244,9 +245,12 @@ class RequestCheck:
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the model's maximum context length "
                              f"is {self.max_model_len} tokens, including at least 1 to generate")
-        stops = params.stop_token_ids + [t for t in self.end_of_turn if t not in params.stop_token_ids]
+        ends = [t for t in self.end_of_turn if t not in params.stop_token_ids]
+        # ignore_eos: the end-of-turn tokens are kept out rather than generated, as nothing after them would be
+        # a reply of the chat format
+        stops, banned = (params.stop_token_ids, ends) if params.ignore_eos else (params.stop_token_ids + ends, [])
         return dataclasses.replace(params, max_tokens=min(params.max_tokens, room), stop_token_ids=stops,
-                                   min_tokens=min(params.min_tokens, room))
+                                   min_tokens=min(params.min_tokens, room), banned_token_ids=banned)
 
 
 def check_servable(model: GPT, tokenizer: Tokenizer) -> None:

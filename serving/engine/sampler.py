@@ -6,12 +6,14 @@ Notable:
 - first the logits are adjusted, as OpenAI defines it: presence and frequency penalties over each row's
   generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), vLLM's
   repetition_penalty over the prompt's and the generated tokens (applied first, as vLLM does), then
-  logit_bias added, then the stop tokens of rows short of their min_tokens masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
+  logit_bias added, then the stop tokens of rows short of their min_tokens and the rows' banned tokens
+  (ignore_eos's end-of-turn tokens) masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
   for neither cost nothing. Then the grammar's mask of the constrained rows (structured output), a bias
   of 0 or -inf from serving/engine/grammar.py, added to those rows in one index_add. Greedy rows see the
   adjusted logits too.
-- temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p (the nucleus:
-  the fewest most likely tokens whose probability mass reaches top_p), then one draw.
+- temperature 0 is greedy (argmax); otherwise logits / temperature, then min-p (vLLM's: only tokens at least
+  min_p times as likely as the most likely one), top-k, then top-p (the nucleus: the fewest most likely
+  tokens whose probability mass reaches top_p, of what min-p and top-k kept), then one draw.
 - the draw is inverse-CDF sampling with a single uniform per row, taken from that row's own CPU
   torch.Generator: a row's token depends only on its logits, its params and its generator, never on
   which other requests share the batch, so a seeded request is reproducible (on any device).
@@ -102,12 +104,13 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
     penalized = [b for b, p in enumerate(params) if p.penalized]
     repeated = [b for b, p in enumerate(params) if p.repetition_penalty != 1.0]
     biased = [b for b, p in enumerate(params) if p.logit_bias]
+    banned = [b for b, p in enumerate(params) if p.banned_token_ids]
     if output_ids is None and any(p.needs_outputs for p in params):
         raise ValueError("penalties and min_tokens need each row's output_ids")
     if repeated and prompt_ids is None:
         raise ValueError("repetition_penalty needs each row's prompt_ids")
     short = [b for b, p in enumerate(params) if p.min_tokens and len(output_ids[b]) < p.min_tokens]
-    if not penalized and not repeated and not biased and not short:
+    if not penalized and not repeated and not biased and not short and not banned:
         return logits
     logits = logits.clone()
     B, V = logits.shape
@@ -130,11 +133,11 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
         index = (to_device([rows[i] for i in keep], device, torch.long),
                  to_device([tokens[i] for i in keep], device, torch.long))
         logits.index_put_(index, to_device([values[i] for i in keep], device, torch.float32), accumulate=True)
-    if short:
-        rows = [b for b in short for t in params[b].stop_token_ids if t < V]
-        tokens = [t for b in short for t in params[b].stop_token_ids if t < V]
-        index = (to_device(rows, device, torch.long), to_device(tokens, device, torch.long))
-        logits.index_put_(index, torch.full((len(rows),), float("-inf"), device=device))
+    if short or banned:  # the stop tokens of rows short of their min_tokens, and banned tokens, kept out
+        pairs = [(b, t) for b in short for t in params[b].stop_token_ids if t < V]
+        pairs += [(b, t) for b in banned for t in params[b].banned_token_ids if t < V]
+        index = (to_device([b for b, _ in pairs], device, torch.long), to_device([t for _, t in pairs], device, torch.long))
+        logits.index_put_(index, torch.full((len(pairs),), float("-inf"), device=device))
     return logits
 
 
@@ -144,7 +147,7 @@ def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.G
     temperature = to_device([p.temperature for p in params], device, torch.float32)
     scaled = logits / temperature[:, None]
     u = to_device(torch.cat([torch.rand(1, generator=g) for g in generators]), device)
-    filters = [(p.top_k is not None and p.top_k < V) or p.top_p < 1.0 for p in params]
+    filters = [(p.top_k is not None and p.top_k < V) or p.top_p < 1.0 or p.min_p > 0.0 for p in params]
     filtered = [b for b, f in enumerate(filters) if f]
     if not filtered:
         return _draw_in_order(scaled, u)
@@ -176,6 +179,13 @@ def _draw_sorted(scaled: Tensor, params: list[SamplingParams], u: Tensor) -> Ten
     ordered, order = _most_likely(scaled, max(ks))  # from the params: no wait on the device
     keep = torch.arange(ordered.size(1), device=device) < top_k[:, None]
     probs = ordered.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        # min-p (vLLM's order: min-p, then top-k and top-p): a ratio to the most likely token's probability,
+        # which the top-k cut does not change; the nucleus is then taken over what is left, renormalised
+        min_p = to_device([p.min_p for p in params], device, torch.float32)
+        keep &= probs >= min_p[:, None] * probs[:, :1]
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     # a token is in the nucleus if the mass before it has not reached top_p yet; top_p = 1 keeps every
     # token outright, as rounding can push the cumulative mass to 1 before the last ones
     keep &= (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
@@ -212,3 +222,5 @@ def _check(p: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 1 or None, got {p.top_k}")
     if not 0 < p.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+    if not 0 <= p.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")

@@ -44,6 +44,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None  # None: no top-k filtering
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 keeps every token
+    min_p: float = 0.0  # vLLM's: only tokens at least min_p times as likely as the most likely one; 0 keeps all
     seed: int | None = None  # per-request generator, so one request's output is reproducible
     max_tokens: int = 256  # generated tokens, not counting the prompt
     stop: list[str] = field(default_factory=list)  # stop strings: matched by the engine on the text
@@ -56,6 +57,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
     repetition_penalty: float = 1.0  # vLLM's: > 1 discourages every token of the prompt and the output
     min_tokens: int = 0  # no stop token (nor stop string) before this many generated tokens (vLLM's)
+    ignore_eos: bool = False  # vLLM's: the end-of-turn tokens neither end the reply nor are sampled
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (the engine's, for ignore_eos)
     grammar: str | None = None  # structured output: an llguidance grammar the output follows (engine/grammar.py)
 
     @property
@@ -78,6 +81,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number, got {self.top_p!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
         _check_int("max_tokens", self.max_tokens, 1)
@@ -88,6 +93,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         for token_id in self.stop_token_ids:
             _check_int("each of stop_token_ids", token_id, 0)
+        for token_id in self.banned_token_ids:
+            _check_int("each of banned_token_ids", token_id, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs is not None:

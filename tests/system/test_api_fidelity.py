@@ -243,10 +243,10 @@ def test_the_off_value_of_every_refused_field_is_accepted(client, http):
     assert reply.usage.completion_tokens >= 1
 
 
-def test_unknown_fields_are_refused_as_openai_does_except_our_top_k(client, http):
-    for route, body in [(CHAT, chat(min_p=0.1)), (COMPLETIONS, completion(min_p=0.1))]:
-        error = assert_error(http.post(route, json=body), 400, param="min_p")
-        assert error["message"] == "Unrecognized request argument supplied: min_p"
+def test_unknown_fields_are_refused_as_openai_does_except_vllms_extensions(client, http):
+    for route, body in [(CHAT, chat(typical_p=0.1)), (COMPLETIONS, completion(typical_p=0.1))]:
+        error = assert_error(http.post(route, json=body), 400, param="typical_p")
+        assert error["message"] == "Unrecognized request argument supplied: typical_p"
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"guided_json": {}})
     assert refused.value.param == "guided_json"
@@ -254,6 +254,17 @@ def test_unknown_fields_are_refused_as_openai_does_except_our_top_k(client, http
                  param="messages[0].nickname")
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"top_k": 5})
     assert reply.usage.completion_tokens >= 1
+    # min_p 1 keeps the likeliest token only: greedy at any temperature
+    greedy = client.completions.create(model=MODEL, prompt="fox", max_tokens=MAX_TOKENS, temperature=0)
+    kept = client.completions.create(model=MODEL, prompt="fox", max_tokens=MAX_TOKENS, temperature=1.5,
+                                     extra_body={"min_p": 1.0})
+    assert kept.choices[0].text == greedy.choices[0].text
+    # ignore_eos: every reply runs to max_tokens (a load generator's request)
+    for seed in range(4):
+        reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, seed=seed,
+                                               extra_body={"ignore_eos": True})
+        assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (MAX_TOKENS, "length")
+    assert_error(http.post(CHAT, json=chat(min_p=1.5)), 400, param="min_p")
 
 
 def test_explicit_nulls_are_the_defaults(client, http, tok):

@@ -49,6 +49,8 @@ PLAUSIBLE = {
     "max_completion_tokens": st.integers(0, 5),
     "temperature": st.floats(0, 2.2),
     "top_p": st.floats(0, 1),
+    "min_p": st.floats(-0.1, 1.1),
+    "ignore_eos": st.booleans(),
     "top_k": st.integers(0, 2**70),
     "n": st.integers(1, 3) | st.sampled_from([0, 16, 17]),
     "stop": text | st.lists(text, max_size=5),

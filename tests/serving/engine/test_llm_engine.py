@@ -290,6 +290,31 @@ def test_assistant_end_and_bos_always_stop_and_extra_stop_tokens_too(tok):
     assert run(engine)["r", 0].tokens == [b]
 
 
+def test_ignore_eos_keeps_the_end_tokens_out_while_stop_strings_and_own_stop_tokens_still_end(tok):
+    """The model ends its turn after "ab": with ignore_eos it cannot (the end token is masked, greedy takes
+    the next most likely), so it writes to max_tokens; a stop string or a stop token of its own still ends."""
+    sp = tok.encode_special
+    a, b, end = tok.encode("a")[0], tok.encode("b")[0], sp("<|assistant_end|>")
+    model = bigram_model(tok, chain(sp("<|assistant_start|>"), a, b, end), default=a)
+    asks = {"plain": SamplingParams(temperature=0.0, max_tokens=9),
+            "ignore": SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+            "sampled": SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=1),
+            "stop": SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, stop=["!a"]),
+            "own": SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, stop_token_ids=[b])}
+    engine = make_engine(model, tok)
+    for name, params in asks.items():
+        engine.add_request(name, [sp("<|assistant_start|>")], params)
+    results = run(engine)
+    assert (results["plain", 0].tokens, results["plain", 0].finish_reason) == ([a, b, end], "stop")
+    for name in ("ignore", "sampled"):
+        choice = results[name, 0]
+        assert len(choice.tokens) == 9 and end not in choice.tokens and tok.get_bos_token_id() not in choice.tokens
+        assert choice.finish_reason == "length" and choice.text.startswith("ab")
+    assert (results["stop", 0].text, results["stop", 0].finish_reason) == ("ab", "stop")  # "ab!ab..." cut
+    assert (results["own", 0].tokens, results["own", 0].finish_reason) == ([a, b], "stop")
+    assert no_block_held(engine)
+
+
 def test_a_character_split_across_tokens_is_sent_whole_with_its_last_byte(tok):
     first, second = "é".encode()
     t1, t2, bang = byte_token(tok, first), byte_token(tok, second), tok.encode("!")[0]

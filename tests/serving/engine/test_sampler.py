@@ -1,4 +1,5 @@
-"""The sampler (serving/engine/sampler.py): greedy, temperature, top-k, top-p and per-request seeds."""
+"""The sampler (serving/engine/sampler.py): greedy, temperature, min-p, top-k, top-p, banned tokens and per-request
+seeds."""
 
 import math
 from collections import Counter
@@ -57,6 +58,29 @@ def test_top_p_samples_only_the_nucleus_in_proportion():
     counts = draws(logits, SamplingParams(temperature=1.0, top_p=0.75), 4000)
     assert set(counts) == {7, 3}  # 0.5 < 0.75 <= 0.8: the nucleus is the two most likely tokens
     assert counts[7] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_times_the_likeliest_and_the_nucleus_is_taken_of_those():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = torch.full((1, V), -30.0)
+    logits[0, [7, 3, 11, 0]] = probs.log()
+    counts = draws(logits, SamplingParams(temperature=1.0, min_p=0.45), 4000)
+    assert set(counts) == {7, 3, 11}  # 0.2 >= 0.45 * 0.4 > 0.1
+    assert counts[11] / 4000 == pytest.approx(0.2 / 0.9, abs=0.03)
+    # vLLM's order: top_p 0.75 of what min-p kept (0.4 / 0.9 + 0.3 / 0.9 = 0.78 reaches it): two tokens, where
+    # the nucleus of the whole distribution (0.4 + 0.3 = 0.7 < 0.75) would have kept three
+    counts = draws(logits, SamplingParams(temperature=1.0, min_p=0.45, top_p=0.75), 4000)
+    assert set(counts) == {7, 3}
+    assert set(draws(logits, SamplingParams(temperature=1.0, min_p=1.0), 500)) == {7}  # the likeliest only
+
+
+def test_banned_tokens_are_never_drawn_nor_chosen_greedily():
+    logits = random_logits(1, seed=2)
+    top = logits[0].topk(3).indices.tolist()
+    banned = SamplingParams(temperature=0.0, banned_token_ids=top[:2])
+    assert sample(logits, [banned], [make_generator(0)]).item() == top[2]
+    counts = draws(logits, SamplingParams(temperature=2.0, banned_token_ids=top[:2]), 3000)
+    assert not set(counts) & set(top[:2]) and len(counts) > 10
 
 
 def test_top_p_one_keeps_every_token():
@@ -161,7 +185,7 @@ def test_half_precision_logits_are_sampled_in_float32():
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -0.1), ("temperature", math.nan), ("top_k", 0),
-                                          ("top_p", 0.0), ("top_p", 1.5)])
+                                          ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.5)])
 def test_invalid_params_raise(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
