@@ -850,13 +850,12 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
         written = []
         logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
         delta = stream.add(event.text)
-        if delta is not None or (logprobs is not None and stream.calling.named is not None):
+        if delta is not None or logprobs is not None:
             written.append(ChunkChoice(index=event.index, delta=delta or {}, logprobs=logprobs))
         if event.finish_reason is not None:
             delta, reason = stream.finish(event.finish_reason)
-            if delta is not None:  # "required"'s calls: with the log-probabilities of every token, if asked
-                kept = chat_logprobs(tokenizer, run.logprobs[event.index]) if run.logprobs[event.index] else None
-                written.append(ChunkChoice(index=event.index, delta=delta, logprobs=kept))
+            if delta is not None:  # a reply cut before its first call: its text
+                written.append(ChunkChoice(index=event.index, delta=delta))
             written.append(ChunkChoice(index=event.index, delta={}, finish_reason=reason))
         return written
 

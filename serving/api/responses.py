@@ -22,8 +22,9 @@ Notable:
   response.output_text.done, response.content_part.done, response.output_item.done, then
   response.completed (or response.incomplete). No [DONE]: the stream ends after the last event. A request
   the engine aborts (the replica shutting down) ends with an `error` event (code "unavailable"). A named
-  function's call is added first and its arguments stream as response.function_call_arguments.delta; a
-  "required" reply's calls are added, with their whole arguments, once the array is complete.
+  function's call is added first; a "required" reply's calls as soon as their names are written. Each
+  call's arguments stream as response.function_call_arguments.delta, and its done events go out when its
+  arguments end.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from serving.api.schemas import (
     Usage,
     tool_choice_check,
 )
-from serving.api.tools import ToolCalling, call_id
+from serving.api.tools import CallPiece, CallScanner, ToolCalling, complete
 from serving.engine.llm_engine import TokenEvent
 
 
@@ -390,7 +391,6 @@ class ResponseBuilder:
     def __init__(self, body: ResponsesRequest, model_name: str, run: Run, calling: ToolCalling | None):
         self.body, self.model_name, self.run, self.calling = body, model_name, run, calling
         self.id, self.message_id = run.id, f"msg_{uuid.uuid4().hex}"  # the engine's request id is the response's
-        self.call_id = call_id()  # a named function's call: known (and streamed) before the reply
 
     def message(self, text: str, status: str) -> OutputMessage:
         return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text)])
@@ -415,24 +415,29 @@ class ResponseBuilder:
                              total_tokens=chat.total_tokens,
                              input_tokens_details=InputTokensDetails(cached_tokens=chat.prompt_tokens_details.cached_tokens))
 
-    def finished(self, text: str) -> Response:
-        """The whole response to a reply of this text: a message, or with tools the calls (module docstring)."""
+    def finished(self, text: str, scanner: CallScanner | None = None) -> Response:
+        """The whole response to a reply of this text: a message, or with tools the calls (module docstring);
+        scanner: the one that streamed the calls, whose ids the response keeps."""
         reason = self.run.finish_reasons[0]
         status = "incomplete" if reason == "length" else "completed"
         if self.calling is None:
             return self.response([self.message(text, status)], status)
-        message, _ = self.calling.reply(text, reason)
+        message, _ = self.calling.reply(text, reason, scanner)
         if message.tool_calls is None:
             return self.response([self.message(message.content, status)], status)
-        ids = [self.call_id] if self.calling.named is not None else [call.id for call in message.tool_calls]
-        return self.response([function_call(id_, call.function.name, call.function.arguments, status)
-                              for id_, call in zip(ids, message.tool_calls, strict=True)], status)
+        return self.response([function_call(call.id, call.function.name, call.function.arguments,
+                                            "completed" if complete(call.function.arguments) else "incomplete")
+                              for call in message.tool_calls], status)
 
 
 def function_call(call_id: str, name: str, arguments: str, status: str) -> OutputFunctionCall:
-    """A tool call as an output item, whose id is the call's."""
-    return OutputFunctionCall(id=f"fc_{call_id.removeprefix('call_')}", call_id=call_id, name=name,
-                              arguments=arguments, status=status)
+    """A tool call as an output item."""
+    return OutputFunctionCall(id=item_id(call_id), call_id=call_id, name=name, arguments=arguments, status=status)
+
+
+def item_id(call_id: str) -> str:
+    """A call's output item id: the call's own."""
+    return f"fc_{call_id.removeprefix('call_')}"
 
 
 async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
@@ -453,54 +458,61 @@ async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> Asy
                       item=dumped(OutputMessage(id=builder.message_id, status="in_progress", content=[])))
                 + event("response.content_part.added", **where, part=dumped(OutputText(text=""))))
 
-    def text_delta(delta: str) -> str:
-        if named:
-            return event("response.function_call_arguments.delta", item_id=streamed_call.id, output_index=0,
-                         delta=delta)
-        return event("response.output_text.delta", **where, delta=delta, logprobs=[])
+    def calls(pieces: list[CallPiece]) -> str:
+        """A call's start as its output item, more of its arguments as a delta, its end as its done events."""
+        written = ""
+        for piece in pieces:
+            id_ = scanner.ids[piece.index]
+            if piece.name is not None:
+                written += event("response.output_item.added", output_index=piece.index,
+                                 item=dumped(function_call(id_, piece.name, "", "in_progress")))
+                continue
+            written += event("response.function_call_arguments.delta", item_id=item_id(id_),
+                             output_index=piece.index, delta=piece.arguments)
+            if piece.ends:
+                name, arguments = scanner.calls[piece.index]
+                written += call_done(piece.index, function_call(id_, name, arguments, "completed"))
+        return written
 
     def call_done(index: int, item: OutputFunctionCall) -> str:
+        done.add(index)
         return (event("response.function_call_arguments.done", item_id=item.id, output_index=index,
                       name=item.name, arguments=item.arguments)
                 + event("response.output_item.done", output_index=index, item=dumped(item)))
 
+    def text_delta(delta: str) -> str:
+        if scanner is not None:
+            return calls(scanner.feed(delta))
+        return event("response.output_text.delta", **where, delta=delta, logprobs=[]) if delta else ""
+
     calling = builder.calling
-    named = calling is not None and calling.named is not None
+    scanner = CallScanner(calling.named) if calling is not None else None
+    done: set[int] = set()  # the calls whose done events went out
     where = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
     started = builder.response([], "in_progress", usage=False)
-    opening = event("response.created", response=dumped(started)) + event("response.in_progress",
-                                                                          response=dumped(started))
-    if calling is None:
-        opening += message_opened()
-    elif named:  # the call is known before its arguments: they stream as they are written
-        streamed_call = function_call(builder.call_id, calling.named, "", "in_progress")
-        opening += event("response.output_item.added", output_index=0, item=dumped(streamed_call))
-    yield opening
+    yield (event("response.created", response=dumped(started)) + event("response.in_progress", response=dumped(started))
+           + (message_opened() if scanner is None else calls(scanner.opening())))
     splitter = PartSplitter(tokenizer)
     async for batch in builder.run.batches():
         delta = ""
         for item in batch:
             if item.finish_reason == "abort":
-                yield (text_delta(delta) if delta and (calling is None or named) else "") + \
-                    event("error", code="unavailable", param=None,
-                          message="The server is shutting down: the response was cut short; retry on another replica")
+                yield text_delta(delta) + event(
+                    "error", code="unavailable", param=None,
+                    message="The server is shutting down: the response was cut short; retry on another replica")
                 return
             delta += "".join(piece.text for piece in splitter.add(item.token_id, item.text) if piece.type == "text")
-        if delta and (calling is None or named):  # "required"'s calls are only known once the array ends
-            yield text_delta(delta)
+        written = text_delta(delta)
+        if written:
+            yield written
     text = splitter.content
-    final = builder.finished(text)
+    final = builder.finished(text, scanner)
     closing = ""
     for index, item in enumerate(final.output):
         if isinstance(item, OutputFunctionCall):
-            if not named:
-                closing += (event("response.output_item.added", output_index=index,
-                                  item=dumped(item.model_copy(update={"status": "in_progress", "arguments": ""})))
-                            + event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
-                                    delta=item.arguments))
-            closing += call_done(index, item)
+            closing += call_done(index, item) if index not in done else ""
             continue
-        if calling is not None:  # a "required" reply cut before its calls: its text, as a message
+        if calling is not None:  # a "required" reply cut before its first call: its text, as a message
             closing += message_opened() + event("response.output_text.delta", **where, delta=item.content[0].text,
                                                 logprobs=[])
         closing += (event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])

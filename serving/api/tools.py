@@ -17,19 +17,19 @@ Notable:
   tool_calls as the JSON array a "required" reply is, the tool messages after it as one user turn that
   lists each result with its function's name (the format alternates user and assistant turns, so a user
   message right after the results joins that turn).
-- a reply cut short (max_tokens, a stop string) before its call is complete keeps the engine's
-  finish_reason: a named function's call carries its arguments as far as they go, as OpenAI's does; a
-  "required" reply's cut array holds no call to read, so its text comes back as the content.
-- streamed: a named function's call id and name come first, then its arguments as they are written; a
-  "required" reply's calls come once the array is complete (its items are only known then), with the
-  log-probabilities of all its tokens when they were asked for.
+- a call's arguments are returned exactly as the model wrote them. A reply cut short (max_tokens, a stop
+  string) before its calls are complete keeps the engine's finish_reason, and its calls carry their
+  arguments as far as they go, as OpenAI's do; a "required" reply cut before its first call's name has no
+  call, and its text comes back as the content.
+- streamed: each call's id and name as soon as they are known (a named function's at once), then its
+  arguments as they are written (CallScanner reads a "required" array as it grows).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serving.api.errors import bad_request
@@ -60,32 +60,114 @@ class ToolCalling:
     listing: str
     named: str | None  # the function a named tool_choice calls; None: "required"'s array of calls
 
-    def reply(self, text: str, finish_reason: str | None) -> tuple[ResponseMessage, str | None]:
-        """A finished choice's message and finish_reason (module docstring)."""
-        calls = self.calls(text)
-        if calls is not None:
-            return ResponseMessage(content=None, tool_calls=calls), "tool_calls"
-        if self.named is not None:
-            return ResponseMessage(content=None, tool_calls=[new_call(self.named, text)]), finish_reason
-        return ResponseMessage(content=text), finish_reason
-
-    def calls(self, text: str) -> list[ToolCall] | None:
-        """The calls of a complete reply; None when the reply was cut before its end."""
-        try:
-            written = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        if self.named is not None:
-            return [new_call(self.named, text)]
-        return [new_call(call["name"], json.dumps(call["arguments"], ensure_ascii=False)) for call in written]
+    def reply(self, text: str, finish_reason: str | None,
+              scanner: CallScanner | None = None) -> tuple[ResponseMessage, str | None]:
+        """A finished choice's message and finish_reason (module docstring); scanner: the one that streamed
+        text, whose call ids the message keeps."""
+        if scanner is None:
+            scanner = CallScanner(self.named)
+            scanner.feed(text)
+        if not scanner.calls:  # a "required" reply cut before its first call's name
+            return ResponseMessage(content=text), finish_reason
+        calls = [ToolCall(id=id_, type="function", function=FunctionCall(name=name, arguments=arguments))
+                 for id_, (name, arguments) in zip(scanner.ids, scanner.calls, strict=True)]
+        return ResponseMessage(content=None, tool_calls=calls), "tool_calls" if complete(text) else finish_reason
 
 
-def new_call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=call_id(), type="function", function=FunctionCall(name=name, arguments=arguments))
+def complete(text: str) -> bool:
+    """Whether a reply is whole: the grammar's JSON, not cut short."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class CallPiece:
+    """What a reply's next text adds to its calls: a call's start (its function's name, arguments "") or more
+    of its arguments."""
+
+    index: int  # the call's place among the reply's calls
+    name: str | None  # at the call's start
+    arguments: str
+    ends: bool = False  # its arguments end with this piece ("required"'s; a named call ends with the reply)
+
+
+NAME_BEFORE, ARGUMENTS_BEFORE = '{"name": "', '", "arguments": '  # a "required" item, as the grammar writes it
+
+
+class CallScanner:
+    """A reply's calls read as it is written, for streaming: each call's start once its name is complete,
+    then its arguments piece by piece, exactly as written. A named function's reply is its arguments; a
+    "required" reply is the array of {"name", "arguments"} items with json.dumps's separators (the grammar's
+    layout), so no JSON parser is needed: the name stands between fixed strings, and the arguments end
+    where their nesting closes, outside strings."""
+
+    def __init__(self, named: str | None):
+        self.named = named
+        self.text, self.at = "", 0  # what was written, and how far it was read
+        self.calls: list[list[str]] = [[named, ""]] if named is not None else []  # [name, arguments]
+        self.ids = [call_id() for _ in self.calls]
+        self.in_arguments = named is not None
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def opening(self) -> list[CallPiece]:
+        """The pieces known before the reply: a named function's call starts at once."""
+        return [CallPiece(0, self.named, "")] if self.named is not None else []
+
+    def feed(self, text: str) -> list[CallPiece]:
+        """The pieces that text, the reply's next, adds."""
+        self.text += text
+        if self.named is not None:
+            self.calls[0][1] += text
+            return [CallPiece(0, None, text)] if text else []
+        pieces = []
+        while True:
+            if not self.in_arguments:
+                start = self.text.find(NAME_BEFORE, self.at)
+                end = self.text.find(ARGUMENTS_BEFORE, start + len(NAME_BEFORE)) if start >= 0 else -1
+                if end < 0:
+                    return pieces
+                name = self.text[start + len(NAME_BEFORE):end]
+                self.calls.append([name, ""])
+                self.ids.append(call_id())
+                pieces.append(CallPiece(len(self.calls) - 1, name, ""))
+                self.at, self.in_arguments = end + len(ARGUMENTS_BEFORE), True
+            begin, closed = self.at, self._read_arguments()
+            if self.at > begin:
+                self.calls[-1][1] += self.text[begin:self.at]
+                pieces.append(CallPiece(len(self.calls) - 1, None, self.text[begin:self.at], ends=closed))
+            if not closed:
+                return pieces
+            self.in_arguments = False
+
+    def _read_arguments(self) -> bool:
+        """Reads on through the current call's arguments; whether they ended."""
+        for i in range(self.at, len(self.text)):
+            ch = self.text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.at = i + 1
+                    return True
+        self.at = len(self.text)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -225,37 +307,31 @@ def message_content(message: ChatMessage, index: int) -> str | list[dict[str, st
 # ---------------------------------------------------------------------------------------------- streaming
 
 
-@dataclass
 class CallStream:
     """One streamed choice's tool calls, as the deltas of its chunks."""
 
-    calling: ToolCalling
-    text: str = ""
-    call_id: str = field(default_factory=call_id)
+    def __init__(self, calling: ToolCalling):
+        self.scanner = CallScanner(calling.named)
 
     def opening(self) -> dict[str, Any]:
         """The choice's first delta: the role, and a named function's call id and name."""
-        delta: dict[str, Any] = {"role": "assistant", "content": None}
-        if self.calling.named is not None:
-            delta["tool_calls"] = [ToolCallDelta(index=0, id=self.call_id, type="function",
-                                                 function=FunctionDelta(name=self.calling.named, arguments=""))]
-        return delta
+        return {"role": "assistant", "content": None, **self._deltas(self.scanner.opening())}
 
     def add(self, text: str) -> dict[str, Any] | None:
-        """The delta of the choice's next text: more of a named function's arguments (None otherwise)."""
-        self.text += text
-        if self.calling.named is None or not text:
-            return None
-        return {"tool_calls": [ToolCallDelta(index=0, function=FunctionDelta(arguments=text))]}
+        """The delta of the choice's next text: calls started and more of their arguments (None: nothing)."""
+        return self._deltas(self.scanner.feed(text)) or None
 
     def finish(self, finish_reason: str) -> tuple[dict[str, Any] | None, str]:
-        """The choice's last delta (None: nothing more to send) and its finish_reason."""
-        calls = self.calling.calls(self.text)
-        if self.calling.named is not None:
-            return None, "tool_calls" if calls is not None else finish_reason
-        if calls is None:
-            return ({"content": self.text} if self.text else None), finish_reason
-        return {"tool_calls": [ToolCallDelta(index=j, id=call.id, type="function",
-                                             function=FunctionDelta(name=call.function.name,
-                                                                    arguments=call.function.arguments))
-                               for j, call in enumerate(calls)]}, "tool_calls"
+        """The choice's last delta (None: nothing more to send) and its finish_reason: a reply cut before its
+        first call's name comes as content."""
+        text = self.scanner.text
+        if not self.scanner.calls:
+            return ({"content": text} if text else None), finish_reason
+        return None, "tool_calls" if complete(text) else finish_reason
+
+    def _deltas(self, pieces: list[CallPiece]) -> dict[str, Any]:
+        deltas = [ToolCallDelta(index=p.index, id=self.scanner.ids[p.index], type="function",
+                                function=FunctionDelta(name=p.name, arguments=""))
+                  if p.name is not None else ToolCallDelta(index=p.index, function=FunctionDelta(arguments=p.arguments))
+                  for p in pieces]
+        return {"tool_calls": deltas} if deltas else {}

@@ -5,6 +5,7 @@ short keeps its finish_reason; a conversation's earlier calls and results render
 request the server cannot serve is a 400 naming the field."""
 
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +18,7 @@ from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 from nanochat.tokenizer import Tokenizer
 from serving.api.app import merge_chat, merged
 from serving.api.schemas import ChatMessage, ChunkChoice, FunctionDelta, ToolCallDelta
-from serving.api.tools import NO_ARGUMENTS, ToolCalling, conversation
+from serving.api.tools import NO_ARGUMENTS, CallPiece, CallScanner, ToolCalling, conversation
 from tests.system.test_api import serve_scrambled_model, tiny_tokenizer
 from tests.system.test_api_fidelity import assert_error, check_shape, events
 
@@ -96,8 +97,9 @@ def test_required_calls_one_or_more_of_the_functions_and_one_without_parallel_ca
 
 @pytest.mark.parametrize("tool_choice", [WEATHER_CHOICE, "required"], ids=["named", "required"])
 def test_streamed_calls_are_the_calls_sent_whole(client, http, tool_choice):
-    """Raw chunks in OpenAI's strict shapes (a named call's id and name first, then its arguments), and the
-    SDK's stream helper, which rebuilds the message from the deltas, gets the whole reply's calls."""
+    """Raw chunks in OpenAI's strict shapes: each call's id and name first (a named function's with the
+    role), then its arguments as they are written, and every token's log-probabilities; the SDK's stream
+    helper, which rebuilds the message from the deltas, gets the whole reply's calls."""
     ask = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, temperature=0.0,
                max_tokens=MAX_TOKENS)
     whole = client.chat.completions.create(**ask)
@@ -110,17 +112,23 @@ def test_streamed_calls_are_the_calls_sent_whole(client, http, tool_choice):
         check_shape(OpenAIChatCompletionChunk, chunk)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0]["role"] == "assistant" and deltas[0]["content"] is None
+    assert ("tool_calls" in deltas[0]) == (tool_choice != "required")  # a named call starts with the role
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    pieces = [call for delta in deltas for call in delta.get("tool_calls", [])]
-    if tool_choice == "required":  # the calls once the array is complete, with every token's logprobs
-        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in pieces] == expected
-        assert len(chunks[-2]["choices"][0]["logprobs"]["content"]) == whole.usage.completion_tokens
-    else:
-        assert pieces[0]["id"].startswith("call_") and pieces[0]["function"] == {"name": "get_weather",
-                                                                                  "arguments": ""}
-        assert all(set(p) == {"index", "function"} for p in pieces[1:]) and len(pieces) > 2
-        arguments = "".join(p["function"]["arguments"] for p in pieces)
-        assert [("get_weather", json.loads(arguments))] == expected
+    logprobs = [t for c in chunks if c["choices"][0].get("logprobs") for t in c["choices"][0]["logprobs"]["content"]]
+    assert len(logprobs) == whole.usage.completion_tokens
+    calls: dict[int, dict] = {}
+    for piece in (call for delta in deltas for call in delta.get("tool_calls", [])):
+        if piece["index"] not in calls:  # a call's first piece: its id and name, no arguments yet
+            assert piece["id"].startswith("call_") and piece["function"]["arguments"] == ""
+            calls[piece["index"]] = {"name": piece["function"]["name"], "arguments": "", "pieces": 0}
+        else:
+            assert set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"}
+            calls[piece["index"]]["arguments"] += piece["function"]["arguments"]
+            calls[piece["index"]]["pieces"] += 1
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == expected
+    assert [c["arguments"] for _, c in sorted(calls.items())] == [c.function.arguments for c in
+                                                                  whole.choices[0].message.tool_calls]
+    assert any(c["pieces"] > 1 for c in calls.values())  # written, not sent whole
 
 
 def test_a_reply_cut_short_keeps_its_finish_reason(client):
@@ -189,6 +197,29 @@ def test_calls_and_results_render_as_alternating_turns_and_the_functions_follow_
         {"role": "user", "content": 'Function results, as JSON:\n[{"name": "get_time", "result": "noon"}, '
                                     '{"name": "get_weather", "result": "rain"}]\n\nThanks. Umbrella?'}]
     assert conversation(messages[1:3] + messages[4:5], None)[-1]["content"].startswith("Function results")
+
+
+def test_the_scanner_reads_each_call_as_written_however_the_text_is_cut():
+    """Calls whose arguments hold braces, brackets, quotes and escapes inside strings, fed in pieces cut at
+    every place: the same calls, each started once its name is complete, the pieces adding up to the text."""
+    items = [{"name": "get_weather", "arguments": {"city": "Oslo", "note": 'a "{[}]" \\ \u00e9'}},
+             {"name": "get_time", "arguments": {}},
+             {"name": "get_weather", "arguments": {"nested": {"list": [1, {"x": "]"}]}}}]
+    text = json.dumps(items, ensure_ascii=False)
+    expected = [[item["name"], json.dumps(item["arguments"], ensure_ascii=False)] for item in items]
+    for cut in range(len(text) + 1):
+        scanner = CallScanner(None)
+        pieces = scanner.feed(text[:cut]) + scanner.feed(text[cut:])
+        assert scanner.calls == expected and len(set(scanner.ids)) == 3
+        starts = [p for p in pieces if p.name is not None]
+        assert [(p.index, p.name) for p in starts] == [(0, "get_weather"), (1, "get_time"), (2, "get_weather")]
+        assert ["".join(p.arguments for p in pieces if p.index == i) for i in range(3)] == [a for _, a in expected]
+    named = CallScanner("get_time")
+    assert named.opening()[0].name == "get_time" and named.feed('{"a"') + named.feed(": 1}") == [
+        CallPiece(0, None, '{"a"'), CallPiece(0, None, ": 1}")]
+    assert named.calls == [["get_time", '{"a": 1}']]
+    cut = CallScanner(None)  # cut before the first name is complete: no call
+    assert cut.feed('[{"name": "get_we') == [] and cut.calls == []
 
 
 def test_a_calls_argument_deltas_that_arrive_together_go_out_as_one_chunk():
@@ -278,17 +309,19 @@ def test_a_response_calls_what_the_chat_route_calls_streamed_or_not(client, tool
     events = list(client.responses.create(**ask, stream=True))
     kinds = [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    calls = len(response.output)
-    if tool_choice == "required":  # each call once the array is complete
-        middle = ["response.output_item.added", "response.function_call_arguments.delta",
-                  "response.function_call_arguments.done", "response.output_item.done"] * calls
-    else:  # the call first, its arguments as they are written
-        middle = ["response.output_item.added", *["response.function_call_arguments.delta"] * (len(kinds) - 6),
-                  "response.function_call_arguments.done", "response.output_item.done"]
-        assert len(kinds) > 7
-    assert kinds == ["response.created", "response.in_progress", *middle, "response.completed"]
+    # each call: added as soon as its name is known, its arguments as they are written, done when they end
+    short = {"response.output_item.added": "A", "response.function_call_arguments.delta": "d",
+             "response.function_call_arguments.done": "D", "response.output_item.done": "I"}
+    written = "".join(short.get(kind, f" {kind} ") for kind in kinds)
+    assert re.fullmatch(r" response\.created  response\.in_progress (Ad+DI)+ response\.completed ", written), written
+    assert written.count("A") == len(response.output) and written.count("d") > 2 * len(response.output)
     added = [e.item for e in events if e.type == "response.output_item.added"]
     assert [(a.call_id, a.status) for a in added] == [(item.call_id, "in_progress") for item in events[-1].response.output]
+    deltas = {}
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            deltas[e.item_id] = deltas.get(e.item_id, "") + e.delta
+    assert deltas == {item.id: item.arguments for item in events[-1].response.output}
     with client.responses.stream(**ask) as stream:
         final = stream.get_final_response()
     assert response_calls(final) == response_calls(response) == response_calls(events[-1].response)
