@@ -346,6 +346,7 @@ class OutputFunctionCall(BaseModel):
 
 class InputTokensDetails(BaseModel):
     cached_tokens: int
+    cache_write_tokens: int = 0  # OpenAI's count of tokens written to an explicitly kept cache: none here
 
 
 class OutputTokensDetails(BaseModel):

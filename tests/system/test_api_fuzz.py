@@ -1,7 +1,8 @@
 """Property-based fuzz of the API (serving/api/) over a real engine: arbitrary JSON bodies (each known field
 given a plausible value, a value of any JSON type, or left out, plus unknown fields) and raw garbage bytes,
-posted to both completion routes. No answer is a 5xx, every error body is in OpenAI's shape, and every
-success is a well-formed completion or event stream."""
+posted to both completion routes, and /v1/responses' input items and tools in any combination. No answer is
+a 5xx, every error body is in OpenAI's shape, and every success is a well-formed completion, response or
+event stream."""
 
 import json
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from openai.types.responses import Response as OpenAIResponse
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from serving.api.app import create_app
 from serving.api.schemas import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
@@ -173,3 +177,53 @@ def test_garbage_bytes_get_a_400_in_openais_shape(http, raw, route, content_type
     check(r, route)
     if r.status_code != 400:  # a few bytes can happen to be a valid request
         assert r.status_code in (200, 404) and content_type == "application/json", r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/responses: input items of every type, function tools, and their fields in any combination
+
+RESPONSE_TOOLS = [{"type": "function", "name": "f"},
+                  {"type": "function", "name": "g", "parameters": {"type": "object", "properties": {
+                      "x": {"enum": [1, "a"]}}, "required": ["x"], "additionalProperties": False}}]
+input_item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output"]) | json_values,
+    "role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | json_values,
+    "content": any_text | st.just([{"type": "input_text", "text": "hi"}, {"type": "output_text", "text": "yo"}])
+    | json_values,
+    "call_id": st.sampled_from(["call_1", "call_2"]) | json_values,
+    "name": st.sampled_from(["f", "g", "h"]) | json_values,
+    "arguments": st.sampled_from(["{}", '{"x": 1}', "{oops"]) | json_values,
+    "output": any_text | json_values,
+    "id": st.none() | text,
+    "status": st.sampled_from(["completed", "incomplete"]),
+})
+RESPONSE_FIELDS = {
+    "tools": st.just(RESPONSE_TOOLS) | st.just(RESPONSE_TOOLS[:1]) | st.just([{"type": "web_search"}]) | json_values,
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "name": "g"},
+                                    {"type": "function", "name": "h"}]) | json_values,
+    "parallel_tool_calls": st.booleans() | json_values,
+    "instructions": text | json_values,
+    "max_output_tokens": st.integers(0, 5) | json_values,
+    "stream": st.booleans(),
+    "temperature": st.floats(0, 2.2),
+    "text": st.just({"format": {"type": "json_object"}}) | json_values,
+}
+RESPONSE_EVENTS = TypeAdapter(ResponseStreamEvent)
+
+
+@settings(FUZZ, max_examples=400)
+@given(body=with_unknown_fields(st.fixed_dictionaries(
+    {"input": st.lists(input_item, max_size=4) | any_text | json_values}, optional=RESPONSE_FIELDS)))
+def test_responses_bodies_get_a_response_or_a_4xx(http, body):
+    r = post_json(http, "/v1/responses", body)
+    event(f"{r.status_code} {r.headers['content-type'].split(';')[0]}")
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(block.split("\ndata: ", 1)[1]) for block in r.text.split("\n\n") if block]
+        for data in events:
+            RESPONSE_EVENTS.validate_python(data)
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+    else:
+        OpenAIResponse.model_validate(r.json())
