@@ -74,7 +74,9 @@ def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, st
     """What Ray Serve reads from its cluster's environment for serve.transport and serve.ingress. With
     haproxy, the files and ports HAProxy would otherwise take at fixed places (/tmp/haproxy-serve, stats on
     8404, metrics on 9101) are this server's own, so two servers on one machine do not collide, and the
-    replicas' logs still reach the console."""
+    replicas' logs still reach the console. So are the ports of the Serve proxy HAProxy falls back to (8500
+    and 9500): proxies bind with SO_REUSEPORT, so two servers' proxies on one port would both bind it and the
+    kernel would hand one server's requests to the other's."""
     env = {"RAY_SERVE_PROXY_USE_GRPC": "1" if serve_cfg.transport == "grpc" else "0"}
     if serve_cfg.ingress == "haproxy":
         # the mode would also stop Serve's replicas logging to stderr: their logs stay where they were
@@ -85,5 +87,7 @@ def serve_environment(serve_cfg: ServeConfig, haproxy_dir: Path) -> dict[str, st
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
     return env
