@@ -293,9 +293,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
-        end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         calling = await asyncio.to_thread(tool_calling, body)
-        params = sampling_params(body, tokenizer, end_of_turn, await request_grammar(body, calling))
+        params = sampling_params(body, tokenizer, end_of_turn(tokenizer), await request_grammar(body, calling))
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
@@ -322,10 +321,9 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             raise bad_request(f"max_output_tokens is {body.max_output_tokens}, more than this server's limit of "
                               f"{max_tokens_limit}", param="max_output_tokens")
         chat, origins = body.as_chat()
-        end_of_turn = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
         try:  # the chat route's checks, their errors named as this route names the fields
             calling = await asyncio.to_thread(tool_calling, chat)
-            params = sampling_params(chat, tokenizer, end_of_turn, await request_grammar(chat, calling))
+            params = sampling_params(chat, tokenizer, end_of_turn(tokenizer), await request_grammar(chat, calling))
             prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, chat.messages, calling)
         except APIError as e:
             e.detail.param = responses_param(e.detail.param, origins)
@@ -437,6 +435,11 @@ def json_response(body: BaseModel) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- prompts
 
 
+def end_of_turn(tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end an assistant's turn: <|assistant_end|>, and <|bos|> (a new document)."""
+    return [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+
+
 def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: ToolCalling | None = None) -> list[int]:
     """The prompt that asks for the assistant's next message (which calls a function with calling)."""
     last = len(messages) - 1
@@ -473,8 +476,7 @@ def structured_grammar(wanted: StructuredOutputs) -> str:
     """The grammar of vLLM's structured_outputs, or a 400 naming the constraint that has none."""
     if wanted.json_object:
         return json_grammar(ANY_OBJECT)
-    param = "structured_outputs." + next(name for name in ("json", "regex", "choice", "grammar")
-                                         if getattr(wanted, "json_" if name == "json" else name) is not None)
+    param = f"structured_outputs.{wanted.given[0]}"
     try:
         if wanted.regex is not None:
             return regex_grammar(wanted.regex)

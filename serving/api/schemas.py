@@ -208,11 +208,16 @@ class StructuredOutputs(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                 if getattr(self, "json_" if name == "json" else name) not in (None, False)]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of json, regex, choice, grammar and json_object, not {given or 'none'}")
+        if len(self.given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar and json_object, not "
+                             f"{self.given or 'none'}")
         return self
+
+    @property
+    def given(self) -> list[str]:
+        """The constraints given, by their names in the request."""
+        return [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                if getattr(self, "json_" if name == "json" else name) not in (None, False)]
 
 
 class SamplingRequest(StrictModel):
@@ -520,6 +525,10 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
 class ContentPart(BaseModel):
     """A part of a reply: text, a calculator call the model wrote, or the output the server fed back."""
 
@@ -540,8 +549,8 @@ class ResponseMessage(BaseModel):
     content: str | None  # the text parts: the calculator's calls and outputs are in content_parts; None: calls
     refusal: None = None  # OpenAI's schema requires it (null: the model did not refuse)
     # our extension, only when the reply called the calculator: every part in order (serving/api/parts.py)
-    content_parts: list[ContentPart] | None = Field(None, exclude_if=lambda parts: parts is None)
-    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
+    content_parts: list[ContentPart] | None = Field(None, exclude_if=_unset)
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_unset)
 
 
 class ChatChoice(BaseModel):
@@ -558,10 +567,6 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-
-
-def _unset(value: Any) -> bool:
-    return value is None
 
 
 class FunctionDelta(BaseModel):

@@ -311,6 +311,7 @@ class CallStream:
     """One streamed choice's tool calls, as the deltas of its chunks."""
 
     def __init__(self, calling: ToolCalling):
+        self.calling = calling
         self.scanner = CallScanner(calling.named)
 
     def opening(self) -> dict[str, Any]:
@@ -324,10 +325,8 @@ class CallStream:
     def finish(self, finish_reason: str) -> tuple[dict[str, Any] | None, str]:
         """The choice's last delta (None: nothing more to send) and its finish_reason: a reply cut before its
         first call's name comes as content."""
-        text = self.scanner.text
-        if not self.scanner.calls:
-            return ({"content": text} if text else None), finish_reason
-        return None, "tool_calls" if complete(text) else finish_reason
+        message, reason = self.calling.reply(self.scanner.text, finish_reason, self.scanner)
+        return ({"content": message.content} if message.tool_calls is None and message.content else None), reason
 
     def _deltas(self, pieces: list[CallPiece]) -> dict[str, Any]:
         deltas = [ToolCallDelta(index=p.index, id=self.scanner.ids[p.index], type="function",

@@ -15,11 +15,11 @@ import pytest
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
-from nanochat.tokenizer import Tokenizer
 from serving.api.app import merge_chat, merged
 from serving.api.schemas import ChatMessage, ChunkChoice, FunctionDelta, ToolCallDelta
 from serving.api.tools import NO_ARGUMENTS, CallPiece, CallScanner, ToolCalling, conversation
-from tests.system.test_api import serve_scrambled_model, tiny_tokenizer
+from tests.system import test_structured_output
+from tests.system.test_api import serve_scrambled_model
 from tests.system.test_api_fidelity import assert_error, check_shape, events
 
 MODEL = "nanochat-test"
@@ -35,9 +35,7 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": NO_ARGUMENTS}
 WEATHER_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return tiny_tokenizer()
+tok, client = test_structured_output.tok, test_structured_output.client  # over this module's base_url
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +44,6 @@ def base_url(tok) -> Iterator[str]:
     with serve_scrambled_model(tok, sequence_len=512, max_num_seqs=16, max_tokens_limit=MAX_TOKENS,
                                model_name=MODEL) as url:
         yield url
-
-
-@pytest.fixture
-def client(base_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture
