@@ -58,7 +58,7 @@ from serving.api.schemas import (
     Usage,
     tool_choice_check,
 )
-from serving.api.tools import CallPiece, CallScanner, ToolCalling, complete
+from serving.api.tools import CallPiece, CallScanner, ToolCalling, complete, tool_choice_or_default
 from serving.engine.llm_engine import TokenEvent
 
 
@@ -400,7 +400,7 @@ class ResponseBuilder:
         body, run = self.body, self.run
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
-        choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+        choice = tool_choice_or_default(body.tool_choice, tools)
         return Response(
             id=self.id, created_at=run.created, status=status, incomplete_details=incomplete, model=self.model_name,
             output=output, instructions=body.instructions, max_output_tokens=body.max_output_tokens,

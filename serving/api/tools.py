@@ -185,7 +185,7 @@ def tool_calling(body: ToolRequest) -> ToolCalling | None:
     """What body's tools and tool_choice ask of the reply (None: text), or a 400 naming the field that cannot
     be served. Compiles grammars: call it off the event loop."""
     tools = body.tools or []
-    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    choice = tool_choice_or_default(body.tool_choice, tools)
     if choice == "none":
         return None
     if not tools:
@@ -205,6 +205,11 @@ def tool_calling(body: ToolRequest) -> ToolCalling | None:
     else:
         named, schema = None, calls_schema(names, schemas, single=body.parallel_tool_calls is False)
     return ToolCalling(json_grammar(schema), listing(tools), named)
+
+
+def tool_choice_or_default(choice: Any, tools: list) -> Any:
+    """tool_choice as given, or OpenAI's default: "auto" with tools, "none" without."""
+    return choice if choice is not None else ("auto" if tools else "none")
 
 
 def arguments_schema(tool: FunctionTool, index: int) -> dict[str, Any]:
