@@ -234,7 +234,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         elif max_tokens == 0:  # echo's prompt scoring (the completions route checks): one step, not returned
             max_tokens = 1
         elif max_tokens > max_tokens_limit:
-            param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            param = body.max_tokens_param
             raise bad_request(f"{param} is {max_tokens}, more than this server's limit of {max_tokens_limit}",
                               param=param)
         # a top_k beyond the vocabulary keeps every token; cutting it also keeps it in int64

@@ -31,8 +31,7 @@ Notable:
 - `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` and
   `structured_outputs` (json, regex, choice, a Lark grammar or json_object) are our extensions (vLLM's
   names; OpenAI has none);
-  `max_completion_tokens` is OpenAI's newer name for
-  `max_tokens`, and wins when both are given.
+  chat's `max_completion_tokens` is OpenAI's newer name for `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
 """
 
@@ -225,7 +224,6 @@ class SamplingRequest(StrictModel):
 
     model: str | None = None  # None: the served model (OpenAI requires it; vLLM does not)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
@@ -247,13 +245,17 @@ class SamplingRequest(StrictModel):
     user: str | None = None  # accepted: an end-user id for abuse tracking; we keep no per-user state
     safety_identifier: str | None = None  # the same, OpenAI's newer name
     prompt_cache_key: str | None = None  # accepted: a routing hint; our prefix cache needs none
-    parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
     response_format: ResponseFormat | None = None  # None: text
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension; not with response_format
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field requested_max_tokens came from, for an error to name."""
+        return "max_tokens"
 
     @field_validator("logit_bias")
     @classmethod
@@ -450,6 +452,8 @@ class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
     # None: "auto" with tools, "none" without (OpenAI's defaults); serving/api/tools.py says what each does
     tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens, which it wins over
     logprobs: bool = False  # each content token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and the most likely tokens at each
 
@@ -463,6 +467,14 @@ class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class CompletionRequest(_CompletionRefused, SamplingRequest):

@@ -406,6 +406,9 @@ def test_a_bad_chat_request_is_a_400_naming_the_field(http, case):
 def test_a_bad_completion_request_is_a_400_naming_the_field(http):
     assert_error(http.post("/v1/completions", json={"prompt": ["one", "two"]}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "seed": -1}), 400, "seed")
+    for chat_only in [{"max_completion_tokens": 2}, {"parallel_tool_calls": False}]:  # not OpenAI's completions'
+        error = assert_error(http.post("/v1/completions", json={"prompt": "x", **chat_only}), 400, *chat_only)
+        assert "Unrecognized" in error["message"]
 
 
 def test_malformed_json_is_a_400_not_a_422(http):
