@@ -2,7 +2,8 @@
 The `nanochat` command line: argument parsing and wiring only; the work lives in trainer/ and serving/.
 
 Notable:
-- global options (--config, --set, --storage, --ray-address, --run, --preset) go before or after the subcommand
+- global options (--config, --set, --storage, --ray-address, --run, --preset) go before, between or after
+  the words of a command; --config and --set given in several places all count, in the order given
 - exit status: 0 success, 2 bad usage or configuration (the message names the field), 1 any other failure
 - every stage prints one JSON line last on stdout, for scripts
 - heavy imports (torch, ray) happen inside the handlers so `nanochat --help` is instant
@@ -29,15 +30,20 @@ log = logging.getLogger("nanochat")
 # argument parsing
 
 
-def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """The same options on the main parser and on every subcommand, so they may come before or after it.
+LEVELS = 3  # where options may stand: before the command, after a group (`train`), after its action (`base`)
 
-    On subparsers the defaults are SUPPRESS so a value given before the subcommand is not reset."""
-    default = argparse.SUPPRESS if suppress else None
-    listed = argparse.SUPPRESS if suppress else []
+
+def _global_options(parser: argparse.ArgumentParser, level: int) -> None:
+    """The same options on the main parser, every command group and every command, so they may come before,
+    between or after the words of a command.
+
+    argparse copies a subcommand's values over its parent's, so below the top the defaults are SUPPRESS (a
+    value given before is not reset) and each level keeps --config and --set in lists of its own, joined in
+    the order given by config_files() and overrides()."""
+    default = argparse.SUPPRESS if level else None
     g = parser.add_argument_group("global options")
-    g.add_argument("--config", action="append", default=listed, metavar="FILE", help="YAML config file (repeatable, later wins)")
-    g.add_argument("--set", action="append", default=listed, metavar="KEY=VALUE", dest="overrides", help="override one config key, e.g. train.max_steps=50 (repeatable)")
+    g.add_argument("--config", action="append", default=[], dest=f"config_{level}", metavar="FILE", help="YAML config file (repeatable, later wins)")
+    g.add_argument("--set", action="append", default=[], dest=f"overrides_{level}", metavar="KEY=VALUE", help="override one config key, e.g. train.max_steps=50 (repeatable)")
     g.add_argument("--preset", default=default, help=f"preset from configs/ ({', '.join(available_presets())})")
     g.add_argument("--storage", default=default, metavar="URI", help="local folder or s3://bucket/prefix (default: $NANOCHAT_STORAGE or ~/.cache/nanochat)")
     g.add_argument("--ray-address", default=default, metavar="ADDR", help="existing Ray cluster (omit: start an embedded local Ray)")
@@ -45,9 +51,35 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
 
 
-def _add(subparsers: Any, name: str, help: str, handler: Callable[[argparse.Namespace, Config], int]) -> argparse.ArgumentParser:
+def config_files(args: argparse.Namespace) -> list[str]:
+    """Every --config, in the order given on the command line."""
+    return [path for level in range(LEVELS) for path in getattr(args, f"config_{level}", [])]
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """Every --set, in the order given on the command line."""
+    return [item for level in range(LEVELS) for item in getattr(args, f"overrides_{level}", [])]
+
+
+def _group(commands: Any, name: str, help: str) -> Any:
+    """A command group (`train`, `eval`, ...): its subparsers, one per action."""
+    group = commands.add_parser(name, help=help)
+    _global_options(group, level=1)
+    return group.add_subparsers(dest="action", required=True)
+
+
+def _metrics_port_option(parser: argparse.ArgumentParser) -> None:
+    """Where the embedded Ray cluster a command starts serves its Prometheus metrics (services/ray_cluster.py)."""
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="the embedded Ray cluster's Prometheus metrics at http://127.0.0.1:PORT/metrics (default: "
+                             "$NANOCHAT_METRICS_PORT, else 8080, or a free port while another process holds 8080; "
+                             "0: a port of Ray's choosing)")
+
+
+def _add(subparsers: Any, name: str, help: str, handler: Callable[[argparse.Namespace, Config], int],
+         level: int = 2) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help=help, description=help)
-    _global_options(p, suppress=True)
+    _global_options(p, level)
     p.set_defaults(handler=handler)
     return p
 
@@ -58,51 +90,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small ChatGPT-like model from scratch and serve it.",
         epilog="Run `nanochat COMMAND --help` for a command's options.",
     )
-    _global_options(parser, suppress=False)
+    _global_options(parser, level=0)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = commands.add_parser("data", help="corpus preparation").add_subparsers(dest="action", required=True)
+    data = _group(commands, "data", "corpus preparation")
     _add(data, "prepare", "write the configured corpus as parquet shards into storage", _data_prepare)
 
-    tok = commands.add_parser("tok", help="tokenizer training and evaluation").add_subparsers(dest="action", required=True)
+    tok = _group(commands, "tok", "tokenizer training and evaluation")
     _add(tok, "train", "train the BPE tokenizer on the corpus", _tok_train)
     p = _add(tok, "eval", "print the tokenizer's compression table (bytes per token)", _tok_eval)
     p.add_argument("--vocab-sizes", default="", help="also train and compare these vocab sizes, e.g. 1024,2048")
 
-    train = commands.add_parser("train", help="training stages (Ray Train jobs)").add_subparsers(dest="action", required=True)
+    train = _group(commands, "train", "training stages (Ray Train jobs)")
     for spec in STAGES.values():
         stage = spec.name
         p = _add(train, stage, spec.description, _train)
         p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.workers)")
         p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides train.gpus_per_worker)")
+        _metrics_port_option(p)
         if len(spec.workers) > 1:
             p.add_argument("--backend", choices=["torch", "jax"], help="PyTorch DDP or JAX on a device mesh (overrides train.backend)")
 
-    evals = commands.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
+    evals = _group(commands, "eval", "evaluations")
     for kind, text in [("loss", "bits per byte on the train and validation splits"), ("core", "the CORE metric (DCLM task bundle)")]:
         p = _add(evals, kind, text, _eval)
+        _metrics_port_option(p)
         p.add_argument("--stage", default="base", help="which stage's newest checkpoint to evaluate (default: base)")
         if kind == "core":
             p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
     p = _add(evals, "chat", "chat tasks (ARC, MMLU, GSM8K, HumanEval, spelling) and ChatCORE", _eval_chat)
     p.add_argument("--stage", default="sft", help="which stage's newest checkpoint to evaluate (default: sft)")
     p.add_argument("--tasks", default="", help="comma-separated task names (default: chat_eval.tasks)")
+    _metrics_port_option(p)
 
-    p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun)
+    p = _add(commands, "speedrun", "all stages in order, skipping those already complete", _speedrun, level=1)
     p.add_argument("--rl", action="store_true", help="include the RL stage")
+    _metrics_port_option(p)
 
-    experiment = commands.add_parser("experiment", help="research experiments").add_subparsers(dest="action", required=True)
-    _add(experiment, "sweep", "train each variant of experiment.variants at an equal FLOPs budget, in parallel as "
-         "Ray tasks; results table and plot into storage", _experiment_sweep)
+    experiment = _group(commands, "experiment", "research experiments")
+    p = _add(experiment, "sweep", "train each variant of experiment.variants at an equal FLOPs budget, in parallel "
+             "as Ray tasks; results table and plot into storage", _experiment_sweep)
+    _metrics_port_option(p)
 
-    p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _serve)
+    p = _add(commands, "serve", "the OpenAI-compatible server and web UI", _serve, level=1)
     p.add_argument("--model", metavar="URI", help="checkpoint to serve (default: the newest SFT checkpoint)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--metrics-port", type=int, default=8080)
+    _metrics_port_option(p)
 
-    p = _add(commands, "chat", "chat in the terminal", _chat)
+    p = _add(commands, "chat", "chat in the terminal", _chat, level=1)
     p.add_argument("-p", "--prompt", help="one-shot prompt")
     p.add_argument("--url", default="http://127.0.0.1:8000",
                    help="the server to talk to; when none answers, the newest SFT checkpoint runs here")
@@ -113,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="store_true",
                    help="print each reply's tokens with their log-probabilities (from a server)")
 
-    _add(commands, "report", "write report.md from what storage holds", _report)
+    _add(commands, "report", "write report.md from what storage holds", _report, level=1)
     return parser
 
 
@@ -122,20 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides or [])
+    settings = overrides(args)
     if args.run:
-        overrides.append(f"run={args.run}")
+        settings.append(f"run={args.run}")
     for flag, key in [("workers", "train.workers"), ("gpus_per_worker", "train.gpus_per_worker"), ("backend", "train.backend")]:
         value = getattr(args, flag, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(preset=args.preset, config_files=args.config or [], overrides=overrides)
+            settings.append(f"{key}={value}")
+    return load_config(preset=args.preset, config_files=config_files(args), overrides=settings)
 
 
 def storage_from_args(args: argparse.Namespace):
-    from services.storage import open_storage
+    from services.storage import StorageURIError, open_storage
 
-    return open_storage(args.storage)
+    try:
+        return open_storage(args.storage)
+    except StorageURIError as e:  # a usage error: exit 2, naming where the URI came from
+        raise ConfigError(f"{'--storage' if args.storage else '$NANOCHAT_STORAGE'}: {e}") from None
 
 
 def emit_result(stage: str, cfg: Config, started: float, **fields: Any) -> None:
@@ -202,11 +242,13 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.evals.core import core_bundle_dir
+    from trainer.evals.core import CORE_TASKS, core_bundle_dir
     from trainer.pipeline.jobs import run_eval
 
+    tasks = _task_list(getattr(args, "tasks", ""))
+    if args.action == "core":
+        _check_known("CORE task", tasks or [], [spec.label for spec in CORE_TASKS])
     started, storage = time.time(), storage_from_args(args)
-    tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()] or None
     if args.action == "core":
         core_bundle_dir(cfg, storage)  # fail here, before Ray starts, if the bundle cannot be had
     result = run_eval(args.action, cfg, storage, stage=args.stage, tasks=tasks, ray_address=args.ray_address)
@@ -218,11 +260,20 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
 def _eval_chat(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.tasks import TASKS
 
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()] or cfg.chat_eval.tasks
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:  # a typo is a usage error, found before Ray starts
-        raise ConfigError(f"unknown chat task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+    _check_known("chat task", _task_list(args.tasks) or cfg.chat_eval.tasks, list(TASKS))
     return _eval(args, cfg)
+
+
+def _task_list(tasks: str) -> list[str] | None:
+    """--tasks a,b as names (None: not given)."""
+    return [t.strip() for t in tasks.split(",") if t.strip()] or None
+
+
+def _check_known(kind: str, names: list[str], known: list[str]) -> None:
+    """A typo in --tasks is a usage error, found before Ray starts."""
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown {kind}(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
 def _check_model_exists(source) -> None:
@@ -257,8 +308,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     else:
         source = ModelSource(storage_from_args(args).uri, cfg.run, cfg.serve.stage)
     _check_model_exists(source)
-    run_server(cfg, source, host=args.host, port=args.port, metrics_port=args.metrics_port,
-               ray_address=args.ray_address)
+    run_server(cfg, source, host=args.host, port=args.port, ray_address=args.ray_address)
     return 0
 
 
@@ -307,6 +357,17 @@ def _report(args: argparse.Namespace, cfg: Config) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _use_metrics_port(port: int | None) -> None:
+    """--metrics-port, for the embedded Ray cluster the command may start (services/ray_cluster.py reads it)."""
+    from services.ray_cluster import METRICS_PORT_ENV, check_port_free
+
+    if port is None:
+        return
+    if port:
+        check_port_free(port, "--metrics-port")
+    os.environ[METRICS_PORT_ENV] = str(port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -315,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        _use_metrics_port(getattr(args, "metrics_port", None))
         # the configuration is validated before any stage starts, so a typo costs nothing
         return args.handler(args, config_from_args(args))
     except ConfigError as e:

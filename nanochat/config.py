@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+# a name that becomes one folder in storage: letters, digits, '_', '-' and '.', but not only dots ('.' and
+# '..' would name the folder above, or its parent)
+FOLDER_NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+
+
 class ConfigError(ValueError):
     """A configuration problem a user can fix: the message names the field and what is allowed."""
 
@@ -246,7 +251,7 @@ class ExperimentConfig(Section):
     """An architecture sweep (`nanochat experiment sweep`): each variant is a set of `--set`-style overrides
     trained at the same FLOPs budget."""
 
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$", description="results go to runs/<run>/experiments/<name>/")
+    name: str = Field("sweep", pattern=FOLDER_NAME, description="results go to runs/<run>/experiments/<name>/")
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="variant name -> {dotted model.* or train.* key: value}; the corpus and tokenizer are shared")
     flops_budget: float | None = Field(None, gt=0, description="training FLOPs per variant (default: the first variant at train.max_steps, or its depth-dial horizon)")
     eval_points: int = Field(4, ge=1, description="validation evaluations per variant, evenly spaced in steps (so in FLOPs), the last at the end: the plot's points")
@@ -265,7 +270,7 @@ class LogConfig(Section):
 
 class Config(Section):
     preset: str = "tiny-cpu"
-    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: checkpoints go to runs/<run>/")
+    run: str = Field("default", pattern=FOLDER_NAME, description="run name: checkpoints go to runs/<run>/")
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()

@@ -26,7 +26,7 @@ def free_port() -> int:
     draw = random.SystemRandom()
     for _ in range(ATTEMPTS if below > LOWEST_PORT else 0):
         port = draw.randrange(LOWEST_PORT, below)
-        if _bindable(port):
+        if bindable(port):
             return port
     with socket.socket() as s:
         s.bind(("", 0))
@@ -41,8 +41,12 @@ def ephemeral_low() -> int:
         return 32768
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int, reuse_address: bool = False) -> bool:
+    """Whether a server could bind port on every interface now. reuse_address: as a server that sets
+    SO_REUSEADDR (most do) binds it, past connections of an earlier server there still closing."""
     with socket.socket() as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:

@@ -53,6 +53,10 @@ class StorageError(Exception):
     """Base class; every message names the URI or key and the cause."""
 
 
+class StorageURIError(StorageError):
+    """A storage URI of no form open_storage() knows: bad usage, not a failing store."""
+
+
 class StorageUnreachable(StorageError):
     """The S3 endpoint cannot be reached (refused, timed out, connection dropped)."""
 
@@ -495,8 +499,8 @@ def open_storage(uri: str | None = None) -> Storage:
     if scheme == "s3":
         bucket, _, prefix = rest.partition("/")
         if not bucket:
-            raise StorageError(f"invalid storage URI {uri!r}: no bucket (use s3://BUCKET/PREFIX)")
+            raise StorageURIError(f"invalid storage URI {uri!r}: no bucket (use s3://BUCKET/PREFIX)")
         return S3Storage(bucket, prefix)
-    raise StorageError(
+    raise StorageURIError(
         f"unsupported storage URI {uri!r}: use a local path, file://PATH or s3://BUCKET/PREFIX"
     )

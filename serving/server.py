@@ -41,8 +41,7 @@ def _request_stop(signum: int, _frame) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
-def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metrics_port: int,
-               ray_address: str | None = None) -> None:
+def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, ray_address: str | None = None) -> None:
     import ray
     from ray import serve
 
@@ -54,14 +53,15 @@ def run_server(cfg: Config, source: ModelSource, *, host: str, port: int, metric
         # embedded one, this process's (a user's own values win)
         for name, value in serve_environment(cfg.serve, Path(haproxy_dir)).items():
             os.environ.setdefault(name, value)
-        connect(ray_address, metrics_port=metrics_port)
+        metrics_port = connect(ray_address)
         for sig in STOP_SIGNALS:
             signal.signal(sig, _request_stop)
         try:
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(cfg, source), name="nanochat", route_prefix="/")
-            print(f"nanochat serve: {source.describe()} at http://{host}:{port}/ (OpenAI API under /v1; "
-                  f"metrics at http://127.0.0.1:{metrics_port}/metrics)", flush=True)
+            metrics = f"; metrics at http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
+            print(f"nanochat serve: {source.describe()} at http://{host}:{port}/ (OpenAI API under /v1{metrics})",
+                  flush=True)
             while True:
                 time.sleep(3600)
         except StopRequested as stop:

@@ -38,6 +38,10 @@ os.environ.update({name: str(THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_T
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 
+# Every embedded Ray cluster would serve its metrics at :8080; clusters the two xdist workers start at once
+# would both see it free and one would fail to start. Tests that read metrics give ports of their own.
+os.environ["NANOCHAT_METRICS_PORT"] = "0"
+
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKERS = {"system": pytest.mark.system, "deploy": pytest.mark.deploy}

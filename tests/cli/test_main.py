@@ -1,5 +1,6 @@
 """The `nanochat` command line: its commands, global options and exit statuses (SPEC.md)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,4 +54,48 @@ def test_jax_batch_that_does_not_split_over_the_devices_exits_2_before_ray(tmp_p
     out = run("--storage", str(tmp_path), "train", "base", "--backend", "jax", "--set", "jax.cpu_devices=8")
     assert out.returncode == 2  # tiny-cpu: 4 rows x 512 tokens x 8 devices > 4096 tokens per step
     assert "train.device_batch_size" in out.stderr and "8 = 16384" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_global_options_count_wherever_they_stand(tmp_path):
+    from cli.main import build_parser, config_from_args
+
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("train:\n  max_steps: 7\n  seq_len: 128\n")
+    second.write_text("train:\n  max_steps: 9\n")
+    argv = ["--config", str(first), "--set", "train.eval_every=3", "--run", "a",
+            "train", "--set", "train.eval_every=5", "--run", "b",
+            "base", "--config", str(second), "--set", "train.checkpoint_every=4"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.train.max_steps, cfg.train.seq_len) == (9, 128)  # both files, the later winning
+    assert (cfg.train.eval_every, cfg.train.checkpoint_every) == (5, 4)  # every --set, the later winning
+    assert cfg.run == "b"
+    assert config_from_args(build_parser().parse_args(["data", "--run", "c", "prepare"])).run == "c"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--storage", "ftp://host/x", "report"], "--storage"),
+    (["--storage", "s3://", "report"], "--storage"),
+    (["--run", "..", "report"], "run"),
+    (["eval", "core", "--tasks", "hellaswag_zeroshot,typo"], "typo"),
+    (["eval", "chat", "--tasks", "gsm8k,typo"], "typo"),
+])
+def test_bad_usage_exits_2_naming_it_before_anything_starts(argv, named, tmp_path):
+    out = run(*argv, env={**os.environ, "NANOCHAT_STORAGE": str(tmp_path / "store")}, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert named in out.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_a_metrics_port_another_process_holds_exits_2(tmp_path):
+    import socket
+
+    from services.network import free_port
+
+    port = free_port()
+    with socket.socket() as held:
+        held.bind(("", port))
+        held.listen()
+        out = run("--storage", str(tmp_path), "train", "base", "--metrics-port", str(port))
+    assert out.returncode == 2 and f"--metrics-port={port}: another process holds" in out.stderr
     assert not any(tmp_path.iterdir())

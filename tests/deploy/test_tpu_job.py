@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.main import build_parser, config_from_args
+from cli.main import build_parser, config_from_args, overrides
 from nanochat.config import Config, load_config
 from tests.deploy.k8s_validation import assert_secure_pod, pod_specs, pod_templates, validate_object
 from trainer.jaxgpt.train import expected_devices, micro_steps
@@ -197,7 +197,7 @@ def test_job_cleans_up_retries_and_matches_the_pinned_ray(job: dict) -> None:
 def test_entrypoint_prepares_data_and_tokenizer_then_trains_base_with_one_preset(commands: list,
                                                                                  cfg: Config) -> None:
     assert [(a.command, a.action) for a in commands] == [("data", "prepare"), ("tok", "train"), ("train", "base")]
-    assert {(a.preset, a.storage, a.run, tuple(a.overrides or ())) for a in commands} == {
+    assert {(a.preset, a.storage, a.run, tuple(overrides(a))) for a in commands} == {
         (PRESET, commands[0].storage, commands[0].run, ())}
     assert commands[0].storage.startswith("s3://")
     assert (cfg.train.backend, cfg.jax.platform) == ("jax", "tpu")

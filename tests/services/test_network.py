@@ -26,7 +26,7 @@ def test_a_free_port_lies_below_the_ephemeral_range_and_a_server_can_bind_it():
 
 def test_a_port_a_socket_holds_is_not_drawn(tmp_path, monkeypatch):
     # a span of two ports, the first held: every call must give the second
-    held = next(p for p in range(30000, 31000, 2) if all(network._bindable(q) for q in (p, p + 1)))
+    held = next(p for p in range(30000, 31000, 2) if all(network.bindable(q) for q in (p, p + 1)))
     span = tmp_path / "ip_local_port_range"
     span.write_text(f"{held + 2}\t60999\n")
     monkeypatch.setattr(network, "EPHEMERAL_RANGE", span)

@@ -94,3 +94,47 @@ def test_a_training_job_survives_another_cluster_starting_on_the_same_machine() 
     it: Ray Train's placement-group cleaner would otherwise ask that dashboard whether the job's controller
     lives, hear no, and remove the job's placement group mid-run."""
     assert "trained" in run_script(TRAIN_WHILE_ANOTHER_CLUSTER_STARTS, OTHER_CLUSTER, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded cluster's metrics port
+
+
+def listening(port: int):
+    import socket
+
+    s = socket.socket()
+    s.bind(("", port))
+    s.listen()
+    return s
+
+
+def test_metrics_port_is_8080_and_gives_way_to_another_process_there(monkeypatch, caplog) -> None:
+    from services import ray_cluster
+    from services.network import free_port
+
+    default = free_port()  # 8080 itself may be held on a developer's machine
+    monkeypatch.setattr(ray_cluster, "DEFAULT_METRICS_PORT", default)
+    monkeypatch.delenv(ray_cluster.METRICS_PORT_ENV)
+    assert ray_cluster.embedded_metrics_port() == default
+    with listening(default):
+        other = ray_cluster.embedded_metrics_port()
+    assert other != default and f"http://127.0.0.1:{other}/metrics" in caplog.text
+    listening(other).close()  # a port a server can bind
+
+
+def test_a_metrics_port_asked_for_must_be_free_and_a_number(monkeypatch) -> None:
+    from nanochat.config import ConfigError
+    from services import ray_cluster
+    from services.network import free_port
+
+    port = free_port()
+    monkeypatch.setenv(ray_cluster.METRICS_PORT_ENV, str(port))
+    assert ray_cluster.embedded_metrics_port() == port
+    with listening(port), pytest.raises(ConfigError, match=f"NANOCHAT_METRICS_PORT={port}: another process"):
+        ray_cluster.embedded_metrics_port()
+    monkeypatch.setenv(ray_cluster.METRICS_PORT_ENV, "eighty")
+    with pytest.raises(ConfigError, match="NANOCHAT_METRICS_PORT='eighty': expected a TCP port"):
+        ray_cluster.embedded_metrics_port()
+    monkeypatch.setenv(ray_cluster.METRICS_PORT_ENV, "0")  # Ray's choice, as the test suite runs
+    assert ray_cluster.embedded_metrics_port() is None
