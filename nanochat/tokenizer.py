@@ -277,6 +277,16 @@ class Tokenizer:
         ids, _ = self._render({**conversation, "messages": messages})
         return [*ids, self._special_ids["<|assistant_start|>"]]
 
+    def render_for_continuation(self, conversation: dict) -> list[int]:
+        """The prompt that asks the assistant to go on with its final message, as far as it is written: the
+        conversation as trained, without that message's <|assistant_end|>."""
+        messages = conversation.get("messages") or []
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("the final message must be the assistant's: it is the one continued")
+        ids, _ = self._render(conversation)
+        return ids[:-1]
+
+
 def _merge_system(messages: list[dict]) -> list[dict]:
     """Fold a leading system message into the first user message (the format has no system role)."""
     if not messages:

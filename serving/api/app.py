@@ -259,6 +259,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               repetition_penalty=body.repetition_penalty,
                               logit_bias=bias,
                               max_tokens=max_tokens, stop=body.stop or [], n=body.n, logprobs=body.num_logprobs,
+                              include_stop_str_in_output=body.include_stop_str_in_output,
                               # ignore_eos: the route's end tokens are no stop tokens either (the engine bans them)
                               stop_token_ids=([] if body.ignore_eos else stop_token_ids) + body.stop_token_ids,
                               min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
@@ -294,14 +295,22 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         tokenizer = (await current()).tokenizer
         calling = await asyncio.to_thread(tool_calling, body)
+        if not (body.add_generation_prompt or body.continue_final_message):
+            raise bad_request("add_generation_prompt: false goes only with continue_final_message: true (a reply "
+                              "opens with <|assistant_start|>, which is the generation prompt)",
+                              param="add_generation_prompt")
+        continuing = continues_final_message(body, calling)
         params = sampling_params(body, tokenizer, end_of_turn(tokenizer), await request_grammar(body, calling))
-        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
+        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling, continuing)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
                           hidden_logprobs=frozenset(params.stop_token_ids))
+        echo = body.messages[-1].parts if continuing and body.echo else []
         if body.stream:
-            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer, calling))
+            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer, calling, echo))
         splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
+        for splitter in splitters:
+            splitter.begin_with(echo)
         await until_disconnected(request, run.collect(lambda e: splitters[e.index].add(e.token_id, e.text)))
         choices = []
         for i, (parts, reason, infos) in enumerate(zip(splitters, run.finish_reasons, run.logprobs)):
@@ -393,8 +402,9 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, prepend=prepend)
         else:
             calling = await asyncio.to_thread(tool_calling, body)
-            tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling)
-            if not body.add_generation_prompt:
+            continuing = continues_final_message(body, calling)
+            tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling, continuing)
+            if not (body.add_generation_prompt or continuing):
                 tokens = tokens[:-1]  # the <|assistant_start|> render_for_completion ends with
         max_model_len = served.max_model_len or getattr(engine, "max_model_len", None)
         return TokenizeResponse(count=len(tokens), max_model_len=max_model_len, tokens=tokens)
@@ -440,17 +450,40 @@ def end_of_turn(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: ToolCalling | None = None) -> list[int]:
-    """The prompt that asks for the assistant's next message (which calls a function with calling)."""
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], calling: ToolCalling | None = None,
+                continuing: bool = False) -> list[int]:
+    """The prompt that asks for the assistant's next message (which calls a function with calling), or with
+    continuing, for the rest of its final message (continues_final_message checked that it is one)."""
     last = len(messages) - 1
-    if messages[last].role not in ("user", "tool"):
+    if messages[last].role not in ("user", "tool") and not continuing:
         # render_for_completion would silently drop a final assistant message: say so instead
-        raise bad_request("The last message must be from the user (or a tool's result)",
-                          param=f"messages[{last}].role")
+        raise bad_request("The last message must be from the user (or a tool's result), or the assistant's with "
+                          "continue_final_message: true", param=f"messages[{last}].role")
     try:
-        return tokenizer.render_for_completion({"messages": conversation(messages, calling)})
+        rendered = {"messages": conversation(messages, calling)}
+        if continuing:
+            return tokenizer.render_for_continuation(rendered)
+        return tokenizer.render_for_completion(rendered)
     except ValueError as e:  # roles out of order: the chat format alternates user and assistant
         raise bad_request(str(e), param="messages") from None
+
+
+def continues_final_message(body: ChatCompletionRequest | TokenizeRequest, calling: ToolCalling | None) -> bool:
+    """Whether the reply goes on with the final message (vLLM's continue_final_message), or a 400 naming what
+    cannot go with it. add_generation_prompt left out is taken as false, as it must be."""
+    if not body.continue_final_message:
+        return False
+    last = len(body.messages or []) - 1
+    if "add_generation_prompt" in body.model_fields_set and body.add_generation_prompt:
+        raise bad_request("continue_final_message goes on with the final message instead of starting a new one: "
+                          "it cannot go with add_generation_prompt: true", param="continue_final_message")
+    if calling is not None:
+        raise bad_request("continue_final_message cannot go with a tool_choice that makes the reply a function "
+                          "call", param="continue_final_message")
+    if last >= 0 and body.messages[last].role != "assistant":
+        raise bad_request("continue_final_message goes on with the assistant's message: the last message must "
+                          "be the assistant's", param=f"messages[{last}].role")
+    return True
 
 
 async def request_grammar(body: SamplingRequest, calling: ToolCalling | None = None) -> str | None:
@@ -838,9 +871,9 @@ def merge_completion(earlier: CompletionChoice, later: CompletionChoice) -> Comp
 
 
 async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer,
-                      calling: ToolCalling | None = None) -> AsyncGenerator[str, None]:
-    """chat.completion.chunk events: each choice's role, its content (or tool call) deltas, its
-    finish_reason; then the usage (if asked) and [DONE]."""
+                      calling: ToolCalling | None = None, echo: list[dict] | None = None) -> AsyncGenerator[str, None]:
+    """chat.completion.chunk events: each choice's role, the echoed parts (if any), its content (or tool
+    call) deltas, its finish_reason; then the usage (if asked) and [DONE]."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
@@ -878,6 +911,8 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
     for index in range(run.n):
         opening = calls[index].opening() if calls is not None else {"role": "assistant", "content": ""}
         yield chunk([ChunkChoice(index=index, delta=opening)])
+        for piece in splitters[index].begin_with(echo or []):
+            yield chunk([ChunkChoice(index=index, delta=piece_delta(piece))])
     async for piece in event_stream(run, render, merge_chat, chunk,
                                     (lambda: chunk([], run.usage())) if include_usage else None):
         yield piece

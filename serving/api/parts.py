@@ -78,6 +78,20 @@ class PartSplitter:
             pieces.append(self._piece("") if self.open else Piece(len(self.parts), "text", ""))
         return pieces
 
+    def begin_with(self, parts: list[dict]) -> list[Piece]:
+        """Start the reply with parts already written (the message a continued reply echoes); their pieces.
+        A text part stays open, so the reply's first text goes on with it."""
+        pieces: list[Piece] = []
+        for part in parts:
+            if part["type"] == "text":
+                pieces += self.add(None, part["text"]) if part["text"] else []
+                continue
+            self._start(part["type"])
+            self.parts[-1]["text"] = part["text"]
+            self.open = False  # a written tool part is complete: its end token came with it
+            pieces.append(self._piece(part["text"]))
+        return pieces
+
     @property
     def content(self) -> str:
         """The text parts alone: what the message's `content` says."""

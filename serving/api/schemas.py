@@ -28,10 +28,11 @@ Notable:
 - `response_format` is OpenAI's shape: text, json_object, or json_schema {name, description, schema,
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
-- `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` and
-  `structured_outputs` (json, regex, choice, a Lark grammar or json_object) are our extensions (vLLM's
-  names; OpenAI has none);
-  chat's `max_completion_tokens` is OpenAI's newer name for `max_tokens`, and wins when both are given.
+- `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
+  `include_stop_str_in_output` and `structured_outputs` (json, regex, choice, a Lark grammar or
+  json_object), and chat's `continue_final_message`, `add_generation_prompt` and `echo`, are our
+  extensions (vLLM's names; OpenAI has none). Chat's `max_completion_tokens` is OpenAI's newer name for
+  `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
 """
 
@@ -228,6 +229,7 @@ class SamplingRequest(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)  # no stop token or stop string before this many tokens
+    include_stop_str_in_output: bool = False  # the text ends with the stop string that ended it
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # only tokens at least min_p times as likely as the likeliest
     ignore_eos: bool = False  # the end-of-turn tokens neither end the reply nor are sampled (benchmarks)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # > 1 discourages every token seen (prompt too)
@@ -414,11 +416,16 @@ class ChatMessage(StrictModel):
         return "".join(part.text for part in self.content)
 
     @property
+    def parts(self) -> list[dict]:
+        """The content as parts {"type", "text"}: content_parts when given, else one text part."""
+        if self.content_parts is None:
+            return [{"type": "text", "text": self.text}]
+        return [{"type": part.type, "text": part.text} for part in self.content_parts]
+
+    @property
     def rendered_content(self) -> str | list[dict]:
         """The content as nanochat/tokenizer.py's conversations hold it: the parts when given, else the text."""
-        if self.content_parts is None:
-            return self.text
-        return [{"type": part.type, "text": part.text} for part in self.content_parts]
+        return self.text if self.content_parts is None else self.parts
 
 
 class _ChatRefused(StrictModel):
@@ -454,6 +461,12 @@ class ChatCompletionRequest(_ChatRefused, SamplingRequest):
     tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None  # with tool_choice "required": false allows one call only
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens, which it wins over
+    # vLLM's: the reply goes on with the final (assistant) message, as far as it is written, rather than
+    # starting a new one; echo begins the reply with that message. add_generation_prompt false goes only
+    # with it: this format's reply opens with <|assistant_start|>, which the generation prompt is
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+    echo: bool = False
     logprobs: bool = False  # each content token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and the most likely tokens at each
 
@@ -657,6 +670,7 @@ class TokenizeRequest(StrictModel):
     parallel_tool_calls: bool | None = None  # accepted as on the chat route: it shapes the call, not the prompt
     add_special_tokens: bool = True  # prompt: the <|bos|> the completions put before it
     add_generation_prompt: bool = True  # messages: end with <|assistant_start|>, as the chat completions do
+    continue_final_message: bool = False  # messages: end where the final (assistant) message does
 
 
 class TokenizeResponse(BaseModel):

@@ -24,7 +24,7 @@ Notable:
   split across tokens appears with its last token. Stop strings are matched on the decoded text; text
   that could still be the start of a stop string is held back until it cannot, so a stop string never
   reaches the client even in part. A matched stop string ends the choice ("stop"), the text cut just
-  before it, and its blocks are freed at once.
+  before it (or just after, with include_stop_str_in_output), and its blocks are freed at once.
 - the calculator tool runs per choice, as in nanochat/generate.py: tokens between <|python_start|> and
   <|python_end|> go through safe_eval, and a result is forced as <|output_start|> result <|output_end|>.
   Forced tokens wait in the choice's queue and take the place of the sampled token, one per step: they
@@ -489,7 +489,8 @@ class LLMEngine:
             choice.text += choice.decoder.decode(b"", final=True)
             choice.floor = len(choice.text)  # nothing before it is held back for a stop string
         if stop_at is not None:
-            choice.text = choice.text[:stop_at]
+            start, end = stop_at
+            choice.text = choice.text[:end if seq.sampling.include_stop_str_in_output else start]
             reason = "stop"
             if not seq.is_finished:
                 self.scheduler.finish(seq, "stop")
@@ -599,10 +600,10 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None])
     return found.lists(len(tokens)) if found is not None else [None] * len(tokens)
 
 
-def _find_stop(text: str, stops: list[str], before: int, floor: int = 0) -> int | None:
-    """Where the earliest stop string in text starts, looking only at matches that end in the new text
-    and start at floor or after."""
-    found = [i for s in stops if (i := text.find(s, max(floor, before - len(s) + 1))) != -1]
+def _find_stop(text: str, stops: list[str], before: int, floor: int = 0) -> tuple[int, int] | None:
+    """Where the earliest stop string in text starts and ends (the shorter of two starting there), looking
+    only at matches that end in the new text and start at floor or after."""
+    found = [(i, i + len(s)) for s in stops if (i := text.find(s, max(floor, before - len(s) + 1))) != -1]
     return min(found) if found else None
 
 

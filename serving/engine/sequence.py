@@ -48,6 +48,7 @@ class SamplingParams:
     seed: int | None = None  # per-request generator, so one request's output is reproducible
     max_tokens: int = 256  # generated tokens, not counting the prompt
     stop: list[str] = field(default_factory=list)  # stop strings: matched by the engine on the text
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string that ended it
     stop_token_ids: list[int] = field(default_factory=list)  # the engine adds the end-of-turn tokens
     n: int = 1  # completions per prompt: the engine forks n sequences, which share the prompt's blocks
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely

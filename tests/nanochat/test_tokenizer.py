@@ -244,3 +244,12 @@ def test_render_for_completion_of_a_conversation_ending_with_the_user_is_the_sam
 def test_render_for_completion_rejects_a_conversation_without_a_user_message(tok):
     with pytest.raises(ValueError, match="at least one user message"):
         tok.render_for_completion({"messages": [{"role": "assistant", "content": "hi"}]})
+
+
+def test_render_for_continuation_leaves_the_final_message_open(tok):
+    prompt = tok.render_for_continuation(CONVERSATION)
+    assert prompt == tok.render_conversation(CONVERSATION)[0][:-1]
+    assert tok.decode(prompt).endswith("<|user_start|>Thanks<|user_end|><|assistant_start|>" +
+                                       CONVERSATION["messages"][-1]["content"])
+    with pytest.raises(ValueError, match="the assistant's"):
+        tok.render_for_continuation({"messages": CONVERSATION["messages"][:-1]})

@@ -331,6 +331,57 @@ def test_a_stop_string_cuts_the_text_before_it(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == full[: full.index(stop)]
 
 
+def test_include_stop_str_in_output_ends_the_text_with_the_stop_string(client):
+    def complete(**kwargs):
+        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, **kwargs)
+
+    full = complete().choices[0].text
+    assert len(full) >= 6, f"the model said too little to test stop strings with: {full!r}"
+    stop = full[4:6]
+    kept = full[: full.index(stop) + len(stop)]
+    r = complete(stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (kept, "stop")
+    streamed = complete(stop=stop, stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == kept
+
+
+BEGUN = [*MESSAGES, {"role": "assistant", "content": "the quick"}]
+
+
+@pytest.mark.parametrize("generation_prompt", [{"add_generation_prompt": False}, {}])  # vLLM's way; left out
+def test_continue_final_message_goes_on_with_the_assistants_message(client, http, model, tok, generation_prompt):
+    prompt = chat_prompt(tok, MESSAGES) + tok.encode("the quick")  # no <|assistant_end|>: the message goes on
+    expected = text_of(tok, greedy(model, tok, prompt, 12))
+    options = {"continue_final_message": True, **generation_prompt}
+    r = client.chat.completions.create(model=MODEL, messages=BEGUN, max_tokens=12, temperature=0, extra_body=options)
+    assert r.choices[0].message.content == expected and r.usage.prompt_tokens == len(prompt)
+    echoed = client.chat.completions.create(model=MODEL, messages=BEGUN, max_tokens=12, temperature=0,
+                                            extra_body={**options, "echo": True})
+    assert echoed.choices[0].message.content == "the quick" + expected
+    assert echoed.usage.completion_tokens == r.usage.completion_tokens  # the echo is no generated token
+    streamed = client.chat.completions.create(model=MODEL, messages=BEGUN, max_tokens=12, temperature=0,
+                                              stream=True, extra_body={**options, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "the quick" + expected
+    assert http.post("/tokenize", json={"messages": BEGUN, **options}).json()["tokens"] == prompt
+
+
+BAD_CONTINUATIONS = {
+    "with add_generation_prompt": ({"messages": BEGUN, "continue_final_message": True,
+                                    "add_generation_prompt": True}, "continue_final_message"),
+    "of a user message": ({"messages": MESSAGES, "continue_final_message": True}, "messages[1].role"),
+    "no generation prompt, no continuation": ({"messages": MESSAGES, "add_generation_prompt": False},
+                                              "add_generation_prompt"),
+    "with a forced call": ({"messages": BEGUN, "continue_final_message": True, "tool_choice": "required",
+                            "tools": [{"type": "function", "function": {"name": "f"}}]}, "continue_final_message"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONTINUATIONS)
+def test_what_cannot_go_with_continue_final_message_is_a_400_naming_it(http, case):
+    body, param = BAD_CONTINUATIONS[case]
+    assert_error(http.post("/v1/chat/completions", json=body), 400, param)
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL

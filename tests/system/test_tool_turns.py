@@ -151,6 +151,24 @@ def test_sent_back_the_parts_render_as_in_training_and_hit_the_prefix_cache(clie
     assert second.usage.prompt_tokens_details.cached_tokens == BLOCK_SIZE * (computed // BLOCK_SIZE)
 
 
+def test_a_continued_message_with_parts_goes_on_after_them_and_echo_returns_them_all(client, http, tok):
+    """continue_final_message (vLLM's): the model goes on after the call's output it was given; with echo the
+    reply holds the parts it continued, unstreamed and streamed."""
+    begun = [*QUESTION, {"role": "assistant", "content": None, "content_parts": TOOL_PARTS[:3]}]
+    prompt, _ = tok.render_conversation({"messages": [*QUESTION, {"role": "assistant", "content": TOOL_PARTS[:3]}]})
+    prompt = prompt[:-1]  # without <|assistant_end|>: the message goes on
+    assert http.post("/tokenize", json={"messages": begun, "continue_final_message": True}).json()["tokens"] == prompt
+    options = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+    rest = ask(client, messages=begun, **options)
+    assert rest.choices[0].message.content == TOOL_PARTS[3]["text"] and rest.usage.prompt_tokens == len(prompt)
+    assert "content_parts" not in rest.choices[0].message.model_extra  # the rest alone is plain text
+    options["extra_body"]["echo"] = True
+    whole = ask(client, messages=begun, **options).choices[0].message
+    assert (whole.content, whole.model_extra["content_parts"]) == (TOOL_TEXT, TOOL_PARTS)
+    chunks = list(ask(client, messages=begun, stream=True, **options))
+    assert rebuild([c.choices[0].delta.model_dump(exclude_none=True) for c in chunks if c.choices]) == TOOL_PARTS
+
+
 def test_content_may_be_left_out_when_the_parts_are_sent(http, tok):
     without = [*QUESTION, {"role": "assistant", "content": None, "content_parts": TOOL_PARTS},
                {"role": "user", "content": "and?"}]

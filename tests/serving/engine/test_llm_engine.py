@@ -259,6 +259,20 @@ def test_a_stop_string_cuts_the_text_before_it_and_frees_the_blocks(tok):
     assert no_block_held(engine)
 
 
+def test_include_stop_str_in_output_ends_the_text_with_the_stop_string_that_ended_it(tok):
+    a, b, c = (tok.encode(ch)[0] for ch in "abc")
+    model = bigram_model(tok, chain(a, b, c, a), default=a)  # writes abcabcabc...
+    engine = make_engine(model, tok)
+    # "cab" and "ca" both start at the first "c": the shorter one completes first and ends the reply
+    engine.add_request("r", [tok.get_bos_token_id()], SamplingParams(temperature=0.0, max_tokens=20,
+                                                                     stop=["cab", "ca", "bcx"],
+                                                                     include_stop_str_in_output=True))
+    choice = run(engine)["r", 0]
+    assert (choice.tokens, choice.text, choice.finish_reason) == ([a, b, c, a], "abca", "stop")
+    assert choice.texts == ["a", "", "", "bca"]  # held back while it could begin a stop string, as without
+    assert no_block_held(engine)
+
+
 def test_held_back_text_is_sent_once_it_cannot_begin_a_stop_string(tok):
     a, b, c = (tok.encode(ch)[0] for ch in "abc")
     model = bigram_model(tok, chain(a, b, c, a), default=a)
