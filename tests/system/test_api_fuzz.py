@@ -79,6 +79,9 @@ PLAUSIBLE = {
             "x": {"enum": [1, "a", None]}}, "required": ["x"]}}}, {"type": "function", "function": {"name": "f"}}]),
     "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "g"}}]),
     "parallel_tool_calls": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "continue_final_message": st.booleans(),
+    "add_generation_prompt": st.booleans(),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),
