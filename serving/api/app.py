@@ -97,6 +97,7 @@ from serving.api.errors import (
     queue_full,
     unavailable,
 )
+from serving.api.logprobs import TokenInfo, token_piece
 from serving.api.parts import PartSplitter, Piece
 from serving.api.responses import ResponseBuilder, ResponsesRequest, response_events, responses_param
 from serving.api.schemas import (
@@ -338,13 +339,13 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             e.detail.param = responses_param(e.detail.param, origins)
             raise
         check_prompt_length(prompt_ids, "input")
-        run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input")
-        builder = ResponseBuilder(body, model_name, run, calling)
+        run = await start(engine, request, f"resp_{uuid.uuid4().hex}", prompt_ids, params, "input",
+                          hidden_logprobs=frozenset(params.stop_token_ids))
+        builder = ResponseBuilder(body, model_name, run, calling, tokenizer)
         if body.stream:
-            return SSEResponse(run, response_events(builder, tokenizer))
-        splitter = PartSplitter(tokenizer)
-        await until_disconnected(request, run.collect(lambda e: splitter.add(e.token_id, e.text)))
-        return json_response(builder.finished(splitter.content))
+            return SSEResponse(run, response_events(builder))
+        await until_disconnected(request, run.collect(builder.add))
+        return json_response(builder.finished())
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -536,26 +537,6 @@ def format_grammar(response_format: ResponseFormat) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-
-@dataclass
-class TokenInfo:
-    """A generated token's log-probabilities, and where its text starts in its choice's text."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-    offset: int
-
-
-def token_piece(tokenizer: Tokenizer, token: int) -> dict:
-    """A token as OpenAI's logprobs write it: its text and exact bytes (a special token: its name, no bytes)."""
-    if token >= tokenizer.vocab_size:  # the model's vocabulary can be padded beyond the tokenizer's
-        return {"token": f"token_id:{token}", "bytes": None}
-    data = tokenizer.id_to_bytes(token)
-    if not data:
-        return {"token": tokenizer.decode([token]), "bytes": None}
-    return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
 
 
 def chat_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo]) -> ChoiceLogprobs:

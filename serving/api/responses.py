@@ -12,6 +12,10 @@ Notable:
 - the output is one assistant message with one output_text part: the reply's text parts (the calculator's
   calls and outputs, which the chat route returns as content_parts, are left out). status is "completed",
   or "incomplete" with incomplete_details.reason "max_output_tokens" when the reply was cut by the limit.
+- include ["message.output_text.logprobs"] (or a top_logprobs above 0) gives the output text its tokens'
+  log-probabilities, each with top_logprobs of the likeliest tokens, as the chat route's logprobs: the
+  model's own, one entry per token of the text (not the calculator's, not the end of the turn). OpenAI's
+  other include values name built-in tools and inputs this server has none of: accepted, nothing to add.
 - function tools ({"type": "function", "name", "parameters", ...}) and tool_choice ("required" or
   {"type": "function", "name"}) are the chat route's (serving/api/tools.py): the output is then the calls,
   function_call items; input function_call and function_call_output items sent back become an assistant
@@ -46,10 +50,12 @@ from pydantic import (
 )
 
 from nanochat.tokenizer import Tokenizer
+from serving.api.logprobs import TokenInfo, token_piece
 from serving.api.parts import PartSplitter
 from serving.api.schemas import (
     FUNCTION_NAME,
     MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
     ChatCompletionRequest,
     JSONSchemaFormat,
     ResponseFormat,
@@ -68,6 +74,7 @@ class Run(Protocol):
     id: str
     created: int
     finish_reasons: list[str | None]
+    logprobs: list[list[TokenInfo]]
 
     def batches(self) -> AsyncIterator[Iterator[TokenEvent]]: ...
 
@@ -174,12 +181,16 @@ REFUSED = {  # field -> why it is refused unless off
     "conversation": "conversation is not supported: this server stores no conversations; send them as input",
     "background": "background is not supported: responses run while the request is open",
     "reasoning": "reasoning is not supported: the model does not reason before it answers",
-    "include": "include is not supported: there is nothing extra to include",
     "prompt": "prompt (a stored prompt template) is not supported",
-    "top_logprobs": "top_logprobs is not supported on /v1/responses: use /v1/chat/completions",
     "truncation": 'truncation "auto" is not supported: a prompt over the context is refused',
     "service_tier": "service_tier is not supported",
 }
+
+
+LOGPROBS = "message.output_text.logprobs"
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
 
 
 class FunctionToolSpec(StrictModel):
@@ -222,9 +233,11 @@ class ResponsesRequest(StrictModel):
     conversation: Any = None
     background: Any = None
     reasoning: Any = None
-    include: Any = None
+    # what else the output holds: the text's log-probabilities; OpenAI's other items belong to built-in tools
+    # and inputs this server has none of, so there is nothing of them to include
+    include: list[Includable] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # with the log-probabilities: the likeliest
     prompt: Any = None
-    top_logprobs: Any = None
     truncation: Any = None
     service_tier: Any = None
 
@@ -234,6 +247,12 @@ class ResponsesRequest(StrictModel):
         if value not in OFF + OFF_WORDS.get(info.field_name, []):
             raise ValueError(REFUSED[info.field_name])
         return value
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the output text carries its tokens' log-probabilities: asked for by include, or implied by a
+        number of top tokens to show with them."""
+        return LOGPROBS in (self.include or []) or bool(self.top_logprobs)
 
     def as_chat(self) -> tuple[ChatCompletionRequest, ChatOrigins]:
         """The chat completion request this response is, and where each of its messages came from. An input
@@ -270,6 +289,7 @@ class ResponsesRequest(StrictModel):
             "model": self.model, "messages": messages, "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "response_format": self.text.format.response_format(),
             "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls,
+            "logprobs": self.wants_logprobs, "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
         }), origins
 
 
@@ -320,11 +340,26 @@ def responses_param(param: str | None, origins: ChatOrigins) -> str | None:
 # ---------------------------------------------------------------------------------------------- response
 
 
+class TopTokenLogprob(BaseModel):
+    token: str
+    bytes: list[int]  # the token's exact UTF-8 bytes (a special token, which has no text: none)
+    logprob: float
+
+
+class TokenLogprob(TopTokenLogprob):
+    top_logprobs: list[TopTokenLogprob]
+
+    def as_delta(self) -> dict:
+        """As the streamed events write it: without the bytes."""
+        return {"token": self.token, "logprob": self.logprob,
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob} for t in self.top_logprobs]}
+
+
 class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = []
-    logprobs: list[Any] = []
+    logprobs: list[TokenLogprob] = []
 
 
 class OutputMessage(BaseModel):
@@ -381,6 +416,7 @@ class Response(BaseModel):
     tool_choice: str | dict[str, str] = "none"
     tools: list[dict[str, Any]] = []
     previous_response_id: None = None
+    top_logprobs: int | None = None
     store: bool = False  # whatever was asked: nothing is stored
     truncation: str = "disabled"
     user: str | None = None
@@ -389,12 +425,34 @@ class Response(BaseModel):
 class ResponseBuilder:
     """One response's fixed fields (from its request) and its output; `response(...)` at any point."""
 
-    def __init__(self, body: ResponsesRequest, model_name: str, run: Run, calling: ToolCalling | None):
-        self.body, self.model_name, self.run, self.calling = body, model_name, run, calling
+    def __init__(self, body: ResponsesRequest, model_name: str, run: Run, calling: ToolCalling | None,
+                 tokenizer: Tokenizer):
+        self.body, self.model_name, self.run, self.calling, self.tokenizer = body, model_name, run, calling, tokenizer
         self.id, self.message_id = run.id, f"msg_{uuid.uuid4().hex}"  # the engine's request id is the response's
+        self.splitter = PartSplitter(tokenizer)
+        self.logprobs: list[TokenLogprob] = []  # the text's tokens', when asked for
+
+    def add(self, event: TokenEvent) -> tuple[str, list[TokenLogprob]]:
+        """The text an event adds to the reply (the calculator's calls and outputs left out) and, when asked
+        for, the log-probabilities of its token if that went to the text."""
+        pieces = self.splitter.add(event.token_id, event.text)
+        text = "".join(piece.text for piece in pieces if piece.type == "text")
+        wanted = self.body.wants_logprobs and self.calling is None  # a call's arguments have none
+        if not (wanted and event.logprob is not None and pieces and pieces[-1].type == "text"):
+            return text, []
+        info = self.run.logprobs[0][-1]  # the run recorded the event's as it came
+        entry = TokenLogprob(**self._piece(info.token), logprob=info.logprob,
+                             top_logprobs=[TopTokenLogprob(**self._piece(t), logprob=lp) for t, lp in info.top])
+        self.logprobs.append(entry)
+        return text, [entry]
+
+    def _piece(self, token: int) -> dict:
+        piece = token_piece(self.tokenizer, token)
+        return {**piece, "bytes": piece["bytes"] or []}
 
     def message(self, text: str, status: str) -> OutputMessage:
-        return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text)])
+        return OutputMessage(id=self.message_id, status=status,
+                             content=[OutputText(text=text, logprobs=self.logprobs)])
 
     def response(self, output: list[OutputMessage | OutputFunctionCall], status: str, usage: bool = True) -> Response:
         body, run = self.body, self.run
@@ -406,7 +464,7 @@ class ResponseBuilder:
             output=output, instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             temperature=body.temperature, top_p=body.top_p, metadata=body.metadata,
             text=body.text.model_dump(by_alias=True, exclude_none=True), user=body.user,
-            usage=self.usage() if usage else None, tools=tools,
+            usage=self.usage() if usage else None, tools=tools, top_logprobs=body.top_logprobs,
             tool_choice=choice.model_dump() if isinstance(choice, NamedFunction) else choice,
             parallel_tool_calls=body.parallel_tool_calls is not False)
 
@@ -416,9 +474,10 @@ class ResponseBuilder:
                              total_tokens=chat.total_tokens,
                              input_tokens_details=InputTokensDetails(cached_tokens=chat.prompt_tokens_details.cached_tokens))
 
-    def finished(self, text: str, scanner: CallScanner | None = None) -> Response:
-        """The whole response to a reply of this text: a message, or with tools the calls (module docstring);
+    def finished(self, scanner: CallScanner | None = None) -> Response:
+        """The whole response to the reply added: a message, or with tools the calls (module docstring);
         scanner: the one that streamed the calls, whose ids the response keeps."""
+        text = self.splitter.content
         reason = self.run.finish_reasons[0]
         status = "incomplete" if reason == "length" else "completed"
         if self.calling is None:
@@ -441,7 +500,7 @@ def item_id(call_id: str) -> str:
     return f"fc_{call_id.removeprefix('call_')}"
 
 
-async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
+async def response_events(builder: ResponseBuilder) -> AsyncGenerator[str, None]:
     """The streamed response's events (module docstring)."""
     sequence = 0
 
@@ -481,10 +540,12 @@ async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> Asy
                       name=item.name, arguments=item.arguments)
                 + event("response.output_item.done", output_index=index, item=dumped(item)))
 
-    def text_delta(delta: str) -> str:
+    def text_delta(delta: str, logprobs: list[TokenLogprob]) -> str:
         if scanner is not None:
             return calls(scanner.feed(delta))
-        return event("response.output_text.delta", **where, delta=delta, logprobs=[]) if delta else ""
+        if not (delta or logprobs):
+            return ""
+        return event("response.output_text.delta", **where, delta=delta, logprobs=[e.as_delta() for e in logprobs])
 
     calling = builder.calling
     scanner = CallScanner(calling.named) if calling is not None else None
@@ -493,21 +554,20 @@ async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> Asy
     started = builder.response([], "in_progress", usage=False)
     yield (event("response.created", response=dumped(started)) + event("response.in_progress", response=dumped(started))
            + (message_opened() if scanner is None else calls(scanner.opening())))
-    splitter = PartSplitter(tokenizer)
     async for batch in builder.run.batches():
-        delta = ""
+        delta, logprobs = "", []
         for item in batch:
             if item.finish_reason == "abort":
-                yield text_delta(delta) + event(
+                yield text_delta(delta, logprobs) + event(
                     "error", code="unavailable", param=None,
                     message="The server is shutting down: the response was cut short; retry on another replica")
                 return
-            delta += "".join(piece.text for piece in splitter.add(item.token_id, item.text) if piece.type == "text")
-        written = text_delta(delta)
+            text, entries = builder.add(item)
+            delta, logprobs = delta + text, logprobs + entries
+        written = text_delta(delta, logprobs)
         if written:
             yield written
-    text = splitter.content
-    final = builder.finished(text, scanner)
+    final = builder.finished(scanner)
     closing = ""
     for index, item in enumerate(final.output):
         if isinstance(item, OutputFunctionCall):
@@ -516,7 +576,8 @@ async def response_events(builder: ResponseBuilder, tokenizer: Tokenizer) -> Asy
         if calling is not None:  # a "required" reply cut before its first call: its text, as a message
             closing += message_opened() + event("response.output_text.delta", **where, delta=item.content[0].text,
                                                 logprobs=[])
-        closing += (event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
+        closing += (event("response.output_text.done", **where, text=item.content[0].text,
+                          logprobs=[e.as_delta() for e in item.content[0].logprobs])
                     + event("response.content_part.done", **where, part=dumped(item.content[0]))
                     + event("response.output_item.done", output_index=0, item=dumped(item)))
     yield closing + event(f"response.{final.status}", response=dumped(final))

@@ -210,6 +210,9 @@ RESPONSE_FIELDS = {
     "stream": st.booleans(),
     "temperature": st.floats(0, 2.2),
     "text": st.just({"format": {"type": "json_object"}}) | json_values,
+    "include": st.lists(st.sampled_from(["message.output_text.logprobs", "reasoning.encrypted_content", "x"]),
+                        max_size=2) | json_values,
+    "top_logprobs": st.integers(-1, 21) | json_values,
 }
 RESPONSE_EVENTS = TypeAdapter(ResponseStreamEvent)
 

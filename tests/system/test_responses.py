@@ -112,3 +112,29 @@ def test_bad_input_is_a_400_naming_the_field(client):
         assert e.value.body["param"] == param, e.value.body
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="gpt-5", input=QUESTION)
+
+
+def test_the_texts_log_probabilities_are_the_chat_routes_streamed_or_not(client, http):
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
+                                          messages=[{"role": "system", "content": INSTRUCTIONS},
+                                                    {"role": "user", "content": QUESTION}])
+    expected = [(e.token, e.bytes, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                for e in chat.choices[0].logprobs.content]
+    response = ask(client, include=["message.output_text.logprobs"], top_logprobs=3)
+    (text,) = response.output[0].content
+    assert [(e.token, e.bytes, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+            for e in text.logprobs] == expected
+    assert "".join(e.token for e in text.logprobs) == text.text and response.top_logprobs == 3
+    # a number of top tokens asks for the log-probabilities too
+    assert [len(e.top_logprobs) for e in ask(client, top_logprobs=2).output[0].content[0].logprobs] == \
+        [2] * len(expected)
+    assert not ask(client).output[0].content[0].logprobs  # not asked for: none
+    events = list(ask(client, include=["message.output_text.logprobs"], top_logprobs=3, stream=True))
+    streamed = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                for event in events if event.type == "response.output_text.delta" for e in event.logprobs]
+    assert streamed == [(token, logprob, top) for token, _, logprob, top in expected]
+    done = next(event for event in events if event.type == "response.output_text.done")
+    assert [(e.token, e.logprob) for e in done.logprobs] == [(token, logprob) for token, _, logprob, _ in expected]
+    assert events[-1].response.output[0].content[0].logprobs == text.logprobs
+    r = http.post("/v1/responses", json={"input": QUESTION, "include": ["message.output_text.tokens"]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "include[0]")
