@@ -251,6 +251,10 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             if token >= tokenizer.vocab_size:
                 raise bad_request(f"stop_token_ids[{i}] is {token}, not below the vocabulary's size "
                                   f"{tokenizer.vocab_size}", param=f"stop_token_ids[{i}]")
+        for i, token in enumerate(body.allowed_token_ids or []):
+            if token >= tokenizer.vocab_size:
+                raise bad_request(f"allowed_token_ids[{i}] is {token}, not below the vocabulary's size "
+                                  f"{tokenizer.vocab_size}", param=f"allowed_token_ids[{i}]")
         bias = {int(token): value for token, value in body.logit_bias.items()}
         if any(token >= tokenizer.vocab_size for token in bias):
             raise bad_request(f"logit_bias: token ids must be below the vocabulary's size {tokenizer.vocab_size}",
@@ -264,6 +268,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               # ignore_eos: the route's end tokens are no stop tokens either (the engine bans them)
                               stop_token_ids=([] if body.ignore_eos else stop_token_ids) + body.stop_token_ids,
                               min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                              allowed_token_ids=body.allowed_token_ids,
+                              bad_words_ids=bad_words_ids(tokenizer, body.bad_words),
                               grammar=grammar)
 
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:
@@ -444,6 +450,13 @@ def json_response(body: BaseModel) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+
+
+def bad_words_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word's token sequences, as vLLM makes them: the word alone and after a space (as it is
+    written mid-sentence), the same sequence once."""
+    sequences = {tuple(tokenizer.encode(text)) for word in words for text in (word.lstrip(), " " + word.lstrip())}
+    return [list(sequence) for sequence in sorted(sequences) if sequence]
 
 
 def end_of_turn(tokenizer: Tokenizer) -> list[int]:

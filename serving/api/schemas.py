@@ -29,7 +29,7 @@ Notable:
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
 - `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
-  `include_stop_str_in_output` and `structured_outputs` (json, regex, choice, a Lark grammar or
+  `include_stop_str_in_output`, `allowed_token_ids`, `bad_words` and `structured_outputs` (json, regex, choice, a Lark grammar or
   json_object), and chat's `continue_final_message`, `add_generation_prompt` and `echo`, are our
   extensions (vLLM's names; OpenAI has none). Chat's `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
@@ -57,6 +57,7 @@ from pydantic import (
 MAX_N = 16  # completions per request: each is a sequence holding KV blocks
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 64
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; torch's generators take it
 MAX_CHOICES = 1024  # structured_outputs.choice's alternatives
 
@@ -230,6 +231,8 @@ class SamplingRequest(StrictModel):
     top_k: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0)  # no stop token or stop string before this many tokens
     include_stop_str_in_output: bool = False  # the text ends with the stop string that ended it
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None  # only these
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS)] = []  # never written
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # only tokens at least min_p times as likely as the likeliest
     ignore_eos: bool = False  # the end-of-turn tokens neither end the reply nor are sampled (benchmarks)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # > 1 discourages every token seen (prompt too)

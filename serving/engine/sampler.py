@@ -6,8 +6,9 @@ Notable:
 - first the logits are adjusted, as OpenAI defines it: presence and frequency penalties over each row's
   generated tokens (logit -= frequency_penalty * count + presence_penalty * (count > 0)), vLLM's
   repetition_penalty over the prompt's and the generated tokens (applied first, as vLLM does), then
-  logit_bias added, then the stop tokens of rows short of their min_tokens and the rows' banned tokens
-  (ignore_eos's end-of-turn tokens) masked out. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
+  logit_bias added, then masked out: the stop tokens of rows short of their min_tokens, the rows' banned
+  tokens (ignore_eos's end-of-turn tokens), the last token of each bad word (vLLM's bad_words) whose
+  other tokens the row has just generated, and every token but a row's allowed_token_ids. On the batch: the rows' tokens go in flat, with one index_put_ each; rows that ask
   for neither cost nothing. Then the grammar's mask of the constrained rows (structured output), a bias
   of 0 or -inf from serving/engine/grammar.py, added to those rows in one index_add. Greedy rows see the
   adjusted logits too.
@@ -104,13 +105,14 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
     penalized = [b for b, p in enumerate(params) if p.penalized]
     repeated = [b for b, p in enumerate(params) if p.repetition_penalty != 1.0]
     biased = [b for b, p in enumerate(params) if p.logit_bias]
-    banned = [b for b, p in enumerate(params) if p.banned_token_ids]
+    banned = [b for b, p in enumerate(params) if p.banned_token_ids or p.bad_words_ids]
+    restricted = [b for b, p in enumerate(params) if p.allowed_token_ids is not None]
     if output_ids is None and any(p.needs_outputs for p in params):
         raise ValueError("penalties and min_tokens need each row's output_ids")
     if repeated and prompt_ids is None:
         raise ValueError("repetition_penalty needs each row's prompt_ids")
     short = [b for b, p in enumerate(params) if p.min_tokens and len(output_ids[b]) < p.min_tokens]
-    if not penalized and not repeated and not biased and not short and not banned:
+    if not penalized and not repeated and not biased and not short and not banned and not restricted:
         return logits
     logits = logits.clone()
     B, V = logits.shape
@@ -136,9 +138,22 @@ def adjust_logits(logits: Tensor, params: list[SamplingParams], output_ids: list
     if short or banned:  # the stop tokens of rows short of their min_tokens, and banned tokens, kept out
         pairs = [(b, t) for b in short for t in params[b].stop_token_ids if t < V]
         pairs += [(b, t) for b in banned for t in params[b].banned_token_ids if t < V]
+        pairs += [(b, word[-1]) for b in banned for word in params[b].bad_words_ids
+                  if word[-1] < V and _ends_with(output_ids[b] if len(word) > 1 else [], word[:-1])]
         index = (to_device([b for b, _ in pairs], device, torch.long), to_device([t for _, t in pairs], device, torch.long))
         logits.index_put_(index, torch.full((len(pairs),), float("-inf"), device=device))
+    if restricted:  # every token but the allowed ones kept out
+        pairs = [(i, t) for i, b in enumerate(restricted) for t in params[b].allowed_token_ids if t < V]
+        allowed = torch.zeros(len(restricted), V, dtype=torch.bool, device=device)
+        allowed[to_device([i for i, _ in pairs], device, torch.long), to_device([t for _, t in pairs], device, torch.long)] = True
+        rows = to_device(restricted, device, torch.long)
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits
+
+
+def _ends_with(tokens: list[int], prefix: list[int]) -> bool:
+    """Whether tokens end with prefix (always, for an empty one)."""
+    return not prefix or tokens[-len(prefix):] == prefix
 
 
 def _draw(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:

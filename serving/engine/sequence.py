@@ -60,6 +60,8 @@ class SamplingParams:
     min_tokens: int = 0  # no stop token (nor stop string) before this many generated tokens (vLLM's)
     ignore_eos: bool = False  # vLLM's: the end-of-turn tokens neither end the reply nor are sampled
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (the engine's, for ignore_eos)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these are sampled (None: any token)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # vLLM's: token sequences never completed
     grammar: str | None = None  # structured output: an llguidance grammar the output follows (engine/grammar.py)
 
     @property
@@ -68,8 +70,9 @@ class SamplingParams:
 
     @property
     def needs_outputs(self) -> bool:
-        """Whether the sampler reads the generated tokens (penalties, min_tokens)."""
-        return self.penalized or self.min_tokens > 0 or self.repetition_penalty != 1.0
+        """Whether the sampler reads the generated tokens (penalties, min_tokens, bad words of several tokens)."""
+        return (self.penalized or self.min_tokens > 0 or self.repetition_penalty != 1.0
+                or any(len(word) > 1 for word in self.bad_words_ids))
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -96,6 +99,16 @@ class SamplingParams:
             _check_int("each of stop_token_ids", token_id, 0)
         for token_id in self.banned_token_ids:
             _check_int("each of banned_token_ids", token_id, 0)
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must hold at least one token (None allows every token)")
+            for token_id in self.allowed_token_ids:
+                _check_int("each of allowed_token_ids", token_id, 0)
+        for word in self.bad_words_ids:
+            if not isinstance(word, list) or not word:
+                raise ValueError(f"each of bad_words_ids must be a non-empty list of token ids, got {word!r}")
+            for token_id in word:
+                _check_int("each token of bad_words_ids", token_id, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs is not None:

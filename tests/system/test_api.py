@@ -345,6 +345,27 @@ def test_include_stop_str_in_output_ends_the_text_with_the_stop_string(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == kept
 
 
+def test_allowed_token_ids_are_all_a_reply_is_made_of(client, tok):
+    allowed = [tok.encode(ch)[0] for ch in "abc"]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.5, seed=3,
+                                  extra_body={"allowed_token_ids": allowed})
+    assert set(r.choices[0].text) <= set("abc") and r.usage.completion_tokens == 12
+
+
+def test_a_bad_word_is_never_written_as_its_tokens(client, tok):
+    from serving.api.app import bad_words_ids
+
+    def tokens(**kwargs) -> list[str]:
+        r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, logprobs=0, **kwargs)
+        return r.choices[0].logprobs.tokens
+
+    written = tokens()
+    word = next(t for t in written if len(t.strip()) > 1).strip()  # a word the model writes as one token
+    single = {tok.decode(ids) for ids in bad_words_ids(tok, [word]) if len(ids) == 1}
+    assert single & set(written)
+    assert not single & set(tokens(extra_body={"bad_words": [word]}))
+
+
 BEGUN = [*MESSAGES, {"role": "assistant", "content": "the quick"}]
 
 
@@ -444,6 +465,10 @@ BAD_CHAT_BODIES = {
     "max_tokens above the limit": ({"messages": USER, "max_tokens": MAX_TOKENS + 1}, "max_tokens"),
     "max_completion_tokens above the limit": ({"messages": USER, "max_completion_tokens": MAX_TOKENS + 1},
                                               "max_completion_tokens"),
+    "an allowed token past the vocabulary": ({"messages": USER, "allowed_token_ids": [1, 10**6]},
+                                             "allowed_token_ids[1]"),
+    "no allowed token": ({"messages": USER, "allowed_token_ids": []}, "allowed_token_ids"),
+    "an empty bad word": ({"messages": USER, "bad_words": ["ok", ""]}, "bad_words[1]"),
 }
 
 

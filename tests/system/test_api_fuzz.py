@@ -82,6 +82,8 @@ PLAUSIBLE = {
     "include_stop_str_in_output": st.booleans(),
     "continue_final_message": st.booleans(),
     "add_generation_prompt": st.booleans(),
+    "allowed_token_ids": st.lists(st.integers(-1, 400), max_size=3),
+    "bad_words": st.lists(text, max_size=2),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),

@@ -83,6 +83,39 @@ def test_banned_tokens_are_never_drawn_nor_chosen_greedily():
     assert not set(counts) & set(top[:2]) and len(counts) > 10
 
 
+def test_only_allowed_tokens_are_drawn_in_proportion_and_other_rows_keep_theirs():
+    logits = random_logits(2, seed=4)
+    allowed = [3, 17, 40]
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed), SamplingParams(temperature=0.0)]
+    tokens = sample(logits, params, [make_generator(0), make_generator(1)])
+    assert tokens.tolist() == [allowed[logits[0, allowed].argmax()], logits[1].argmax()]
+    counts = draws(logits[:1], SamplingParams(temperature=1.0, allowed_token_ids=allowed), 4000)
+    expected = torch.softmax(logits[0, allowed], dim=-1)
+    assert set(counts) <= set(allowed)
+    for token, p in zip(allowed, expected.tolist()):
+        assert abs(counts[token] / 4000 - p) < 0.03, (token, counts[token] / 4000, p)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_a_bad_word_loses_its_last_token_only_where_the_row_just_wrote_the_rest():
+    from serving.engine.sampler import adjust_logits
+
+    logits = random_logits(3, seed=6)
+    words = [[5, 6, 7], [9]]  # a word of three tokens; one of a single token, never taken
+    params = [SamplingParams(bad_words_ids=words)] * 3
+    outputs = [[1, 5, 6], [5, 6, 1], [6]]  # completes "5 6 _"; wrote it earlier; wrote only its middle
+    adjusted = adjust_logits(logits, params, outputs)
+    assert params[0].needs_outputs
+    inf = float("-inf")
+    assert adjusted[0, 7] == inf and adjusted[1, 7] == logits[1, 7] and adjusted[2, 7] == logits[2, 7]
+    assert (adjusted[:, 9] == inf).all()
+    others = [t for t in range(V) if t not in (7, 9)]
+    assert torch.equal(adjusted[:, others], logits[:, others])
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        SamplingParams(bad_words_ids=[[]])
+
+
 def test_top_p_one_keeps_every_token():
     logits = torch.zeros(1, V)
     counts = draws(logits, SamplingParams(temperature=1.0, top_p=1.0), 5000)
