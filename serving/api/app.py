@@ -272,6 +272,23 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               bad_words_ids=bad_words_ids(tokenizer, body.bad_words),
                               grammar=grammar)
 
+    async def truncated(prompt_ids: list[int], body: SamplingRequest) -> list[int]:
+        """prompt_ids cut to the last truncate_prompt_tokens (vLLM's left truncation; -1: as many as leave one
+        token of the context to generate), or as they are."""
+        keep = body.truncate_prompt_tokens
+        if keep is None:
+            return prompt_ids
+        if keep == 0:
+            raise bad_request("truncate_prompt_tokens: 0 would leave no prompt; give at least 1, or -1 for as "
+                              "many as the context holds", param="truncate_prompt_tokens")
+        if keep == -1:
+            longest = (await current()).max_model_len or getattr(engine, "max_model_len", None)
+            if longest is None:
+                raise bad_request("truncate_prompt_tokens: -1 needs the model's context length, which this "
+                                  "server does not know; give a number of tokens", param="truncate_prompt_tokens")
+            keep = longest - 1
+        return prompt_ids[-keep:]
+
     def check_prompt_length(prompt_ids: list[int], param: str) -> None:
         if len(prompt_ids) > max_prompt_tokens:
             raise bad_request(f"The prompt has {len(prompt_ids)} tokens, more than this server's limit of "
@@ -308,7 +325,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               param="add_generation_prompt")
         continuing = continues_final_message(body, calling)
         params = sampling_params(body, tokenizer, end_of_turn(tokenizer), await request_grammar(body, calling))
-        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling, continuing)
+        prompt_ids = await truncated(await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling,
+                                                              continuing), body)
         check_prompt_length(prompt_ids, "messages")
         run = await start(engine, request, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, "messages",
                           hidden_logprobs=frozenset(params.stop_token_ids))
@@ -369,10 +387,12 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         else:
             check_token_ids(prompt, tokenizer, "prompt[0]")
             prompt_ids = prompt
+        whole, prompt_ids = prompt_ids, await truncated(prompt_ids, body)
         check_prompt_length(prompt_ids, "prompt")
         run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt",
                           score_only=body.scores_prompt_only)
-        echo = Echo.of(tokenizer, prompt_ids, isinstance(prompt, str)) if body.echo else None
+        # the prompt run, as sent or, cut, as its tokens write it
+        echo = Echo.of(tokenizer, prompt_ids, isinstance(prompt, str) and len(whole) == len(prompt_ids)) if body.echo else None
         if body.stream:
             return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, tokenizer, echo,
                                                       body.logprobs is not None))

@@ -366,6 +366,23 @@ def test_a_bad_word_is_never_written_as_its_tokens(client, tok):
     assert not single & set(tokens(extra_body={"bad_words": [word]}))
 
 
+def test_truncate_prompt_tokens_runs_the_prompts_last_tokens(client, http, model, tok):
+    long_text = words(completion_ids(tok), CONTEXT + 10, MAX_PROMPT)  # over the model's context
+    prompt = tok.encode(long_text, prepend="<|bos|>")
+    for keep, kept in [(20, prompt[-20:]), (-1, prompt[-(CONTEXT - 1):])]:
+        r = client.completions.create(model=MODEL, prompt=long_text, max_tokens=4, temperature=0, echo=True,
+                                      extra_body={"truncate_prompt_tokens": keep})
+        expected = greedy(model, tok, kept, min(4, CONTEXT - len(kept)))  # the engine cuts it to the room left
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(kept), len(expected))
+        assert r.choices[0].text == tok.decode(kept) + text_of(tok, expected)  # the prompt run, echoed
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    expected = greedy(model, tok, chat_prompt(tok, MESSAGES)[-5:], 4)
+    assert (chat.usage.prompt_tokens, chat.choices[0].message.content) == (5, text_of(tok, expected))
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "truncate_prompt_tokens": 0}), 400,
+                 "truncate_prompt_tokens")
+
+
 BEGUN = [*MESSAGES, {"role": "assistant", "content": "the quick"}]
 
 

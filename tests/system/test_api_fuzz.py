@@ -84,6 +84,7 @@ PLAUSIBLE = {
     "add_generation_prompt": st.booleans(),
     "allowed_token_ids": st.lists(st.integers(-1, 400), max_size=3),
     "bad_words": st.lists(text, max_size=2),
+    "truncate_prompt_tokens": st.integers(-2, 200),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),
