@@ -207,6 +207,7 @@ class ServeConfig(Section):
     enforce_eager: bool = Field(False, description="decode eagerly instead of replaying CUDA graphs (GPU only)")
     compile_decode: bool = Field(False, description="compile the decode step (torch.compile, one graph for every batch size) before capturing its CUDA graphs, so each replay runs fused kernels; start-up takes longer. GPU only, not with enforce_eager; a step that fails to compile is logged and captured uncompiled")
     async_scheduling: bool = Field(False, description="schedule and launch each engine step before reading the tokens of the one before (vLLM's async scheduling): on a GPU the host's scheduling, detokenisation and streaming overlap the device's step instead of leaving it idle. A request whose sampling reads its own tokens (a grammar, penalties, min_tokens) has its step read before the next is scheduled")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="the order of the engine's queue (vLLM's scheduling policy): fcfs = first come first served; priority = by each request's `priority` (lower first, then arrival), a running request of the lowest priority preempted first when the KV cache runs short. A request's `priority` is a 400 under fcfs")
     attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="paged attention: flex = FlexAttention over the KV cache in place (compiled, no per-step "
         "gather), sdpa = gather each sequence's blocks for masked SDPA; auto = flex on a GPU, sdpa on a CPU")

@@ -235,7 +235,7 @@ class EngineReplica:
                         max_num_batched_tokens=cfg.max_num_batched_tokens, dtype=cfg.dtype,
                         kv_cache_dtype=cfg.kv_cache_dtype, enforce_eager=cfg.enforce_eager, attention=cfg.attention,
                         hybrid_kv_cache=cfg.hybrid_kv_cache, compile_decode=cfg.compile_decode,
-                        async_scheduling=cfg.async_scheduling)
+                        async_scheduling=cfg.async_scheduling, scheduling_policy=cfg.scheduling_policy)
         if cfg.engine_core == "process":
             return ProcessEngine(model, tokenizer, self.device, settings, max_queue=cfg.max_queue,
                                  metrics=self.metrics, threads=max(1, int(cfg.num_cpus)),
@@ -434,7 +434,8 @@ class Ingress:
         from serving.api.app import create_app
 
         return create_app(self.engine, self.models, model_name=self.cfg.model_name, api_keys=self.api_keys,
-                          max_prompt_tokens=self.cfg.max_prompt_tokens, max_tokens_limit=self.cfg.max_tokens_limit)
+                          max_prompt_tokens=self.cfg.max_prompt_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
+                          priority_scheduling=self.cfg.scheduling_policy == "priority")
 
 
 def api_keys_from_env() -> list[str] | None:

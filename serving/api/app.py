@@ -206,10 +206,11 @@ class FixedModel:
 
 def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_name: str = "nanochat",
                api_keys: list[str] | None = None, max_prompt_tokens: int = 2048,
-               max_tokens_limit: int = 1024) -> FastAPI:
+               max_tokens_limit: int = 1024, priority_scheduling: bool = False) -> FastAPI:
     """The API over engine. model: the tokenizer of a model served for good, or a ServedModels whose model
     may come and change while the app runs. api_keys: when given, /v1/ needs `Authorization: Bearer <one
-    of them>`. max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond)."""
+    of them>`. max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond).
+    priority_scheduling: the engine orders its queue by each request's priority (else a priority is a 400)."""
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     install_error_handlers(app)
     if api_keys:
@@ -251,6 +252,10 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             if token >= tokenizer.vocab_size:
                 raise bad_request(f"stop_token_ids[{i}] is {token}, not below the vocabulary's size "
                                   f"{tokenizer.vocab_size}", param=f"stop_token_ids[{i}]")
+        if body.priority and not priority_scheduling:
+            raise bad_request("priority needs priority scheduling, which this server does not use (it serves "
+                              "first come first served; serve.scheduling_policy=priority turns it on)",
+                              param="priority")
         for i, token in enumerate(body.allowed_token_ids or []):
             if token >= tokenizer.vocab_size:
                 raise bad_request(f"allowed_token_ids[{i}] is {token}, not below the vocabulary's size "
@@ -268,7 +273,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               # ignore_eos: the route's end tokens are no stop tokens either (the engine bans them)
                               stop_token_ids=([] if body.ignore_eos else stop_token_ids) + body.stop_token_ids,
                               min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-                              allowed_token_ids=body.allowed_token_ids,
+                              allowed_token_ids=body.allowed_token_ids, priority=body.priority,
                               bad_words_ids=bad_words_ids(tokenizer, body.bad_words),
                               grammar=grammar)
 

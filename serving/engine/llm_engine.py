@@ -101,7 +101,7 @@ from serving.engine.model_runner import (
     resolve_kv_dtype,
 )
 from serving.engine.sampler import TokenMask, make_generator, sample
-from serving.engine.scheduler import ScheduledBatch, Scheduler
+from serving.engine.scheduler import ScheduledBatch, Scheduler, SchedulingPolicy
 from serving.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from serving.engine.transfer import to_device
 
@@ -268,11 +268,13 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, device: torch.device | str = "cpu",
                  max_model_len: int | None = None, dtype: ServeDtype = "auto", enforce_eager: bool = False,
                  attention: ServeAttention = "auto", kv_cache_dtype: ServeDtype = "auto", hybrid_kv_cache: bool = True,
-                 compile_decode: bool = False, async_scheduling: bool = False):
+                 compile_decode: bool = False, async_scheduling: bool = False,
+                 scheduling_policy: SchedulingPolicy = "fcfs"):
         """num_blocks: the KV cache's size, in blocks of every layer's keys and values for block_size tokens;
         hybrid_kv_cache: sliding-window layers keep only their window, in a pool of their own, when that
         leaves the full-context layers more blocks (kv_cache_split); async_scheduling: each step schedules
-        and launches the next before it reads its own tokens (module docstring)."""
+        and launches the next before it reads its own tokens (module docstring); scheduling_policy: fcfs, or
+        priority, by each request's SamplingParams.priority (scheduler.py)."""
         check_servable(model, tokenizer)
         self.tokenizer = tokenizer
         split = kv_cache_split(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
@@ -284,7 +286,7 @@ class LLMEngine:
                         split.window, split.num_full_blocks, split.num_window_blocks, num_blocks)
             window, num_window_blocks, num_blocks = split.window, split.num_window_blocks, split.num_full_blocks
         self.block_manager = BlockManager(num_blocks, block_size, window, num_window_blocks)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, scheduling_policy)
         # a sequence can never outgrow the cache, whatever the model would accept
         self.max_model_len = min(max_model_len or model.config.sequence_len, num_blocks * block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, device, dtype, max_num_seqs=max_num_seqs,

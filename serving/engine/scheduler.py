@@ -5,7 +5,8 @@ Notable:
 - One token budget per step (max_num_batched_tokens) shared by decodes and prefill chunks, and at most
   max_num_seqs running sequences. Order of service: decodes of running sequences first (one token each,
   for steady inter-token latency), then the next chunk of running sequences still prefilling, then new
-  sequences from the waiting queue, first come first served.
+  sequences from the waiting queue: first come first served ("fcfs"), or with the "priority" policy
+  (vLLM's) by each request's priority, lower first, then arrival.
 - Chunked prefill: a prompt longer than the budget left is computed over several steps; each chunk is
   (sequence, start, length) with start == seq.num_cached_tokens, and only the chunk that reaches the end
   of the sequence samples a token.
@@ -13,7 +14,10 @@ Notable:
   pool, sized never to run short, gives a chunk its blocks when the chunk is scheduled). When none is
   left, the newest running sequence is preempted by recompute: its blocks are freed and it goes back to
   the front of the waiting queue, keeping its generated tokens (prefix caching makes most of the
-  recompute cheap). No new sequence is admitted in a step that preempted.
+  recompute cheap). No new sequence is admitted in a step that preempted. Under the priority policy both
+  queues stay in (priority, arrival) order instead: the running sequence preempted is the one of the
+  lowest priority that came last, and it waits in its place by the same order; decodes are scheduled in
+  that order, so a sequence already given its step this time is never the one preempted.
 - add() refuses a sequence that could never fit in the cache (prompt + max_tokens), which would
   otherwise block the queue forever.
 - Siblings (the other choices of an n > 1 request) share one prefill: they wait, holding no blocks,
@@ -33,10 +37,12 @@ Notable:
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from serving.engine.block_manager import BlockCopy, BlockManager, window_pool_blocks
 from serving.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -84,9 +90,18 @@ def _is_decode(seq: Sequence) -> bool:
     return not _is_prefill(seq) and len(seq) - seq.num_prompt_tokens < seq.sampling.max_tokens
 
 
+SchedulingPolicy = Literal["fcfs", "priority"]
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """A sequence's place under the priority policy: its request's priority (lower first), then arrival."""
+    return seq.sampling.priority, seq.id
+
+
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048
+        self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+        policy: SchedulingPolicy = "fcfs",
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
@@ -99,11 +114,14 @@ class Scheduler:
             if pool.num_blocks < needed:
                 raise ValueError(f"the window pool's {pool.num_blocks} blocks can run short: {max_num_seqs} "
                                  f"sequences and {max_num_batched_tokens} tokens a step need {needed}")
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy {policy!r}: fcfs or priority")
         self.block_manager = block_manager
+        self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.running: list[Sequence] = []  # in admission (or rank) order: the last one is preempted first
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id, for abort
         self.siblings: dict[Sequence, list[Sequence]] = {}  # by leader: those waiting to fork off it
         self.num_preemptions = 0
@@ -131,9 +149,29 @@ class Scheduler:
         for s in (seq, *siblings):
             assert s.status is SequenceStatus.WAITING and s.id not in self.seqs and s.token_ids == seq.token_ids
             self.seqs[s.id] = s
-        self.waiting.append(seq)
+        self._wait([seq], front=False)
         if siblings:
             self.siblings[seq] = list(siblings)
+
+    def _wait(self, seqs: Iterable[Sequence], front: bool) -> None:
+        """Queue seqs, in order: at the back (new) or the front (preempted, or siblings that could not fork);
+        under the priority policy in their rank's place either way."""
+        seqs = list(seqs)
+        if self.policy == "priority":
+            for seq in seqs:
+                self.waiting.insert(bisect.bisect_right(self.waiting, _rank(seq), key=_rank), seq)
+        elif front:
+            self.waiting.extendleft(reversed(seqs))
+        else:
+            self.waiting.extend(seqs)
+
+    def _run(self, seq: Sequence) -> None:
+        """seq runs: last in admission order, or in its rank's place under the priority policy."""
+        seq.status = SequenceStatus.RUNNING
+        if self.policy == "priority":
+            self.running.insert(bisect.bisect_right(self.running, _rank(seq), key=_rank), seq)
+        else:
+            self.running.append(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -163,8 +201,7 @@ class Scheduler:
                 break  # strict FIFO: a smaller request behind it waits too, so big ones never starve
             self.waiting.popleft()
             self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             budget -= self._add_chunk(batch, seq, budget, preempted)
         return batch
 
@@ -191,16 +228,15 @@ class Scheduler:
             copy = bm.fork(leader, sib)
             if copy is not None:
                 batch.block_copies.append(copy)
-            sib.status = SequenceStatus.RUNNING
-            self.running.append(sib)
+            self._run(sib)
             chunk.forks.append(sib)
-        self.waiting.extendleft(reversed(left))
+        self._wait(left, front=True)
 
     def _preempt(self, seq: Sequence) -> Sequence:
         logger.debug("preempting sequence %d (%d tokens) for lack of KV cache blocks", seq.id, len(seq))
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._wait([seq], front=True)
         self.num_preemptions += 1
         return seq
 
@@ -254,7 +290,7 @@ class Scheduler:
         else:  # a sibling still waiting to fork
             next(sibs for sibs in self.siblings.values() if seq in sibs).remove(seq)
         # siblings left without their leader go ahead as ordinary sequences
-        self.waiting.extendleft(reversed(self.siblings.pop(seq, [])))
+        self._wait(self.siblings.pop(seq, []), front=True)
         self.block_manager.free(seq)
         seq.num_pending = 0  # a token still on its way is moot
         seq.status = SequenceStatus.FINISHED

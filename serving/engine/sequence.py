@@ -63,6 +63,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # vLLM's: only these are sampled (None: any token)
     bad_words_ids: list[list[int]] = field(default_factory=list)  # vLLM's: token sequences never completed
     grammar: str | None = None  # structured output: an llguidance grammar the output follows (engine/grammar.py)
+    priority: int = 0  # vLLM's: the request's place under the priority scheduling policy, lower first
 
     @property
     def penalized(self) -> bool:
@@ -123,6 +124,8 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise ValueError(f"grammar must be a serialised llguidance grammar (a str), got {self.grammar!r}")
         if not isinstance(self.logit_bias, dict):

@@ -383,6 +383,18 @@ def test_truncate_prompt_tokens_runs_the_prompts_last_tokens(client, http, model
                  "truncate_prompt_tokens")
 
 
+def test_a_priority_needs_priority_scheduling(engine, tok):
+    body = {"prompt": PROMPT, "max_tokens": 2, "priority": -1}
+    for scheduling, status in [(False, 400), (True, 200)]:
+        app = create_app(engine, tok, model_name=MODEL, priority_scheduling=scheduling)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == status, r.text
+            if status == 400:
+                assert_error(r, 400, "priority")
+            assert http.post("/v1/completions", json={**body, "priority": 0}).status_code == 200  # the default
+
+
 BEGUN = [*MESSAGES, {"role": "assistant", "content": "the quick"}]
 
 

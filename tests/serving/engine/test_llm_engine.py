@@ -245,6 +245,18 @@ def test_choices_that_cannot_fork_run_after_with_the_prompts_full_blocks_cached(
 # stopping and the context limit
 
 
+@pytest.mark.parametrize("policy, finished", [("fcfs", ["low", "normal", "urgent"]),
+                                              ("priority", ["urgent", "normal", "low"])])
+def test_the_priority_policy_serves_urgent_requests_first(model, tok, policy, finished):
+    engine = make_engine(model, tok, max_num_seqs=1, scheduling_policy=policy)
+    for name, priority in [("low", 4), ("normal", 0), ("urgent", -2)]:
+        engine.add_request(name, prompts(tok)[0][:6], SamplingParams(temperature=0.0, max_tokens=3, priority=priority))
+    order = []
+    while engine.has_work():
+        order += [e.request_id for e in engine.step() if e.finish_reason is not None]
+    assert order == finished and no_block_held(engine)
+
+
 def test_a_stop_string_cuts_the_text_before_it_and_frees_the_blocks(tok):
     a, b, c = (tok.encode(ch)[0] for ch in "abc")
     model = bigram_model(tok, chain(a, b, c, a), default=a)  # writes abcabcabc...

@@ -63,11 +63,12 @@ def expected_output(prompt: list[int], n: int) -> list[int]:
     return [(prompt[-1] + k) % V for k in range(1, n + 1)]
 
 
-def make(num_blocks=32, max_num_seqs=8, max_num_batched_tokens=64, window=None) -> tuple[Scheduler, FakeModel]:
+def make(num_blocks=32, max_num_seqs=8, max_num_batched_tokens=64, window=None,
+         policy="fcfs") -> tuple[Scheduler, FakeModel]:
     """With a window, a window pool of just the blocks it needs never to run short."""
     window_blocks = window and window_pool_blocks(window, BS, max_num_seqs, max_num_batched_tokens)
     bm = BlockManager(num_blocks, BS, window, window_blocks or 0)
-    return Scheduler(bm, max_num_seqs, max_num_batched_tokens), FakeModel(bm)
+    return Scheduler(bm, max_num_seqs, max_num_batched_tokens, policy), FakeModel(bm)
 
 
 def run_to_completion(sched: Scheduler, model: FakeModel, max_steps: int = 1000) -> int:
@@ -139,6 +140,38 @@ def test_preempts_the_newest_when_blocks_run_out_and_it_still_finishes_correctly
     for s, p in zip(seqs, prompts, strict=True):
         assert s.output_token_ids == expected_output(p, 12) and s.finish_reason == "length"
     assert sched.block_manager.num_free_blocks == 6
+
+
+@pytest.mark.parametrize("policy, order", [("fcfs", [0, 1, 2, 3]), ("priority", [2, 0, 3, 1])])
+def test_priority_scheduling_admits_by_priority_then_arrival(policy, order):
+    sched, model = make(max_num_seqs=1, policy=policy)
+    seqs = [seq([i], max_tokens=2, priority=p) for i, p in enumerate([0, 5, -1, 0])]
+    for s in seqs:
+        sched.add(s)
+    admitted = []
+    while sched.has_unfinished():
+        batch, _ = model.step(sched)
+        admitted += [seqs.index(c.seq) for c in batch.prefills]
+    assert admitted == order
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_priority_scheduling_preempts_the_least_urgent_running_sequence(policy):
+    sched, model = make(num_blocks=6, max_num_seqs=4, policy=policy)
+    # the first to come is the least urgent: first come first served preempts the newest instead
+    seqs = [seq([10 + i] * 3, max_tokens=12, priority=p) for i, p in enumerate([3, 0, 1])]
+    for s in seqs:
+        sched.add(s)
+    model.step(sched)
+    if policy == "priority":
+        assert sched.running == [seqs[1], seqs[2], seqs[0]]  # decoded in rank order: urgent first
+    while sched.num_preemptions == 0:
+        model.step(sched)
+    victim = seqs[0] if policy == "priority" else seqs[2]
+    assert victim.status is SequenceStatus.WAITING and victim.block_table == []
+    run_to_completion(sched, model)
+    for s in seqs:
+        assert s.output_token_ids == expected_output(s.token_ids[:3], 12)
 
 
 def test_abort_frees_every_block_waiting_prefilling_or_decoding():
@@ -291,7 +324,8 @@ def test_sampling_params_reject_bad_values(kwargs):
         SamplingParams(**kwargs)
 
 
-add_op = st.tuples(st.just("add"), st.integers(0, 2), st.integers(1, 6), st.integers(1, 20), st.integers(1, 3))
+add_op = st.tuples(st.just("add"), st.integers(0, 2), st.integers(1, 6), st.integers(1, 20), st.integers(1, 3),
+                  st.integers(-2, 2))
 ops = st.lists(
     st.one_of(
         add_op,
@@ -306,18 +340,20 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(6, 12), budget=st.integers(1, 24), max_num_seqs=st.integers(1, 6),
-       window=st.sampled_from([None, 1, 3, 6]))
-def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, budget, max_num_seqs, window):
-    """Random adds (with shared prefixes and forks), aborts and steps: the fake model reads every
-    position back (through the window tables too), the blocks add up after every op, all come back."""
-    sched, model = make(num_blocks, max_num_seqs, budget, window)
+       window=st.sampled_from([None, 1, 3, 6]), policy=st.sampled_from(["fcfs", "priority"]))
+def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, budget, max_num_seqs, window, policy):
+    """Random adds (with shared prefixes, forks and priorities), aborts and steps under either policy: the
+    fake model reads every position back (through the window tables too), the blocks add up after every op,
+    all come back."""
+    sched, model = make(num_blocks, max_num_seqs, budget, window, policy)
     bm = sched.block_manager
     prefixes = [[1] * 8, [2] * 4, [3] * 2]  # shared prefixes, so prefix caching is exercised
     added: list[Sequence] = []
     for op in ops:
         if op[0] == "add":
-            _, which, extra, max_tokens, n = op  # n sequences: a leader and the siblings that fork off it
-            group = [seq(prefixes[which] + [len(added) % V] * extra, max_tokens=max_tokens) for _ in range(n)]
+            _, which, extra, max_tokens, n, priority = op  # n sequences: a leader and the siblings that fork off it
+            group = [seq(prefixes[which] + [len(added) % V] * extra, max_tokens=max_tokens, priority=priority)
+                     for _ in range(n)]
             if bm.num_blocks_for(len(group[0]) + max_tokens) <= num_blocks:
                 sched.add(group[0], group[1:])
                 added += group
@@ -328,6 +364,9 @@ def test_blocks_are_never_double_allocated_and_all_come_back(ops, num_blocks, bu
             for _ in range(op[1]):
                 model.step(sched)
         check_block_accounting(sched)
+        if policy == "priority":  # both queues stay in rank order
+            for queue in (list(sched.waiting), sched.running):
+                assert queue == sorted(queue, key=lambda s: (s.sampling.priority, s.id))
     run_to_completion(sched, model)
     assert bm.num_free_blocks == num_blocks and not any(bm.full.ref_counts)
     if window is not None:
