@@ -337,7 +337,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                           hidden_logprobs=frozenset(params.stop_token_ids))
         echo = body.messages[-1].parts if continuing and body.echo else []
         if body.stream:
-            return SSEResponse(run, chat_chunks(run, model_name, body.include_usage, tokenizer, calling, echo))
+            return SSEResponse(run, chat_chunks(run, model_name, body, tokenizer, calling, echo))
         splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
         for splitter in splitters:
             splitter.begin_with(echo)
@@ -399,7 +399,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         # the prompt run, as sent or, cut, as its tokens write it
         echo = Echo.of(tokenizer, prompt_ids, isinstance(prompt, str) and len(whole) == len(prompt_ids)) if body.echo else None
         if body.stream:
-            return SSEResponse(run, completion_chunks(run, model_name, body.include_usage, tokenizer, echo,
+            return SSEResponse(run, completion_chunks(run, model_name, body, tokenizer, echo,
                                                       body.logprobs is not None))
         await until_disconnected(request, run.collect())
         choices = []
@@ -889,12 +889,14 @@ def merge_completion(earlier: CompletionChoice, later: CompletionChoice) -> Comp
     return None
 
 
-async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer,
+async def chat_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: Tokenizer,
                       calling: ToolCalling | None = None, echo: list[dict] | None = None) -> AsyncGenerator[str, None]:
     """chat.completion.chunk events: each choice's role, the echoed parts (if any), its content (or tool
-    call) deltas, its finish_reason; then the usage (if asked) and [DONE]."""
+    call) deltas, its finish_reason; then the usage (if asked) and [DONE]. With continuous usage every chunk
+    carries the usage so far."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        usage = usage or (run.usage() if body.continuous_usage else None)
         return sse(ChatCompletionChunk(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     splitters = [PartSplitter(tokenizer) for _ in range(run.n)]
@@ -933,16 +935,18 @@ async def chat_chunks(run: Run, model: str, include_usage: bool, tokenizer: Toke
         for piece in splitters[index].begin_with(echo or []):
             yield chunk([ChunkChoice(index=index, delta=piece_delta(piece))])
     async for piece in event_stream(run, render, merge_chat, chunk,
-                                    (lambda: chunk([], run.usage())) if include_usage else None):
+                                    (lambda: chunk([], run.usage())) if body.include_usage else None):
         yield piece
 
 
-async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer: Tokenizer, echo: Echo | None,
+async def completion_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: Tokenizer, echo: Echo | None,
                             logprobs_wanted: bool) -> AsyncGenerator[str, None]:
     """text_completion events: text pieces (each choice's first one after the echoed prompt and its
-    log-probabilities, if asked), each choice's finish_reason; then the usage (if asked) and [DONE]."""
+    log-probabilities, if asked), each choice's finish_reason; then the usage (if asked) and [DONE]. With
+    continuous usage every chunk carries the usage so far."""
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        usage = usage or (run.usage() if body.continuous_usage else None)
         return sse(Completion(id=run.id, created=run.created, model=model, choices=choices, usage=usage))
 
     echoed: set[int] = set()
@@ -963,7 +967,7 @@ async def completion_chunks(run: Run, model: str, include_usage: bool, tokenizer
         return []
 
     async for piece in event_stream(run, render, merge_completion, chunk,
-                                    (lambda: chunk([], run.usage())) if include_usage else None):
+                                    (lambda: chunk([], run.usage())) if body.include_usage else None):
         yield piece
 
 

@@ -177,6 +177,13 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool = False
     include_obfuscation: Literal[False] = False  # its padding field only hides lengths from an eavesdropper
+    continuous_usage_stats: bool = False  # vLLM's: every chunk also carries the usage so far (with include_usage)
+
+    @model_validator(mode="after")
+    def _continuous_needs_usage(self) -> StreamOptions:
+        if self.continuous_usage_stats and not self.include_usage:
+            raise ValueError("continuous_usage_stats needs include_usage: true")
+        return self
 
 
 class JSONSchemaFormat(StrictModel):
@@ -282,6 +289,11 @@ class SamplingRequest(StrictModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk carries the usage so far (vLLM's continuous_usage_stats)."""
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class TextPart(StrictModel):
@@ -631,7 +643,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None  # only in the last chunk, when stream_options.include_usage
+    usage: Usage | None = None  # the last chunk's, with stream_options.include_usage (every one's, continuous)
 
 
 class CompletionChoice(BaseModel):

@@ -250,6 +250,20 @@ def test_streamed_completion_is_server_sent_events_ending_with_done(http, model,
                                    "prompt_tokens_details": {"cached_tokens": 0}}
 
 
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": PROMPT}),
+                                         ("/v1/chat/completions", {"messages": MESSAGES})])
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(http, route, body):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    r = http.post(route, json={**body, "max_tokens": 12, "temperature": 0, "stream": True, "stream_options": options})
+    chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n")[:-2]]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1]["usage"]["total_tokens"] - chunks[-1]["usage"][
+        "prompt_tokens"] and counts[-1] > counts[0]
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {chunks[-1]["usage"]["prompt_tokens"]}
+    assert_error(http.post(route, json={**body, "stream": True, "stream_options": {"continuous_usage_stats": True}}),
+                 400, "stream_options")
+
+
 class HeldBack:
     """The engine with serve.stream_interval_s's hold-back, as an engine replica sends its lists: every
     token made during interval_s after the first comes in one list."""

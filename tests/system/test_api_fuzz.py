@@ -60,7 +60,8 @@ PLAUSIBLE = {
     "stop": text | st.lists(text, max_size=5),
     "seed": st.integers(-1, 2**64),
     "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                          "continuous_usage_stats": st.booleans()}),
     "user": text,
     # OpenAI's other fields: honoured, or refused unless off
     "logprobs": st.booleans() | st.integers(0, 6),
