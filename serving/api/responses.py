@@ -69,7 +69,7 @@ from serving.engine.llm_engine import TokenEvent
 
 
 class Run(Protocol):
-    """What a response reads of the chat route's run (serving/api/app.py's Run)."""
+    """What a response reads of the chat route's run (serving/api/streaming.py's Run)."""
 
     id: str
     created: int

@@ -367,7 +367,7 @@ def test_allowed_token_ids_are_all_a_reply_is_made_of(client, tok):
 
 
 def test_a_bad_word_is_never_written_as_its_tokens(client, tok):
-    from serving.api.app import bad_words_ids
+    from serving.api.prompts import bad_words_ids
 
     def tokens(**kwargs) -> list[str]:
         r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, logprobs=0, **kwargs)

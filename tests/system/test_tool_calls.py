@@ -15,7 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
-from serving.api.app import merge_chat, merged
+from serving.api.streaming import merge_chat, merged
 from serving.api.schemas import ChatMessage, ChunkChoice, FunctionDelta, ToolCallDelta
 from serving.api.tools import NO_ARGUMENTS, CallPiece, CallScanner, ToolCalling, conversation
 from tests.system import test_structured_output
