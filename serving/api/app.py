@@ -84,6 +84,8 @@ from serving.api.schemas import (
 )
 from serving.api.streaming import (
     Engine,
+    Run,
+    Runs,
     SSEResponse,
     chat_chunks,
     completion_chunks,
@@ -332,31 +334,57 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                                  await request_grammar(body))
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-        prompt = body.prompt[0]
+        prompts = await asyncio.gather(*(completion_prompt(body, tokenizer, p) for p in range(len(body.prompt))))
+        runs = Runs(await start_all(request, f"cmpl-{uuid.uuid4().hex}", [ids for ids, _ in prompts], params,
+                                    score_only=body.scores_prompt_only))
+        echoes = [Echo.of(tokenizer, ids, added_bos) for ids, added_bos in prompts] if body.echo else None
+        if body.stream:
+            return SSEResponse(runs, completion_chunks(runs, model_name, body, tokenizer, echoes,
+                                                       body.logprobs is not None))
+        await until_disconnected(request, runs.collect())
+        choices = []
+        for i, (text, reason, infos) in enumerate(zip(runs.texts, runs.finish_reasons, runs.logprobs)):
+            echo = echoes[i // runs.per_prompt] if echoes is not None else None
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, infos, echo, runs.prompt_logprobs[i])
+            choices.append(CompletionChoice(index=i, text=(echo.text if echo else "") + text, finish_reason=reason,
+                                            logprobs=logprobs))
+        return json_response(Completion(id=runs.id, created=runs.created, model=model_name, choices=choices,
+                                        usage=runs.usage()))
+
+    def prompt_param(count: int, p: int) -> str:
+        """How an error names prompt p of count: "prompt" when it is the only one."""
+        return "prompt" if count == 1 else f"prompt[{p}]"
+
+    async def completion_prompt(body: CompletionRequest, tokenizer: Tokenizer, p: int) -> tuple[list[int], bool]:
+        """Prompt p's tokens as they run, and whether they are its text after the <|bos|> the server put
+        before it (an echo then shows the text as sent; token ids, or a prompt cut, show as their tokens)."""
+        prompt = body.prompt[p]
         if isinstance(prompt, str):
             prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt, prepend="<|bos|>")
         else:
-            check_token_ids(prompt, tokenizer, "prompt[0]")
+            check_token_ids(prompt, tokenizer, f"prompt[{p}]")
             prompt_ids = prompt
-        whole, prompt_ids = prompt_ids, await truncated(prompt_ids, body)
-        check_prompt_length(prompt_ids, "prompt")
-        run = await start(engine, request, f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, "prompt",
-                          score_only=body.scores_prompt_only)
-        # the prompt run, as sent or, cut, as its tokens write it
-        echo = Echo.of(tokenizer, prompt_ids, isinstance(prompt, str) and len(whole) == len(prompt_ids)) if body.echo else None
-        if body.stream:
-            return SSEResponse(run, completion_chunks(run, model_name, body, tokenizer, echo,
-                                                      body.logprobs is not None))
-        await until_disconnected(request, run.collect())
-        choices = []
-        for i, (text, reason, infos) in enumerate(zip(run.texts, run.finish_reasons, run.logprobs)):
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[i])
-            choices.append(CompletionChoice(index=i, text=(echo.text if echo else "") + text, finish_reason=reason,
-                                            logprobs=logprobs))
-        return json_response(Completion(id=run.id, created=run.created, model=model_name, choices=choices,
-                                        usage=run.usage()))
+        kept = await truncated(prompt_ids, body)
+        check_prompt_length(kept, prompt_param(len(body.prompt), p))
+        return kept, isinstance(prompt, str) and len(kept) == len(prompt_ids)
+
+    async def start_all(request: Request, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                        score_only: bool) -> list[Run]:
+        """A run for each prompt (the first has the request's id, the others it with their place), started
+        side by side; should one be refused, the others are closed and the refusal is the answer."""
+        ids = [request_id] + [f"{request_id}-{p}" for p in range(1, len(prompts))]
+        started = await asyncio.gather(
+            *(start(engine, request, ids[p], prompt, params, prompt_param(len(prompts), p), score_only=score_only)
+              for p, prompt in enumerate(prompts)), return_exceptions=True)
+        refused = [outcome for outcome in started if isinstance(outcome, BaseException)]
+        if refused:
+            for outcome in started:
+                if isinstance(outcome, Run):
+                    await outcome.close()
+            raise refused[0]
+        return started
 
     def check_token_ids(tokens: list[int], tokenizer: Tokenizer, param: str) -> None:
         for i, token in enumerate(tokens):

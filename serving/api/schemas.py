@@ -59,6 +59,7 @@ MAX_N = 16  # completions per request: each is a sequence holding KV blocks
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
 MAX_BAD_WORDS = 64
+MAX_PROMPTS = 64  # prompts per completion request (each with its n choices)
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; torch's generators take it
 MAX_CHOICES = 1024  # structured_outputs.choice's alternatives
 
@@ -510,8 +511,8 @@ class ChatCompletionRequest(_ChatRefused, SamplingRequest):
 
 
 class CompletionRequest(_CompletionRefused, SamplingRequest):
-    # a text or its token ids; OpenAI also takes batches of prompts, we take one
-    prompt: Annotated[list[Prompt], BeforeValidator(_prompts), Field(min_length=1, max_length=1)]
+    # a text or its token ids, or a list of those (each prompt's n choices in turn)
+    prompt: Annotated[list[Prompt], BeforeValidator(_prompts), Field(min_length=1, max_length=MAX_PROMPTS)]
     echo: bool = False  # the prompt before the completion (and with logprobs, the prompt's log-probabilities)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top tokens' log-probabilities too
     max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the route checks): score the prompt only

@@ -167,6 +167,90 @@ class Run:
         return event
 
 
+class Runs:
+    """The runs of a completion's prompts (OpenAI takes a list of them), answered as one: choice p * n + i is
+    prompt p's choice i, as OpenAI orders them, and the usage is their sum. The runs go on side by side; a
+    stream interleaves their events as they come."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+        self.id, self.created = runs[0].id, runs[0].created
+        self.per_prompt = runs[0].n
+        self.n = sum(run.n for run in runs)
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for run in self.runs for text in run.texts]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [reason for run in self.runs for reason in run.finish_reasons]
+
+    @property
+    def logprobs(self) -> list[list[TokenInfo]]:
+        return [infos for run in self.runs for infos in run.logprobs]
+
+    @property
+    def prompt_logprobs(self) -> list[list[Logprobs | None] | None]:
+        return [entries for run in self.runs for entries in run.prompt_logprobs]
+
+    def usage(self) -> Usage:
+        usages = [run.usage() for run in self.runs]
+        return Usage(prompt_tokens=sum(u.prompt_tokens for u in usages),
+                     completion_tokens=sum(u.completion_tokens for u in usages),
+                     total_tokens=sum(u.total_tokens for u in usages),
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=sum(u.prompt_tokens_details.cached_tokens for u in usages)))
+
+    async def collect(self) -> None:
+        """Every event of every run; should one fail (or the wait be cancelled), the others stop too, which
+        aborts their requests."""
+        collecting = [asyncio.ensure_future(run.collect()) for run in self.runs]
+        try:
+            await asyncio.gather(*collecting)
+        finally:
+            for task in collecting:
+                task.cancel()
+            await asyncio.gather(*collecting, return_exceptions=True)
+
+    async def batches(self) -> AsyncIterator[Iterator[TokenEvent]]:
+        """Every run's lists as they come, each event's index made its place among all the choices. A run's
+        list is handed on as it is, so its events are still recorded as the consumer reaches them."""
+        if len(self.runs) == 1:
+            async for batch in self.runs[0].batches():
+                yield batch
+            return
+        arrived: asyncio.Queue[tuple[int, Iterator[TokenEvent] | BaseException | None]] = asyncio.Queue()
+
+        async def pump(p: int, run: Run) -> None:
+            try:
+                async for batch in run.batches():
+                    await arrived.put((p, batch))
+            except Exception as e:  # noqa: BLE001 - raised where the lists are read
+                await arrived.put((p, e))
+            await arrived.put((p, None))
+
+        pumps = [asyncio.create_task(pump(p, run)) for p, run in enumerate(self.runs)]
+        try:
+            running = len(pumps)
+            while running:
+                p, batch = await arrived.get()
+                if batch is None:
+                    running -= 1
+                elif isinstance(batch, BaseException):
+                    raise batch
+                else:
+                    yield (dataclasses.replace(e, index=p * self.per_prompt + e.index) for e in batch)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def close(self) -> None:
+        for run in self.runs:
+            await run.close()
+
+
 async def start(engine: Engine, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 prompt_param: str, *, hidden_logprobs: frozenset[int] = frozenset(), score_only: bool = False) -> Run:
     """Submit the request and wait for its first event, turning the engine's refusals into API errors.
@@ -218,7 +302,7 @@ class SSEResponse(StreamingResponse):
     """Server-sent events that close their run however the response ends: finished, failed, or
     cancelled by Starlette when the client disconnects (which leaves the body iterator suspended)."""
 
-    def __init__(self, run: Run, chunks: AsyncGenerator[str, None]):
+    def __init__(self, run: Run | Runs, chunks: AsyncGenerator[str, None]):
         super().__init__(_guarded(chunks), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.run = run
@@ -258,7 +342,7 @@ def shutting_down() -> str:
 Choice = TypeVar("Choice", ChunkChoice, CompletionChoice)
 
 
-async def event_stream(run: Run, render: Callable[[TokenEvent], list[Choice]],
+async def event_stream(run: Run | Runs, render: Callable[[TokenEvent], list[Choice]],
                        merge: Callable[[Choice, Choice], Choice | None], chunk: Callable[[list[Choice]], str],
                        usage: Callable[[], str] | None) -> AsyncGenerator[str, None]:
     """The stream's events, each list the engine sent written as one piece (render gives an event's
@@ -378,11 +462,11 @@ async def chat_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: To
         yield piece
 
 
-async def completion_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: Tokenizer, echo: Echo | None,
-                            logprobs_wanted: bool) -> AsyncGenerator[str, None]:
-    """text_completion events: text pieces (each choice's first one after the echoed prompt and its
-    log-probabilities, if asked), each choice's finish_reason; then the usage (if asked) and [DONE]. With
-    continuous usage every chunk carries the usage so far."""
+async def completion_chunks(run: Runs, model: str, body: SamplingRequest, tokenizer: Tokenizer,
+                            echoes: list[Echo] | None, logprobs_wanted: bool) -> AsyncGenerator[str, None]:
+    """text_completion events: text pieces (each choice's first one after its echoed prompt, echoes[p] of
+    prompt p, and its log-probabilities, if asked), each choice's finish_reason; then the usage (if asked)
+    and [DONE]. With continuous usage every chunk carries the usage so far."""
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         usage = usage or (run.usage() if body.continuous_usage else None)
@@ -391,6 +475,7 @@ async def completion_chunks(run: Run, model: str, body: SamplingRequest, tokeniz
     echoed: set[int] = set()
 
     def render(event: TokenEvent) -> list[CompletionChoice]:
+        echo = echoes[event.index // run.per_prompt] if echoes is not None else None
         text, infos, first = event.text, [], echo is not None and event.index not in echoed
         if event.logprob is not None:
             infos = run.logprobs[event.index][-1:]

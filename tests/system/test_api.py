@@ -446,6 +446,54 @@ def test_what_cannot_go_with_continue_final_message_is_a_400_naming_it(http, cas
     assert_error(http.post("/v1/chat/completions", json=body), 400, param)
 
 
+def test_a_list_of_prompts_answers_each_with_its_n_choices_in_turn(client, http, model, tok):
+    prompts = [PROMPT, "hello world", [tok.get_bos_token_id(), *tok.encode("fine, thanks")]]
+    ids = [tok.encode(PROMPT, prepend="<|bos|>"), tok.encode("hello world", prepend="<|bos|>"), prompts[2]]
+    generated = [greedy(model, tok, p, 8) for p in ids]
+    expected = [text_of(tok, tokens) for tokens in generated]
+    body = {"prompt": prompts, "max_tokens": 8, "temperature": 0, "n": 2}
+    whole = http.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == list(range(6))
+    assert [c["text"] for c in whole["choices"]] == [text for text in expected for _ in range(2)]
+    assert whole["usage"]["prompt_tokens"] == sum(map(len, ids))  # each prompt once, as OpenAI counts
+    assert whole["usage"]["completion_tokens"] == 2 * sum(map(len, generated))
+    streamed: dict[int, str] = {}
+    chunks = client.completions.create(model=MODEL, prompt=prompts[:2], max_tokens=8, temperature=0, n=2,
+                                       stream=True, stream_options={"include_usage": True})
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        usage = chunk.usage
+    assert [streamed[i] for i in range(4)] == [text for text in expected[:2] for _ in range(2)]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids[0]) + len(ids[1]),
+                                                               2 * (len(generated[0]) + len(generated[1])))
+
+
+def test_a_list_of_prompts_is_scored_as_each_alone(http):
+    """lm-evaluation-harness's batches: echo with max_tokens 0 scores every prompt of the list."""
+    prompts = [PROMPT, "hello world, the quick", "fine"]
+    body = {"echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0}
+    alone = [http.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0] for p in prompts]
+    batch = http.post("/v1/completions", json={**body, "prompt": prompts}).json()["choices"]
+    assert [c["index"] for c in batch] == [0, 1, 2]
+    for together, single in zip(batch, alone, strict=True):
+        mine, theirs = together["logprobs"], single["logprobs"]
+        assert (together["text"], mine["tokens"], mine["text_offset"]) == (single["text"], theirs["tokens"],
+                                                                            theirs["text_offset"])
+        # computed in a batch of other rows: the same up to float32 rounding
+        assert mine["token_logprobs"] == pytest.approx(theirs["token_logprobs"], abs=1e-4)
+        assert mine["top_logprobs"] == [None if top is None else pytest.approx(top, abs=1e-4)
+                                        for top in theirs["top_logprobs"]]
+
+
+def test_a_refused_prompt_of_a_list_leaves_nothing_running(http, engine, tok):
+    too_long = words(completion_ids(tok), CONTEXT, MAX_PROMPT)  # within the server's limit, over the model's
+    for stream in (False, True):
+        body = {"prompt": [PROMPT, too_long, "fine"], "max_tokens": 8, "stream": stream}
+        assert_error(http.post("/v1/completions", json=body), 400, "prompt[1]")
+    assert wait_until(lambda: all_blocks_free(engine))
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
@@ -523,7 +571,8 @@ def test_a_bad_chat_request_is_a_400_naming_the_field(http, case):
 
 
 def test_a_bad_completion_request_is_a_400_naming_the_field(http):
-    assert_error(http.post("/v1/completions", json={"prompt": ["one", "two"]}), 400, "prompt")
+    assert_error(http.post("/v1/completions", json={"prompt": ["one"] * 65}), 400, "prompt")  # MAX_PROMPTS
+    assert_error(http.post("/v1/completions", json={"prompt": ["one", {"a": 1}]}), 400, "prompt[1]")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "seed": -1}), 400, "seed")
     for chat_only in [{"max_completion_tokens": 2}, {"parallel_tool_calls": False}]:  # not OpenAI's completions'
         error = assert_error(http.post("/v1/completions", json={"prompt": "x", **chat_only}), 400, *chat_only)

@@ -11,6 +11,7 @@ Notable:
   argmax, from the server's prompt log-probabilities (echo + logprobs, max_tokens 1).
 - the harness tokenizes requests itself and sends token ids: its Hugging Face tokenizer is loaded from a
   folder holding our tokenizer.json, in which the special tokens' names in the context become their ids.
+  It sends them in batches of 4 (batch_size): a list of prompts per request, each answered in turn.
 - the loglikelihoods the harness logged are also checked against a full forward of the model: were the
   server's log-probabilities wrong, shifted or cut, they and the accuracy would differ.
 """
@@ -124,7 +125,7 @@ def test_lm_eval_harness_over_the_server_agrees_with_our_chat_eval_item_by_item(
 
     model_args = {"model": MODEL, "base_url": f"{base_url}/v1/completions", "tokenizer_backend": "huggingface",
                   "tokenizer": str(hf_tokenizer_dir(tok, tmp_path / "tokenizer")), "tokenized_requests": True,
-                  "num_concurrent": 4, "max_retries": 1}
+                  "num_concurrent": 2, "batch_size": 4, "max_retries": 1}  # 4 prompts per request
     results = simple_evaluate(model="local-completions", model_args=model_args, tasks=[TASK],
                               task_manager=TaskManager(include_path=str(task_dir(arc, tok, tmp_path / "task"))),
                               log_samples=True, bootstrap_iters=0)

@@ -15,8 +15,8 @@ import pytest
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
-from serving.api.streaming import merge_chat, merged
 from serving.api.schemas import ChatMessage, ChunkChoice, FunctionDelta, ToolCallDelta
+from serving.api.streaming import merge_chat, merged
 from serving.api.tools import NO_ARGUMENTS, CallPiece, CallScanner, ToolCalling, conversation
 from tests.system import test_structured_output
 from tests.system.test_api import serve_scrambled_model
