@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -214,6 +214,10 @@ class ServeConfig(Section):
     engine_core: Literal["thread", "process"] = Field("thread", description="where an engine replica's engine steps: thread = a thread of the replica's process; process = a child process of its own (vLLM's EngineCore process), so stepping and the replica's streaming (asyncio, Serve's gRPC, pickling) run on separate cores instead of taking turns on one GIL (the replica then holds the model only in the child: it loads it on the CPU and hands it over)")
     max_queue: int = Field(64, ge=1, description="running + waiting requests per replica before 429")
     max_prompt_tokens: int = Field(2048, ge=1)
+    allowed_origins: list[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")]] = Field(
+        default_factory=list, description="origins whose web pages may call the API from a browser (CORS, vLLM's "
+        "--allowed-origins), e.g. [https://app.example.com]; ['*']: any; empty: none but the server's own web UI, "
+        "which needs none. On Kubernetes an Ingress controller's CORS settings do the same")
     max_tokens_limit: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)

@@ -435,7 +435,8 @@ class Ingress:
 
         return create_app(self.engine, self.models, model_name=self.cfg.model_name, api_keys=self.api_keys,
                           max_prompt_tokens=self.cfg.max_prompt_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
-                          priority_scheduling=self.cfg.scheduling_policy == "priority")
+                          priority_scheduling=self.cfg.scheduling_policy == "priority",
+                          allowed_origins=self.cfg.allowed_origins)
 
 
 def api_keys_from_env() -> list[str] | None:

@@ -22,6 +22,9 @@ Notable:
   completions would run (and the engine's max_model_len), token ids back to text, the server's version.
   The first two need the served tokenizer (503 before a model exists) and, like /v1/, an API key when
   keys are set; /version needs neither.
+- CORS (allowed_origins, vLLM's --allowed-origins): other sites' pages may call the API from a browser;
+  the middleware is outside the API keys', so a preflight (which carries no key) is answered, and an
+  answer, a 401 included, carries the headers that let the page read it.
 - API keys: a pure ASGI middleware guards /v1/ (and the tokenizer routes) before the body is even parsed, so a caller without a key
   learns nothing about the API; /health and the UI stay open (the UI sends the key the user types).
 - the UI is static files served with a strict Content-Security-Policy (the page has no inline script or
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -154,15 +158,20 @@ class FixedModel:
 
 def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_name: str = "nanochat",
                api_keys: list[str] | None = None, max_prompt_tokens: int = 2048,
-               max_tokens_limit: int = 1024, priority_scheduling: bool = False) -> FastAPI:
+               max_tokens_limit: int = 1024, priority_scheduling: bool = False,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The API over engine. model: the tokenizer of a model served for good, or a ServedModels whose model
     may come and change while the app runs. api_keys: when given, /v1/ needs `Authorization: Bearer <one
     of them>`. max_prompt_tokens and max_tokens_limit bound what one request may ask for (400 beyond).
-    priority_scheduling: the engine orders its queue by each request's priority (else a priority is a 400)."""
+    priority_scheduling: the engine orders its queue by each request's priority (else a priority is a 400).
+    allowed_origins: other sites whose pages may call the API from a browser (CORS)."""
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     install_error_handlers(app)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    if allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and is answered first
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     served: ServedModels = FixedModel(model) if model is None or isinstance(model, Tokenizer) else model
 
     async def current() -> ServedModel:
@@ -172,7 +181,11 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         return found
 
     def model_card(found: ServedModel) -> ModelCard:
-        return ModelCard(id=model_name, created=found.created, step=found.step)
+        return ModelCard(id=model_name, created=found.created, step=found.step, max_model_len=context_length(found))
+
+    def context_length(found: ServedModel) -> int | None:
+        """The served model's longest context in the engine (None: not known)."""
+        return found.max_model_len or getattr(engine, "max_model_len", None)
 
     def sampling_params(body: SamplingRequest, tokenizer: Tokenizer, stop_token_ids: list[int],
                         grammar: str | None = None) -> SamplingParams:
@@ -235,7 +248,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             raise bad_request("truncate_prompt_tokens: 0 would leave no prompt; give at least 1, or -1 for as "
                               "many as the context holds", param="truncate_prompt_tokens")
         if keep == -1:
-            longest = (await current()).max_model_len or getattr(engine, "max_model_len", None)
+            longest = context_length(await current())
             if longest is None:
                 raise bad_request("truncate_prompt_tokens: -1 needs the model's context length, which this "
                                   "server does not know; give a number of tokens", param="truncate_prompt_tokens")
@@ -248,6 +261,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                               f"{max_prompt_tokens}", param=param, code="context_length_exceeded")
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's (SageMaker's) name for it
     async def health() -> dict[str, str]:
         alive = engine.alive()
         if inspect.isawaitable(alive):  # an engine elsewhere (Ray Serve replicas) is asked
@@ -412,8 +426,7 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             tokens = await asyncio.to_thread(chat_prompt, tokenizer, body.messages, calling, continuing)
             if not (body.add_generation_prompt or continuing):
                 tokens = tokens[:-1]  # the <|assistant_start|> render_for_completion ends with
-        max_model_len = served.max_model_len or getattr(engine, "max_model_len", None)
-        return TokenizeResponse(count=len(tokens), max_model_len=max_model_len, tokens=tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=context_length(served), tokens=tokens)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:

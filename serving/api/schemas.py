@@ -671,6 +671,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "nanochat"
     step: int | None = None  # the served checkpoint's training step, when known (not an OpenAI field)
+    max_model_len: int | None = None  # vLLM's: the most tokens a prompt and its reply may hold together
 
 
 class ModelList(BaseModel):

@@ -497,14 +497,16 @@ def test_a_refused_prompt_of_a_list_leaves_nothing_running(http, engine, tok):
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert client.models.retrieve(MODEL).model_extra["max_model_len"] == CONTEXT  # vLLM's field
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4")
     assert e.value.code == "model_not_found"
 
 
 def test_health_is_ok(http):
-    r = http.get("/health")
-    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    for route in ("/health", "/ping"):
+        r = http.get(route)
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,3 +811,22 @@ def test_no_model_yet_is_a_503_saying_how_to_train_one_then_the_model_serves(eng
         assert card.id == MODEL and card.model_extra["step"] == 7
         reply = client.chat.completions.create(model=MODEL, messages=chat["messages"], max_tokens=4)
         assert reply.usage.completion_tokens >= 1
+
+
+def test_allowed_origins_let_another_sites_page_call_the_api_and_no_other(engine, tok):
+    app = create_app(engine, tok, model_name=MODEL, api_keys=["k"], allowed_origins=["https://app.example"])
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        r = http.options("/v1/completions", headers={"Origin": "https://app.example", **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        other = http.options("/v1/completions", headers={"Origin": "https://elsewhere.example", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        for key, status in [("k", 200), ("wrong", 401)]:  # the page can read a refusal too
+            r = http.post("/v1/completions", json=body, headers={"Origin": "https://app.example",
+                                                                 "Authorization": f"Bearer {key}"})
+            assert r.status_code == status and r.headers["access-control-allow-origin"] == "https://app.example"
+    with serve(create_app(engine, tok, model_name=MODEL)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post("/v1/completions", json=body, headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # none by default
