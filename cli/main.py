@@ -293,11 +293,13 @@ def _check_model_exists(source) -> None:
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    from services.ray_cluster import check_port_free
     from serving.model_source import ModelSource
     from serving.server import run_server
 
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
+    check_port_free(args.port, "--port", ray_may_choose=False)  # Serve would fail to start on it, and say less
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"min_replicas": args.replicas,
                                                                        "max_replicas": args.replicas})})
     if args.model:

@@ -58,13 +58,15 @@ def _without_state_api() -> None:
     logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
-def check_port_free(port: int, source: str) -> None:
-    """A ConfigError naming source unless port is a TCP port no process holds."""
+def check_port_free(port: int, source: str, ray_may_choose: bool = True) -> None:
+    """A ConfigError naming source unless port is a TCP port no process holds. ray_may_choose: the message
+    offers 0, a port of Ray's choosing."""
+    choice = " (or 0: a port of Ray's choosing)" if ray_may_choose else ""
     if not 0 < port < 65536:
-        raise ConfigError(f"{source}={port}: a TCP port is 1-65535 (or 0: a port of Ray's choosing)")
+        raise ConfigError(f"{source}={port}: a TCP port is 1-65535{choice}")
     if not bindable(port, reuse_address=True):
         raise ConfigError(f"{source}={port}: another process holds that port (a `nanochat serve` or another "
-                          f"run?); give a free one, or 0 for a port of Ray's choosing")
+                          f"run?); give a free one{choice}")
 
 
 def embedded_metrics_port() -> int | None:

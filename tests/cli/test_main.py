@@ -87,7 +87,8 @@ def test_bad_usage_exits_2_naming_it_before_anything_starts(argv, named, tmp_pat
     assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
-def test_a_metrics_port_another_process_holds_exits_2(tmp_path):
+@pytest.mark.parametrize("command", [["train", "base", "--metrics-port"], ["serve", "--port"]])
+def test_a_port_another_process_holds_exits_2(tmp_path, command):
     import socket
 
     from services.network import free_port
@@ -96,6 +97,8 @@ def test_a_metrics_port_another_process_holds_exits_2(tmp_path):
     with socket.socket() as held:
         held.bind(("", port))
         held.listen()
-        out = run("--storage", str(tmp_path), "train", "base", "--metrics-port", str(port))
-    assert out.returncode == 2 and f"--metrics-port={port}: another process holds" in out.stderr
+        out = run("--storage", str(tmp_path), *command, str(port))
+    assert out.returncode == 2 and f"{command[-1]}={port}: another process holds" in out.stderr
     assert not any(tmp_path.iterdir())
+    out = run("--storage", str(tmp_path), *command, "99999")
+    assert out.returncode == 2 and "1-65535" in out.stderr
