@@ -310,7 +310,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             if calling is not None:
                 message, reason = calling.reply(parts.content, reason)
             choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
-                                      logprobs=chat_logprobs(tokenizer, infos) if body.logprobs else None))
+                                      logprobs=chat_logprobs(tokenizer, infos, body.return_tokens_as_token_ids)
+                                      if body.logprobs else None))
         return json_response(ChatCompletion(id=run.id, created=run.created, model=model_name, choices=choices,
                                             usage=run.usage()))
 
@@ -361,7 +362,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
             echo = echoes[i // runs.per_prompt] if echoes is not None else None
             logprobs = None
             if body.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, infos, echo, runs.prompt_logprobs[i])
+                logprobs = completion_logprobs(tokenizer, infos, echo, runs.prompt_logprobs[i],
+                                               body.return_tokens_as_token_ids)
             choices.append(CompletionChoice(index=i, text=(echo.text if echo else "") + text, finish_reason=reason,
                                             logprobs=logprobs))
         return json_response(Completion(id=runs.id, created=runs.created, model=model_name, choices=choices,

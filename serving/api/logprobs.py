@@ -37,29 +37,33 @@ class TokenInfo:
     offset: int
 
 
-def token_piece(tokenizer: Tokenizer, token: int) -> dict:
-    """A token as OpenAI's logprobs write it: its text and exact bytes (a special token: its name, no bytes)."""
+def token_piece(tokenizer: Tokenizer, token: int, as_id: bool = False) -> dict:
+    """A token as OpenAI's logprobs write it: its text and exact bytes (a special token: its name, no bytes).
+    as_id: its text is "token_id:<id>" (vLLM's return_tokens_as_token_ids: the exact token for a client that
+    trains on it, whatever its text)."""
     if token >= tokenizer.vocab_size:  # the model's vocabulary can be padded beyond the tokenizer's
         return {"token": f"token_id:{token}", "bytes": None}
     data = tokenizer.id_to_bytes(token)
+    if as_id:
+        return {"token": f"token_id:{token}", "bytes": list(data) if data else None}
     if not data:
         return {"token": tokenizer.decode([token]), "bytes": None}
     return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data)}
 
 
-def chat_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo]) -> ChoiceLogprobs:
+def chat_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], as_ids: bool = False) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=[
-        TokenLogprob(**token_piece(tokenizer, i.token), logprob=i.logprob,
-                     top_logprobs=[TopLogprob(**token_piece(tokenizer, t), logprob=lp) for t, lp in i.top])
+        TokenLogprob(**token_piece(tokenizer, i.token, as_ids), logprob=i.logprob,
+                     top_logprobs=[TopLogprob(**token_piece(tokenizer, t, as_ids), logprob=lp) for t, lp in i.top])
         for i in infos])
 
 
-def top_dict(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+def top_dict(tokenizer: Tokenizer, top: list[tuple[int, float]], as_ids: bool = False) -> dict[str, float]:
     """The legacy shape's {token text: logprob}; of two tokens with the same text (a cut character shows
     as U+FFFD) the likelier one keeps the key."""
     found: dict[str, float] = {}
     for token, logprob in top:
-        found.setdefault(token_piece(tokenizer, token)["token"], logprob)
+        found.setdefault(token_piece(tokenizer, token, as_ids)["token"], logprob)
     return found
 
 
@@ -88,15 +92,15 @@ class Echo:
 
 
 def completion_logprobs(tokenizer: Tokenizer, infos: list[TokenInfo], echo: Echo | None = None,
-                        prompt: list[Logprobs | None] | None = None) -> CompletionLogprobs:
+                        prompt: list[Logprobs | None] | None = None, as_ids: bool = False) -> CompletionLogprobs:
     """The generated tokens' entries, after the echoed prompt's (when echoed with its log-probabilities:
-    prompt, one per prompt token) and offset by its text."""
+    prompt, one per prompt token) and offset by its text; as_ids: tokens written as their ids."""
     start = len(echo.text) if echo is not None else 0
-    entries = [(i.token, i.logprob, top_dict(tokenizer, i.top), start + i.offset) for i in infos]
+    entries = [(i.token, i.logprob, top_dict(tokenizer, i.top, as_ids), start + i.offset) for i in infos]
     if echo is not None and prompt is not None:
-        entries = [(token, None if lp is None else lp[0], None if lp is None else top_dict(tokenizer, lp[1]), offset)
-                   for token, lp, offset in zip(echo.ids, prompt, echo.offsets, strict=True)] + entries
-    return CompletionLogprobs(tokens=[token_piece(tokenizer, token)["token"] for token, _, _, _ in entries],
+        entries = [(token, None if lp is None else lp[0], None if lp is None else top_dict(tokenizer, lp[1], as_ids),
+                    offset) for token, lp, offset in zip(echo.ids, prompt, echo.offsets, strict=True)] + entries
+    return CompletionLogprobs(tokens=[token_piece(tokenizer, token, as_ids)["token"] for token, _, _, _ in entries],
                               token_logprobs=[lp for _, lp, _, _ in entries],
                               top_logprobs=[top for _, _, top, _ in entries],
                               text_offset=[offset for _, _, _, offset in entries])

@@ -29,11 +29,11 @@ Notable:
   strict}. Both routes take it (vLLM's completions do too). `strict` is accepted either way: the schema
   is always enforced; a json_schema without `schema` allows any JSON value.
 - `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
-  `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `priority` and
-  `structured_outputs` (json, regex, choice, a Lark grammar or json_object), and chat's
-  `continue_final_message`, `add_generation_prompt` and `echo`, are our extensions (vLLM's names; OpenAI
-  has none). Chat's `max_completion_tokens` is OpenAI's newer name for `max_tokens`, and wins when both
-  are given.
+  `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `priority`,
+  `return_tokens_as_token_ids` and `structured_outputs` (json, regex, choice, a Lark grammar or
+  json_object), and chat's `continue_final_message`, `add_generation_prompt` and `echo`, are our
+  extensions (vLLM's names; OpenAI has none). Chat's `max_completion_tokens` is OpenAI's newer name for
+  `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
 """
 
@@ -244,6 +244,7 @@ class SamplingRequest(StrictModel):
     # vLLM's: only the prompt's last k tokens are run (left truncation); -1: as many as the context holds
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     priority: int = 0  # vLLM's: the request's place in the engine's queue under priority scheduling, lower first
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs write each token as "token_id:<id>"
     bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS)] = []  # never written
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # only tokens at least min_p times as likely as the likeliest
     ignore_eos: bool = False  # the end-of-turn tokens neither end the reply nor are sampled (benchmarks)

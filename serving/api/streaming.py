@@ -427,7 +427,8 @@ async def chat_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: To
 
     def render_call(event: TokenEvent, stream: CallStream) -> list[ChunkChoice]:
         written = []
-        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+        logprobs = (chat_logprobs(tokenizer, run.logprobs[event.index][-1:], body.return_tokens_as_token_ids)
+                    if event.logprob is not None else None)
         delta = stream.add(event.text)
         if delta is not None or logprobs is not None:
             written.append(ChunkChoice(index=event.index, delta=delta or {}, logprobs=logprobs))
@@ -443,7 +444,8 @@ async def chat_chunks(run: Run, model: str, body: SamplingRequest, tokenizer: To
             return render_call(event, calls[event.index])
         written = []
         pieces = splitters[event.index].add(event.token_id, event.text)
-        logprobs = chat_logprobs(tokenizer, run.logprobs[event.index][-1:]) if event.logprob is not None else None
+        logprobs = (chat_logprobs(tokenizer, run.logprobs[event.index][-1:], body.return_tokens_as_token_ids)
+                    if event.logprob is not None else None)
         for j, piece in enumerate(pieces):
             token_logprobs = logprobs if j == len(pieces) - 1 else None  # the token's: with the part it went to
             if piece.text or piece.type != "text" or token_logprobs is not None:
@@ -484,7 +486,8 @@ async def completion_chunks(run: Runs, model: str, body: SamplingRequest, tokeni
             text = echo.text + text
         logprobs = None
         if logprobs_wanted and (infos or first):
-            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None)
+            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None,
+                                           body.return_tokens_as_token_ids)
         if text or event.finish_reason is not None or logprobs is not None:
             return [CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
                                      logprobs=logprobs)]

@@ -494,6 +494,39 @@ def test_a_refused_prompt_of_a_list_leaves_nothing_running(http, engine, tok):
     assert wait_until(lambda: all_blocks_free(engine))
 
 
+def logprob_entries(http: httpx.Client, route: str, body: dict) -> list[tuple]:
+    """Each token's (token, logprob, top tokens) of the first choice, streamed or not."""
+    def entries(choice: dict) -> list[tuple]:
+        if route == "/v1/chat/completions":
+            return [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]])
+                    for e in choice["logprobs"]["content"]]
+        logprobs = choice["logprobs"]
+        return list(zip(logprobs["tokens"], logprobs["token_logprobs"],
+                        [None if top is None else list(top) for top in logprobs["top_logprobs"]], strict=True))
+
+    r = http.post(route, json=body)
+    if not body["stream"]:
+        return entries(r.json()["choices"][0])
+    chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n")[:-2]]
+    return [entry for c in chunks for choice in c["choices"] if choice.get("logprobs") for entry in entries(choice)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route, body", [("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True,
+                                                                   "top_logprobs": 2}),
+                                         ("/v1/completions", {"prompt": PROMPT, "logprobs": 2, "echo": True})])
+def test_return_tokens_as_token_ids_writes_each_token_as_its_id(http, stream, route, body):
+    body = {**body, "max_tokens": 6, "temperature": 0, "stream": stream}
+    named = logprob_entries(http, route, body)
+    as_ids = logprob_entries(http, route, {**body, "return_tokens_as_token_ids": True})
+    # the same tokens (the second request's prompt comes from the prefix cache: float32 rounding apart)
+    assert [lp for _, lp, _ in as_ids] == pytest.approx([lp for _, lp, _ in named], abs=1e-4) and as_ids
+    ids = [int(token.removeprefix("token_id:")) for token, _, _ in as_ids]
+    detokenized = http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert detokenized.endswith("".join(token for token, _, _ in named if not token.startswith("<|")))
+    assert all(t.startswith("token_id:") for _, _, top in as_ids for t in top or [])
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL

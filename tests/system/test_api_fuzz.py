@@ -86,6 +86,8 @@ PLAUSIBLE = {
     "allowed_token_ids": st.lists(st.integers(-1, 400), max_size=3),
     "bad_words": st.lists(text, max_size=2),
     "truncate_prompt_tokens": st.integers(-2, 200),
+    "return_tokens_as_token_ids": st.booleans(),
+    "priority": st.integers(-1, 1),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),
