@@ -15,8 +15,9 @@
  *   parts go back to the server with the message, so the next turn renders them as the model wrote them.
  * - "Show log-probabilities" asks for each token's log-probability and its 5 likeliest alternatives, and
  *   shows the reply's tokens under it, shaded the less likely they were, with the numbers in a tooltip.
- * - temperature, max tokens, the log-probabilities switch, model and API key persist in localStorage; the
- *   key is sent as a Bearer token.
+ * - temperature, max tokens, the log-probabilities switch, model, API key and system prompt persist in
+ *   localStorage; the key is sent as a Bearer token, the system prompt (when not blank) as the first message
+ *   of every request, never shown in the conversation.
  * - errors (an HTTP error in OpenAI's shape, an error event inside the stream, a dropped connection)
  *   show in #error, with Retry-After when the server is overloaded.
  */
@@ -35,8 +36,9 @@ const ui = {
   maxTokens: document.getElementById("max-tokens"),
   apiKey: document.getElementById("api-key"),
   logprobs: document.getElementById("logprobs"),
+  systemPrompt: document.getElementById("system-prompt"),
 };
-const SAVED = ["temperature", "maxTokens", "apiKey", "model"]; // ui fields kept in localStorage
+const SAVED = ["temperature", "maxTokens", "apiKey", "model", "systemPrompt"]; // ui fields kept in localStorage
 const TOP_LOGPROBS = 5;
 
 // {role: "user" | "assistant", content: string, finish?: string, and for a reply: parts: [{type, text}]
@@ -298,7 +300,9 @@ function apiMessage(message) {
 }
 
 function requestBody() {
-  const body = { messages: messages.map(apiMessage), stream: true };
+  const system = ui.systemPrompt.value.trim();
+  const leading = system ? [{ role: "system", content: system }] : [];
+  const body = { messages: leading.concat(messages.map(apiMessage)), stream: true };
   if (ui.model.value) body.model = ui.model.value; // none yet (the model list failed): the served one
   const temperature = parseFloat(ui.temperature.value);
   if (Number.isFinite(temperature)) body.temperature = temperature;

@@ -207,6 +207,19 @@ def test_max_tokens_and_temperature_go_with_the_request_and_persist(chat, tok, s
     assert chat.page.locator("#max-tokens").input_value() == "3"
 
 
+def test_a_system_prompt_leads_every_request_and_persists(chat):
+    chat.send("hi")
+    assert [m["role"] for m in chat.sent()["messages"]] == ["user"]  # none set: none sent
+    chat.settings(system_prompt="  answer like a pirate \n")
+    chat.send("and again")
+    sent = chat.sent()["messages"]
+    assert sent[0] == {"role": "system", "content": "answer like a pirate"}
+    assert [m["role"] for m in sent[1:]] == ["user", "assistant", "user"]
+    assert chat.texts("user") == ["hi", "and again"]  # the conversation does not show it
+    chat.page.reload()
+    assert chat.page.locator("#system-prompt").input_value() == "  answer like a pirate \n"
+
+
 def test_stop_ends_the_reply_and_frees_its_blocks(chat, model, server):
     engine = server[1]
     chat.settings(temperature="0")
