@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import yaml
 
@@ -51,6 +52,8 @@ def client(server):
 
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["nanochat"]
+    block_size = load_config().serve.block_size
+    assert client.models.retrieve("nanochat").model_extra["max_model_len"] == min(256, 12 * block_size)
 
 
 def test_tokenize_reports_the_engine_replicas_context(server):
@@ -84,6 +87,22 @@ def test_completions_streamed_and_not(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="nanochat", prompt="Hello", max_tokens=10, temperature=0, stream=True) if c.choices)
     assert streamed == whole.choices[0].text and whole.usage.completion_tokens <= 10
+
+
+def test_a_list_of_prompts_streamed_and_not_answers_each_as_alone(client):
+    prompts = ["Hello", "The sky"]
+    alone = [client.completions.create(model="nanochat", prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in prompts]
+    whole = client.completions.create(model="nanochat", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.text for c in whole.choices] == alone
+    streamed = ["", ""]
+    for chunk in client.completions.create(model="nanochat", prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == alone
+    with pytest.raises(openai.BadRequestError) as e:  # the default policy is first come first served
+        client.completions.create(model="nanochat", prompt="Hello", max_tokens=2, extra_body={"priority": -1})
+    assert e.value.param == "priority"
 
 
 def test_responses_streamed_and_not(client):
