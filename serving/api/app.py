@@ -51,6 +51,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanochat.tokenizer import Tokenizer
+from serving.api.beam_search import BeamSearch
 from serving.api.errors import (
     APIError,
     bad_request,
@@ -81,9 +82,11 @@ from serving.api.schemas import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    Usage,
     now,
 )
 from serving.api.streaming import (
@@ -120,6 +123,9 @@ UI_HEADERS = {
 }
 
 SAMPLING_EPS = 1e-5  # temperatures under it are 0 (greedy), top_p under it is it
+# what a beam search request may say besides the prompt: the rest shapes sampling or streaming, which it has none of
+BEAM_SEARCH_FIELDS = {"model", "prompt", "n", "max_tokens", "use_beam_search", "length_penalty", "stop_token_ids",
+                      "truncate_prompt_tokens", "user", "safety_identifier", "prompt_cache_key"}
 
 
 @dataclass(frozen=True)
@@ -350,6 +356,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
         if body.echo and body.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prompts = await asyncio.gather(*(completion_prompt(body, tokenizer, p) for p in range(len(body.prompt))))
+        if body.use_beam_search:
+            return await beam_completion(body, request, tokenizer, [ids for ids, _ in prompts], params.max_tokens)
         runs = Runs(await start_all(request, f"cmpl-{uuid.uuid4().hex}", [ids for ids, _ in prompts], params,
                                     score_only=body.scores_prompt_only))
         echoes = [Echo.of(tokenizer, ids, added_bos) for ids, added_bos in prompts] if body.echo else None
@@ -368,6 +376,39 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                                             logprobs=logprobs))
         return json_response(Completion(id=runs.id, created=runs.created, model=model_name, choices=choices,
                                         usage=runs.usage()))
+
+    async def beam_completion(body: CompletionRequest, request: Request, tokenizer: Tokenizer,
+                              prompts: list[list[int]], max_tokens: int) -> JSONResponse:
+        """The n best beams of each prompt (serving/api/beam_search.py), prompt p's as choices p*n to p*n+n-1."""
+        for name in sorted(body.model_fields_set - BEAM_SEARCH_FIELDS):
+            if getattr(body, name) != CompletionRequest.model_fields[name].get_default(call_default_factory=True):
+                raise bad_request(f"{name} does not apply to beam search, which scores with the model's own "
+                                  "log-probabilities and answers whole", param=name)
+        longest = context_length(await current())
+        for p, ids in enumerate(prompts):
+            if longest and len(ids) >= longest:
+                raise bad_request(f"The prompt has {len(ids)} tokens: the model's context of {longest} leaves none to "
+                                  "generate", param=prompt_param(len(prompts), p), code="context_length_exceeded")
+        searches = [BeamSearch(body.n, min(max_tokens, longest - len(ids)) if longest else max_tokens,
+                               body.length_penalty, frozenset([tokenizer.get_bos_token_id(), *body.stop_token_ids]))
+                    for ids in prompts]
+        found = await until_disconnected(request, asyncio.gather(*(
+            search.run(engine, request, ids, prompt_param(len(prompts), p))
+            for p, (search, ids) in enumerate(zip(searches, prompts, strict=True)))))
+        choices, completion_tokens = [], 0
+        for beams in found:
+            for beam in beams:
+                written = beam.tokens[:-1] if beam.finished else beam.tokens
+                text = b"".join(tokenizer.id_to_bytes(t) for t in written).decode("utf-8", errors="replace")
+                choices.append(CompletionChoice(index=len(choices), text=text,
+                                                finish_reason="stop" if beam.finished else "length"))
+                completion_tokens += len(beam.tokens)
+        prompt_tokens = sum(map(len, prompts))
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
+        return json_response(Completion(id=f"cmpl-{uuid.uuid4().hex}", created=now(), model=model_name,
+                                        choices=choices, usage=usage))
 
     def prompt_param(count: int, p: int) -> str:
         """How an error names prompt p of count: "prompt" when it is the only one."""

@@ -31,7 +31,8 @@ Notable:
 - `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
   `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `truncate_prompt_tokens`, `priority`,
   `return_tokens_as_token_ids` and `structured_outputs` (json, regex, choice, a Lark grammar or
-  json_object), and chat's `continue_final_message`, `add_generation_prompt` and `echo`, are our
+  json_object), chat's `continue_final_message`, `add_generation_prompt` and `echo`, and completions'
+  `use_beam_search` and `length_penalty` (serving/api/beam_search.py), are our
   extensions (vLLM's names; OpenAI has none). Chat's `max_completion_tokens` is OpenAI's newer name for
   `max_tokens`, and wins when both are given.
 - responses are plain models dumped to JSON; streamed chunks are the same models, one per SSE event.
@@ -517,6 +518,8 @@ class CompletionRequest(_CompletionRefused, SamplingRequest):
     echo: bool = False  # the prompt before the completion (and with logprobs, the prompt's log-probabilities)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top tokens' log-probabilities too
     max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the route checks): score the prompt only
+    use_beam_search: bool = False  # vLLM's: the n best of a beam search n wide, instead of n samples
+    length_penalty: float = 1.0  # vLLM's: a beam's score is its log-probability over its length ** length_penalty
 
     @property
     def scores_prompt_only(self) -> bool:

@@ -88,6 +88,8 @@ PLAUSIBLE = {
     "truncate_prompt_tokens": st.integers(-2, 200),
     "return_tokens_as_token_ids": st.booleans(),
     "priority": st.integers(-1, 1),
+    "use_beam_search": st.booleans(),
+    "length_penalty": st.floats(-1, 2),
 }
 PROMPTS = {  # each route's required field
     "/v1/chat/completions": ("messages", st.builds(conversation, st.none() | text, st.lists(st.tuples(text, text),
