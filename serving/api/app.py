@@ -125,7 +125,7 @@ UI_HEADERS = {
 SAMPLING_EPS = 1e-5  # temperatures under it are 0 (greedy), top_p under it is it
 # what a beam search request may say besides the prompt: the rest shapes sampling or streaming, which it has none of
 BEAM_SEARCH_FIELDS = {"model", "prompt", "n", "max_tokens", "use_beam_search", "length_penalty", "stop_token_ids",
-                      "truncate_prompt_tokens", "user", "safety_identifier", "prompt_cache_key"}
+                      "truncate_prompt_tokens", "priority", "user", "safety_identifier", "prompt_cache_key"}
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,8 @@ def create_app(engine: Engine, model: Tokenizer | ServedModels | None, *, model_
                 raise bad_request(f"The prompt has {len(ids)} tokens: the model's context of {longest} leaves none to "
                                   "generate", param=prompt_param(len(prompts), p), code="context_length_exceeded")
         searches = [BeamSearch(body.n, min(max_tokens, longest - len(ids)) if longest else max_tokens,
-                               body.length_penalty, frozenset([tokenizer.get_bos_token_id(), *body.stop_token_ids]))
+                               body.length_penalty, frozenset([tokenizer.get_bos_token_id(), *body.stop_token_ids]),
+                               body.priority)
                     for ids in prompts]
         found = await until_disconnected(request, asyncio.gather(*(
             search.run(engine, request, ids, prompt_param(len(prompts), p))

@@ -40,17 +40,19 @@ class Beam:
 
 @dataclass
 class BeamSearch:
-    """One search: its width, its length penalty and the tokens that end a beam."""
+    """One search: its width, its length penalty, the tokens that end a beam, and its requests' priority (under
+    the engine's priority policy)."""
 
     width: int
     max_tokens: int
     length_penalty: float
     end_tokens: frozenset[int]
+    priority: int = 0
 
     async def run(self, engine: Engine, request: Request, prompt_ids: list[int], param: str) -> list[Beam]:
         """The width best beams after prompt_ids, best first; param names the prompt in an error."""
         live, finished = [Beam()], []
-        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * self.width)
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * self.width, priority=self.priority)
         for _ in range(self.max_tokens):
             tops = await self._step(engine, request, [prompt_ids + beam.tokens for beam in live], params, param)
             candidates = [Beam(beam.tokens + [token], beam.logprob + logprob, token in self.end_tokens)
