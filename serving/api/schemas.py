@@ -148,6 +148,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "prompt_cache_retention": (lambda v: False, "prompt_cache_retention is not supported"),
     "best_of": (_off(1), "best_of is not supported: only 1 is accepted (use n for several choices)"),
     "suffix": (_off(""), "suffix (insertion) is not supported"),
+    "use_beam_search": (_off(False), "use_beam_search serves /v1/completions: a chat reply may call the calculator, "
+                                     "which a beam search does not run"),
 }
 CHAT_REFUSED = [k for k in REFUSED if k not in ("best_of", "suffix")]
 COMPLETION_REFUSED = ["best_of", "suffix"]
@@ -465,6 +467,7 @@ class _ChatRefused(StrictModel):
     moderation: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
+    use_beam_search: Any = None
 
     _refused = field_validator(*CHAT_REFUSED)(classmethod(_refuse))
 

@@ -112,3 +112,9 @@ def test_each_prompt_of_a_list_gets_its_beams_and_nothing_is_left_in_the_engine(
 def test_what_beam_search_has_no_use_for_is_a_400_naming_it(http, tok, field, value):
     body = {"prompt": "x", "use_beam_search": True, "n": 2, "max_tokens": 2, field: value}
     assert_error(http.post("/v1/completions", json=body), 400, field)
+
+
+def test_a_chat_asking_for_beam_search_is_told_where_it_is(http):
+    body = {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True}
+    assert "/v1/completions" in assert_error(http.post("/v1/chat/completions", json=body), 400, "use_beam_search")[
+        "message"]
