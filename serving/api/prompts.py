@@ -85,6 +85,17 @@ def continues_final_message(body: ChatCompletionRequest | TokenizeRequest, calli
 async def request_grammar(body: SamplingRequest, calling: ToolCalling | None = None) -> str | None:
     """The grammar body's function call (calling), response_format or structured_outputs asks for (None:
     plain text), or a 400 saying why there is none. Compiled on a worker thread: a big schema takes a while."""
+    grammar = await _grammar(body, calling)
+    for name in ("allowed_token_ids", "bad_words"):
+        if grammar is not None and getattr(body, name):
+            # the two masks could leave a step no token at all, where the grammar allows one: a 400 here rather
+            # than a token the grammar refuses
+            raise bad_request(f"{name} cannot go with a grammar (response_format, structured_outputs or a forced "
+                              "function call): the grammar alone decides which tokens may come", param=name)
+    return grammar
+
+
+async def _grammar(body: SamplingRequest, calling: ToolCalling | None) -> str | None:
     response_format = body.response_format
     constrained = response_format is not None and response_format.type != "text"
     if calling is not None:

@@ -583,6 +583,11 @@ BAD_CHAT_BODIES = {
                                              "allowed_token_ids[1]"),
     "no allowed token": ({"messages": USER, "allowed_token_ids": []}, "allowed_token_ids"),
     "an empty bad word": ({"messages": USER, "bad_words": ["ok", ""]}, "bad_words[1]"),
+    # a grammar and a mask of their own could leave no token to take (seen in the fuzz: the engine failed)
+    "allowed tokens with a grammar": ({"messages": USER, "allowed_token_ids": [1],
+                                       "structured_outputs": {"choice": ["x"]}}, "allowed_token_ids"),
+    "bad words with a grammar": ({"messages": USER, "bad_words": ["x"], "response_format": {"type": "json_object"}},
+                                 "bad_words"),
 }
 
 
