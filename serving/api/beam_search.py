@@ -18,13 +18,12 @@ Notable:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from serving.api.streaming import Engine, Run, start
+from serving.api.streaming import Engine, Run, side_by_side, start
 from serving.engine.sequence import SamplingParams
 
 
@@ -80,10 +79,4 @@ class BeamSearch:
                 await run.close()
             return run.logprobs[0][0].top
 
-        asking = [asyncio.ensure_future(top(i, prompt)) for i, prompt in enumerate(prompts)]
-        try:
-            return list(await asyncio.gather(*asking))
-        finally:
-            for task in asking:
-                task.cancel()
-            await asyncio.gather(*asking, return_exceptions=True)
+        return await side_by_side([top(i, prompt) for i, prompt in enumerate(prompts)])

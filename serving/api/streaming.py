@@ -202,16 +202,14 @@ class Runs:
                      prompt_tokens_details=PromptTokensDetails(
                          cached_tokens=sum(u.prompt_tokens_details.cached_tokens for u in usages)))
 
+    def choice(self, index: int) -> tuple[Run, int]:
+        """The run of choice `index` among all the choices, and its index in that run."""
+        return self.runs[index // self.per_prompt], index % self.per_prompt
+
     async def collect(self) -> None:
         """Every event of every run; should one fail (or the wait be cancelled), the others stop too, which
         aborts their requests."""
-        collecting = [asyncio.ensure_future(run.collect()) for run in self.runs]
-        try:
-            await asyncio.gather(*collecting)
-        finally:
-            for task in collecting:
-                task.cancel()
-            await asyncio.gather(*collecting, return_exceptions=True)
+        await side_by_side([run.collect() for run in self.runs])
 
     async def batches(self) -> AsyncIterator[Iterator[TokenEvent]]:
         """Every run's lists as they come, each event's index made its place among all the choices. A run's
@@ -249,6 +247,18 @@ class Runs:
     async def close(self) -> None:
         for run in self.runs:
             await run.close()
+
+
+async def side_by_side(awaitables: list[Awaitable[T]]) -> list[T]:
+    """The results of awaitables, run side by side; should one fail (or the wait be cancelled), the others are
+    cancelled and waited for, so none goes on alone."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def start(engine: Engine, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -477,16 +487,17 @@ async def completion_chunks(run: Runs, model: str, body: SamplingRequest, tokeni
     echoed: set[int] = set()
 
     def render(event: TokenEvent) -> list[CompletionChoice]:
+        prompt_run, i = run.choice(event.index)  # the prompt's run holds the choice's log-probabilities
         echo = echoes[event.index // run.per_prompt] if echoes is not None else None
         text, infos, first = event.text, [], echo is not None and event.index not in echoed
         if event.logprob is not None:
-            infos = run.logprobs[event.index][-1:]
+            infos = prompt_run.logprobs[i][-1:]
         if first:
             echoed.add(event.index)
             text = echo.text + text
         logprobs = None
         if logprobs_wanted and (infos or first):
-            logprobs = completion_logprobs(tokenizer, infos, echo, run.prompt_logprobs[event.index] if first else None,
+            logprobs = completion_logprobs(tokenizer, infos, echo, prompt_run.prompt_logprobs[i] if first else None,
                                            body.return_tokens_as_token_ids)
         if text or event.finish_reason is not None or logprobs is not None:
             return [CompletionChoice(index=event.index, text=text, finish_reason=event.finish_reason,
